@@ -1,0 +1,219 @@
+"""Model configuration: the YAML files in `config/` read into a typed, validated object.
+
+Kept apart from `config/` (the data) and from `model.py` (the code that uses it) so that the
+dataloader, the weight builder and the CLIs can read a config without importing torch models.
+
+Paths in a YAML file may use `${ENV_VAR}` and `~`; relative paths are resolved against the folder
+that holds the YAML file, so a config works from any working directory. `llama_model` and
+`sd_model` may also be Hugging Face hub ids (`org/name`); everything else must be a local file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PATH_KEYS = ("llama_model", "vit_model", "q_former_model", "ckpt", "sd_model")
+HUB_ALLOWED_KEYS = ("llama_model", "sd_model")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used as written: names the file, the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """EVA ViT sizes (LAVIS `eva_vit_g.pth`), built as transformers' `Blip2VisionModel`."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    patch_size: int
+    layer_norm_eps: float
+
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    """BLIP-2 Q-Former sizes (LAVIS `blip2_pretrained_flant5xxl.pth`), built as `Blip2QFormerModel`."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    cross_attention_frequency: int
+    layer_norm_eps: float
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Stage-2 LoRA on the LLM (PEFT)."""
+
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MapperConfig:
+    """`fc` (LLM hidden -> fc_dim -> d_model) and `llm_to_t2i_mapping` (an `nn.Transformer`)."""
+
+    fc_dim: int
+    d_model: int
+    nhead: int
+    num_encoder_layers: int
+    num_decoder_layers: int
+    dim_feedforward: int
+    num_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class DtypeConfig:
+    """Storage dtypes of the frozen parts; trainable parts are always float32."""
+
+    vision: str = "float16"
+    llm: str = "bfloat16"
+    sd: str = "bfloat16"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything size- or path-related about a MiniGPT-5 model (one YAML file in `config/`)."""
+
+    llama_model: str
+    vit_model: str
+    q_former_model: str
+    ckpt: str
+    sd_model: str
+    image_size: int
+    sd_image_size: int
+    num_query_token: int
+    vision: VisionConfig
+    qformer: QFormerConfig
+    max_txt_len: int
+    end_sym: str
+    prompt_template: str
+    lora: LoraConfig
+    mapper: MapperConfig
+    dtypes: DtypeConfig = field(default_factory=DtypeConfig)
+    source: str = "<in memory>"
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (e.g. weights paths for a test)."""
+        return dataclasses.replace(self, **changes)
+
+    def check_paths(self) -> None:
+        """Raise `ConfigError` for the first weight path that does not exist (hub ids are allowed
+        for `llama_model` and `sd_model`)."""
+        for key in PATH_KEYS:
+            value = getattr(self, key)
+            if key in HUB_ALLOWED_KEYS and is_hub_id(value):
+                continue
+            if not Path(value).exists():
+                raise ConfigError(
+                    f"{self.source}: `{key}` points to {value!r}, which does not exist. "
+                    f"Set `{key}` to the local file/folder (build the tiny ones with "
+                    f"`python weights.py tiny OUT_DIR`)."
+                )
+
+
+def is_hub_id(value: str) -> bool:
+    """True for a value that is not a local path and looks like a hub id (`org/name`)."""
+    return not Path(value).exists() and bool(HUB_ID.match(value))
+
+
+_SECTIONS = {
+    "vision": VisionConfig,
+    "qformer": QFormerConfig,
+    "lora": LoraConfig,
+    "mapper": MapperConfig,
+    "dtypes": DtypeConfig,
+}
+
+
+def _build_section(cls: type, data: Any, key: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: `{key}` must be a mapping with keys {_field_names(cls)}, got {data!r}")
+    unknown = sorted(set(data) - set(_field_names(cls)))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(f'`{key}.{u}`' for u in unknown)}; "
+                          f"expected {_field_names(cls)}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in data and f.default is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{source}: missing key(s) {', '.join(f'`{key}.{m}`' for m in missing)}")
+    values = dict(data)
+    if "target_modules" in values:
+        values["target_modules"] = tuple(values["target_modules"])
+    return cls(**values)
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    expanded = os.path.expanduser(os.path.expandvars(str(value)))
+    if "$" in expanded:
+        raise ConfigError(f"environment variable in {value!r} is not set")
+    if os.path.isabs(expanded) or is_hub_id(expanded) and not (base / expanded).exists():
+        return expanded
+    return str((base / expanded).resolve())
+
+
+def load_config(path: str | os.PathLike, check_paths: bool = True) -> ModelConfig:
+    """Read a model YAML file into a `ModelConfig`.
+
+    Unknown keys, missing keys and (with `check_paths`) weight paths that do not exist raise
+    `ConfigError` naming the file and the key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model config {str(path)!r} does not exist (flag --model_config)")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    source = str(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    names = _field_names(ModelConfig)
+    unknown = sorted(set(data) - set(names) - {"source"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(f'`{u}`' for u in unknown)}; "
+                          f"expected some of {names[:-1]}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(ModelConfig):
+        if f.name == "source":
+            continue
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: missing key `{f.name}`")
+            continue
+        value = data[f.name]
+        if f.name in _SECTIONS:
+            value = _build_section(_SECTIONS[f.name], value, f.name, source)
+        elif f.name in PATH_KEYS:
+            try:
+                value = _resolve_path(value, path.parent)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: `{f.name}`: {e}") from None
+        values[f.name] = value
+    cfg = ModelConfig(**values, source=source)
+    if check_paths:
+        cfg.check_paths()
+    return cfg
+
+
+def dump_config(cfg: ModelConfig, path: str | os.PathLike) -> None:
+    """Write a `ModelConfig` as YAML (the inverse of `load_config`; paths written as given)."""
+    data = dataclasses.asdict(cfg)
+    data.pop("source")
+    data["lora"]["target_modules"] = list(data["lora"]["target_modules"])
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)

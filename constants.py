@@ -1,0 +1,73 @@
+"""Names shared by every part of the project, and the release's environment interface.
+
+Environment variables are read by functions, when a command starts, never frozen at import time:
+tests and launchers may set them after this module was imported.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# The eight generative vokens, and the placeholder that marks where an input image goes.
+VOKEN_COUNT = 8
+VOKENS = [f"[IMG{i}]" for i in range(VOKEN_COUNT)]
+IMAGE_PLACEHOLDER = "<ImageHere>"
+IMAGE_SLOT = "<Img><ImageHere></Img>"
+ALL_VOKENS_TEXT = "".join(VOKENS)
+
+# Loss weights (REFERENCE §3.8) and training constants the release used.
+TEXT_LOSS_WEIGHT = 0.01
+IMAGE_LOSS_WEIGHT = 1.0
+CAPTION_LOSS_WEIGHT = 0.1
+CFG_DROPOUT_PROB = 0.1
+SNR_GAMMA = 5.0
+SEED = 42
+
+STAGE2_TRUE_VALUES = ("true", "1", "yes")
+
+
+def is_stage2() -> bool:
+    """`IS_STAGE2` as the release read it: "True"/"true" (also "1", "yes") selects stage 2."""
+    return os.environ.get("IS_STAGE2", "False").strip().lower() in STAGE2_TRUE_VALUES
+
+
+def weight_folder() -> Path:
+    """`WEIGHTFOLDER`: where checkpoints are written and `--stage1_weight`/`--test_weight` are found."""
+    return Path(os.environ.get("WEIGHTFOLDER", "weights"))
+
+
+def data_folder() -> Path:
+    """`DATAFOLDER`: the dataset folder; its name selects CC3M / MMDialog / VIST."""
+    return Path(os.environ.get("DATAFOLDER", "datasets/CC3M"))
+
+
+def output_folder() -> Path:
+    """`OUTPUT_FOLDER`: where predictions go (default `outputs`)."""
+    return Path(os.environ.get("OUTPUT_FOLDER", "outputs"))
+
+
+def output_suffix() -> str:
+    """`OUTPUT_SUFFIX`: appended to the prediction folder name."""
+    return os.environ.get("OUTPUT_SUFFIX", "")
+
+
+def cc3m_folder() -> Path | None:
+    """`CC3M_FOLDER`, if set."""
+    value = os.environ.get("CC3M_FOLDER")
+    return Path(value) if value else None
+
+
+def preprocess_feature_folder() -> Path | None:
+    """`PREPROCESS_FEATURE_FOLDER`: cached VAE moments / image embeddings, if set."""
+    value = os.environ.get("PREPROCESS_FEATURE_FOLDER")
+    return Path(value) if value else None
+
+
+def dataset_type(folder: str | os.PathLike) -> str:
+    """The dataset type the release derived from a folder name: CC3M, MMDialog, else VIST."""
+    name = str(folder)
+    if "CC3M" in name:
+        return "CC3M"
+    if "MMDialog" in name:
+        return "MMDialog"
+    return "VIST"

@@ -1,0 +1,372 @@
+"""The MiniGPT-4 backbone that MiniGPT-5 builds on.
+
+    image ─► EVA ViT (Blip2VisionModel; its post_layernorm is LAVIS's ln_vision)
+          ─► Q-Former (Blip2QFormerModel, 32 learned queries) ─► llama_proj ─► LLM space
+    text  ─► LLaMA tokenizer (+ [IMG0]..[IMG7] and <ImageHere> as special tokens)
+    wrap_inputs: BOS + text embeddings with each <ImageHere> replaced by its image's query
+                 embeddings (batched: one scatter, no loop over samples)
+
+Attribute names follow MiniGPT-4 / MiniGPT-5 (`visual_encoder`, `Qformer`, `query_tokens`,
+`llama_proj`, `llama_model`, `llama_tokenizer`) so checkpoint keys match the release.
+
+The release trained the whole input-embedding and lm_head matrices to change 9 rows. Here the
+9 new rows are separate parameters (`VokenEmbedding`, `VokenLMHead`): the 32 000 original rows get
+no gradient and no optimiser state, while `state_dict()` still shows one full `weight` matrix
+under the release's key.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from configuration import ModelConfig
+from constants import IMAGE_PLACEHOLDER, VOKEN_COUNT, VOKENS
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def to_dtype(name: str) -> torch.dtype:
+    """`"bfloat16"` -> `torch.bfloat16` (the names used in the config's `dtypes` section)."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+def load_tokenizer(llama_path: str):
+    """The LLaMA sentencepiece tokenizer (`legacy=True`, `pad = eos`) with the vokens and
+    `<ImageHere>` added as additional special tokens, in the release's order."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_path, legacy=True)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.add_special_tokens({"additional_special_tokens": VOKENS + [IMAGE_PLACEHOLDER]})
+    return tokenizer
+
+
+def stop_sequences(tokenizer, end_sym: str = "###") -> list[list[int]]:
+    """Token-id sequences that mean "the answer ends here": `end_sym` as the tokenizer writes it
+    on its own and after a space (for Vicuna `###` is [835] or [2277, 29937])."""
+    variants = {tuple(tokenizer.encode(end_sym, add_special_tokens=False)),
+                tuple(tokenizer.encode(f"a {end_sym}", add_special_tokens=False)[-len(
+                    tokenizer.encode(f"a{end_sym}", add_special_tokens=False)) + 1:])}
+    out = []
+    for ids in variants:
+        ids = [i for i in ids if tokenizer.convert_ids_to_tokens(i) != "▁"]
+        if ids and ids not in out:
+            out.append(ids)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding and lm_head with frozen old rows and trainable new rows
+# --------------------------------------------------------------------------------------------
+
+class _SplitRows(nn.Module):
+    """A (V + n, H) matrix stored as frozen rows [0, V) and trainable rows [V, V + n).
+
+    `state_dict()` shows the full matrix as `weight` (the release's layout); loading a `weight`
+    splits it again. Both parts are kept in float32, as the release kept these matrices.
+    """
+
+    def __init__(self, old_rows: torch.Tensor, new_rows: torch.Tensor):
+        super().__init__()
+        self.frozen_weight = nn.Parameter(old_rows.detach().float(), requires_grad=False)
+        self.new_weight = nn.Parameter(new_rows.detach().float())
+        self.register_state_dict_post_hook(_merge_rows_hook)
+        self.register_load_state_dict_pre_hook(_split_rows_hook)
+
+    @property
+    def num_old(self) -> int:
+        return self.frozen_weight.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The full matrix (a copy; for inspection and tying, not for the forward pass)."""
+        return torch.cat([self.frozen_weight, self.new_weight], dim=0)
+
+    def freeze_old_rows(self) -> None:
+        """Re-apply the split after a wrapper (e.g. PEFT's modules_to_save) set requires_grad."""
+        self.frozen_weight.requires_grad_(False)
+        self.new_weight.requires_grad_(True)
+
+
+def _merge_rows_hook(module: _SplitRows, state_dict: dict, prefix: str, local_metadata) -> None:
+    old = state_dict.pop(prefix + "frozen_weight")
+    new = state_dict.pop(prefix + "new_weight")
+    state_dict[prefix + "weight"] = torch.cat([old, new], dim=0)
+
+
+def _split_rows_hook(module: _SplitRows, state_dict: dict, prefix: str, local_metadata, strict,
+                     missing_keys, unexpected_keys, error_msgs) -> None:
+    key = prefix + "weight"
+    if key not in state_dict:
+        return
+    full = state_dict.pop(key)
+    expected = (module.num_old + module.new_weight.shape[0], module.new_weight.shape[1])
+    if tuple(full.shape) != expected:
+        error_msgs.append(f"{key}: expected shape {expected}, found {tuple(full.shape)}")
+        return
+    state_dict[prefix + "frozen_weight"] = full[: module.num_old]
+    state_dict[prefix + "new_weight"] = full[module.num_old:]
+
+
+class VokenEmbedding(_SplitRows):
+    """Input embedding: old rows frozen, the 9 new rows (vokens, `<ImageHere>`) trainable."""
+
+    def __init__(self, old_rows: torch.Tensor, new_rows: torch.Tensor, output_dtype: torch.dtype):
+        super().__init__(old_rows, new_rows)
+        self.output_dtype = output_dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_new = input_ids >= self.num_old
+        old = F.embedding(input_ids.clamp(max=self.num_old - 1), self.frozen_weight)
+        new = F.embedding((input_ids - self.num_old).clamp(min=0), self.new_weight)
+        return torch.where(is_new.unsqueeze(-1), new, old).to(self.output_dtype)
+
+
+class VokenLMHead(_SplitRows):
+    """Output projection: logits over old rows (frozen) and new rows (trainable), in float32."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states.float()
+        return torch.cat([F.linear(hidden_states, self.frozen_weight),
+                          F.linear(hidden_states, self.new_weight)], dim=-1)
+
+
+def split_row_modules(module: nn.Module) -> list[_SplitRows]:
+    """Every `VokenEmbedding` / `VokenLMHead` inside `module` (PEFT copies included)."""
+    return [m for m in module.modules() if isinstance(m, _SplitRows)]
+
+
+# --------------------------------------------------------------------------------------------
+# The backbone
+# --------------------------------------------------------------------------------------------
+
+class MiniGPT4(nn.Module):
+    """Frozen image encoder + `llama_proj` + the LLM with voken rows; see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig, visual_encoder: nn.Module, qformer: nn.Module,
+                 query_tokens: nn.Parameter, llama_proj: nn.Linear, llama_model: nn.Module,
+                 llama_tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.visual_encoder = visual_encoder
+        self.Qformer = qformer
+        self.query_tokens = query_tokens
+        self.llama_proj = llama_proj
+        self.llama_model = llama_model
+        self.llama_tokenizer = llama_tokenizer
+        self.llm_dtype = to_dtype(cfg.dtypes.llm)
+        self.vision_dtype = to_dtype(cfg.dtypes.vision)
+        self.num_old_tokens = split_row_modules(llama_model)[0].num_old
+        # Ids of the added tokens: [IMG0]..[IMG7] then <ImageHere>, right after the old vocabulary.
+        self.voken_ids = list(range(self.num_old_tokens, self.num_old_tokens + VOKEN_COUNT))
+        self.image_token_id = self.num_old_tokens + VOKEN_COUNT
+        if llama_tokenizer is not None:
+            ids = llama_tokenizer.convert_tokens_to_ids(VOKENS + [IMAGE_PLACEHOLDER])
+            if ids != self.voken_ids + [self.image_token_id]:
+                raise ValueError(f"tokenizer of {cfg.llama_model} gives ids {ids} to the new tokens; expected "
+                                 f"{self.voken_ids + [self.image_token_id]} (right after the {self.num_old_tokens} "
+                                 "original rows)")
+        for module in (self.visual_encoder, self.Qformer, self.llama_proj):
+            module.requires_grad_(False)
+        self.query_tokens.requires_grad_(False)
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device: str | torch.device | None = None) -> "MiniGPT4":
+        """Build and load the backbone from the config's weight files.
+
+        With `device="meta"` nothing is loaded or allocated: the modules are built from the
+        sizes in the config and the LLM folder's `config.json` only (for counting parameters or
+        planning sharding), and no tokenizer is read.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        import lavis
+        from weights import load_llama_proj
+
+        meta = str(device) == "meta"
+        if not meta:
+            cfg.check_paths()
+        llm_dtype = to_dtype(cfg.dtypes.llm)
+        vision_dtype = to_dtype(cfg.dtypes.vision)
+        with torch.device("meta" if meta else "cpu"):
+            visual_encoder = lavis.build_vision_model(cfg.vision, cfg.image_size)
+            qformer, query_tokens = lavis.build_qformer(cfg.qformer, cfg.vision.hidden_size, cfg.num_query_token)
+        llm_config = AutoConfig.from_pretrained(cfg.llama_model)
+        if meta:
+            with torch.device("meta"):
+                llama_model = AutoModelForCausalLM.from_config(llm_config, dtype=llm_dtype)
+            tokenizer = None
+        else:
+            lavis.load_eva_vit(visual_encoder, cfg.vit_model, cfg.q_former_model, dtype=vision_dtype)
+            lavis.load_qformer(qformer, query_tokens, cfg.q_former_model)
+            llama_model = AutoModelForCausalLM.from_pretrained(cfg.llama_model, dtype=llm_dtype)
+            tokenizer = load_tokenizer(cfg.llama_model)
+        hidden = llm_config.hidden_size
+        with torch.device("meta" if meta else "cpu"):
+            llama_proj = nn.Linear(cfg.qformer.hidden_size, hidden)
+        if not meta:
+            proj = load_llama_proj(cfg.ckpt)
+            if tuple(proj["weight"].shape) != tuple(llama_proj.weight.shape):
+                raise ValueError(f"{cfg.ckpt}: llama_proj.weight has shape {tuple(proj['weight'].shape)}, "
+                                 f"expected {tuple(llama_proj.weight.shape)} (Q-Former {cfg.qformer.hidden_size} "
+                                 f"-> LLM {hidden}; config key `ckpt`)")
+            llama_proj.load_state_dict(proj)
+        add_voken_rows(llama_model, llm_dtype)
+        llama_model.requires_grad_(False)
+        for module in split_row_modules(llama_model):
+            module.freeze_old_rows()
+        return cls(cfg, visual_encoder, qformer, query_tokens, llama_proj, llama_model, tokenizer)
+
+    def add_lora(self) -> None:
+        """Stage 2: wrap the LLM with PEFT LoRA (REFERENCE §2); `lm_head`/`embed_tokens` become
+        `modules_to_save` copies that train only their new rows."""
+        from peft import LoraConfig, get_peft_model
+
+        lora = self.cfg.lora
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+                            modules_to_save=["lm_head", "embed_tokens"])
+        self.llama_model = get_peft_model(self.llama_model, config)
+        # PEFT marks the whole copied module trainable and leaves the originals trainable as they were:
+        # keep the originals frozen, and only the new rows of the copies trainable.
+        for name, module in self.llama_model.named_modules():
+            if isinstance(module, _SplitRows):
+                if ".original_module" in name:
+                    module.requires_grad_(False)
+                else:
+                    module.freeze_old_rows()
+
+    @property
+    def is_lora(self) -> bool:
+        """Whether the LLM is wrapped with PEFT (stage 2)."""
+        return hasattr(self.llama_model, "peft_config")
+
+    def llm_parts(self) -> tuple[nn.Module, nn.Module]:
+        """The decoder stack (embeddings + layers + final norm) and the lm_head, through PEFT."""
+        base = self.llama_model.get_base_model() if self.is_lora else self.llama_model
+        return base.model, base.lm_head
+
+    def train(self, mode: bool = True) -> "MiniGPT4":
+        """The frozen image side stays in eval mode, as in the release."""
+        super().train(mode)
+        self.visual_encoder.eval()
+        self.Qformer.eval()
+        return self
+
+    # ---- images ------------------------------------------------------------------------------
+
+    def encode_img(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) normalised images -> (B, num_query_token, llm_hidden) embeddings in the
+        LLM's dtype, and their all-ones attention mask (B, num_query_token)."""
+        with torch.no_grad():
+            image_feats = self.visual_encoder(images.to(self.vision_dtype)).last_hidden_state
+            queries = self.query_tokens.expand(images.shape[0], -1, -1)
+            query_out = self.Qformer(query_embeds=queries, encoder_hidden_states=image_feats.float()).last_hidden_state
+            embeds = self.llama_proj(query_out.to(self.llama_proj.weight.dtype))
+        atts = torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device)
+        return embeds.to(self.llm_dtype), atts
+
+    # ---- text + images -----------------------------------------------------------------------
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> input embeddings (through PEFT's modules_to_save copy in stage 2)."""
+        decoder, _ = self.llm_parts()
+        return decoder.embed_tokens(input_ids)
+
+    def wrap_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor | None, image_embeds: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Batched input wrapping (REFERENCE §3.1).
+
+        `input_ids` (B, T) are right-padded token ids, one `<ImageHere>` per input image;
+        `image_embeds` (N, Q, H) are the images' LLM-space embeddings in the order their
+        placeholders appear (sample by sample, left to right). Returns `inputs_embeds` (B, L, H)
+        = BOS + text with each placeholder replaced by its Q embeddings, right-padded with
+        zeros; `attention_mask` (B, L); and `labels` (B, L) with -100 on BOS, image positions
+        and padding (None when `labels` is None).
+        """
+        B, T = input_ids.shape
+        valid = attention_mask.bool()
+        is_image = (input_ids == self.image_token_id) & valid
+        n_placeholders = int(is_image.sum())
+        n_images = 0 if image_embeds is None else image_embeds.shape[0]
+        if n_placeholders != n_images:
+            raise ValueError(f"the batch's prompts contain {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
+                             f"but {n_images} image(s) were given; give one image per placeholder")
+        n_query = image_embeds.shape[1] if image_embeds is not None else 0
+        # Each token occupies 1 slot, an image placeholder n_query slots, padding none.
+        span = torch.where(is_image, n_query, 1) * valid
+        start = 1 + span.cumsum(dim=1) - span                       # slot of each token, after BOS
+        lengths = 1 + span.sum(dim=1)
+        L = int(lengths.max())
+        token_embeds = self.embed_tokens(input_ids)
+        device, dtype = token_embeds.device, token_embeds.dtype
+        bos = torch.full((B,), self.llama_tokenizer.bos_token_id if self.llama_tokenizer else 1, device=device)
+        embeds = torch.zeros(B, L, token_embeds.shape[-1], device=device, dtype=dtype)
+        embeds[:, 0] = self.embed_tokens(bos)
+        text_b, text_t = (valid & ~is_image).nonzero(as_tuple=True)
+        embeds = embeds.index_put((text_b, start[text_b, text_t]), token_embeds[text_b, text_t])
+        if n_images:
+            img_b, img_t = is_image.nonzero(as_tuple=True)           # row-major = image order
+            slots = start[img_b, img_t].unsqueeze(1) + torch.arange(n_query, device=device)
+            embeds = embeds.index_put((img_b.unsqueeze(1).expand_as(slots), slots), image_embeds.to(dtype))
+        new_mask = (torch.arange(L, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+        new_labels = None
+        if labels is not None:
+            new_labels = torch.full((B, L), -100, dtype=labels.dtype, device=device)
+            new_labels[text_b, start[text_b, text_t]] = labels[text_b, text_t]
+        return embeds, new_mask, new_labels
+
+    def forward_llm(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Run the LLM on wrapped inputs: (last-layer hidden states (after the final norm, as the
+        release's `hidden_states[-1]`), logits, shifted causal-LM loss or None)."""
+        decoder, lm_head = self.llm_parts()
+        hidden = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        logits = lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return hidden, logits, loss
+
+    def voken_positions(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where voken features start (REFERENCE §3.3): for every `[IMG0]` in `token_ids` (labels
+        or generated ids, aligned with the hidden states), (batch index, position - 1)."""
+        b, t = (token_ids == self.voken_ids[0]).nonzero(as_tuple=True)
+        return b, t - 1
+
+    def voken_features(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 8 last-layer states per voken occurrence: the state that predicted `[IMG0]` and the
+        states of `[IMG0]`..`[IMG6]`. Returns (N, 8, H) features and the (N,) batch indices."""
+        b, start = self.voken_positions(token_ids)
+        if (start < 0).any() or (start + VOKEN_COUNT > hidden.shape[1]).any():
+            raise ValueError("an [IMG0] is too close to the start or the end of its sequence to take 8 voken states")
+        index = start.unsqueeze(1) + torch.arange(VOKEN_COUNT, device=hidden.device)
+        return hidden[b.unsqueeze(1), index], b
+
+
+def add_voken_rows(llama_model: nn.Module, llm_dtype: torch.dtype) -> None:
+    """Grow the LLM's input embedding and lm_head by the 9 new tokens, initialised to the mean of
+    the old rows (as the release), as frozen-old/trainable-new modules kept in float32."""
+    n_new = VOKEN_COUNT + 1
+    embed = llama_model.get_input_embeddings()
+    head = llama_model.get_output_embeddings()
+    new_embed = embed.weight.detach().float().mean(0, keepdim=True).expand(n_new, -1).clone()
+    new_head = head.weight.detach().float().mean(0, keepdim=True).expand(n_new, -1).clone()
+    llama_model.set_input_embeddings(VokenEmbedding(embed.weight, new_embed, llm_dtype))
+    llama_model.set_output_embeddings(VokenLMHead(head.weight, new_head))
+    llama_model.config.vocab_size = embed.weight.shape[0] + n_new

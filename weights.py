@@ -1,0 +1,321 @@
+"""Everything about weight files.
+
+Readers: the MiniGPT-4 projection file (`prerained_minigpt4_7b.pth`), and the MiniGPT-5 release
+checkpoints (`stage1_cc3m.ckpt`, `stage2_*.ckpt`); the LAVIS ViT / Q-Former readers live in
+`lavis.py`.
+
+Writer: `python weights.py tiny OUT_DIR` builds the tiny preset — random weights written in exactly
+the real formats (a Hugging Face LLaMA folder with a sentencepiece tokenizer, LAVIS `.pth` files, a
+MiniGPT-4 `.pth`, a diffusers Stable Diffusion folder) plus a config YAML pointing at them — so
+that tests and the quick start run the same loading code as the real weights.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+import configuration
+from configuration import ModelConfig, dump_config, load_config
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent
+TINY_CONFIG = REPO / "config" / "tiny.yaml"
+TINY_ARCH = REPO / "config" / "tiny_arch.yaml"
+DEFAULT_TINY_DIR = REPO / "weights" / "tiny"
+
+# Text the tiny sentencepiece model is trained on: the prompts, templates and a little English, so
+# that the tokens the project uses get real pieces; everything else goes through byte fallback.
+_TINY_CORPUS = [
+    "Give the following images in <Img>ImageContent</Img> format. You will be able to see the images "
+    "once I provide it to you. Please understanding images and generate story.",
+    "Give the following images in <Img>ImageContent</Img> format. You will be able to see the images "
+    "once I provide it to you. Please generate conversations with appropriate images.",
+    "###Human: Generate an image with the scene description: ###Assistant:",
+    "###Human: the scene description: ###Assistant: Tell me the next scene with image.",
+    "Generate the next scene with image. What should happen then? ###",
+    "Tell me the next scene description by this image: What happen in the next scene image:",
+    "You will be able to generate image according to command. generate image with caption:",
+    "can you give me the image with caption: help me to generate this image: an image with caption:",
+    "according to caption, generate image: can you visualize this caption:",
+    "a man is walking his dog in the park on a sunny day. the family went to the beach together.",
+    "we had a great time at the party and everyone was happy. the view from the top was beautiful.",
+    "a photo of a cat sitting on a wooden table next to a window. people are standing in a street.",
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 .,!?:;'\"()[]{}<>/#-_",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# MiniGPT-4 projection
+# --------------------------------------------------------------------------------------------
+
+def load_llama_proj(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read `llama_proj.weight` / `llama_proj.bias` from MiniGPT-4's `prerained_minigpt4_7b.pth`
+    (a dict whose `model` entry holds them). Returns `{"weight", "bias"}`."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a dict with a 'model' entry (MiniGPT-4 checkpoint)")
+    missing = [k for k in ("llama_proj.weight", "llama_proj.bias") if k not in state]
+    if missing:
+        raise KeyError(f"{path}: missing {missing} (config key `ckpt`); found {sorted(state)[:10]}")
+    unused = sorted(k for k in state if not k.startswith("llama_proj."))
+    if unused:
+        log.info("%s: %d keys not used by MiniGPT-5: %s", path, len(unused), unused[:20])
+    return {"weight": state["llama_proj.weight"], "bias": state["llama_proj.bias"]}
+
+
+# --------------------------------------------------------------------------------------------
+# MiniGPT-5 checkpoints (release key layout, REFERENCE §6)
+# --------------------------------------------------------------------------------------------
+
+PLAIN_PREFIX = "model.llama_model."
+LORA_PREFIX = "model.llama_model.base_model.model."
+_SHARED_MATRICES = ("model.embed_tokens", "lm_head")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The `state_dict` of a MiniGPT-5 `.ckpt` (Lightning) or a bare state dict file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: expected a Lightning checkpoint or a state dict, got {type(checkpoint)}")
+    return checkpoint
+
+
+def translate_llm_keys(state: dict[str, torch.Tensor], lora: bool) -> dict[str, torch.Tensor]:
+    """Copy `embed_tokens` / `lm_head` matrices between the plain and the LoRA-wrapped names.
+
+    The release's stage-1 file has `model.llama_model.model.embed_tokens.weight`; its stage-2 files
+    have `model.llama_model.base_model.model.model.embed_tokens.modules_to_save.default.weight`.
+    A model of either kind receives the matrix it needs from a file of either kind.
+    """
+    out = dict(state)
+    for name in _SHARED_MATRICES:
+        plain = f"{PLAIN_PREFIX}{name}.weight"
+        saved = f"{LORA_PREFIX}{name}.modules_to_save.default.weight"
+        original = f"{LORA_PREFIX}{name}.original_module.weight"
+        if lora and plain in state:
+            out.setdefault(saved, state[plain])
+            out.setdefault(original, state[plain])
+            del out[plain]
+        elif not lora and saved in state:
+            out.setdefault(plain, state[saved])
+            del out[saved]
+            out.pop(original, None)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny preset
+# --------------------------------------------------------------------------------------------
+
+def _train_sentencepiece(vocab_size: int) -> bytes:
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_TINY_CORPUS * 4), model_writer=buffer, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity",
+        hard_vocab_limit=False, num_threads=1, minloglevel=2,
+    )
+    return buffer.getvalue()
+
+
+def write_tiny_llama(out_dir: Path, arch: dict, seed: int) -> None:
+    """A Hugging Face LLaMA folder: config, safetensors weights and a sentencepiece tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sp_model = _train_sentencepiece(arch["vocab_size"])
+    (out_dir / "tokenizer.model").write_bytes(sp_model)
+    import sentencepiece as spm
+    vocab_size = spm.SentencePieceProcessor(model_proto=sp_model).get_piece_size()
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
+        "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "model_max_length": arch["max_position_embeddings"],
+    }, indent=2))
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=arch["hidden_size"],
+        intermediate_size=arch["intermediate_size"], num_hidden_layers=arch["num_hidden_layers"],
+        num_attention_heads=arch["num_attention_heads"],
+        num_key_value_heads=arch["num_key_value_heads"],
+        max_position_embeddings=arch["max_position_embeddings"], rms_norm_eps=arch["rms_norm_eps"],
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir)
+
+
+def _clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
+    """A byte-level CLIP BPE vocabulary (every byte, with and without `</w>`), a few merges."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    tokens = chars + [c + "</w>" for c in chars]
+    merges = ["t h", "th e</w>", "a n", "i n", "e r", "o n"]
+    for m in merges:
+        merged = m.replace(" ", "")
+        if merged not in tokens:
+            tokens.append(merged)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def write_tiny_sd(out_dir: Path, arch: dict, image_size: int, cross_attention_dim: int, seed: int) -> None:
+    """A diffusers Stable Diffusion folder (unet, vae, text_encoder, tokenizer, scheduler) with
+    SD 2.1-base's scheduler settings and epsilon prediction."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    vae_arch, unet_arch, text_arch = arch["vae"], arch["unet"], arch["text_encoder"]
+    n_vae = len(vae_arch["block_out_channels"])
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
+        block_out_channels=tuple(vae_arch["block_out_channels"]),
+        layers_per_block=vae_arch["layers_per_block"], norm_num_groups=vae_arch["norm_num_groups"],
+        sample_size=image_size, scaling_factor=0.18215,
+    )
+    latent_size = image_size // 2 ** (n_vae - 1)
+    n_unet = len(unet_arch["block_out_channels"])
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * (n_unet - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_unet - 1),
+        block_out_channels=tuple(unet_arch["block_out_channels"]),
+        layers_per_block=unet_arch["layers_per_block"],
+        attention_head_dim=tuple(unet_arch["attention_head_dim"]),
+        norm_num_groups=unet_arch["norm_num_groups"], cross_attention_dim=cross_attention_dim,
+        use_linear_projection=True,
+    )
+    vocab, merges = _clip_bpe_vocab()
+    tok_dir = out_dir / "tokenizer"
+    tok_dir.mkdir(exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "!",
+    }, indent=2))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=text_arch["hidden_size"],
+        intermediate_size=text_arch["intermediate_size"],
+        num_hidden_layers=text_arch["num_hidden_layers"],
+        num_attention_heads=text_arch["num_attention_heads"], max_position_embeddings=77,
+        hidden_act="gelu", projection_dim=text_arch["hidden_size"],
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["!"],
+    ))
+    # SD 2.1-base's scheduler/scheduler_config.json.
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+    vae.save_pretrained(out_dir / "vae")
+    unet.save_pretrained(out_dir / "unet")
+    text_encoder.save_pretrained(out_dir / "text_encoder")
+    scheduler.save_pretrained(out_dir / "scheduler")
+    (out_dir / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None], "requires_safety_checker": False,
+        "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }, indent=2))
+
+
+def write_tiny_minigpt4(path: Path, qformer_hidden: int, llm_hidden: int, seed: int) -> None:
+    """MiniGPT-4's `.pth`: `{"model": {"llama_proj.weight", "llama_proj.bias"}}`."""
+    g = torch.Generator().manual_seed(seed)
+    state = {
+        "llama_proj.weight": torch.randn(llm_hidden, qformer_hidden, generator=g) * 0.02,
+        "llama_proj.bias": torch.randn(llm_hidden, generator=g) * 0.02,
+    }
+    torch.save({"model": state}, path)
+
+
+def build_tiny(out_dir: str | os.PathLike = DEFAULT_TINY_DIR, seed: int = 0,
+               config_path: str | os.PathLike = TINY_CONFIG,
+               arch_path: str | os.PathLike = TINY_ARCH) -> Path:
+    """Write the tiny preset into `out_dir` and return the path of its config YAML
+    (`out_dir/tiny.yaml`, same sizes as `config/tiny.yaml`, paths pointing into `out_dir`).
+    Deterministic for a given seed; takes a few seconds."""
+    from lavis import write_tiny_lavis
+
+    out_dir = Path(out_dir).resolve()
+    cfg = load_config(config_path, check_paths=False)
+    with open(arch_path) as f:
+        arch = yaml.safe_load(f)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_tiny_llama(tmp / "llama", arch["llama"], seed)
+    vit_path, blip2_path = write_tiny_lavis(tmp, cfg.vision, cfg.qformer, cfg.num_query_token,
+                                            cfg.image_size, seed=seed)
+    write_tiny_minigpt4(tmp / "prerained_minigpt4_7b.pth", cfg.qformer.hidden_size,
+                        arch["llama"]["hidden_size"], seed)
+    write_tiny_sd(tmp / "sd", arch, cfg.sd_image_size, cfg.mapper.d_model, seed)
+    # Replace atomically so an interrupted build never looks complete.
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    tiny = cfg.replace(
+        llama_model=str(out_dir / "llama"), vit_model=str(out_dir / Path(vit_path).name),
+        q_former_model=str(out_dir / Path(blip2_path).name),
+        ckpt=str(out_dir / "prerained_minigpt4_7b.pth"), sd_model=str(out_dir / "sd"),
+    )
+    dump_config(tiny, out_dir / "tiny.yaml")
+    log.info("tiny preset written to %s", out_dir)
+    return out_dir / "tiny.yaml"
+
+
+def ensure_tiny(out_dir: str | os.PathLike = DEFAULT_TINY_DIR) -> Path:
+    """Build the tiny preset if `out_dir/tiny.yaml` is missing; return the config path."""
+    path = Path(out_dir) / "tiny.yaml"
+    if not path.is_file():
+        build_tiny(out_dir)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: `python weights.py tiny OUT_DIR [--seed N]`."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    tiny = sub.add_parser("tiny", help="write the tiny preset (random weights in the real formats)")
+    tiny.add_argument("out_dir", nargs="?", default=str(DEFAULT_TINY_DIR))
+    tiny.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "tiny":
+        path = build_tiny(args.out_dir, seed=args.seed)
+        print(f"tiny preset written; config: {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
