@@ -47,3 +47,46 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is not available")
     return SHARED
+
+
+VOKEN_TARGET = "[IMG0][IMG1][IMG2][IMG3][IMG4][IMG5][IMG6][IMG7] ###"
+
+
+def make_batch(tokenizer, samples: list[dict], image_size: int = 32, sd_image_size: int = 32,
+               seed: int = 0) -> dict:
+    """A model batch built by hand (independent of dataloader.py): each sample is a dict with
+    `source`, `target`, optional `n_images` (input images) and `caption`. Labels are -100 over
+    the source and over [IMG1]..[IMG6], as REFERENCE §3 says."""
+    g = torch.Generator().manual_seed(seed)
+    masked = set(tokenizer.convert_tokens_to_ids([f"[IMG{i}]" for i in range(1, 7)]))
+    ids, labels = [], []
+    for s in samples:
+        src = tokenizer(s["source"], add_special_tokens=False).input_ids
+        tgt = tokenizer(s["target"], add_special_tokens=False).input_ids
+        ids.append(src + tgt)
+        labels.append([-100] * len(src) + [-100 if t in masked else t for t in tgt])
+    T = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    n_images = sum(s.get("n_images", 0) for s in samples)
+    has_out = torch.tensor(["[IMG0]" in s["target"] for s in samples])
+    return {
+        "input_ids": torch.tensor([x + [pad] * (T - len(x)) for x in ids]),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids]),
+        "labels": torch.tensor([x + [-100] * (T - len(x)) for x in labels]),
+        "input_images": torch.randn(n_images, 3, image_size, image_size, generator=g),
+        "output_images": (torch.rand(len(samples), 3, sd_image_size, sd_image_size, generator=g) * 2 - 1)
+        * has_out[:, None, None, None],
+        "has_output_image": has_out,
+        "captions": [s.get("caption") for s in samples],
+    }
+
+
+def fixed_draws(batch_size: int, latent_shape: tuple[int, ...], seed: int = 0, drop: bool = False) -> dict:
+    """Per-sample noise, latent noise, timesteps and CFG draws that pin a forward pass's randomness."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "noise": torch.randn(batch_size, *latent_shape, generator=g),
+        "latent_noise": torch.randn(batch_size, *latent_shape, generator=g),
+        "timesteps": torch.randint(0, 1000, (batch_size,), generator=g),
+        "cfg_drop": torch.full((batch_size,), drop),
+    }

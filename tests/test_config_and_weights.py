@@ -1,0 +1,139 @@
+"""Config files, the tiny weight folder in the real formats, and the real sizes on the meta device."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from configuration import ConfigError, load_config
+from weights import build_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, data) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _tiny_data(tiny_config_path) -> dict:
+    return yaml.safe_load(Path(tiny_config_path).read_text())
+
+
+def test_unknown_key_is_named(tmp_path, tiny_config_path):
+    data = _tiny_data(tiny_config_path)
+    data["llama_modle"] = data["llama_model"]
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) `llama_modle`"):
+        load_config(_write(tmp_path, data))
+    data = _tiny_data(tiny_config_path)
+    data["vision"]["hidden"] = 3
+    with pytest.raises(ConfigError, match=r"`vision\.hidden`"):
+        load_config(_write(tmp_path, data))
+
+
+def test_missing_file_names_the_key_and_the_path(tmp_path, tiny_config_path):
+    data = _tiny_data(tiny_config_path)
+    data["vit_model"] = str(tmp_path / "nowhere" / "eva_vit_g.pth")
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, data))
+    assert "`vit_model`" in str(err.value) and str(tmp_path / "nowhere" / "eva_vit_g.pth") in str(err.value)
+
+
+def test_missing_key_and_missing_config_file(tmp_path, tiny_config_path):
+    data = _tiny_data(tiny_config_path)
+    del data["num_query_token"]
+    with pytest.raises(ConfigError, match="missing key `num_query_token`"):
+        load_config(_write(tmp_path, data))
+    with pytest.raises(ConfigError, match="--model_config"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_relative_paths_resolve_against_the_yaml_folder(tmp_path, tiny_config_path):
+    weights_dir = Path(tiny_config_path).parent
+    data = _tiny_data(tiny_config_path)
+    (tmp_path / "configs").mkdir()
+    data["vit_model"] = str(Path("..") / "w" / "eva_vit_g.pth")
+    (tmp_path / "w").symlink_to(weights_dir)
+    path = tmp_path / "configs" / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert Path(load_config(path).vit_model) == (tmp_path / "w" / "eva_vit_g.pth").resolve()
+
+
+def test_repo_configs_share_one_schema():
+    real = load_config(REPO / "config" / "minigpt4.yaml", check_paths=False)
+    tiny = load_config(REPO / "config" / "tiny.yaml", check_paths=False)
+    assert real.num_query_token == 32 and real.vision.num_hidden_layers == 39
+    assert real.lora.target_modules == ("q_proj", "v_proj") and real.lora.r == 8 and real.lora.alpha == 16
+    assert tiny.end_sym == real.end_sym == "###"
+
+
+def test_tiny_build_is_deterministic_and_in_the_real_formats(tmp_path):
+    a = build_tiny(tmp_path / "a", seed=0).parent
+    b = build_tiny(tmp_path / "b", seed=0).parent
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+    for rel in ["llama/model.safetensors", "llama/tokenizer.model", "eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth",
+                "prerained_minigpt4_7b.pth", "sd/unet/diffusion_pytorch_model.safetensors", "sd/vae/config.json",
+                "sd/text_encoder/model.safetensors", "sd/tokenizer/vocab.json", "sd/tokenizer/merges.txt",
+                "sd/scheduler/scheduler_config.json", "sd/model_index.json"]:
+        assert (a / rel).is_file(), rel
+        if not rel.endswith(".pth"):     # torch.save embeds the archive name: compare tensors instead
+            assert digest(a / rel) == digest(b / rel), rel
+    for rel in ["eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth", "prerained_minigpt4_7b.pth"]:
+        sa, sb = torch.load(a / rel), torch.load(b / rel)
+        sa, sb = sa.get("model", sa), sb.get("model", sb)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa if torch.is_tensor(sa[k]))
+    minigpt4 = torch.load(a / "prerained_minigpt4_7b.pth")
+    assert set(minigpt4) == {"model"} and set(minigpt4["model"]) == {"llama_proj.weight", "llama_proj.bias"}
+    scheduler = json.loads((a / "sd/scheduler/scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "PNDMScheduler"
+    assert (scheduler["beta_start"], scheduler["beta_end"], scheduler["beta_schedule"]) == (0.00085, 0.012, "scaled_linear")
+    assert scheduler["skip_prk_steps"] and scheduler["steps_offset"] == 1 and not scheduler["set_alpha_to_one"]
+
+
+def test_tiny_sd_folder_is_a_diffusers_pipeline(tiny_config):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_config.sd_model, safety_checker=None)
+    assert pipe.vae.config.scaling_factor == 0.18215
+    assert pipe.unet.config.cross_attention_dim == tiny_config.mapper.d_model
+    assert pipe.tokenizer.model_max_length == 77
+
+
+def test_tokenizer_encodes_the_stop_symbol_and_the_new_tokens(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("###", add_special_tokens=False)
+    assert ids and tiny_tokenizer.unk_token_id not in ids
+    assert tiny_tokenizer.decode(ids) == "###"
+    new = tiny_tokenizer.convert_tokens_to_ids([f"[IMG{i}]" for i in range(8)] + ["<ImageHere>"])
+    assert new == list(range(new[0], new[0] + 9))
+    text = "a <Img><ImageHere></Img> b [IMG0][IMG1] ###"
+    pieces = tiny_tokenizer.convert_ids_to_tokens(tiny_tokenizer.encode(text, add_special_tokens=False))
+    assert "<ImageHere>" in pieces and "[IMG0]" in pieces and "[IMG1]" in pieces
+    assert tiny_tokenizer.pad_token == tiny_tokenizer.eos_token
+    # Byte fallback: text outside the tiny training corpus still round-trips.
+    assert tiny_tokenizer.decode(tiny_tokenizer.encode("Zürich 猫", add_special_tokens=False)) == "Zürich 猫"
+
+
+def test_real_sizes_on_the_meta_device():
+    from model import MiniGPT5_Model
+
+    cfg = load_config(REPO / "config" / "minigpt4.yaml", check_paths=False).replace(
+        llama_model=str(REPO / "config/arch/vicuna-7b"),
+        sd_model=str(REPO / "config/arch/stable-diffusion-2-1-base"))
+    model = MiniGPT5_Model(cfg, stage=1, device="meta")
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    assert all(p.is_meta for p in model.parameters())
+    assert count(model.model.visual_encoder) == 985_952_256
+    assert count(model.model.Qformer) == 105_137_664 and model.model.query_tokens.numel() == 24_576
+    hidden = 4096
+    assert count(model.model.llama_model) - 2 * 9 * hidden == 6_738_415_616
+    assert count(model.unet) == 865_910_724
+    assert count(model.vae) == 83_653_863
+    assert count(model.sd_text_encoder) == 340_387_840
+    assert count(model.llm_to_t2i_mapping) == 117_575_680
+    fc = count(model.fc)
+    assert model.num_trainable_parameters() == fc + 117_575_680 + 77 * 1024 + 18 * hidden
