@@ -31,6 +31,22 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_processor(image_size: int, train: bool = False):
+    """The image encoder's input transform (REFERENCE §5): bilinear resize, centre crop,
+    [random flip in training], CLIP normalisation. PIL image -> (3, S, S) tensor."""
+    from torchvision import transforms as T
+
+    steps = [T.Resize(image_size, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(image_size)]
+    if train:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    return T.Compose(steps)
+
+
 def to_dtype(name: str) -> torch.dtype:
     """`"bfloat16"` -> `torch.bfloat16` (the names used in the config's `dtypes` section)."""
     if name not in DTYPES:
@@ -51,20 +67,6 @@ def load_tokenizer(llama_path: str):
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.add_special_tokens({"additional_special_tokens": VOKENS + [IMAGE_PLACEHOLDER]})
     return tokenizer
-
-
-def stop_sequences(tokenizer, end_sym: str = "###") -> list[list[int]]:
-    """Token-id sequences that mean "the answer ends here": `end_sym` as the tokenizer writes it
-    on its own and after a space (for Vicuna `###` is [835] or [2277, 29937])."""
-    variants = {tuple(tokenizer.encode(end_sym, add_special_tokens=False)),
-                tuple(tokenizer.encode(f"a {end_sym}", add_special_tokens=False)[-len(
-                    tokenizer.encode(f"a{end_sym}", add_special_tokens=False)) + 1:])}
-    out = []
-    for ids in variants:
-        ids = [i for i in ids if tokenizer.convert_ids_to_tokens(i) != "▁"]
-        if ids and ids not in out:
-            out.append(ids)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +338,10 @@ class MiniGPT4(nn.Module):
         """Run the LLM on wrapped inputs: (last-layer hidden states (after the final norm, as the
         release's `hidden_states[-1]`), logits, shifted causal-LM loss or None)."""
         decoder, lm_head = self.llm_parts()
-        hidden = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        # Positions count only attended tokens, as transformers' generate does for left padding.
+        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        hidden = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=position_ids).last_hidden_state
         logits = lm_head(hidden)
         loss = None
         if labels is not None:
@@ -357,6 +362,65 @@ class MiniGPT4(nn.Module):
             raise ValueError("an [IMG0] is too close to the start or the end of its sequence to take 8 voken states")
         index = start.unsqueeze(1) + torch.arange(VOKEN_COUNT, device=hidden.device)
         return hidden[b.unsqueeze(1), index], b
+
+
+# --------------------------------------------------------------------------------------------
+# Voken-aware generation: logits processors for transformers' own `generate`
+# --------------------------------------------------------------------------------------------
+
+class SeededSampler:
+    """Per-item reproducible sampling as a logits processor (run with `do_sample=False`).
+
+    transformers samples a whole batch from one random stream, so item i of a batch would not
+    match the same prompt generated alone. Here each item has its own `torch.Generator`: the
+    (already temperature / top-p processed) scores get Gumbel noise from that generator and
+    everything but the winner is set to -inf, so the greedy pick *is* a sample from
+    softmax(scores) (the Gumbel-max trick) and a batch equals its items run one by one.
+    """
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = generators
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        winner = (logp + gumbel).argmax(dim=-1, keepdim=True)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, winner, 0.0)
+
+
+class VokenForcing:
+    """Logits processor: once `[IMG0]` is produced, `[IMG1]`..`[IMG7]` follow, forced rather than
+    sampled; with `force_generation`, `[IMG0]` wins every step until it has appeared.
+
+    It must run last, after every sampling processor, so that its choice is final.
+    """
+
+    def __init__(self, voken_ids: list[int], prompt_length: int, force_generation: bool = False):
+        self.voken_ids = torch.tensor(voken_ids)
+        self.prompt_length = prompt_length     # columns of `input_ids` that are not generated
+        self.force_generation = force_generation
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length:]
+        vokens = self.voken_ids.to(input_ids.device)
+        forced = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
+        if generated.shape[1] > 0:
+            # If the last token is [IMG_k] with k < 7, the next one is [IMG_k+1].
+            last = generated[:, -1]
+            position = (last.unsqueeze(1) == vokens[:-1]).float().argmax(dim=1)
+            is_open = (last.unsqueeze(1) == vokens[:-1]).any(dim=1)
+            forced = torch.where(is_open, vokens[1:][position], forced)
+        if self.force_generation:
+            seen = (generated == vokens[0]).any(dim=1) if generated.shape[1] else torch.zeros_like(forced, dtype=torch.bool)
+            forced = torch.where((forced < 0) & ~seen, vokens[0], forced)
+        rows = forced >= 0
+        if rows.any():
+            scores = scores.clone()
+            scores[rows] = float("-inf")
+            scores[rows, forced[rows]] = 0.0
+        return scores
 
 
 def add_voken_rows(llama_model: nn.Module, llm_dtype: torch.dtype) -> None:

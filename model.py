@@ -13,9 +13,11 @@ Checkpoints hold only the trainable tensors, under the release's key names.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -25,9 +27,22 @@ from torch import nn
 
 import weights
 from configuration import ModelConfig
-from constants import (CAPTION_LOSS_WEIGHT, CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, SNR_GAMMA,
-                       TEXT_LOSS_WEIGHT, VOKEN_COUNT)
-from minigpt4 import MiniGPT4, _SplitRows, to_dtype
+from constants import (CAPTION_LOSS_WEIGHT, CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, SNR_GAMMA,
+                       TEXT_LOSS_WEIGHT, VOKEN_COUNT, VOKENS)
+from minigpt4 import MiniGPT4, SeededSampler, VokenForcing, image_processor, to_dtype
+
+SCHEDULERS = ("pndm", "dpm++")
+
+
+@dataclass
+class GenerationOutput:
+    """One generated answer: `text` as decoded with special tokens (as the release), `clean_text`
+    without vokens and the stop symbol, the image (or None) and the generated token ids."""
+
+    text: str
+    clean_text: str
+    image: "PIL.Image.Image | None"
+    token_ids: list[int]
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +117,12 @@ class MiniGPT5_Model(pl.LightningModule):
         m, llm_hidden = cfg.mapper, self.model.llama_model.config.hidden_size
         with torch.device("meta" if meta else "cpu"):
             self.fc = nn.Sequential(nn.Linear(llm_hidden, m.fc_dim), nn.GELU(), nn.Linear(m.fc_dim, m.d_model))
-            self.llm_to_t2i_mapping = nn.Transformer(
-                d_model=m.d_model, nhead=m.nhead, num_encoder_layers=m.num_encoder_layers,
-                num_decoder_layers=m.num_decoder_layers, dim_feedforward=m.dim_feedforward,
-                dropout=0.0, batch_first=True, norm_first=True)
+            with warnings.catch_warnings():   # norm_first disables a fast path we do not need
+                warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
+                self.llm_to_t2i_mapping = nn.Transformer(
+                    d_model=m.d_model, nhead=m.nhead, num_encoder_layers=m.num_encoder_layers,
+                    num_decoder_layers=m.num_decoder_layers, dim_feedforward=m.dim_feedforward,
+                    dropout=0.0, batch_first=True, norm_first=True)
             self.t2i_decoder_prompt = nn.Parameter(torch.randn(1, m.num_prompt_tokens, m.d_model))
 
         if stage == 2:
@@ -117,6 +134,25 @@ class MiniGPT5_Model(pl.LightningModule):
         # Lightning restores our partial checkpoints into the full model.
         self.strict_loading = False
         log.info("MiniGPT5_Model stage %d: %s trainable parameters", stage, f"{self.num_trainable_parameters():,}")
+
+    @classmethod
+    def from_weights(cls, model_config: str | os.PathLike | None = None,
+                     stage1_weight: str | os.PathLike | None = None,
+                     test_weight: str | os.PathLike | None = None, **kwargs) -> "MiniGPT5_Model":
+        """A model ready to generate, as the release's demo loads it: the config (default: the tiny
+        preset, built on first use), then `stage1_weight`, then `test_weight` on top. The stage is
+        2 when `test_weight` holds LoRA weights. Checkpoint paths may be relative to WEIGHTFOLDER."""
+        from configuration import load_config
+
+        config_path = Path(model_config) if model_config else weights.ensure_tiny()
+        cfg = load_config(config_path)
+        paths = [weights.resolve_weight(p, flag) for p, flag in ((stage1_weight, "--stage1_weight"),
+                                                                  (test_weight, "--test_weight")) if p]
+        stage = 2 if test_weight and weights.checkpoint_stage(paths[-1]) == 2 else 1
+        model = cls(cfg, stage=stage, **kwargs)
+        for path in paths:
+            model.load_checkpoint_file(path)
+        return model.eval()
 
     def _check_sizes(self) -> None:
         """The config's mapper / image sizes must agree with the SD folder."""
@@ -312,3 +348,206 @@ class MiniGPT5_Model(pl.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         scheduler = get_linear_schedule_with_warmup(optimizer, self.hparams.warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- generation (REFERENCE §4) -----------------------------------------------------------
+
+    def prepare_images(self, images: Sequence) -> torch.Tensor:
+        """Images as PIL images, paths or ready (3, S, S) tensors -> a normalised batch tensor."""
+        from PIL import Image, UnidentifiedImageError
+
+        transform = image_processor(self.cfg.image_size)
+        out = []
+        for image in images:
+            if isinstance(image, (str, os.PathLike)):
+                path = Path(image)
+                if not path.is_file():
+                    raise FileNotFoundError(f"input image {str(path)!r} does not exist")
+                try:
+                    with Image.open(path) as f:
+                        image = f.convert("RGB")
+                except (UnidentifiedImageError, OSError) as e:
+                    raise ValueError(f"input image {str(path)!r} is not a readable image: {e}") from None
+            if isinstance(image, Image.Image):
+                image = transform(image.convert("RGB"))
+            if not torch.is_tensor(image) or image.shape != (3, self.cfg.image_size, self.cfg.image_size):
+                raise ValueError(f"an input image must be a PIL image, a path or a (3, {self.cfg.image_size}, "
+                                 f"{self.cfg.image_size}) tensor; got {type(image).__name__}")
+            out.append(image)
+        size = self.cfg.image_size
+        return torch.stack(out).to(self.device) if out else torch.zeros(0, 3, size, size, device=self.device)
+
+    def _prompt_embeddings(self, prompts: list[str], images: list[list], max_new_tokens: int):
+        """Wrap the prompts with their images, cut over-long ones from the left (keeping BOS) and
+        left-pad the batch for generation. Returns (inputs_embeds, attention_mask)."""
+        tok, m = self.model.llama_tokenizer, self.model
+        for i, (prompt, item_images) in enumerate(zip(prompts, images)):
+            n = prompt.count(IMAGE_PLACEHOLDER)
+            if n != len(item_images):
+                raise ValueError(f"prompt {i} has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(item_images)} "
+                                 f"image(s) were given: {prompt[:80]!r}")
+        encoded = tok(prompts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
+        flat = [image for item_images in images for image in item_images]
+        image_embeds = m.encode_img(self.prepare_images(flat))[0] if flat else None
+        embeds, mask, _ = m.wrap_inputs(encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device),
+                                        None, image_embeds)
+        lengths = mask.sum(dim=1)
+        budget = m.llama_model.config.max_position_embeddings - max_new_tokens
+        if budget < 2:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the LLM's "
+                             f"{m.llama_model.config.max_position_embeddings}-token context")
+        cut = (lengths - budget).clamp(min=0)
+        if cut.any():
+            warnings.warn(f"prompt(s) {cut.nonzero().flatten().tolist()} exceed the LLM context "
+                          f"({m.llama_model.config.max_position_embeddings} tokens incl. {max_new_tokens} new); "
+                          f"cut from the left by {cut.max().item()} positions (BOS kept)")
+        lengths = lengths - cut
+        L = int(lengths.max())
+        # Left-padded layout: row b holds BOS + its last (length - 1) positions, right-aligned.
+        j = torch.arange(L, device=self.device).unsqueeze(0)
+        pad = (L - lengths).unsqueeze(1)
+        source = torch.where(j == pad, 0, j - pad + cut.unsqueeze(1)).clamp(min=0)
+        new_mask = (j >= pad).long()
+        gathered = embeds.gather(1, source.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        return gathered * new_mask.unsqueeze(-1).to(gathered.dtype), new_mask
+
+    def _item_generators(self, n: int, seed, generator) -> list[int]:
+        """One seed per item: `seed` (the same for every item when an int), or drawn from torch's RNG."""
+        if generator is not None:
+            gens = generator if isinstance(generator, (list, tuple)) else [generator] * n
+            return [int(torch.randint(0, 2**62, (1,), generator=g)) for g in gens]
+        if seed is None:
+            return torch.randint(0, 2**62, (n,)).tolist()
+        if isinstance(seed, int):
+            return [seed] * n
+        if len(seed) != n:
+            raise ValueError(f"got {len(seed)} seeds for {n} prompts")
+        return list(seed)
+
+    def sd_pipeline(self, scheduler: str = "pndm"):
+        """A diffusers `StableDiffusionPipeline` over this model's frozen SD parts."""
+        from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
+
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        config = self.noise_scheduler.config
+        sampler = (PNDMScheduler.from_config(config) if scheduler == "pndm"
+                   else DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"))
+        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.sd_text_encoder, tokenizer=self.sd_tokenizer,
+                                       unet=self.unet, scheduler=sampler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def generate(self, prompts: str | list[str], images: list | None = None, *, max_new_tokens: int = 256,
+                 do_sample: bool = True, temperature: float = 1.0, top_p: float = 0.9,
+                 repetition_penalty: float = 2.0, force_generation: bool = False, guidance_scale: float = 7.5,
+                 num_inference_steps: int = 50, scheduler: str = "pndm",
+                 seed: int | Sequence[int] | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None) -> list[GenerationOutput]:
+        """Answer each prompt with text and, when the LLM emits vokens, an image (REFERENCE §4).
+
+        `prompts` use `<ImageHere>` once per input image; `images[i]` lists prompt i's images
+        (PIL images, paths or tensors). All prompts run as one left-padded batch through
+        transformers' `generate` (KV cache; vokens forced after `[IMG0]` by a logits processor;
+        stop at `end_sym`), then SD runs once for every item that produced vokens, with
+        classifier-free guidance against the zero-feature condition when `guidance_scale > 1`.
+        Each item samples from its own seed (`seed`: one int for all items, or one per item), so
+        a batch gives the same results as its items generated one at a time.
+        """
+        from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        if isinstance(prompts, str):
+            prompts, images = [prompts], [images or []]
+        images = images if images is not None else [[] for _ in prompts]
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        tok, m = self.model.llama_tokenizer, self.model
+        seeds = self._item_generators(len(prompts), seed, generator)
+        embeds, mask = self._prompt_embeddings(prompts, images, max_new_tokens)
+
+        processors = LogitsProcessorList()
+        if do_sample:
+            if temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(temperature))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+            processors.append(SeededSampler([torch.Generator().manual_seed(s) for s in seeds]))
+        processors.append(VokenForcing(m.voken_ids, prompt_length=0, force_generation=force_generation))
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=repetition_penalty,
+                                  stop_strings=[self.cfg.end_sym], pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+        generated = m.llama_model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
+                                           logits_processor=processors, tokenizer=tok)
+        features, rows = self.generated_voken_features(embeds, mask, generated)
+        pictures: list = [None] * len(prompts)
+        if rows:
+            made = self.images_from_features(features, [seeds[r] for r in rows], guidance_scale,
+                                             num_inference_steps, scheduler)
+            for r, picture in zip(rows, made):
+                pictures[r] = picture
+        return [self._decode(ids, picture) for ids, picture in zip(generated.tolist(), pictures)]
+
+    def generated_voken_features(self, embeds: torch.Tensor, mask: torch.Tensor, generated: torch.Tensor
+                                 ) -> tuple[torch.Tensor, list[int]]:
+        """Voken features of the generated answers: one plain forward pass over prompt + answer
+        for the items with a complete voken group, read with the training code's
+        `voken_features` (first group of each item). Only last-layer states are kept."""
+        m = self.model
+        img0, img6 = m.voken_ids[0], m.voken_ids[VOKEN_COUNT - 2]
+        has = (generated == img0).any(dim=1)
+        first = (generated == img0).float().argmax(dim=1)
+        complete = has & (first + VOKEN_COUNT - 2 < generated.shape[1])
+        complete &= generated.gather(1, (first + VOKEN_COUNT - 2).clamp(max=generated.shape[1] - 1)
+                                     .unsqueeze(1)).squeeze(1) == img6
+        rows = complete.nonzero().flatten().tolist()
+        if not rows:
+            return torch.zeros(0, VOKEN_COUNT, m.llama_model.config.hidden_size), []
+        P = embeds.shape[1]
+        end = int(first[rows].max()) + VOKEN_COUNT - 1           # up to and including [IMG6]
+        ids = generated[rows, :end]
+        full = torch.cat([embeds[rows], m.embed_tokens(ids).to(embeds.dtype)], dim=1)
+        full_mask = torch.cat([mask[rows], torch.ones_like(ids)], dim=1)
+        hidden, _, _ = m.forward_llm(full, full_mask)
+        aligned = torch.cat([torch.full((len(rows), P), -1, device=ids.device, dtype=ids.dtype), ids], dim=1)
+        aligned[:, P:] = torch.where(torch.arange(ids.shape[1], device=ids.device) > first[rows].unsqueeze(1),
+                                     -1, ids)                    # keep only the first [IMG0] of each item
+        features, _ = m.voken_features(hidden, aligned)
+        return features, rows
+
+    def images_from_features(self, features: torch.Tensor, seeds: list[int], guidance_scale: float = 7.5,
+                             num_inference_steps: int = 50, scheduler: str = "pndm") -> list:
+        """Voken features (N, 8, H) -> N PIL images: `cond = mapper(fc(features))`, negative =
+        `mapper(fc(zeros))`, one SD pipeline call for all N."""
+        cond = self.map_vokens(features)
+        negative = None
+        if guidance_scale > 1:
+            negative = self.map_vokens(torch.zeros_like(features[:1])).expand_as(cond)
+        pipe = self.sd_pipeline(scheduler)
+        dtype = self.unet.dtype
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        result = pipe(prompt_embeds=cond.to(dtype), negative_prompt_embeds=None if negative is None else negative.to(dtype),
+                      guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, generator=generators,
+                      height=self.cfg.sd_image_size, width=self.cfg.sd_image_size, output_type="pil")
+        return result.images
+
+    @torch.no_grad()
+    def sd_baseline(self, captions: list[str], seeds: list[int], guidance_scale: float = 7.5,
+                    num_inference_steps: int = 50, scheduler: str = "pndm") -> list:
+        """Plain Stable Diffusion from the caption text (the release's CC3M "SD baseline")."""
+        pipe = self.sd_pipeline(scheduler)
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        return pipe(prompt=captions, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                    generator=generators, height=self.cfg.sd_image_size, width=self.cfg.sd_image_size).images
+
+    def _decode(self, ids: list[int], image) -> GenerationOutput:
+        tok = self.model.llama_tokenizer
+        if tok.eos_token_id in ids:
+            ids = ids[: ids.index(tok.eos_token_id)]
+        text = tok.decode(ids, skip_special_tokens=False)
+        clean = text
+        for token in VOKENS + [self.cfg.end_sym, IMAGE_PLACEHOLDER]:
+            clean = clean.replace(token, "")
+        return GenerationOutput(text=text, clean_text=" ".join(clean.split()), image=image, token_ids=ids)

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import yaml
 
-import configuration
-from configuration import ModelConfig, dump_config, load_config
+from configuration import dump_config, load_config
+from constants import weight_folder
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,24 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a Lightning checkpoint or a state dict, got {type(checkpoint)}")
     return checkpoint
+
+
+def resolve_weight(path: str | os.PathLike, flag: str) -> Path:
+    """A checkpoint path as the release took it: as given if it exists, else relative to
+    `WEIGHTFOLDER`. A missing file is an error naming the flag and both places looked at."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    in_folder = weight_folder() / given
+    if in_folder.is_file():
+        return in_folder
+    raise FileNotFoundError(f"{flag} {str(path)!r}: no such file (looked at {str(given)!r} and, under "
+                            f"WEIGHTFOLDER, {str(in_folder)!r})")
+
+
+def checkpoint_stage(path: str | os.PathLike) -> int:
+    """2 if the checkpoint holds LoRA weights (a stage-2 file), else 1."""
+    return 2 if any(".lora_" in key for key in read_checkpoint(path)) else 1
 
 
 def translate_llm_keys(state: dict[str, torch.Tensor], lora: bool) -> dict[str, torch.Tensor]:

@@ -1,0 +1,140 @@
+"""The release's demo: continue a two-image story with text and a generated picture.
+
+    python examples/playground.py                       # tiny preset (random weights), runs on a CPU
+    python examples/playground.py --model_config config/minigpt4.yaml \\
+        --stage1_weight stage1_cc3m.ckpt --test_weight stage2_vist.ckpt
+
+Feeds the two story images in `examples/` with the VIST system prompt and a two-caption story
+prompt, draws `--num_samples` answers (one batch, one seed per sample), saves each as a figure
+titled with the generated text, and writes an HTML page with all of them. Prints what it wrote.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from constants import IMAGE_SLOT  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent
+DEFAULT_IMAGES = [EXAMPLES / "story_1.jpg", EXAMPLES / "story_2.jpg"]
+DEFAULT_CAPTIONS = ["We went to the beach on a sunny day and set up a red umbrella by the sea.",
+                    "In the evening the sky turned orange and we built a sandcastle."]
+
+
+def story_prompt(captions: list[str]) -> str:
+    """The VIST-format prompt: system prompt, the story so far (each caption followed by its
+    image), then the request for the next scene (REFERENCE §5, multimodal task)."""
+    from conversation import VIST_SYSTEM_PROMPT
+
+    context = IMAGE_SLOT.join(captions) + IMAGE_SLOT + "\n"
+    return VIST_SYSTEM_PROMPT + f"###Human:{context} Tell me the next scene with image. ###Assistant:"
+
+
+def save_figure(path: Path, inputs: list, picture, text: str) -> None:
+    """Input images and the generated picture side by side, titled with the generated text."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(inputs) + [picture]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.6))
+    for ax, image, label in zip(axes, panels, [f"input {i + 1}" for i in range(len(inputs))] + ["generated"]):
+        ax.axis("off")
+        ax.set_xlabel(label)
+        if image is not None:
+            ax.imshow(image)
+        else:
+            ax.text(0.5, 0.5, "(no image)", ha="center", va="center")
+    printable = "".join(c if c.isprintable() and ord(c) < 0x2E80 else "?" for c in text)  # font has no CJK/control
+    fig.suptitle("\n".join(textwrap.wrap(printable or "(empty answer)", 90)[:4]), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_config", default=None,
+                        help="model YAML (default: the tiny preset, built under weights/tiny on first use)")
+    parser.add_argument("--stage1_weight", default=None, help="stage-1 checkpoint (relative to WEIGHTFOLDER ok)")
+    parser.add_argument("--test_weight", default=None, help="checkpoint loaded on top (e.g. stage2_vist.ckpt)")
+    parser.add_argument("--prompt", default=None, help=f"full prompt; one {IMAGE_SLOT} per --images entry")
+    parser.add_argument("--images", nargs="*", default=None, help="input images (default: the two story images)")
+    parser.add_argument("--out", default="outputs/playground", help="folder for the figures and the HTML page")
+    parser.add_argument("--num_samples", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=42, help="sample i uses seed + i")
+    parser.add_argument("--html", default="playground.html", help="HTML file name inside --out ('' to skip)")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--scheduler", choices=["pndm", "dpm++"], default="pndm")
+    parser.add_argument("--force_generation", action=argparse.BooleanOptionalAction, default=None,
+                        help="make [IMG0] win until it appears (default: on for the tiny preset, whose random "
+                             "weights rarely emit vokens by themselves; off otherwise)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    """Run the demo; returns the paths written."""
+    args = parse_args(argv)
+    images = [Path(p) for p in (args.images if args.images is not None else DEFAULT_IMAGES)]
+    for path in images:                          # fail before loading any model
+        if not path.is_file():
+            sys.exit(f"error: --images: {str(path)!r} does not exist")
+    prompt = args.prompt if args.prompt is not None else story_prompt(DEFAULT_CAPTIONS[: len(images)])
+    if prompt.count("<ImageHere>") != len(images):
+        sys.exit(f"error: --prompt has {prompt.count('<ImageHere>')} <ImageHere> placeholder(s) but "
+                 f"{len(images)} image(s) were given with --images")
+    if args.num_samples < 1:
+        sys.exit("error: --num_samples must be at least 1")
+
+    from PIL import Image
+
+    from conversation import Conversation, VIST_SYSTEM_PROMPT
+    from model import MiniGPT5_Model
+
+    try:
+        model = MiniGPT5_Model.from_weights(args.model_config, args.stage1_weight, args.test_weight)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    inputs = []
+    for path in images:
+        try:
+            with Image.open(path) as f:
+                inputs.append(f.convert("RGB"))
+        except OSError as e:
+            sys.exit(f"error: --images: {str(path)!r} is not a readable image ({e})")
+
+    n = args.num_samples
+    outputs = model.generate([prompt] * n, [inputs] * n, seed=[args.seed + i for i in range(n)],
+                             max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale,
+                             num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
+                             force_generation=args.force_generation if args.force_generation is not None
+                             else args.model_config is None)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    page = Conversation(system=VIST_SYSTEM_PROMPT if args.prompt is None else "")
+    page.add("Human", prompt.removeprefix(VIST_SYSTEM_PROMPT), inputs)
+    for i, out in enumerate(outputs):
+        figure = out_dir / f"sample_{i}.png"
+        save_figure(figure, inputs, out.image, out.text)
+        written.append(figure)
+        page.add("Assistant", f"[sample {i}, seed {args.seed + i}] {out.clean_text}",
+                 [out.image] if out.image is not None else [])
+        print(f"sample {i}: {'image + ' if out.image is not None else ''}text: {out.text!r}")
+    if args.html:
+        html_path = out_dir / args.html
+        page.to_html(html_path, title="MiniGPT-5 playground")
+        written.append(html_path)
+    print(f"wrote {len(outputs)} figures to {out_dir}/sample_*.png" + (f" and {written[-1]}" if args.html else ""))
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Voken-aware generation on the tiny preset: forcing, features, CFG, batching, stopping, bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LogitsProcessorList
+
+from conversation import Conversation
+from minigpt4 import VokenForcing
+from model import MiniGPT5_Model
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"num_inference_steps": 3, "max_new_tokens": 24}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config):
+    torch.manual_seed(0)
+    return MiniGPT5_Model(tiny_config, stage=2).eval()
+
+
+@pytest.fixture(scope="module")
+def picture():
+    image = Image.new("RGB", (48, 40), (30, 120, 200))
+    image.paste((250, 250, 0), (10, 10, 30, 30))
+    return image
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_voken_forcing_processor_completes_the_group():
+    forcing = VokenForcing(voken_ids=list(range(100, 108)), prompt_length=0)
+    ids = torch.tensor([[5, 6, 100], [5, 103, 104], [5, 6, 7], [100, 101, 107]])
+    scores = forcing(ids, torch.zeros(4, 120))
+    assert scores[0].argmax() == 101 and torch.isinf(scores[0]).sum() == 119
+    assert scores[1].argmax() == 105
+    assert not torch.isinf(scores[2]).any() and not torch.isinf(scores[3]).any()  # free after [IMG7]
+    forced = VokenForcing(voken_ids=list(range(100, 108)), prompt_length=0, force_generation=True)
+    scores = forced(ids, torch.zeros(4, 120))
+    assert scores[2].argmax() == 100                        # no [IMG0] yet: forced
+    assert not torch.isinf(scores[3]).any()                 # [IMG0] already seen: free
+
+
+def test_after_img0_come_img1_to_img7(model):
+    out = model.generate("###Human: draw something ###Assistant:", force_generation=True, seed=1, **FAST)[0]
+    vokens = model.model.voken_ids
+    ids = out.token_ids
+    start = ids.index(vokens[0])
+    assert ids[start: start + 8] == vokens
+    assert out.text.startswith("[IMG0][IMG1][IMG2][IMG3][IMG4][IMG5][IMG6][IMG7]")
+    assert "[IMG" not in out.clean_text and out.image is not None
+
+
+def test_voken_features_equal_a_plain_forward_pass(model, monkeypatch, picture):
+    """The features given to the mapper are the last-layer states (transformers' own
+    `hidden_states[-1]` of a plain forward) at [IMG0]-1 .. [IMG6]."""
+    captured = {}
+    original = model.map_vokens
+
+    def spy(features):
+        captured.setdefault("features", features.detach().clone())
+        return original(features)
+
+    monkeypatch.setattr(model, "map_vokens", spy)
+    prompt = "###Human: <Img><ImageHere></Img> what next? ###Assistant:"
+    out = model.generate(prompt, [picture], force_generation=True, seed=2, **FAST)[0]
+
+    m = model.model
+    embeds, mask = model._prompt_embeddings([prompt], [[picture]], FAST["max_new_tokens"])
+    ids = torch.tensor([out.token_ids])
+    full = torch.cat([embeds, m.embed_tokens(ids)], dim=1)
+    with torch.no_grad():
+        states = m.llama_model(inputs_embeds=full, output_hidden_states=True).hidden_states[-1]
+    img0 = embeds.shape[1] + out.token_ids.index(m.voken_ids[0])
+    torch.testing.assert_close(captured["features"][0], states[0, img0 - 1: img0 + 7], atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_one_equals_no_cfg(model, monkeypatch):
+    captured = {}
+    original = model.map_vokens
+    monkeypatch.setattr(model, "map_vokens",
+                        lambda f: captured.setdefault("features", f.detach().clone()) is not None and original(f))
+    out = model.generate("a picture ###Assistant:", force_generation=True, seed=4, guidance_scale=1.0, **FAST)[0]
+    pipe = model.sd_pipeline()
+    with torch.no_grad():
+        cond = original(captured["features"])
+        plain = pipe(prompt_embeds=cond, guidance_scale=1.0, num_inference_steps=FAST["num_inference_steps"],
+                     generator=[torch.Generator().manual_seed(4)], height=32, width=32).images[0]
+    assert np.array_equal(_pixels(out.image), _pixels(plain))
+    guided = model.generate("a picture ###Assistant:", force_generation=True, seed=4, guidance_scale=7.5, **FAST)[0]
+    assert guided.text == out.text
+    assert not np.array_equal(_pixels(guided.image), _pixels(out.image))
+
+
+def test_force_generation_gives_an_image_and_dpm_scheduler_works(model):
+    out = model.generate("hello ###Assistant:", force_generation=True, seed=0, scheduler="dpm++", **FAST)[0]
+    assert out.image is not None and out.image.size == (32, 32)
+    with pytest.raises(ValueError, match="scheduler"):
+        model.generate("hello", scheduler="ddim", **FAST)
+
+
+def test_batch_equals_single_calls(model, picture):
+    other = picture.transpose(Image.FLIP_LEFT_RIGHT)
+    prompts = ["###Human: tell me a story ###Assistant:",
+               "###Human: <Img><ImageHere></Img> what is this? ###Assistant:",
+               "###Human: <Img><ImageHere></Img> and <Img><ImageHere></Img> next scene ###Assistant:"]
+    images = [[], [picture], [picture, other]]
+    seeds = [11, 12, 13]
+    kwargs = dict(force_generation=True, **FAST)
+    batch = model.generate(prompts, images, seed=seeds, **kwargs)
+    for prompt, item_images, seed, got in zip(prompts, images, seeds, batch):
+        single = model.generate(prompt, item_images, seed=seed, **kwargs)[0]
+        assert got.token_ids == single.token_ids
+        assert got.text == single.text
+        assert np.abs(_pixels(got.image) - _pixels(single.image)).max() <= 1   # same up to float rounding
+
+
+def test_items_without_vokens_get_no_image(model):
+    outs = model.generate(["one ###Assistant:", "two ###Assistant:"], seed=[0, 1], **FAST)
+    for out in outs:
+        has_vokens = model.model.voken_ids[0] in out.token_ids
+        assert (out.image is not None) == has_vokens
+
+
+def test_stops_at_the_end_symbol(model, monkeypatch):
+    """Force the LLM to write "ok ### more": generation must end right after "###"."""
+    tok = model.model.llama_tokenizer
+    script = tok.encode("ok ### more words here", add_special_tokens=False)
+    llm = model.model.llama_model
+    original = llm.generate
+
+    def scripted(*args, **kwargs):
+        def force(input_ids, scores):
+            step = input_ids.shape[1]
+            out = torch.full_like(scores, float("-inf"))
+            out[:, script[min(step, len(script) - 1)]] = 0
+            return out
+        kwargs["logits_processor"] = LogitsProcessorList([force])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "generate", scripted)
+    out = model.generate("say ok ###Assistant:", seed=0, max_new_tokens=20, num_inference_steps=2)[0]
+    assert out.text.endswith("###") and "more" not in out.text
+    assert out.clean_text == "ok" and out.image is None
+
+
+def test_max_new_tokens_is_respected(model):
+    for n in (1, 5):
+        out = model.generate("go on ###Assistant:", seed=3, max_new_tokens=n, repetition_penalty=1.0,
+                             num_inference_steps=2)[0]
+        assert 1 <= len(out.token_ids) <= n
+
+
+def test_bad_input_gives_clear_errors(model, tmp_path, picture):
+    with pytest.raises(FileNotFoundError, match="nowhere.png"):
+        model.generate("<Img><ImageHere></Img> hi", [str(tmp_path / "nowhere.png")], **FAST)
+    text_file = tmp_path / "notes.jpg"
+    text_file.write_text("not an image")
+    with pytest.raises(ValueError, match="notes.jpg.*not a readable image"):
+        model.generate("<Img><ImageHere></Img> hi", [str(text_file)], **FAST)
+    with pytest.raises(ValueError, match=r"2 <ImageHere> placeholder\(s\) but 1 image"):
+        model.generate("<Img><ImageHere></Img> and <Img><ImageHere></Img>", [picture], **FAST)
+
+
+def test_long_prompt_is_cut_from_the_left_with_a_warning(model):
+    context = model.model.llama_model.config.max_position_embeddings
+    prompt = "the scene description " * context + "###Assistant:"
+    with pytest.warns(UserWarning, match="cut from the left"):
+        embeds, mask = model._prompt_embeddings([prompt, "short"], [[], []], max_new_tokens=8)
+    assert embeds.shape[1] == context - 8
+    # BOS is kept first; the end of the prompt survives.
+    bos = model.model.embed_tokens(torch.tensor([model.model.llama_tokenizer.bos_token_id]))
+    torch.testing.assert_close(embeds[0, 0], bos[0])
+    end = model.model.embed_tokens(torch.tensor(model.model.llama_tokenizer.encode(
+        "###Assistant:", add_special_tokens=False)))
+    torch.testing.assert_close(embeds[0, -end.shape[0]:], end)
+    with pytest.warns(UserWarning, match="cut from the left"):
+        out = model.generate(prompt, seed=0, max_new_tokens=4, num_inference_steps=2)[0]
+    assert len(out.token_ids) <= 4
+
+
+def test_multi_turn_conversation_feeds_generated_images_back(model, picture, tmp_path):
+    chat = Conversation()
+    chat.add("Human", "look at this", [picture])
+    first = chat.respond(model, seed=5, force_generation=True, **FAST)
+    assert first.image is not None and chat.turns[-1].images == [first.image]
+    chat.add("Human", "and now?")
+    prompt, images = chat.prompt()
+    assert prompt.count("<ImageHere>") == 2 and images == [picture, first.image]
+    assert prompt.endswith("###Human: and now? ###Assistant:")
+    chat.respond(model, seed=6, **FAST)
+    page = chat.to_html(tmp_path / "chat.html")
+    assert (tmp_path / "chat.html").read_text() == page
+    assert page.count("<img ") == 2 and page.index("look at this") < page.index("and now?")
+    assert page.count('class="turn ') == 4
+
+
+def test_playground_runs_with_no_arguments(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "playground.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "outputs" / "playground"
+    assert sorted(p.name for p in out.glob("sample_*.png")) == [f"sample_{i}.png" for i in range(5)]
+    page = (out / "playground.html").read_text()
+    assert page.count("<img ") == 2 + 5          # two inputs, five forced images
+    assert "wrote 5 figures" in result.stdout
+
+
+def test_playground_rejects_bad_images(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "playground.py"), "--images",
+                             str(tmp_path / "missing.jpg")], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0 and "missing.jpg" in result.stderr and "Traceback" not in result.stderr
