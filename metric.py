@@ -378,6 +378,36 @@ def load_sbert(name_or_path: str | None = None, device: str = "cpu") -> Any:
                                  f"{_first_line(exc)}. To fix: {where}.") from None
 
 
+TINY_CLIP_CONFIG = Path(__file__).resolve().parent / "config" / "tiny_clip.json"
+
+
+class TinyInception(torch.nn.Module):
+    """A tiny random stand-in for the FID Inception (uint8 images of any size -> 16 features and
+    10 logits), for `--tiny_extractors`: it exercises every metric's plumbing on a CPU, offline."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.features = torch.nn.Parameter(torch.randn(48, 16, generator=generator))
+        self.classes = torch.nn.Parameter(torch.randn(16, 10, generator=generator))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = F.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)
+        features = torch.tanh((x - 0.5) @ self.features)
+        return features, features @ self.classes
+
+
+def tiny_models(seed: int = 0) -> Models:
+    """Random tiny CLIP (`config/tiny_clip.json`) and Inception stand-ins; Sentence-BERT stays the
+    packaged real one. For the tiny pipeline: the numbers mean nothing, the code path is real."""
+    open_clip.add_model_config(TINY_CLIP_CONFIG)
+    name = TINY_CLIP_CONFIG.stem
+    torch.manual_seed(seed)
+    clip, _, preprocess = open_clip.create_model_and_transforms(name)
+    return Models(clip=clip, clip_preprocess=preprocess, clip_tokenizer=open_clip.get_tokenizer(name),
+                  inception=TinyInception(seed))
+
+
 def load_models(args: argparse.Namespace, dataset: str, given: Models | None = None) -> Models:
     """Fill the extractors `given` leaves out from the flags, and move all to `args.device`."""
     models = dataclasses.replace(given) if given is not None else Models()
@@ -769,6 +799,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bleu_unit", choices=("word", "char"), default="word",
                         help="BLEU over words, or over characters as the release did")
     parser.add_argument("--seed", type=int, default=42, help="seed of the Inception Score splits")
+    parser.add_argument("--tiny_extractors", action="store_true",
+                        help="use tiny random CLIP / Inception stand-ins (tiny preset: tests the plumbing only)")
     args = parser.parse_args(argv)
     if not args.test_weight and not args.pred_folder:
         parser.error("give --test_weight or --pred_folder")
@@ -787,6 +819,8 @@ def main(argv: Sequence[str] | None = None, models: Models | None = None) -> dic
     dataset = args.dataset or dataset_type(data_folder())
     args.fid_cache_dir = args.fid_cache_dir or str(folder.parent / "fid_cache")
     print(f"dataset {dataset}, predictions in {folder}, device {args.device}")
+    if args.tiny_extractors and models is None:
+        models = tiny_models(args.seed)
     try:
         samples = load_predictions(folder)
         models = load_models(args, dataset, models)

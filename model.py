@@ -14,8 +14,10 @@ Checkpoints hold only the trainable tensors, under the release's key names.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +80,13 @@ def load_sd_parts(cfg: ModelConfig, device: str | torch.device | None = None):
     return vae, unet, text_encoder, tokenizer, scheduler
 
 
+def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like `like`, drawn from `generator` (on its device)."""
+    if generator is None:
+        return torch.randn_like(like)
+    return torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+
+
 class MiniGPT5_Model(pl.LightningModule):
     """MiniGPT-5 for training (stage 1 or 2), prediction and checkpoint I/O.
 
@@ -133,6 +142,10 @@ class MiniGPT5_Model(pl.LightningModule):
             self.load_checkpoint_file(stage1_weight)
         # Lightning restores our partial checkpoints into the full model.
         self.strict_loading = False
+        self.planned_total_steps: int | None = None
+        # Settings of `predict_step` (train_eval.py sets them from its flags).
+        self.predict_options = {"seed": 42, "max_new_tokens": 256, "guidance_scale": 7.5, "num_inference_steps": 50,
+                                "scheduler": "pndm", "sd_baseline": False}
         log.info("MiniGPT5_Model stage %d: %s trainable parameters", stage, f"{self.num_trainable_parameters():,}")
 
     @classmethod
@@ -244,7 +257,8 @@ class MiniGPT5_Model(pl.LightningModule):
             return None
         return self.model.encode_img(images)[0]
 
-    def target_latents(self, batch: dict, index: torch.Tensor, latent_noise: torch.Tensor | None) -> torch.Tensor:
+    def target_latents(self, batch: dict, index: torch.Tensor, latent_noise: torch.Tensor | None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled VAE latents of the target images of samples `index` (from cached moments or
         by encoding the images); the latent is sampled from the VAE's diagonal Gaussian."""
         if batch.get("output_image_features") is not None:
@@ -255,17 +269,18 @@ class MiniGPT5_Model(pl.LightningModule):
                 moments = self.vae.encode(images).latent_dist.parameters.float()
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        eps = torch.randn_like(mean) if latent_noise is None else latent_noise.to(mean)
+        eps = _randn(mean, generator) if latent_noise is None else latent_noise.to(mean)
         return (mean + std * eps) * self.vae.config.scaling_factor
 
     def diffusion_loss(self, latents: torch.Tensor, condition: torch.Tensor, noise: torch.Tensor | None,
-                       timesteps: torch.Tensor | None) -> torch.Tensor:
+                       timesteps: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Epsilon-prediction MSE of the frozen UNet given the mapped condition, min-SNR weighted."""
         scheduler = self.noise_scheduler
         n = latents.shape[0]
-        noise = torch.randn_like(latents) if noise is None else noise.to(latents)
+        noise = _randn(latents, generator) if noise is None else noise.to(latents)
         if timesteps is None:
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), device=latents.device)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator,
+                                      device=generator.device if generator is not None else latents.device)
         timesteps = timesteps.long().to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         pred = self.unet(noisy.to(self.unet.dtype), timesteps,
@@ -277,10 +292,12 @@ class MiniGPT5_Model(pl.LightningModule):
             mse = mse * torch.clamp(snr, max=SNR_GAMMA) / snr
         return mse.mean()
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """All losses of one batch (see the module docstring). The batch is the collator's dict;
-        optional per-sample keys `noise`, `latent_noise`, `timesteps`, `cfg_drop` pin the random
-        draws (used by tests comparing runs)."""
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """All losses of one batch (see the module docstring). The batch is the collator's dict.
+
+        Random draws (CFG dropout, latent sampling, noise, timesteps) come from `generator` (torch's
+        global RNG when None); optional per-sample batch keys `noise`, `latent_noise`, `timesteps`,
+        `cfg_drop` pin them instead (used by tests comparing runs)."""
         m = self.model
         embeds, mask, labels = m.wrap_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                              self.image_embeddings(batch))
@@ -298,13 +315,15 @@ class MiniGPT5_Model(pl.LightningModule):
         if batch.get("cfg_drop") is not None:
             drop = batch["cfg_drop"].to(sample.device)[sample].bool()
         else:
-            drop = torch.rand(sample.shape[0], device=sample.device) < self.cfg_dropout_prob
+            drop = torch.rand(sample.shape[0], generator=generator,
+                              device=generator.device if generator is not None else sample.device)
+            drop = drop.to(sample.device) < self.cfg_dropout_prob
         features = features * (~drop).to(features.dtype)[:, None, None]
         condition = self.map_vokens(features)
 
         pick = (lambda key: None if batch.get(key) is None else batch[key][sample])
-        latents = self.target_latents(batch, sample, pick("latent_noise"))
-        losses["image_loss"] = self.diffusion_loss(latents, condition, pick("noise"), pick("timesteps"))
+        latents = self.target_latents(batch, sample, pick("latent_noise"), generator)
+        losses["image_loss"] = self.diffusion_loss(latents, condition, pick("noise"), pick("timesteps"), generator)
         total = TEXT_LOSS_WEIGHT * text_loss + IMAGE_LOSS_WEIGHT * losses["image_loss"]
 
         captions = batch.get("captions")
@@ -317,9 +336,21 @@ class MiniGPT5_Model(pl.LightningModule):
 
     # ---- Lightning hooks ---------------------------------------------------------------------
 
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """The random stream of one training micro-batch, a function of (seed, optimiser step,
+        micro-batch within the step, rank) only, so that a resumed run draws exactly what an
+        uninterrupted one would."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
+        micro = batch_idx % max(1, self.trainer.accumulate_grad_batches) if self._trainer is not None else 0
+        key = ((seed * 1_000_003 + self.global_step) * 1_009 + micro) * 1_009 + self.global_rank
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        return torch.Generator(device=device).manual_seed(key % (2**63 - 1))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One step: log every loss term, return the total."""
-        losses = self(batch)
+        if batch is None:                       # every sample of this batch was unreadable (logged)
+            return None
+        losses = self(batch, generator=self.step_generator(batch_idx))
         batch_size = batch["input_ids"].shape[0]
         for name, value in losses.items():
             self.log(f"train_{name}" if name == "loss" else name, value, prog_bar=name == "loss",
@@ -327,10 +358,50 @@ class MiniGPT5_Model(pl.LightningModule):
         return losses["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """Validation loss (`val_loss`, the checkpoint monitor)."""
-        losses = self(batch)
+        """Validation loss (`val_loss`, the checkpoint monitor), with fixed random draws per batch."""
+        if batch is None:
+            return None
+        generator = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu").manual_seed(batch_idx)
+        losses = self(batch, generator=generator)
         self.log("val_loss", losses["loss"], prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return losses["loss"]
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """Generate for every prompt of a collated test batch (REFERENCE §6): one dict per item with
+        source, generated text and image, expected text and image, the SD baseline (CC3M) and the
+        input images. Each item's seed comes from its task name, so results do not depend on the
+        batch size or the process that ran it."""
+        if batch is None:
+            return []
+        opts = self.predict_options
+        sources = batch["sources"]
+        counts = [s.count(IMAGE_PLACEHOLDER) for s in sources]
+        images = [list(x) for x in torch.split(batch["input_images"], counts)]
+        seeds = [zlib.crc32(f"{opts['seed']}:{task}".encode()) for task in batch["task_names"]]
+        outs = self.generate(sources, images, seed=seeds, max_new_tokens=opts["max_new_tokens"],
+                             guidance_scale=opts["guidance_scale"], num_inference_steps=opts["num_inference_steps"],
+                             scheduler=opts["scheduler"])
+        baselines = [None] * len(sources)
+        captions = batch.get("captions")
+        if opts["sd_baseline"] and captions is not None and all(c is not None for c in captions):
+            baselines = self.sd_baseline(list(captions), seeds, opts["guidance_scale"], opts["num_inference_steps"],
+                                         opts["scheduler"])
+        items = []
+        for i, out in enumerate(outs):
+            has_target = bool(batch["has_output_image"][i])
+            items.append({"source": sources[i], "text": out.text, "target": batch["targets"][i], "image": out.image,
+                          "baseline": baselines[i], "task_name": batch["task_names"][i],
+                          "expected_image": batch["output_images"][i].cpu() if has_target else None,
+                          "input_images": images[i]})
+        return items
+
+    def planned_steps(self) -> int:
+        """Length of the learning-rate schedule in optimiser steps: `planned_total_steps` when the
+        driver set it (train_eval.py: planned epochs x steps per epoch, so that `--max_steps` only
+        stops early and a resumed run follows the same schedule), else Lightning's estimate."""
+        if self.planned_total_steps:
+            return self.planned_total_steps
+        return max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
 
     def configure_optimizers(self):
         """AdamW; stage 1 gives `fc`, the mapper and the prompt 10x the learning rate; linear warm-up
@@ -345,8 +416,7 @@ class MiniGPT5_Model(pl.LightningModule):
         slow = [p for p in trainable if id(p) not in fast_ids]
         groups = [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * 10 if self.stage == 1 else lr}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=self.hparams.adam_epsilon)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        scheduler = get_linear_schedule_with_warmup(optimizer, self.hparams.warmup_steps, total)
+        scheduler = get_linear_schedule_with_warmup(optimizer, self.hparams.warmup_steps, self.planned_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- generation (REFERENCE §4) -----------------------------------------------------------

@@ -1,0 +1,513 @@
+"""Train MiniGPT-5 (stage 1 or 2) or predict with it, through a Lightning `Trainer`.
+
+The release's command lines work as written (REFERENCE §6), e.g.
+
+    # stage 1 on CC3M
+    WEIGHTFOLDER=weights DATAFOLDER=datasets/CC3M python train_eval.py --is_training True \\
+        --train_data_path cc3m_train.tsv --val_data_path cc3m_val.tsv \\
+        --model_save_name stage1_cc3m_{epoch}-{step} --gpus 0,1,2,3
+    # stage 2 on VIST, from the stage-1 checkpoint
+    IS_STAGE2=True WEIGHTFOLDER=weights DATAFOLDER=datasets/VIST python train_eval.py --is_training True \\
+        --train_data_path train_cleaned.json --val_data_path val_cleaned.json \\
+        --stage1_weight stage1_cc3m.ckpt --model_save_name stage2_vist_{epoch}-{step}
+    # prediction
+    IS_STAGE2=True WEIGHTFOLDER=weights DATAFOLDER=datasets/VIST python train_eval.py --is_training False \\
+        --test_data_path val_cleaned.json --test_weight stage2_vist.ckpt
+
+plus `--model_config` (default config/minigpt4.yaml; config/tiny.yaml for the tiny preset),
+`--accelerator`, `--strategy`, `--precision`, `--max_steps`, `--logger` and a few more (`--help`).
+Every path given by a flag or an environment variable is checked before any model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+import constants
+from constants import IMAGE_PLACEHOLDER, dataset_type
+
+log = logging.getLogger("train_eval")
+REPO = Path(__file__).resolve().parent
+
+
+def str2bool(value: str | bool) -> bool:
+    """The release's boolean flags: True/true/1/yes or False/false/0/no."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes", "y"):
+        return True
+    if value.lower() in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The release's flags (same names and defaults) and ours."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    # --- the release's flags -----------------------------------------------------------------
+    p.add_argument("--is_training", type=str2bool, default=True)
+    p.add_argument("--train_data_path", default=None, help="relative to DATAFOLDER")
+    p.add_argument("--val_data_path", default=None, help="relative to DATAFOLDER")
+    p.add_argument("--test_data_path", default=None, help="relative to DATAFOLDER")
+    p.add_argument("--test_weight", default=None, help="checkpoint to predict with (relative to WEIGHTFOLDER ok)")
+    p.add_argument("--stage1_weight", default=None, help="stage-1 checkpoint (stage 2 starts from it)")
+    p.add_argument("--model_save_name", default="stage1_cc3m_{epoch}-{step}")
+    p.add_argument("--gpus", default="0", help="devices, e.g. 0 or 0,1,2,3 (on CPU: that many processes)")
+    p.add_argument("--num_train_epochs", type=int, default=2)
+    p.add_argument("--per_device_train_batch_size", type=int, default=2)
+    p.add_argument("--per_device_eval_batch_size", type=int, default=2)
+    p.add_argument("--real_batch_size", type=int, default=48, help="global batch (gradient accumulation)")
+    p.add_argument("--learning_rate", type=float, default=2e-5)
+    p.add_argument("--warmup_steps", type=int, default=1000)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--resume", default=None, help="checkpoint to resume training from ('last': WEIGHTFOLDER/last.ckpt)")
+    p.add_argument("--snr_loss", type=str2bool, default=True)
+    # --- ours --------------------------------------------------------------------------------
+    p.add_argument("--model_config", default=str(REPO / "config" / "minigpt4.yaml"))
+    p.add_argument("--accelerator", default="auto", choices=["auto", "gpu", "cpu"])
+    p.add_argument("--strategy", default="auto", help="auto (ddp for several devices), ddp, fsdp, deepspeed_stage_2")
+    p.add_argument("--precision", default=None, help="default bf16-mixed on GPU, 32-true on CPU")
+    p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimiser steps")
+    p.add_argument("--logger", default="csv", choices=["csv", "tensorboard", "wandb"])
+    p.add_argument("--val_check_interval", type=float, default=None,
+                   help="fraction of an epoch between validations (default 0.25 for CC3M, else 0.5)")
+    p.add_argument("--save_every_n_steps", type=int, default=0,
+                   help="also keep a checkpoint every N optimiser steps (the latest one), for resuming")
+    p.add_argument("--sample_every_n_steps", type=int, default=0,
+                   help="save a sample generation (image + text) every N optimiser steps (0: never)")
+    p.add_argument("--seed", type=int, default=constants.SEED)
+    p.add_argument("--strict", action="store_true", help="stop at the first bad data row instead of skipping it")
+    # prediction
+    p.add_argument("--predict_batch_size", type=int, default=1, help="prompts per generate call (release: 1)")
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--scheduler", default="pndm", choices=["pndm", "dpm++"])
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths: everything is checked before a model is built
+# ----------------------------------------------------------------------------------------------
+
+def data_path(flag: str, value: str | None, required: bool) -> Path | None:
+    """A dataset file under DATAFOLDER (an absolute path is taken as is)."""
+    if value is None:
+        if required:
+            raise SystemExit(f"error: {flag} is required for this run")
+        return None
+    path = Path(value) if Path(value).is_absolute() else constants.data_folder() / value
+    if not path.exists():
+        raise SystemExit(f"error: {flag} {value!r}: {str(path)!r} does not exist "
+                         f"(DATAFOLDER={str(constants.data_folder())!r})")
+    return path
+
+
+def weight_path(flag: str, value: str | None) -> Path | None:
+    """A checkpoint given as is or relative to WEIGHTFOLDER."""
+    import weights
+
+    if value is None:
+        return None
+    try:
+        return weights.resolve_weight(value, flag)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def check_inputs(args: argparse.Namespace) -> dict:
+    """Resolve and check every path of this run; exit with a message naming the flag or variable."""
+    from configuration import ConfigError, load_config
+
+    stage = 2 if constants.is_stage2() else 1
+    try:
+        cfg = load_config(args.model_config)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    features = constants.preprocess_feature_folder()
+    if features is not None and not features.is_dir():
+        raise SystemExit(f"error: PREPROCESS_FEATURE_FOLDER={str(features)!r} is not a folder")
+    paths = {"cfg": cfg, "stage": stage}
+    if args.is_training:
+        paths["train"] = data_path("--train_data_path", args.train_data_path, required=True)
+        paths["val"] = data_path("--val_data_path", args.val_data_path, required=False)
+        paths["stage1"] = weight_path("--stage1_weight", args.stage1_weight)
+        if stage == 2 and paths["stage1"] is None:
+            log.warning("stage 2 without --stage1_weight: the mapper and voken rows start untrained")
+        if args.resume == "last":
+            args.resume = latest_checkpoint(args.model_save_name)
+        paths["resume"] = weight_path("--resume", args.resume)
+    else:
+        paths["test"] = data_path("--test_data_path", args.test_data_path, required=True)
+        paths["stage1"] = weight_path("--stage1_weight", args.stage1_weight)
+        paths["test_weight"] = weight_path("--test_weight", args.test_weight)
+        if paths["test_weight"] is None and paths["stage1"] is None:
+            raise SystemExit("error: prediction needs --test_weight (or --stage1_weight)")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer pieces
+# ----------------------------------------------------------------------------------------------
+
+def devices_of(args: argparse.Namespace) -> tuple[str, list[int] | int]:
+    accelerator = args.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    ids = [int(x) for x in str(args.gpus).split(",") if x.strip() != ""]
+    return accelerator, (ids if accelerator == "gpu" else max(1, len(ids)))
+
+
+def last_name(model_save_name: str) -> str:
+    """Name of the rolling "last" checkpoint of a run: `stage1_cc3m_{epoch}-{step}` -> `stage1_cc3m-last`
+    (one per run name, so stage 1 and stage 2 in one WEIGHTFOLDER do not overwrite each other)."""
+    return re.sub(r"[_-]?\{[^}]*\}", "", model_save_name) + "-last"
+
+
+def latest_checkpoint(model_save_name: str) -> str:
+    """The newest checkpoint of this run name in WEIGHTFOLDER (`--resume last`)."""
+    base = last_name(model_save_name)[: -len("-last")]
+    found = sorted(constants.weight_folder().glob(f"{base}*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"error: --resume last: no {base}*.ckpt in WEIGHTFOLDER={str(constants.weight_folder())!r}")
+    return str(found[-1])
+
+
+def final_checkpoint(checkpoint):
+    """A callback: when a run ends before any checkpoint was kept (e.g. `--max_steps` stops it
+    before the first validation), save one under `--model_save_name` anyway."""
+    from pytorch_lightning import Callback
+
+    class _Final(Callback):
+        def on_train_end(self, trainer, pl_module):
+            if checkpoint.best_model_path:
+                return
+            metrics = {"epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(trainer.global_step)}
+            path = checkpoint.format_checkpoint_name(metrics)
+            trainer.save_checkpoint(path)
+            checkpoint.best_model_path = path
+
+    return _Final()
+
+
+def make_logger(args: argparse.Namespace, save_dir: Path):
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    if args.logger == "csv":
+        return CSVLogger(save_dir=str(save_dir), name="logs")
+    if args.logger == "tensorboard":
+        try:
+            return TensorBoardLogger(save_dir=str(save_dir), name="tb")
+        except ModuleNotFoundError as e:
+            raise SystemExit(f"error: --logger tensorboard needs `pip install tensorboard` ({e})") from None
+    try:
+        import wandb  # noqa: F401
+    except ModuleNotFoundError:
+        raise SystemExit("error: --logger wandb needs `pip install wandb`") from None
+    # Never ask for a login: offline unless the user chose otherwise with WANDB_MODE.
+    return WandbLogger(save_dir=str(save_dir), project="minigpt5", offline=os.environ.get("WANDB_MODE") != "online")
+
+
+def make_strategy(name: str, n_devices: int, stage: int):
+    from pytorch_lightning.strategies import DDPStrategy
+
+    if name in ("auto", "ddp") and n_devices > 1:
+        # Stage 2 batches without vokens leave the mapper unused (the release's setting).
+        return DDPStrategy(find_unused_parameters=stage == 2)
+    return name
+
+
+class SampleGeneration:
+    """Every N optimiser steps, generate from the first prompt of the current batch and save the
+    picture with its text under OUTPUT_FOLDER/samples (rank 0 only)."""
+
+    def __new__(cls, every_n_steps: int, out_dir: Path, num_inference_steps: int):
+        from pytorch_lightning import Callback
+
+        class _Sampler(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                step = trainer.global_step
+                if batch is None or step == 0 or step % every_n_steps or not trainer.is_global_zero:
+                    return
+                if getattr(self, "_last", None) == step:
+                    return
+                self._last = step
+                counts = [s.count(IMAGE_PLACEHOLDER) for s in batch["sources"][:1]]
+                images = [list(batch["input_images"][: counts[0]])]
+                was_training = pl_module.training
+                pl_module.eval()
+                out = pl_module.generate(batch["sources"][:1], images, seed=step, max_new_tokens=64,
+                                         num_inference_steps=num_inference_steps)[0]
+                pl_module.train(was_training)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / f"step_{step:07d}.txt").write_text(f"{batch['sources'][0]}\n---\n{out.text}\n")
+                if out.image is not None:
+                    out.image.save(out_dir / f"step_{step:07d}.png")
+
+        return _Sampler()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded shuffle per epoch (Lightning calls `set_epoch`) that can resume mid-epoch: after
+    `load_state_dict`, the first pass skips the samples of the batches already trained on."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+                 if self.shuffle else torch.arange(self.n))
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:].tolist())
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """A DataLoader that Lightning can checkpoint (its `state_dict` / `load_state_dict` interface):
+    the state is the epoch and the number of batches the trainer has completed in it, so that a
+    run resumed from any step sees exactly the batches an uninterrupted run would."""
+
+    done_batches = staticmethod(lambda: 0)       # set by train() to read the trainer's progress
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "completed": int(self.done_batches())}
+
+    def load_state_dict(self, state: dict) -> None:
+        skip = state["completed"] * self.batch_size
+        if skip >= len(self.sampler):          # saved after the epoch's last batch: the next epoch starts
+            self.sampler.set_epoch(state["epoch"] + 1)
+            self.sampler.skip = 0
+        else:
+            self.sampler.set_epoch(state["epoch"])
+            self.sampler.skip = skip
+
+
+def dataloader(dataset, collate, batch_size: int, num_workers: int, shuffle: bool, seed: int, world: int):
+    """Training/validation loader. On one device: the resumable epoch-seeded sampler; on several,
+    Lightning swaps in its seeded DistributedSampler."""
+    from torch.utils.data import DataLoader
+
+    if world > 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                          collate_fn=collate)
+    return ResumableLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, shuffle),
+                           num_workers=num_workers, collate_fn=collate)
+
+
+def train(args: argparse.Namespace, paths: dict) -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from dataloader import Collator, make_dataset
+    from model import MiniGPT5_Model
+
+    cfg, stage = paths["cfg"], paths["stage"]
+    accelerator, devices = devices_of(args)
+    n_devices = len(devices) if isinstance(devices, list) else devices
+    model = MiniGPT5_Model(cfg, stage=stage, stage1_weight=paths["stage1"], learning_rate=args.learning_rate,
+                           warmup_steps=args.warmup_steps, adam_epsilon=args.adam_epsilon, snr_loss=args.snr_loss)
+    tokenizer = model.model.llama_tokenizer
+    kind = dataset_type(constants.data_folder())
+    train_set = make_dataset(paths["train"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict)
+    collate = Collator(tokenizer)
+    train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, args.num_workers, True,
+                              args.seed, n_devices)
+    val_loader = None
+    if paths["val"] is not None:
+        val_set = make_dataset(paths["val"], tokenizer, cfg, is_training=False, dataset_type=kind, strict=args.strict)
+        val_loader = dataloader(val_set, collate, args.per_device_eval_batch_size, args.num_workers, False,
+                                args.seed, n_devices)
+
+    accumulate = max(1, args.real_batch_size // (args.per_device_train_batch_size * n_devices))
+    # The schedule spans the planned epochs; --max_steps only stops early (so resuming is exact).
+    per_rank = math.ceil(math.ceil(len(train_set) / n_devices) / args.per_device_train_batch_size)
+    model.planned_total_steps = math.ceil(per_rank / accumulate) * args.num_train_epochs
+    interval = args.val_check_interval or (0.25 if kind == "CC3M" else 0.5)
+    if interval * len(train_loader) < 1:
+        interval = 1.0
+    weight_dir = constants.weight_folder()
+    checkpoint = ModelCheckpoint(dirpath=str(weight_dir), filename=args.model_save_name, auto_insert_metric_name=False,
+                                 monitor="val_loss" if val_loader is not None else None, mode="min",
+                                 save_top_k=1, save_last=True, enable_version_counter=False)
+    checkpoint.CHECKPOINT_NAME_LAST = last_name(args.model_save_name)
+    callbacks = [checkpoint, final_checkpoint(checkpoint), LearningRateMonitor(logging_interval="step")]
+    if args.save_every_n_steps > 0:
+        callbacks.append(ModelCheckpoint(dirpath=str(weight_dir), every_n_train_steps=args.save_every_n_steps,
+                                         filename=last_name(args.model_save_name)[: -len("-last")] + "-step{step}",
+                                         auto_insert_metric_name=False, save_top_k=1, monitor="step", mode="max",
+                                         enable_version_counter=False))
+    if args.sample_every_n_steps > 0:
+        callbacks.append(SampleGeneration(args.sample_every_n_steps, constants.output_folder() / "samples",
+                                          args.num_inference_steps))
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=devices, strategy=make_strategy(args.strategy, n_devices, stage),
+        precision=args.precision or ("bf16-mixed" if accelerator == "gpu" else "32-true"),
+        max_epochs=args.num_train_epochs, max_steps=args.max_steps, accumulate_grad_batches=accumulate,
+        val_check_interval=interval if val_loader is not None else None,
+        limit_val_batches=None if val_loader is not None else 0,
+        logger=make_logger(args, weight_dir), callbacks=callbacks, log_every_n_steps=1,
+        num_sanity_val_steps=0, enable_progress_bar=True)
+    if isinstance(train_loader, ResumableLoader):
+        # "processed" counts the batch just trained even when the save happens in on_train_batch_end.
+        train_loader.done_batches = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    log.info("stage %d on %s: %d device(s), batch %d x accumulate %d", stage, kind, n_devices,
+             args.per_device_train_batch_size, accumulate)
+    trainer.fit(model, train_loader, val_loader, ckpt_path=str(paths["resume"]) if paths["resume"] else None)
+    if trainer.is_global_zero:
+        print(f"best checkpoint: {checkpoint.best_model_path or checkpoint.last_model_path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction
+# ----------------------------------------------------------------------------------------------
+
+def prediction_folder(test_weight: Path | None, stage1: Path | None) -> Path:
+    """OUTPUT_FOLDER/<checkpoint name without extension><OUTPUT_SUFFIX> (REFERENCE §6)."""
+    name = (test_weight or stage1).with_suffix("").name
+    return constants.output_folder() / f"{name}{constants.output_suffix()}"
+
+
+def _denormalise_clip(images: torch.Tensor):
+    from minigpt4 import CLIP_MEAN, CLIP_STD
+
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return [(img.cpu().float() * std + mean).clamp(0, 1) for img in images]
+
+
+def _to_pil(tensor01: torch.Tensor):
+    from PIL import Image
+
+    array = (tensor01.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    return Image.fromarray(array)
+
+
+def save_task_folder(folder: Path, generated, text: str, baseline, gt, inputs: list) -> None:
+    """generated.jpg (titled with the generated text), sd_baseline.jpg, gt.jpg, input.jpg."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if generated is not None:
+        fig, ax = plt.subplots(figsize=(5, 5.6))
+        ax.imshow(generated)
+        ax.axis("off")
+        printable = "".join(c if c.isprintable() and ord(c) < 0x2E80 else "?" for c in text)
+        ax.set_title("\n".join(textwrap.wrap(printable, 60)[:5]), fontsize=8)
+        fig.savefig(folder / "generated.jpg", dpi=100)
+        plt.close(fig)
+    if baseline is not None:
+        baseline.save(folder / "sd_baseline.jpg")
+    if gt is not None:
+        gt.save(folder / "gt.jpg")
+    if inputs:
+        from PIL import Image
+
+        width = sum(i.width for i in inputs)
+        strip = Image.new("RGB", (width, max(i.height for i in inputs)), "white")
+        x = 0
+        for image in inputs:
+            strip.paste(image, (x, 0))
+            x += image.width
+        strip.save(folder / "input.jpg")
+
+
+def make_prediction_writer(out_dir: Path):
+    """A Lightning callback: per batch, write the task folders of the items `predict_step`
+    generated; at the end, `predictions-{rank}.pt` with one list per item (REFERENCE §6)."""
+    from pytorch_lightning.callbacks import BasePredictionWriter
+
+    class PredictionWriter(BasePredictionWriter):
+        def __init__(self):
+            super().__init__(write_interval="batch")
+            self.records = []
+
+        def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                               dataloader_idx=0):
+            for item in prediction:
+                save_task_folder(out_dir / item["task_name"], item["image"], item["text"], item["baseline"],
+                                 _to_pil(((item["expected_image"] + 1) / 2).clamp(0, 1))
+                                 if item["expected_image"] is not None else None,
+                                 [_to_pil(x) for x in _denormalise_clip(item["input_images"])])
+                self.records.append([item["source"], item["text"], item["target"], item["image"], item["baseline"],
+                                     item["expected_image"], None, item["task_name"]])
+
+        def on_predict_epoch_end(self, trainer, pl_module):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(self.records, out_dir / f"predictions-{trainer.global_rank}.pt")
+
+    return PredictionWriter()
+
+
+def predict(args: argparse.Namespace, paths: dict) -> Path:
+    import pytorch_lightning as pl
+
+    from dataloader import Collator, make_dataset
+    from model import MiniGPT5_Model
+
+    cfg = paths["cfg"]
+    accelerator, devices = devices_of(args)
+    n_devices = len(devices) if isinstance(devices, list) else devices
+    import weights
+    stage = 2 if (paths["test_weight"] and weights.checkpoint_stage(paths["test_weight"]) == 2) else paths["stage"]
+    model = MiniGPT5_Model(cfg, stage=stage)
+    for path in (paths["stage1"], paths["test_weight"]):
+        if path is not None:
+            model.load_checkpoint_file(path)
+    kind = dataset_type(constants.data_folder())
+    test_set = make_dataset(paths["test"], model.model.llama_tokenizer, cfg, is_training=False, dataset_type=kind,
+                            strict=args.strict)
+    loader = dataloader(test_set, Collator(model.model.llama_tokenizer), args.predict_batch_size, args.num_workers,
+                        False, args.seed, n_devices)
+    out_dir = prediction_folder(paths["test_weight"], paths["stage1"])
+    model.predict_options.update(seed=args.seed, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale,
+                                 num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
+                                 sd_baseline=kind == "CC3M")
+    writer = make_prediction_writer(out_dir)
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices,
+                         strategy="ddp" if n_devices > 1 else "auto",
+                         precision=args.precision or ("bf16-mixed" if accelerator == "gpu" else "32-true"),
+                         logger=False, callbacks=[writer], enable_progress_bar=True)
+    trainer.predict(model, loader, return_predictions=False)
+    if trainer.is_global_zero:
+        print(f"predictions written to {out_dir}")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    paths = check_inputs(args)
+    import pytorch_lightning as pl
+
+    pl.seed_everything(args.seed, workers=True)
+    if args.is_training:
+        train(args, paths)
+    else:
+        predict(args, paths)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
