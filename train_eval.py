@@ -30,6 +30,8 @@ import textwrap
 from pathlib import Path
 
 import torch
+from pytorch_lightning import Callback
+from pytorch_lightning.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 
 import constants
 from constants import IMAGE_PLACEHOLDER, dataset_type
@@ -174,6 +176,17 @@ def last_name(model_save_name: str) -> str:
     return re.sub(r"[_-]?\{[^}]*\}", "", model_save_name) + "-last"
 
 
+class DatasetEpoch(Callback):
+    """Tells the dataset the epoch (its random flips depend on it) when Lightning's own
+    DistributedSampler, not our EpochSampler, drives the epochs (DDP)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.dataset.set_epoch(trainer.current_epoch)
+
+
 def latest_checkpoint(model_save_name: str) -> str:
     """The newest checkpoint of this run name in WEIGHTFOLDER (`--resume last`)."""
     base = last_name(model_save_name)[: -len("-last")]
@@ -183,21 +196,20 @@ def latest_checkpoint(model_save_name: str) -> str:
     return str(found[-1])
 
 
-def final_checkpoint(checkpoint):
-    """A callback: when a run ends before any checkpoint was kept (e.g. `--max_steps` stops it
-    before the first validation), save one under `--model_save_name` anyway."""
-    from pytorch_lightning import Callback
+class FinalCheckpoint(Callback):
+    """When a run ends before any checkpoint was kept (e.g. `--max_steps` stops it before the first
+    validation), save one under `--model_save_name` anyway."""
 
-    class _Final(Callback):
-        def on_train_end(self, trainer, pl_module):
-            if checkpoint.best_model_path:
-                return
-            metrics = {"epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(trainer.global_step)}
-            path = checkpoint.format_checkpoint_name(metrics)
-            trainer.save_checkpoint(path)
-            checkpoint.best_model_path = path
+    def __init__(self, checkpoint: ModelCheckpoint):
+        self.checkpoint = checkpoint
 
-    return _Final()
+    def on_train_end(self, trainer, pl_module):
+        if self.checkpoint.best_model_path:
+            return
+        metrics = {"epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(trainer.global_step)}
+        path = self.checkpoint.format_checkpoint_name(metrics)
+        trainer.save_checkpoint(path)
+        self.checkpoint.best_model_path = path
 
 
 def make_logger(args: argparse.Namespace, save_dir: Path):
@@ -227,50 +239,46 @@ def make_strategy(name: str, n_devices: int, stage: int):
     return name
 
 
-class SampleGeneration:
+class SampleGeneration(Callback):
     """Every N optimiser steps, generate from the first prompt of the current batch and save the
-    picture with its text under OUTPUT_FOLDER/samples (rank 0 only)."""
+    picture with its text under `out_dir` (rank 0 only)."""
 
-    def __new__(cls, every_n_steps: int, out_dir: Path, num_inference_steps: int):
-        from pytorch_lightning import Callback
+    def __init__(self, every_n_steps: int, out_dir: Path, num_inference_steps: int):
+        self.every_n_steps, self.out_dir, self.num_inference_steps = every_n_steps, out_dir, num_inference_steps
+        self.last_step = -1
 
-        class _Sampler(Callback):
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                step = trainer.global_step
-                if batch is None or step == 0 or step % every_n_steps or not trainer.is_global_zero:
-                    return
-                if getattr(self, "_last", None) == step:
-                    return
-                self._last = step
-                counts = [s.count(IMAGE_PLACEHOLDER) for s in batch["sources"][:1]]
-                images = [list(batch["input_images"][: counts[0]])]
-                was_training = pl_module.training
-                pl_module.eval()
-                out = pl_module.generate(batch["sources"][:1], images, seed=step, max_new_tokens=64,
-                                         num_inference_steps=num_inference_steps)[0]
-                pl_module.train(was_training)
-                out_dir.mkdir(parents=True, exist_ok=True)
-                (out_dir / f"step_{step:07d}.txt").write_text(f"{batch['sources'][0]}\n---\n{out.text}\n")
-                if out.image is not None:
-                    out.image.save(out_dir / f"step_{step:07d}.png")
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if batch is None or step == 0 or step % self.every_n_steps or step == self.last_step:
+            return
+        self.last_step = step
+        if not trainer.is_global_zero:
+            return
+        n_images = batch["sources"][0].count(IMAGE_PLACEHOLDER)
+        was_training = pl_module.training
+        pl_module.eval()
+        out = pl_module.generate(batch["sources"][:1], [list(batch["input_images"][:n_images])], seed=step,
+                                 max_new_tokens=64, num_inference_steps=self.num_inference_steps)[0]
+        pl_module.train(was_training)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"step_{step:07d}.txt").write_text(f"{batch['sources'][0]}\n---\n{out.text}\n")
+        if out.image is not None:
+            out.image.save(self.out_dir / f"step_{step:07d}.png")
 
-        return _Sampler()
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
 
 class EpochSampler(torch.utils.data.Sampler):
     """A seeded shuffle per epoch (Lightning calls `set_epoch`) that can resume mid-epoch: after
     `load_state_dict`, the first pass skips the samples of the batches already trained on."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+    def __init__(self, dataset, seed: int, shuffle: bool):
+        self.dataset, self.n, self.seed, self.shuffle = dataset, len(dataset), seed, shuffle
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        # The dataset draws its random flips per (epoch, sample): tell it before workers start.
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         return self.n
@@ -308,15 +316,16 @@ def dataloader(dataset, collate, batch_size: int, num_workers: int, shuffle: boo
     from torch.utils.data import DataLoader
 
     if world > 1:
+        # Lightning swaps in a DistributedSampler (seeded, set_epoch each epoch); flips follow
+        # the epoch through the DatasetEpoch callback.
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                           collate_fn=collate)
-    return ResumableLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, shuffle),
+    return ResumableLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, seed, shuffle),
                            num_workers=num_workers, collate_fn=collate)
 
 
 def train(args: argparse.Namespace, paths: dict) -> None:
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from dataloader import Collator, make_dataset
     from model import MiniGPT5_Model
@@ -350,7 +359,9 @@ def train(args: argparse.Namespace, paths: dict) -> None:
                                  monitor="val_loss" if val_loader is not None else None, mode="min",
                                  save_top_k=1, save_last=True, enable_version_counter=False)
     checkpoint.CHECKPOINT_NAME_LAST = last_name(args.model_save_name)
-    callbacks = [checkpoint, final_checkpoint(checkpoint), LearningRateMonitor(logging_interval="step")]
+    callbacks = [checkpoint, FinalCheckpoint(checkpoint), LearningRateMonitor(logging_interval="step")]
+    if n_devices > 1 and hasattr(train_set, "set_epoch"):
+        callbacks.append(DatasetEpoch(train_set))
     if args.save_every_n_steps > 0:
         callbacks.append(ModelCheckpoint(dirpath=str(weight_dir), every_n_train_steps=args.save_every_n_steps,
                                          filename=last_name(args.model_save_name)[: -len("-last")] + "-step{step}",
@@ -433,31 +444,26 @@ def save_task_folder(folder: Path, generated, text: str, baseline, gt, inputs: l
         strip.save(folder / "input.jpg")
 
 
-def make_prediction_writer(out_dir: Path):
-    """A Lightning callback: per batch, write the task folders of the items `predict_step`
-    generated; at the end, `predictions-{rank}.pt` with one list per item (REFERENCE §6)."""
-    from pytorch_lightning.callbacks import BasePredictionWriter
+class PredictionWriter(BasePredictionWriter):
+    """Per batch, writes the task folders of the items `predict_step` generated; at the end,
+    `predictions-{rank}.pt` with one list per item (REFERENCE §6)."""
 
-    class PredictionWriter(BasePredictionWriter):
-        def __init__(self):
-            super().__init__(write_interval="batch")
-            self.records = []
+    def __init__(self, out_dir: Path):
+        super().__init__(write_interval="batch")
+        self.out_dir, self.records = out_dir, []
 
-        def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
-                               dataloader_idx=0):
-            for item in prediction:
-                save_task_folder(out_dir / item["task_name"], item["image"], item["text"], item["baseline"],
-                                 _to_pil(((item["expected_image"] + 1) / 2).clamp(0, 1))
-                                 if item["expected_image"] is not None else None,
-                                 [_to_pil(x) for x in _denormalise_clip(item["input_images"])])
-                self.records.append([item["source"], item["text"], item["target"], item["image"], item["baseline"],
-                                     item["expected_image"], None, item["task_name"]])
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        for item in prediction:
+            gt = item["expected_image"]
+            save_task_folder(self.out_dir / item["task_name"], item["image"], item["text"], item["baseline"],
+                             _to_pil(((gt + 1) / 2).clamp(0, 1)) if gt is not None else None,
+                             [_to_pil(x) for x in _denormalise_clip(item["input_images"])])
+            self.records.append([item["source"], item["text"], item["target"], item["image"], item["baseline"],
+                                 gt, None, item["task_name"]])
 
-        def on_predict_epoch_end(self, trainer, pl_module):
-            out_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(self.records, out_dir / f"predictions-{trainer.global_rank}.pt")
-
-    return PredictionWriter()
+    def on_predict_epoch_end(self, trainer, pl_module):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.records, self.out_dir / f"predictions-{trainer.global_rank}.pt")
 
 
 def predict(args: argparse.Namespace, paths: dict) -> Path:
@@ -484,7 +490,7 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
     model.predict_options.update(seed=args.seed, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale,
                                  num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
                                  sd_baseline=kind == "CC3M")
-    writer = make_prediction_writer(out_dir)
+    writer = PredictionWriter(out_dir)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices,
                          strategy="ddp" if n_devices > 1 else "auto",
                          precision=args.precision or ("bf16-mixed" if accelerator == "gpu" else "32-true"),

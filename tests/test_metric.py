@@ -34,19 +34,9 @@ TINY_CLIP_CONFIG = {
 }
 
 
-class TinyInception(torch.nn.Module):
-    """Stand-in for the FID Inception: uint8 images -> (16 features, 10 logits), any image size."""
-
-    def __init__(self):
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.features = torch.nn.Parameter(torch.randn(48, 16, generator=generator))
-        self.classes = torch.nn.Parameter(torch.randn(16, 10, generator=generator))
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = F.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)
-        features = torch.tanh((x - 0.5) @ self.features)
-        return features, features @ self.classes
+# The tiny random Inception stand-in that `metric.py --tiny_extractors` uses (uint8 images -> 16
+# features, 10 logits).
+TinyInception = metric.TinyInception
 
 
 # ----------------------------------------------------------------------------------------------
