@@ -84,14 +84,13 @@ from PIL import Image
 
 from constants import ALL_VOKENS_TEXT, IMAGE_PLACEHOLDER, IMAGE_SLOT, SEED, VOKENS
 from constants import data_folder, dataset_type as dataset_type_of_folder, preprocess_feature_folder
+from minigpt4 import image_processor
 
 log = logging.getLogger("dataloader")
 
 REPO = Path(__file__).resolve().parent
 DATASET_TYPES = ("CC3M", "VIST", "MMDialog")
 VOKEN_TARGET = f"{ALL_VOKENS_TEXT} ###"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # ---- prompts (REFERENCE §5) ------------------------------------------------------------------
 
@@ -420,12 +419,10 @@ def _parse_cc3m_block(path: Path, block: bytes, columns: tuple[int, int, int], f
 # --------------------------------------------------------------------------------------------
 
 def input_transform(size: int):
-    """Model input: Resize(size, bilinear) -> CenterCrop -> ToTensor -> Normalize(CLIP). The
-    training flip is applied by the dataset (seeded per sample)."""
-    from torchvision import transforms as T
-
-    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(size),
-                      T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    """Model input: Resize(size, bilinear) -> CenterCrop -> ToTensor -> Normalize(CLIP), the image
+    encoder's own preprocessing (`minigpt4.image_processor`). The training flip is applied by the
+    dataset (seeded per sample)."""
+    return image_processor(size, train=False)
 
 
 def target_transform(size: int):
