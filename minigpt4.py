@@ -5,6 +5,8 @@
     text  ─► LLaMA tokenizer (+ [IMG0]..[IMG7] and <ImageHere> as special tokens)
     wrap_inputs: BOS + text embeddings with each <ImageHere> replaced by its image's query
                  embeddings (batched: one scatter, no loop over samples)
+    generation helpers: logits processors for transformers' `generate` (per-item seeded sampling,
+                 voken forcing) and a hook that keeps only the 8 voken states while decoding
 
 Attribute names follow MiniGPT-4 / MiniGPT-5 (`visual_encoder`, `Qformer`, `query_tokens`,
 `llama_proj`, `llama_model`, `llama_tokenizer`) so checkpoint keys match the release.
@@ -130,10 +132,12 @@ class VokenEmbedding(_SplitRows):
         self.output_dtype = output_dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Look every id up in the old rows, then overwrite the (few) new tokens in place: one
+        # gather of the output's size instead of two plus a select.
         is_new = input_ids >= self.num_old
-        old = F.embedding(input_ids.clamp(max=self.num_old - 1), self.frozen_weight)
-        new = F.embedding((input_ids - self.num_old).clamp(min=0), self.new_weight)
-        return torch.where(is_new.unsqueeze(-1), new, old).to(self.output_dtype)
+        out = F.embedding(input_ids.clamp(max=self.num_old - 1), self.frozen_weight)
+        out[is_new] = F.embedding(input_ids[is_new] - self.num_old, self.new_weight)
+        return out.to(self.output_dtype)
 
 
 class VokenLMHead(_SplitRows):
@@ -310,22 +314,28 @@ class MiniGPT4(nn.Module):
             raise ValueError(f"the batch's prompts contain {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
                              f"but {n_images} image(s) were given; give one image per placeholder")
         n_query = image_embeds.shape[1] if image_embeds is not None else 0
+        device = input_ids.device
         # Each token occupies 1 slot, an image placeholder n_query slots, padding none.
         span = torch.where(is_image, n_query, 1) * valid
         start = 1 + span.cumsum(dim=1) - span                       # slot of each token, after BOS
         lengths = 1 + span.sum(dim=1)
         L = int(lengths.max())
-        token_embeds = self.embed_tokens(input_ids)
-        device, dtype = token_embeds.device, token_embeds.dtype
-        bos = torch.full((B,), self.llama_tokenizer.bos_token_id if self.llama_tokenizer else 1, device=device)
-        embeds = torch.zeros(B, L, token_embeds.shape[-1], device=device, dtype=dtype)
-        embeds[:, 0] = self.embed_tokens(bos)
+        # Only the real tokens are embedded (BOS included, in one call), then written in place into
+        # a zero (padding) tensor together with the image queries: the (B, L, H) output is written
+        # once, with no per-sample loop (benchmarks/RESULTS.md, row 2).
         text_b, text_t = (valid & ~is_image).nonzero(as_tuple=True)
-        embeds = embeds.index_put((text_b, start[text_b, text_t]), token_embeds[text_b, text_t])
+        bos_id = self.llama_tokenizer.bos_token_id if self.llama_tokenizer else 1
+        ids = torch.cat([torch.full((B,), bos_id, dtype=input_ids.dtype, device=device), input_ids[text_b, text_t]])
+        rows = torch.cat([torch.arange(B, device=device), text_b])
+        cols = torch.cat([torch.zeros(B, dtype=start.dtype, device=device), start[text_b, text_t]])
+        vectors = self.embed_tokens(ids)
+        dtype = vectors.dtype
+        embeds = torch.zeros(B, L, vectors.shape[-1], device=device, dtype=dtype)
+        embeds.index_put_((rows, cols), vectors)
         if n_images:
             img_b, img_t = is_image.nonzero(as_tuple=True)           # row-major = image order
             slots = start[img_b, img_t].unsqueeze(1) + torch.arange(n_query, device=device)
-            embeds = embeds.index_put((img_b.unsqueeze(1).expand_as(slots), slots), image_embeds.to(dtype))
+            embeds.index_put_((img_b.unsqueeze(1).expand_as(slots), slots), image_embeds.to(dtype))
         new_mask = (torch.arange(L, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
         new_labels = None
         if labels is not None:
@@ -421,6 +431,55 @@ class VokenForcing:
             scores[rows] = float("-inf")
             scores[rows, forced[rows]] = 0.0
         return scores
+
+
+class VokenStateRecorder:
+    """Forward hook (`register_forward_hook(recorder, with_kwargs=True)`) on the LLM's decoder stack
+    during `generate`: keeps, per item, the last-layer states (after the final norm) of its first
+    voken group -- the state that predicted `[IMG0]` and the states of `[IMG0]`..`[IMG6]` -- and
+    nothing else: (B, 8, H) however long the answer, instead of every layer's states of every step
+    (the release's `output_hidden_states=True`) or a second forward pass over prompt + answer.
+
+    A forward call with `inputs_embeds` (the prompt) only remembers its last position's state; a
+    call with `input_ids` (one decoding step per generated token fed back) advances each item's
+    group. No host-device synchronisation: everything is `torch.where` on (B, H) tensors.
+    `complete` tells which items have all 8 states (an answer cut right after `[IMG6]` never fed
+    `[IMG6]` back, so it lacks that one state).
+    """
+
+    def __init__(self, img0_id: int, count: int = VOKEN_COUNT):
+        self.img0_id, self.count = img0_id, count
+        self.states: torch.Tensor | None = None      # (B, count, H)
+        self.filled: torch.Tensor | None = None      # (B,) states recorded so far
+        self.previous: torch.Tensor | None = None    # (B, H) state of the latest position
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.states is None:
+            self.states = hidden.new_zeros(hidden.shape[0], self.count, hidden.shape[-1])
+            self.filled = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+        if ids is None:
+            self.previous = hidden[:, -1].clone()
+            return
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        for j in range(ids.shape[1]):
+            state = hidden[:, j]
+            if self.previous is not None:
+                starting = (self.filled == 0) & (ids[:, j] == self.img0_id)
+                self.states[:, 0] = torch.where(starting.unsqueeze(1), self.previous, self.states[:, 0])
+                self.filled = torch.where(starting, 1, self.filled)
+            going = (self.filled > 0) & (self.filled < self.count)
+            slot = self.filled.clamp(max=self.count - 1)
+            self.states[rows, slot] = torch.where(going.unsqueeze(1), state, self.states[rows, slot])
+            self.filled = self.filled + going.long()
+            self.previous = state.clone()
+
+    def complete(self) -> torch.Tensor:
+        """(B,) bool: items whose 8 voken states were all recorded."""
+        if self.filled is None:
+            return torch.zeros(0, dtype=torch.bool)
+        return self.filled == self.count
 
 
 def add_voken_rows(llama_model: nn.Module, llm_dtype: torch.dtype) -> None:

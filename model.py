@@ -18,6 +18,7 @@ import math
 import os
 import warnings
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ import weights
 from configuration import ModelConfig
 from constants import (CAPTION_LOSS_WEIGHT, CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, SNR_GAMMA,
                        TEXT_LOSS_WEIGHT, VOKEN_COUNT, VOKENS)
-from minigpt4 import MiniGPT4, SeededSampler, VokenForcing, image_processor, to_dtype
+from minigpt4 import MiniGPT4, SeededSampler, VokenForcing, VokenStateRecorder, image_processor, to_dtype
 
 SCHEDULERS = ("pndm", "dpm++")
 
@@ -98,12 +99,20 @@ class MiniGPT5_Model(pl.LightningModule):
         snr_loss: min-SNR-5 weighting of the diffusion loss.
         cfg_dropout_prob: probability of replacing a voken's features by zeros (CFG training).
         device: "meta" builds without loading or allocating anything (for counting parameters).
+        cache_caption_features: keep SD's text-encoder output of each caption (the caption-loss
+            target) instead of recomputing it every step; off by default (the release recomputed
+            it). The frozen text encoder is deterministic, so the loss is the same either way (up
+            to float rounding of differently sized batches). See `encode_caption`.
+        caption_cache_size: most captions kept (least recently used dropped first); None = no
+            bound. An entry is num_prompt_tokens x d_model float32 values in CPU memory: 77 x 1024
+            x 4 B = 315 KB at real sizes, so the default 4096 entries take up to 1.3 GB.
     """
 
     def __init__(self, cfg: ModelConfig, stage: int = 1, stage1_weight: str | os.PathLike | None = None,
                  learning_rate: float = 2e-5, warmup_steps: int = 1000, adam_epsilon: float = 1e-8,
                  snr_loss: bool = True, cfg_dropout_prob: float = CFG_DROPOUT_PROB,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, cache_caption_features: bool = False,
+                 caption_cache_size: int | None = 4096):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -113,6 +122,8 @@ class MiniGPT5_Model(pl.LightningModule):
         })
         self.cfg, self.stage = cfg, stage
         self.snr_loss, self.cfg_dropout_prob = snr_loss, cfg_dropout_prob
+        self.cache_caption_features, self.caption_cache_size = cache_caption_features, caption_cache_size
+        self._caption_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         meta = str(device) == "meta"
 
         self.model = MiniGPT4.from_config(cfg, device=device)
@@ -242,11 +253,38 @@ class MiniGPT5_Model(pl.LightningModule):
         return self.llm_to_t2i_mapping(src=src, tgt=tgt)
 
     def encode_caption(self, captions: list[str]) -> torch.Tensor:
-        """SD's own text conditioning for captions: (N, 77, d_model), no gradient."""
+        """SD's own text conditioning for captions: (N, 77, d_model), no gradient.
+
+        With `cache_caption_features` each distinct caption is encoded once: the captions of this
+        call that are not in the cache are encoded together (duplicates once), their features are
+        stored in CPU memory (an LRU of at most `caption_cache_size` entries, per process; the
+        empty caption of CFG dropout is one entry like any other), and every caption is then
+        served from there. The cache is not saved in checkpoints and assumes the frozen text
+        encoder does not change; `clear_caption_cache()` empties it."""
+        if not self.cache_caption_features:
+            return self._encode_captions(captions)
+        cache = self._caption_cache
+        found = {c: cache[c] for c in dict.fromkeys(captions) if c in cache}
+        missing = [c for c in dict.fromkeys(captions) if c not in found]
+        if missing:
+            # One copy per caption, so that evicting an entry frees its memory.
+            found.update((c, f.clone()) for c, f in zip(missing, self._encode_captions(missing).cpu()))
+        for caption in found:                       # most recently used last
+            cache[caption] = found[caption]
+            cache.move_to_end(caption)
+        while self.caption_cache_size is not None and len(cache) > self.caption_cache_size:
+            cache.popitem(last=False)
+        return torch.stack([found[c] for c in captions]).to(self.device)
+
+    def _encode_captions(self, captions: list[str]) -> torch.Tensor:
         tokens = self.sd_tokenizer(captions, padding="max_length", max_length=self.sd_tokenizer.model_max_length,
                                    truncation=True, return_tensors="pt").input_ids.to(self.device)
         with torch.no_grad():
             return self.sd_text_encoder(tokens)[0].float()
+
+    def clear_caption_cache(self) -> None:
+        """Forget every cached caption feature (see `encode_caption`)."""
+        self._caption_cache.clear()
 
     def image_embeddings(self, batch: dict) -> torch.Tensor | None:
         """Input images as LLM-space embeddings, from cached features when the batch has them."""
@@ -549,9 +587,19 @@ class MiniGPT5_Model(pl.LightningModule):
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=repetition_penalty,
                                   stop_strings=[self.cfg.end_sym], pad_token_id=tok.pad_token_id,
                                   eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-        generated = m.llama_model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
-                                           logits_processor=processors, tokenizer=tok)
-        features, rows = self.generated_voken_features(embeds, mask, generated)
+        with warnings.catch_warnings():
+            # The prompt is given as embeddings, so the repetition penalty sees only generated tokens,
+            # as in the release (which also generated from embeddings).
+            warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
+            recorder = VokenStateRecorder(m.voken_ids[0])
+            hook = m.llm_parts()[0].register_forward_hook(recorder, with_kwargs=True)
+            try:
+                generated = m.llama_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                                   generation_config=config, logits_processor=processors,
+                                                   tokenizer=tok)
+            finally:
+                hook.remove()
+        features, rows = self.generated_voken_features(embeds, mask, generated, recorder)
         pictures: list = [None] * len(prompts)
         if rows:
             made = self.images_from_features(features, [seeds[r] for r in rows], guidance_scale,
@@ -560,11 +608,14 @@ class MiniGPT5_Model(pl.LightningModule):
                 pictures[r] = picture
         return [self._decode(ids, picture) for ids, picture in zip(generated.tolist(), pictures)]
 
-    def generated_voken_features(self, embeds: torch.Tensor, mask: torch.Tensor, generated: torch.Tensor
-                                 ) -> tuple[torch.Tensor, list[int]]:
-        """Voken features of the generated answers: one plain forward pass over prompt + answer
-        for the items with a complete voken group, read with the training code's
-        `voken_features` (first group of each item). Only last-layer states are kept."""
+    def generated_voken_features(self, embeds: torch.Tensor, mask: torch.Tensor, generated: torch.Tensor,
+                                 recorder: VokenStateRecorder | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Voken features of the generated answers, for the items with a complete voken group
+        (first group of each item): the last-layer states the `recorder` kept while decoding
+        (`generate` hooks one on the decoder), else -- without a recorder, or for an item whose
+        answer ended right after `[IMG6]` -- one plain forward pass over prompt + answer, read with
+        the training code's `voken_features`. Only last-layer states are ever kept. Returns the
+        (N, 8, H) features and the N item indices."""
         m = self.model
         img0, img6 = m.voken_ids[0], m.voken_ids[VOKEN_COUNT - 2]
         has = (generated == img0).any(dim=1)
@@ -575,6 +626,17 @@ class MiniGPT5_Model(pl.LightningModule):
         rows = complete.nonzero().flatten().tolist()
         if not rows:
             return torch.zeros(0, VOKEN_COUNT, m.llama_model.config.hidden_size), []
+        if recorder is not None and recorder.states is not None:
+            recorded = recorder.complete()[rows]
+            if bool(recorded.all()):
+                return recorder.states[rows], rows
+            features = torch.empty(len(rows), VOKEN_COUNT, recorder.states.shape[-1], dtype=recorder.states.dtype,
+                                   device=recorder.states.device)
+            features[recorded] = recorder.states[rows][recorded]
+            missing = (~recorded).nonzero().flatten().tolist()
+            items = [rows[i] for i in missing]
+            features[missing] = self.generated_voken_features(embeds[items], mask[items], generated[items])[0].to(features)
+            return features, rows
         P = embeds.shape[1]
         end = int(first[rows].max()) + VOKEN_COUNT - 1           # up to and including [IMG6]
         ids = generated[rows, :end]
@@ -591,10 +653,12 @@ class MiniGPT5_Model(pl.LightningModule):
                              num_inference_steps: int = 50, scheduler: str = "pndm") -> list:
         """Voken features (N, 8, H) -> N PIL images: `cond = mapper(fc(features))`, negative =
         `mapper(fc(zeros))`, one SD pipeline call for all N."""
-        cond = self.map_vokens(features)
         negative = None
-        if guidance_scale > 1:
-            negative = self.map_vokens(torch.zeros_like(features[:1])).expand_as(cond)
+        if guidance_scale > 1:                  # one mapper call for both (rows are independent)
+            both = self.map_vokens(torch.cat([features, torch.zeros_like(features[:1])]))
+            cond, negative = both[:-1], both[-1:].expand(features.shape[0], -1, -1)
+        else:
+            cond = self.map_vokens(features)
         pipe = self.sd_pipeline(scheduler)
         dtype = self.unet.dtype
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
