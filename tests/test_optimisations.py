@@ -15,20 +15,14 @@ from conftest import VOKEN_TARGET, fixed_draws, make_batch
 from constants import VOKEN_COUNT
 from minigpt4 import VokenEmbedding, VokenStateRecorder
 from model import MiniGPT5_Model
+from test_model import STORY_LIKE
 
 CAPTIONED = [
     {"source": "a red square on a white wall", "target": VOKEN_TARGET, "caption": "a red square on a white wall"},
     {"source": "a blue circle", "target": VOKEN_TARGET, "caption": "a blue circle"},
     {"source": "a red square on a white wall", "target": VOKEN_TARGET, "caption": "a red square on a white wall"},
 ]
-WITH_IMAGES = [
-    {"source": "###Human:<Img><ImageHere></Img> the scene description: a dog ###Assistant:",
-     "target": VOKEN_TARGET, "n_images": 1},
-    {"source": "###Human: a cat <Img><ImageHere></Img> then <Img><ImageHere></Img> What should happen then? "
-               "###Assistant:", "target": "the cat sleeps [IMG0][IMG1][IMG2][IMG3][IMG4][IMG5][IMG6][IMG7] ###",
-     "n_images": 2},
-    {"source": "###Human: tell me about it ###Assistant:", "target": "it is a park ###"},
-]
+WITH_IMAGES = STORY_LIKE            # two prompts with images, one without vokens
 PROMPTS = ["###Human: tell me a story ###Assistant:", "###Human: a longer prompt, to left-pad the others ###Assistant:",
            "hi"]
 
