@@ -5,7 +5,8 @@ Every figure the benchmarks report is a *ratio* of two things measured in the sa
 that it means something on any machine (this project is benchmarked on a 2-core CPU without a
 GPU). Timings follow one recipe (`time_side_by_side`): a fixed torch thread count, warm-up calls,
 then repeats in which every variant runs once, in an order that rotates from repeat to repeat (so
-that slow drifts of the machine hit every variant alike), and the median of the repeats.
+that slow drifts of the machine hit every variant alike); a figure is the median over the repeats
+of the ratio within each repeat (`Timings.ratio`), reported with its smallest and largest value.
 Peak memory is the resident-set high-water mark (VmHWM, reset after loading) of a fresh child
 process per variant: `tracemalloc` does not see torch's allocations (see
 benchmarks/bench_generate_memory.py for why not `ru_maxrss`).
@@ -88,6 +89,25 @@ def time_side_by_side(variants: dict[str, Callable[[], Any]], repeats: int, warm
 def median(values: list[float]) -> float:
     """The median (of repeat timings)."""
     return statistics.median(values)
+
+
+@dataclass
+class Timings:
+    """Seconds per variant and repeat, as `time_side_by_side` measured them."""
+
+    raw: dict[str, list[float]]
+
+    def __getitem__(self, name: str) -> float:
+        """The median seconds of one variant."""
+        return median(self.raw[name])
+
+    def ratio(self, numerator: str, *denominator: str) -> tuple[float, float, float]:
+        """Median over the repeats of `numerator / sum(denominator)`, with the smallest and the
+        largest per-repeat value. Within a repeat the variants ran back to back, so a slow spell of
+        a shared machine slows both sides of most ratios alike; the spread shows how noisy it was."""
+        values = [self.raw[numerator][r] / sum(self.raw[d][r] for d in denominator)
+                  for r in range(len(self.raw[numerator]))]
+        return median(values), min(values), max(values)
 
 
 def run_child(args: list[str], timeout: float | None = None, env: dict[str, str] | None = None) -> dict:

@@ -6,7 +6,8 @@
 
 Every figure is a ratio of two things measured side by side in one process (or, for peak memory,
 in two fresh child processes), so it means something on any machine; see `benchmarks/harness.py`
-for the timing recipe (fixed threads, warm-up, alternating variants, medians of >= 5 repeats).
+for the timing recipe (fixed threads, warm-up, alternating variants, >= 5 repeats, the median of the
+per-repeat ratios).
 Each row runs in a fresh process of its own, so that no row inherits another's memory state. The
 model is the `small` preset (config/small.yaml, built on first use into weights/small/), big
 enough that tensor compute rather than Python dominates. The rows:
@@ -53,7 +54,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from baselines import adam_state_bytes, bare_decode, one_at_a_time_features, release_style_wrap  # noqa: E402
-from harness import (Row, ensure_small, fmt_s, format_table, median, run_child, set_threads,  # noqa: E402
+from harness import (Row, Timings, ensure_small, fmt_s, format_table, run_child, set_threads,  # noqa: E402
                      time_side_by_side)
 
 @dataclass
@@ -144,11 +145,17 @@ class Bench:
         return [ds[i] for i in range(len(ds))]
 
 
-def _timed(settings: Settings, variants: dict, repeats: int | None = None) -> dict[str, float]:
-    """Median seconds per variant (alternating, with warm-up); see `harness.time_side_by_side`.
-    `repeats` overrides the settings' count (never below 5)."""
-    times = time_side_by_side(variants, repeats=max(5, repeats or settings.repeats), warmup=settings.warmup)
-    return {name: median(values) for name, values in times.items()}
+def _timed(settings: Settings, variants: dict, repeats: int | None = None) -> Timings:
+    """Seconds per variant and repeat (alternating, with warm-up; see `harness.time_side_by_side`);
+    index it for a variant's median, `.ratio(...)` for a per-repeat ratio. `repeats` overrides the
+    settings' count (never below 5)."""
+    return Timings(time_side_by_side(variants, repeats=max(5, repeats or settings.repeats), warmup=settings.warmup))
+
+
+def _spread(ratio: tuple[float, float, float], digits: int = 3) -> str:
+    """'median (per-repeat min-max)' of a `Timings.ratio`."""
+    value, low, high = ratio
+    return f"{value:.{digits}f} (per-repeat {low:.{digits}f}-{high:.{digits}f})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,12 +207,13 @@ def row_step_parts(bench: Bench) -> Row:
 
     t = _timed(bench.settings, {"step": step, "llm": llm, "mapper": mapper, "unet": unet, "vae": vae,
                                 "caption": caption})
-    parts = sum(v for k, v in t.items() if k != "step")
-    ratio = t["step"] / parts
+    names = ["llm", "mapper", "unet", "vae", "caption"]
+    stats = t.ratio("step", *names)
+    ratio = stats[0]
     model.zero_grad(set_to_none=True)
     return Row(1, "stage-1 step time / sum of its parts alone (batch 8)", "<= 1.15", f"{ratio:.3f}", ratio <= 1.15,
-               [f"step (forward + backward) {fmt_s(t['step'])}; parts: " +
-                ", ".join(f"{k} {fmt_s(v)}" for k, v in t.items() if k != "step") + f"; sum {fmt_s(parts)}",
+               [f"ratio {_spread(stats)}; medians: step (forward + backward) {fmt_s(t['step'])}; parts: " +
+                ", ".join(f"{k} {fmt_s(t[k])}" for k in names) + f"; sum {fmt_s(sum(t[k] for k in names))}",
                 f"batch: 8 CC3M training samples (sample file, real dataset + collator), "
                 f"{tuple(batch['input_ids'].shape)} token ids, 64 x 64 target images, caption loss on"])
 
@@ -237,12 +245,13 @@ def row_wrap(bench: Bench) -> Row:
 
     t = _timed(bench.settings, {"batched": repeat(lambda: m.wrap_inputs(*args)),
                                 "loop": repeat(lambda: release_style_wrap(m, *args))})
-    t = {k: v / calls for k, v in t.items()}
-    speedup = t["loop"] / t["batched"]
+    stats = t.ratio("loop", "batched")
+    speedup = stats[0]
     return Row(2, "batched `wrap_inputs` vs per-sample loop (batch 16)", ">= 5x faster", f"{speedup:.1f}x faster",
                speedup >= 5 and same,
-               [f"batched {fmt_s(t['batched'])}, release-style loop {fmt_s(t['loop'])} per call (each timed sample "
-                f"is {calls} calls); outputs identical: {same}",
+               [f"speed-up {_spread(stats, 1)}; medians per call: batched {fmt_s(t['batched'] / calls)}, "
+                f"release-style loop {fmt_s(t['loop'] / calls)} (each timed sample is {calls} calls); outputs "
+                f"identical: {same}",
                 f"batch: 16 VIST training samples, {n_images} images x {bench.config.num_query_token} queries, "
                 f"{tuple(batch['input_ids'].shape)} token ids -> {tuple(ours[0].shape)} embeddings"])
 
@@ -274,11 +283,13 @@ def row_caption_cache(bench: Bench) -> Row:
     entries = len(model._caption_cache)
     t = _timed(bench.settings, {"cached": lambda: step(True), "live": lambda: step(False)})
     model.cache_caption_features = False
-    ratio = t["cached"] / t["live"]
+    stats = t.ratio("cached", "live")
+    ratio = stats[0]
     equal = max(differences) <= 1e-6 * max(1.0, abs(live["loss"]))
     return Row(3, "stage-1 step with cached caption features / recomputed (batch 8)", "<= 1 (not slower), equal loss",
                f"{ratio:.3f} (loss diff {max(differences):.1e})", ratio <= 1.0 and equal,
-               [f"cached {fmt_s(t['cached'])}, recomputed {fmt_s(t['live'])}; {entries} cache entries after 4 steps",
+               [f"ratio {_spread(stats)}; medians: cached {fmt_s(t['cached'])}, recomputed {fmt_s(t['live'])}; "
+                f"{entries} cache entries after 4 steps",
                 f"largest |loss difference| over 4 seeded steps (every loss term): {max(differences):.2e}"])
 
 
@@ -322,13 +333,15 @@ def row_batched_generation(bench: Bench) -> Row:
     diverged = [f"item {i} from token {_first_difference(x.token_ids, y.token_ids)} of {len(x.token_ids)}"
                 for i, (x, y) in enumerate(zip(a, b)) if x.token_ids != y.token_ids]
     t = _timed(s, {"batch": batched, "singles": singles}, repeats=5)      # the slowest row: 5 repeats
-    speedup = t["singles"] / t["batch"]
+    stats = t.ratio("singles", "batch")
+    speedup = stats[0]
     lengths = [len(x.token_ids) for x in a]
     # Where the time goes: the two halves of generation, each batched vs single.
     parts = _generation_parts(bench, model, prompts, images, seeds, a)
     return Row(4, "8 prompts as one batch vs 8 single calls (throughput)", ">= 3x", f"{speedup:.2f}x",
                speedup >= 3 and same_tokens and pixel <= 1,
-               [f"one batch {fmt_s(t['batch'])}, 8 single calls {fmt_s(t['singles'])}; same tokens: "
+               [f"speed-up {_spread(stats, 2)}; medians: one batch {fmt_s(t['batch'])}, 8 single calls "
+                f"{fmt_s(t['singles'])}; same tokens: "
                 f"{8 - len(diverged)}/8 items" + (f" (diverged: {', '.join(diverged)}: batched and single logits "
                                                   f"differ by float rounding, which can flip a near-tie of the "
                                                   f"sampler)" if diverged else "") +
@@ -380,9 +393,9 @@ def _generation_parts(bench: Bench, model, prompts, images, seeds, outputs) -> s
         "sd_batch": lambda: sd(list(range(len(rows)))),
         "sd_single": lambda: [sd([i]) for i in range(len(rows))],
     })
-    return (f"parts alone, batch vs single: KV-cached LLM decode {t['llm_single'] / t['llm_batch']:.1f}x "
+    return (f"parts alone, batch vs single: KV-cached LLM decode {t.ratio('llm_single', 'llm_batch')[0]:.1f}x "
             f"({fmt_s(t['llm_batch'])} vs {fmt_s(t['llm_single'])}), SD pipeline "
-            f"{t['sd_single'] / t['sd_batch']:.1f}x ({fmt_s(t['sd_batch'])} vs {fmt_s(t['sd_single'])})")
+            f"{t.ratio('sd_single', 'sd_batch')[0]:.1f}x ({fmt_s(t['sd_batch'])} vs {fmt_s(t['sd_single'])})")
 
 
 def row_generate_overhead(bench: Bench) -> Row:
@@ -425,10 +438,12 @@ def row_generate_overhead(bench: Bench) -> Row:
     same_image = _max_pixel_difference(sd(), out.image) == 0
     t = _timed(s, {"generate": lambda: model.generate(prompt, image, seed=seed, **kw),
                    "llm": lambda: bare_decode(model, embeds, mask, tokens), "sd": sd})
-    ratio = t["generate"] / (t["llm"] + t["sd"])
+    stats = t.ratio("generate", "llm", "sd")
+    ratio = stats[0]
     return Row(5, "`generate` / (bare KV-cached decode + bare SD pipeline), 1 prompt", "<= 1.10", f"{ratio:.3f}",
                ratio <= 1.10 and same_image,
-               [f"generate {fmt_s(t['generate'])}; bare decode {fmt_s(t['llm'])} + bare SD {fmt_s(t['sd'])}; "
+               [f"ratio {_spread(stats)}; medians: generate {fmt_s(t['generate'])}; bare decode {fmt_s(t['llm'])} "
+                f"+ bare SD {fmt_s(t['sd'])}; "
                 f"bare SD image identical to generate's: {same_image}",
                 f"workload: VIST validation prompt with 2 input images ({embeds.shape[1]} prompt positions), "
                 f"{len(out.token_ids)} new tokens (vokens first; seed {seed}, the longest answer of seeds 0-7), "
@@ -562,7 +577,7 @@ def row_metric_features(bench: Bench) -> Row:
                       - one_at_a_time_features(images, models)).abs().max())
         t = _timed(bench.settings, {"batched": lambda: metric.clip_image_features(images, models, batch_size=32),
                                     "single": lambda: one_at_a_time_features(images, models)})
-        results[name] = (t["single"] / t["batched"], t, diff)
+        results[name] = (t.ratio("single", "batched")[0], t, diff)
     speedup, t, diff = results["tiny"]
     wider, t_wider, diff_wider = results["wider"]
     return Row(8, "metric CLIP image features batched vs one at a time (tiny CLIP)", ">= 3x faster",
@@ -664,7 +679,8 @@ def write_results(path: Path, rows: list[Row], settings: Settings, seconds: floa
         "",
         f"`python benchmarks/run.py{' --quick' if settings.quick else ''}` — {time.strftime('%Y-%m-%d %H:%M')}, "
         f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {settings.threads} torch threads, "
-        f"medians of {settings.repeats} alternating repeats after {settings.warmup} warm-up; run took "
+        f"{settings.repeats} alternating repeats (row 4: 5) after {settings.warmup} warm-up, figures are medians of "
+        f"the per-repeat ratios; each row in a fresh process; run took "
         f"{seconds / 60:.1f} min. No GPU: every figure is a ratio of two things measured in this run.",
         "",
         "Model: the `small` preset (config/small.yaml, config/small_arch.yaml; random weights): LLaMA 4 layers x 512 "
