@@ -563,7 +563,8 @@ class MiniGPT5_Model(pl.LightningModule):
         Each item samples from its own seed (`seed`: one int for all items, or one per item), so
         a batch gives the same results as its items generated one at a time.
         """
-        from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+        from transformers import (GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                  TemperatureLogitsWarper, TopPLogitsWarper)
 
         if isinstance(prompts, str):
             prompts, images = [prompts], [images or []]
@@ -577,6 +578,13 @@ class MiniGPT5_Model(pl.LightningModule):
         embeds, mask = self._prompt_embeddings(prompts, images, max_new_tokens)
 
         processors = LogitsProcessorList()
+        if repetition_penalty != 1.0:
+            # Our own instance, not `GenerationConfig.repetition_penalty`: transformers 5 exempts the first
+            # (left-padding length) tokens of each row from it -- meant for prompt ids, but with
+            # `inputs_embeds` there are none, so padded rows skipped the penalty on their first generated
+            # tokens and a batch no longer matched its single calls. Penalising every generated token is
+            # the release's behaviour (it too generated from embeddings).
+            processors.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty)))
         if do_sample:
             if temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(temperature))
@@ -584,21 +592,16 @@ class MiniGPT5_Model(pl.LightningModule):
                 processors.append(TopPLogitsWarper(top_p))
             processors.append(SeededSampler([torch.Generator().manual_seed(s) for s in seeds]))
         processors.append(VokenForcing(m.voken_ids, prompt_length=0, force_generation=force_generation))
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=repetition_penalty,
-                                  stop_strings=[self.cfg.end_sym], pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-        with warnings.catch_warnings():
-            # The prompt is given as embeddings, so the repetition penalty sees only generated tokens,
-            # as in the release (which also generated from embeddings).
-            warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
-            recorder = VokenStateRecorder(m.voken_ids[0])
-            hook = m.llm_parts()[0].register_forward_hook(recorder, with_kwargs=True)
-            try:
-                generated = m.llama_model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                                   generation_config=config, logits_processor=processors,
-                                                   tokenizer=tok)
-            finally:
-                hook.remove()
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, stop_strings=[self.cfg.end_sym],
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+        recorder = VokenStateRecorder(m.voken_ids[0])
+        hook = m.llm_parts()[0].register_forward_hook(recorder, with_kwargs=True)
+        try:
+            generated = m.llama_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                               generation_config=config, logits_processor=processors,
+                                               tokenizer=tok)
+        finally:
+            hook.remove()
         features, rows = self.generated_voken_features(embeds, mask, generated, recorder)
         pictures: list = [None] * len(prompts)
         if rows:

@@ -123,6 +123,34 @@ def test_batch_equals_single_calls(model, picture):
         assert np.abs(_pixels(got.image) - _pixels(single.image)).max() <= 1   # same up to float rounding
 
 
+def test_padded_rows_see_the_same_scores_as_single_calls(model, picture, monkeypatch):
+    """Every step's scores, as the sampler gets them (after repetition penalty and top-p), are those
+    of the single call. transformers 5's own repetition penalty exempted the first (left-padding
+    length) generated tokens of each padded row; on a real-size random model that changed the
+    sampled text of most items of a batch."""
+    import minigpt4
+
+    seen = []
+    original = minigpt4.SeededSampler.__call__
+
+    def record(self, input_ids, scores):
+        seen.append(scores.clone())
+        return original(self, input_ids, scores)
+
+    monkeypatch.setattr(minigpt4.SeededSampler, "__call__", record)
+    prompts = ["###Human: hi ###Assistant:",
+               "###Human: <Img><ImageHere></Img> and <Img><ImageHere></Img> next scene ###Assistant:"]
+    images = [[], [picture, picture]]
+    kwargs = dict(force_generation=True, num_inference_steps=1, max_new_tokens=12, repetition_penalty=2.0)
+    model.generate(prompts, images, seed=[5, 6], **kwargs)
+    batched, seen[:] = list(seen), []
+    model.generate(prompts[0], images[0], seed=5, **kwargs)
+    single = list(seen)
+    assert len(single) >= 9                      # the forced vokens and at least one more token
+    for step, (b, s) in enumerate(zip(batched, single)):
+        torch.testing.assert_close(b[0], s[0], atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
+
+
 def test_items_without_vokens_get_no_image(model):
     outs = model.generate(["one ###Assistant:", "two ###Assistant:"], seed=[0, 1], **FAST)
     for out in outs:
