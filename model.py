@@ -531,8 +531,13 @@ class MiniGPT5_Model(pl.LightningModule):
             raise ValueError(f"got {len(seed)} seeds for {n} prompts")
         return list(seed)
 
-    def sd_pipeline(self, scheduler: str = "pndm"):
-        """A diffusers `StableDiffusionPipeline` over this model's frozen SD parts."""
+    def sd_pipeline(self, scheduler: str = "pndm", with_text_encoder: bool = False):
+        """A diffusers `StableDiffusionPipeline` over this model's frozen SD parts.
+
+        Without the text encoder (the default: conditions come as `prompt_embeds`) the pipeline
+        casts them to the UNet's dtype. With it, it would cast them to the text encoder's, which we
+        keep in float32 for the caption loss; so text prompts go through `encode_prompt` first (see
+        `sd_baseline`)."""
         from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
 
         if scheduler not in SCHEDULERS:
@@ -540,7 +545,8 @@ class MiniGPT5_Model(pl.LightningModule):
         config = self.noise_scheduler.config
         sampler = (PNDMScheduler.from_config(config) if scheduler == "pndm"
                    else DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"))
-        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.sd_text_encoder, tokenizer=self.sd_tokenizer,
+        text_encoder = self.sd_text_encoder if with_text_encoder else None
+        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=text_encoder, tokenizer=self.sd_tokenizer,
                                        unet=self.unet, scheduler=sampler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
@@ -674,9 +680,13 @@ class MiniGPT5_Model(pl.LightningModule):
     def sd_baseline(self, captions: list[str], seeds: list[int], guidance_scale: float = 7.5,
                     num_inference_steps: int = 50, scheduler: str = "pndm") -> list:
         """Plain Stable Diffusion from the caption text (the release's CC3M "SD baseline")."""
-        pipe = self.sd_pipeline(scheduler)
+        pipe = self.sd_pipeline(scheduler, with_text_encoder=True)
+        cond, negative = pipe.encode_prompt(captions, self.device, 1, guidance_scale > 1)
+        pipe.text_encoder = None                  # the embeddings go to the UNet in its own dtype
+        dtype = self.unet.dtype
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        return pipe(prompt=captions, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+        return pipe(prompt_embeds=cond.to(dtype), negative_prompt_embeds=None if negative is None else negative.to(dtype),
+                    guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                     generator=generators, height=self.cfg.sd_image_size, width=self.cfg.sd_image_size).images
 
     def _decode(self, ids: list[int], image) -> GenerationOutput:

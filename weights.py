@@ -280,10 +280,10 @@ def write_tiny_minigpt4(path: Path, qformer_hidden: int, llm_hidden: int, seed: 
 
 def build_tiny(out_dir: str | os.PathLike = DEFAULT_TINY_DIR, seed: int = 0,
                config_path: str | os.PathLike = TINY_CONFIG,
-               arch_path: str | os.PathLike = TINY_ARCH) -> Path:
-    """Write the tiny preset into `out_dir` and return the path of its config YAML
-    (`out_dir/tiny.yaml`, same sizes as `config/tiny.yaml`, paths pointing into `out_dir`).
-    Deterministic for a given seed; takes a few seconds."""
+               arch_path: str | os.PathLike = TINY_ARCH, config_name: str = "tiny.yaml") -> Path:
+    """Write a random-weight preset (default: the tiny one) into `out_dir` and return the path of
+    its config YAML (`out_dir/<config_name>`, the sizes of `config_path`, paths pointing into
+    `out_dir`). Deterministic for a given seed; the tiny preset takes a few seconds."""
     from lavis import write_tiny_lavis
 
     out_dir = Path(out_dir).resolve()
@@ -308,9 +308,22 @@ def build_tiny(out_dir: str | os.PathLike = DEFAULT_TINY_DIR, seed: int = 0,
         q_former_model=str(out_dir / Path(blip2_path).name),
         ckpt=str(out_dir / "prerained_minigpt4_7b.pth"), sd_model=str(out_dir / "sd"),
     )
-    dump_config(tiny, out_dir / "tiny.yaml")
-    log.info("tiny preset written to %s", out_dir)
-    return out_dir / "tiny.yaml"
+    dump_config(tiny, out_dir / config_name)
+    log.info("preset written to %s", out_dir)
+    return out_dir / config_name
+
+
+PRESETS = ("tiny", "small", "real_width")
+
+
+def build_preset(name: str, out_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Write the named random-weight preset (`config/<name>.yaml` + `config/<name>_arch.yaml`) into
+    `out_dir` (default `weights/<name>`); return the path of its config YAML, `out_dir/<name>.yaml`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    out_dir = Path(out_dir) if out_dir else REPO / "weights" / name
+    return build_tiny(out_dir, seed=seed, config_path=REPO / "config" / f"{name}.yaml",
+                      arch_path=REPO / "config" / f"{name}_arch.yaml", config_name=f"{name}.yaml")
 
 
 def ensure_tiny(out_dir: str | os.PathLike = DEFAULT_TINY_DIR) -> Path:
@@ -322,17 +335,26 @@ def ensure_tiny(out_dir: str | os.PathLike = DEFAULT_TINY_DIR) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: `python weights.py tiny OUT_DIR [--seed N]`."""
+    """CLI: `python weights.py tiny [OUT_DIR] [--seed N]`, or `python weights.py preset NAME [OUT_DIR]`
+    for any preset in `PRESETS`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     tiny = sub.add_parser("tiny", help="write the tiny preset (random weights in the real formats)")
     tiny.add_argument("out_dir", nargs="?", default=str(DEFAULT_TINY_DIR))
     tiny.add_argument("--seed", type=int, default=0)
+    preset = sub.add_parser("preset", help="write a named preset: tiny (tests), small (benchmarks), "
+                                           "real_width (real widths at reduced depth: GPU smoke test)")
+    preset.add_argument("name", choices=PRESETS)
+    preset.add_argument("out_dir", nargs="?", default=None, help="default: weights/NAME")
+    preset.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "tiny":
         path = build_tiny(args.out_dir, seed=args.seed)
         print(f"tiny preset written; config: {path}")
+    else:
+        path = build_preset(args.name, args.out_dir, seed=args.seed)
+        print(f"{args.name} preset written; config: {path}")
 
 
 if __name__ == "__main__":

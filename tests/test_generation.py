@@ -246,3 +246,33 @@ def test_playground_rejects_bad_images(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "examples" / "playground.py"), "--images",
                              str(tmp_path / "missing.jpg")], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode != 0 and "missing.jpg" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_real_dtypes_train_and_generate(tiny_config, picture):
+    """The real preset keeps the frozen parts in bfloat16 / float16 (config `dtypes`) while the
+    trainable ones and the SD text encoder stay float32. The tiny preset is float32 throughout, so
+    this runs it with the real dtypes: a training step, voken generation and the SD baseline (both
+    once failed inside diffusers on a float32 condition meeting a bfloat16 UNet)."""
+    from configuration import DtypeConfig
+
+    from conftest import VOKEN_TARGET, fixed_draws, make_batch
+
+    cfg = tiny_config.replace(dtypes=DtypeConfig(vision="float16", llm="bfloat16", sd="bfloat16"))
+    torch.manual_seed(0)
+    model = MiniGPT5_Model(cfg, stage=1).train()
+    assert model.unet.dtype == torch.bfloat16 and model.fc[0].weight.dtype == torch.float32
+    batch = make_batch(model.model.llama_tokenizer, [{"source": "a red square", "target": VOKEN_TARGET,
+                                                       "caption": "a red square"}], cfg.image_size, cfg.sd_image_size, 0)
+    batch.update(fixed_draws(1, (4, model.unet.config.sample_size, model.unet.config.sample_size), 0, False))
+    losses = model(batch)
+    assert set(losses) == {"text_loss", "image_loss", "caption_loss", "loss"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    assert model.fc[0].weight.grad is not None
+
+    model.eval()
+    out = model.generate("###Human: <Img><ImageHere></Img> next ###Assistant:", [picture], seed=1,
+                         force_generation=True, **FAST)[0]
+    assert out.image is not None and out.image.size == (cfg.sd_image_size, cfg.sd_image_size)
+    baseline = model.sd_baseline(["a red square"], seeds=[1], num_inference_steps=2)
+    assert len(baseline) == 1 and baseline[0].size == (cfg.sd_image_size, cfg.sd_image_size)
