@@ -385,7 +385,16 @@ def train(args: argparse.Namespace, paths: dict) -> None:
              args.per_device_train_batch_size, accumulate)
     trainer.fit(model, train_loader, val_loader, ckpt_path=str(paths["resume"]) if paths["resume"] else None)
     if trainer.is_global_zero:
+        metrics = {k: round(float(v), 5) for k, v in sorted(trainer.callback_metrics.items())}
+        print(f"after {trainer.global_step} optimiser steps: {metrics}{peak_memory_note()}")
         print(f"best checkpoint: {checkpoint.best_model_path or checkpoint.last_model_path}")
+
+
+def peak_memory_note() -> str:
+    """'; peak GPU memory N GiB' on CUDA (this process's allocator high-water mark), else ''."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return ""
+    return f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,7 +506,7 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
                          logger=False, callbacks=[writer], enable_progress_bar=True)
     trainer.predict(model, loader, return_predictions=False)
     if trainer.is_global_zero:
-        print(f"predictions written to {out_dir}")
+        print(f"predictions written to {out_dir}{peak_memory_note()}")
     return out_dir
 
 

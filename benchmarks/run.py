@@ -3,6 +3,8 @@
     python benchmarks/run.py            # the full run (about 12 minutes on 2 CPU cores)
     python benchmarks/run.py --quick    # a short version (a few minutes)
     python benchmarks/run.py --rows 1,3 # only some rows
+    python benchmarks/run.py --rows 4,5 --device cuda --model_config weights/real_width/real_width.yaml \
+        --out benchmarks/RESULTS_gpu.md     # the generation rows on a GPU, any preset
 
 Every figure is a ratio of two things measured side by side in one process (or, for peak memory,
 in two fresh child processes), so it means something on any machine; see `benchmarks/harness.py`
@@ -72,14 +74,24 @@ class Settings:
     cc3m_rows: int = 3_300_000        # row 7
     memory_new_tokens: int = 256      # row 9
     memory_runs: int = 3              # row 9: fresh processes per variant
+    device: str = "cpu"               # rows 4, 5 may run elsewhere (--device)
+    model_config: str | None = None   # default: the small preset (--model_config)
 
     @classmethod
-    def make(cls, quick: bool, threads: int, repeats: int | None) -> "Settings":
+    def make(cls, quick: bool, threads: int, repeats: int | None, device: str = "cpu",
+             model_config: str | None = None) -> "Settings":
         """The full or the quick workload."""
+        where = dict(device=device, model_config=model_config)
         if quick:
             return cls(quick=True, threads=threads, repeats=max(5, repeats or 5), gen_new_tokens=32,
-                       gen_sd_steps=10, single_new_tokens=32, clip_images=16, cc3m_rows=330_000, memory_runs=1)
-        return cls(quick=False, threads=threads, repeats=max(5, repeats or 7))
+                       gen_sd_steps=10, single_new_tokens=32, clip_images=16, cc3m_rows=330_000, memory_runs=1,
+                       **where)
+        return cls(quick=False, threads=threads, repeats=max(5, repeats or 7), **where)
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (before and after each timed call)."""
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
 
 class Bench:
@@ -96,7 +108,8 @@ class Bench:
         if self._config is None:
             from configuration import load_config
 
-            self._config = load_config(ensure_small())
+            path = self.settings.model_config or ensure_small()
+            self._config = load_config(path)
         return self._config
 
     def model(self, stage: int = 1):
@@ -106,7 +119,7 @@ class Bench:
             from model import MiniGPT5_Model
 
             torch.manual_seed(0)
-            self._models[stage] = MiniGPT5_Model(self.config, stage=stage)
+            self._models[stage] = MiniGPT5_Model(self.config, stage=stage).to(self.settings.device)
         return self._models[stage]
 
     def cc3m_batch(self, batch_size: int = 8) -> dict:
@@ -149,7 +162,8 @@ def _timed(settings: Settings, variants: dict, repeats: int | None = None) -> Ti
     """Seconds per variant and repeat (alternating, with warm-up; see `harness.time_side_by_side`);
     index it for a variant's median, `.ratio(...)` for a per-repeat ratio. `repeats` overrides the
     settings' count (never below 5)."""
-    return Timings(time_side_by_side(variants, repeats=max(5, repeats or settings.repeats), warmup=settings.warmup))
+    return Timings(time_side_by_side(variants, repeats=max(5, repeats or settings.repeats), warmup=settings.warmup,
+                                     sync=settings.sync))
 
 
 def _spread(ratio: tuple[float, float, float], digits: int = 3) -> str:
@@ -348,7 +362,7 @@ def row_batched_generation(bench: Bench) -> Row:
                 f"; largest pixel difference: {pixel}/255",
                 f"workload: the 8 VIST validation generation prompts (0-4 input images), force_generation, "
                 f"up to {s.gen_new_tokens} new tokens (got {min(lengths)}-{max(lengths)}), "
-                f"{s.gen_sd_steps} PNDM steps, guidance 7.5, 64 x 64 images",
+                f"{s.gen_sd_steps} PNDM steps, guidance 7.5, {model.cfg.sd_image_size} x {model.cfg.sd_image_size} images",
                 parts])
 
 
@@ -365,7 +379,7 @@ def _generation_parts(bench: Bench, model, prompts, images, seeds, outputs) -> s
         embeds, mask = model._prompt_embeddings(prompts, images, s.gen_new_tokens)
         generated = torch.nn.utils.rnn.pad_sequence(
             [torch.tensor(o.token_ids + [model.model.llama_tokenizer.eos_token_id]) for o in outputs],
-            batch_first=True, padding_value=model.model.llama_tokenizer.eos_token_id)
+            batch_first=True, padding_value=model.model.llama_tokenizer.eos_token_id).to(model.device)
         features, rows = model.generated_voken_features(embeds, mask, generated)
         cond = model.map_vokens(features)
         uncond = model.map_vokens(torch.zeros_like(features[:1])).expand_as(cond)
@@ -374,8 +388,9 @@ def _generation_parts(bench: Bench, model, prompts, images, seeds, outputs) -> s
     def sd(index):
         gens = [torch.Generator().manual_seed(seeds[r]) for r in index]
         with torch.no_grad():
-            pipe(prompt_embeds=cond[index], negative_prompt_embeds=uncond[index], guidance_scale=7.5,
-                 num_inference_steps=s.gen_sd_steps, generator=gens, height=64, width=64)
+            size = model.cfg.sd_image_size
+            pipe(prompt_embeds=cond[index].to(model.unet.dtype), negative_prompt_embeds=uncond[index].to(model.unet.dtype),
+                 guidance_scale=7.5, num_inference_steps=s.gen_sd_steps, generator=gens, height=size, width=size)
 
     singles_embeds = [model._prompt_embeddings([p], [im], s.gen_new_tokens) for p, im in zip(prompts, images)]
 
@@ -383,10 +398,10 @@ def _generation_parts(bench: Bench, model, prompts, images, seeds, outputs) -> s
         for e, msk, tokens in embeds_mask_tokens:
             bare_decode(model, e, msk, tokens)
 
-    token_lists = [torch.tensor([o.token_ids]) for o in outputs]
+    token_lists = [torch.tensor([o.token_ids], device=model.device) for o in outputs]
     longest = max(len(o.token_ids) for o in outputs)
     batch_tokens = torch.stack([F.pad(torch.tensor(o.token_ids), (0, longest - len(o.token_ids)),
-                                      value=model.model.llama_tokenizer.eos_token_id) for o in outputs])
+                                      value=model.model.llama_tokenizer.eos_token_id) for o in outputs]).to(model.device)
     t = _timed(s, repeats=5, variants={
         "llm_batch": lambda: llm([(embeds, mask, batch_tokens)]),
         "llm_single": lambda: llm([(e, msk, tok) for (e, msk), tok in zip(singles_embeds, token_lists)]),
@@ -425,7 +440,7 @@ def row_generate_overhead(bench: Bench) -> Row:
         out = model.generate(prompt, image, seed=seed, **kw)[0]
     finally:
         del model.sd_pipeline
-    tokens = torch.tensor([out.token_ids])
+    tokens = torch.tensor([out.token_ids], device=model.device)
     with torch.no_grad():
         embeds, mask = model._prompt_embeddings([prompt], [image], s.single_new_tokens)
     pipe = model.sd_pipeline()
@@ -632,6 +647,7 @@ def row_generation_memory(bench: Bench) -> Row:
 
 # ----------------------------------------------------------------------------------------------
 
+DEVICE_ROWS = {4, 5}      # rows that run on --device; the others measure CPU code paths
 ROWS = {1: row_step_parts, 2: row_wrap, 3: row_caption_cache, 4: row_batched_generation,
         5: row_generate_overhead, 6: row_optimizer_state, 7: row_cc3m_index, 8: row_metric_features,
         9: row_generation_memory}
@@ -674,19 +690,28 @@ images, made from the vokens at the start, agree within 1/255).
 def write_results(path: Path, rows: list[Row], settings: Settings, seconds: float) -> None:
     """RESULTS.md: the setting, the table and each row's details."""
     cpu = platform.processor() or platform.machine()
+    flags = (" --quick" if settings.quick else "") + (f" --device {settings.device}" if settings.device != "cpu" else "")
+    flags += f" --model_config {settings.model_config}" if settings.model_config else ""
+    if settings.device.startswith("cuda"):
+        where = f"{torch.cuda.get_device_name()} ({settings.device}) for the model rows"
+    else:
+        where = "No GPU"
+    model = ("the `small` preset (config/small.yaml, config/small_arch.yaml; random weights): LLaMA 4 layers x 512 "
+             "(8 heads, FFN 1376, ~521-token vocabulary incl. the 9 new rows), ViT 2 x 128 on 64 px + Q-Former 2 x 128 "
+             "with 32 queries, mapper d_model 256 (2 + 2 layers, FFN 1024), SD with 64 x 64 images, VAE (32, 64, 64) "
+             "-> 4 x 16 x 16 latents, UNet (64, 128, 256) channels, text encoder 4 x 256; all float32."
+             if not settings.model_config else f"{settings.model_config} (see the comments at the top of the preset's "
+             f"config/*.yaml for its sizes).")
     lines = [
         "# Benchmark results",
         "",
-        f"`python benchmarks/run.py{' --quick' if settings.quick else ''}` — {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"`python benchmarks/run.py{flags}` — {time.strftime('%Y-%m-%d %H:%M')}, "
         f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {settings.threads} torch threads, "
         f"{settings.repeats} alternating repeats (row 4: 5) after {settings.warmup} warm-up, figures are medians of "
         f"the per-repeat ratios; each row in a fresh process; run took "
-        f"{seconds / 60:.1f} min. No GPU: every figure is a ratio of two things measured in this run.",
+        f"{seconds / 60:.1f} min. {where}: every figure is a ratio of two things measured in this run.",
         "",
-        "Model: the `small` preset (config/small.yaml, config/small_arch.yaml; random weights): LLaMA 4 layers x 512 "
-        "(8 heads, FFN 1376, ~521-token vocabulary incl. the 9 new rows), ViT 2 x 128 on 64 px + Q-Former 2 x 128 "
-        "with 32 queries, mapper d_model 256 (2 + 2 layers, FFN 1024), SD with 64 x 64 images, VAE (32, 64, 64) "
-        "-> 4 x 16 x 16 latents, UNet (64, 128, 256) channels, text encoder 4 x 256; all float32.",
+        f"Model: {model}",
         "",
         format_table(rows),
         "",
@@ -698,7 +723,7 @@ def write_results(path: Path, rows: list[Row], settings: Settings, seconds: floa
         lines.append("")
         lines += [f"- {d}" for d in row.details]
         lines.append("")
-    path.write_text("\n".join(lines) + "\n" + OPTIMISATIONS)
+    path.write_text("\n".join(lines) + "\n" + (OPTIMISATIONS if path.name == "RESULTS.md" else ""))
 
 
 def run_row_in_child(number: int, settings: Settings) -> Row:
@@ -709,7 +734,9 @@ def run_row_in_child(number: int, settings: Settings) -> Row:
     row, glibc hands freed memory back to the system and every large tensor of the next row pays
     its page faults again: `wrap_inputs` measured 1.1 ms in a fresh process, 3.6 ms after row 1)."""
     args = [str(Path(__file__).resolve()), "--child", str(number), "--threads", str(settings.threads),
-            "--repeats", str(settings.repeats)] + (["--quick"] if settings.quick else [])
+            "--repeats", str(settings.repeats), "--device", settings.device] + (["--quick"] if settings.quick else [])
+    if settings.model_config:
+        args += ["--model_config", settings.model_config]
     return Row(**run_child(args))
 
 
@@ -721,20 +748,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (>= 5)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--device", default="cpu", help=f"device of rows {sorted(DEVICE_ROWS)} (e.g. cuda); "
+                                                        "the other rows are CPU benchmarks")
+    parser.add_argument("--model_config", default=None,
+                        help="model config YAML of the model rows (default: the small preset, built on first use)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)   # internal: one row
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore")
-    settings = Settings.make(args.quick, args.threads, args.repeats)
+    settings = Settings.make(args.quick, args.threads, args.repeats, args.device,
+                             str(Path(args.model_config).resolve()) if args.model_config else None)
+    numbers = sorted(int(n) for n in args.rows.split(","))
+    if unknown := [n for n in numbers if n not in ROWS]:
+        parser.error(f"--rows: no row {unknown}; the rows are {sorted(ROWS)}")
+    if args.device != "cpu" and (cpu_only := [n for n in numbers if n not in DEVICE_ROWS]):
+        parser.error(f"--device {args.device}: rows {cpu_only} are CPU benchmarks; only rows {sorted(DEVICE_ROWS)} "
+                     f"run on another device (e.g. --rows 4,5)")
+    if args.model_config and not Path(args.model_config).is_file():
+        parser.error(f"--model_config {args.model_config!r}: no such file")
     if args.child is not None:
         set_threads(settings.threads)
         row = ROWS[args.child](Bench(settings))
         print(json.dumps(dataclasses.asdict(row)))
         return
-    ensure_small()                               # build the weights once, before the rows
+    if not args.model_config:
+        ensure_small()                           # build the weights once, before the rows
     start = time.perf_counter()
     rows = []
-    for number in sorted(int(n) for n in args.rows.split(",")):
+    for number in numbers:
         t = time.perf_counter()
         row = run_row_in_child(number, settings)
         print(f"row {number}: {row.value} (target {row.target}: {row.verdict}) [{time.perf_counter() - t:.0f} s]",
