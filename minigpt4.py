@@ -425,11 +425,25 @@ class VokenForcing:
         if self.force_generation:
             seen = (generated == vokens[0]).any(dim=1) if generated.shape[1] else torch.zeros_like(forced, dtype=torch.bool)
             forced = torch.where((forced < 0) & ~seen, vokens[0], forced)
-        rows = forced >= 0
-        if rows.any():
-            scores = scores.clone()
-            scores[rows] = float("-inf")
-            scores[rows, forced[rows]] = 0.0
+        # Branch-free (no `.any()`): on a GPU a data-dependent branch would stall every decoding step.
+        one_hot = torch.arange(scores.shape[-1], device=scores.device) == forced.unsqueeze(1)
+        forced_scores = torch.where(one_hot, 0.0, float("-inf")).to(scores.dtype)
+        return torch.where((forced >= 0).unsqueeze(1), forced_scores, scores)
+
+
+class ProcessorChain:
+    """Several logits processors run in order, handed to `generate` as one.
+
+    transformers inspects each processor's signature at every decoding step; one object instead of
+    four keeps that per-step Python cost (~0.1 ms each) out of a loop whose GPU work for a short
+    model is only a few milliseconds."""
+
+    def __init__(self, processors: list):
+        self.processors = list(processors)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for processor in self.processors:
+            scores = processor(input_ids, scores)
         return scores
 
 

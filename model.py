@@ -32,7 +32,8 @@ import weights
 from configuration import ModelConfig
 from constants import (CAPTION_LOSS_WEIGHT, CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, SNR_GAMMA,
                        TEXT_LOSS_WEIGHT, VOKEN_COUNT, VOKENS)
-from minigpt4 import MiniGPT4, SeededSampler, VokenForcing, VokenStateRecorder, image_processor, to_dtype
+from minigpt4 import (MiniGPT4, ProcessorChain, SeededSampler, VokenForcing, VokenStateRecorder, image_processor,
+                       to_dtype)
 
 SCHEDULERS = ("pndm", "dpm++")
 
@@ -583,7 +584,7 @@ class MiniGPT5_Model(pl.LightningModule):
         seeds = self._item_generators(len(prompts), seed, generator)
         embeds, mask = self._prompt_embeddings(prompts, images, max_new_tokens)
 
-        processors = LogitsProcessorList()
+        processors = []
         if repetition_penalty != 1.0:
             # Our own instance, not `GenerationConfig.repetition_penalty`: transformers 5 exempts the first
             # (left-padding length) tokens of each row from it -- meant for prompt ids, but with
@@ -604,7 +605,8 @@ class MiniGPT5_Model(pl.LightningModule):
         hook = m.llm_parts()[0].register_forward_hook(recorder, with_kwargs=True)
         try:
             generated = m.llama_model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                               generation_config=config, logits_processor=processors,
+                                               generation_config=config,
+                                               logits_processor=LogitsProcessorList([ProcessorChain(processors)]),
                                                tokenizer=tok)
         finally:
             hook.remove()
