@@ -195,10 +195,27 @@ def _check_shape(tensor: torch.Tensor, expected: torch.Size | tuple[int, ...], p
                                    f"(for `{target}`); the configured sizes do not match this file")
 
 
-def _report_unused(sd: Mapping[str, torch.Tensor], used: set[str], path: Path, what: str) -> list[str]:
+# Keys of the BLIP-2 file that MiniGPT-4's Q-Former does not use by design: the text path (word and
+# position embeddings, each layer's text FFN `intermediate`/`output`), the BLIP-2 heads, and
+# `ln_vision`, which `load_eva_vit` reads.
+_QFORMER_UNUSED_BY_DESIGN = re.compile(
+    r"^(Qformer\.cls\.|Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings|position_ids)"
+    r"|Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.|ln_vision\.|vision_proj\.|text_proj\."
+    r"|itm_head\.|t5_proj\.|temp$)")
+
+
+def _report_unused(sd: Mapping[str, torch.Tensor], used: set[str], path: Path, what: str,
+                   by_design=lambda key: False) -> list[str]:
+    """Log the file's keys that `what` did not read: those unused `by_design` at INFO (they are in
+    every real file), any other at WARNING (a file of another layout or version). Returns all."""
     unused = sorted((k for k in sd if k not in used), key=_natural_key)
-    if unused:
-        logger.warning("%s: %d key(s) not used by the %s: %s", path, len(unused), what, ", ".join(unused))
+    expected = [k for k in unused if by_design(k)]
+    surprising = [k for k in unused if not by_design(k)]
+    if expected:
+        logger.info("%s: %d key(s) not used by the %s, as designed: %s", path, len(expected), what,
+                    ", ".join(expected))
+    if surprising:
+        logger.warning("%s: %d key(s) not used by the %s: %s", path, len(surprising), what, ", ".join(surprising))
     return unused
 
 
@@ -224,7 +241,7 @@ def load_eva_vit(model: Blip2VisionModel, vit_path: str | Path, blip2_path: str 
 
     The ViT file's keys have no prefix; each block's qkv bias is `cat(q_bias, zeros, v_bias)` (EVA has no
     key bias). `ln_vision.weight/bias` from the BLIP-2 file go into `post_layernorm`. ViT-file keys that
-    are not used (e.g. the real file's 40th block) are logged in one warning; a missing key raises
+    are not used (the real file's 40th block) are logged at INFO level, any others in one warning; a missing key raises
     `LavisMissingKeyError` and a wrong shape `LavisCheckpointError`, both naming the file and the key.
     With `dtype`, the model's parameters are cast to it after loading (the release runs the ViT in fp16).
     """
@@ -259,7 +276,10 @@ def load_eva_vit(model: Blip2VisionModel, vit_path: str | Path, blip2_path: str 
 
     _assign(model, values, "vision model")
     used = set(key_map.values()) | {k for pair in bias_keys.values() for k in pair}
-    _report_unused(vit_sd, used, vit_path, f"EVA ViT ({num_layers} blocks)")
+    # The release drops EVA-CLIP's last block(s): blocks past `num_layers` are unused by design.
+    past_depth = re.compile(r"^blocks\.(\d+)\.")
+    _report_unused(vit_sd, used, vit_path, f"EVA ViT ({num_layers} blocks)",
+                   lambda key: bool(m := past_depth.match(key)) and int(m.group(1)) >= num_layers)
     if dtype is not None:
         model.to(dtype=dtype)
 
@@ -273,7 +293,7 @@ def load_qformer(qformer_model: Blip2QFormerModel, query_tokens: nn.Parameter, b
     `crossattention` on every `cross_attention_frequency`-th layer, `intermediate_query`, `output_query`)
     and `query_tokens`. Everything else in the file (word/position embeddings, the text-path
     `intermediate`/`output`, `Qformer.cls.*`, `ln_vision.*` which `load_eva_vit` reads, the other BLIP-2
-    heads) is logged by name in one warning. A missing key raises `LavisMissingKeyError`, a wrong shape
+    heads) is logged by name at INFO level; any other unused key in one warning. A missing key raises `LavisMissingKeyError`, a wrong shape
     `LavisCheckpointError`, both naming the file and the key. With `dtype`, the Q-Former's parameters and
     `query_tokens` are cast to it after loading.
     """
@@ -297,7 +317,8 @@ def load_qformer(qformer_model: Blip2QFormerModel, query_tokens: nn.Parameter, b
     _assign(qformer_model, values, "Q-Former")
     with torch.no_grad():
         query_tokens.copy_(sd["query_tokens"])
-    _report_unused(sd, set(key_map.values()) | {"query_tokens"}, blip2_path, what)
+    _report_unused(sd, set(key_map.values()) | {"query_tokens"}, blip2_path, what,
+                   lambda key: bool(_QFORMER_UNUSED_BY_DESIGN.match(key)))
     if dtype is not None:
         qformer_model.to(dtype=dtype)
         query_tokens.data = query_tokens.data.to(dtype=dtype)

@@ -278,27 +278,49 @@ def test_shape_mismatch_names_file_key_and_shapes(local_files) -> None:
         lavis.load_qformer(model, query_tokens, blip2_path)
 
 
+def _messages(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level]
+
+
 def test_unused_keys_are_reported(local_files, caplog) -> None:
+    """Keys every real file has but MiniGPT-4 does not read (the dropped last ViT block, BLIP-2's
+    text path and heads) are listed at INFO; only other unused keys are a warning."""
     vit_path, blip2_path, _, _ = local_files
-    with caplog.at_level(logging.WARNING, logger="lavis"):
+    with caplog.at_level(logging.INFO, logger="lavis"):
         lavis.load_eva_vit(lavis.build_vision_model(VISION, IMAGE), vit_path, blip2_path)
-    vit_warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(vit_warnings) == 1
-    assert str(vit_path) in vit_warnings[0]
-    assert "blocks.2.attn.qkv.weight" in vit_warnings[0] and "blocks.2.mlp.fc2.bias" in vit_warnings[0]
-    assert "blocks.1." not in vit_warnings[0]
+    assert _messages(caplog, logging.WARNING) == []
+    (vit_info,) = _messages(caplog, logging.INFO)
+    assert str(vit_path) in vit_info and "as designed" in vit_info
+    assert "blocks.2.attn.qkv.weight" in vit_info and "blocks.2.mlp.fc2.bias" in vit_info
+    assert "blocks.1." not in vit_info
 
     caplog.clear()
     model, query_tokens = lavis.build_qformer(QFORMER, VISION.hidden_size, NUM_QUERY)
-    with caplog.at_level(logging.WARNING, logger="lavis"):
+    with caplog.at_level(logging.INFO, logger="lavis"):
         lavis.load_qformer(model, query_tokens, blip2_path)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    listed = set(warnings[0].split(": ")[-1].split(", "))
+    assert _messages(caplog, logging.WARNING) == []
+    (info,) = _messages(caplog, logging.INFO)
+    listed = set(info.split(": ")[-1].split(", "))
     expected = {k for k in local_blip2_sd() if k.startswith(("Qformer.cls.", "ln_vision", "vision_proj", "temp"))
                 or "embeddings.word_" in k or "embeddings.position_" in k
                 or re.search(r"layer\.\d+\.(intermediate|output)\.(dense|LayerNorm)\.", k)}
     assert listed == expected
+
+
+def test_surprising_unused_keys_are_a_warning(tmp_path: Path, caplog) -> None:
+    vit_path, blip2_path = tmp_path / "eva_vit_g.pth", tmp_path / "blip2.pth"
+    vit_sd = local_vit_sd()
+    vit_sd["pos_embed_extra"] = torch.zeros(3)
+    torch.save(vit_sd, vit_path)
+    blip2_sd = local_blip2_sd()
+    blip2_sd["Qformer.bert.encoder.layer.0.adapter.weight"] = torch.zeros(3)
+    torch.save({"model": blip2_sd}, blip2_path)
+    with caplog.at_level(logging.INFO, logger="lavis"):
+        lavis.load_eva_vit(lavis.build_vision_model(VISION, IMAGE), vit_path, blip2_path)
+        lavis.load_qformer(*lavis.build_qformer(QFORMER, VISION.hidden_size, NUM_QUERY), blip2_path)
+    vit_warning, qformer_warning = _messages(caplog, logging.WARNING)
+    assert str(vit_path) in vit_warning and vit_warning.endswith(": pos_embed_extra")
+    assert qformer_warning.endswith(": Qformer.bert.encoder.layer.0.adapter.weight")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -307,6 +329,7 @@ def test_unused_keys_are_reported(local_files, caplog) -> None:
 
 
 def test_write_tiny_lavis_loads_and_is_deterministic(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="lavis")
     vit_path, blip2_path = lavis.write_tiny_lavis(tmp_path / "a", VISION, QFORMER, NUM_QUERY, IMAGE, seed=5)
     assert (vit_path.name, blip2_path.name) == ("eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth")
     vit_sd = torch.load(vit_path, weights_only=True)
@@ -325,8 +348,8 @@ def test_write_tiny_lavis_loads_and_is_deterministic(tmp_path: Path, caplog) -> 
         feats = vision(pixel_values=torch.randn(1, 3, IMAGE, IMAGE)).last_hidden_state
         out = qformer(query_embeds=query_tokens.expand(1, -1, -1), encoder_hidden_states=feats).last_hidden_state
     assert torch.isfinite(out).all() and out.shape == (1, NUM_QUERY, QFORMER.hidden_size)
-    vit_warning = next(r.getMessage() for r in caplog.records if str(vit_path) in r.getMessage())
-    assert f"blocks.{VISION.num_hidden_layers}.attn.qkv.weight" in vit_warning  # the extra "40th" block
+    vit_note = next(r.getMessage() for r in caplog.records if str(vit_path) in r.getMessage())
+    assert f"blocks.{VISION.num_hidden_layers}.attn.qkv.weight" in vit_note  # the extra "40th" block
 
     again, _ = lavis.write_tiny_lavis(tmp_path / "b", VISION, QFORMER, NUM_QUERY, IMAGE, seed=5)
     other, _ = lavis.write_tiny_lavis(tmp_path / "c", VISION, QFORMER, NUM_QUERY, IMAGE, seed=6)
