@@ -351,7 +351,8 @@ def row_batched_generation(bench: Bench) -> Row:
     # checks it too). Elsewhere (bfloat16 GPU kernels pick other tilings for other batch sizes) the
     # logits of a batch and a single call differ by rounding, which flips near-ties of a sampler
     # over a random model's flat distribution: reported, not part of the verdict.
-    exact_expected = s.device == "cpu" and model.model.llama_model.dtype == torch.float32
+    llm_dtype = model.model.embed_tokens(torch.zeros(1, 1, dtype=torch.long, device=model.device)).dtype
+    exact_expected = s.device == "cpu" and llm_dtype == torch.float32
     t = _timed(s, {"batch": batched, "singles": singles}, repeats=5)      # the slowest row: 5 repeats
     stats = t.ratio("singles", "batch")
     speedup = stats[0]
@@ -364,7 +365,7 @@ def row_batched_generation(bench: Bench) -> Row:
                 f"{fmt_s(t['singles'])}; same tokens: {8 - len(diverged)}/8 items"
                 + (f" (diverged: {', '.join(diverged)})" if diverged else "")
                 + f"; largest pixel difference: {pixel}/255; largest difference of the prompts' next-token logits, "
-                  f"batched vs alone: {rounding:.1e} ({model.model.llama_model.dtype}; "
+                  f"batched vs alone: {rounding:.1e} (LLM in {llm_dtype}; "
                   + ("must be exact here" if exact_expected else "rounding of this device's kernels: "
                      "token agreement is reported, not required") + ")",
                 f"workload: the 8 VIST validation generation prompts (0-4 input images), force_generation, "
@@ -691,21 +692,32 @@ shared, so single figures move by +-10 % from run to run -- compare ratios, not 
 | 8 | 3.3x | 5.7x | with a small CLIP the batched path was dominated by per-image `ToTensor` + `Normalize` (a dozen small tensor ops per image). `metric.preprocess_batch` runs the PIL steps (resize, crop) per image and `ToTensor` + `Normalize` once on the stacked batch: bit-identical pixels. |
 | 9 | 0.994 (language part 0.92-0.99) | 0.993 (language part 0.95) | no second forward pass any more (row 5); at these sizes the release's kept states are only 2.8 MiB, within allocator noise. |
 | 3 | -- | 0.92 | new: `MiniGPT5_Model(cache_caption_features=True)` (off by default). |
-| 4 | 1.98x | 2.08x | not fixed, see below. |
+| 4 | 1.98x, 3/8 answers as single calls | 2.1x, 8/8 answers as single calls | speed: hardware-bound on 2 cores, see below (4.6x on an H200); answers: transformers' repetition penalty skipped padded rows' first tokens, see below. |
+| 5 (GPU) | 1.198 on an H200 (real widths, --quick) | 1.113 | `VokenForcing` branched on `rows.any()`, a host sync every decoding step; now branch-free. transformers inspects each logits processor's signature every step: ours run as one `ProcessorChain`. |
 | 9 (method) | every variant reported the parent's 1.6 GB | -- | `ru_maxrss` of a fork+exec child starts at the parent's resident size; the child now resets and reads VmHWM. |
 
 **Row 4 (batched generation) misses 3x on this machine, before and after.** Timing the two halves
 alone, batch vs single: the KV-cached LLM decode gains only 2.2-2.6x because its prefill runs 8 x 322
 left-padded positions for 1403 real ones (prefill alone: 519 ms batched vs 289 ms for the 8 prompts
 one by one), and the SD pipeline gains ~2x because on 2 CPU cores the UNet is compute-bound already
-at batch 2 (~30 ms per call at batch 2, ~160 ms at batch 16: 15 vs 10 ms per image). Batching
-removes per-call overhead and idle hardware, which a 2-core CPU at these sizes has little of; on a
-GPU, where one prompt leaves most of the device idle, this is where batching pays. A possible
-follow-up for long, uneven prompts: prefill each prompt alone (no padding) and decode them together
-from a merged KV cache. Batched and single answers are token-identical for short answers (as
-tests/test_generation.py checks), but over 96 sampled tokens 5 of the 8 diverge after 32-84 tokens:
-left padding changes the logits by float rounding, which can flip a near-tie of the sampler (the
-images, made from the vokens at the start, agree within 1/255).
+at batch 2 (small preset: 32 ms per UNet call at batch 2, 142 ms at batch 16, i.e. 16 vs 9 ms per
+image; 40 % of it in oneDNN convolutions, channels-last changes nothing). Batching removes per-call
+overhead and idle hardware, which a 2-core CPU at these sizes has little of. On a GPU, where one
+prompt leaves most of the device idle, the same row at MiniGPT-5's real widths gives 4.4-4.6x
+(benchmarks/RESULTS_gpu.md).
+
+**Row 4 found a bug: batched answers were not those of single calls.** The first runs showed 5 of 8
+items diverging after 32-84 tokens, which we first put down to float rounding. Logging the scores
+each step showed a difference of 0.01-0.7 from the *second* generated token on, in every left-padded
+row and never in the longest (unpadded) one: transformers 5 builds its repetition penalty with
+`prompt_ignore_length` = each row's left-padding length, which with `inputs_embeds` (no prompt ids)
+exempts a padded row's first generated tokens from the penalty. `generate` now adds its own
+`RepetitionPenaltyLogitsProcessor` over all generated tokens (the release's behaviour); batched and
+single calls give 8/8 identical answers over 96 tokens, and
+`test_padded_rows_see_the_same_scores_as_single_calls` compares the sampler's scores step by step.
+On a GPU in bfloat16 a batch and a single call still differ by kernel rounding (8e-2 in the logits),
+which flips near-ties of a random model's flat distribution; with the LLM in float32 the GPU run gives
+8/8 identical answers too (benchmarks/RESULTS_gpu.md).
 """
 
 
