@@ -212,6 +212,26 @@ class FinalCheckpoint(Callback):
         self.checkpoint.best_model_path = path
 
 
+class StopAtStep(Callback):
+    """`--max_steps`: stop once this many optimiser steps are done.
+
+    Not Lightning's own `max_steps`: with it set, Lightning treats every resumed run as restarting
+    mid-epoch, and a run resumed from an end-of-epoch checkpoint (`<name>-last.ckpt` of a run that
+    ended with its epoch) replayed the next epoch's first batch. Stopping through `should_stop`
+    keeps training epoch-based, so Lightning resumes such a checkpoint at the next epoch."""
+
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.max_steps:
+            trainer.should_stop = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_step >= self.max_steps:     # resumed past the limit: nothing to do
+            trainer.should_stop = True
+
+
 def make_logger(args: argparse.Namespace, save_dir: Path):
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
@@ -360,6 +380,8 @@ def train(args: argparse.Namespace, paths: dict) -> None:
                                  save_top_k=1, save_last=True, enable_version_counter=False)
     checkpoint.CHECKPOINT_NAME_LAST = last_name(args.model_save_name)
     callbacks = [checkpoint, FinalCheckpoint(checkpoint), LearningRateMonitor(logging_interval="step")]
+    if args.max_steps >= 0:
+        callbacks.append(StopAtStep(args.max_steps))
     if n_devices > 1 and hasattr(train_set, "set_epoch"):
         callbacks.append(DatasetEpoch(train_set))
     if args.save_every_n_steps > 0:
@@ -373,7 +395,7 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, strategy=make_strategy(args.strategy, n_devices, stage),
         precision=args.precision or ("bf16-mixed" if accelerator == "gpu" else "32-true"),
-        max_epochs=args.num_train_epochs, max_steps=args.max_steps, accumulate_grad_batches=accumulate,
+        max_epochs=args.num_train_epochs, accumulate_grad_batches=accumulate,
         val_check_interval=interval if val_loader is not None else None,
         limit_val_batches=None if val_loader is not None else 0,
         logger=make_logger(args, weight_dir), callbacks=callbacks, log_every_n_steps=1,

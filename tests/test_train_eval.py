@@ -120,7 +120,9 @@ def _losses(log_root: Path) -> dict[int, float]:
 
 def test_resume_continues_exactly(tiny_config_path, tmp_path):
     """Stop after k steps (mid-epoch and on an epoch boundary), resume from the checkpoint the run
-    kept, continue to 8: the same losses and the same weights as 8 steps straight."""
+    kept, continue to 8: the same losses and the same weights as 8 steps straight. The checkpoints:
+    `--save_every_n_steps` ones (saved after a batch) and `<name>-last.ckpt` of a run that ended with
+    its epoch (saved at the epoch's end; Lightning's own `max_steps` made that one replay a batch)."""
     base = ["train_eval.py", "--train_data_path", "cc3m_train.tsv", "--model_save_name", "run",
             "--num_train_epochs", "6", *common(tiny_config_path)]     # 7 samples, batch 2: 4 steps an epoch
     env = lambda w: {"DATAFOLDER": str(DATASETS / "CC3M"), "WEIGHTFOLDER": str(w), "OUTPUT_FOLDER": str(w / "o")}
@@ -129,16 +131,18 @@ def test_resume_continues_exactly(tiny_config_path, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     expected_losses, expected_state = _losses(straight), state_of(straight / "run-last.ckpt")
     assert sorted(expected_losses) == list(range(8))
-    for stop in (3, 4):
-        split = tmp_path / f"split{stop}"
-        first = run(base + ["--max_steps", str(stop), "--save_every_n_steps", str(stop)], env(split))
+    for stop, every in ((3, True), (4, True), (4, False)):
+        split = tmp_path / f"split{stop}{every}"
+        first = run(base + ["--max_steps", str(stop)] + (["--save_every_n_steps", str(stop)] if every else []),
+                    env(split))
         assert first.returncode == 0, first.stderr[-4000:]
-        second = run(base + ["--max_steps", "8", "--resume", str(split / f"run-step{stop}.ckpt")], env(split))
+        kept = split / (f"run-step{stop}.ckpt" if every else "run-last.ckpt")
+        second = run(base + ["--max_steps", "8", "--resume", str(kept)], env(split))
         assert second.returncode == 0, second.stderr[-4000:]
         losses, state = _losses(split), state_of(split / "run-last.ckpt")
-        assert losses == expected_losses, (stop, losses, expected_losses)
+        assert losses == expected_losses, (kept.name, losses, expected_losses)
         assert state.keys() == expected_state.keys()
-        assert all(torch.equal(state[k], expected_state[k]) for k in state), stop
+        assert all(torch.equal(state[k], expected_state[k]) for k in state), kept.name
 
 
 def test_prediction_on_two_processes_writes_every_item_once(pipeline, tmp_path):
