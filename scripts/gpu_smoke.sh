@@ -61,9 +61,11 @@ stage bench 420 $PY benchmarks/run.py --rows 4,5 --device "$DEVICE" --model_conf
     --out "$DIR/RESULTS_gpu.md"
 # Row 4 again with the LLM in float32: whether a batch reproduces its single calls token for token
 # once bfloat16 rounding is out of the way.
-sed 's/^  llm: bfloat16$/  llm: float32/' "$CONFIG" >"${CONFIG%.yaml}_llm_fp32.yaml"
-stage bench_llm_fp32 300 $PY benchmarks/run.py --rows 4 --device "$DEVICE" --model_config "${CONFIG%.yaml}_llm_fp32.yaml" \
-    $BENCH_FLAGS --out "$DIR/RESULTS_gpu_llm_fp32.md"
+if grep -q '^  llm: bfloat16$' "$CONFIG"; then
+    sed 's/^  llm: bfloat16$/  llm: float32/' "$CONFIG" >"${CONFIG%.yaml}_llm_fp32.yaml"
+    stage bench_llm_fp32 300 $PY benchmarks/run.py --rows 4 --device "$DEVICE" \
+        --model_config "${CONFIG%.yaml}_llm_fp32.yaml" $BENCH_FLAGS --out "$DIR/RESULTS_gpu_llm_fp32.md"
+fi
 
 # The losses Lightning logged, for the summary.
 for log in "$DIR"/stage1.log "$DIR"/stage2.log "$DIR"/predict.log; do

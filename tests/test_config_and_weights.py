@@ -137,3 +137,48 @@ def test_real_sizes_on_the_meta_device():
     assert count(model.llm_to_t2i_mapping) == 117_575_680
     fc = count(model.fc)
     assert model.num_trainable_parameters() == fc + 117_575_680 + 77 * 1024 + 18 * hidden
+
+
+def test_presets_keep_the_real_widths_where_they_say_so():
+    """config/real_width*.yaml: the real config with fewer layers; its LLaMA / UNet / VAE / text-encoder
+    widths equal the real models' config.json files (so the GPU smoke test measures real widths)."""
+    from weights import PRESETS
+
+    real = load_config(REPO / "config" / "minigpt4.yaml", check_paths=False)
+    for name in PRESETS:
+        cfg = load_config(REPO / "config" / f"{name}.yaml", check_paths=False)
+        arch = yaml.safe_load((REPO / "config" / f"{name}_arch.yaml").read_text())
+        assert set(arch) == {"llama", "unet", "vae", "text_encoder"}, name
+        assert cfg.mapper.d_model == arch["text_encoder"]["hidden_size"], name   # SD's cross-attention width
+    wide = load_config(REPO / "config" / "real_width.yaml", check_paths=False)
+    assert wide.replace(vision=real.vision, llama_model=real.llama_model, vit_model=real.vit_model,
+                        q_former_model=real.q_former_model, ckpt=real.ckpt, sd_model=real.sd_model,
+                        source=real.source) == real
+    assert wide.vision.hidden_size == real.vision.hidden_size and wide.vision.num_hidden_layers == 2
+    arch = yaml.safe_load((REPO / "config" / "real_width_arch.yaml").read_text())
+    llama = json.loads((REPO / "config/arch/vicuna-7b/config.json").read_text())
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "max_position_embeddings"):
+        assert arch["llama"][key] == llama[key], key
+    sd = REPO / "config/arch/stable-diffusion-2-1-base"
+    unet = json.loads((sd / "unet/config.json").read_text())
+    vae = json.loads((sd / "vae/config.json").read_text())
+    text = json.loads((sd / "text_encoder/config.json").read_text())
+    for key in ("block_out_channels", "layers_per_block", "attention_head_dim", "norm_num_groups"):
+        assert arch["unet"][key] == unet[key], key
+    for key in ("block_out_channels", "layers_per_block", "norm_num_groups"):
+        assert arch["vae"][key] == vae[key], key
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads"):
+        assert arch["text_encoder"][key] == text[key], key
+
+
+def test_preset_cli(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "weights.py", "preset", "tiny", str(tmp_path / "t")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "t" / "tiny.yaml").is_file()
+    assert load_config(tmp_path / "t" / "tiny.yaml").llama_model == str(tmp_path / "t" / "llama")
+    bad = subprocess.run([sys.executable, "weights.py", "preset", "huge"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'huge'" in bad.stderr
