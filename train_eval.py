@@ -141,6 +141,9 @@ def check_inputs(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: PREPROCESS_FEATURE_FOLDER={str(features)!r} is not a folder")
     paths = {"cfg": cfg, "stage": stage}
     if args.is_training:
+        if args.max_steps == 0 or args.max_steps < -1:
+            raise SystemExit(f"error: --max_steps {args.max_steps}: give a positive number of optimiser steps, "
+                             f"or -1 for no limit")
         paths["train"] = data_path("--train_data_path", args.train_data_path, required=True)
         paths["val"] = data_path("--val_data_path", args.val_data_path, required=False)
         paths["stage1"] = weight_path("--stage1_weight", args.stage1_weight)

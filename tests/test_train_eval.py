@@ -170,6 +170,7 @@ def test_prediction_on_two_processes_writes_every_item_once(pipeline, tmp_path):
     ("--stage1_weight", "nowhere.ckpt", None),
     ("--model_config", "config/absent.yaml", None),
     ("--resume", "nothing.ckpt", None),
+    ("--max_steps", "0", None),
 ])
 def test_wrong_paths_fail_fast_naming_them(flag, value, env_key, tiny_config_path, monkeypatch, capsys):
     import model
