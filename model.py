@@ -670,26 +670,27 @@ class MiniGPT5_Model(pl.LightningModule):
             cond, negative = both[:-1], both[-1:].expand(features.shape[0], -1, -1)
         else:
             cond = self.map_vokens(features)
-        pipe = self.sd_pipeline(scheduler)
-        dtype = self.unet.dtype
-        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        result = pipe(prompt_embeds=cond.to(dtype), negative_prompt_embeds=None if negative is None else negative.to(dtype),
-                      guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, generator=generators,
-                      height=self.cfg.sd_image_size, width=self.cfg.sd_image_size, output_type="pil")
-        return result.images
+        return self._sd_images(cond, negative, seeds, guidance_scale, num_inference_steps, scheduler)
 
     @torch.no_grad()
     def sd_baseline(self, captions: list[str], seeds: list[int], guidance_scale: float = 7.5,
                     num_inference_steps: int = 50, scheduler: str = "pndm") -> list:
         """Plain Stable Diffusion from the caption text (the release's CC3M "SD baseline")."""
-        pipe = self.sd_pipeline(scheduler, with_text_encoder=True)
-        cond, negative = pipe.encode_prompt(captions, self.device, 1, guidance_scale > 1)
-        pipe.text_encoder = None                  # the embeddings go to the UNet in its own dtype
+        text_pipe = self.sd_pipeline(scheduler, with_text_encoder=True)
+        cond, negative = text_pipe.encode_prompt(captions, self.device, 1, guidance_scale > 1)
+        return self._sd_images(cond, negative, seeds, guidance_scale, num_inference_steps, scheduler)
+
+    def _sd_images(self, cond: torch.Tensor, negative: torch.Tensor | None, seeds: list[int], guidance_scale: float,
+                   num_inference_steps: int, scheduler: str) -> list:
+        """One SD pipeline call: N conditions (and their negatives, for CFG) -> N PIL images, each
+        from its own seed; the conditions reach the UNet in its dtype."""
         dtype = self.unet.dtype
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        return pipe(prompt_embeds=cond.to(dtype), negative_prompt_embeds=None if negative is None else negative.to(dtype),
-                    guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                    generator=generators, height=self.cfg.sd_image_size, width=self.cfg.sd_image_size).images
+        result = self.sd_pipeline(scheduler)(
+            prompt_embeds=cond.to(dtype), negative_prompt_embeds=None if negative is None else negative.to(dtype),
+            guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, generator=generators,
+            height=self.cfg.sd_image_size, width=self.cfg.sd_image_size, output_type="pil")
+        return result.images
 
     def _decode(self, ids: list[int], image) -> GenerationOutput:
         tok = self.model.llama_tokenizer

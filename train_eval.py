@@ -383,7 +383,7 @@ def train(args: argparse.Namespace, paths: dict) -> None:
                                  save_top_k=1, save_last=True, enable_version_counter=False)
     checkpoint.CHECKPOINT_NAME_LAST = last_name(args.model_save_name)
     callbacks = [checkpoint, FinalCheckpoint(checkpoint), LearningRateMonitor(logging_interval="step")]
-    if args.max_steps >= 0:
+    if args.max_steps > 0:
         callbacks.append(StopAtStep(args.max_steps))
     if n_devices > 1 and hasattr(train_set, "set_epoch"):
         callbacks.append(DatasetEpoch(train_set))
