@@ -426,3 +426,35 @@ def write_tiny_lavis(out_dir: str | Path, vision: Any, qformer: Any, num_query_t
     torch.save(_tiny_vit_state_dict(rng, vision, image_size), vit_path)
     torch.save({"model": _tiny_blip2_state_dict(rng, vision, qformer, num_query_token)}, blip2_path)
     return vit_path, blip2_path
+
+
+def save_lavis(model: Blip2VisionModel, qformer_model: Blip2QFormerModel, query_tokens: nn.Parameter,
+               vit_path: str | Path, blip2_path: str | Path) -> None:
+    """Write trained weights back into existing LAVIS files (the inverse of `load_eva_vit` +
+    `load_qformer`): the ViT into `eva_vit_g.pth` (the fused qkv bias split into `q_bias` / `v_bias`;
+    its key slice must be zero, as EVA has none), `post_layernorm` into BLIP-2's `ln_vision`, the
+    query path and `query_tokens` into `blip2_pretrained_flant5xxl.pth`. Keys the loaders do not read
+    (the text path, other heads, the extra block) keep their values. Used by the toy world, whose
+    image side is trained (MiniGPT-4's captioning stage)."""
+    vit_path, blip2_path = Path(vit_path), Path(blip2_path)
+    vit_sd = _read_state_dict(vit_path)
+    blip2_file = torch.load(blip2_path, map_location="cpu", weights_only=True)
+    blip2_sd = blip2_file["model"] if isinstance(blip2_file, Mapping) and "model" in blip2_file else blip2_file
+    ours = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+    config = model.config
+    for name, theirs in _vision_key_map(config.num_hidden_layers).items():
+        vit_sd[theirs] = ours[name]
+    hidden = config.hidden_size
+    for i in range(config.num_hidden_layers):
+        bias = ours[f"encoder.layers.{i}.self_attn.qkv.bias"]
+        if bias[hidden:2 * hidden].abs().max() > 0:
+            raise ValueError(f"layer {i}: the qkv key bias is not zero; an EVA ViT file cannot hold it")
+        vit_sd[f"blocks.{i}.attn.q_bias"], vit_sd[f"blocks.{i}.attn.v_bias"] = bias[:hidden], bias[2 * hidden:]
+    blip2_sd["ln_vision.weight"], blip2_sd["ln_vision.bias"] = ours["post_layernorm.weight"], ours["post_layernorm.bias"]
+    q_ours = {k: v.detach().float().cpu().clone() for k, v in qformer_model.state_dict().items()}
+    q_config = qformer_model.config
+    for name, theirs in _qformer_key_map(q_config.num_hidden_layers, q_config.cross_attention_frequency).items():
+        blip2_sd[theirs] = q_ours[name]
+    blip2_sd["query_tokens"] = query_tokens.detach().float().cpu().clone()
+    torch.save(vit_sd, vit_path)
+    torch.save({"model": blip2_sd} if blip2_sd is not blip2_file else blip2_sd, blip2_path)

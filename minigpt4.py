@@ -277,14 +277,20 @@ class MiniGPT4(nn.Module):
 
     def encode_img(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) normalised images -> (B, num_query_token, llm_hidden) embeddings in the
-        LLM's dtype, and their all-ones attention mask (B, num_query_token)."""
+        LLM's dtype, and their all-ones attention mask (B, num_query_token). The image side is
+        frozen in MiniGPT-5: no gradient."""
         with torch.no_grad():
-            image_feats = self.visual_encoder(images.to(self.vision_dtype)).last_hidden_state
-            queries = self.query_tokens.expand(images.shape[0], -1, -1)
-            query_out = self.Qformer(query_embeds=queries, encoder_hidden_states=image_feats.float()).last_hidden_state
-            embeds = self.llama_proj(query_out.to(self.llama_proj.weight.dtype))
+            embeds = self.project_images(images)
         atts = torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device)
         return embeds.to(self.llm_dtype), atts
+
+    def project_images(self, images: torch.Tensor) -> torch.Tensor:
+        """ViT -> Q-Former (the learned queries read the image tokens) -> `llama_proj`, with
+        gradients (MiniGPT-4's captioning stage trains these; see toyworld/pretrain.py)."""
+        image_feats = self.visual_encoder(images.to(self.vision_dtype)).last_hidden_state
+        queries = self.query_tokens.expand(images.shape[0], -1, -1)
+        query_out = self.Qformer(query_embeds=queries, encoder_hidden_states=image_feats.float()).last_hidden_state
+        return self.llama_proj(query_out.to(self.llama_proj.weight.dtype))
 
     # ---- text + images -----------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -141,12 +142,12 @@ def translate_llm_keys(state: dict[str, torch.Tensor], lora: bool) -> dict[str, 
 # The tiny preset
 # --------------------------------------------------------------------------------------------
 
-def _train_sentencepiece(vocab_size: int) -> bytes:
+def _train_sentencepiece(vocab_size: int, corpus: list[str] | None = None) -> bytes:
     import sentencepiece as spm
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_TINY_CORPUS * 4), model_writer=buffer, vocab_size=vocab_size,
+        sentence_iterator=iter(corpus or _TINY_CORPUS * 4), model_writer=buffer, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
         remove_extra_whitespaces=False, normalization_rule_name="identity",
@@ -155,12 +156,13 @@ def _train_sentencepiece(vocab_size: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_tiny_llama(out_dir: Path, arch: dict, seed: int) -> None:
-    """A Hugging Face LLaMA folder: config, safetensors weights and a sentencepiece tokenizer."""
+def write_tiny_llama(out_dir: Path, arch: dict, seed: int, corpus: list[str] | None = None) -> None:
+    """A Hugging Face LLaMA folder: config, safetensors weights and a sentencepiece tokenizer
+    (trained on `corpus`, by default the project's prompts and a little English)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    sp_model = _train_sentencepiece(arch["vocab_size"])
+    sp_model = _train_sentencepiece(arch["vocab_size"], corpus)
     (out_dir / "tokenizer.model").write_bytes(sp_model)
     import sentencepiece as spm
     vocab_size = spm.SentencePieceProcessor(model_proto=sp_model).get_piece_size()
@@ -182,8 +184,9 @@ def write_tiny_llama(out_dir: Path, arch: dict, seed: int) -> None:
     model.save_pretrained(out_dir)
 
 
-def _clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
-    """A byte-level CLIP BPE vocabulary (every byte, with and without `</w>`), a few merges."""
+def _clip_bpe_vocab(words: Sequence[str] = ()) -> tuple[dict[str, int], list[str]]:
+    """A byte-level CLIP BPE vocabulary (every byte, with and without `</w>`), a few merges, and
+    the merges that make each of `words` one token."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -195,6 +198,13 @@ def _clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
     chars = [chr(c) for c in cs]
     tokens = chars + [c + "</w>" for c in chars]
     merges = ["t h", "th e</w>", "a n", "i n", "e r", "o n"]
+    for word in words:                       # "red" -> "r e", "re d</w>": one token "red</w>"
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        for piece in pieces[1:]:
+            pair = f"{pieces[0]} {piece}"
+            if pair not in merges:
+                merges.append(pair)
+            pieces[0] += piece
     for m in merges:
         merged = m.replace(" ", "")
         if merged not in tokens:
@@ -203,9 +213,10 @@ def _clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def write_tiny_sd(out_dir: Path, arch: dict, image_size: int, cross_attention_dim: int, seed: int) -> None:
+def write_tiny_sd(out_dir: Path, arch: dict, image_size: int, cross_attention_dim: int, seed: int,
+                  words: Sequence[str] = ()) -> None:
     """A diffusers Stable Diffusion folder (unet, vae, text_encoder, tokenizer, scheduler) with
-    SD 2.1-base's scheduler settings and epsilon prediction."""
+    SD 2.1-base's scheduler settings and epsilon prediction; `words` become single tokens."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -232,7 +243,7 @@ def write_tiny_sd(out_dir: Path, arch: dict, image_size: int, cross_attention_di
         norm_num_groups=unet_arch["norm_num_groups"], cross_attention_dim=cross_attention_dim,
         use_linear_projection=True,
     )
-    vocab, merges = _clip_bpe_vocab()
+    vocab, merges = _clip_bpe_vocab(words)
     tok_dir = out_dir / "tokenizer"
     tok_dir.mkdir(exist_ok=True)
     (tok_dir / "vocab.json").write_text(json.dumps(vocab))
@@ -284,8 +295,6 @@ def build_tiny(out_dir: str | os.PathLike = DEFAULT_TINY_DIR, seed: int = 0,
     """Write a random-weight preset (default: the tiny one) into `out_dir` and return the path of
     its config YAML (`out_dir/<config_name>`, the sizes of `config_path`, paths pointing into
     `out_dir`). Deterministic for a given seed; the tiny preset takes a few seconds."""
-    from lavis import write_tiny_lavis
-
     out_dir = Path(out_dir).resolve()
     cfg = load_config(config_path, check_paths=False)
     with open(arch_path) as f:
@@ -293,24 +302,37 @@ def build_tiny(out_dir: str | os.PathLike = DEFAULT_TINY_DIR, seed: int = 0,
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_tiny_llama(tmp / "llama", arch["llama"], seed)
-    vit_path, blip2_path = write_tiny_lavis(tmp, cfg.vision, cfg.qformer, cfg.num_query_token,
-                                            cfg.image_size, seed=seed)
-    write_tiny_minigpt4(tmp / "prerained_minigpt4_7b.pth", cfg.qformer.hidden_size,
-                        arch["llama"]["hidden_size"], seed)
-    write_tiny_sd(tmp / "sd", arch, cfg.sd_image_size, cfg.mapper.d_model, seed)
+    write_preset_files(tmp, cfg, arch, seed)
     # Replace atomically so an interrupted build never looks complete.
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    tiny = cfg.replace(
-        llama_model=str(out_dir / "llama"), vit_model=str(out_dir / Path(vit_path).name),
-        q_former_model=str(out_dir / Path(blip2_path).name),
-        ckpt=str(out_dir / "prerained_minigpt4_7b.pth"), sd_model=str(out_dir / "sd"),
-    )
-    dump_config(tiny, out_dir / config_name)
+    dump_config(preset_config(cfg, out_dir), out_dir / config_name)
     log.info("preset written to %s", out_dir)
     return out_dir / config_name
+
+
+def write_preset_files(out_dir: Path, cfg, arch: dict, seed: int, llm_corpus: list[str] | None = None,
+                       sd_words: Sequence[str] = ()) -> None:
+    """The weight files of a random preset with `cfg`'s sizes and `arch`'s LLM / SD architectures
+    into `out_dir` (names as `preset_config` expects); the LLM tokenizer is trained on
+    `llm_corpus` and `sd_words` become single SD tokens (see the toy world)."""
+    from lavis import write_tiny_lavis
+
+    write_tiny_llama(out_dir / "llama", arch["llama"], seed, corpus=llm_corpus)
+    write_tiny_lavis(out_dir, cfg.vision, cfg.qformer, cfg.num_query_token, cfg.image_size, seed=seed)
+    write_tiny_minigpt4(out_dir / "prerained_minigpt4_7b.pth", cfg.qformer.hidden_size,
+                        arch["llama"]["hidden_size"], seed)
+    write_tiny_sd(out_dir / "sd", arch, cfg.sd_image_size, cfg.mapper.d_model, seed, words=sd_words)
+
+
+def preset_config(cfg, out_dir: Path):
+    """`cfg` with its weight paths pointing at the files `write_preset_files` wrote to `out_dir`."""
+    from lavis import BLIP2_FILE_NAME, VIT_FILE_NAME
+
+    return cfg.replace(llama_model=str(out_dir / "llama"), vit_model=str(out_dir / VIT_FILE_NAME),
+                       q_former_model=str(out_dir / BLIP2_FILE_NAME),
+                       ckpt=str(out_dir / "prerained_minigpt4_7b.pth"), sd_model=str(out_dir / "sd"))
 
 
 PRESETS = ("tiny", "small", "real_width")

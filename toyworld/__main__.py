@@ -1,0 +1,52 @@
+"""`python -m toyworld`: build the toy world and everything trained in it, or copy a build into the
+repository's shipped toy preset.
+
+    python -m toyworld build [--config config/toyworld.yaml] [--out weights/toy] [--force STEP]
+    python -m toyworld ship [--out weights/toy] [--to toyworld/pretrained]
+    python -m toyworld steps
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from toyworld import build as build_module
+    from toyworld import ship
+
+    parser = argparse.ArgumentParser(prog="python -m toyworld", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="make the world, pretrain the frozen parts, train and evaluate MiniGPT-5")
+    b.add_argument("--config", default=str(build_module.DEFAULT_CONFIG), help="world and recipe settings")
+    b.add_argument("--out", default=str(build_module.DEFAULT_OUT), help="build folder (the toy preset)")
+    b.add_argument("--force", nargs="*", default=[], metavar="STEP", help="redo these steps and all after them")
+    b.add_argument("--only", nargs="*", default=None, metavar="STEP", help="run only these steps")
+    s = sub.add_parser("ship", help="copy a build's preset and checkpoints, small, into the repository")
+    s.add_argument("--out", default=str(build_module.DEFAULT_OUT), help="the build folder to copy from")
+    s.add_argument("--to", default=str(ship.SHIPPED), help="where the shipped preset goes")
+    sub.add_parser("steps", help="list the build's steps")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "steps":
+        for step in build_module.steps():
+            print(f"{step.name:<28} {step.about}")
+        return
+    if args.command == "ship":
+        written = ship.ship(Path(args.out), Path(args.to))
+        print(f"shipped toy preset written to {written}")
+        return
+    config = Path(args.config)
+    if not config.is_file():
+        raise SystemExit(f"error: --config {args.config!r} does not exist")
+    build_module.run(build_module.Build(config, Path(args.out)), only=args.only, force=args.force)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""`python -m toyworld build`: the whole toy world, from nothing to a trained MiniGPT-5 and its report.
+
+    datasets       the world's pictures and texts in the release's three formats (data/)
+    preset         a random toy preset in the real file formats (toy.yaml + weight files)
+    sd             VAE, CLIP text encoder, UNet trained on the world's captioned pictures (sd/)
+    llm            tokenizer and LLaMA trained on the world's text (llama/)
+    image_side     EVA-ViT + Q-Former + llama_proj trained to caption pictures (the LAVIS / MiniGPT-4 files)
+    stage0         MiniGPT-5's trainable parts as built, untrained (the "no training" reference)
+    stage1 ...     MiniGPT-5 trained by the unchanged train_eval.py: stage 1 on the toy CC3M, stage 2
+                   on the toy VIST and MMDialog from it, and the ablations (checkpoints/)
+    evaluate       predictions, the judge, metric.py -> TOY_RESULTS.md
+
+Every step records what it made in `steps/<name>.json`, keyed by its settings and those of the
+steps it depends on: a second run skips what is done (an interrupted step starts again), and a
+changed setting redoes that step and everything after it. `--force STEP` redoes one step onward.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "config" / "toyworld.yaml"
+DEFAULT_OUT = REPO / "weights" / "toy"
+
+
+@dataclass
+class Step:
+    name: str
+    run: Callable[["Build"], dict]
+    depends: tuple[str, ...] = ()
+    settings: Callable[["Build"], object] = lambda build: None
+    about: str = ""
+
+
+@dataclass
+class Build:
+    """One build: its settings (`config/toyworld*.yaml`), its output folder, and what is done."""
+
+    config_path: Path
+    out: Path
+    python: str = sys.executable
+    settings: dict = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.config_path, self.out = Path(self.config_path).resolve(), Path(self.out).resolve()
+        with open(self.config_path) as f:
+            self.settings = yaml.safe_load(f)
+        (self.out / "steps").mkdir(parents=True, exist_ok=True)
+
+    # ---- paths -------------------------------------------------------------------------------
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def model_config(self) -> Path:
+        return self.out / "toy.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def predictions(self) -> Path:
+        return self.out / "predictions"
+
+    def config_file(self, key: str) -> Path:
+        return (self.config_path.parent / self.settings[key]).resolve()
+
+    # ---- running another command of the project ----------------------------------------------
+    def command(self, args: list[str], env: dict[str, str], what: str) -> None:
+        """Run `python args...` from the repository root with `env` added; its output goes to
+        `logs/<what>.log`; a failure stops the build and shows the log's end."""
+        log_path = self.out / "logs" / f"{what}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        with open(log_path, "w") as log_file:
+            log_file.write(" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join([self.python, *args]) + "\n")
+            log_file.flush()
+            done = subprocess.run([self.python, *args], cwd=REPO, env=full_env, stdout=log_file,
+                                  stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            tail = log_path.read_text().splitlines()[-25:]
+            raise SystemExit(f"error: {what} failed (exit {done.returncode}); the end of {log_path}:\n"
+                             + "\n".join(tail))
+
+    # ---- the steps' records ------------------------------------------------------------------
+    def record_path(self, name: str) -> Path:
+        return self.out / "steps" / f"{name}.json"
+
+    def record(self, name: str) -> dict | None:
+        path = self.record_path(name)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def key(self, step: Step) -> str:
+        upstream = [self.record(d)["key"] for d in step.depends]
+        text = json.dumps([step.name, step.settings(self), upstream], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def steps() -> list[Step]:
+    """The build's steps, in order (see the module docstring)."""
+    from toyworld import stages
+
+    return stages.STEPS
+
+
+def run(build: Build, only: list[str] | None = None, force: list[str] | None = None) -> dict[str, dict]:
+    """Run every step that is not done (or all from a forced one on); print a progress report."""
+    plan = steps()
+    names = [s.name for s in plan]
+    for name in (only or []) + (force or []):
+        if name not in names:
+            raise SystemExit(f"error: no build step {name!r}; the steps are {', '.join(names)}")
+    forced_from = min((names.index(f) for f in force or []), default=len(names))
+    results, started = {}, time.time()
+    print(f"toy world build: {build.out} (settings {build.config_path})")
+    for i, step in enumerate(plan, start=1):
+        if only and step.name not in only:
+            record = build.record(step.name)
+            if record is None:
+                raise SystemExit(f"error: step {step.name!r} is needed first (run the build without --only)")
+            results[step.name] = record
+            continue
+        key = build.key(step)
+        record = build.record(step.name)
+        if record is not None and record["key"] == key and i - 1 < forced_from:
+            print(f"[{i:2d}/{len(plan)}] {step.name:<18} done before ({record['seconds']:.0f} s)")
+            results[step.name] = record
+            continue
+        print(f"[{i:2d}/{len(plan)}] {step.name:<18} {step.about}", flush=True)
+        t0 = time.time()
+        build.record_path(step.name).unlink(missing_ok=True)
+        summary = step.run(build)
+        seconds = time.time() - t0
+        record = {"key": key, "seconds": round(seconds, 1), "summary": summary}
+        build.record_path(step.name).write_text(json.dumps(record, indent=1, default=str))
+        shown = ", ".join(f"{k} {v}" for k, v in (summary or {}).items() if not isinstance(v, (dict, list)))
+        print(f"[{i:2d}/{len(plan)}] {step.name:<18} done in {seconds:.0f} s" + (f": {shown}" if shown else ""),
+              flush=True)
+        results[step.name] = record
+    total = sum(r["seconds"] for r in results.values())
+    print(f"toy world build finished: {time.time() - started:.0f} s this run, {total:.0f} s of steps in all; "
+          f"preset {build.model_config}")
+    return results

@@ -1,0 +1,249 @@
+"""The toy world's report: MiniGPT-5's predictions on the toy test sets, scored by the judge.
+
+Predictions come from the unchanged `train_eval.py --is_training False` (the release's evaluation
+command) on each test set, for the trained model, its ablations and the untrained reference; every
+picture is read back by the judge and compared with the scene the world says it should show.
+`metric.py` scores the same prediction folders (its figures are in the report too).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from toyworld import world
+from toyworld.build import REPO, Build
+from toyworld.judge import CHANCE, accuracy, judge
+
+ATTRIBUTES = tuple(world.ATTRIBUTES)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One prediction run: a test set and the checkpoints and flags it is predicted with."""
+
+    name: str
+    dataset: str
+    test_weight: str
+    stage1_weight: str | None = None
+    flags: tuple[str, ...] = ()
+
+    @property
+    def stage2(self) -> bool:
+        return self.stage1_weight is not None
+
+
+RUNS = (
+    Run("cc3m_stage1", "CC3M", "stage1_cc3m.ckpt"),
+    Run("cc3m_stage1_guidance1", "CC3M", "stage1_cc3m.ckpt", flags=("--guidance_scale", "1")),
+    Run("cc3m_no_caption_loss", "CC3M", "stage1_cc3m_no_caption_loss.ckpt"),
+    Run("cc3m_untrained", "CC3M", "stage0_untrained.ckpt"),
+    Run("vist_stage2", "VIST", "stage2_vist.ckpt", "stage1_cc3m.ckpt"),
+    Run("vist_stage1_only", "VIST", "stage1_cc3m.ckpt"),
+    Run("vist_no_stage1", "VIST", "stage2_vist_no_stage1.ckpt", "stage0_untrained.ckpt"),
+    Run("mmdialog_stage2", "MMDialog", "stage2_mmdialog.ckpt", "stage1_cc3m.ckpt"),
+)
+TEST_FILES = {"CC3M": "cc3m_test.tsv", "VIST": "test_cleaned.json", "MMDialog": "test/test_conversations.txt"}
+
+
+def predict(build: Build, run: Run) -> Path:
+    """`train_eval.py` prediction for `run`; returns the folder with its predictions-*.pt."""
+    import constants
+
+    env = {"IS_STAGE2": str(run.stage2), "WEIGHTFOLDER": str(build.checkpoints),
+           "DATAFOLDER": str(build.data / run.dataset), "OUTPUT_FOLDER": str(build.predictions),
+           "OUTPUT_SUFFIX": f"_{run.name}"}
+    args = ["train_eval.py", "--is_training", "False", "--model_config", str(build.model_config),
+            "--test_data_path", TEST_FILES[run.dataset], "--test_weight", run.test_weight,
+            "--accelerator", "cpu", "--gpus", "0", *build.settings["evaluate"]["flags"], *run.flags]
+    if run.stage1_weight:
+        args += ["--stage1_weight", run.stage1_weight]
+    build.command(args, env, f"predict_{run.name}")
+    return build.predictions / (Path(run.test_weight).stem + f"_{run.name}")
+
+
+# ---- what each prediction should show ------------------------------------------------------------
+
+def _truth(build: Build, dataset: str) -> dict[str, dict]:
+    """Task name -> the attributes its expected picture shows (pictures of the test split)."""
+    folder = build.data / dataset
+    if dataset == "CC3M":
+        scenes = json.loads((folder / "scenes_test.json").read_text())
+        return {f"cc3m_{row}": attributes for row, attributes in enumerate(scenes)}
+    if dataset == "VIST":
+        scenes = json.loads((folder / "scenes_test.json").read_text())
+        stories = json.loads((folder / "test_cleaned.json").read_text())
+        return {f"{story}_{step['sequence_index']}-gen": scenes[step["image_id"]]
+                for story, steps in stories.items() for step in steps}
+    scenes = json.loads((folder / "test" / "scenes.json").read_text())
+    truth = {}
+    for line in (folder / "test" / "test_conversations.txt").read_text().splitlines():
+        conversation = json.loads(line)
+        for j, turn in enumerate(conversation["conversation"]):
+            media = turn["turn"][1]["__MEDIA__"] if len(turn["turn"]) > 1 else None
+            truth[f"{conversation['conversation_id']}_{j}-mm"] = scenes[media] if media else None
+    return truth
+
+
+def _has_vokens(text: str) -> bool:
+    return "[IMG0]" in text
+
+
+@dataclass
+class Scored:
+    """A run's predictions, judged."""
+
+    run: Run
+    tasks: list[str]
+    truth: list[dict | None]
+    judged: list[dict | None]           # the judge's reading of the generated picture (None: no picture)
+    baseline: list[dict | None]         # the same for the SD baseline picture (CC3M)
+    emitted: list[bool]                 # whether the answer holds [IMG0]
+    folder: Path
+
+
+def score(build: Build, run: Run, folder: Path) -> Scored:
+    from metric import load_predictions
+
+    truth = _truth(build, run.dataset)
+    samples = load_predictions(folder)
+    tasks, expected, judged, baseline, emitted = [], [], [], [], []
+    for sample in samples:
+        tasks.append(sample.task)
+        expected.append(truth.get(sample.task))
+        judged.append(judge(sample.pred_image) if sample.pred_image is not None else None)
+        baseline.append(judge(sample.baseline_image) if sample.baseline_image is not None else None)
+        emitted.append(_has_vokens(sample.pred_text))
+    return Scored(run, tasks, expected, judged, baseline, emitted, folder)
+
+
+def _select(scored: Scored, keep) -> tuple[list, list]:
+    pairs = [(j, t) for task, j, t in zip(scored.tasks, scored.judged, scored.truth) if keep(task, t)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _later_frame(task: str, truth) -> bool:
+    """A story frame after the first (its scene follows from the context only)."""
+    return truth is not None and task.endswith("-gen") and not task.rsplit("-", 1)[0].endswith("_0")
+
+
+def _asked_picture(task: str, truth) -> bool:
+    """The dialogue turn where the assistant answers a request for a picture (turn 5)."""
+    return truth is not None and task.endswith("_5-mm")
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+def _pct(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+
+
+def _row(label: str, acc: dict, n: int, target: str) -> str:
+    cells = " | ".join(_pct(acc[a]) for a in (*ATTRIBUTES, "all"))
+    return f"| {label} | {n} | {cells} | {target} |"
+
+
+def report(build: Build, scored: dict[str, Scored], metrics: dict[str, dict], seconds: dict[str, float]) -> str:
+    chance = " | ".join(_pct(CHANCE[a]) for a in ATTRIBUTES)
+    lines = [
+        "# MiniGPT-5 in the toy world",
+        "",
+        f"Written by `python -m toyworld build --config {build.config_path.relative_to(REPO)}` "
+        "(docs/toyworld.md). Every number is the judge's reading of a generated picture against "
+        "the scene the prompt asks for: per attribute, and `all` = every attribute right.",
+        "",
+        "## Judge accuracy",
+        "",
+        "| model | pictures | " + " | ".join(ATTRIBUTES) + " | all | target |",
+        "|---|---|" + "---|" * (len(ATTRIBUTES) + 2),
+        f"| chance | | {chance} | {_pct(math.prod(CHANCE.values()))} | |",
+    ]
+    cc3m = scored["cc3m_stage1"]
+    n = len(cc3m.tasks)
+    lines.append(_row("toy SD from the caption (SD baseline), toy CC3M test (held-out combinations)",
+                      accuracy(cc3m.baseline, cc3m.truth), n, ">= 90%"))
+    lines.append(_row("MiniGPT-5 stage 1: caption -> vokens -> picture, same prompts",
+                      accuracy(cc3m.judged, cc3m.truth), n, ">= 85%"))
+    for name, label in (("cc3m_stage1_guidance1", "ablation: stage 1 without classifier-free guidance (scale 1)"),
+                        ("cc3m_no_caption_loss", "ablation: stage 1 trained without the caption loss"),
+                        ("cc3m_untrained", "MiniGPT-5 as built, untrained, same prompts")):
+        s = scored[name]
+        lines.append(_row(label, accuracy(s.judged, s.truth), len(s.tasks), ""))
+    for name, label, target in (
+            ("vist_stage2", "MiniGPT-5 stage 2: next story frame (toy VIST test, frames 2+, scene from context only)",
+             ">= 70%"),
+            ("vist_stage1_only", "the same prompts, stage-1 model only (no story training)", "near chance"),
+            ("vist_no_stage1", "ablation: stage 2 without stage 1 (from the untrained mapper)", "")):
+        judged, truth = _select(scored[name], _later_frame)
+        lines.append(_row(label, accuracy(judged, truth), len(truth), target))
+    judged, truth = _select(scored["mmdialog_stage2"], _asked_picture)
+    lines.append(_row("MiniGPT-5 stage 2 (MMDialog): the picture the user asks for (same place, another time)",
+                      accuracy(judged, truth), len(truth), ""))
+    lines += ["", "A prediction without a picture counts as wrong on every attribute.", "",
+              "## Voken emission (no forced generation)", "", "| prompts | n | emitted [IMG0] | target |",
+              "|---|---|---|---|"]
+    vist = scored["vist_stage2"]
+    dialog = scored["mmdialog_stage2"]
+    asked = [e for t, e in zip(vist.tasks, vist.emitted) if t.endswith("-gen")]
+    picture_turns = [e for e, t in zip(dialog.emitted, dialog.truth) if t is not None]
+    text_turns = [e for e, t in zip(dialog.emitted, dialog.truth) if t is None]
+    for label, values, target in (("toy VIST: every frame asked for (stage 2)", asked, ">= 95%"),
+                                  ("toy MMDialog: turns with a picture (stage 2)", picture_turns, ">= 95%"),
+                                  ("toy MMDialog: text-only turns (stage 2)", text_turns, "<= 5%"),
+                                  ("toy CC3M captions (stage 1)", cc3m.emitted, "")):
+        lines.append(f"| {label} | {len(values)} | {_pct(sum(values) / len(values) if values else float('nan'))} "
+                     f"| {target} |")
+    lines += ["", "## metric.py on the same predictions", "",
+              "CLIP and Inception are the tiny random stand-ins (`--tiny_extractors`: the real weights cannot be "
+              "downloaded here), so their figures test the code path only; BLEU, ROUGE-L and Sentence-BERT "
+              "(packaged offline) are real.", ""]
+    for name, values in metrics.items():
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in values.items())
+        lines.append(f"- `{name}`: {shown}")
+    lines += ["", "## Time", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {name} | {s:.0f} |" for name, s in seconds.items()]
+    lines += ["", f"Total: {sum(seconds.values()) / 60:.1f} minutes of steps.", ""]
+    return "\n".join(lines)
+
+
+METRIC_KEYS = {"CC3M": ("CLIP-I", "CLIP-T", "IS", "FID"), "VIST": ("CLIP-I", "CLIP-T", "FID"),
+               "MMDialog": ("BLEU-1", "BLEU-2", "ROUGE-L", "SBERT", "CLIP-F1")}
+
+
+def run_metric(build: Build, run: Run, folder: Path) -> dict:
+    """metric.py on a prediction folder (tiny CLIP / Inception stand-ins); a few of its figures."""
+    build.command(["metric.py", "--pred_folder", str(folder), "--dataset", run.dataset, "--tiny_extractors",
+                   "--device", "cpu"], {"DATAFOLDER": str(build.data / run.dataset)}, f"metric_{run.name}")
+    results = json.loads((folder / "results_dict.json").read_text())
+    wanted = METRIC_KEYS[run.dataset]
+    return {k: v for k, v in results.items() if any(k.upper().startswith(w.upper()) for w in wanted)
+            and isinstance(v, (int, float))}
+
+
+def evaluate(build: Build, runs: Sequence[Run] = RUNS) -> dict:
+    import time
+
+    scored, metrics, seconds = {}, {}, {}
+    for run in runs:
+        t0 = time.time()
+        folder = predict(build, run)
+        scored[run.name] = score(build, run, folder)
+        if run.name in ("cc3m_stage1", "vist_stage2", "mmdialog_stage2"):
+            metrics[run.name] = run_metric(build, run, folder)
+        seconds[f"predict {run.name}"] = time.time() - t0
+    for name in ("datasets", "preset", "sd", "llm", "image_side", "stage0", "stage1_cc3m", "stage2_vist",
+                 "stage2_mmdialog", "stage1_cc3m_no_caption_loss", "stage2_vist_no_stage1"):
+        record = build.record(name)
+        if record:
+            seconds[name] = record["seconds"]
+    text = report(build, scored, metrics, seconds)
+    (build.out / "TOY_RESULTS.md").write_text(text)
+    target = build.settings.get("report")
+    if target:
+        path = (build.config_path.parent / target).resolve()
+        path.write_text(text)
+    summary = {name: {"judge": accuracy(s.judged, s.truth)["all"], "emitted": sum(s.emitted) / max(1, len(s.emitted))}
+               for name, s in scored.items()}
+    return {"report": str(build.out / "TOY_RESULTS.md"), "runs": summary}

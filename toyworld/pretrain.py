@@ -1,0 +1,340 @@
+"""Pretraining the frozen parts MiniGPT-5 builds on, for the toy world, each with its field's usual
+recipe, written in the real file formats and read back by the project's unchanged loaders.
+
+    stable diffusion  sd/       1. VAE: reconstruction (+ a tiny KL term), as an autoencoder
+                                2. CLIP text encoder: contrastive against a small image tower (CLIP)
+                                3. UNet: epsilon-prediction denoising on VAE latents, conditioned
+                                   on the frozen text encoder, captions dropped 10% (for CFG),
+                                   min-SNR-5 weighting, SD 2.1-base's noise schedule
+    language model    llama/    sentencepiece tokenizer + LLaMA, next-token prediction on the
+                                world's text in the release's prompt formats
+    image side        eva_vit_g.pth, blip2_pretrained_flant5xxl.pth, prerained_minigpt4_7b.pth:
+                                EVA-ViT + Q-Former + llama_proj trained together to caption
+                                pictures through the frozen LLM (MiniGPT-4's captioning stage,
+                                BLIP-2's generative step, from scratch)
+
+Each function starts from the random preset folder that `weights.py` writes (so the files have the
+real layouts), trains, and writes the trained weights back into that folder.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import ImageOps
+from torch import nn
+from tqdm.auto import tqdm
+
+from toyworld import world
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimiser settings of one pretraining step (config/toyworld*.yaml)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 0
+    weight_decay: float = 0.0
+
+
+def _schedule(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    def factor(step: int) -> float:
+        if step < recipe.warmup:
+            return (step + 1) / recipe.warmup
+        progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _fit(params: Sequence[nn.Parameter], recipe: Recipe, loss_of_step: Callable[[int], torch.Tensor],
+         desc: str) -> list[float]:
+    """AdamW over `params` for `recipe.steps` steps; returns the loss of every step."""
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    scheduler = _schedule(optimizer, recipe)
+    losses = []
+    bar = tqdm(range(recipe.steps), desc=desc, unit="step", leave=False)
+    for step in bar:
+        loss = loss_of_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    return losses
+
+
+# ---- the pictures and captions pretraining sees --------------------------------------------------
+
+@dataclass
+class PictureSet:
+    """Rendered training pictures (N, 3, S, S) in [-1, 1], their scenes and one caption each."""
+
+    images: torch.Tensor
+    scenes: list[world.Scene]
+    captions: list[str]
+
+
+def picture_set(n: int, size: int, seed: int) -> PictureSet:
+    """`n` renders of seen combinations (random variations, half of them mirrored as MiniGPT-5's
+    training does), with a caption each."""
+    rng = random.Random(f"{seed}-pretrain-pictures")
+    pool = [s for s in world.all_scenes() if not world.is_held_out(s)]
+    scenes, captions, images = [], [], []
+    for _ in range(n):
+        scene = rng.choice(pool)
+        image = world.render(scene, size, rng)
+        if rng.random() < 0.5:
+            image = ImageOps.mirror(image)
+        scenes.append(scene)
+        captions.append(world.caption(scene, rng.randrange(len(world.CAPTION_TEMPLATES))))
+        images.append(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
+    return PictureSet(torch.stack(images), scenes, captions)
+
+
+def world_words() -> list[str]:
+    """Every word of the world's captions (the SD tokenizer gives each its own token)."""
+    words = set()
+    for scene in world.all_scenes():
+        for template in range(len(world.CAPTION_TEMPLATES)):
+            words.update(world.caption(scene, template).replace(",", " ").split())
+    return sorted(words)
+
+
+# ---- Stable Diffusion ----------------------------------------------------------------------------
+
+def train_vae(vae, pictures: PictureSet, recipe: Recipe, kl_weight: float, seed: int) -> list[float]:
+    """Autoencoder training: L1 + MSE reconstruction of a sampled latent, plus `kl_weight` x KL."""
+    g = torch.Generator().manual_seed(seed)
+    vae.train().requires_grad_(True)
+
+    def step(_: int) -> torch.Tensor:
+        x = pictures.images[torch.randint(len(pictures.images), (recipe.batch_size,), generator=g)]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        recon = vae.decode(z).sample
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
+
+    losses = _fit(list(vae.parameters()), recipe, step, "sd: vae")
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+class _ImageTower(nn.Module):
+    """CLIP's image side for the toy text encoder's contrastive training (thrown away afterwards)."""
+
+    def __init__(self, size: int, width: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width, 3, 2, 1), nn.GELU(), nn.Conv2d(width, 2 * width, 3, 2, 1), nn.GELU(),
+            nn.Conv2d(2 * width, 2 * width, 3, 2, 1), nn.GELU(), nn.Flatten(),
+            nn.Linear(2 * width * (size // 8) ** 2, out_dim))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+def train_text_encoder(text_encoder, tokenizer, pictures: PictureSet, recipe: Recipe, seed: int) -> list[float]:
+    """CLIP's recipe: symmetric InfoNCE between the text encoder's pooled output (projected) and an
+    image tower's embedding, with a learned temperature. Batches hold distinct scenes (two
+    pictures of one scene would be false negatives)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    width = text_encoder.config.hidden_size
+    tower = _ImageTower(pictures.images.shape[-1], 32, width)
+    text_proj = nn.Linear(width, width, bias=False)
+    log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    by_scene: dict[world.Scene, list[int]] = {}
+    for i, scene in enumerate(pictures.scenes):
+        by_scene.setdefault(scene, []).append(i)
+    scenes = list(by_scene)
+    tokens = tokenizer(pictures.captions, padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt").input_ids
+    text_encoder.train().requires_grad_(True)
+
+    def step(_: int) -> torch.Tensor:
+        chosen = torch.randperm(len(scenes), generator=g)[: recipe.batch_size].tolist()
+        index = [by_scene[scenes[c]][int(torch.randint(len(by_scene[scenes[c]]), (1,), generator=g))] for c in chosen]
+        text = F.normalize(text_proj(text_encoder(tokens[index]).pooler_output), dim=-1)
+        image = F.normalize(tower(pictures.images[index]), dim=-1)
+        logits = log_scale.clamp(max=math.log(100)).exp() * text @ image.T
+        labels = torch.arange(len(index))
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    params = list(text_encoder.parameters()) + list(tower.parameters()) + list(text_proj.parameters()) + [log_scale]
+    losses = _fit(params, recipe, step, "sd: text encoder (CLIP)")
+    text_encoder.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def _latent_moments(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(images[i:i + batch_size]).latent_dist.parameters
+                      for i in range(0, len(images), batch_size)])
+
+
+def train_unet(unet, vae, text_encoder, tokenizer, scheduler, pictures: PictureSet, recipe: Recipe,
+               caption_dropout: float, snr_gamma: float | None, seed: int) -> list[float]:
+    """Latent diffusion: VAE latents (sampled from cached moments) x scaling factor, noise at a
+    uniform timestep, epsilon-prediction MSE (min-SNR weighted), the caption replaced by "" with
+    probability `caption_dropout` so that classifier-free guidance works."""
+    g = torch.Generator().manual_seed(seed)
+    moments = _latent_moments(vae, pictures.images)
+    with torch.no_grad():
+        texts = sorted(set(pictures.captions)) + [""]
+        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids
+        encoded = torch.cat([text_encoder(tokens[i:i + 256])[0] for i in range(0, len(tokens), 256)])
+    caption_index = torch.tensor([texts.index(c) for c in pictures.captions])
+    empty = len(texts) - 1
+    alphas = scheduler.alphas_cumprod
+    scale = vae.config.scaling_factor
+    unet.train().requires_grad_(True)
+
+    def step(_: int) -> torch.Tensor:
+        index = torch.randint(len(moments), (recipe.batch_size,), generator=g)
+        mean, logvar = moments[index].chunk(2, dim=1)
+        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)) * scale
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (recipe.batch_size,), generator=g)
+        drop = torch.rand(recipe.batch_size, generator=g) < caption_dropout
+        condition = encoded[torch.where(drop, empty, caption_index[index])]
+        pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=condition).sample
+        mse = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        if snr_gamma:
+            snr = alphas[t] / (1 - alphas[t])
+            mse = mse * torch.clamp(snr, max=snr_gamma) / snr
+        return mse.mean()
+
+    losses = _fit(list(unet.parameters()), recipe, step, "sd: unet")
+    unet.eval().requires_grad_(False)
+    return losses
+
+
+# ---- the language model --------------------------------------------------------------------------
+
+def llm_corpus(n: int, seed: int) -> list[str]:
+    """`n` documents of the world's text, in the release's prompt formats: captions, CC3M
+    instructions, stories told frame by frame, VIST prompts answered with the scene they ask for,
+    and dialogues. Pictures are described in words here (the LLM never sees pixels); `<Img></Img>`
+    stands where MiniGPT-5 will put an image's embeddings."""
+    from dataloader import CC3M_PROMPTS, CC3M_SYSTEM, MMDIALOG_SYSTEM, VIST_GENERATION, VIST_MULTIMODAL, VIST_SYSTEM
+
+    rng = random.Random(f"{seed}-llm-corpus")
+    pool = [s for s in world.all_scenes() if not world.is_held_out(s)]
+    templates = len(world.CAPTION_TEMPLATES)
+    slot = "<Img></Img>"
+
+    def describe(scene: world.Scene) -> str:
+        return world.caption(scene, rng.randrange(templates))
+
+    def document(kind: int) -> str:
+        scene = rng.choice(pool)
+        if kind == 0:                                            # a caption
+            return describe(scene)
+        if kind == 1:                                            # a CC3M instruction
+            return f"{CC3M_SYSTEM}###Human: {rng.choice(CC3M_PROMPTS)} {describe(scene)} ###Assistant: {slot} ###"
+        story = world.make_story(scene, rng.randint(2, 5), rng)
+        if kind == 2:                                            # a story, every frame described
+            parts = [story.captions[0]]
+            for text, frame in zip(story.captions[1:], story.scenes[1:]):
+                parts += [text, describe(frame)]
+            return ". ".join(parts)
+        if kind == 3:                                            # a VIST prompt and the scene it asks for
+            k = len(story.captions) - 1
+            context = slot.join(story.captions[:k]) + (slot + "\n" if k else "")
+            if rng.random() < 0.5:
+                prompt = rng.choice(VIST_GENERATION).format(context=context, caption=story.captions[k])
+            else:
+                prompt = rng.choice(VIST_MULTIMODAL).format(context=context)
+            return f"{VIST_SYSTEM}{prompt} {describe(story.scenes[k])} ###"
+        turns = world.make_dialogue(scene, rng)                 # a dialogue
+        parts = [MMDIALOG_SYSTEM]
+        for i, turn in enumerate(turns):
+            speaker = "###Human:" if i % 2 == 0 else "###Assistant:"
+            parts.append(f"{speaker} {turn.text}")
+            if turn.scene is not None:
+                parts.append(f"{slot} ({describe(turn.scene)})")
+        return " ".join(parts) + " ###"
+
+    return [document(rng.randrange(5)) for _ in range(n)]
+
+
+def train_llm(llm, tokenizer, documents: list[str], recipe: Recipe, seed: int) -> list[float]:
+    """Next-token prediction on `documents` (BOS + text + EOS, padded batches, pad positions
+    ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    encoded = [tokenizer(d, add_special_tokens=False).input_ids for d in documents]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    limit = llm.config.max_position_embeddings
+    sequences = [([bos] + ids + [eos])[:limit] for ids in encoded]
+    llm.train().requires_grad_(True)
+
+    def step(_: int) -> torch.Tensor:
+        chosen = [sequences[i] for i in torch.randint(len(sequences), (recipe.batch_size,), generator=g).tolist()]
+        length = max(map(len, chosen))
+        ids = torch.tensor([s + [eos] * (length - len(s)) for s in chosen])
+        mask = torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in chosen])
+        labels = ids.masked_fill(mask == 0, -100)
+        return llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    losses = _fit([p for p in llm.parameters()], recipe, step, "llm")
+    llm.eval().requires_grad_(False)
+    return losses
+
+
+# ---- the image side (MiniGPT-4's captioning stage) -----------------------------------------------
+
+CAPTION_PROMPT = "###Human: <Img><ImageHere></Img> Describe this image. ###Assistant:"
+
+
+def train_image_side(backbone, pictures: PictureSet, recipe: Recipe, seed: int) -> list[float]:
+    """Train EVA-ViT + Q-Former + query tokens + `llama_proj` (a `minigpt4.MiniGPT4`, LLM frozen) to
+    caption pictures: the image's query embeddings are wrapped into `CAPTION_PROMPT` and the
+    frozen LLM's loss on the caption is minimised. EVA has no key bias, so that slice of the fused
+    qkv bias stays zero (the LAVIS file has nowhere to keep it)."""
+    from minigpt4 import CLIP_MEAN, CLIP_STD
+
+    g = torch.Generator().manual_seed(seed)
+    tok = backbone.llama_tokenizer
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    images = ((pictures.images + 1) / 2 - mean) / std           # the image encoder's normalisation
+    prompt = tok(CAPTION_PROMPT, add_special_tokens=False).input_ids
+    targets = [tok(f" {c} {backbone.cfg.end_sym}", add_special_tokens=False).input_ids for c in pictures.captions]
+    trained = [backbone.visual_encoder, backbone.Qformer, backbone.llama_proj]
+    for module in trained:
+        module.train().requires_grad_(True)
+    backbone.query_tokens.requires_grad_(True)
+    hidden = backbone.visual_encoder.config.hidden_size
+    for layer in backbone.visual_encoder.encoder.layers:
+        layer.self_attn.qkv.bias.register_hook(
+            lambda grad: torch.cat([grad[:hidden], torch.zeros_like(grad[hidden:2 * hidden]), grad[2 * hidden:]]))
+
+    def step(_: int) -> torch.Tensor:
+        index = torch.randint(len(images), (recipe.batch_size,), generator=g).tolist()
+        rows = [prompt + targets[i] for i in index]
+        length = max(map(len, rows))
+        ids = torch.tensor([r + [tok.pad_token_id] * (length - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+        labels = torch.tensor([[-100] * len(prompt) + targets[i] + [-100] * (length - len(prompt) - len(targets[i]))
+                               for i in index])
+        embeds, mask, labels = backbone.wrap_inputs(ids, mask, labels, backbone.project_images(images[index]))
+        return backbone.forward_llm(embeds, mask, labels)[2]
+
+    params = [p for m in trained for p in m.parameters()] + [backbone.query_tokens]
+    losses = _fit(params, recipe, step, "image side (captioning)")
+    for module in trained:
+        module.eval().requires_grad_(False)
+    backbone.query_tokens.requires_grad_(False)
+    return losses

@@ -1,0 +1,81 @@
+"""The toy preset the repository ships (`toyworld/pretrained/`), so that the quick start and the web
+demo show a trained MiniGPT-5 on a fresh clone without the half-hour build.
+
+`python -m toyworld ship` copies a finished build: the frozen parts in float16 (as the real SD and
+EVA files are stored; they load into the toy's float32 modules), the three MiniGPT-5 checkpoints
+without optimiser state, two frames of a toy story for the demos, and a `toy.yaml` whose paths are
+relative to it. A fresh build followed by `ship` reproduces the folder.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from toyworld import world
+
+SHIPPED = Path(__file__).resolve().parent / "pretrained"
+CHECKPOINTS = ("stage1_cc3m.ckpt", "stage2_vist.ckpt", "stage2_mmdialog.ckpt")
+STORY_IMAGES = ("story_1.jpg", "story_2.jpg")
+
+
+def _half(state: dict) -> dict:
+    return {k: v.half() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
+
+
+def ship(build_dir: Path, to: Path = SHIPPED) -> Path:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoModelForCausalLM, CLIPTextModel
+
+    from configuration import dump_config, load_config
+
+    build_dir = Path(build_dir).resolve()
+    cfg = load_config(build_dir / "toy.yaml")
+    for name in CHECKPOINTS:
+        if not (build_dir / "checkpoints" / name).is_file():
+            raise SystemExit(f"error: {build_dir / 'checkpoints' / name} is missing: finish `python -m toyworld build "
+                             f"--out {build_dir}` first")
+    tmp = to.with_name(to.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    llm = AutoModelForCausalLM.from_pretrained(cfg.llama_model, dtype=torch.float16)
+    llm.save_pretrained(tmp / "llama")
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(cfg.llama_model) / name).is_file():
+            shutil.copy(Path(cfg.llama_model) / name, tmp / "llama" / name)
+    sd = Path(cfg.sd_model)
+    shutil.copytree(sd, tmp / "sd", ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        cls.from_pretrained(sd, subfolder=sub, torch_dtype=torch.float16).save_pretrained(tmp / "sd" / sub)
+    CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", dtype=torch.float16).save_pretrained(
+        tmp / "sd" / "text_encoder")
+    vit = torch.load(cfg.vit_model, map_location="cpu", weights_only=True)
+    torch.save(_half(vit), tmp / Path(cfg.vit_model).name)
+    blip2 = torch.load(cfg.q_former_model, map_location="cpu", weights_only=True)
+    torch.save({"model": _half(blip2["model"])}, tmp / Path(cfg.q_former_model).name)
+    proj = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
+    torch.save({"model": _half(proj["model"])}, tmp / Path(cfg.ckpt).name)
+    for name in CHECKPOINTS:
+        checkpoint = torch.load(build_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+        torch.save({"state_dict": checkpoint["state_dict"]}, tmp / name)
+
+    rng = random.Random("shipped-story")
+    first = world.Scene("beach", "morning", "red", "near")
+    story = world.make_story(first, len(STORY_IMAGES) + 1, rng)
+    for name, scene in zip(STORY_IMAGES, story.scenes):
+        world.save_image(world.render(scene, cfg.sd_image_size, random.Random(name)), tmp / name)
+    (tmp / "story.json").write_text(json.dumps({
+        "captions": list(story.captions[:len(STORY_IMAGES)]), "images": list(STORY_IMAGES),
+        "next_scene": story.scenes[len(STORY_IMAGES)].attributes()}, indent=1))
+
+    relative = cfg.replace(llama_model="llama", sd_model="sd", vit_model=Path(cfg.vit_model).name,
+                           q_former_model=Path(cfg.q_former_model).name, ckpt=Path(cfg.ckpt).name)
+    dump_config(relative, tmp / "toy.yaml")
+    if to.exists():
+        shutil.rmtree(to)
+    tmp.rename(to)
+    return to

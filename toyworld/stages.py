@@ -1,0 +1,234 @@
+"""The toy world build's steps (the order and the caching are in build.py).
+
+The frozen parts are pretrained in this process (toyworld/pretrain.py); MiniGPT-5 itself is trained
+and run by the unchanged `train_eval.py`, in subprocesses, with the release's environment variables
+and flags, exactly as a user trains the real model.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from toyworld import world
+from toyworld.build import Build, Step
+
+
+def _sizes(build: Build) -> world.WorldSizes:
+    w = build.settings["world"]
+    return world.WorldSizes(image_size=w["image_size"], cc3m=w["cc3m"], vist=w["vist"], mmdialog=w["mmdialog"],
+                            story_length=w["story_length"], seed=build.settings["seed"])
+
+
+def _recipe(section: dict):
+    from toyworld.pretrain import Recipe
+
+    return Recipe(**{k: section[k] for k in ("steps", "batch_size", "lr", "warmup") if k in section})
+
+
+def _seed(build: Build, what: str) -> int:
+    return random.Random(f"{build.settings['seed']}-{what}").randrange(2**31)
+
+
+# ---- world and preset ----------------------------------------------------------------------------
+
+def make_datasets(build: Build) -> dict:
+    shutil.rmtree(build.data, ignore_errors=True)
+    files = world.write_datasets(build.data, _sizes(build))
+    return {"files": {kind: {split: str(path.relative_to(build.out)) for split, path in splits.items()}
+                      for kind, splits in files.items()}}
+
+
+def make_preset(build: Build) -> dict:
+    """The toy preset's files with random weights in the real formats (like `weights.py tiny`), the
+    LLM tokenizer trained on the world's text and every caption word one SD token."""
+    from configuration import dump_config, load_config
+    from toyworld.pretrain import llm_corpus, world_words
+    from weights import preset_config, write_preset_files
+
+    cfg = load_config(build.config_file("model_config"), check_paths=False)
+    with open(build.config_file("arch")) as f:
+        arch = yaml.safe_load(f)
+    for part in ("llama", "sd"):
+        shutil.rmtree(build.out / part, ignore_errors=True)
+    corpus = llm_corpus(build.settings["pretrain"]["llm"]["documents"], build.settings["seed"])
+    write_preset_files(build.out, cfg, arch, build.settings["seed"], llm_corpus=corpus, sd_words=world_words())
+    dump_config(preset_config(cfg, build.out), build.model_config)
+    return {"config": str(build.model_config)}
+
+
+# ---- pretraining the frozen parts ----------------------------------------------------------------
+
+def _pictures(build: Build):
+    from toyworld.pretrain import picture_set
+
+    return picture_set(build.settings["pretrain"]["pictures"], build.settings["world"]["image_size"],
+                       build.settings["seed"])
+
+
+def pretrain_sd(build: Build) -> dict:
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from toyworld import pretrain
+
+    sd, recipe = build.out / "sd", build.settings["pretrain"]
+    torch.manual_seed(_seed(build, "sd"))
+    vae = AutoencoderKL.from_pretrained(sd, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
+    scheduler = PNDMScheduler.from_pretrained(sd, subfolder="scheduler")
+    pictures = _pictures(build)
+    vae_loss = pretrain.train_vae(vae, pictures, _recipe(recipe["vae"]), recipe["vae"]["kl_weight"],
+                                  _seed(build, "vae"))
+    vae.save_pretrained(sd / "vae")
+    text_loss = pretrain.train_text_encoder(text_encoder, tokenizer, pictures, _recipe(recipe["text_encoder"]),
+                                            _seed(build, "text_encoder"))
+    text_encoder.save_pretrained(sd / "text_encoder")
+    unet_loss = pretrain.train_unet(unet, vae, text_encoder, tokenizer, scheduler, pictures, _recipe(recipe["unet"]),
+                                    recipe["unet"]["caption_dropout"], recipe["unet"]["snr_gamma"],
+                                    _seed(build, "unet"))
+    unet.save_pretrained(sd / "unet")
+    return {"vae_loss": _tail(vae_loss), "clip_loss": _tail(text_loss), "unet_loss": _tail(unet_loss)}
+
+
+def pretrain_llm(build: Build) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from minigpt4 import load_tokenizer
+    from toyworld import pretrain
+
+    section = build.settings["pretrain"]["llm"]
+    torch.manual_seed(_seed(build, "llm"))
+    folder = build.out / "llama"
+    llm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = load_tokenizer(str(folder))
+    documents = pretrain.llm_corpus(section["documents"], build.settings["seed"])
+    losses = pretrain.train_llm(llm, tokenizer, documents, _recipe(section), _seed(build, "llm-train"))
+    llm.save_pretrained(folder)
+    return {"loss": _tail(losses), "first_loss": round(losses[0], 3)}
+
+
+def pretrain_image_side(build: Build) -> dict:
+    import lavis
+    from configuration import load_config
+    from minigpt4 import MiniGPT4
+    from toyworld import pretrain
+
+    cfg = load_config(build.model_config)
+    torch.manual_seed(_seed(build, "image-side"))
+    backbone = MiniGPT4.from_config(cfg)
+    losses = pretrain.train_image_side(backbone, _pictures(build), _recipe(build.settings["pretrain"]["image_side"]),
+                                       _seed(build, "image-side-train"))
+    lavis.save_lavis(backbone.visual_encoder, backbone.Qformer, backbone.query_tokens, cfg.vit_model,
+                     cfg.q_former_model)
+    proj = backbone.llama_proj
+    torch.save({"model": {"llama_proj.weight": proj.weight.detach().clone(),
+                          "llama_proj.bias": proj.bias.detach().clone()}}, cfg.ckpt)
+    return {"loss": _tail(losses), "first_loss": round(losses[0], 3)}
+
+
+def _tail(losses: list[float], n: int = 20) -> float:
+    return round(sum(losses[-n:]) / len(losses[-n:]), 4)
+
+
+# ---- MiniGPT-5 -----------------------------------------------------------------------------------
+
+def save_stage0(build: Build) -> dict:
+    """MiniGPT-5's trainable parts exactly as built (mapper, prompt, voken rows at their initial
+    values), in a stage-1 checkpoint: the untrained reference of the report, and the starting
+    point of "stage 2 without stage 1"."""
+    from configuration import load_config
+    from model import MiniGPT5_Model
+
+    torch.manual_seed(build.settings["seed"])
+    model = MiniGPT5_Model(load_config(build.model_config), stage=1)
+    build.checkpoints.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.trainable_state_dict()}, build.checkpoints / "stage0_untrained.ckpt")
+    return {"checkpoint": "stage0_untrained.ckpt"}
+
+
+def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight: str | None,
+                extra: list[str] = ()) -> dict:
+    """`train_eval.py --is_training True` on the toy dataset, as the release's README runs it;
+    the best checkpoint by val_loss becomes `checkpoints/<name>.ckpt`."""
+    files = {"CC3M": ("cc3m_train.tsv", "cc3m_val.tsv"), "VIST": ("train_cleaned.json", "val_cleaned.json"),
+             "MMDialog": ("train/train_conversations.txt", "val/val_conversations.txt")}[dataset]
+    flags = build.settings["minigpt5"]
+    for old in build.checkpoints.glob(f"{name}*.ckpt"):
+        old.unlink()
+    args = ["train_eval.py", "--is_training", "True", "--model_config", str(build.model_config),
+            "--train_data_path", files[0], "--val_data_path", files[1], "--model_save_name", name,
+            "--accelerator", "cpu", "--gpus", "0", "--seed", str(build.settings["seed"]),
+            *flags["common"], *flags[f"stage{stage}"], *extra]
+    if stage1_weight:
+        args += ["--stage1_weight", stage1_weight]
+    env = {"IS_STAGE2": str(stage == 2), "WEIGHTFOLDER": str(build.checkpoints),
+           "DATAFOLDER": str(build.data / dataset), "OUTPUT_FOLDER": str(build.out / "outputs")}
+    build.command(args, env, name)
+    best = build.checkpoints / f"{name}.ckpt"
+    if not best.is_file():
+        raise SystemExit(f"error: {name}: train_eval.py wrote no {best}")
+    return {"checkpoint": best.name, **_last_metrics(build.out / "logs" / f"{name}.log")}
+
+
+def _last_metrics(log_path: Path) -> dict:
+    """The final metrics line train_eval.py prints ("after N optimiser steps: {...}")."""
+    import ast
+
+    for line in reversed(log_path.read_text().splitlines()):
+        if line.startswith("after ") and "optimiser steps:" in line:
+            steps, _, metrics = line.partition(" optimiser steps: ")
+            metrics = metrics.split("}")[0] + "}"
+            try:
+                values = ast.literal_eval(metrics)
+            except (ValueError, SyntaxError):
+                values = {}
+            return {"optimiser_steps": int(steps.split()[1]),
+                    **{k: v for k, v in values.items() if k in ("val_loss", "train_loss", "image_loss")}}
+    return {}
+
+
+def _stage(name: str, dataset: str, stage: int, stage1: str | None, extra: tuple[str, ...] = (),
+           depends: tuple[str, ...] = ("image_side", "sd", "stage0"), about: str = "") -> Step:
+    return Step(name, lambda b: train_stage(b, name, dataset, stage, stage1, list(extra)), depends,
+                lambda b: [b.settings["minigpt5"], extra, stage1], about)
+
+
+def _evaluate(build: Build) -> dict:
+    from toyworld import evaluate
+
+    return evaluate.evaluate(build)
+
+
+STEPS = [
+    Step("datasets", make_datasets, (), lambda b: [b.settings["world"], b.settings["seed"]],
+         "write the toy CC3M, VIST and MMDialog"),
+    Step("preset", make_preset, ("datasets",),
+         lambda b: [b.settings["pretrain"]["llm"]["documents"], Path(b.config_file("model_config")).read_text(),
+                    Path(b.config_file("arch")).read_text()], "random toy preset in the real formats"),
+    Step("sd", pretrain_sd, ("preset",), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "vae",
+                                                                                        "text_encoder", "unet")],
+         "train Stable Diffusion: VAE, CLIP text encoder, UNet"),
+    Step("llm", pretrain_llm, ("preset",), lambda b: b.settings["pretrain"]["llm"], "train the LLM"),
+    Step("image_side", pretrain_image_side, ("llm",),
+         lambda b: [b.settings["pretrain"]["pictures"], b.settings["pretrain"]["image_side"]],
+         "train EVA-ViT + Q-Former + llama_proj by captioning"),
+    Step("stage0", save_stage0, ("image_side", "sd"), about="MiniGPT-5 as built, untrained"),
+    _stage("stage1_cc3m", "CC3M", 1, None, about="MiniGPT-5 stage 1 on the toy CC3M"),
+    _stage("stage2_vist", "VIST", 2, "stage1_cc3m.ckpt", depends=("stage1_cc3m",),
+           about="MiniGPT-5 stage 2 on the toy VIST"),
+    _stage("stage2_mmdialog", "MMDialog", 2, "stage1_cc3m.ckpt", depends=("stage1_cc3m",),
+           about="MiniGPT-5 stage 2 on the toy MMDialog"),
+    _stage("stage1_cc3m_no_caption_loss", "CC3M", 1, None, ("--caption_loss_weight", "0"),
+           about="ablation: stage 1 without the caption loss"),
+    _stage("stage2_vist_no_stage1", "VIST", 2, "stage0_untrained.ckpt",
+           about="ablation: stage 2 from the untrained mapper"),
+    Step("evaluate", _evaluate, ("stage1_cc3m", "stage2_vist", "stage2_mmdialog", "stage1_cc3m_no_caption_loss",
+                                 "stage2_vist_no_stage1"),
+         lambda b: b.settings["evaluate"], "predictions, the judge and metric.py -> TOY_RESULTS.md"),
+]
