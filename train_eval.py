@@ -461,8 +461,8 @@ class ResumableLoader(torch.utils.data.DataLoader):
 
 
 def dataloader(dataset, collate, batch_size: int, num_workers: int, shuffle: bool, seed: int, world: int):
-    """Training/validation loader. On one device: the resumable epoch-seeded sampler; on several,
-    Lightning swaps in its seeded DistributedSampler."""
+    """Training loader. On one device: the resumable epoch-seeded sampler; on several, Lightning
+    swaps in its seeded DistributedSampler."""
     from torch.utils.data import DataLoader
 
     if world > 1:
@@ -472,6 +472,15 @@ def dataloader(dataset, collate, batch_size: int, num_workers: int, shuffle: boo
                           collate_fn=collate)
     return ResumableLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, seed, shuffle),
                            num_workers=num_workers, collate_fn=collate)
+
+
+def eval_loader(dataset, collate, batch_size: int, num_workers: int):
+    """Validation / prediction loader: the samples in order (Lightning shards them under DDP). Its
+    sampler has no `set_epoch`, so the dataset's random flips stay those of epoch 0 and every
+    validation sees the same images: val_loss moves with the weights only."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
 
 
 def warmup_of(args: argparse.Namespace, planned_steps: int) -> int:
@@ -528,8 +537,7 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     if paths["val"] is not None:
         # The release's validation samples are training samples (targets, image and caption losses).
         val_set = make_dataset(paths["val"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict)
-        val_loader = dataloader(val_set, collate, args.per_device_eval_batch_size, workers, False,
-                                args.seed, n_devices)
+        val_loader = eval_loader(val_set, collate, args.per_device_eval_batch_size, workers)
 
     accumulate = max(1, args.real_batch_size // (args.per_device_train_batch_size * n_devices))
     # The schedule spans the planned epochs; --max_steps only stops early (so resuming is exact).
@@ -689,8 +697,8 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
     kind = dataset_type(constants.data_folder())
     test_set = make_dataset(paths["test"], model.model.llama_tokenizer, cfg, is_training=False, dataset_type=kind,
                             strict=args.strict)
-    loader = dataloader(test_set, Collator(model.model.llama_tokenizer), args.predict_batch_size,
-                        cap_workers(args.num_workers), False, args.seed, n_devices)
+    loader = eval_loader(test_set, Collator(model.model.llama_tokenizer), args.predict_batch_size,
+                         cap_workers(args.num_workers))
     out_dir = constants.prediction_folder(args.test_weight or args.stage1_weight)
     model.predict_options.update(seed=args.seed, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale,
                                  num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,

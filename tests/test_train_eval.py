@@ -329,6 +329,20 @@ def test_validation_loss_has_the_image_term_and_picks_the_best_checkpoints(valid
     assert f"last checkpoint: {out / 's1-last.ckpt'} (step 12)" in log
 
 
+def test_last_checkpoint_holds_the_final_step_when_val_loss_stops_improving(tiny_config_path, tmp_path):
+    """With a learning rate of 0 val_loss never improves after the first validation, so the best
+    checkpoint stays at step 2; `<name>-last.ckpt` still holds step 8 (it used to follow the best)."""
+    env = {"DATAFOLDER": DATASETS / "CC3M", "WEIGHTFOLDER": tmp_path, "OUTPUT_FOLDER": tmp_path / "out"}
+    log = run_main(["--is_training", "--train_data_path", "cc3m_train.tsv", "--val_data_path", "cc3m_val.tsv",
+                    "--model_save_name", "flat_{epoch}-{step}", "--val_check_interval", "0.5",
+                    *common(tiny_config_path), "--learning_rate", "0"], env)
+    assert "--learning_rate 0: the weights will not change" in log
+    losses = {float(r["val_loss"]) for r in metrics_rows(tmp_path) if r.get("val_loss")}
+    assert len(losses) == 1                                          # 4 validations, one value
+    assert [torch.load(p, weights_only=False)["global_step"] for p in tmp_path.glob("flat_*-*.ckpt")] == [2]
+    assert torch.load(tmp_path / "flat-last.ckpt", weights_only=False)["global_step"] == 8
+
+
 def test_sample_generation_every_n_steps(validated_run):
     root, _ = validated_run
     texts = sorted((root / "outputs" / "samples").glob("step_*.txt"))
