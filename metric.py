@@ -106,7 +106,8 @@ from torchmetrics.image.inception import InceptionScore
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from tqdm import tqdm
 
-from constants import data_folder, dataset_type, output_folder, output_suffix
+import constants
+from constants import data_folder, dataset_type
 
 DATASETS = ("CC3M", "VIST", "MMDialog")
 DEFAULT_CLIP = {"CC3M": "ViT-L-14", "VIST": "ViT-L-14", "MMDialog": "ViT-B-32"}
@@ -833,8 +834,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def prediction_folder(test_weight: str) -> Path:
-    """`OUTPUT_FOLDER/<test_weight without extension><OUTPUT_SUFFIX>`, read from the environment now."""
-    return output_folder() / (str(Path(test_weight).with_suffix("")) + output_suffix())
+    """Where train_eval.py wrote the predictions of `--test_weight` (one rule for both:
+    `constants.prediction_folder`), read from the environment now."""
+    return constants.prediction_folder(test_weight)
 
 
 def main(argv: Sequence[str] | None = None, models: Models | None = None) -> dict[str, Any]:
