@@ -121,6 +121,8 @@ class MiniGPT5_Model(pl.LightningModule):
         stage1_weight: a stage-1 checkpoint to start from (any of the release's layouts).
         learning_rate, warmup_steps, adam_epsilon: optimiser settings (REFERENCE §6).
         snr_loss: min-SNR-5 weighting of the diffusion loss.
+        caption_loss_weight: weight of the caption loss (the release's 0.1; 0 turns it off, the
+            paper's ablation, and skips the SD text encoder in training).
         cfg_dropout_prob: probability of replacing a voken's features by zeros (CFG training).
         device: "meta" builds without loading or allocating anything (for counting parameters).
         cache_caption_features: keep SD's text-encoder output of each caption (the caption-loss
@@ -134,8 +136,8 @@ class MiniGPT5_Model(pl.LightningModule):
 
     def __init__(self, cfg: ModelConfig, stage: int = 1, stage1_weight: str | os.PathLike | None = None,
                  learning_rate: float = 2e-5, warmup_steps: int = 1000, adam_epsilon: float = 1e-8,
-                 snr_loss: bool = True, cfg_dropout_prob: float = CFG_DROPOUT_PROB,
-                 device: str | torch.device | None = None, cache_caption_features: bool = False,
+                 snr_loss: bool = True, caption_loss_weight: float = CAPTION_LOSS_WEIGHT,
+                 cfg_dropout_prob: float = CFG_DROPOUT_PROB, device: str | torch.device | None = None, cache_caption_features: bool = False,
                  caption_cache_size: int | None = 4096):
         super().__init__()
         if stage not in (1, 2):
@@ -143,9 +145,11 @@ class MiniGPT5_Model(pl.LightningModule):
         self.save_hyperparameters({
             "model_config": cfg.source, "stage": stage, "learning_rate": learning_rate,
             "warmup_steps": warmup_steps, "adam_epsilon": adam_epsilon, "snr_loss": snr_loss,
+            "caption_loss_weight": caption_loss_weight,
         })
         self.cfg, self.stage = cfg, stage
         self.snr_loss, self.cfg_dropout_prob = snr_loss, cfg_dropout_prob
+        self.caption_loss_weight = caption_loss_weight
         self.cache_caption_features, self.caption_cache_size = cache_caption_features, caption_cache_size
         self._caption_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         meta = str(device) == "meta"
@@ -401,10 +405,10 @@ class MiniGPT5_Model(pl.LightningModule):
         total = TEXT_LOSS_WEIGHT * text_loss + IMAGE_LOSS_WEIGHT * losses["image_loss"]
 
         captions = batch.get("captions")
-        if captions is not None and all(c is not None for c in captions):
+        if self.caption_loss_weight and captions is not None and all(c is not None for c in captions):
             chosen = ["" if d else captions[i] for i, d in zip(sample.tolist(), drop.tolist())]
             losses["caption_loss"] = F.mse_loss(condition.float(), self.encode_caption(chosen))
-            total = total + CAPTION_LOSS_WEIGHT * losses["caption_loss"]
+            total = total + self.caption_loss_weight * losses["caption_loss"]
         losses["loss"] = total
         return losses
 

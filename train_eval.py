@@ -96,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="checkpoint to resume training from; 'last': this run's own "
                         "<output_dir>/<model_save_name without {...}>-last.ckpt")
     p.add_argument("--snr_loss", type=str2bool, default=True)
+    p.add_argument("--caption_loss_weight", type=float, default=constants.CAPTION_LOSS_WEIGHT,
+                   help="weight of stage 1's caption loss (release: 0.1; 0 turns it off, the paper's ablation)")
     p.add_argument("--cache_dir", default=None, help=f"{COMPATIBILITY_ONLY} (nothing is ever downloaded)")
     p.add_argument("--model_type", default="multimodal_encoder", choices=["multimodal_encoder"],
                    help=f"{COMPATIBILITY_ONLY} (the release's only model type)")
@@ -139,12 +141,15 @@ def check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 0:
             raise bad(f"--{name}", value, "must be 0 or more")
-    for name in ("learning_rate", "adam_epsilon", "guidance_scale", "warmup_ratio", "val_check_interval"):
+    for name in ("learning_rate", "adam_epsilon", "guidance_scale", "warmup_ratio", "val_check_interval",
+                 "caption_loss_weight"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise bad(f"--{name}", value, "must be a finite number")
     if args.learning_rate < 0:
         raise bad("--learning_rate", args.learning_rate, "must be 0 or more")
+    if args.caption_loss_weight < 0:
+        raise bad("--caption_loss_weight", args.caption_loss_weight, "must be 0 or more")
     if args.adam_epsilon <= 0:
         raise bad("--adam_epsilon", args.adam_epsilon, "must be positive")
     if args.warmup_ratio is not None:
@@ -521,7 +526,8 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     workers = cap_workers(args.num_workers)
     try:
         model = MiniGPT5_Model(cfg, stage=stage, stage1_weight=paths["stage1"], learning_rate=args.learning_rate,
-                               warmup_steps=warmup_of(args, 0), adam_epsilon=args.adam_epsilon, snr_loss=args.snr_loss)
+                               warmup_steps=warmup_of(args, 0), adam_epsilon=args.adam_epsilon, snr_loss=args.snr_loss,
+                               caption_loss_weight=args.caption_loss_weight)
     except CheckpointMismatchError as e:
         raise SystemExit(f"error: --stage1_weight {e}") from None
     tokenizer = model.model.llama_tokenizer

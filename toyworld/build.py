@@ -104,21 +104,34 @@ class Build:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def key(self, step: Step) -> str:
-        upstream = [self.record(d)["key"] for d in step.depends]
+        upstream = [self.record(d)["key"] for d in step.depends if self.record(d) is not None]
         text = json.dumps([step.name, step.settings(self), upstream], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def steps() -> list[Step]:
-    """The build's steps, in order (see the module docstring)."""
+def steps(build: Build | None = None) -> list[Step]:
+    """The build's steps, in order (see the module docstring): all of them, or those the settings'
+    `steps` list names. With `frozen_parts` (a shipped toy preset) the frozen parts are copied from
+    there instead of being pretrained."""
     from toyworld import stages
 
-    return stages.STEPS
+    plan = stages.STEPS
+    if build is None:
+        return plan
+    if build.settings.get("frozen_parts"):
+        plan = [s for s in plan if s.name not in stages.PRETRAINING]
+    wanted = build.settings.get("steps")
+    if wanted:
+        unknown = sorted(set(wanted) - {s.name for s in stages.STEPS})
+        if unknown:
+            raise SystemExit(f"error: {build.config_path}: `steps` names unknown step(s) {unknown}")
+        plan = [s for s in plan if s.name in wanted]
+    return plan
 
 
 def run(build: Build, only: list[str] | None = None, force: list[str] | None = None) -> dict[str, dict]:
     """Run every step that is not done (or all from a forced one on); print a progress report."""
-    plan = steps()
+    plan = steps(build)
     names = [s.name for s in plan]
     for name in (only or []) + (force or []):
         if name not in names:

@@ -56,8 +56,9 @@ def _schedule(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.l
 
 
 def _fit(params: Sequence[nn.Parameter], recipe: Recipe, loss_of_step: Callable[[int], torch.Tensor],
-         desc: str) -> list[float]:
-    """AdamW over `params` for `recipe.steps` steps; returns the loss of every step."""
+         desc: str, after_step: Callable[[], None] | None = None) -> list[float]:
+    """AdamW over `params` for `recipe.steps` steps (then `after_step()`); returns the loss of
+    every step."""
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler = _schedule(optimizer, recipe)
     losses = []
@@ -69,7 +70,9 @@ def _fit(params: Sequence[nn.Parameter], recipe: Recipe, loss_of_step: Callable[
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     return losses
@@ -115,7 +118,9 @@ def world_words() -> list[str]:
 # ---- Stable Diffusion ----------------------------------------------------------------------------
 
 def train_vae(vae, pictures: PictureSet, recipe: Recipe, kl_weight: float, seed: int) -> list[float]:
-    """Autoencoder training: L1 + MSE reconstruction of a sampled latent, plus `kl_weight` x KL."""
+    """Autoencoder training: L1 + MSE reconstruction of a sampled latent, plus `kl_weight` x KL
+    (SD's VAE adds a perceptual and an adversarial term, which flat toy pictures do not need).
+    Sets the VAE's `scaling_factor` to 1 / the latents' standard deviation."""
     g = torch.Generator().manual_seed(seed)
     vae.train().requires_grad_(True)
 
@@ -128,32 +133,34 @@ def train_vae(vae, pictures: PictureSet, recipe: Recipe, kl_weight: float, seed:
 
     losses = _fit(list(vae.parameters()), recipe, step, "sd: vae")
     vae.eval().requires_grad_(False)
+    # The latent diffusion recipe: scale latents to unit variance (SD's 0.18215 is that number for
+    # SD's own VAE; the UNet's noise schedule assumes it).
+    with torch.no_grad():
+        sample = vae.encode(pictures.images[:512]).latent_dist.sample(generator=g)
+    vae.register_to_config(scaling_factor=round(1.0 / float(sample.std()), 5))
     return losses
 
 
-class _ImageTower(nn.Module):
-    """CLIP's image side for the toy text encoder's contrastive training (thrown away afterwards)."""
+def clip_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Pictures in [-1, 1] -> the image encoder's input (CLIP's normalisation, as
+    `minigpt4.image_processor`)."""
+    from minigpt4 import CLIP_MEAN, CLIP_STD
 
-    def __init__(self, size: int, width: int, out_dim: int):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(3, width, 3, 2, 1), nn.GELU(), nn.Conv2d(width, 2 * width, 3, 2, 1), nn.GELU(),
-            nn.Conv2d(2 * width, 2 * width, 3, 2, 1), nn.GELU(), nn.Flatten(),
-            nn.Linear(2 * width * (size // 8) ** 2, out_dim))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return ((images + 1) / 2 - mean) / std
 
 
-def train_text_encoder(text_encoder, tokenizer, pictures: PictureSet, recipe: Recipe, seed: int) -> list[float]:
-    """CLIP's recipe: symmetric InfoNCE between the text encoder's pooled output (projected) and an
-    image tower's embedding, with a learned temperature. Batches hold distinct scenes (two
-    pictures of one scene would be false negatives)."""
+def train_clip(text_encoder, tokenizer, vision_model, pictures: PictureSet, recipe: Recipe, seed: int) -> list[float]:
+    """CLIP's recipe for both frozen encoders at once: symmetric InfoNCE with a learned temperature
+    between SD's text encoder (pooled output, projected) and the EVA ViT (`Blip2VisionModel`:
+    class token after `post_layernorm`, projected), as EVA-CLIP and OpenCLIP were trained. The
+    projections are thrown away: SD reads the text encoder's token states, the Q-Former the ViT's
+    patch states. Batches hold distinct scenes (two pictures of one scene would be false negatives)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     width = text_encoder.config.hidden_size
-    tower = _ImageTower(pictures.images.shape[-1], 32, width)
     text_proj = nn.Linear(width, width, bias=False)
+    image_proj = nn.Linear(vision_model.config.hidden_size, width, bias=False)
     log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     by_scene: dict[world.Scene, list[int]] = {}
     for i, scene in enumerate(pictures.scenes):
@@ -161,21 +168,39 @@ def train_text_encoder(text_encoder, tokenizer, pictures: PictureSet, recipe: Re
     scenes = list(by_scene)
     tokens = tokenizer(pictures.captions, padding="max_length", max_length=tokenizer.model_max_length,
                        truncation=True, return_tensors="pt").input_ids
-    text_encoder.train().requires_grad_(True)
+    pixels = clip_pixels(pictures.images)
+    for model in (text_encoder, vision_model):
+        model.train().requires_grad_(True)
+    hooks = _keep_key_bias_zero(vision_model)
 
     def step(_: int) -> torch.Tensor:
         chosen = torch.randperm(len(scenes), generator=g)[: recipe.batch_size].tolist()
         index = [by_scene[scenes[c]][int(torch.randint(len(by_scene[scenes[c]]), (1,), generator=g))] for c in chosen]
         text = F.normalize(text_proj(text_encoder(tokens[index]).pooler_output), dim=-1)
-        image = F.normalize(tower(pictures.images[index]), dim=-1)
+        image = F.normalize(image_proj(vision_model(pixels[index]).pooler_output), dim=-1)
         logits = log_scale.clamp(max=math.log(100)).exp() * text @ image.T
         labels = torch.arange(len(index))
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
-    params = list(text_encoder.parameters()) + list(tower.parameters()) + list(text_proj.parameters()) + [log_scale]
-    losses = _fit(params, recipe, step, "sd: text encoder (CLIP)")
-    text_encoder.eval().requires_grad_(False)
+    params = [*text_encoder.parameters(), *vision_model.parameters(), *text_proj.parameters(),
+              *image_proj.parameters(), log_scale]
+    losses = _fit(params, recipe, step, "clip: text encoder + vit")
+    for hook in hooks:
+        hook.remove()
+    for model in (text_encoder, vision_model):
+        model.eval().requires_grad_(False)
     return losses
+
+
+def _keep_key_bias_zero(vision_model) -> list:
+    """EVA's attention has a query and a value bias but no key bias, so the LAVIS file has nowhere
+    to keep one: the key slice of transformers' fused qkv bias gets no gradient (it starts at 0)."""
+    hidden = vision_model.config.hidden_size
+
+    def no_key(grad: torch.Tensor) -> torch.Tensor:
+        return torch.cat([grad[:hidden], torch.zeros_like(grad[hidden:2 * hidden]), grad[2 * hidden:]])
+
+    return [layer.self_attn.qkv.bias.register_hook(no_key) for layer in vision_model.encoder.layers]
 
 
 @torch.no_grad()
@@ -185,10 +210,11 @@ def _latent_moments(vae, images: torch.Tensor, batch_size: int = 256) -> torch.T
 
 
 def train_unet(unet, vae, text_encoder, tokenizer, scheduler, pictures: PictureSet, recipe: Recipe,
-               caption_dropout: float, snr_gamma: float | None, seed: int) -> list[float]:
+               caption_dropout: float, snr_gamma: float | None, seed: int, ema_decay: float = 0.0) -> list[float]:
     """Latent diffusion: VAE latents (sampled from cached moments) x scaling factor, noise at a
     uniform timestep, epsilon-prediction MSE (min-SNR weighted), the caption replaced by "" with
-    probability `caption_dropout` so that classifier-free guidance works."""
+    probability `caption_dropout` so that classifier-free guidance works; with `ema_decay`, the
+    weights kept are an exponential moving average of the trained ones."""
     g = torch.Generator().manual_seed(seed)
     moments = _latent_moments(vae, pictures.images)
     with torch.no_grad():
@@ -217,7 +243,12 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, pictures: PictureS
             mse = mse * torch.clamp(snr, max=snr_gamma) / snr
         return mse.mean()
 
-    losses = _fit(list(unet.parameters()), recipe, step, "sd: unet")
+    average = torch.optim.swa_utils.AveragedModel(
+        unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay)) if ema_decay else None
+    losses = _fit(list(unet.parameters()), recipe, step, "sd: unet",
+                  after_step=(lambda: average.update_parameters(unet)) if average else None)
+    if average is not None:                     # sample with the exponential moving average, as SD does
+        unet.load_state_dict(average.module.state_dict())
     unet.eval().requires_grad_(False)
     return losses
 
@@ -300,26 +331,19 @@ CAPTION_PROMPT = "###Human: <Img><ImageHere></Img> Describe this image. ###Assis
 
 
 def train_image_side(backbone, pictures: PictureSet, recipe: Recipe, seed: int) -> list[float]:
-    """Train EVA-ViT + Q-Former + query tokens + `llama_proj` (a `minigpt4.MiniGPT4`, LLM frozen) to
-    caption pictures: the image's query embeddings are wrapped into `CAPTION_PROMPT` and the
-    frozen LLM's loss on the caption is minimised. EVA has no key bias, so that slice of the fused
-    qkv bias stays zero (the LAVIS file has nowhere to keep it)."""
-    from minigpt4 import CLIP_MEAN, CLIP_STD
-
+    """BLIP-2's generative step / MiniGPT-4's captioning stage, on a `minigpt4.MiniGPT4` whose ViT
+    (CLIP-trained) and LLM stay frozen: the Q-Former, its query tokens and `llama_proj` learn to
+    turn a picture into embeddings from which the LLM says its caption (`CAPTION_PROMPT`, the
+    loss on the caption tokens only)."""
     g = torch.Generator().manual_seed(seed)
     tok = backbone.llama_tokenizer
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    images = ((pictures.images + 1) / 2 - mean) / std           # the image encoder's normalisation
+    images = clip_pixels(pictures.images)
     prompt = tok(CAPTION_PROMPT, add_special_tokens=False).input_ids
     targets = [tok(f" {c} {backbone.cfg.end_sym}", add_special_tokens=False).input_ids for c in pictures.captions]
-    trained = [backbone.visual_encoder, backbone.Qformer, backbone.llama_proj]
+    trained = [backbone.Qformer, backbone.llama_proj]
     for module in trained:
         module.train().requires_grad_(True)
     backbone.query_tokens.requires_grad_(True)
-    hidden = backbone.visual_encoder.config.hidden_size
-    for layer in backbone.visual_encoder.encoder.layers:
-        layer.self_attn.qkv.bias.register_hook(
-            lambda grad: torch.cat([grad[:hidden], torch.zeros_like(grad[hidden:2 * hidden]), grad[2 * hidden:]]))
 
     def step(_: int) -> torch.Tensor:
         index = torch.randint(len(images), (recipe.batch_size,), generator=g).tolist()

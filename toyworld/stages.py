@@ -44,7 +44,8 @@ def make_datasets(build: Build) -> dict:
 
 def make_preset(build: Build) -> dict:
     """The toy preset's files with random weights in the real formats (like `weights.py tiny`), the
-    LLM tokenizer trained on the world's text and every caption word one SD token."""
+    LLM tokenizer trained on the world's text and every caption word one SD token; or, with
+    `frozen_parts`, the frozen parts of a shipped toy preset (already pretrained)."""
     from configuration import dump_config, load_config
     from toyworld.pretrain import llm_corpus, world_words
     from weights import preset_config, write_preset_files
@@ -54,6 +55,14 @@ def make_preset(build: Build) -> dict:
         arch = yaml.safe_load(f)
     for part in ("llama", "sd"):
         shutil.rmtree(build.out / part, ignore_errors=True)
+    if build.settings.get("frozen_parts"):
+        shipped = load_config(build.config_file("frozen_parts") / "toy.yaml")
+        for key in ("llama_model", "sd_model", "vit_model", "q_former_model", "ckpt"):
+            source = Path(getattr(shipped, key))
+            copy = shutil.copytree if source.is_dir() else shutil.copy
+            copy(source, build.out / source.name)
+        dump_config(preset_config(shipped, build.out), build.model_config)
+        return {"config": str(build.model_config), "frozen_parts": str(build.config_file("frozen_parts"))}
     corpus = llm_corpus(build.settings["pretrain"]["llm"]["documents"], build.settings["seed"])
     write_preset_files(build.out, cfg, arch, build.settings["seed"], llm_corpus=corpus, sd_words=world_words())
     dump_config(preset_config(cfg, build.out), build.model_config)
@@ -69,31 +78,71 @@ def _pictures(build: Build):
                        build.settings["seed"])
 
 
-def pretrain_sd(build: Build) -> dict:
+def _sd_part(build: Build, name: str):
+    """One part of the toy SD folder, in float32."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    sd = build.out / "sd"
+    if name == "text_encoder":
+        return CLIPTextModel.from_pretrained(sd, subfolder=name, dtype=torch.float32)
+    if name == "tokenizer":
+        return CLIPTokenizer.from_pretrained(sd, subfolder=name)
+    cls = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "scheduler": PNDMScheduler}[name]
+    return cls.from_pretrained(sd, subfolder=name)
+
+
+def _image_encoder(build: Build):
+    """The preset's EVA ViT, Q-Former and query tokens, read from its LAVIS files."""
+    import lavis
+    from configuration import load_config
+
+    cfg = load_config(build.model_config)
+    vision = lavis.build_vision_model(cfg.vision, cfg.image_size)
+    lavis.load_eva_vit(vision, cfg.vit_model, cfg.q_former_model)
+    qformer, query_tokens = lavis.build_qformer(cfg.qformer, cfg.vision.hidden_size, cfg.num_query_token)
+    lavis.load_qformer(qformer, query_tokens, cfg.q_former_model)
+    return cfg, vision, qformer, query_tokens
+
+
+def pretrain_clip(build: Build) -> dict:
+    """SD's text encoder and the EVA ViT, trained together with CLIP's contrastive recipe."""
+    import lavis
     from toyworld import pretrain
 
-    sd, recipe = build.out / "sd", build.settings["pretrain"]
-    torch.manual_seed(_seed(build, "sd"))
-    vae = AutoencoderKL.from_pretrained(sd, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")
-    unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
-    scheduler = PNDMScheduler.from_pretrained(sd, subfolder="scheduler")
-    pictures = _pictures(build)
-    vae_loss = pretrain.train_vae(vae, pictures, _recipe(recipe["vae"]), recipe["vae"]["kl_weight"],
-                                  _seed(build, "vae"))
-    vae.save_pretrained(sd / "vae")
-    text_loss = pretrain.train_text_encoder(text_encoder, tokenizer, pictures, _recipe(recipe["text_encoder"]),
-                                            _seed(build, "text_encoder"))
-    text_encoder.save_pretrained(sd / "text_encoder")
-    unet_loss = pretrain.train_unet(unet, vae, text_encoder, tokenizer, scheduler, pictures, _recipe(recipe["unet"]),
-                                    recipe["unet"]["caption_dropout"], recipe["unet"]["snr_gamma"],
-                                    _seed(build, "unet"))
-    unet.save_pretrained(sd / "unet")
-    return {"vae_loss": _tail(vae_loss), "clip_loss": _tail(text_loss), "unet_loss": _tail(unet_loss)}
+    torch.manual_seed(_seed(build, "clip"))
+    text_encoder, tokenizer = _sd_part(build, "text_encoder"), _sd_part(build, "tokenizer")
+    cfg, vision, qformer, query_tokens = _image_encoder(build)
+    losses = pretrain.train_clip(text_encoder, tokenizer, vision, _pictures(build),
+                                 _recipe(build.settings["pretrain"]["clip"]), _seed(build, "clip-train"))
+    text_encoder.save_pretrained(build.out / "sd" / "text_encoder")
+    lavis.save_lavis(vision, qformer, query_tokens, cfg.vit_model, cfg.q_former_model)
+    return {"loss": _tail(losses), "first_loss": round(losses[0], 3)}
+
+
+def pretrain_vae(build: Build) -> dict:
+    from toyworld import pretrain
+
+    section = build.settings["pretrain"]["vae"]
+    torch.manual_seed(_seed(build, "vae"))
+    vae = _sd_part(build, "vae")
+    losses = pretrain.train_vae(vae, _pictures(build), _recipe(section), section["kl_weight"], _seed(build, "vae-train"))
+    vae.save_pretrained(build.out / "sd" / "vae")
+    return {"loss": _tail(losses), "scaling_factor": vae.config.scaling_factor}
+
+
+def pretrain_unet(build: Build) -> dict:
+    from toyworld import pretrain
+
+    section = build.settings["pretrain"]["unet"]
+    torch.manual_seed(_seed(build, "unet"))
+    unet = _sd_part(build, "unet")
+    losses = pretrain.train_unet(unet, _sd_part(build, "vae"), _sd_part(build, "text_encoder"),
+                                 _sd_part(build, "tokenizer"), _sd_part(build, "scheduler"), _pictures(build),
+                                 _recipe(section), section["caption_dropout"], section["snr_gamma"],
+                                 _seed(build, "unet-train"), ema_decay=section.get("ema_decay", 0.0))
+    unet.save_pretrained(build.out / "sd" / "unet")
+    return {"loss": _tail(losses, 100)}
 
 
 def pretrain_llm(build: Build) -> dict:
@@ -114,6 +163,7 @@ def pretrain_llm(build: Build) -> dict:
 
 
 def pretrain_image_side(build: Build) -> dict:
+    """Q-Former + query tokens + llama_proj trained by captioning through the frozen LLM."""
     import lavis
     from configuration import load_config
     from minigpt4 import MiniGPT4
@@ -194,7 +244,7 @@ def _last_metrics(log_path: Path) -> dict:
 
 
 def _stage(name: str, dataset: str, stage: int, stage1: str | None, extra: tuple[str, ...] = (),
-           depends: tuple[str, ...] = ("image_side", "sd", "stage0"), about: str = "") -> Step:
+           depends: tuple[str, ...] = ("image_side", "unet", "stage0"), about: str = "") -> Step:
     return Step(name, lambda b: train_stage(b, name, dataset, stage, stage1, list(extra)), depends,
                 lambda b: [b.settings["minigpt5"], extra, stage1], about)
 
@@ -205,20 +255,25 @@ def _evaluate(build: Build) -> dict:
     return evaluate.evaluate(build)
 
 
+PRETRAINING = ("clip", "vae", "unet", "llm", "image_side")
 STEPS = [
     Step("datasets", make_datasets, (), lambda b: [b.settings["world"], b.settings["seed"]],
          "write the toy CC3M, VIST and MMDialog"),
     Step("preset", make_preset, ("datasets",),
          lambda b: [b.settings["pretrain"]["llm"]["documents"], Path(b.config_file("model_config")).read_text(),
-                    Path(b.config_file("arch")).read_text()], "random toy preset in the real formats"),
-    Step("sd", pretrain_sd, ("preset",), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "vae",
-                                                                                        "text_encoder", "unet")],
-         "train Stable Diffusion: VAE, CLIP text encoder, UNet"),
-    Step("llm", pretrain_llm, ("preset",), lambda b: b.settings["pretrain"]["llm"], "train the LLM"),
-    Step("image_side", pretrain_image_side, ("llm",),
+                    Path(b.config_file("arch")).read_text(), b.settings.get("frozen_parts")],
+         "the toy preset's files in the real formats"),
+    Step("clip", pretrain_clip, ("preset",), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "clip")],
+         "train SD's text encoder and the EVA ViT together (CLIP)"),
+    Step("vae", pretrain_vae, ("preset",), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "vae")],
+         "train SD's VAE (autoencoder)"),
+    Step("unet", pretrain_unet, ("clip", "vae"), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "unet")],
+         "train SD's UNet (latent diffusion, text-conditioned)"),
+    Step("llm", pretrain_llm, ("preset",), lambda b: b.settings["pretrain"]["llm"], "train the LLM on the world's text"),
+    Step("image_side", pretrain_image_side, ("clip", "llm"),
          lambda b: [b.settings["pretrain"]["pictures"], b.settings["pretrain"]["image_side"]],
-         "train EVA-ViT + Q-Former + llama_proj by captioning"),
-    Step("stage0", save_stage0, ("image_side", "sd"), about="MiniGPT-5 as built, untrained"),
+         "train Q-Former + llama_proj by captioning through the LLM"),
+    Step("stage0", save_stage0, ("image_side", "unet"), about="MiniGPT-5 as built, untrained"),
     _stage("stage1_cc3m", "CC3M", 1, None, about="MiniGPT-5 stage 1 on the toy CC3M"),
     _stage("stage2_vist", "VIST", 2, "stage1_cc3m.ckpt", depends=("stage1_cc3m",),
            about="MiniGPT-5 stage 2 on the toy VIST"),
