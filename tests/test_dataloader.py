@@ -592,3 +592,56 @@ def test_preprocess_cli(tmp_path, tiny_config_path, tiny_tokenizer, tiny_config)
     batch = D.Collator(tiny_tokenizer)([cached[i] for i in range(3)])
     assert batch["output_image_features"].shape == (3, 8, tiny_config.sd_image_size // 2, tiny_config.sd_image_size // 2)
     assert batch["input_image_features"] is None and "output_images" not in batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Token ids as the release's tokenizer gave them
+# ------------------------------------------------------------------------------------------------
+
+def release_token_ids(sp, added: dict[str, int], text: str) -> list[int]:
+    """What transformers 4.31's slow `LlamaTokenizer(legacy=True)` gave for `text` (no BOS) with
+    the vokens and <ImageHere> added as plain strings, written out from its source: cut the text
+    at added tokens, strip the whitespace on both sides of each, encode every remaining non-empty
+    piece with sentencepiece (which prefixes each piece with its `▁`)."""
+    pieces = re.split("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")", text)
+    for i, piece in enumerate(pieces):
+        if piece in added:
+            if i > 0:
+                pieces[i - 1] = pieces[i - 1].rstrip()
+            if i + 1 < len(pieces):
+                pieces[i + 1] = pieces[i + 1].lstrip()
+    ids = []
+    for piece in pieces:
+        if piece:
+            ids += [added[piece]] if piece in added else sp.encode(piece)
+    return ids
+
+
+def test_targets_with_text_before_the_vokens_tokenize_as_the_release(tiny_tokenizer, tiny_config):
+    """VIST multimodal targets (`{caption} [IMG0]...`) and MMDialog picture turns (`{text} [IMG0]...`):
+    no extra `▁` token between the text and [IMG0]; every id as the release's tokenizer gave it."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(Path(tiny_config.llama_model) / "tokenizer.model"))
+    names = [f"[IMG{i}]" for i in range(8)] + ["<ImageHere>"]
+    added = dict(zip(names, tiny_tokenizer.convert_tokens_to_ids(names)))
+    lone_prefix = sp.piece_to_id("▁")
+    vist = D.VISTDataset(DATASETS / "VIST" / "train_cleaned.json", tiny_tokenizer, tiny_config, is_training=True)
+    mmdialog = D.MMDialogDataset(DATASETS / "MMDialog" / "train" / "train_conversations.txt", tiny_tokenizer,
+                                 tiny_config, is_training=True)
+    samples = [s for s in vist.samples() if s.task_name.endswith("-multimodal")]
+    samples += [s for s in mmdialog.samples() if s.output_image_path is not None]
+    assert len(samples) >= 4 and any(s.task_name.endswith("-mm") for s in samples)
+    for dataset, sample in [(vist, s) for s in samples if s.task_name.endswith("-multimodal")] + \
+                           [(mmdialog, s) for s in samples if s.task_name.endswith("-mm")]:
+        assert re.search(r"\S \[IMG0\]", sample.target), sample.target
+        input_ids, labels, _, _ = dataset.tokenize(sample)
+        source = release_token_ids(sp, added, sample.source)
+        target = release_token_ids(sp, added, sample.target)
+        assert input_ids.tolist() == source + target, sample.task_name
+        img0 = target.index(added["[IMG0]"])
+        assert target[img0 - 1] != lone_prefix, sample.task_name
+    # whitespace of every kind around added tokens, and a leading space, as the release
+    for text in ["a dog  [IMG0][IMG1] ###", "hi\n[IMG0]\nthere", " leading space [IMG7] ###",
+                 "x <Img><ImageHere></Img> y", "[IMG0][IMG1][IMG2][IMG3][IMG4][IMG5][IMG6][IMG7] ###"]:
+        assert tiny_tokenizer(text, add_special_tokens=False).input_ids == release_token_ids(sp, added, text), text
