@@ -235,6 +235,7 @@ class MiniGPT5_Model(pl.LightningModule):
         trainable keys the file did not provide.
         """
         state = weights.translate_llm_keys(weights.read_checkpoint(path), lora=self.model.is_lora)
+        weights.check_shapes(state, weights.module_shapes(self), path, self.cfg.source)
         result = self.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             log.warning("%s: %d keys this stage-%d model does not use: %s", path, len(result.unexpected_keys),

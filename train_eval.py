@@ -543,10 +543,15 @@ def main(argv: list[str] | None = None) -> None:
     import pytorch_lightning as pl
 
     pl.seed_everything(args.seed, workers=True)
-    if args.is_training:
-        train(args, paths)
-    else:
-        predict(args, paths)
+    from weights import CheckpointError
+
+    try:
+        if args.is_training:
+            train(args, paths)
+        else:
+            predict(args, paths)
+    except CheckpointError as e:  # a damaged, foreign or unsafe weight file: one line naming it
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
