@@ -51,10 +51,10 @@ def output_suffix() -> str:
     return os.environ.get("OUTPUT_SUFFIX", "")
 
 
-def cc3m_folder() -> Path | None:
-    """`CC3M_FOLDER`, if set."""
-    value = os.environ.get("CC3M_FOLDER")
-    return Path(value) if value else None
+def cc3m_folder() -> Path:
+    """`CC3M_FOLDER`: the CC3M folder whose `val/` images are metric.py's FID real set (default
+    `datasets/CC3M`, as the release)."""
+    return Path(os.environ.get("CC3M_FOLDER") or "datasets/CC3M")
 
 
 def preprocess_feature_folder() -> Path | None:

@@ -34,6 +34,7 @@ from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 
 import constants
+import predictions
 from constants import IMAGE_PLACEHOLDER, dataset_type
 
 log = logging.getLogger("train_eval")
@@ -490,14 +491,12 @@ class PredictionWriter(BasePredictionWriter):
         for item in prediction:
             gt = item["expected_image"]
             save_task_folder(self.out_dir / item["task_name"], item["image"], item["text"], item["baseline"],
-                             _to_pil(((gt + 1) / 2).clamp(0, 1)) if gt is not None else None,
+                             _to_pil(predictions.to_unit_range(gt)) if gt is not None else None,
                              [_to_pil(x) for x in _denormalise_clip(item["input_images"])])
-            self.records.append([item["source"], item["text"], item["target"], item["image"], item["baseline"],
-                                 gt, None, item["task_name"]])
+            self.records.append(predictions.record(item))
 
     def on_predict_epoch_end(self, trainer, pl_module):
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(self.records, self.out_dir / f"predictions-{trainer.global_rank}.pt")
+        predictions.save(self.records, self.out_dir / f"predictions-{trainer.global_rank}.pt")
 
 
 def predict(args: argparse.Namespace, paths: dict) -> Path:
