@@ -14,6 +14,9 @@ VOKENS = [f"[IMG{i}]" for i in range(VOKEN_COUNT)]
 IMAGE_PLACEHOLDER = "<ImageHere>"
 IMAGE_SLOT = "<Img><ImageHere></Img>"
 ALL_VOKENS_TEXT = "".join(VOKENS)
+# Text that tokenizes to vokens or image slots: data and user text must not contain it, or the
+# number of images would no longer match the number of <ImageHere> tokens.
+RESERVED_TOKENS = tuple(VOKENS) + (IMAGE_PLACEHOLDER,)
 
 # Loss weights (REFERENCE §3.8) and training constants the release used.
 TEXT_LOSS_WEIGHT = 0.01

@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="save a sample generation (image + text) every N optimiser steps (0: never)")
     p.add_argument("--seed", type=int, default=constants.SEED)
     p.add_argument("--strict", action="store_true", help="stop at the first bad data row instead of skipping it")
+    p.add_argument("--allow_outside_paths", action="store_true",
+                   help="accept dataset image paths that leave the dataset folder (refused and counted by default)")
     # prediction
     p.add_argument("--predict_batch_size", type=int, default=1, help="prompts per generate call (release: 1)")
     p.add_argument("--guidance_scale", type=float, default=7.5)
@@ -361,13 +363,15 @@ def train(args: argparse.Namespace, paths: dict) -> None:
                            warmup_steps=args.warmup_steps, adam_epsilon=args.adam_epsilon, snr_loss=args.snr_loss)
     tokenizer = model.model.llama_tokenizer
     kind = dataset_type(constants.data_folder())
-    train_set = make_dataset(paths["train"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict)
+    train_set = make_dataset(paths["train"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict,
+                             allow_outside_paths=args.allow_outside_paths)
     collate = Collator(tokenizer)
     train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, args.num_workers, True,
                               args.seed, n_devices)
     val_loader = None
     if paths["val"] is not None:
-        val_set = make_dataset(paths["val"], tokenizer, cfg, is_training=False, dataset_type=kind, strict=args.strict)
+        val_set = make_dataset(paths["val"], tokenizer, cfg, is_training=False, dataset_type=kind, strict=args.strict,
+                             allow_outside_paths=args.allow_outside_paths)
         val_loader = dataloader(val_set, collate, args.per_device_eval_batch_size, args.num_workers, False,
                                 args.seed, n_devices)
 
@@ -516,7 +520,7 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
             model.load_checkpoint_file(path)
     kind = dataset_type(constants.data_folder())
     test_set = make_dataset(paths["test"], model.model.llama_tokenizer, cfg, is_training=False, dataset_type=kind,
-                            strict=args.strict)
+                            strict=args.strict, allow_outside_paths=args.allow_outside_paths)
     loader = dataloader(test_set, Collator(model.model.llama_tokenizer), args.predict_batch_size, args.num_workers,
                         False, args.seed, n_devices)
     out_dir = prediction_folder(paths["test_weight"], paths["stage1"])

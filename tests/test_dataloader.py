@@ -645,3 +645,61 @@ def test_targets_with_text_before_the_vokens_tokenize_as_the_release(tiny_tokeni
     for text in ["a dog  [IMG0][IMG1] ###", "hi\n[IMG0]\nthere", " leading space [IMG7] ###",
                  "x <Img><ImageHere></Img> y", "[IMG0][IMG1][IMG2][IMG3][IMG4][IMG5][IMG6][IMG7] ###"]:
         assert tiny_tokenizer(text, add_special_tokens=False).input_ids == release_token_ids(sp, added, text), text
+
+
+# ------------------------------------------------------------------------------------------------
+# Image paths must stay inside the dataset folder
+# ------------------------------------------------------------------------------------------------
+
+OUTSIDE = "image path outside the dataset folder"
+
+
+def test_image_paths_leaving_the_dataset_folder_are_refused_and_counted(tmp_path, caplog):
+    data = tmp_path / "CC3M"
+    write_jpeg(data / "images" / "a.jpg")
+    write_jpeg(tmp_path / "secret.jpg")
+    inside_abs = str(data / "images" / "a.jpg")
+    rows = ["caption\timage_path", "one\timages/a.jpg", "two\t../secret.jpg", f"three\t{tmp_path / 'secret.jpg'}",
+            "four\timages/../images/a.jpg", f"five\t{inside_abs}", "six\timages/x/../../../CC3M-other/b.jpg"]
+    (data / "cc3m_val.tsv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="dataloader"):
+        dataset = D.CC3MDataset(data / "cc3m_val.tsv", is_training=False)
+    assert [s.caption for s in dataset.samples()] == ["one", "four", "five"]
+    assert dataset.problems.counts == {OUTSIDE: 3}
+    assert f"cc3m_val.tsv:3: {OUTSIDE}" in caplog.text and f"cc3m_val.tsv:7: {OUTSIDE}" in caplog.text
+    with pytest.raises(D.DataError, match=rf"cc3m_val.tsv:3: {OUTSIDE}"):
+        D.CC3MDataset(data / "cc3m_val.tsv", is_training=False, strict=True)
+    allowed = D.CC3MDataset(data / "cc3m_val.tsv", is_training=False, allow_outside_paths=True)
+    assert len(allowed) == 6 and not allowed.problems.counts
+    assert allowed.sample(1).output_image_path == str(data / "../secret.jpg")
+
+    steps = [{"caption": "one .", "image_id": "1", "sequence_index": 0},
+             {"caption": "two .", "image_id": "2", "sequence_index": 1},
+             {"caption": "three .", "image_id": "3", "sequence_index": 2}]
+    vist = tmp_path / "VIST"
+    vist.mkdir()
+    path = write_vist(vist, steps, {"1": "a.jpg", "2": "../../etc/b.jpg", "3": "c.jpg"})
+    dataset = D.VISTDataset(path, is_training=False)
+    assert [s.task_name for s in dataset.samples()] == ["7_0-gen"] and dataset.problems.counts == {OUTSIDE: 1}
+    assert len(D.VISTDataset(path, is_training=False, allow_outside_paths=True)) == 3
+
+    mm = write_conversations(tmp_path / "MMDialog" / "test", [
+        conversation(1, ("a", None), ("b", "11"), ("c", "../../secret"), ("d", None))], images=["11"])
+    dataset = D.MMDialogDataset(mm, is_training=False)
+    assert [s.task_name for s in dataset.samples()] == ["1_1-mm"] and dataset.problems.counts == {OUTSIDE: 1}
+    assert len(D.MMDialogDataset(mm, is_training=False, allow_outside_paths=True)) == 3
+
+
+def test_allow_outside_paths_is_reachable_from_the_command_lines(tmp_path, capsys):
+    import train_eval
+
+    assert train_eval.parse_args(["--allow_outside_paths"]).allow_outside_paths is True
+    assert train_eval.parse_args([]).allow_outside_paths is False
+    data = tmp_path / "CC3M"
+    write_jpeg(tmp_path / "secret.jpg")
+    (data).mkdir()
+    (data / "cc3m_val.tsv").write_text("caption\timage_path\none\t../secret.jpg\n")
+    assert D.main([str(data / "cc3m_val.tsv"), "--split", "test"]) == 0
+    assert capsys.readouterr().out == ""
+    assert D.main([str(data / "cc3m_val.tsv"), "--split", "test", "--allow_outside_paths"]) == 0
+    assert json.loads(capsys.readouterr().out)["output_image"] == str(data / "../secret.jpg")
