@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens (0: off; default "
+                   "50, the release's: its transformers' default)")
     p.add_argument("--scheduler", default="pndm", choices=["pndm", "dpm++"])
     return p.parse_args(argv)
 
@@ -524,7 +526,8 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
     loader = dataloader(test_set, Collator(model.model.llama_tokenizer), args.predict_batch_size, args.num_workers,
                         False, args.seed, n_devices)
     out_dir = prediction_folder(paths["test_weight"], paths["stage1"])
-    model.predict_options.update(seed=args.seed, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale,
+    model.predict_options.update(seed=args.seed, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                                 guidance_scale=args.guidance_scale,
                                  num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
                                  sd_baseline=kind == "CC3M")
     writer = PredictionWriter(out_dir)
