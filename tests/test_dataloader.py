@@ -581,6 +581,17 @@ def test_cached_features_give_the_same_losses(tmp_path, tiny_config, monkeypatch
     assert cached.problems.counts == {"missing cached feature": 1}
 
 
+def test_preprocess_writes_under_outputs_by_default(tmp_path, tiny_config_path, monkeypatch):
+    """Run from a checkout, `preprocess` without --out writes into the git-ignored outputs/ folder."""
+    monkeypatch.chdir(tmp_path)
+    data = DATASETS / "CC3M" / "cc3m_val.tsv"
+    assert D.main(["preprocess", str(data), "--split", "test", "--model_config", str(tiny_config_path),
+                   "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "outputs" / "features" / "test" / "vae").iterdir())) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["outputs"]
+    assert "/outputs/" in (REPO / ".gitignore").read_text().split()
+
+
 def test_preprocess_cli(tmp_path, tiny_config_path, tiny_tokenizer, tiny_config):
     out = tmp_path / "features"
     data = DATASETS / "CC3M" / "cc3m_val.tsv"

@@ -550,3 +550,11 @@ def test_prediction_files_are_the_releases_layout_both_ways(tmp_path):
     torch.testing.assert_close(loaded[5], ToTensor()(target))
     samples = metric.load_predictions(tmp_path / "ours")
     assert _max_pixel_difference(samples[0].gt_image, target) <= 1
+
+
+def test_tiny_extractors_are_named_as_such_in_the_report(tmp_path, monkeypatch):
+    folder = save_predictions(tmp_path / "preds", cc3m_items(3))
+    metric.main(["--pred_folder", str(folder), "--dataset", "CC3M", "--tiny_extractors", "--device", "cpu",
+                 "--fid_cache_dir", str(tmp_path / "cache")])
+    report = (folder / "results.md").read_text()
+    assert "random weights (--tiny_extractors)" in report and "ViT-L-14" not in report and "openai" not in report
