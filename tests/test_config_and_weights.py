@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,21 @@ def test_preset_cli(tmp_path):
     assert load_config(tmp_path / "t" / "tiny.yaml").llama_model == str(tmp_path / "t" / "llama")
     bad = subprocess.run([sys.executable, "weights.py", "preset", "huge"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice: 'huge'" in bad.stderr
+
+
+def test_the_docs_say_where_every_weight_comes_from():
+    """README and docs/weights_and_data.md: every config weight key with its source, the released
+    checkpoints' link, the Vicuna v0 delta step, the licence, the citation and the original release."""
+    from configuration import PATH_KEYS
+
+    readme = (REPO / "README.md").read_text()
+    guide = (REPO / "docs" / "weights_and_data.md").read_text()
+    for key in PATH_KEYS:
+        assert f"| `{key}` |" in guide, key
+    for needle in ("huggingface.co/KZ-ucsc/MiniGPT5", "lmsys/vicuna-7b-delta-v0", "stabilityai/stable-diffusion-2-1-base",
+                   "eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth", "prerained_minigpt4_7b.pth"):
+        assert needle in guide, needle
+    for link in re.findall(r"\]\((docs/[^)#]+)", readme) + ["docs/weights_and_data.md", "docs/reproducing.md"]:
+        assert (REPO / link).is_file(), link
+    assert "https://github.com/eric-ai-lab/MiniGPT-5" in readme and "@misc{zheng2023minigpt5" in readme
+    assert (REPO / "LICENSE").read_text().split()[:3] == ["Apache", "License", "Version"]

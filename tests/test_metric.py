@@ -558,3 +558,16 @@ def test_tiny_extractors_are_named_as_such_in_the_report(tmp_path, monkeypatch):
                  "--fid_cache_dir", str(tmp_path / "cache")])
     report = (folder / "results.md").read_text()
     assert "random weights (--tiny_extractors)" in report and "ViT-L-14" not in report and "openai" not in report
+
+
+def test_every_choice_between_the_release_and_ours_is_documented():
+    """docs/reproducing.md shows each metric flag that selects our definition instead of the release's."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reproducing.md").read_text()
+    defaults = metric.parse_args(["--pred_folder", "x"])
+    for flag, ours in (("--bleu_unit", "word"), ("--rouge", "rouge-score"), ("--fid_real", "ground_truth"),
+                       ("--clip_t_text", "caption")):
+        assert f"`{flag} {ours}`" in page, flag
+        assert getattr(defaults, flag[2:]) != ours
+    for figure in ("29.1", "19.5", "12.1", "20.2", "overall_bleu_score_1", "overall_rouge_l_score",
+                   "metric.py --test_weight stage2_mmdialog.ckpt"):
+        assert figure in page, figure
