@@ -1,5 +1,5 @@
 """The three datasets of MiniGPT-5 (CC3M, VIST, MMDialog), image transforms, the feature cache and
-the collator (REFERENCE §5).
+the collator, as the release reads them.
 
     data file ──► index (once, at construction): which samples exist, in the release's order
               ──► sample(i): task name, source, target, caption, input/output image paths
@@ -97,7 +97,7 @@ REPO = Path(__file__).resolve().parent
 DATASET_TYPES = ("CC3M", "VIST", "MMDialog")
 VOKEN_TARGET = f"{ALL_VOKENS_TEXT} ###"
 
-# ---- prompts (REFERENCE §5) ------------------------------------------------------------------
+# ---- prompts (the release's) -----------------------------------------------------------------------
 
 CC3M_SYSTEM = "You will be able to generate image according to command."
 CC3M_PROMPTS = (
@@ -417,7 +417,7 @@ def _parse_cc3m_block(path: Path, block: bytes, columns: tuple[int, int, int], f
 
 
 # --------------------------------------------------------------------------------------------
-# Image transforms (REFERENCE §5) and loading
+# Image transforms (the release's) and loading
 # --------------------------------------------------------------------------------------------
 
 def input_transform(size: int):
@@ -788,7 +788,7 @@ class _Story:
 
 class VISTDataset(MiniGPT5Dataset):
     """VIST stories (stage 2): per step a generation sample, and in training, from the second
-    step on, a multimodal and an understanding sample (REFERENCE §5). The image mapping file is
+    step on, a multimodal and an understanding sample, as the release. The image mapping file is
     the annotation file's name with `cleaned` replaced by `image_mapping`."""
 
     dataset_type = "VIST"
@@ -898,7 +898,7 @@ class _Conversation:
 
 class MMDialogDataset(MiniGPT5Dataset):
     """MMDialog conversations (stage 2): every turn after the first is a sample whose source is
-    the system prompt, a sliding window of earlier turns and the speaker tag (REFERENCE §5)."""
+    the system prompt, a sliding window of earlier turns and the speaker tag, as the release."""
 
     dataset_type = "MMDialog"
 

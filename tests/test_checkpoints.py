@@ -1,4 +1,4 @@
-"""Checkpoints: only trainable tensors, under the release's key names (REFERENCE §6); the release's
+"""Checkpoints: only trainable tensors, under the release's key names; the release's
 stage-1 and stage-2 files load, Lightning metadata included, without running code from the file; a
 file that would run code is refused; damaged, foreign or mismatched files give one line naming the
 file; save -> load reproduces outputs bit for bit."""

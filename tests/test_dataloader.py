@@ -1,5 +1,5 @@
 """Tests for `dataloader.py`: the release's sample lists on the reference files (expectations written
-by hand from REFERENCE §5), tokenization and collation, bad input, DataLoader workers, the feature
+by hand from the release's prompts), tokenization and collation, bad input, DataLoader workers, the feature
 cache, and the CLI on the repo's own sample datasets."""
 from __future__ import annotations
 
