@@ -65,8 +65,8 @@ Definitions (the release's unless a flag says otherwise)
   shorter side is 256 (bilinear, aspect kept, as the release; the Inception net then stretches them
   to 299 x 299); Inception Score inputs keep their size (as the release). FID uses torchmetrics'
   FID Inception (pool3, 2048 features), IS its unbiased logits with 10 splits and a fixed seed
-  (`--seed`). Real-set features (CC3M and VIST instance level) are cached in `--fid_cache_dir` under a hash of the real images' contents and of
-  the Inception weights. For sets smaller than the feature size (VIST stories) the FID trace term is
+  (`--seed`). Real-set features (CC3M and VIST instance level) are cached in `--fid_cache_dir`
+  under a hash of the real images' contents and of the Inception weights. For sets smaller than the feature size (VIST stories) the FID trace term is
   computed exactly from the n x m cross-Gram matrix (nuclear norm) instead of a 2048 x 2048 matrix
   square root: same value, milliseconds instead of seconds per story.
 - FID real set: for CC3M, as the release, every `.jpg` under `CC3M_FOLDER/val/` (default

@@ -141,8 +141,9 @@ def prepare_text(text: str, max_chars: int = MAX_MESSAGE_CHARS) -> tuple[str, li
     notes = []
     text, found = neutralise_reserved_tokens(text)
     if found:
-        notes.append(f"{', '.join(found)} in your message were sent as plain text ({'they are' if len(found) > 1 else 'it is'} "
-                     "reserved for the model's pictures and your attached images).")
+        many = len(found) > 1
+        notes.append(f"{', '.join(found)} in your message {'were' if many else 'was'} sent as plain text "
+                     f"({'they are' if many else 'it is'} reserved for the model's pictures and your attached images).")
     if len(text) > max_chars:
         notes.append(f"Your message had {len(text):,} characters; only the first {max_chars:,} were sent.")
         text = text[:max_chars].rstrip()
