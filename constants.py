@@ -54,6 +54,19 @@ def output_suffix() -> str:
     return os.environ.get("OUTPUT_SUFFIX", "")
 
 
+def prediction_folder(test_weight: str | os.PathLike) -> Path:
+    """Where the predictions of `--test_weight` go (train_eval.py) and are read from (metric.py):
+    `OUTPUT_FOLDER/<test_weight as given, without its extension><OUTPUT_SUFFIX>`.
+
+    A relative path keeps its folders, as the release did (`runs/a/x.ckpt` -> `OUTPUT_FOLDER/runs/a/x`);
+    an absolute path, or one that climbs out with `..`, keeps only its file name (`/tmp/x.ckpt` ->
+    `OUTPUT_FOLDER/x`), so that predictions always land inside `OUTPUT_FOLDER`."""
+    path = Path(test_weight)
+    if path.is_absolute() or ".." in path.parts:
+        path = Path(path.name)
+    return output_folder() / (str(path.with_suffix("")) + output_suffix())
+
+
 def cc3m_folder() -> Path:
     """`CC3M_FOLDER`: the CC3M folder whose `val/` images are metric.py's FID real set (default
     `datasets/CC3M`, as the release)."""

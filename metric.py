@@ -120,8 +120,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import pil_to_tensor, resize, to_pil_image
 from tqdm import tqdm
 
+import constants
 import predictions
-from constants import cc3m_folder, data_folder, dataset_type, output_folder, output_suffix
+from constants import cc3m_folder, data_folder, dataset_type
 from weights import CheckpointError
 
 DATASETS = ("CC3M", "VIST", "MMDialog")
@@ -906,8 +907,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def prediction_folder(test_weight: str) -> Path:
-    """`OUTPUT_FOLDER/<test_weight without extension><OUTPUT_SUFFIX>`, read from the environment now."""
-    return output_folder() / (str(Path(test_weight).with_suffix("")) + output_suffix())
+    """Where train_eval.py wrote the predictions of `--test_weight` (one rule for both:
+    `constants.prediction_folder`), read from the environment now."""
+    return constants.prediction_folder(test_weight)
 
 
 def main(argv: Sequence[str] | None = None, models: Models | None = None) -> dict[str, Any]:

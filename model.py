@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import warnings
 import zlib
@@ -49,6 +50,28 @@ class GenerationOutput:
     token_ids: list[int]
 
 log = logging.getLogger(__name__)
+
+
+def check_generation_arguments(prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool, temperature: float,
+                               top_p: float, guidance_scale: float, num_inference_steps: int) -> None:
+    """`generate`'s arguments, checked before any work: a ValueError names the argument."""
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one prompt")
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_inference_steps", num_inference_steps)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("guidance_scale", guidance_scale), ("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be positive when sampling, got {temperature!r}")
+    if do_sample and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+class CheckpointMismatchError(weights.CheckpointError):
+    """A checkpoint that cannot be what the caller meant (no trainable key of the model matched, or
+    a stage-2 file without the stage-1 one it builds on)."""
 
 
 class SDParts(nn.Module):
@@ -166,7 +189,8 @@ class MiniGPT5_Model(pl.LightningModule):
                      test_weight: str | os.PathLike | None = None, **kwargs) -> "MiniGPT5_Model":
         """A model ready to generate, as the release's demo loads it: the config (default: the tiny
         preset, built on first use), then `stage1_weight`, then `test_weight` on top. The stage is
-        2 when `test_weight` holds LoRA weights. Checkpoint paths may be relative to WEIGHTFOLDER."""
+        2 when `test_weight` holds LoRA weights; a stage-2 `test_weight` needs `stage1_weight` (its
+        `fc` and `t2i_decoder_prompt` live there only). Checkpoint paths may be relative to WEIGHTFOLDER."""
         from configuration import load_config
 
         config_path = Path(model_config) if model_config else weights.ensure_tiny()
@@ -174,6 +198,10 @@ class MiniGPT5_Model(pl.LightningModule):
         paths = [weights.resolve_weight(p, flag) for p, flag in ((stage1_weight, "--stage1_weight"),
                                                                   (test_weight, "--test_weight")) if p]
         stage = 2 if test_weight and weights.checkpoint_stage(paths[-1]) == 2 else 1
+        if stage == 2 and not stage1_weight:
+            raise CheckpointMismatchError(
+                f"test_weight {str(test_weight)!r} is a stage-2 checkpoint: it has no `fc` / `t2i_decoder_prompt`, "
+                f"which come from the stage-1 checkpoint; give stage1_weight (--stage1_weight), e.g. stage1_cc3m.ckpt")
         model = cls(cfg, stage=stage, **kwargs)
         for path in paths:
             model.load_checkpoint_file(path)
@@ -223,7 +251,7 @@ class MiniGPT5_Model(pl.LightningModule):
     # ---- checkpoints -------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Only the trainable parameters go into the `.ckpt` (REFERENCE §6)."""
+        """Only the trainable parameters go into the `.ckpt`, under the release's key names."""
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
@@ -232,15 +260,22 @@ class MiniGPT5_Model(pl.LightningModule):
 
         Keys are translated between the plain and the LoRA-wrapped LLM names; keys this model does
         not have are reported and ignored (as the release loaded non-strictly). Returns the
-        trainable keys the file did not provide.
+        trainable keys the file did not provide. A file that provides none of them raises
+        `CheckpointMismatchError` (it would load nothing).
         """
         state = weights.translate_llm_keys(weights.read_checkpoint(path), lora=self.model.is_lora)
+        trainable = self.trainable_keys()
+        if not trainable & set(state):
+            raise CheckpointMismatchError(
+                f"{path}: none of its {len(state)} keys is a trainable tensor of this stage-{self.stage} model "
+                f"(expected keys such as {sorted(trainable)[:3]}; the file has e.g. {sorted(state)[:3]}); "
+                f"it is not a MiniGPT-5 checkpoint of this kind, and loading it would change nothing")
         weights.check_shapes(state, weights.module_shapes(self), path, self.cfg.source)
         result = self.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             log.warning("%s: %d keys this stage-%d model does not use: %s", path, len(result.unexpected_keys),
                         self.stage, sorted(result.unexpected_keys)[:10])
-        missing = sorted(self.trainable_keys() - set(state))
+        missing = sorted(trainable - set(state))
         if missing:
             log.warning("%s: %d trainable keys not in the file (kept as initialised): %s", path, len(missing),
                         missing[:10])
@@ -376,21 +411,38 @@ class MiniGPT5_Model(pl.LightningModule):
 
     # ---- Lightning hooks ---------------------------------------------------------------------
 
-    def step_generator(self, batch_idx: int) -> torch.Generator:
-        """The random stream of one training micro-batch, a function of (seed, optimiser step,
-        micro-batch within the step, rank) only, so that a resumed run draws exactly what an
-        uninterrupted one would."""
+    def step_seed(self, batch_idx: int) -> int:
+        """The seed of one training micro-batch, a function of (seed, optimiser step, micro-batch
+        within the step, rank) only, so that a resumed run draws exactly what an uninterrupted one
+        would."""
         seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
         micro = batch_idx % max(1, self.trainer.accumulate_grad_batches) if self._trainer is not None else 0
         key = ((seed * 1_000_003 + self.global_step) * 1_009 + micro) * 1_009 + self.global_rank
+        return key % (2**63 - 1)
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """The random stream of the model's own draws in one training micro-batch (`step_seed`)."""
         device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        return torch.Generator(device=device).manual_seed(key % (2**63 - 1))
+        return torch.Generator(device=device).manual_seed(self.step_seed(batch_idx))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """One step: log every loss term, return the total."""
+        """One step: log every loss term, return the total.
+
+        Every random draw of the step is a function of (seed, optimiser step, micro-batch, rank):
+        the model's own draws (noise, timesteps, CFG dropout) come from `step_generator`, and the
+        ones drawn from torch's global RNG inside the modules (LoRA dropout in stage 2) from that
+        RNG seeded from the same key for this micro-batch only (`fork_rng` restores it after), so
+        that a resumed run draws exactly what an uninterrupted one would."""
         if batch is None:                       # every sample of this batch was unreadable (logged)
             return None
-        losses = self(batch, generator=self.step_generator(batch_idx))
+        # A second stream for the modules, distinct from the generator's (same key, other constant).
+        module_seed = (self.step_seed(batch_idx) * 6_364_136_223_846_793_005 + 1) % (2**63 - 1)
+        cuda = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.default_generator.manual_seed(module_seed)
+            if cuda:
+                torch.cuda.manual_seed(module_seed)
+            losses = self(batch, generator=self.step_generator(batch_idx))
         batch_size = batch["input_ids"].shape[0]
         for name, value in losses.items():
             self.log(f"train_{name}" if name == "loss" else name, value, prog_bar=name == "loss",
@@ -398,16 +450,19 @@ class MiniGPT5_Model(pl.LightningModule):
         return losses["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """Validation loss (`val_loss`, the checkpoint monitor), with fixed random draws per batch."""
+        """Validation losses, with fixed random draws per batch: `val_loss` (the checkpoint monitor)
+        and each term (`val_text_loss`, `val_image_loss`, `val_caption_loss`), as the release logged."""
         if batch is None:
             return None
         generator = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu").manual_seed(batch_idx)
         losses = self(batch, generator=generator)
-        self.log("val_loss", losses["loss"], prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        batch_size = batch["input_ids"].shape[0]
+        for name, value in losses.items():
+            self.log(f"val_{name}", value, prog_bar=name == "loss", batch_size=batch_size, sync_dist=True)
         return losses["loss"]
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
-        """Generate for every prompt of a collated test batch (REFERENCE §6): one dict per item with
+        """Generate for every prompt of a collated test batch: one dict per item with
         source, generated text and image, expected text and image, the SD baseline (CC3M) and the
         input images. Each item's seed comes from its task name, so results do not depend on the
         batch size or the process that ran it."""
@@ -445,7 +500,7 @@ class MiniGPT5_Model(pl.LightningModule):
 
     def configure_optimizers(self):
         """AdamW; stage 1 gives `fc`, the mapper and the prompt 10x the learning rate; linear warm-up
-        then linear decay to zero, stepped every optimiser step (REFERENCE §6)."""
+        then linear decay to zero, stepped every optimiser step, as the release."""
         from transformers import get_linear_schedule_with_warmup
 
         lr = self.hparams.learning_rate
@@ -581,6 +636,8 @@ class MiniGPT5_Model(pl.LightningModule):
         if isinstance(prompts, str):
             prompts, images = [prompts], [images or []]
         images = images if images is not None else [[] for _ in prompts]
+        check_generation_arguments(prompts, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                   top_p=top_p, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
         if len(images) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
         if scheduler not in SCHEDULERS:

@@ -1,22 +1,23 @@
 """Train MiniGPT-5 (stage 1 or 2) or predict with it, through a Lightning `Trainer`.
 
-The release's command lines work as written (REFERENCE §6), e.g.
+The release's command lines work as written, e.g.
 
     # stage 1 on CC3M
-    WEIGHTFOLDER=weights DATAFOLDER=datasets/CC3M python train_eval.py --is_training True \\
+    IS_STAGE2=False WEIGHTFOLDER=weights DATAFOLDER=datasets/CC3M python train_eval.py --is_training True \\
         --train_data_path cc3m_train.tsv --val_data_path cc3m_val.tsv \\
         --model_save_name stage1_cc3m_{epoch}-{step} --gpus 0,1,2,3
     # stage 2 on VIST, from the stage-1 checkpoint
     IS_STAGE2=True WEIGHTFOLDER=weights DATAFOLDER=datasets/VIST python train_eval.py --is_training True \\
         --train_data_path train_cleaned.json --val_data_path val_cleaned.json \\
         --stage1_weight stage1_cc3m.ckpt --model_save_name stage2_vist_{epoch}-{step}
-    # prediction
-    IS_STAGE2=True WEIGHTFOLDER=weights DATAFOLDER=datasets/VIST python train_eval.py --is_training False \\
-        --test_data_path val_cleaned.json --test_weight stage2_vist.ckpt
+    # prediction (the default; OUTPUT_FOLDER/stage2_vist/predictions-{rank}.pt)
+    IS_STAGE2=True WEIGHTFOLDER=weights DATAFOLDER=datasets/VIST OUTPUT_FOLDER=outputs python train_eval.py \\
+        --test_data_path val_cleaned.json --test_weight stage2_vist.ckpt --stage1_weight stage1_cc3m.ckpt
 
 plus `--model_config` (default config/minigpt4.yaml; config/tiny.yaml for the tiny preset),
-`--accelerator`, `--strategy`, `--precision`, `--max_steps`, `--logger` and a few more (`--help`).
-Every path given by a flag or an environment variable is checked before any model is loaded.
+`--accelerator`, `--strategy`, `--precision`, `--max_steps`, `--shuffle`, `--logger` and a few more.
+Every flag and every path given by a flag or an environment variable is checked before any model
+is loaded.
 """
 from __future__ import annotations
 
@@ -52,35 +53,61 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+DEFAULT_WARMUP_STEPS = 1000
+COMPATIBILITY_ONLY = "accepted for compatibility with the release's command lines; no effect here"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The release's flags (same names and defaults) and ours."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     # --- the release's flags -----------------------------------------------------------------
-    p.add_argument("--is_training", type=str2bool, default=True)
+    p.add_argument("--is_training", type=str2bool, nargs="?", const=True, default=False,
+                   help="train (True; a bare --is_training means True) or predict (False, the default)")
     p.add_argument("--train_data_path", default=None, help="relative to DATAFOLDER")
     p.add_argument("--val_data_path", default=None, help="relative to DATAFOLDER")
     p.add_argument("--test_data_path", default=None, help="relative to DATAFOLDER")
     p.add_argument("--test_weight", default=None, help="checkpoint to predict with (relative to WEIGHTFOLDER ok)")
-    p.add_argument("--stage1_weight", default=None, help="stage-1 checkpoint (stage 2 starts from it)")
-    p.add_argument("--model_save_name", default="stage1_cc3m_{epoch}-{step}")
-    p.add_argument("--gpus", default="0", help="devices, e.g. 0 or 0,1,2,3 (on CPU: that many processes)")
+    p.add_argument("--stage1_weight", default=None,
+                   help="stage-1 checkpoint (relative to WEIGHTFOLDER ok); required in stage 2, which starts from it")
+    p.add_argument("--model_save_name", default="model_{epoch}-{step}",
+                   help="checkpoint name pattern (Lightning's {epoch}, {step}); the rolling last checkpoint is "
+                        "<name without its {...} fields>-last.ckpt, e.g. stage1_cc3m-last.ckpt")
+    p.add_argument("--output_dir", default=None, help="where checkpoints and logs go (default: WEIGHTFOLDER)")
+    p.add_argument("--save_total_limit", type=int, default=1,
+                   help="how many checkpoints to keep, the best by val_loss (-1: all); the -last one comes on top")
+    p.add_argument("--gpus", default=None,
+                   help="device ids, e.g. 0 or 0,1,2,3 (default: every visible GPU -- the release's default was "
+                        "0,1,2,3; on a CPU: one process, and --gpus 0,1 runs two (DDP over gloo))")
     p.add_argument("--num_train_epochs", type=int, default=2)
     p.add_argument("--per_device_train_batch_size", type=int, default=2)
     p.add_argument("--per_device_eval_batch_size", type=int, default=2)
     p.add_argument("--real_batch_size", type=int, default=48, help="global batch (gradient accumulation)")
     p.add_argument("--learning_rate", type=float, default=2e-5)
-    p.add_argument("--warmup_steps", type=int, default=1000)
+    p.add_argument("--warmup_steps", type=int, default=None,
+                   help=f"linear warm-up in optimiser steps (default {DEFAULT_WARMUP_STEPS})")
+    p.add_argument("--warmup_ratio", type=float, default=None,
+                   help="warm-up as a fraction of the planned optimiser steps, instead of --warmup_steps (the "
+                        "release accepted it, default 0.03, but its schedule used --warmup_steps only, as ours "
+                        "does unless this flag is given)")
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
-    p.add_argument("--num_workers", type=int, default=4)
-    p.add_argument("--resume", default=None, help="checkpoint to resume training from ('last': WEIGHTFOLDER/last.ckpt)")
+    p.add_argument("--num_workers", type=int, default=16,
+                   help="data-loading processes per device (capped to this machine's CPUs, with a note in the log)")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to resume training from; 'last': this run's own "
+                        "<output_dir>/<model_save_name without {...}>-last.ckpt")
     p.add_argument("--snr_loss", type=str2bool, default=True)
+    p.add_argument("--cache_dir", default=None, help=f"{COMPATIBILITY_ONLY} (nothing is ever downloaded)")
+    p.add_argument("--model_type", default="multimodal_encoder", choices=["multimodal_encoder"],
+                   help=f"{COMPATIBILITY_ONLY} (the release's only model type)")
     # --- ours --------------------------------------------------------------------------------
     p.add_argument("--model_config", default=str(REPO / "config" / "minigpt4.yaml"))
     p.add_argument("--accelerator", default="auto", choices=["auto", "gpu", "cpu"])
     p.add_argument("--strategy", default="auto", help="auto (ddp for several devices), ddp, fsdp, deepspeed_stage_2")
     p.add_argument("--precision", default=None, help="default bf16-mixed on GPU, 32-true on CPU")
     p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimiser steps")
+    p.add_argument("--shuffle", action="store_true",
+                   help="shuffle the training samples every epoch (seeded); default: file order, as the release")
     p.add_argument("--logger", default="csv", choices=["csv", "tensorboard", "wandb"])
     p.add_argument("--val_check_interval", type=float, default=None,
                    help="fraction of an epoch between validations (default 0.25 for CC3M, else 0.5)")
@@ -101,6 +128,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "50, the release's: its transformers' default)")
     p.add_argument("--scheduler", default="pndm", choices=["pndm", "dpm++"])
     return p.parse_args(argv)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Numeric flags that would make a run fail late or do nothing: exit naming the flag."""
+    def bad(flag: str, value, expected: str) -> SystemExit:
+        return SystemExit(f"error: {flag} {value}: {expected}")
+
+    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "real_batch_size", "num_train_epochs",
+                "predict_batch_size", "num_inference_steps", "max_new_tokens"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise bad(f"--{name}", getattr(args, name), "must be a positive integer")
+    for name in ("num_workers", "warmup_steps", "save_every_n_steps", "sample_every_n_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise bad(f"--{name}", value, "must be 0 or more")
+    for name in ("learning_rate", "adam_epsilon", "guidance_scale", "warmup_ratio", "val_check_interval"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise bad(f"--{name}", value, "must be a finite number")
+    if args.learning_rate < 0:
+        raise bad("--learning_rate", args.learning_rate, "must be 0 or more")
+    if args.adam_epsilon <= 0:
+        raise bad("--adam_epsilon", args.adam_epsilon, "must be positive")
+    if args.warmup_ratio is not None:
+        if not 0 <= args.warmup_ratio < 1:
+            raise bad("--warmup_ratio", args.warmup_ratio, "must be in [0, 1)")
+        if args.warmup_steps is not None:
+            raise SystemExit("error: give --warmup_ratio or --warmup_steps, not both")
+    if args.val_check_interval is not None and not 0 < args.val_check_interval <= 1:
+        raise bad("--val_check_interval", args.val_check_interval, "must be a fraction of an epoch in (0, 1]")
+    if args.save_total_limit == 0 or args.save_total_limit < -1:
+        raise bad("--save_total_limit", args.save_total_limit, "must be a positive number of checkpoints, or -1 "
+                  "for all")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise bad("--max_steps", args.max_steps, "give a positive number of optimiser steps, or -1 for no limit")
+
+
+def cap_workers(requested: int) -> int:
+    """`--num_workers`, at most the CPUs this process may use (the release's default 16 assumed a
+    big machine); the log says when it was cut."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:                        # not on Linux
+        available = os.cpu_count() or 1
+    if requested > available:
+        log.info("--num_workers %d capped to %d, the CPUs this machine gives this process", requested, available)
+        return available
+    return requested
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,10 +208,18 @@ def weight_path(flag: str, value: str | None) -> Path | None:
         raise SystemExit(f"error: {e}") from None
 
 
+def output_dir(args: argparse.Namespace) -> Path:
+    """`--output_dir`: where checkpoints and logs go (default WEIGHTFOLDER, as the release)."""
+    return Path(args.output_dir) if args.output_dir else constants.weight_folder()
+
+
 def check_inputs(args: argparse.Namespace) -> dict:
-    """Resolve and check every path of this run; exit with a message naming the flag or variable."""
+    """Check every flag and path of this run; exit with a message naming the flag or variable.
+    Nothing here loads a model."""
+    import weights
     from configuration import ConfigError, load_config
 
+    check_numbers(args)
     stage = 2 if constants.is_stage2() else 1
     try:
         cfg = load_config(args.model_config)
@@ -146,16 +230,14 @@ def check_inputs(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: PREPROCESS_FEATURE_FOLDER={str(features)!r} is not a folder")
     paths = {"cfg": cfg, "stage": stage}
     if args.is_training:
-        if args.max_steps == 0 or args.max_steps < -1:
-            raise SystemExit(f"error: --max_steps {args.max_steps}: give a positive number of optimiser steps, "
-                             f"or -1 for no limit")
         paths["train"] = data_path("--train_data_path", args.train_data_path, required=True)
         paths["val"] = data_path("--val_data_path", args.val_data_path, required=False)
         paths["stage1"] = weight_path("--stage1_weight", args.stage1_weight)
-        if stage == 2 and paths["stage1"] is None:
-            log.warning("stage 2 without --stage1_weight: the mapper and voken rows start untrained")
         if args.resume == "last":
-            args.resume = latest_checkpoint(args.model_save_name)
+            args.resume = str(last_checkpoint_path(args))
+            if not Path(args.resume).is_file():
+                raise SystemExit(f"error: --resume last: this run's last checkpoint {args.resume!r} does not exist "
+                                 f"(it is <--output_dir>/<--model_save_name without its {{...}} fields>-last.ckpt)")
         paths["resume"] = weight_path("--resume", args.resume)
     else:
         paths["test"] = data_path("--test_data_path", args.test_data_path, required=True)
@@ -163,6 +245,13 @@ def check_inputs(args: argparse.Namespace) -> dict:
         paths["test_weight"] = weight_path("--test_weight", args.test_weight)
         if paths["test_weight"] is None and paths["stage1"] is None:
             raise SystemExit("error: prediction needs --test_weight (or --stage1_weight)")
+        if paths["test_weight"] is not None and weights.checkpoint_stage(paths["test_weight"]) == 2:
+            stage = paths["stage"] = 2
+    if stage == 2 and paths["stage1"] is None:
+        what = "training" if args.is_training else "prediction"
+        raise SystemExit(f"error: stage-2 {what} needs --stage1_weight (e.g. stage1_cc3m.ckpt): `fc` and "
+                         f"`t2i_decoder_prompt` come only from the stage-1 checkpoint (a stage-2 checkpoint has "
+                         f"neither), and without them every picture would be drawn from random weights")
     return paths
 
 
@@ -171,17 +260,26 @@ def check_inputs(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def devices_of(args: argparse.Namespace) -> tuple[str, list[int] | int]:
+    """(accelerator, devices): `--gpus` ids on a GPU (default: every visible GPU, as the release's
+    0,1,2,3 meant on its 4-GPU machines); on a CPU, one process per listed id (default one)."""
     accelerator = args.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    ids = [int(x) for x in str(args.gpus).split(",") if x.strip() != ""]
-    return accelerator, (ids if accelerator == "gpu" else max(1, len(ids)))
+    ids = [int(x) for x in str(args.gpus).split(",") if x.strip() != ""] if args.gpus is not None else []
+    if accelerator == "gpu":
+        return accelerator, ids or list(range(max(1, torch.cuda.device_count())))
+    return accelerator, max(1, len(ids))
 
 
 def last_name(model_save_name: str) -> str:
     """Name of the rolling "last" checkpoint of a run: `stage1_cc3m_{epoch}-{step}` -> `stage1_cc3m-last`
-    (one per run name, so stage 1 and stage 2 in one WEIGHTFOLDER do not overwrite each other)."""
+    (one per run name, so stage 1 and stage 2 in one folder do not overwrite each other)."""
     return re.sub(r"[_-]?\{[^}]*\}", "", model_save_name) + "-last"
+
+
+def last_checkpoint_path(args: argparse.Namespace) -> Path:
+    """This run's own last checkpoint, `<output_dir>/<last_name>.ckpt` (what `--resume last` reads)."""
+    return output_dir(args) / f"{last_name(args.model_save_name)}.ckpt"
 
 
 class DatasetEpoch(Callback):
@@ -195,13 +293,30 @@ class DatasetEpoch(Callback):
         self.dataset.set_epoch(trainer.current_epoch)
 
 
-def latest_checkpoint(model_save_name: str) -> str:
-    """The newest checkpoint of this run name in WEIGHTFOLDER (`--resume last`)."""
-    base = last_name(model_save_name)[: -len("-last")]
-    found = sorted(constants.weight_folder().glob(f"{base}*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise SystemExit(f"error: --resume last: no {base}*.ckpt in WEIGHTFOLDER={str(constants.weight_folder())!r}")
-    return str(found[-1])
+class LastCheckpoint(Callback):
+    """`<name>-last.ckpt`: the run's latest state, whatever `val_loss` did -- written after every
+    validation, at the end of every epoch and when training stops (once per optimiser step)."""
+
+    def __init__(self, path: Path):
+        self.path, self.saved_step, self.start_step = path, None, None
+
+    def save(self, trainer) -> None:
+        if trainer.sanity_checking or trainer.global_step in (self.saved_step, self.start_step):
+            return                              # already saved at this step, or nothing trained yet
+        trainer.save_checkpoint(self.path)
+        self.saved_step = trainer.global_step
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step
+
+    def on_validation_end(self, trainer, pl_module):
+        self.save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.save(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self.save(trainer)
 
 
 class FinalCheckpoint(Callback):
@@ -212,7 +327,7 @@ class FinalCheckpoint(Callback):
         self.checkpoint = checkpoint
 
     def on_train_end(self, trainer, pl_module):
-        if self.checkpoint.best_model_path:
+        if self.checkpoint.best_model_path or trainer.global_step == 0:
             return
         metrics = {"epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(trainer.global_step)}
         path = self.checkpoint.format_checkpoint_name(metrics)
@@ -226,7 +341,12 @@ class StopAtStep(Callback):
     Not Lightning's own `max_steps`: with it set, Lightning treats every resumed run as restarting
     mid-epoch, and a run resumed from an end-of-epoch checkpoint (`<name>-last.ckpt` of a run that
     ended with its epoch) replayed the next epoch's first batch. Stopping through `should_stop`
-    keeps training epoch-based, so Lightning resumes such a checkpoint at the next epoch."""
+    keeps training epoch-based, so Lightning resumes such a checkpoint at the next epoch.
+
+    A stop in mid-epoch still runs Lightning's end-of-epoch hooks, and a checkpoint saved there (or
+    at the end of training) would record the epoch as finished: resumed, it skipped the rest of the
+    epoch. `on_save_checkpoint` records such an epoch as unfinished, as a checkpoint saved right
+    after the last batch does, so the resumed run continues with the next batch."""
 
     def __init__(self, max_steps: int):
         self.max_steps = max_steps
@@ -238,6 +358,13 @@ class StopAtStep(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_step >= self.max_steps:     # resumed past the limit: nothing to do
             trainer.should_stop = True
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if not (trainer.should_stop and 0 < batches < trainer.num_training_batches):
+            return
+        for progress in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
+            progress["processed"] = progress["completed"] = progress["started"] - 1
 
 
 def make_logger(args: argparse.Namespace, save_dir: Path):
@@ -339,8 +466,8 @@ class ResumableLoader(torch.utils.data.DataLoader):
 
 
 def dataloader(dataset, collate, batch_size: int, num_workers: int, shuffle: bool, seed: int, world: int):
-    """Training/validation loader. On one device: the resumable epoch-seeded sampler; on several,
-    Lightning swaps in its seeded DistributedSampler."""
+    """Training loader. On one device: the resumable epoch-seeded sampler; on several, Lightning
+    swaps in its seeded DistributedSampler."""
     from torch.utils.data import DataLoader
 
     if world > 1:
@@ -352,50 +479,97 @@ def dataloader(dataset, collate, batch_size: int, num_workers: int, shuffle: boo
                            num_workers=num_workers, collate_fn=collate)
 
 
+def eval_loader(dataset, collate, batch_size: int, num_workers: int):
+    """Validation / prediction loader: the samples in order (Lightning shards them under DDP). Its
+    sampler has no `set_epoch`, so the dataset's random flips stay those of epoch 0 and every
+    validation sees the same images: val_loss moves with the weights only."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+
+
+def warmup_of(args: argparse.Namespace, planned_steps: int) -> int:
+    """Warm-up steps: `--warmup_ratio` x the planned optimiser steps when given, else `--warmup_steps`."""
+    if args.warmup_ratio is not None:
+        return math.ceil(args.warmup_ratio * planned_steps)
+    return DEFAULT_WARMUP_STEPS if args.warmup_steps is None else args.warmup_steps
+
+
+def warn_if_learning_rate_stays_low(args: argparse.Namespace, warmup: int, run_steps: int) -> None:
+    """A run whose learning rate never leaves 0 (or never reaches `--learning_rate`) trains nothing
+    (or little) and still looks like a success: say so, and how to fix it. The linear warm-up
+    gives optimiser step i (from 0) the rate lr * i / warmup."""
+    if args.learning_rate == 0:
+        log.warning("--learning_rate 0: the weights will not change in this run")
+        return
+    if warmup < run_steps:
+        return
+    flag = "--warmup_ratio" if args.warmup_ratio is not None else "--warmup_steps"
+    peak = args.learning_rate * (run_steps - 1) / warmup
+    reached = ("stays 0 for the whole run" if peak == 0 else
+               f"never gets above {peak:.3g} ({100 * peak / args.learning_rate:.2g}% of --learning_rate "
+               f"{args.learning_rate:g})")
+    log.warning("the learning rate %s: the linear warm-up is %d optimiser steps (%s) but this run makes %d; for a "
+                "short run give --warmup_ratio 0.03 (3%% of the run) or a --warmup_steps below %d",
+                reached, warmup, flag, run_steps, run_steps)
+
+
 def train(args: argparse.Namespace, paths: dict) -> None:
     import pytorch_lightning as pl
 
     from dataloader import Collator, make_dataset
-    from model import MiniGPT5_Model
+    from model import CheckpointMismatchError, MiniGPT5_Model
 
     cfg, stage = paths["cfg"], paths["stage"]
     accelerator, devices = devices_of(args)
     n_devices = len(devices) if isinstance(devices, list) else devices
-    model = MiniGPT5_Model(cfg, stage=stage, stage1_weight=paths["stage1"], learning_rate=args.learning_rate,
-                           warmup_steps=args.warmup_steps, adam_epsilon=args.adam_epsilon, snr_loss=args.snr_loss)
+    workers = cap_workers(args.num_workers)
+    try:
+        model = MiniGPT5_Model(cfg, stage=stage, stage1_weight=paths["stage1"], learning_rate=args.learning_rate,
+                               warmup_steps=warmup_of(args, 0), adam_epsilon=args.adam_epsilon, snr_loss=args.snr_loss)
+    except CheckpointMismatchError as e:
+        raise SystemExit(f"error: --stage1_weight {e}") from None
     tokenizer = model.model.llama_tokenizer
     kind = dataset_type(constants.data_folder())
     train_set = make_dataset(paths["train"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict,
                              allow_outside_paths=args.allow_outside_paths)
+    if len(train_set) == 0:
+        raise SystemExit(f"error: --train_data_path {args.train_data_path!r}: no usable sample in "
+                         f"{str(paths['train'])!r} (the skipped rows are listed above)")
     collate = Collator(tokenizer)
-    train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, args.num_workers, True,
+    train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, workers, args.shuffle,
                               args.seed, n_devices)
     val_loader = None
     if paths["val"] is not None:
-        val_set = make_dataset(paths["val"], tokenizer, cfg, is_training=False, dataset_type=kind, strict=args.strict,
-                             allow_outside_paths=args.allow_outside_paths)
-        val_loader = dataloader(val_set, collate, args.per_device_eval_batch_size, args.num_workers, False,
-                                args.seed, n_devices)
+        # The release's validation samples are training samples (targets, image and caption losses).
+        val_set = make_dataset(paths["val"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict,
+                               allow_outside_paths=args.allow_outside_paths)
+        val_loader = eval_loader(val_set, collate, args.per_device_eval_batch_size, workers)
 
     accumulate = max(1, args.real_batch_size // (args.per_device_train_batch_size * n_devices))
     # The schedule spans the planned epochs; --max_steps only stops early (so resuming is exact).
     per_rank = math.ceil(math.ceil(len(train_set) / n_devices) / args.per_device_train_batch_size)
     model.planned_total_steps = math.ceil(per_rank / accumulate) * args.num_train_epochs
+    model.hparams.warmup_steps = warmup_of(args, model.planned_total_steps)
+    run_steps = (min(args.max_steps, model.planned_total_steps) if args.max_steps > 0
+                 else model.planned_total_steps)
+    warn_if_learning_rate_stays_low(args, model.hparams.warmup_steps, run_steps)
     interval = args.val_check_interval or (0.25 if kind == "CC3M" else 0.5)
     if interval * len(train_loader) < 1:
         interval = 1.0
-    weight_dir = constants.weight_folder()
-    checkpoint = ModelCheckpoint(dirpath=str(weight_dir), filename=args.model_save_name, auto_insert_metric_name=False,
+    out_dir = output_dir(args)
+    checkpoint = ModelCheckpoint(dirpath=str(out_dir), filename=args.model_save_name, auto_insert_metric_name=False,
                                  monitor="val_loss" if val_loader is not None else None, mode="min",
-                                 save_top_k=1, save_last=True, enable_version_counter=False)
-    checkpoint.CHECKPOINT_NAME_LAST = last_name(args.model_save_name)
+                                 save_top_k=args.save_total_limit, enable_version_counter=False)
+    last = LastCheckpoint(last_checkpoint_path(args))
     callbacks = [checkpoint, FinalCheckpoint(checkpoint), LearningRateMonitor(logging_interval="step")]
     if args.max_steps > 0:
         callbacks.append(StopAtStep(args.max_steps))
+    callbacks.append(last)                  # after StopAtStep: sees its should_stop
     if n_devices > 1 and hasattr(train_set, "set_epoch"):
         callbacks.append(DatasetEpoch(train_set))
     if args.save_every_n_steps > 0:
-        callbacks.append(ModelCheckpoint(dirpath=str(weight_dir), every_n_train_steps=args.save_every_n_steps,
+        callbacks.append(ModelCheckpoint(dirpath=str(out_dir), every_n_train_steps=args.save_every_n_steps,
                                          filename=last_name(args.model_save_name)[: -len("-last")] + "-step{step}",
                                          auto_insert_metric_name=False, save_top_k=1, monitor="step", mode="max",
                                          enable_version_counter=False))
@@ -408,18 +582,28 @@ def train(args: argparse.Namespace, paths: dict) -> None:
         max_epochs=args.num_train_epochs, accumulate_grad_batches=accumulate,
         val_check_interval=interval if val_loader is not None else None,
         limit_val_batches=None if val_loader is not None else 0,
-        logger=make_logger(args, weight_dir), callbacks=callbacks, log_every_n_steps=1,
+        logger=make_logger(args, out_dir), callbacks=callbacks, log_every_n_steps=1,
         num_sanity_val_steps=0, enable_progress_bar=True)
     if isinstance(train_loader, ResumableLoader):
         # "processed" counts the batch just trained even when the save happens in on_train_batch_end.
         train_loader.done_batches = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    log.info("stage %d on %s: %d device(s), batch %d x accumulate %d", stage, kind, n_devices,
-             args.per_device_train_batch_size, accumulate)
+    log.info("stage %d on %s: %d device(s), batch %d x accumulate %d, %s order", stage, kind, n_devices,
+             args.per_device_train_batch_size, accumulate, "shuffled" if args.shuffle else "file")
+    if paths["resume"] is not None:
+        log.info("resuming training from %s", paths["resume"])
     trainer.fit(model, train_loader, val_loader, ckpt_path=str(paths["resume"]) if paths["resume"] else None)
+    if trainer.global_step == last.start_step:
+        if paths["resume"] is not None and args.max_steps > 0 and trainer.global_step >= args.max_steps:
+            raise SystemExit(f"error: nothing trained: --resume {str(paths['resume'])!r} is at step "
+                             f"{trainer.global_step}, which --max_steps {args.max_steps} has already reached")
+        raise SystemExit(f"error: the run made 0 optimiser steps: no training batch had a usable sample (every "
+                         f"sample of --train_data_path {args.train_data_path!r} was skipped; the reasons are logged "
+                         f"above). No checkpoint was written.")
     if trainer.is_global_zero:
         metrics = {k: round(float(v), 5) for k, v in sorted(trainer.callback_metrics.items())}
         print(f"after {trainer.global_step} optimiser steps: {metrics}{peak_memory_note()}")
-        print(f"best checkpoint: {checkpoint.best_model_path or checkpoint.last_model_path}")
+        print(f"best checkpoint: {checkpoint.best_model_path or last.path}")
+        print(f"last checkpoint: {last.path} (step {last.saved_step})")
 
 
 def peak_memory_note() -> str:
@@ -432,12 +616,6 @@ def peak_memory_note() -> str:
 # ----------------------------------------------------------------------------------------------
 # Prediction
 # ----------------------------------------------------------------------------------------------
-
-def prediction_folder(test_weight: Path | None, stage1: Path | None) -> Path:
-    """OUTPUT_FOLDER/<checkpoint name without extension><OUTPUT_SUFFIX> (REFERENCE §6)."""
-    name = (test_weight or stage1).with_suffix("").name
-    return constants.output_folder() / f"{name}{constants.output_suffix()}"
-
 
 def _denormalise_clip(images: torch.Tensor):
     from minigpt4 import CLIP_MEAN, CLIP_STD
@@ -487,7 +665,7 @@ def save_task_folder(folder: Path, generated, text: str, baseline, gt, inputs: l
 
 class PredictionWriter(BasePredictionWriter):
     """Per batch, writes the task folders of the items `predict_step` generated; at the end,
-    `predictions-{rank}.pt` with one list per item (REFERENCE §6)."""
+    `predictions-{rank}.pt` with one list per item (the release's layout)."""
 
     def __init__(self, out_dir: Path):
         super().__init__(write_interval="batch")
@@ -509,23 +687,24 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
     import pytorch_lightning as pl
 
     from dataloader import Collator, make_dataset
-    from model import MiniGPT5_Model
+    from model import CheckpointMismatchError, MiniGPT5_Model
 
     cfg = paths["cfg"]
     accelerator, devices = devices_of(args)
     n_devices = len(devices) if isinstance(devices, list) else devices
-    import weights
-    stage = 2 if (paths["test_weight"] and weights.checkpoint_stage(paths["test_weight"]) == 2) else paths["stage"]
-    model = MiniGPT5_Model(cfg, stage=stage)
-    for path in (paths["stage1"], paths["test_weight"]):
+    model = MiniGPT5_Model(cfg, stage=paths["stage"])     # stage 2 when IS_STAGE2 or a stage-2 --test_weight
+    for flag, path in (("--stage1_weight", paths["stage1"]), ("--test_weight", paths["test_weight"])):
         if path is not None:
-            model.load_checkpoint_file(path)
+            try:
+                model.load_checkpoint_file(path)
+            except CheckpointMismatchError as e:
+                raise SystemExit(f"error: {flag} {e}") from None
     kind = dataset_type(constants.data_folder())
     test_set = make_dataset(paths["test"], model.model.llama_tokenizer, cfg, is_training=False, dataset_type=kind,
                             strict=args.strict, allow_outside_paths=args.allow_outside_paths)
-    loader = dataloader(test_set, Collator(model.model.llama_tokenizer), args.predict_batch_size, args.num_workers,
-                        False, args.seed, n_devices)
-    out_dir = prediction_folder(paths["test_weight"], paths["stage1"])
+    loader = eval_loader(test_set, Collator(model.model.llama_tokenizer), args.predict_batch_size,
+                         cap_workers(args.num_workers))
+    out_dir = constants.prediction_folder(args.test_weight or args.stage1_weight)
     model.predict_options.update(seed=args.seed, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                                  guidance_scale=args.guidance_scale,
                                  num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
@@ -545,13 +724,13 @@ def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    paths = check_inputs(args)
-    import pytorch_lightning as pl
-
-    pl.seed_everything(args.seed, workers=True)
     from weights import CheckpointError
 
     try:
+        paths = check_inputs(args)
+        import pytorch_lightning as pl
+
+        pl.seed_everything(args.seed, workers=True)
         if args.is_training:
             train(args, paths)
         else:

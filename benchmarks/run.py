@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # the full run (about 12 minutes on 2 CPU cores)
     python benchmarks/run.py --quick    # a short version (a few minutes)
+    python benchmarks/run.py --dry_run  # a tiny workload, one repeat: checks the rows run and report (CI)
     python benchmarks/run.py --rows 1,3 # only some rows
     python benchmarks/run.py --rows 4,5 --device cuda --model_config weights/real_width/real_width.yaml \
         --out benchmarks/RESULTS_gpu.md     # the generation rows on a GPU, any preset
@@ -76,12 +77,17 @@ class Settings:
     memory_runs: int = 3              # row 9: fresh processes per variant
     device: str = "cpu"               # rows 4, 5 may run elsewhere (--device)
     model_config: str | None = None   # default: the small preset (--model_config)
+    dry_run: bool = False             # --dry_run: tiny workload, one repeat, no verdicts
 
     @classmethod
     def make(cls, quick: bool, threads: int, repeats: int | None, device: str = "cpu",
-             model_config: str | None = None) -> "Settings":
-        """The full or the quick workload."""
+             model_config: str | None = None, dry_run: bool = False) -> "Settings":
+        """The full, the quick or the dry-run workload."""
         where = dict(device=device, model_config=model_config)
+        if dry_run:
+            return cls(quick=True, threads=threads, repeats=1, warmup=0, gen_new_tokens=8, gen_sd_steps=1,
+                       single_new_tokens=8, clip_images=4, cc3m_rows=10_000, memory_new_tokens=16, memory_runs=1,
+                       dry_run=True, **where)
         if quick:
             return cls(quick=True, threads=threads, repeats=max(5, repeats or 5), gen_new_tokens=32,
                        gen_sd_steps=10, single_new_tokens=32, clip_images=16, cc3m_rows=330_000, memory_runs=1,
@@ -161,9 +167,9 @@ class Bench:
 def _timed(settings: Settings, variants: dict, repeats: int | None = None) -> Timings:
     """Seconds per variant and repeat (alternating, with warm-up; see `harness.time_side_by_side`);
     index it for a variant's median, `.ratio(...)` for a per-repeat ratio. `repeats` overrides the
-    settings' count (never below 5)."""
-    return Timings(time_side_by_side(variants, repeats=max(5, repeats or settings.repeats), warmup=settings.warmup,
-                                     sync=settings.sync))
+    settings' count (never below 5, except in a dry run: one)."""
+    count = settings.repeats if settings.dry_run else max(5, repeats or settings.repeats)
+    return Timings(time_side_by_side(variants, repeats=count, warmup=settings.warmup, sync=settings.sync))
 
 
 def _spread(ratio: tuple[float, float, float], digits: int = 3) -> str:
@@ -725,7 +731,8 @@ which flips near-ties of a random model's flat distribution; with the LLM in flo
 def write_results(path: Path, rows: list[Row], settings: Settings, seconds: float) -> None:
     """RESULTS.md: the setting, the table and each row's details."""
     cpu = platform.processor() or platform.machine()
-    flags = (" --quick" if settings.quick else "") + (f" --device {settings.device}" if settings.device != "cpu" else "")
+    flags = (" --dry_run" if settings.dry_run else " --quick" if settings.quick else "")
+    flags += f" --device {settings.device}" if settings.device != "cpu" else ""
     flags += f" --model_config {settings.model_config}" if settings.model_config else ""
     if settings.device.startswith("cuda"):
         where = f"{torch.cuda.get_device_name()} ({settings.device}) for the model rows"
@@ -770,6 +777,7 @@ def run_row_in_child(number: int, settings: Settings) -> Row:
     its page faults again: `wrap_inputs` measured 1.1 ms in a fresh process, 3.6 ms after row 1)."""
     args = [str(Path(__file__).resolve()), "--child", str(number), "--threads", str(settings.threads),
             "--repeats", str(settings.repeats), "--device", settings.device] + (["--quick"] if settings.quick else [])
+    args += ["--dry_run"] if settings.dry_run else []
     if settings.model_config:
         args += ["--model_config", settings.model_config]
     return Row(**run_child(args))
@@ -779,6 +787,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run the selected rows (each in its own process), print the table last, write RESULTS.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short version (smaller workloads, 5 repeats)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="tiny workload, one repeat: checks that the rows run and write their report (the "
+                             "figures mean nothing; no verdicts)")
     parser.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="comma-separated row numbers")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (>= 5)")
@@ -792,7 +803,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore")
     settings = Settings.make(args.quick, args.threads, args.repeats, args.device,
-                             str(Path(args.model_config).resolve()) if args.model_config else None)
+                             str(Path(args.model_config).resolve()) if args.model_config else None, args.dry_run)
     numbers = [args.child] if args.child is not None else sorted(int(n) for n in args.rows.split(","))
     if unknown := [n for n in numbers if n not in ROWS]:
         parser.error(f"--rows: no row {unknown}; the rows are {sorted(ROWS)}")
@@ -804,6 +815,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.child is not None:
         set_threads(settings.threads)
         row = ROWS[args.child](Bench(settings))
+        if settings.dry_run:
+            row = dataclasses.replace(row, ok=None, details=["dry run (--dry_run): tiny workload, one repeat; it "
+                                                             "shows the row runs, its figures mean nothing"] + row.details)
         print(json.dumps(dataclasses.asdict(row)))
         return
     if not args.model_config:

@@ -14,7 +14,13 @@ sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(2)
+# One torch thread per test process (TEST_TORCH_THREADS to change it): the tiny models gain nothing from
+# more, and on a CI machine shared with another heavy job two threads per process on two cores made the
+# training tests several times slower (threads waiting for each other). Subprocesses get the same
+# setting through OMP_NUM_THREADS.
+TEST_TORCH_THREADS = int(os.environ.get("TEST_TORCH_THREADS", "1"))
+torch.set_num_threads(TEST_TORCH_THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_TORCH_THREADS))
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +96,41 @@ def fixed_draws(batch_size: int, latent_shape: tuple[int, ...], seed: int = 0, d
         "timesteps": torch.randint(0, 1000, (batch_size,), generator=g),
         "cfg_drop": torch.full((batch_size,), drop),
     }
+
+
+def mapper_keys(enc: int, dec: int) -> list[str]:
+    """`nn.Transformer` parameter names of the feature mapper, written out from PyTorch's layout."""
+    attn = ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
+    ffn = ["linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"]
+    keys = []
+    for i in range(enc):
+        p = f"llm_to_t2i_mapping.encoder.layers.{i}."
+        keys += [p + "self_attn." + a for a in attn] + [p + f for f in ffn]
+        keys += [p + f"norm{j}.{w}" for j in (1, 2) for w in ("weight", "bias")]
+    for i in range(dec):
+        p = f"llm_to_t2i_mapping.decoder.layers.{i}."
+        keys += [p + "self_attn." + a for a in attn] + [p + "multihead_attn." + a for a in attn] + [p + f for f in ffn]
+        keys += [p + f"norm{j}.{w}" for j in (1, 2, 3) for w in ("weight", "bias")]
+    keys += [f"llm_to_t2i_mapping.{part}.norm.{w}" for part in ("encoder", "decoder") for w in ("weight", "bias")]
+    return keys
+
+
+def release_stage1_checkpoint_keys(cfg) -> list[str]:
+    """The keys of the release's stage-1 checkpoint (stage1_cc3m.ckpt), for a config's mapper sizes."""
+    return (["t2i_decoder_prompt", "fc.0.weight", "fc.0.bias", "fc.2.weight", "fc.2.bias"]
+            + mapper_keys(cfg.mapper.num_encoder_layers, cfg.mapper.num_decoder_layers)
+            + ["model.llama_model.model.embed_tokens.weight", "model.llama_model.lm_head.weight"])
+
+
+def release_stage2_checkpoint_keys(cfg, n_llm_layers: int) -> list[str]:
+    """The keys of the release's stage-2 checkpoints (stage2_vist.ckpt, stage2_mmdialog.ckpt)."""
+    lora = [f"model.llama_model.base_model.model.model.layers.{i}.self_attn.{proj}.lora_{ab}.default.weight"
+            for i in range(n_llm_layers) for proj in ("q_proj", "v_proj") for ab in ("A", "B")]
+    return (mapper_keys(cfg.mapper.num_encoder_layers, cfg.mapper.num_decoder_layers) + lora
+            + ["model.llama_model.base_model.model.model.embed_tokens.modules_to_save.default.weight",
+               "model.llama_model.base_model.model.lm_head.modules_to_save.default.weight"])
+
+
+# A generous guard against a hung subprocess only: far above any run's time on a loaded machine, so it
+# never fails a correct run (no test depends on wall-clock time).
+HANG_GUARD_S = 3600

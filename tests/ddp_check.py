@@ -1,5 +1,6 @@
 """Helper run by tests/test_train_eval.py in a subprocess: train the tiny model with Lightning on
-N CPU processes (DDP, gloo) on a fixed global batch, then every rank saves its trainable tensors.
+N CPU processes (DDP, gloo) on a fixed global batch; every rank saves its trainable tensors before
+training (`initial{rank}.pt`) and after every optimiser step (`rank{rank}_step{k}.pt`).
 
     python tests/ddp_check.py CONFIG_YAML OUT_DIR N_PROCESSES STEPS
 
@@ -64,9 +65,9 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(dataset, batch_size=GLOBAL_BATCH // n, sampler=sampler, collate_fn=collate)
 
     class SaveRankState(Callback):
-        def on_train_end(self, trainer, pl_module):
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save(pl_module.trainable_state_dict(), out / f"rank{trainer.global_rank}.pt")
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            torch.save(pl_module.trainable_state_dict(),
+                       out / f"rank{trainer.global_rank}_step{trainer.global_step}.pt")
 
         def on_train_start(self, trainer, pl_module):
             out.mkdir(parents=True, exist_ok=True)
