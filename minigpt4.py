@@ -61,13 +61,29 @@ def to_dtype(name: str) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 
 def load_tokenizer(llama_path: str):
-    """The LLaMA sentencepiece tokenizer (`legacy=True`, `pad = eos`) with the vokens and
-    `<ImageHere>` added as additional special tokens, in the release's order."""
+    """The LLaMA tokenizer (`pad = eos`) with the vokens and `<ImageHere>` added as additional
+    special tokens, in the release's order, giving the ids the release's tokenizer gave.
+
+    The release used transformers 4.31's slow sentencepiece `LlamaTokenizer(legacy=True)`. It cut
+    the text at added tokens, stripped the whitespace on both sides of each added token (it was
+    added as a plain string: "strip left and right by default"), and encoded every remaining piece
+    with sentencepiece, which puts its `▁` dummy prefix in front of each piece. So
+    `"a dog [IMG0]...[IMG7] ###"` gave `▁a ▁dog [IMG0] ... [IMG7] ▁###`, with no `▁` token of
+    its own before `[IMG0]`. Today's fast tokenizer does the same once (1) the added tokens strip
+    the whitespace around them (`lstrip`/`rstrip`) and (2) each piece gets the `▁` prefix in the
+    normalizer (`Prepend("▁")` + spaces to `▁`), as sentencepiece did, instead of the Metaspace
+    pre-tokenizer, which skips the prefix when a piece already starts with a space."""
+    from tokenizers import AddedToken, normalizers
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(llama_path, legacy=True)
     tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.add_special_tokens({"additional_special_tokens": VOKENS + [IMAGE_PLACEHOLDER]})
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    added = [AddedToken(t, lstrip=True, rstrip=True, special=True, normalized=False)
+             for t in VOKENS + [IMAGE_PLACEHOLDER]]
+    tokenizer.add_special_tokens({"additional_special_tokens": added})
     return tokenizer
 
 

@@ -69,7 +69,7 @@ def check_generation_arguments(prompts: Sequence[str], *, max_new_tokens: int, d
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(weights.CheckpointError):
     """A checkpoint that cannot be what the caller meant (no trainable key of the model matched, or
     a stage-2 file without the stage-1 one it builds on)."""
 
@@ -183,8 +183,8 @@ class MiniGPT5_Model(pl.LightningModule):
         self.strict_loading = False
         self.planned_total_steps: int | None = None
         # Settings of `predict_step` (train_eval.py sets them from its flags).
-        self.predict_options = {"seed": 42, "max_new_tokens": 256, "guidance_scale": 7.5, "num_inference_steps": 50,
-                                "scheduler": "pndm", "sd_baseline": False}
+        self.predict_options = {"seed": 42, "max_new_tokens": 256, "top_k": 50, "guidance_scale": 7.5,
+                                "num_inference_steps": 50, "scheduler": "pndm", "sd_baseline": False}
         log.info("MiniGPT5_Model stage %d: %s trainable parameters", stage, f"{self.num_trainable_parameters():,}")
 
     @classmethod
@@ -274,6 +274,7 @@ class MiniGPT5_Model(pl.LightningModule):
                 f"{path}: none of its {len(state)} keys is a trainable tensor of this stage-{self.stage} model "
                 f"(expected keys such as {sorted(trainable)[:3]}; the file has e.g. {sorted(state)[:3]}); "
                 f"it is not a MiniGPT-5 checkpoint of this kind, and loading it would change nothing")
+        weights.check_shapes(state, weights.module_shapes(self), path, self.cfg.source)
         result = self.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             log.warning("%s: %d keys this stage-%d model does not use: %s", path, len(result.unexpected_keys),
@@ -476,7 +477,7 @@ class MiniGPT5_Model(pl.LightningModule):
         counts = [s.count(IMAGE_PLACEHOLDER) for s in sources]
         images = [list(x) for x in torch.split(batch["input_images"], counts)]
         seeds = [zlib.crc32(f"{opts['seed']}:{task}".encode()) for task in batch["task_names"]]
-        outs = self.generate(sources, images, seed=seeds, max_new_tokens=opts["max_new_tokens"],
+        outs = self.generate(sources, images, seed=seeds, max_new_tokens=opts["max_new_tokens"], top_k=opts["top_k"],
                              guidance_scale=opts["guidance_scale"], num_inference_steps=opts["num_inference_steps"],
                              scheduler=opts["scheduler"])
         baselines = [None] * len(sources)
@@ -614,7 +615,7 @@ class MiniGPT5_Model(pl.LightningModule):
 
     @torch.no_grad()
     def generate(self, prompts: str | list[str], images: list | None = None, *, max_new_tokens: int = 256,
-                 do_sample: bool = True, temperature: float = 1.0, top_p: float = 0.9,
+                 do_sample: bool = True, temperature: float = 1.0, top_k: int | None = 50, top_p: float = 0.9,
                  repetition_penalty: float = 2.0, force_generation: bool = False, guidance_scale: float = 7.5,
                  num_inference_steps: int = 50, scheduler: str = "pndm",
                  seed: int | Sequence[int] | None = None,
@@ -628,9 +629,13 @@ class MiniGPT5_Model(pl.LightningModule):
         classifier-free guidance against the zero-feature condition when `guidance_scale > 1`.
         Each item samples from its own seed (`seed`: one int for all items, or one per item), so
         a batch gives the same results as its items generated one at a time.
+
+        Sampling is the release's: repetition penalty, then temperature, top-k (50, the default of
+        the release's transformers, which its `generate` call left in place; 0 or None turns it
+        off) and top-p, in transformers' order.
         """
         from transformers import (GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                  TemperatureLogitsWarper, TopPLogitsWarper)
+                                  TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
         if isinstance(prompts, str):
             prompts, images = [prompts], [images or []]
@@ -656,6 +661,8 @@ class MiniGPT5_Model(pl.LightningModule):
         if do_sample:
             if temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                processors.append(TopKLogitsWarper(int(top_k)))
             if top_p < 1.0:
                 processors.append(TopPLogitsWarper(top_p))
             processors.append(SeededSampler([torch.Generator().manual_seed(s) for s in seeds]))

@@ -16,8 +16,11 @@ import io
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import sys
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,7 +79,7 @@ def load_llama_proj(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
-# MiniGPT-5 checkpoints (release key layout, REFERENCE §6)
+# MiniGPT-5 checkpoints (the release's key layout)
 # --------------------------------------------------------------------------------------------
 
 PLAIN_PREFIX = "model.llama_model."
@@ -84,17 +87,152 @@ LORA_PREFIX = "model.llama_model.base_model.model."
 _SHARED_MATRICES = ("model.embed_tokens", "lm_head")
 
 
+class CheckpointError(ValueError):
+    """A weight file that cannot be used: one line naming the file and what was expected."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file that needs Python objects no MiniGPT-5 file holds (loading it could run code)."""
+
+
+class SavedArguments:
+    """Inert stand-in for argument dataclasses pickled into a checkpoint's Lightning metadata
+    (the release's `ModelArguments` / `DataArguments` / `TrainingArguments`, saved from its
+    `train_eval.py` run as a script): their fields become attributes, nothing else happens."""
+
+    def __setstate__(self, state) -> None:
+        if isinstance(state, tuple) and len(state) == 2:      # (__dict__, __slots__ values)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict):
+            raise TypeError(f"SavedArguments expects a dict of fields, got {type(state).__name__}")
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"SavedArguments({self.__dict__!r})"
+
+
+# What a Lightning `.ckpt` may hold besides tensors, numbers, strings, lists, tuples and dicts
+# (which `torch.load(weights_only=True)` reads by itself): Lightning metadata. `hyper_parameters`
+# of a module saved with `save_hyperparameters` may hold argparse namespaces, Lightning's
+# `AttributeDict` (read as a plain dict) and the release's argument dataclasses (read as
+# `SavedArguments`). Anything else is refused. Entries are classes, or (stand-in, "module.Name").
+_ATTRIBUTE_DICTS = ("lightning.fabric.utilities.data.AttributeDict", "lightning_fabric.utilities.data.AttributeDict",
+                    "lightning.pytorch.utilities.parsing.AttributeDict",
+                    "pytorch_lightning.utilities.parsing.AttributeDict")
+_RELEASE_ARGUMENTS = tuple(f"{module}.{name}" for module in ("__main__", "train_eval")
+                           for name in ("ModelArguments", "DataArguments", "TrainingArguments"))
+CHECKPOINT_GLOBALS: list = ([argparse.Namespace] + [(dict, name) for name in _ATTRIBUTE_DICTS]
+                            + [(SavedArguments, name) for name in _RELEASE_ARGUMENTS])
+
+
+def _global_name(entry) -> str:
+    return entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+
+
+def _file_kind_problem(path: Path) -> str | None:
+    """Why `path` cannot be a `torch.save` file, judged from its first bytes (None if it can)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            return f"the zip archive is truncated or damaged ({size:,} bytes)"
+        return None
+    if head[:1] == b"\x80":  # a pickle: torch's legacy (pre-1.6) format
+        return None
+    return f"it is neither a torch.save zip archive nor a legacy torch pickle (it starts with {head!r})"
+
+
+def load_untrusted(path: str | os.PathLike, what: str, allowed: list | None = None):
+    """`torch.load(path, weights_only=True)` for a file from anywhere: tensors and plain Python
+    containers, plus the classes in `allowed` (default `CHECKPOINT_GLOBALS`); never runs code from
+    the file. A file that needs anything else raises `UnsafeCheckpointError` naming it; an empty,
+    truncated or foreign file raises `CheckpointError` ("{path}: not a readable {what}: why")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    problem = _file_kind_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: not a readable {what}: {problem}")
+    allowed = CHECKPOINT_GLOBALS if allowed is None else allowed
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        names = _unsafe_globals(path, allowed, str(exc))
+        if names:
+            raise UnsafeCheckpointError(
+                f"refused to load {path}: it needs {', '.join(names)}, which no {what} contains "
+                f"(unpickling it could run code from the file); nothing from it was used") from None
+        raise CheckpointError(f"{path}: not a readable {what}: {_first_line(exc)}") from None
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: not a readable {what} (truncated or damaged?): "
+                              f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _unsafe_globals(path: Path, allowed: list, message: str) -> list[str]:
+    """The Python globals `path` refers to beyond torch's safe set and `allowed`."""
+    names = re.findall(r"GLOBAL (\S+)", message) + re.findall(r"unrecognized function (\S+)", message)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            names += torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError, OSError):   # a legacy-format file: the error message is all there is
+        pass
+    return sorted(set(names) - {_global_name(entry) for entry in allowed})
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text and text[0] else type(exc).__name__
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The `state_dict` of a MiniGPT-5 `.ckpt` (Lightning) or a bare state dict file."""
+    """The `state_dict` of a MiniGPT-5 `.ckpt` (Lightning) or a bare state dict file, loaded
+    without running code from the file (see `load_untrusted`). Anything else is a
+    `CheckpointError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    what = "MiniGPT-5 checkpoint (a Lightning .ckpt or a state dict saved with torch.save)"
+    checkpoint = load_untrusted(path, what)
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a Lightning checkpoint or a state dict, got {type(checkpoint)}")
+        raise CheckpointError(f"{path}: expected a {what}, found a {type(checkpoint).__name__}")
+    not_tensors = [k for k, v in checkpoint.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path}: expected a {what}; entries {not_tensors[:5]!r} are not named tensors")
+    if not checkpoint:
+        raise CheckpointError(f"{path}: the checkpoint's state_dict is empty")
     return checkpoint
+
+
+def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """State-dict key -> shape of `module`, without building its state dict (a `VokenEmbedding` /
+    `VokenLMHead` shows its full matrix as `weight`, as in the checkpoints)."""
+    from minigpt4 import split_row_modules
+
+    shapes = {name: tuple(t.shape) for name, t in module.named_parameters()}
+    shapes.update((name, tuple(t.shape)) for name, t in module.named_buffers())
+    split = {id(m) for m in split_row_modules(module)}
+    for name, m in module.named_modules():
+        if id(m) in split:
+            shapes[f"{name}.weight"] = (m.num_old + m.new_weight.shape[0], m.new_weight.shape[1])
+    return shapes
+
+
+def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], path: str | os.PathLike,
+                 config: str) -> None:
+    """A checkpoint made for another config: one `CheckpointError` naming the file, the first keys
+    whose shapes differ, and the config the model was built from."""
+    wrong = [(k, tuple(v.shape), tuple(expected[k])) for k, v in state.items()
+             if k in expected and tuple(v.shape) != tuple(expected[k])]
+    if wrong:
+        shown = "; ".join(f"`{k}` is {found}, expected {want}" for k, found, want in wrong[:3])
+        raise CheckpointError(f"{path}: {len(wrong)} tensor(s) do not fit the model built from {config} "
+                              f"({shown}); was it saved with another config?")
 
 
 def resolve_weight(path: str | os.PathLike, flag: str) -> Path:

@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="sample i uses seed + i")
     parser.add_argument("--html", default="playground.html", help="HTML file name inside --out ('' to skip)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens (0: off; "
+                        "default 50, as the release)")
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--scheduler", choices=["pndm", "dpm++"], default="pndm")
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                  f"{len(images)} image(s) were given with --images")
     if args.num_samples < 1:
         sys.exit("error: --num_samples must be at least 1")
+    if args.top_k < 0:
+        sys.exit(f"error: --top_k must be 0 (off) or positive, got {args.top_k}")
 
     from PIL import Image
 
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     n = args.num_samples
     outputs = model.generate([prompt] * n, [inputs] * n, seed=[args.seed + i for i in range(n)],
-                             max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale,
+                             max_new_tokens=args.max_new_tokens, top_k=args.top_k, guidance_scale=args.guidance_scale,
                              num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
                              force_generation=args.force_generation if args.force_generation is not None
                              else args.model_config is None)
