@@ -343,7 +343,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, kind: 
     writing or the sharding. `kind`: "ones" (norm scales), else N(0, 0.02) (weights and biases)."""
     if kind == "ones":
         return torch.ones(shape, dtype=dtype)
-    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()) + (seed << 32))
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
     return torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=generator)
 
 
