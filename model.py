@@ -105,6 +105,26 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def add_placement_arguments(parser) -> None:
+    """The command-line flags that say where the model runs (playground, web demo, benchmarks)."""
+    from minigpt4 import LLM_QUANTIZATION, QUANTIZATION_REQUIREMENTS
+
+    parser.add_argument("--device", default="auto",
+                        help="where the model runs: auto (the GPU when one is present, else the CPU), cpu, cuda, "
+                             "cuda:1, ... (default: %(default)s)")
+    parser.add_argument("--llm_quantization", choices=LLM_QUANTIZATION, default=None,
+                        help="load the LLM's linear layers in 8-bit (the release's low_resource mode) or 4-bit NF4 "
+                             f"with bitsandbytes (pip install -r {QUANTIZATION_REQUIREMENTS}); for 12 GB and 8 GB GPUs")
+    parser.add_argument("--offload", action="store_true",
+                        help="keep the image encoder and Stable Diffusion on the CPU between uses, moving each "
+                             "to the device while it runs (with 4-bit: for 8 GB GPUs)")
+
+
+def placement_kwargs(args) -> dict:
+    """`from_weights` keyword arguments from the flags of `add_placement_arguments`."""
+    return {"device": args.device, "llm_quantization": args.llm_quantization, "offload": args.offload}
+
+
 class TakeTurns:
     """CPU offload for parts used one after another: each part stays on the CPU until it runs; just
     before it runs, it moves to `device` and the part that ran before it goes back to the CPU.
