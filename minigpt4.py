@@ -222,8 +222,8 @@ class MiniGPT4(nn.Module):
         """Build and load the backbone from the config's weight files.
 
         With `device="meta"` nothing is loaded or allocated: the modules are built from the
-        sizes in the config and the LLM folder's `config.json` only (for counting parameters or
-        planning sharding), and no tokenizer is read.
+        sizes in the config and the LLM folder's `config.json` only, in the dtypes a load gives
+        (for counting parameters and bytes or planning sharding), and no tokenizer is read.
 
         Loading is lean: the image side is built on the meta device and takes the (memory-mapped)
         file tensors themselves, the LLM is read by transformers straight into its dtype (a
@@ -251,6 +251,7 @@ class MiniGPT4(nn.Module):
             qformer, query_tokens = lavis.build_qformer(cfg.qformer, cfg.vision.hidden_size, cfg.num_query_token)
         llm_config = AutoConfig.from_pretrained(cfg.llama_model)
         if meta:
+            visual_encoder.to(vision_dtype)            # the dtypes a load gives (the Q-Former stays float32)
             with torch.device("meta"):
                 llama_model = AutoModelForCausalLM.from_config(llm_config, dtype=llm_dtype)
             tokenizer = None

@@ -75,6 +75,10 @@ def load_sd_parts(cfg: ModelConfig, device: str | torch.device | None = None):
         with torch.device("meta"):
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sd, subfolder="vae"))
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sd, subfolder="unet"))
+        # The dtype a load gives. (nn.Module.to: diffusers' own `to` warns about casts that, on empty
+        # meta tensors, cannot lose anything.)
+        for part in (vae, unet):
+            nn.Module.to(part, dtype)
         tokenizer = None
     else:
         vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", torch_dtype=dtype)

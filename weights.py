@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -390,17 +391,20 @@ def write_random_safetensors(model: torch.nn.Module, out_dir: Path, file_name: s
     names = ([file_name] if len(groups) == 1
              else [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
     weight_map, total, written = {}, 0, []
-    for group, name in zip(groups, names):
-        tensors = {}
-        for tensor_name, shape, kind in group:
-            tensors[tensor_name] = _random_tensor(tensor_name, shape, dtype, kind, seed)
-            weight_map[tensor_name] = name
-            total += tensors[tensor_name].nbytes
-        save_file(tensors, out_dir / name, metadata=_SAFETENSORS_METADATA)
-        written.append(out_dir / name)
-        del tensors
-        if progress is not None:
-            progress.update(sum(math.prod(shape) for _, shape, _ in group))
+    # A shard's tensors are made in parallel (torch's generators release the GIL; each tensor has its
+    # own, so the values do not depend on the threads).
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for group, name in zip(groups, names):
+            made = pool.map(lambda entry: _random_tensor(entry[0], entry[1], dtype, entry[2], seed), group)
+            tensors = {entry[0]: tensor for entry, tensor in zip(group, made)}
+            for tensor_name, tensor in tensors.items():
+                weight_map[tensor_name] = name
+                total += tensor.nbytes
+            save_file(tensors, out_dir / name, metadata=_SAFETENSORS_METADATA)
+            written.append(out_dir / name)
+            del tensors
+            if progress is not None:
+                progress.update(sum(math.prod(shape) for _, shape, _ in group))
     if len(groups) > 1:
         (out_dir / f"{file_name}.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -206,7 +206,8 @@ def markdown(r: dict) -> str:
         f"| **peak resident while loading** | **{gib(r['peak_rss_load'])} = {r['peak_load_over_model']:.3f} x the model** |",
         f"| resident after loading: anonymous (copies) / file-backed (memory-mapped weights) | "
         f"{gib(r['rss_anon_after_load'])} / {gib(r['rss_file_after_load'])} |",
-        f"| peak resident while answering | {gib(r['peak_rss_answer'])} |", "",
+        f"| peak resident while answering (the memory-mapped weights are read in) | {gib(r['peak_rss_answer'])} = "
+        f"{r['peak_rss_answer'] / r['model_bytes']:.3f} x the model |", "",
         "| step | seconds |", "|---|---|",
         *[f"| load: {k} | {v:.1f} |" for k, v in r["load_steps"].items()],
         f"| **load, total** | **{r['load_seconds']:.1f}** |",
