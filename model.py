@@ -350,12 +350,15 @@ class MiniGPT5_Model(pl.LightningModule):
         in eval mode, on this model's device or in its offload group)."""
         encoder = self._modules.get("sd_text_encoder")
         if encoder is None:
-            encoder = load_sd_text_encoder(self.cfg, "meta" if self._meta else None)
-            encoder.requires_grad_(False).eval()
-            if self._offload is not None:
-                self._offload.add(encoder)
-            elif not self._meta:
-                encoder.to(self.device)
+            # First use may come inside Lightning's inference mode (validation, prediction): load
+            # ordinary tensors, usable in training afterwards.
+            with torch.inference_mode(False):
+                encoder = load_sd_text_encoder(self.cfg, "meta" if self._meta else None)
+                encoder.requires_grad_(False).eval()
+                if self._offload is not None:
+                    self._offload.add(encoder)
+                elif not self._meta:
+                    encoder.to(self.device)
             self._modules["sd_text_encoder"] = encoder      # (add_module would consult this property)
         return encoder
 

@@ -145,3 +145,26 @@ def test_playground_refuses_a_missing_gpu_clearly(tmp_path):
                              "--num_samples", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert result.returncode != 0 and "no CUDA GPU is available" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sd_text_encoder_first_used_in_inference_mode_stays_usable(tiny_config):
+    """Lightning validates (and predicts) under inference mode; the text encoder first loaded there
+    still holds ordinary tensors, so training can use it afterwards."""
+    model = MiniGPT5_Model(tiny_config, stage=1)
+    with torch.inference_mode():
+        first = model.encode_caption(["a cat"])
+    assert not any(p.is_inference() for p in model.sd_text_encoder.parameters())
+    assert torch.equal(model.encode_caption(["a cat"]), first.clone())
+
+
+def test_place_with_offload_moves_everything_but_the_offloaded_parts(tiny_config):
+    """`place(device, offload=True)` moves the LLM, mapper and the rest to the device and leaves the
+    ViT, Q-Former, UNet and VAE on the CPU (the meta device stands in for a GPU here)."""
+    model = MiniGPT5_Model(tiny_config, stage=1)
+    model.place("meta", offload=True)
+    assert model.device == torch.device("meta")
+    for part in (model.model.llama_model, model.fc, model.llm_to_t2i_mapping, model.model.llama_proj):
+        assert all(p.is_meta for p in part.parameters())
+    assert model.t2i_decoder_prompt.is_meta and model.model.query_tokens.is_meta
+    for part in (model.model.visual_encoder, model.model.Qformer, model.unet, model.vae):
+        assert all(p.device.type == "cpu" for p in part.parameters())
