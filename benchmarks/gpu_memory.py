@@ -29,7 +29,6 @@ import argparse
 import copy
 import functools
 import json
-import math
 import os
 import subprocess
 import sys

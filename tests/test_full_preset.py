@@ -63,6 +63,13 @@ def reduced_full(tmp_path_factory):
     return build_full(folder / "weights", reduced_full_preset(folder), seed=0), folder
 
 
+@pytest.fixture(scope="module")
+def reduced_model(reduced_full):
+    from model import MiniGPT5_Model
+
+    return MiniGPT5_Model.from_weights(reduced_full[0], device="cpu")
+
+
 def _safetensors_dtypes(path: Path) -> set[torch.dtype]:
     from safetensors import safe_open
 
@@ -125,14 +132,13 @@ def test_reduced_full_preset_files_have_the_real_layout_and_dtypes(reduced_full)
             json.loads((folder / "arch/sd" / part / "config.json").read_text())
 
 
-def test_reduced_full_preset_loads_at_the_architecture_sizes_and_generates(reduced_full):
+def test_reduced_full_preset_loads_at_the_architecture_sizes_and_generates(reduced_full, reduced_model):
     """Loaded through the real loading code, every part has the parameter count of the same architecture
     built on the meta device; the SD text encoder is read only when first used."""
     from configuration import load_config
-    from model import MiniGPT5_Model
 
     config_path, folder = reduced_full
-    model = MiniGPT5_Model.from_weights(config_path, device="cpu")
+    model = reduced_model
     assert "sd_text_encoder" not in model._modules
     assert not any(k.startswith("sd_text_encoder.") for k in model.state_dict())
     assert model.model.visual_encoder.embeddings.patch_embedding.weight.dtype == torch.float16
@@ -157,7 +163,7 @@ def _mapped_files() -> list[tuple[int, int, str]]:
     return maps
 
 
-def test_loading_keeps_the_weight_files_memory_mapped(reduced_full):
+def test_loading_keeps_the_weight_files_memory_mapped(reduced_model):
     """Lean loading: where a file's dtype is the part's dtype (LLM bfloat16 safetensors, ViT float16
     .pth), the parameters are views of the memory-mapped files, not copies: loading the full-size
     model never holds two copies of those parts. The voken rows are float32 copies, as the release."""
@@ -165,8 +171,7 @@ def test_loading_keeps_the_weight_files_memory_mapped(reduced_full):
 
     if not Path("/proc/self/maps").is_file():
         pytest.skip("needs Linux /proc")
-    config_path, _ = reduced_full
-    model = MiniGPT5_Model.from_weights(config_path, device="cpu")
+    model = reduced_model
     maps = _mapped_files()
 
     def mapped_from(tensor) -> str | None:
