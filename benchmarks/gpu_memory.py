@@ -10,7 +10,7 @@ tokens), and one picture from `--steps` (50) PNDM steps with classifier-free gui
 
 Measuring (the default): builds the `full` preset into `--preset_dir` with the same command as on any
 machine (`python weights.py preset full DIR`) unless it is there already, then runs each configuration
-(`--configs`: bf16, 8bit, 8bit+offload, 4bit, 4bit+offload) in a fresh process: load with
+(`--configs`: bf16, 8bit, 4bit, 4bit+offload; also 8bit+offload) in a fresh process: load with
 `MiniGPT5_Model.from_weights(device=..., llm_quantization=..., offload=...)`, one warm-up turn of a
 few tokens and steps, then the measured turn. Reports per configuration the peak GPU memory
 (`torch.cuda.max_memory_allocated`, and reserved; on the CPU, the process's peak resident memory),
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the full preset is, or is built (default: %(default)s)")
     parser.add_argument("--model_config", default=None, help="default: PRESET_DIR/full.yaml")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from " + ", ".join(CONFIGS))
+    parser.add_argument("--configs", default="bf16,8bit,4bit,4bit+offload",
+                        help="comma-separated, from " + ", ".join(CONFIGS) + " (default: %(default)s)")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--prompt_positions", type=int, default=180,
