@@ -322,7 +322,7 @@ def test_server_files_are_removed_when_the_server_stops(monkeypatch, model, pict
     """Uploads (Gradio's cache, GRADIO_TEMP_DIR) and the sessions' folders live in one folder per
     server, removed when it stops, here by SIGTERM (turned into Gradio's Ctrl+C stop)."""
     seen = {}
-    monkeypatch.setattr(MiniGPT5_Model, "from_weights", classmethod(lambda cls, *a: model))
+    monkeypatch.setattr(MiniGPT5_Model, "from_weights", classmethod(lambda cls, *a, **kw: model))
     monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
 
     def serve(demo, host, port, **kwargs):           # stands in for Gradio's blocking launch
