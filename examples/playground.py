@@ -3,6 +3,9 @@
     python examples/playground.py                       # tiny preset (random weights), runs on a CPU
     python examples/playground.py --model_config config/minigpt4.yaml \\
         --stage1_weight stage1_cc3m.ckpt --test_weight stage2_vist.ckpt
+    ... --device cuda --llm_quantization 4bit --offload      # fits an 8 GB GPU
+
+`--device` defaults to the GPU when one is present.
 
 Feeds the two story images in `examples/` with the VIST system prompt and a two-caption story
 prompt, draws `--num_samples` answers (one batch, one seed per sample), saves each as a figure
@@ -78,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--force_generation", action=argparse.BooleanOptionalAction, default=None,
                         help="make [IMG0] win until it appears (default: on for the tiny preset, whose random "
                              "weights rarely emit vokens by themselves; off otherwise)")
+    from model import add_placement_arguments
+
+    add_placement_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -100,11 +106,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from PIL import Image
 
     from conversation import Conversation, VIST_SYSTEM_PROMPT
-    from model import MiniGPT5_Model
+    from model import MiniGPT5_Model, placement_kwargs
 
     try:
-        model = MiniGPT5_Model.from_weights(args.model_config, args.stage1_weight, args.test_weight)
-    except (FileNotFoundError, ValueError) as e:
+        model = MiniGPT5_Model.from_weights(args.model_config, args.stage1_weight, args.test_weight,
+                                            **placement_kwargs(args))
+    except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     inputs = []
     for path in images:

@@ -4,6 +4,7 @@
     python examples/web_demo.py --model_config config/minigpt4.yaml \\
         --stage1_weight stage1_cc3m.ckpt --test_weight stage2_mmdialog.ckpt
     python examples/web_demo.py --host 0.0.0.0 --port 7860   # reachable from other machines
+    python examples/web_demo.py ... --llm_quantization 8bit   # a 12 GB GPU (--device: the GPU when present)
 
 Then open http://127.0.0.1:7860 (the default address; `--host` / `--port` change it). Type a
 message, attach zero or more images (the paper-clip button or drag and drop) and press Enter. The
@@ -354,6 +355,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest upload Gradio accepts, e.g. 20mb (default: %(default)s)")
     parser.add_argument("--max_message_chars", type=int, default=MAX_MESSAGE_CHARS,
                         help="longer messages are cut, with a notice (default: %(default)s)")
+    from model import add_placement_arguments
+
+    add_placement_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
@@ -371,11 +375,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)     # Gradio's own start-up checks on loopback
-    from model import MiniGPT5_Model
+    from model import MiniGPT5_Model, placement_kwargs
 
     try:
-        model = MiniGPT5_Model.from_weights(args.model_config, args.stage1_weight, args.test_weight)
-    except (FileNotFoundError, ValueError) as e:
+        model = MiniGPT5_Model.from_weights(args.model_config, args.stage1_weight, args.test_weight,
+                                            **placement_kwargs(args))
+    except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     force = args.force_generation if args.force_generation is not None else args.model_config is None
     with server_files() as files:

@@ -255,8 +255,9 @@ def test_cli_defaults_and_bad_config(tmp_path):
 
 def test_main_wires_the_flags(monkeypatch, model):
     """`main` loads the model named by the flags and serves it on --host/--port (launch stubbed)."""
-    loaded, launched = [], []
-    monkeypatch.setattr(MiniGPT5_Model, "from_weights", classmethod(lambda cls, *a: loaded.append(a) or model))
+    loaded, placed, launched = [], [], []
+    monkeypatch.setattr(MiniGPT5_Model, "from_weights",
+                        classmethod(lambda cls, *a, **kw: loaded.append(a) or placed.append(kw) or model))
     monkeypatch.setattr(web_demo, "launch", lambda demo, host, port, **kw: launched.append((demo, host, port)))
     web_demo.main(["--port", "7999", "--num_inference_steps", "4"])
     assert loaded == [(None, None, None)]
@@ -266,8 +267,11 @@ def test_main_wires_the_flags(monkeypatch, model):
     values = {c["props"].get("label"): c["props"].get("value") for c in config["components"]}
     assert values["Force an image"] is True and values["Diffusion steps"] == 4      # tiny preset: forced by default
     assert values["Top-k"] == 50                                                    # the release's sampling
-    web_demo.main(["--model_config", "real.yaml", "--test_weight", "stage2.ckpt"])
+    assert placed == [{"device": "auto", "llm_quantization": None, "offload": False}]   # the GPU when present
+    web_demo.main(["--model_config", "real.yaml", "--test_weight", "stage2.ckpt", "--device", "cuda:1",
+                   "--llm_quantization", "4bit", "--offload"])
     assert loaded[-1] == ("real.yaml", None, "stage2.ckpt")
+    assert placed[-1] == {"device": "cuda:1", "llm_quantization": "4bit", "offload": True}
     values = {c["props"].get("label"): c["props"].get("value") for c in launched[-1][0].get_config_file()["components"]}
     assert values["Force an image"] is False
 
@@ -318,7 +322,7 @@ def test_server_files_are_removed_when_the_server_stops(monkeypatch, model, pict
     """Uploads (Gradio's cache, GRADIO_TEMP_DIR) and the sessions' folders live in one folder per
     server, removed when it stops, here by SIGTERM (turned into Gradio's Ctrl+C stop)."""
     seen = {}
-    monkeypatch.setattr(MiniGPT5_Model, "from_weights", classmethod(lambda cls, *a: model))
+    monkeypatch.setattr(MiniGPT5_Model, "from_weights", classmethod(lambda cls, *a, **kw: model))
     monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
 
     def serve(demo, host, port, **kwargs):           # stands in for Gradio's blocking launch
