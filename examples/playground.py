@@ -1,15 +1,19 @@
 """The release's demo: continue a two-image story with text and a generated picture.
 
-    python examples/playground.py                       # tiny preset (random weights), runs on a CPU
+    python examples/playground.py                       # the toy preset: MiniGPT-5 trained in the toy world
+    python examples/playground.py --preset tiny         # random weights: every code path, no meaning
     python examples/playground.py --model_config config/minigpt4.yaml \\
         --stage1_weight stage1_cc3m.ckpt --test_weight stage2_vist.ckpt
     ... --device cuda --llm_quantization 4bit --offload      # fits an 8 GB GPU
 
 `--device` defaults to the GPU when one is present.
 
-Feeds the two story images in `examples/` with the VIST system prompt and a two-caption story
-prompt, draws `--num_samples` answers (one batch, one seed per sample), saves each as a figure
-titled with the generated text, and writes an HTML page with all of them. Prints what it wrote.
+Feeds two story frames with the VIST system prompt and their captions, draws `--num_samples`
+answers (one batch, one seed per sample), saves each as a figure titled with the generated text,
+and writes an HTML page with all of them. Prints what it wrote. With the toy preset (shipped in
+`toyworld/pretrained/`, see docs/toyworld.md) the story is a toy-world story and the judge says what
+each generated picture shows next to what the story implies; the real weights get the two beach
+pictures in `examples/`.
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ def save_figure(path: Path, inputs: list, picture, text: str) -> None:
         ax.axis("off")
         ax.set_xlabel(label)
         if image is not None:
-            ax.imshow(image)
+            ax.imshow(image, interpolation="nearest")   # toy pictures are 32 pixels wide
         else:
             ax.text(0.5, 0.5, "(no image)", ha="center", va="center")
     printable = "".join(c if c.isprintable() and ord(c) < 0x2E80 else "?" for c in text)  # font has no CJK/control
@@ -63,7 +67,10 @@ def save_figure(path: Path, inputs: list, picture, text: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_config", default=None,
-                        help="model YAML (default: the tiny preset, built under weights/tiny on first use)")
+                        help="model YAML (default: the --preset's)")
+    parser.add_argument("--preset", choices=["toy", "tiny"], default="tiny",
+                        help="without --model_config: toy (default; trained in the toy world, shipped in "
+                             "toyworld/pretrained) or tiny (random weights, built under weights/tiny on first use)")
     parser.add_argument("--stage1_weight", default=None, help="stage-1 checkpoint (relative to WEIGHTFOLDER ok)")
     parser.add_argument("--test_weight", default=None, help="checkpoint loaded on top (e.g. stage2_vist.ckpt)")
     parser.add_argument("--prompt", default=None, help=f"full prompt; one {IMAGE_SLOT} per --images entry")
@@ -81,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--force_generation", action=argparse.BooleanOptionalAction, default=None,
                         help="make [IMG0] win until it appears (default: on for the tiny preset, whose random "
                              "weights rarely emit vokens by themselves; off otherwise)")
+    parser.add_argument("--judge", action=argparse.BooleanOptionalAction, default=None,
+                        help="read each generated picture with the toy world's judge (default: with the toy preset)")
     from model import add_placement_arguments
 
     add_placement_arguments(parser)
@@ -90,11 +99,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[Path]:
     """Run the demo; returns the paths written."""
     args = parse_args(argv)
-    images = [Path(p) for p in (args.images if args.images is not None else DEFAULT_IMAGES)]
+    default_images, captions, expected = DEFAULT_IMAGES, DEFAULT_CAPTIONS, None
+    toy = args.model_config is None and args.preset == "toy"
+    if toy:
+        from toyworld.ship import shipped
+
+        try:
+            preset = shipped()
+        except FileNotFoundError as e:
+            sys.exit(f"error: {e}")
+        args.model_config = str(preset.config)
+        args.stage1_weight = args.stage1_weight or str(preset.stage1)
+        args.test_weight = args.test_weight or str(preset.stage2_vist)
+        default_images, captions = preset.story_images, preset.story_captions
+        expected = preset.next_scene if args.images is None and args.prompt is None else None
+    images = [Path(p) for p in (args.images if args.images is not None else default_images)]
     for path in images:                          # fail before loading any model
         if not path.is_file():
             sys.exit(f"error: --images: {str(path)!r} does not exist")
-    prompt = args.prompt if args.prompt is not None else story_prompt(DEFAULT_CAPTIONS[: len(images)])
+    prompt = args.prompt if args.prompt is not None else story_prompt(captions[: len(images)])
     if prompt.count("<ImageHere>") != len(images):
         sys.exit(f"error: --prompt has {prompt.count('<ImageHere>')} <ImageHere> placeholder(s) but "
                  f"{len(images)} image(s) were given with --images")
@@ -127,6 +150,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
                              num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
                              force_generation=args.force_generation if args.force_generation is not None
                              else args.model_config is None)
+    judge = None
+    if args.judge if args.judge is not None else toy:
+        from toyworld.judge import judge
+    if expected:
+        print("the story implies the next frame shows: " + ", ".join(f"{k} {v}" for k, v in expected.items()))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -138,7 +166,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
         written.append(figure)
         page.add("Assistant", f"[sample {i}, seed {args.seed + i}] {out.clean_text}",
                  [out.image] if out.image is not None else [])
-        print(f"sample {i}: {'image + ' if out.image is not None else ''}text: {out.text!r}")
+        seen = ""
+        if judge is not None and out.image is not None:
+            seen = " | the judge sees: " + ", ".join(f"{k} {v}" for k, v in judge(out.image).items())
+        print(f"sample {i}: {'image + ' if out.image is not None else ''}text: {out.text!r}{seen}")
     if args.html:
         html_path = out_dir / args.html
         page.to_html(html_path, title="MiniGPT-5 playground")

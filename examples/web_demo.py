@@ -1,6 +1,7 @@
 """Web demo: an interleaved text-and-image chat with MiniGPT-5 in the browser (Gradio).
 
-    python examples/web_demo.py                         # tiny preset (random weights), runs on a CPU
+    python examples/web_demo.py                         # the toy preset (trained in the toy world), on a CPU
+    python examples/web_demo.py --preset tiny           # random weights: every code path, no meaning
     python examples/web_demo.py --model_config config/minigpt4.yaml \\
         --stage1_weight stage1_cc3m.ckpt --test_weight stage2_mmdialog.ckpt
     python examples/web_demo.py --host 0.0.0.0 --port 7860   # reachable from other machines
@@ -332,8 +333,10 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model_config", default=None,
-                        help="model YAML (default: the tiny preset, built under weights/tiny on first use)")
+    parser.add_argument("--model_config", default=None, help="model YAML (default: the --preset's)")
+    parser.add_argument("--preset", choices=["toy", "tiny"], default="tiny",
+                        help="without --model_config: toy (default; trained in the toy world, shipped in "
+                             "toyworld/pretrained, its MMDialog model) or tiny (random weights)")
     parser.add_argument("--stage1_weight", default=None, help="stage-1 checkpoint (relative to WEIGHTFOLDER ok)")
     parser.add_argument("--test_weight", default=None, help="checkpoint loaded on top (e.g. stage2_mmdialog.ckpt)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -377,12 +380,25 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)     # Gradio's own start-up checks on loopback
     from model import MiniGPT5_Model, placement_kwargs
 
+    force = args.force_generation if args.force_generation is not None else args.model_config is None
+    if args.model_config is None and args.preset == "toy":
+        from toyworld.ship import shipped
+
+        force = bool(args.force_generation)
+        try:
+            preset = shipped()
+        except FileNotFoundError as e:
+            sys.exit(f"error: {e}")
+        args.model_config = str(preset.config)
+        args.stage1_weight = args.stage1_weight or str(preset.stage1)
+        args.test_weight = args.test_weight or str(preset.stage2_mmdialog)
+        print(f"toy preset: share a toy picture (e.g. {preset.story_images[0]}) saying what it shows, e.g. "
+              f"'here is what i saw: {preset.story_captions[0]}', then ask 'can you show me the same place at night'")
     try:
         model = MiniGPT5_Model.from_weights(args.model_config, args.stage1_weight, args.test_weight,
                                             **placement_kwargs(args))
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
-    force = args.force_generation if args.force_generation is not None else args.model_config is None
     with server_files() as files:
         demo = build_demo(model, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale,
                           num_inference_steps=args.num_inference_steps, scheduler=args.scheduler, seed=args.seed,

@@ -142,10 +142,12 @@ def run(build: Build, only: list[str] | None = None, force: list[str] | None = N
     for i, step in enumerate(plan, start=1):
         if only and step.name not in only:
             record = build.record(step.name)
-            if record is None:
-                raise SystemExit(f"error: step {step.name!r} is needed first (run the build without --only)")
-            results[step.name] = record
+            if record is not None:
+                results[step.name] = record
             continue
+        missing = [d for d in step.depends if d in names and build.record(d) is None]
+        if missing:
+            raise SystemExit(f"error: step {step.name!r} needs {', '.join(missing)} first (run the build without --only)")
         key = build.key(step)
         record = build.record(step.name)
         if record is not None and record["key"] == key and i - 1 < forced_from:

@@ -274,6 +274,6 @@ def evaluate(build: Build, runs: Sequence[Run] = RUNS) -> dict:
     if target:
         path = (build.config_path.parent / target).resolve()
         path.write_text(text)
-    summary = {name: {"judge": accuracy(s.judged, s.truth)["all"], "emitted": sum(s.emitted) / max(1, len(s.emitted))}
+    summary = {name: {"accuracy": accuracy(s.judged, s.truth), "emitted": sum(s.emitted) / max(1, len(s.emitted))}
                for name, s in scored.items()}
     return {"report": str(build.out / "TOY_RESULTS.md"), "runs": summary}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -79,3 +80,27 @@ def ship(build_dir: Path, to: Path = SHIPPED) -> Path:
         shutil.rmtree(to)
     tmp.rename(to)
     return to
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """The shipped toy preset's files, as the demos use them."""
+
+    config: Path
+    stage1: Path
+    stage2_vist: Path
+    stage2_mmdialog: Path
+    story_images: list[Path]
+    story_captions: list[str]
+    next_scene: dict
+
+
+def shipped(folder: Path = SHIPPED) -> Shipped:
+    """The shipped toy preset; a clear error when it is missing (a build and `ship` make it)."""
+    story = folder / "story.json"
+    if not story.is_file():
+        raise FileNotFoundError(f"the shipped toy preset is missing ({folder}); make it with `python -m toyworld "
+                                f"build` then `python -m toyworld ship`, or use --preset tiny")
+    data = json.loads(story.read_text())
+    return Shipped(folder / "toy.yaml", folder / CHECKPOINTS[0], folder / CHECKPOINTS[1], folder / CHECKPOINTS[2],
+                   [folder / name for name in data["images"]], data["captions"], data["next_scene"])
