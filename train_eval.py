@@ -471,7 +471,9 @@ def release_layout_fsdp():
         def lightning_module_state_dict(self) -> dict:
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-            with FSDP.summon_full_params(self.model, writeback=False, rank0_only=True, offload_to_cpu=True):
+            sharded = self.world_size > 1         # one process: FSDP does not shard (and cannot offload)
+            with FSDP.summon_full_params(self.model, writeback=False, rank0_only=sharded,
+                                         offload_to_cpu=sharded and self.root_device.type != "cpu"):
                 # Copies: the gathered storage is freed when the context ends.
                 state = self.lightning_module.trainable_state_dict() if self.global_rank == 0 else {}
                 return {key: value.clone() for key, value in state.items()}
