@@ -318,3 +318,17 @@ def test_stage1_from_shards_trains_as_from_the_tsv(tiny_config_path, tmp_path):
     assert len(losses["tsv"]) == 3 and losses["shards"] == losses["tsv"]
     assert states["shards"].keys() == states["tsv"].keys()
     assert all(torch.equal(states["shards"][k], states["tsv"][k]) for k in states["tsv"])
+
+
+def test_benchmark_dry_run_writes_its_report(tmp_path, tiny_config_path):
+    """benchmarks/bench_shards.py on a tiny workload (CI): it runs both loaders over every sample and
+    writes its section (no figure is checked: the dry run's timings mean nothing)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_shards", REPO / "benchmarks" / "bench_shards.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--dry_run", "--model_config", str(tiny_config_path), "--out", str(tmp_path / "section.md")]) == 0
+    text = (tmp_path / "section.md").read_text()
+    assert text.startswith(bench.SECTION) and "DRY RUN" in text
+    assert "samples/s" in text and "memory per worker" in text and "65 stage-1 training samples" in text
