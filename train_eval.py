@@ -15,7 +15,9 @@ The release's command lines work as written, e.g.
         --test_data_path val_cleaned.json --test_weight stage2_vist.ckpt --stage1_weight stage1_cc3m.ckpt
 
 plus `--model_config` (default config/minigpt4.yaml; config/tiny.yaml for the tiny preset),
-`--accelerator`, `--strategy`, `--precision`, `--max_steps`, `--shuffle`, `--logger` and a few more.
+`--accelerator`, `--num_nodes` (several machines, launched by torchrun or SLURM's srun: see the README),
+`--strategy` (ddp, fsdp, deepspeed_stage_2), `--precision`, `--max_steps`, `--shuffle`, `--logger` and a
+few more. `--train_data_path` may name CC3M WebDataset shards (shards.py) instead of the TSV.
 Every flag and every path given by a flag or an environment variable is checked before any model
 is loaded.
 """
