@@ -75,7 +75,8 @@ def losses(out: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_config_path):
     """Stage 1 from shards of datasets/CC3M (7 samples, 2 processes x batch 2: 2 steps an epoch),
-    3 optimiser steps each: (a) 2 nodes x 1 process by torchrun, (b) 1 node x 2 processes, (c)
+    3 optimiser steps each: (a) 2 nodes x 1 process by torchrun, each reading its shards in a
+    DataLoader worker process, (b) 1 node x 2 processes reading in the main process, (c)
     FSDP on 2 processes stopped after 1 step and resumed to 3, (d) one FSDP stage-2 step on VIST
     from (b)'s checkpoint."""
     root = tmp_path_factory.mktemp("multinode")
@@ -90,7 +91,8 @@ def runs(tmp_path_factory, tiny_config_path):
     port = free_port()
     nodes = [start(torchrun + ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(k), "--master_addr",
                                "127.0.0.1", "--master_port", str(port), "train_eval.py",
-                               *train_args(tiny_config_path, data, "--num_nodes", "2", "--max_steps", "3")],
+                               *train_args(tiny_config_path, data, "--num_nodes", "2", "--max_steps", "3",
+                                           "--num_workers", "1")],
                    env_for(root / "nodes", **cc3m), root / f"node{k}.log") for k in (0, 1)]
     one_node = start(python + train_args(tiny_config_path, data, "--gpus", "0,1", "--max_steps", "3"),
                      env_for(root / "one_node", **cc3m), root / "one_node.log")

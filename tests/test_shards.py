@@ -332,3 +332,35 @@ def test_benchmark_dry_run_writes_its_report(tmp_path, tiny_config_path):
     text = (tmp_path / "section.md").read_text()
     assert text.startswith(bench.SECTION) and "DRY RUN" in text
     assert "samples/s" in text and "memory per worker" in text and "65 stage-1 training samples" in text
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "ustar"])
+def test_fast_header_reader_agrees_with_tarfile(tmp_path, fmt):
+    """The index's header reader gives tarfile's member names and offsets (pax records, GNU long
+    names, ustar prefixes, folders); a compressed shard (no byte offsets to start from) is refused."""
+    import tarfile
+
+    formats = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}
+    path = tmp_path / "a.tar"
+    deep = "d" * 60 + "/" + "e" * 60
+    with tarfile.open(path, "w", format=formats[fmt]) as tar:
+        folder = tarfile.TarInfo("sub")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i, name in enumerate(["000000001.jpg", "000000001.txt", f"{deep}/000000002.jpg", f"{deep}/000000002.txt"]):
+            info = tarfile.TarInfo(name)
+            data = bytes([i]) * (700 * i + 3)
+            info.size = len(data)
+            if fmt == "pax":
+                info.pax_headers = {"comment": "é" * 3}
+            tar.addfile(info, io.BytesIO(data))
+    assert S._plain_members(path) == S._tarfile_members(path)
+    assert [name for name, _ in S._plain_members(path)][2].startswith(deep)
+    index = S.index_shards([path], D.ProblemLog())
+    assert index.rows.tolist() == [1, 2]
+    import gzip
+
+    (tmp_path / "b.tar").write_bytes(gzip.compress(path.read_bytes()))
+    assert S._plain_members(tmp_path / "b.tar") is None
+    with pytest.raises(D.DataError, match=r"b\.tar: not a readable uncompressed tar file"):
+        S.index_shards([tmp_path / "b.tar"], D.ProblemLog())
