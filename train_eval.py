@@ -76,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --- the release's flags -----------------------------------------------------------------
     p.add_argument("--is_training", type=str2bool, nargs="?", const=True, default=False,
                    help="train (True; a bare --is_training means True) or predict (False, the default)")
-    p.add_argument("--train_data_path", default=None, help="relative to DATAFOLDER")
+    p.add_argument("--train_data_path", default=None,
+                   help="relative to DATAFOLDER; for stage 1 also CC3M WebDataset shards (img2dataset's .tar files): "
+                        "'shards/{00000..00331}.tar', a glob or a folder, streamed and split over nodes and workers")
     p.add_argument("--val_data_path", default=None, help="relative to DATAFOLDER")
     p.add_argument("--test_data_path", default=None, help="relative to DATAFOLDER")
     p.add_argument("--test_weight", default=None, help="checkpoint to predict with (relative to WEIGHTFOLDER ok)")
@@ -122,7 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, help="default bf16-mixed on GPU, 32-true on CPU")
     p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimiser steps")
     p.add_argument("--shuffle", action="store_true",
-                   help="shuffle the training samples every epoch (seeded); default: file order, as the release")
+                   help="shuffle the training samples every epoch (seeded; shards: the shard order, then a 1000-sample "
+                        "buffer per worker); default: file order, as the release")
     p.add_argument("--logger", default="csv", choices=["csv", "tensorboard", "wandb"])
     p.add_argument("--val_check_interval", type=float, default=None,
                    help="fraction of an epoch between validations (default 0.25 for CC3M, else 0.5)")
