@@ -58,8 +58,9 @@ DEFAULT_WARMUP_STEPS = 1000
 STRATEGIES = {
     "auto": "DDP when the run has several processes, else one process",
     "ddp": "DDP (stage 2 finds unused parameters, as the release)",
-    "fsdp": "FSDP, full sharding, one unit; checkpoints are single files in the release's key layout (gathered on "
-            "rank 0) and resume exactly; runs on CPUs (gloo) too",
+    "fsdp": "FSDP sharding the trainable tensors with their gradients and optimiser state (the frozen models stay "
+            "whole on every device, as under DDP); checkpoints are single files in the release's key layout "
+            "(gathered on rank 0) and resume exactly; runs on CPUs (gloo) too",
     "deepspeed_stage_2": "DeepSpeed ZeRO-2, CUDA only (pip install deepspeed); a checkpoint is DeepSpeed's folder, "
                          "whose <name>.ckpt/checkpoint/mp_rank_00_model_states.pt holds the release-layout state_dict; "
                          "untested here. Other strategies (ZeRO-3, FSDP's sharded checkpoints) are refused: their "
@@ -465,11 +466,12 @@ def release_layout_deepspeed():
 
 
 def release_layout_fsdp():
-    """Lightning's FSDP (full sharding, one FSDP unit, `use_orig_params`: the frozen and the
-    trainable rows of the embedding share a module) whose checkpoints are single files in the
-    release's key layout: the parameters are gathered on rank 0 and saved through the model's own
-    `trainable_state_dict` (FSDP's state-dict hooks cannot see the embedding's merged `weight`
-    key). On a CPU it runs FSDP over gloo (Lightning allows FSDP on GPUs only; PyTorch does both)."""
+    """Lightning's FSDP over the trainable tensors (see `_setup_model`; `use_orig_params`: the
+    frozen and the trainable rows of the embedding share a module) whose checkpoints are single
+    files in the release's key layout: the parameters are gathered on rank 0 and saved through the
+    model's own `trainable_state_dict` (FSDP's state-dict hooks cannot see the embedding's merged
+    `weight` key). On a CPU it runs FSDP over gloo (Lightning allows FSDP on GPUs only; PyTorch
+    does both)."""
     from pytorch_lightning.strategies import FSDPStrategy
 
     class ReleaseLayoutFSDP(FSDPStrategy):
@@ -526,14 +528,21 @@ def release_layout_fsdp():
             return checkpoint
 
         def _setup_model(self, model):
-            if self.root_device.type != "cpu":
-                return super()._setup_model(model)
+            """FSDP over the trainable parameters only: the frozen ones (ViT, Q-Former, LLM, SD, in
+            float16 / bfloat16) are `ignored_states`, kept whole on every device as under DDP. One
+            flat parameter cannot mix dtypes, and these need no gradient sync; what FSDP shards is
+            the float32 trainable part with its gradients and optimiser state. No FSDP mixed
+            precision: the trainable tensors stay float32 (the release's choice; the new embedding
+            rows must match the frozen ones) and `--precision bf16-mixed` autocasts as under DDP.
+            On a CPU, FSDP needs `device_id` set to the CPU (Lightning passes none)."""
             from torch.distributed.fsdp import FullyShardedDataParallel
 
-            return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
-                                            mixed_precision=self.mixed_precision_config,
-                                            sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
-                                            **self.kwargs)
+            frozen = [p for p in model.parameters() if not p.requires_grad]
+            model = model.to(self.root_device)
+            device_id = self.root_device if self.root_device.type == "cpu" else self.root_device.index
+            return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload, mixed_precision=None,
+                                            sharding_strategy=self.sharding_strategy, device_id=device_id,
+                                            ignored_states=frozen, **self.kwargs)
 
     return ReleaseLayoutFSDP(state_dict_type="full")
 

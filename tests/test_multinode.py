@@ -78,7 +78,7 @@ def runs(tmp_path_factory, tiny_config_path):
     3 optimiser steps each: (a) 2 nodes x 1 process by torchrun, each reading its shards in a
     DataLoader worker process, (b) 1 node x 2 processes reading in the main process, (c)
     FSDP on 2 processes stopped after 1 step and resumed to 3, (d) one FSDP stage-2 step on VIST
-    from (b)'s checkpoint."""
+    from (b)'s checkpoint, with bfloat16 frozen models under bf16-mixed."""
     root = tmp_path_factory.mktemp("multinode")
     sys.path.insert(0, str(REPO / "scripts"))
     from tsv_to_shards import convert
@@ -100,10 +100,13 @@ def runs(tmp_path_factory, tiny_config_path):
     fsdp_1 = start(python + fsdp + ["--max_steps", "1"], env_for(root / "fsdp", **cc3m), root / "fsdp1.log")
     finish([(p, root / f"node{k}.log") for k, p in enumerate(nodes)] + [(one_node, root / "one_node.log"),
                                                                          (fsdp_1, root / "fsdp1.log")])
+    # Stage 2 with the real configs' mix of dtypes (bfloat16 frozen models, float32 trainable parts).
+    mixed = tiny_config_path.with_name("tiny_bf16_frozen.yaml")
+    mixed.write_text(tiny_config_path.read_text().replace(": float32", ": bfloat16"))
     stage2 = ["--is_training", "--train_data_path", "train_cleaned.json", "--stage1_weight",
-              str(root / "one_node" / "run.ckpt"), "--model_config", str(tiny_config_path), "--accelerator", "cpu",
+              str(root / "one_node" / "run.ckpt"), "--model_config", str(mixed), "--accelerator", "cpu",
               "--num_workers", "0", "--per_device_train_batch_size", "2", "--warmup_steps", "1",
-              "--model_save_name", "s2", "--max_steps", "1", "--strategy", "fsdp"]
+              "--model_save_name", "s2", "--max_steps", "1", "--strategy", "fsdp", "--precision", "bf16-mixed"]
     finish([(start(python + fsdp + ["--max_steps", "3", "--resume", "last"], env_for(root / "fsdp", **cc3m),
                    root / "fsdp2.log"), root / "fsdp2.log"),
             (start(python + stage2, env_for(root / "stage2", IS_STAGE2="True", DATAFOLDER=DATASETS / "VIST"),
@@ -122,9 +125,11 @@ def test_two_nodes_train_exactly_as_one_node_with_two_processes(runs):
 
 
 def test_fsdp_saves_the_release_layout_and_resumes(runs, tiny_config):
-    """FSDP's checkpoints are single files with exactly the release's stage-1 / stage-2 keys; the
-    run stopped after 1 step and resumed to 3 ends where DDP's uninterrupted run ends (a resume that
-    lost the optimiser state lands ~1e-2 away; FSDP and DDP differ only by float summation order)."""
+    """FSDP's checkpoints are single files with exactly the release's stage-1 / stage-2 keys (the
+    stage-2 run mixes bfloat16 frozen models with float32 trainable tensors, which one FSDP flat
+    parameter could not hold); the run stopped after 1 step and resumed to 3 ends where DDP's
+    uninterrupted run ends (a resume that lost the optimiser state lands ~1e-2 away; FSDP and DDP
+    differ only by float summation order)."""
     fsdp = state_of(runs / "fsdp" / "run-last.ckpt")
     assert sorted(fsdp) == sorted(release_stage1_checkpoint_keys(tiny_config))
     assert "resuming training from" in (runs / "fsdp2.log").read_text()
@@ -141,16 +146,28 @@ def test_fsdp_saves_the_release_layout_and_resumes(runs, tiny_config):
     n_layers = AutoConfig.from_pretrained(load_config(tiny_config.source).llama_model).num_hidden_layers
     stage2 = state_of(runs / "stage2" / "s2.ckpt")
     assert sorted(stage2) == sorted(release_stage2_checkpoint_keys(tiny_config, n_layers))
+    assert {value.dtype for value in stage2.values()} == {torch.float32}
 
 
 def test_slurm_variables_set_ranks_for_our_flags(monkeypatch):
     """Under `srun` Lightning reads SLURM's variables: with --num_nodes 2 and one process per node,
     the process on the second node is global rank 1 of 2."""
+    import lightning_fabric.utilities.rank_zero as fabric_rank_zero
     import pytorch_lightning as pl
+    import pytorch_lightning.utilities.rank_zero as pl_rank_zero
     from lightning_fabric.plugins.environments import SLURMEnvironment
+    from lightning_utilities.core.rank_zero import rank_zero_only
 
     import train_eval
 
+    # The Trainer sets the process-wide rank-zero flag (and may set MASTER_*): restore them afterwards,
+    # or later in-process runs would think they are rank 1 and write no logs.
+    for flag in {id(f): f for f in (rank_zero_only, fabric_rank_zero.rank_zero_only,
+                                    pl_rank_zero.rank_zero_only)}.values():
+        monkeypatch.setattr(flag, "rank", getattr(flag, "rank", 0), raising=False)
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
     for key, value in {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "minigpt5",
                        "SLURM_JOB_ID": "1234", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "1",
                        "SLURM_NODELIST": "node[1-2]"}.items():
