@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import yaml
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PATH_KEYS = ("llama_model", "vit_model", "q_former_model", "ckpt", "sd_model")
 HUB_ALLOWED_KEYS = ("llama_model", "sd_model")
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -138,6 +140,36 @@ _SECTIONS = {
 }
 
 
+def check_value(value: Any, kind: Any, key: str, source: str) -> Any:
+    """`value` read from YAML for a field of type `kind`, checked (and a whole number given for a
+    float made a float); anything else is a `ConfigError` naming the file and the key. Integers
+    are sizes and counts, so they must be positive."""
+    def fail(expected: str) -> ConfigError:
+        hint = ""
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
+            hint = " (YAML reads a number like 1e-6 as text: write 1.0e-6)"
+        return ConfigError(f"{source}: `{key}` must be {expected}, got {value!r} "
+                           f"({type(value).__name__}){hint}")
+
+    if kind is int:
+        if type(value) is not int or value < 1:
+            raise fail("a positive integer")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str) or not value.strip():
+            raise fail("a non-empty string")
+        return value
+    if typing.get_origin(kind) is tuple:  # tuple[str, ...]: a YAML list of names
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise fail("a list of names, e.g. [q_proj, v_proj]")
+        return tuple(value)
+    raise TypeError(f"no check for the field type {kind!r} of `{key}`")
+
+
 def _build_section(cls: type, data: Any, key: str, source: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: `{key}` must be a mapping with keys {_field_names(cls)}, got {data!r}")
@@ -149,9 +181,12 @@ def _build_section(cls: type, data: Any, key: str, source: str) -> Any:
                if f.name not in data and f.default is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"{source}: missing key(s) {', '.join(f'`{key}.{m}`' for m in missing)}")
-    values = dict(data)
-    if "target_modules" in values:
-        values["target_modules"] = tuple(values["target_modules"])
+    kinds = typing.get_type_hints(cls)
+    values = {name: check_value(value, kinds[name], f"{key}.{name}", source) for name, value in data.items()}
+    if cls is DtypeConfig:
+        for name, value in values.items():
+            if value not in DTYPE_NAMES:
+                raise ConfigError(f"{source}: `{key}.{name}` must be one of {', '.join(DTYPE_NAMES)}, got {value!r}")
     return cls(**values)
 
 
@@ -171,7 +206,8 @@ def _resolve_path(value: str, base: Path) -> str:
 def load_config(path: str | os.PathLike, check_paths: bool = True) -> ModelConfig:
     """Read a model YAML file into a `ModelConfig`.
 
-    Unknown keys, missing keys and (with `check_paths`) weight paths that do not exist raise
+    Unknown keys, missing keys, values of the wrong type (see `check_value`; e.g. `target_modules`
+    must be a list, not one string) and (with `check_paths`) weight paths that do not exist raise
     `ConfigError` naming the file and the key.
     """
     path = Path(path)
@@ -188,6 +224,7 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> ModelConfi
         raise ConfigError(f"{source}: unknown key(s) {', '.join(f'`{u}`' for u in unknown)}; "
                           f"expected some of {names[:-1]}")
     values: dict[str, Any] = {}
+    kinds = typing.get_type_hints(ModelConfig)
     for f in dataclasses.fields(ModelConfig):
         if f.name == "source":
             continue
@@ -198,7 +235,9 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> ModelConfi
         value = data[f.name]
         if f.name in _SECTIONS:
             value = _build_section(_SECTIONS[f.name], value, f.name, source)
-        elif f.name in PATH_KEYS:
+        else:
+            value = check_value(value, kinds[f.name], f.name, source)
+        if f.name in PATH_KEYS:
             try:
                 value = _resolve_path(value, path.parent)
             except ConfigError as e:

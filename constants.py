@@ -14,6 +14,9 @@ VOKENS = [f"[IMG{i}]" for i in range(VOKEN_COUNT)]
 IMAGE_PLACEHOLDER = "<ImageHere>"
 IMAGE_SLOT = "<Img><ImageHere></Img>"
 ALL_VOKENS_TEXT = "".join(VOKENS)
+# Text that tokenizes to vokens or image slots: data and user text must not contain it, or the
+# number of images would no longer match the number of <ImageHere> tokens.
+RESERVED_TOKENS = tuple(VOKENS) + (IMAGE_PLACEHOLDER,)
 
 # Loss weights (REFERENCE §3.8) and training constants the release used.
 TEXT_LOSS_WEIGHT = 0.01
@@ -64,10 +67,10 @@ def prediction_folder(test_weight: str | os.PathLike) -> Path:
     return output_folder() / (str(path.with_suffix("")) + output_suffix())
 
 
-def cc3m_folder() -> Path | None:
-    """`CC3M_FOLDER`, if set."""
-    value = os.environ.get("CC3M_FOLDER")
-    return Path(value) if value else None
+def cc3m_folder() -> Path:
+    """`CC3M_FOLDER`: the CC3M folder whose `val/` images are metric.py's FID real set (default
+    `datasets/CC3M`, as the release)."""
+    return Path(os.environ.get("CC3M_FOLDER") or "datasets/CC3M")
 
 
 def preprocess_feature_folder() -> Path | None:

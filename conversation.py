@@ -1,6 +1,6 @@
 """Multi-turn interleaved conversations: a story or a dialogue that goes on for several turns.
 
-Each turn is text plus images. The prompt is written in the release's format (REFERENCE §5):
+Each turn is text plus images. The prompt is written in the release's format:
 
     {system}###Human: {text} <Img><ImageHere></Img> ###Assistant: {text} <Img><ImageHere></Img> ... ###Assistant:
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from constants import IMAGE_SLOT
+from constants import IMAGE_SLOT, RESERVED_TOKENS
 
 VIST_SYSTEM_PROMPT = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the "
                       "images once I provide it to you. Please understanding images and generate story.")
@@ -25,6 +25,21 @@ MMDIALOG_SYSTEM_PROMPT = ("Give the following images in <Img>ImageContent</Img> 
                           "the images once I provide it to you. Please generate conversations with appropriate "
                           "images.")
 ROLES = ("Human", "Assistant")
+
+
+def neutralise_reserved_tokens(text: str) -> tuple[str, list[str]]:
+    """Text a person typed, made safe to put in a prompt: every `[IMG0]`..`[IMG7]` and
+    `<ImageHere>` in it (which would tokenize to vokens or to an image slot without an image, as
+    the datasets refuse them) becomes a look-alike that tokenizes as plain text (`[IMG 0]`,
+    `<Image Here>`). Returns the new text and the tokens that were found."""
+    found = [token for token in RESERVED_TOKENS if token in text]
+    for token in found:
+        text = text.replace(token, _LOOK_ALIKES[token])
+    return text, found
+
+
+_LOOK_ALIKES = {token: (token.replace("IMG", "IMG ") if token.startswith("[IMG") else "<Image Here>")
+                for token in RESERVED_TOKENS}
 
 
 @dataclass

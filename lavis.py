@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,6 @@ logger = logging.getLogger(__name__)
 VIT_FILE_NAME = "eva_vit_g.pth"
 BLIP2_FILE_NAME = "blip2_pretrained_flant5xxl.pth"
 QFORMER_PREFIX = "Qformer.bert."
-
-# Text-side sizes used only by `write_tiny_lavis` (the real file has BERT's 30522 x 512; any size is
-# fine for keys that are never read).
-_TINY_VOCAB = 64
-_TINY_POSITIONS = 32
-_TINY_EMBED = 16
-_TINY_T5_HIDDEN = 24
 
 
 class LavisCheckpointError(ValueError):
@@ -158,11 +152,21 @@ def _qformer_key_map(num_layers: int, cross_attention_frequency: int) -> dict[st
 
 
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A LAVIS `.pth` file as a flat state dict: accepts `{"model": sd}` and a bare `sd`."""
+    """A LAVIS `.pth` file as a flat state dict: accepts `{"model": sd}` and a bare `sd`.
+
+    The file is memory-mapped (`torch.load(mmap=True)`): tensors are read from disk when used, and
+    a tensor kept in the file's dtype stays a view of the file instead of a copy in memory. Files
+    in PyTorch's legacy (pre-1.6) format cannot be mapped and are read whole (logged)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LAVIS weight file {str(path)!r} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        logger.info("%s: legacy torch.save format, read into memory (no mmap): %s", path, e)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping):
@@ -219,20 +223,28 @@ def _report_unused(sd: Mapping[str, torch.Tensor], used: set[str], path: Path, w
     return unused
 
 
-def _refuse_meta(module: nn.Module, what: str) -> None:
-    if any(t.is_meta for t in module.state_dict().values()):
-        raise ValueError(f"the {what} is on the meta device; build it on a real device before loading "
-                         f"(meta tensors cannot be filled in place)")
+def _assign(module: nn.Module, values: dict[str, torch.Tensor], what: str, dtype: torch.dtype | None) -> None:
+    """Fill `module` with `values` (all keys, checked by the caller).
 
-
-def _assign(module: nn.Module, values: dict[str, torch.Tensor], what: str) -> None:
-    """Copy `values` into `module` (all keys, checked by the caller), casting to the module's dtypes."""
-    own = set(module.state_dict())
-    if own != set(values):
+    A module built on the meta device (no memory yet) takes the values themselves, cast to `dtype`
+    (else to the module's dtypes): a tensor already in that dtype stays a view of the memory-mapped
+    file, so loading makes no second copy. A module with real tensors gets the values copied in,
+    then is cast to `dtype`.
+    """
+    own = module.state_dict()
+    if set(own) != set(values):
         # The key maps above are written against transformers' Blip2 layout; this fires if it changes.
         raise RuntimeError(f"internal: the {what} key map does not match the module (module only: "
-                           f"{sorted(own - set(values))[:5]}, map only: {sorted(set(values) - own)[:5]})")
+                           f"{sorted(set(own) - set(values))[:5]}, map only: {sorted(set(values) - set(own))[:5]})")
+    if any(t.is_meta for t in own.values()):
+        module.load_state_dict({k: v.to(dtype or own[k].dtype) for k, v in values.items()}, strict=True, assign=True)
+        left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"internal: the {what} still has meta tensors after loading: {left[:5]}")
+        return
     module.load_state_dict(values, strict=True)
+    if dtype is not None:
+        module.to(dtype=dtype)
 
 
 def load_eva_vit(model: Blip2VisionModel, vit_path: str | Path, blip2_path: str | Path,
@@ -243,9 +255,9 @@ def load_eva_vit(model: Blip2VisionModel, vit_path: str | Path, blip2_path: str 
     key bias). `ln_vision.weight/bias` from the BLIP-2 file go into `post_layernorm`. ViT-file keys that
     are not used (the real file's 40th block) are logged at INFO level, any others in one warning; a missing key raises
     `LavisMissingKeyError` and a wrong shape `LavisCheckpointError`, both naming the file and the key.
-    With `dtype`, the model's parameters are cast to it after loading (the release runs the ViT in fp16).
+    With `dtype`, the model's parameters are cast to it (the release runs the ViT in fp16). A model
+    built on the meta device is filled without a second copy of the file (see `_assign`).
     """
-    _refuse_meta(model, "vision model")
     vit_path, blip2_path = Path(vit_path), Path(blip2_path)
     vit_sd = _read_state_dict(vit_path)
     blip2_sd = _read_state_dict(blip2_path)
@@ -274,14 +286,12 @@ def load_eva_vit(model: Blip2VisionModel, vit_path: str | Path, blip2_path: str 
         _check_shape(blip2_sd[theirs], targets[ours].shape, blip2_path, theirs, ours)
         values[ours] = blip2_sd[theirs]
 
-    _assign(model, values, "vision model")
+    _assign(model, values, "vision model", dtype)
     used = set(key_map.values()) | {k for pair in bias_keys.values() for k in pair}
     # The release drops EVA-CLIP's last block(s): blocks past `num_layers` are unused by design.
     past_depth = re.compile(r"^blocks\.(\d+)\.")
     _report_unused(vit_sd, used, vit_path, f"EVA ViT ({num_layers} blocks)",
                    lambda key: bool(m := past_depth.match(key)) and int(m.group(1)) >= num_layers)
-    if dtype is not None:
-        model.to(dtype=dtype)
 
 
 def load_qformer(qformer_model: Blip2QFormerModel, query_tokens: nn.Parameter, blip2_path: str | Path,
@@ -295,9 +305,9 @@ def load_qformer(qformer_model: Blip2QFormerModel, query_tokens: nn.Parameter, b
     `intermediate`/`output`, `Qformer.cls.*`, `ln_vision.*` which `load_eva_vit` reads, the other BLIP-2
     heads) is logged by name at INFO level; any other unused key in one warning. A missing key raises `LavisMissingKeyError`, a wrong shape
     `LavisCheckpointError`, both naming the file and the key. With `dtype`, the Q-Former's parameters and
-    `query_tokens` are cast to it after loading.
+    `query_tokens` are cast to it. A Q-Former built on the meta device is filled without a second copy
+    (see `_assign`); `query_tokens` must be a real tensor (it is filled in place).
     """
-    _refuse_meta(qformer_model, "Q-Former")
     if query_tokens.is_meta:
         raise ValueError("query_tokens is on the meta device; build it on a real device before loading")
     blip2_path = Path(blip2_path)
@@ -314,13 +324,12 @@ def load_qformer(qformer_model: Blip2QFormerModel, query_tokens: nn.Parameter, b
         values[ours] = sd[theirs]
     _check_shape(sd["query_tokens"], query_tokens.shape, blip2_path, "query_tokens", "query_tokens")
 
-    _assign(qformer_model, values, "Q-Former")
+    _assign(qformer_model, values, "Q-Former", dtype)
     with torch.no_grad():
         query_tokens.copy_(sd["query_tokens"])
     _report_unused(sd, set(key_map.values()) | {"query_tokens"}, blip2_path, what,
                    lambda key: bool(_QFORMER_UNUSED_BY_DESIGN.match(key)))
     if dtype is not None:
-        qformer_model.to(dtype=dtype)
         query_tokens.data = query_tokens.data.to(dtype=dtype)
 
 
@@ -330,13 +339,15 @@ def load_qformer(qformer_model: Blip2QFormerModel, query_tokens: nn.Parameter, b
 
 
 class _Random:
-    """Deterministic small random tensors (std 0.02, LayerNorm weights near 1, non-zero biases)."""
+    """Deterministic random tensors (std 0.02, LayerNorm weights near 1, non-zero biases), made in
+    `dtype` one tensor at a time (so a full-size file never exists in float32 in memory)."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, dtype: torch.dtype = torch.float32) -> None:
         self.generator = torch.Generator().manual_seed(seed)
+        self.dtype = dtype
 
     def normal(self, *shape: int, mean: float = 0.0, std: float = 0.02) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.generator) * std + mean
+        return (torch.randn(*shape, generator=self.generator) * std + mean).to(self.dtype)
 
     def linear(self, sd: dict[str, torch.Tensor], name: str, out_features: int, in_features: int) -> None:
         sd[f"{name}.weight"] = self.normal(out_features, in_features)
@@ -345,6 +356,17 @@ class _Random:
     def layer_norm(self, sd: dict[str, torch.Tensor], name: str, size: int) -> None:
         sd[f"{name}.weight"] = self.normal(size, mean=1.0, std=0.05)
         sd[f"{name}.bias"] = self.normal(size)
+
+
+@dataclass(frozen=True)
+class Blip2TextSizes:
+    """Sizes of the BLIP-2 file's parts that MiniGPT-5 never reads (BERT's word and position
+    embeddings, the ITC/ITM heads, `t5_proj`). Tiny by default; the real file has BERT-base's."""
+
+    vocab_size: int = 64
+    max_position_embeddings: int = 32
+    embed_dim: int = 16
+    t5_hidden_size: int = 24
 
 
 def _tiny_vit_state_dict(rng: _Random, vision: Any, image_size: int) -> dict[str, torch.Tensor]:
@@ -368,14 +390,14 @@ def _tiny_vit_state_dict(rng: _Random, vision: Any, image_size: int) -> dict[str
     return sd
 
 
-def _tiny_blip2_state_dict(rng: _Random, vision: Any, qformer: Any,
-                           num_query_token: int) -> dict[str, torch.Tensor]:
+def _tiny_blip2_state_dict(rng: _Random, vision: Any, qformer: Any, num_query_token: int,
+                           text: Blip2TextSizes) -> dict[str, torch.Tensor]:
     h, f, vh = qformer.hidden_size, qformer.intermediate_size, vision.hidden_size
     p = QFORMER_PREFIX
     sd: dict[str, torch.Tensor] = {
-        f"{p}embeddings.position_ids": torch.arange(_TINY_POSITIONS).unsqueeze(0),
-        f"{p}embeddings.word_embeddings.weight": rng.normal(_TINY_VOCAB, h),
-        f"{p}embeddings.position_embeddings.weight": rng.normal(_TINY_POSITIONS, h),
+        f"{p}embeddings.position_ids": torch.arange(text.max_position_embeddings).unsqueeze(0),
+        f"{p}embeddings.word_embeddings.weight": rng.normal(text.vocab_size, h),
+        f"{p}embeddings.position_embeddings.weight": rng.normal(text.max_position_embeddings, h),
     }
     rng.layer_norm(sd, f"{p}embeddings.LayerNorm", h)
     for i in range(qformer.num_hidden_layers):
@@ -394,35 +416,40 @@ def _tiny_blip2_state_dict(rng: _Random, vision: Any, qformer: Any,
             rng.linear(sd, f"{b}output{path}.dense", h, f)
             rng.layer_norm(sd, f"{b}output{path}.LayerNorm", h)
     c = "Qformer.cls.predictions."
-    sd[c + "bias"] = rng.normal(_TINY_VOCAB)
+    sd[c + "bias"] = rng.normal(text.vocab_size)
     rng.linear(sd, c + "transform.dense", h, h)
     rng.layer_norm(sd, c + "transform.LayerNorm", h)
-    rng.linear(sd, c + "decoder", _TINY_VOCAB, h)
+    rng.linear(sd, c + "decoder", text.vocab_size, h)
     sd["query_tokens"] = rng.normal(1, num_query_token, h)
     rng.layer_norm(sd, "ln_vision", vh)
     # Other BLIP-2 heads that MiniGPT-4/5 ignore.
-    rng.linear(sd, "vision_proj", _TINY_EMBED, h)
-    rng.linear(sd, "text_proj", _TINY_EMBED, h)
+    rng.linear(sd, "vision_proj", text.embed_dim, h)
+    rng.linear(sd, "text_proj", text.embed_dim, h)
     rng.linear(sd, "itm_head", 2, h)
-    sd["temp"] = torch.tensor(0.07)
-    rng.linear(sd, "t5_proj", _TINY_T5_HIDDEN, h)
+    sd["temp"] = torch.tensor(0.07, dtype=rng.dtype)
+    rng.linear(sd, "t5_proj", text.t5_hidden_size, h)
     return sd
 
 
 def write_tiny_lavis(out_dir: str | Path, vision: Any, qformer: Any, num_query_token: int, image_size: int,
-                     seed: int = 0) -> tuple[Path, Path]:
-    """Write small random `eva_vit_g.pth` and `blip2_pretrained_flant5xxl.pth` in LAVIS's key layout.
+                     seed: int = 0, vit_dtype: torch.dtype = torch.float32, blip2_dtype: torch.dtype = torch.float32,
+                     text: Blip2TextSizes = Blip2TextSizes()) -> tuple[Path, Path]:
+    """Write random `eva_vit_g.pth` and `blip2_pretrained_flant5xxl.pth` in LAVIS's key layout.
 
     The ViT file is a bare state dict with one block more than `vision.num_hidden_layers` (like the
     real file's 40th block); the BLIP-2 file is `{"model": sd}` with the full `Qformer.bert.*` (text path
     included), `Qformer.cls.*`, `query_tokens`, `ln_vision.*` and a few other BLIP-2 heads. Values are
     deterministic in `seed`: weights and biases ~ N(0, 0.02) (every bias non-zero), LayerNorm weights
-    ~ N(1, 0.05). The text-side vocabulary and position table are tiny. Returns `(vit_path, blip2_path)`.
+    ~ N(1, 0.05), stored in `vit_dtype` / `blip2_dtype` (the real files: float16 / float32). The parts
+    MiniGPT-5 never reads have the `text` sizes (tiny by default). Each file is built in its own
+    dtype and written before the next is made, so the full-size ViT needs its 2 GB and no more.
+    Returns `(vit_path, blip2_path)`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = _Random(seed)
+    rng = _Random(seed, vit_dtype)
     vit_path, blip2_path = out_dir / VIT_FILE_NAME, out_dir / BLIP2_FILE_NAME
     torch.save(_tiny_vit_state_dict(rng, vision, image_size), vit_path)
-    torch.save({"model": _tiny_blip2_state_dict(rng, vision, qformer, num_query_token)}, blip2_path)
+    rng.dtype = blip2_dtype
+    torch.save({"model": _tiny_blip2_state_dict(rng, vision, qformer, num_query_token, text)}, blip2_path)
     return vit_path, blip2_path

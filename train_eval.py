@@ -37,6 +37,7 @@ from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 
 import constants
+import predictions
 from constants import IMAGE_PLACEHOLDER, dataset_type
 
 log = logging.getLogger("train_eval")
@@ -136,11 +137,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="save a sample generation (image + text) every N optimiser steps (0: never)")
     p.add_argument("--seed", type=int, default=constants.SEED)
     p.add_argument("--strict", action="store_true", help="stop at the first bad data row instead of skipping it")
+    p.add_argument("--allow_outside_paths", action="store_true",
+                   help="accept dataset image paths that leave the dataset folder (refused and counted by default)")
     # prediction
     p.add_argument("--predict_batch_size", type=int, default=1, help="prompts per generate call (release: 1)")
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens (0: off; default "
+                   "50, the release's: its transformers' default)")
     p.add_argument("--scheduler", default="pndm", choices=["pndm", "dpm++"])
     return p.parse_args(argv)
 
@@ -688,7 +693,7 @@ def train(args: argparse.Namespace, paths: dict) -> None:
         raise SystemExit(f"error: --stage1_weight {e}") from None
     tokenizer = model.model.llama_tokenizer
     kind = "CC3M" if from_shards else dataset_type(constants.data_folder())   # shards hold CC3M
-    extra = {"shuffle": args.shuffle} if from_shards else {}
+    extra = {"shuffle": args.shuffle} if from_shards else {"allow_outside_paths": args.allow_outside_paths}
     train_set = make_dataset(paths["train"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict,
                              **extra)
     if len(train_set) == 0:
@@ -707,7 +712,8 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     val_loader = None
     if paths["val"] is not None:
         # The release's validation samples are training samples (targets, image and caption losses).
-        val_set = make_dataset(paths["val"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict)
+        val_set = make_dataset(paths["val"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict,
+                               allow_outside_paths=args.allow_outside_paths)
         val_loader = eval_loader(val_set, collate, args.per_device_eval_batch_size, workers)
 
     accumulate = max(1, args.real_batch_size // (args.per_device_train_batch_size * world))
@@ -842,14 +848,12 @@ class PredictionWriter(BasePredictionWriter):
         for item in prediction:
             gt = item["expected_image"]
             save_task_folder(self.out_dir / item["task_name"], item["image"], item["text"], item["baseline"],
-                             _to_pil(((gt + 1) / 2).clamp(0, 1)) if gt is not None else None,
+                             _to_pil(predictions.to_unit_range(gt)) if gt is not None else None,
                              [_to_pil(x) for x in _denormalise_clip(item["input_images"])])
-            self.records.append([item["source"], item["text"], item["target"], item["image"], item["baseline"],
-                                 gt, None, item["task_name"]])
+            self.records.append(predictions.record(item))
 
     def on_predict_epoch_end(self, trainer, pl_module):
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(self.records, self.out_dir / f"predictions-{trainer.global_rank}.pt")
+        predictions.save(self.records, self.out_dir / f"predictions-{trainer.global_rank}.pt")
 
 
 def predict(args: argparse.Namespace, paths: dict) -> Path:
@@ -870,11 +874,12 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
                 raise SystemExit(f"error: {flag} {e}") from None
     kind = dataset_type(constants.data_folder())
     test_set = make_dataset(paths["test"], model.model.llama_tokenizer, cfg, is_training=False, dataset_type=kind,
-                            strict=args.strict)
+                            strict=args.strict, allow_outside_paths=args.allow_outside_paths)
     loader = eval_loader(test_set, Collator(model.model.llama_tokenizer), args.predict_batch_size,
                          cap_workers(args.num_workers))
     out_dir = constants.prediction_folder(args.test_weight or args.stage1_weight)
-    model.predict_options.update(seed=args.seed, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale,
+    model.predict_options.update(seed=args.seed, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                                 guidance_scale=args.guidance_scale,
                                  num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
                                  sd_baseline=kind == "CC3M")
     writer = PredictionWriter(out_dir)
@@ -892,14 +897,19 @@ def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    paths = check_inputs(args)
-    import pytorch_lightning as pl
+    from weights import CheckpointError
 
-    pl.seed_everything(args.seed, workers=True)
-    if args.is_training:
-        train(args, paths)
-    else:
-        predict(args, paths)
+    try:
+        paths = check_inputs(args)
+        import pytorch_lightning as pl
+
+        pl.seed_everything(args.seed, workers=True)
+        if args.is_training:
+            train(args, paths)
+        else:
+            predict(args, paths)
+    except CheckpointError as e:  # a damaged, foreign or unsafe weight file: one line naming it
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

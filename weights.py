@@ -8,6 +8,8 @@ Writer: `python weights.py tiny OUT_DIR` builds the tiny preset — random weigh
 the real formats (a Hugging Face LLaMA folder with a sentencepiece tokenizer, LAVIS `.pth` files, a
 MiniGPT-4 `.pth`, a diffusers Stable Diffusion folder) plus a config YAML pointing at them — so
 that tests and the quick start run the same loading code as the real weights.
+`python weights.py preset full OUT_DIR` writes the same files at MiniGPT-5's real sizes and in the
+real files' dtypes (about 21 GB), tensor by tensor, so that building it needs little memory.
 """
 from __future__ import annotations
 
@@ -15,9 +17,17 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
+import pickle
+import random
+import re
 import shutil
 import sys
+import time
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -75,7 +85,7 @@ def load_llama_proj(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
-# MiniGPT-5 checkpoints (release key layout, REFERENCE §6)
+# MiniGPT-5 checkpoints (the release's key layout)
 # --------------------------------------------------------------------------------------------
 
 PLAIN_PREFIX = "model.llama_model."
@@ -83,17 +93,152 @@ LORA_PREFIX = "model.llama_model.base_model.model."
 _SHARED_MATRICES = ("model.embed_tokens", "lm_head")
 
 
+class CheckpointError(ValueError):
+    """A weight file that cannot be used: one line naming the file and what was expected."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file that needs Python objects no MiniGPT-5 file holds (loading it could run code)."""
+
+
+class SavedArguments:
+    """Inert stand-in for argument dataclasses pickled into a checkpoint's Lightning metadata
+    (the release's `ModelArguments` / `DataArguments` / `TrainingArguments`, saved from its
+    `train_eval.py` run as a script): their fields become attributes, nothing else happens."""
+
+    def __setstate__(self, state) -> None:
+        if isinstance(state, tuple) and len(state) == 2:      # (__dict__, __slots__ values)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict):
+            raise TypeError(f"SavedArguments expects a dict of fields, got {type(state).__name__}")
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"SavedArguments({self.__dict__!r})"
+
+
+# What a Lightning `.ckpt` may hold besides tensors, numbers, strings, lists, tuples and dicts
+# (which `torch.load(weights_only=True)` reads by itself): Lightning metadata. `hyper_parameters`
+# of a module saved with `save_hyperparameters` may hold argparse namespaces, Lightning's
+# `AttributeDict` (read as a plain dict) and the release's argument dataclasses (read as
+# `SavedArguments`). Anything else is refused. Entries are classes, or (stand-in, "module.Name").
+_ATTRIBUTE_DICTS = ("lightning.fabric.utilities.data.AttributeDict", "lightning_fabric.utilities.data.AttributeDict",
+                    "lightning.pytorch.utilities.parsing.AttributeDict",
+                    "pytorch_lightning.utilities.parsing.AttributeDict")
+_RELEASE_ARGUMENTS = tuple(f"{module}.{name}" for module in ("__main__", "train_eval")
+                           for name in ("ModelArguments", "DataArguments", "TrainingArguments"))
+CHECKPOINT_GLOBALS: list = ([argparse.Namespace] + [(dict, name) for name in _ATTRIBUTE_DICTS]
+                            + [(SavedArguments, name) for name in _RELEASE_ARGUMENTS])
+
+
+def _global_name(entry) -> str:
+    return entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+
+
+def _file_kind_problem(path: Path) -> str | None:
+    """Why `path` cannot be a `torch.save` file, judged from its first bytes (None if it can)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            return f"the zip archive is truncated or damaged ({size:,} bytes)"
+        return None
+    if head[:1] == b"\x80":  # a pickle: torch's legacy (pre-1.6) format
+        return None
+    return f"it is neither a torch.save zip archive nor a legacy torch pickle (it starts with {head!r})"
+
+
+def load_untrusted(path: str | os.PathLike, what: str, allowed: list | None = None):
+    """`torch.load(path, weights_only=True)` for a file from anywhere: tensors and plain Python
+    containers, plus the classes in `allowed` (default `CHECKPOINT_GLOBALS`); never runs code from
+    the file. A file that needs anything else raises `UnsafeCheckpointError` naming it; an empty,
+    truncated or foreign file raises `CheckpointError` ("{path}: not a readable {what}: why")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    problem = _file_kind_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: not a readable {what}: {problem}")
+    allowed = CHECKPOINT_GLOBALS if allowed is None else allowed
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        names = _unsafe_globals(path, allowed, str(exc))
+        if names:
+            raise UnsafeCheckpointError(
+                f"refused to load {path}: it needs {', '.join(names)}, which no {what} contains "
+                f"(unpickling it could run code from the file); nothing from it was used") from None
+        raise CheckpointError(f"{path}: not a readable {what}: {_first_line(exc)}") from None
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: not a readable {what} (truncated or damaged?): "
+                              f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _unsafe_globals(path: Path, allowed: list, message: str) -> list[str]:
+    """The Python globals `path` refers to beyond torch's safe set and `allowed`."""
+    names = re.findall(r"GLOBAL (\S+)", message) + re.findall(r"unrecognized function (\S+)", message)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            names += torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError, OSError):   # a legacy-format file: the error message is all there is
+        pass
+    return sorted(set(names) - {_global_name(entry) for entry in allowed})
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text and text[0] else type(exc).__name__
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The `state_dict` of a MiniGPT-5 `.ckpt` (Lightning) or a bare state dict file."""
+    """The `state_dict` of a MiniGPT-5 `.ckpt` (Lightning) or a bare state dict file, loaded
+    without running code from the file (see `load_untrusted`). Anything else is a
+    `CheckpointError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    what = "MiniGPT-5 checkpoint (a Lightning .ckpt or a state dict saved with torch.save)"
+    checkpoint = load_untrusted(path, what)
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a Lightning checkpoint or a state dict, got {type(checkpoint)}")
+        raise CheckpointError(f"{path}: expected a {what}, found a {type(checkpoint).__name__}")
+    not_tensors = [k for k, v in checkpoint.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path}: expected a {what}; entries {not_tensors[:5]!r} are not named tensors")
+    if not checkpoint:
+        raise CheckpointError(f"{path}: the checkpoint's state_dict is empty")
     return checkpoint
+
+
+def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """State-dict key -> shape of `module`, without building its state dict (a `VokenEmbedding` /
+    `VokenLMHead` shows its full matrix as `weight`, as in the checkpoints)."""
+    from minigpt4 import split_row_modules
+
+    shapes = {name: tuple(t.shape) for name, t in module.named_parameters()}
+    shapes.update((name, tuple(t.shape)) for name, t in module.named_buffers())
+    split = {id(m) for m in split_row_modules(module)}
+    for name, m in module.named_modules():
+        if id(m) in split:
+            shapes[f"{name}.weight"] = (m.num_old + m.new_weight.shape[0], m.new_weight.shape[1])
+    return shapes
+
+
+def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], path: str | os.PathLike,
+                 config: str) -> None:
+    """A checkpoint made for another config: one `CheckpointError` naming the file, the first keys
+    whose shapes differ, and the config the model was built from."""
+    wrong = [(k, tuple(v.shape), tuple(expected[k])) for k, v in state.items()
+             if k in expected and tuple(v.shape) != tuple(expected[k])]
+    if wrong:
+        shown = "; ".join(f"`{k}` is {found}, expected {want}" for k, found, want in wrong[:3])
+        raise CheckpointError(f"{path}: {len(wrong)} tensor(s) do not fit the model built from {config} "
+                              f"({shown}); was it saved with another config?")
 
 
 def resolve_weight(path: str | os.PathLike, flag: str) -> Path:
@@ -232,16 +377,7 @@ def write_tiny_sd(out_dir: Path, arch: dict, image_size: int, cross_attention_di
         norm_num_groups=unet_arch["norm_num_groups"], cross_attention_dim=cross_attention_dim,
         use_linear_projection=True,
     )
-    vocab, merges = _clip_bpe_vocab()
-    tok_dir = out_dir / "tokenizer"
-    tok_dir.mkdir(exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "pad_token": "!",
-    }, indent=2))
+    vocab = _write_clip_tokenizer(out_dir / "tokenizer")
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=text_arch["hidden_size"],
         intermediate_size=text_arch["intermediate_size"],
@@ -259,6 +395,25 @@ def write_tiny_sd(out_dir: Path, arch: dict, image_size: int, cross_attention_di
     unet.save_pretrained(out_dir / "unet")
     text_encoder.save_pretrained(out_dir / "text_encoder")
     scheduler.save_pretrained(out_dir / "scheduler")
+    _write_model_index(out_dir)
+
+
+def _write_clip_tokenizer(tok_dir: Path) -> dict[str, int]:
+    """SD's tokenizer folder (CLIP BPE files) with a small byte-level vocabulary; returns the vocabulary."""
+    vocab, merges = _clip_bpe_vocab()
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "!",
+    }, indent=2))
+    return vocab
+
+
+def _write_model_index(out_dir: Path) -> None:
+    """The diffusers pipeline index of an SD 2.1-base folder (no safety checker)."""
     (out_dir / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
         "feature_extractor": [None, None], "requires_safety_checker": False,
@@ -268,12 +423,13 @@ def write_tiny_sd(out_dir: Path, arch: dict, image_size: int, cross_attention_di
     }, indent=2))
 
 
-def write_tiny_minigpt4(path: Path, qformer_hidden: int, llm_hidden: int, seed: int) -> None:
+def write_tiny_minigpt4(path: Path, qformer_hidden: int, llm_hidden: int, seed: int,
+                        dtype: torch.dtype = torch.float32) -> None:
     """MiniGPT-4's `.pth`: `{"model": {"llama_proj.weight", "llama_proj.bias"}}`."""
     g = torch.Generator().manual_seed(seed)
     state = {
-        "llama_proj.weight": torch.randn(llm_hidden, qformer_hidden, generator=g) * 0.02,
-        "llama_proj.bias": torch.randn(llm_hidden, generator=g) * 0.02,
+        "llama_proj.weight": (torch.randn(llm_hidden, qformer_hidden, generator=g) * 0.02).to(dtype),
+        "llama_proj.bias": (torch.randn(llm_hidden, generator=g) * 0.02).to(dtype),
     }
     torch.save({"model": state}, path)
 
@@ -313,15 +469,242 @@ def build_tiny(out_dir: str | os.PathLike = DEFAULT_TINY_DIR, seed: int = 0,
     return out_dir / config_name
 
 
+# --------------------------------------------------------------------------------------------
+# The full preset: real sizes, real file formats and dtypes, written tensor by tensor
+# --------------------------------------------------------------------------------------------
+
+FULL_PRESET = REPO / "config" / "full_preset.yaml"
+_SAFETENSORS_METADATA = {"format": "pt"}
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, kind: str, seed: int) -> torch.Tensor:
+    """One deterministic random tensor: its values depend on (seed, name) only, not on the order of
+    writing or the sharding. `kind`: "ones" (norm scales), else N(0, 0.02) (weights and biases)."""
+    if kind == "ones":
+        return torch.ones(shape, dtype=dtype)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    return torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=generator)
+
+
+def _tensor_plan(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
+    """(state-dict name, shape, kind) for every tensor of a model built on the meta device. Norm
+    layers' scales get ones, everything else small random values."""
+    plan = []
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or type(module).__name__.endswith("RMSNorm")
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            plan.append((full, tuple(param.shape), "ones" if is_norm and name == "weight" else "normal"))
+    expected = set(model.state_dict())
+    if {name for name, _, _ in plan} != expected:
+        raise RuntimeError(f"internal: {type(model).__name__} has state-dict entries that are not parameters: "
+                           f"{sorted(expected - {n for n, _, _ in plan})[:5]}")
+    return plan
+
+
+def write_random_safetensors(model: torch.nn.Module, out_dir: Path, file_name: str, dtype: torch.dtype,
+                             seed: int, shard_bytes: int | None = None, progress=None) -> list[Path]:
+    """Write random weights for `model` (built on the meta device) as safetensors in `out_dir`.
+
+    One tensor is made at a time and a shard is written as soon as it reaches `shard_bytes`, so the
+    writer holds at most one shard in memory whatever the model's size. Without `shard_bytes`, or
+    when everything fits in one shard, it writes `file_name` (diffusers' and transformers' single-
+    file layout); else `stem-0000i-of-0000n.safetensors` plus `<file_name>.index.json` (the
+    Hugging Face sharded layout). Returns the files written.
+    """
+    from safetensors.torch import save_file
+
+    plan = _tensor_plan(model)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    groups: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
+    size = 0
+    for entry in plan:
+        nbytes = math.prod(entry[1]) * itemsize
+        if shard_bytes and groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += nbytes
+    stem = file_name.removesuffix(".safetensors")
+    names = ([file_name] if len(groups) == 1
+             else [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    weight_map, total, written = {}, 0, []
+    # A shard's tensors are made in parallel (torch's generators release the GIL; each tensor has its
+    # own, so the values do not depend on the threads).
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for group, name in zip(groups, names):
+            made = pool.map(lambda entry: _random_tensor(entry[0], entry[1], dtype, entry[2], seed), group)
+            tensors = {entry[0]: tensor for entry, tensor in zip(group, made)}
+            for tensor_name, tensor in tensors.items():
+                weight_map[tensor_name] = name
+                total += tensor.nbytes
+            save_file(tensors, out_dir / name, metadata=_SAFETENSORS_METADATA)
+            written.append(out_dir / name)
+            del tensors
+            if progress is not None:
+                progress.update(sum(math.prod(shape) for _, shape, _ in group))
+    if len(groups) > 1:
+        (out_dir / f"{file_name}.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return written
+
+
+_SYLLABLE_ONSETS = ("", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
+                    "br", "ch", "cl", "dr", "fl", "gr", "pl", "pr", "sh", "st", "th", "tr")
+_SYLLABLE_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ee", "oo", "ou", "y")
+_SYLLABLE_CODAS = ("", "", "n", "r", "s", "t", "l", "m", "ng", "ck", "st", "nd")
+
+
+def _synthetic_corpus(n_words: int, n_lines: int, seed: int) -> list[str]:
+    """Made-up text with a Zipf-like word distribution: enough distinct, frequent character pairs
+    for a BPE vocabulary of tens of thousands of pieces, deterministic in `seed`, no download."""
+    rng = random.Random(seed)
+
+    def word() -> str:
+        return "".join(rng.choice(_SYLLABLE_ONSETS) + rng.choice(_SYLLABLE_VOWELS) + rng.choice(_SYLLABLE_CODAS)
+                       for _ in range(rng.choice((1, 1, 2, 2, 3))))
+
+    lexicon = list(dict.fromkeys(word() for _ in range(n_words)))
+    weights = [1.0 / (rank + 1) for rank in range(len(lexicon))]
+    return [" ".join(rng.choices(lexicon, weights, k=12)) for _ in range(n_lines)]
+
+
+def train_llama_tokenizer(vocab_size: int, corpus: list[str]) -> bytes:
+    """A byte-fallback BPE sentencepiece model with exactly `vocab_size` pieces (LLaMA's layout:
+    <unk>, <s>, </s>, 256 byte pieces, then merges), trained on the project's prompts and `corpus`."""
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_TINY_CORPUS * 4 + corpus), model_writer=buffer, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity",
+        hard_vocab_limit=True, input_sentence_size=0, num_threads=1, minloglevel=2,
+    )
+    return buffer.getvalue()
+
+
+def _write_tokenizer_files(out_dir: Path, sp_model: bytes, max_length: int) -> None:
+    (out_dir / "tokenizer.model").write_bytes(sp_model)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
+        "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "model_max_length": max_length,
+    }, indent=2))
+
+
+def _meta_model(kind: str, config_dir: Path):
+    """A model of the given kind built on the meta device from its folder's config.json."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        if kind == "llama":
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
+        if kind == "text_encoder":
+            return CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir))
+        cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[kind]
+        return cls.from_config(cls.load_config(config_dir))
+
+
+def _human_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def build_full(out_dir: str | os.PathLike, preset_path: str | os.PathLike = FULL_PRESET, seed: int = 0) -> Path:
+    """Write the `full` preset (described by `preset_path`, default config/full_preset.yaml) into
+    `out_dir`; return the path of its config YAML, `out_dir/full.yaml`.
+
+    Every file is in the real layout and dtype: the LLM as a Hugging Face folder of sharded
+    bfloat16 safetensors with a sentencepiece tokenizer of exactly the config's vocabulary size,
+    LAVIS `eva_vit_g.pth` (float16) and `blip2_pretrained_flant5xxl.pth`, MiniGPT-4's `.pth`, and a
+    diffusers Stable Diffusion folder (float32 safetensors). Sizes come from the preset's model
+    config and the architecture folders' config.json files, so a reduced preset file (as the tests
+    use) goes through exactly this code. Memory: one LLM shard, or the largest single file (the SD
+    UNet, 3.5 GB in float32), at a time.
+    """
+    from tqdm.auto import tqdm
+
+    from lavis import Blip2TextSizes, write_tiny_lavis
+    from minigpt4 import to_dtype
+
+    preset_path = Path(preset_path).resolve()
+    spec = yaml.safe_load(preset_path.read_text())
+    base = preset_path.parent
+    cfg = load_config(base / spec["model_config"], check_paths=False)
+    llama_arch, sd_arch = base / spec["llama_arch"], base / spec["sd_arch"]
+    dtypes = {k: to_dtype(v) for k, v in spec["file_dtypes"].items()}
+    out_dir = Path(out_dir).resolve()
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "llama").mkdir(parents=True)
+    start = time.perf_counter()
+
+    # The LLM: config, tokenizer, sharded weights.
+    llama = _meta_model("llama", llama_arch)
+    llama.config.dtype = dtypes["llama"]
+    llama.config.save_pretrained(tmp / "llama")
+    hidden = llama.config.hidden_size
+    log.info("training a %d-piece sentencepiece tokenizer", llama.config.vocab_size)
+    corpus = _synthetic_corpus(spec["tokenizer_corpus_words"], spec["tokenizer_corpus_lines"], seed)
+    _write_tokenizer_files(tmp / "llama", train_llama_tokenizer(llama.config.vocab_size, corpus),
+                           llama.config.max_position_embeddings)
+    sd_kinds = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                "text_encoder": "model.safetensors"}
+    sd_models = {kind: _meta_model(kind, sd_arch / kind) for kind in sd_kinds}
+    total = sum(p.numel() for m in (llama, *sd_models.values()) for p in m.parameters())
+    with tqdm(total=total, unit="param", unit_scale=True, desc="random weights (LLM, SD)") as bar:
+        write_random_safetensors(llama, tmp / "llama", "model.safetensors", dtypes["llama"], seed,
+                                 int(float(spec["llama_shard_size_mb"]) * 2**20), bar)
+        del llama
+        # Stable Diffusion: one folder per part, configs copied from the architecture folder.
+        sd_dir = tmp / "sd"
+        for kind, file_name in sd_kinds.items():
+            (sd_dir / kind).mkdir(parents=True)
+            shutil.copy(sd_arch / kind / "config.json", sd_dir / kind / "config.json")
+            write_random_safetensors(sd_models.pop(kind), sd_dir / kind, file_name, dtypes["sd"], seed, None, bar)
+    (sd_dir / "scheduler").mkdir()
+    shutil.copy(sd_arch / "scheduler" / "scheduler_config.json", sd_dir / "scheduler" / "scheduler_config.json")
+    _write_clip_tokenizer(sd_dir / "tokenizer")
+    _write_model_index(sd_dir)
+
+    log.info("writing the LAVIS files and MiniGPT-4's projection")
+    vit_path, blip2_path = write_tiny_lavis(tmp, cfg.vision, cfg.qformer, cfg.num_query_token, cfg.image_size,
+                                            seed=seed, vit_dtype=dtypes["vit"], blip2_dtype=dtypes["blip2"],
+                                            text=Blip2TextSizes(**spec["blip2_text"]))
+    write_tiny_minigpt4(tmp / "prerained_minigpt4_7b.pth", cfg.qformer.hidden_size, hidden, seed,
+                        dtype=dtypes["minigpt4"])
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    full = cfg.replace(
+        llama_model=str(out_dir / "llama"), vit_model=str(out_dir / Path(vit_path).name),
+        q_former_model=str(out_dir / Path(blip2_path).name),
+        ckpt=str(out_dir / "prerained_minigpt4_7b.pth"), sd_model=str(out_dir / "sd"),
+    )
+    dump_config(full, out_dir / "full.yaml")
+    log.info("full preset written to %s: %s on disk in %.0f s", out_dir, _human_bytes(_folder_bytes(out_dir)),
+             time.perf_counter() - start)
+    return out_dir / "full.yaml"
+
+
 PRESETS = ("tiny", "small", "real_width")
 
 
 def build_preset(name: str, out_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """Write the named random-weight preset (`config/<name>.yaml` + `config/<name>_arch.yaml`) into
-    `out_dir` (default `weights/<name>`); return the path of its config YAML, `out_dir/<name>.yaml`."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    """Write the named random-weight preset (`config/<name>.yaml` + `config/<name>_arch.yaml`, or
+    `config/full_preset.yaml` for "full") into `out_dir` (default `weights/<name>`); return the path
+    of its config YAML, `out_dir/<name>.yaml`."""
+    if name not in PRESETS + ("full",):
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS + ('full',))}")
     out_dir = Path(out_dir) if out_dir else REPO / "weights" / name
+    if name == "full":
+        return build_full(out_dir, seed=seed)
     return build_tiny(out_dir, seed=seed, config_path=REPO / "config" / f"{name}.yaml",
                       arch_path=REPO / "config" / f"{name}_arch.yaml", config_name=f"{name}.yaml")
 
@@ -343,8 +726,9 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("out_dir", nargs="?", default=str(DEFAULT_TINY_DIR))
     tiny.add_argument("--seed", type=int, default=0)
     preset = sub.add_parser("preset", help="write a named preset: tiny (tests), small (benchmarks), "
-                                           "real_width (real widths at reduced depth: GPU smoke test)")
-    preset.add_argument("name", choices=PRESETS)
+                                           "real_width (real widths at reduced depth: GPU smoke test), "
+                                           "full (the real sizes, about 21 GB of disk)")
+    preset.add_argument("name", choices=PRESETS + ("full",))
     preset.add_argument("out_dir", nargs="?", default=None, help="default: weights/NAME")
     preset.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

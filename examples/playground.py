@@ -3,6 +3,9 @@
     python examples/playground.py                       # tiny preset (random weights), runs on a CPU
     python examples/playground.py --model_config config/minigpt4.yaml \\
         --stage1_weight stage1_cc3m.ckpt --test_weight stage2_vist.ckpt
+    ... --device cuda --llm_quantization 4bit --offload      # fits an 8 GB GPU
+
+`--device` defaults to the GPU when one is present.
 
 Feeds the two story images in `examples/` with the VIST system prompt and a two-caption story
 prompt, draws `--num_samples` answers (one batch, one seed per sample), saves each as a figure
@@ -70,12 +73,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="sample i uses seed + i")
     parser.add_argument("--html", default="playground.html", help="HTML file name inside --out ('' to skip)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens (0: off; "
+                        "default 50, as the release)")
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--scheduler", choices=["pndm", "dpm++"], default="pndm")
     parser.add_argument("--force_generation", action=argparse.BooleanOptionalAction, default=None,
                         help="make [IMG0] win until it appears (default: on for the tiny preset, whose random "
                              "weights rarely emit vokens by themselves; off otherwise)")
+    from model import add_placement_arguments
+
+    add_placement_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -92,15 +100,18 @@ def main(argv: list[str] | None = None) -> list[Path]:
                  f"{len(images)} image(s) were given with --images")
     if args.num_samples < 1:
         sys.exit("error: --num_samples must be at least 1")
+    if args.top_k < 0:
+        sys.exit(f"error: --top_k must be 0 (off) or positive, got {args.top_k}")
 
     from PIL import Image
 
     from conversation import Conversation, VIST_SYSTEM_PROMPT
-    from model import MiniGPT5_Model
+    from model import MiniGPT5_Model, placement_kwargs
 
     try:
-        model = MiniGPT5_Model.from_weights(args.model_config, args.stage1_weight, args.test_weight)
-    except (FileNotFoundError, ValueError) as e:
+        model = MiniGPT5_Model.from_weights(args.model_config, args.stage1_weight, args.test_weight,
+                                            **placement_kwargs(args))
+    except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     inputs = []
     for path in images:
@@ -112,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     n = args.num_samples
     outputs = model.generate([prompt] * n, [inputs] * n, seed=[args.seed + i for i in range(n)],
-                             max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale,
+                             max_new_tokens=args.max_new_tokens, top_k=args.top_k, guidance_scale=args.guidance_scale,
                              num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
                              force_generation=args.force_generation if args.force_generation is not None
                              else args.model_config is None)

@@ -4,6 +4,7 @@
     python examples/web_demo.py --model_config config/minigpt4.yaml \\
         --stage1_weight stage1_cc3m.ckpt --test_weight stage2_mmdialog.ckpt
     python examples/web_demo.py --host 0.0.0.0 --port 7860   # reachable from other machines
+    python examples/web_demo.py ... --llm_quantization 8bit   # a 12 GB GPU (--device: the GPU when present)
 
 Then open http://127.0.0.1:7860 (the default address; `--host` / `--port` change it). Type a
 message, attach zero or more images (the paper-clip button or drag and drop) and press Enter. The
@@ -18,15 +19,22 @@ self-contained HTML page.
 There is one model: Gradio's queue runs one generation at a time and other users wait their turn.
 Nothing is fetched from the internet (analytics off, no share link, no server-side rendering).
 Bad input (a file that is not an image, an empty message) gets a notice in the chat; images with
-a side longer than `--max_image_side` are downscaled before they reach the model.
+a side longer than `--max_image_side` are downscaled before they reach the model. Typed
+`[IMG0]`..`[IMG7]` / `<ImageHere>` are turned into look-alikes that the model reads as plain text
+(they would otherwise become vokens or an image slot without an image), and a message longer than
+`--max_message_chars` is cut; both with a notice. Uploads, generated pictures and exports live in
+one temporary folder per server (Gradio's upload cache included), removed when the server stops
+(Ctrl+C or SIGTERM); a closed tab's files go at once.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -42,11 +50,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from conversation import MMDIALOG_SYSTEM_PROMPT, Conversation  # noqa: E402
+from conversation import MMDIALOG_SYSTEM_PROMPT, Conversation, neutralise_reserved_tokens  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 MAX_IMAGE_SIDE = 2048          # uploads with a longer side are downscaled (aspect kept) to this size
+MAX_MESSAGE_CHARS = 2000       # longer messages are cut (Vicuna's context is 2048 tokens, history included)
 SCHEDULERS = ("pndm", "dpm++")
 NOTICE = "⚠️ "                 # prefix of the demo's own notices in the chat (never sent to the model)
 HTML_NAME = "minigpt5-conversation.html"
@@ -64,11 +73,13 @@ class ChatSession:
     (which also hold the demo's notices) and a private folder for generated pictures and the
     HTML export. Created on the first message; `close` removes the folder."""
 
-    def __init__(self, system: str = MMDIALOG_SYSTEM_PROMPT):
+    def __init__(self, system: str = MMDIALOG_SYSTEM_PROMPT, root: str | os.PathLike | None = None):
         self.conversation = Conversation(system=system)
         self.messages: list[dict[str, Any]] = []
         self.pending = False            # a Human turn waits for its answer
-        self.folder = Path(tempfile.mkdtemp(prefix="minigpt5-web-"))
+        if root is not None:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="minigpt5-web-", dir=root))
         self._saved = 0
 
     @property
@@ -125,6 +136,21 @@ def load_image(path: str | os.PathLike, max_side: int = MAX_IMAGE_SIDE) -> tuple
     return image, downscaled
 
 
+def prepare_text(text: str, max_chars: int = MAX_MESSAGE_CHARS) -> tuple[str, list[str]]:
+    """A typed message as the model will get it, and the notices for the user: reserved tokens
+    neutralised (`conversation.neutralise_reserved_tokens`), then cut to `max_chars` characters."""
+    notes = []
+    text, found = neutralise_reserved_tokens(text)
+    if found:
+        many = len(found) > 1
+        notes.append(f"{', '.join(found)} in your message {'were' if many else 'was'} sent as plain text "
+                     f"({'they are' if many else 'it is'} reserved for the model's pictures and your attached images).")
+    if len(text) > max_chars:
+        notes.append(f"Your message had {len(text):,} characters; only the first {max_chars:,} were sent.")
+        text = text[:max_chars].rstrip()
+    return text, notes
+
+
 def _chat_text(text: str) -> str:
     """Text for a chat message, shown literally: the chat renders HTML, and the model's answers
     (and the prompt format) contain tags such as `<Img>` that must stay visible."""
@@ -144,12 +170,14 @@ def _file_path(item: Any) -> str:
 
 def build_demo(model, *, system_prompt: str = MMDIALOG_SYSTEM_PROMPT, max_new_tokens: int = 256,
                guidance_scale: float = 7.5, num_inference_steps: int = 50, scheduler: str = "pndm",
-               seed: int = 42, force_generation: bool = False, max_image_side: int = MAX_IMAGE_SIDE,
-               title: str = "MiniGPT-5 chat") -> gr.Blocks:
+               seed: int = 42, force_generation: bool = False, top_k: int = 50,
+               max_image_side: int = MAX_IMAGE_SIDE, max_message_chars: int = MAX_MESSAGE_CHARS,
+               files_root: str | os.PathLike | None = None, title: str = "MiniGPT-5 chat") -> gr.Blocks:
     """The chat app for `model` (a `MiniGPT5_Model`), not yet launched.
 
     The keyword arguments are the initial values of the settings panel (and the system prompt
-    every conversation starts with). Launch it with `launch(demo, ...)` (or `demo.launch`
+    every conversation starts with); each tab's files go into a folder under `files_root`
+    (default: the system's temporary folder). Launch it with `launch(demo, ...)` (or `demo.launch`
     yourself: keep `demo.queue(...)` as set here so generations never run concurrently).
     """
     if scheduler not in SCHEDULERS:
@@ -162,9 +190,9 @@ def build_demo(model, *, system_prompt: str = MMDIALOG_SYSTEM_PROMPT, max_new_to
     def accept(message: dict | None, session: ChatSession | None) -> tuple:
         """Step 1 of a turn (not queued, instant): check the message and show it, or show a notice
         and send nothing. An accepted message becomes the conversation's pending Human turn."""
-        session = session or ChatSession(system_prompt)
+        session = session or ChatSession(system_prompt, files_root)
         message = message or {}
-        text = (message.get("text") or "").strip()
+        text, text_notes = prepare_text((message.get("text") or "").strip(), max_message_chars)
         paths = [_file_path(item) for item in message.get("files") or []]
 
         def notice(note: str, keep: dict | None = None) -> tuple:
@@ -192,13 +220,13 @@ def build_demo(model, *, system_prompt: str = MMDIALOG_SYSTEM_PROMPT, max_new_to
 
         session.messages.append({"role": "user", "content": ([_chat_text(text)] if text else [])
                                  + [_chat_image(p) for p in shown]})
-        session.messages.extend({"role": "assistant", "content": _chat_text(NOTICE + n)} for n in notes)
+        session.messages.extend({"role": "assistant", "content": _chat_text(NOTICE + n)} for n in text_notes + notes)
         session.conversation.add("Human", text, images)
         session.pending = True
         return session, session.messages + [{"role": "assistant", "content": "…"}], _box(interactive=False)
 
     def answer(session: ChatSession | None, guidance: float, steps: float, base_seed: float | None, force: bool,
-               new_tokens: float, sampler: str) -> tuple:
+               new_tokens: float, sampler: str, k: float | None) -> tuple:
         """Step 2 of a turn (queued, one at a time over all users): answer the pending Human turn."""
         if session is None or not session.pending:           # a notice instead, or "New conversation" meanwhile
             return session, gr.skip(), gr.skip(), gr.skip()
@@ -208,7 +236,8 @@ def build_demo(model, *, system_prompt: str = MMDIALOG_SYSTEM_PROMPT, max_new_to
             with generate_lock:
                 out = session.conversation.respond(
                     model, max_new_tokens=int(new_tokens), guidance_scale=float(guidance),
-                    num_inference_steps=int(steps), scheduler=sampler, seed=turn_seed, force_generation=bool(force))
+                    num_inference_steps=int(steps), scheduler=sampler, seed=turn_seed, force_generation=bool(force),
+                    top_k=int(k or 0))
         except (RuntimeError, ValueError, OSError) as e:       # report it, keep the server and the chat usable
             log.exception("generation failed")
             session.conversation.turns.pop()                  # the Human turn goes with its failed answer
@@ -250,8 +279,10 @@ def build_demo(model, *, system_prompt: str = MMDIALOG_SYSTEM_PROMPT, max_new_to
                 seed_box = gr.Number(seed, precision=0, label="Seed", info="turn n uses seed + n")
                 tokens_slider = gr.Slider(1, 1024, max_new_tokens, step=1, label="Max new tokens")
                 sampler_box = gr.Dropdown(list(SCHEDULERS), value=scheduler, label="Sampler")
+                top_k_box = gr.Number(top_k, precision=0, minimum=0, label="Top-k",
+                                      info="sample among the k likeliest tokens (0: off)")
 
-        settings = [guidance_slider, steps_slider, seed_box, force_box, tokens_slider, sampler_box]
+        settings = [guidance_slider, steps_slider, seed_box, force_box, tokens_slider, sampler_box, top_k_box]
         box.submit(accept, [box, session_state], [session_state, chatbot, box], queue=False).then(
             answer, [session_state, *settings], [session_state, chatbot, box, download], concurrency_id="model")
         for event in (clear.click, chatbot.clear):       # the chat's own trash button starts over too
@@ -270,6 +301,35 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, *, block:
                 run_history=False, pwa=False, css=CSS)
 
 
+@contextlib.contextmanager
+def server_files() -> Any:
+    """One temporary folder for everything a server writes: Gradio's upload cache
+    (`GRADIO_TEMP_DIR` points into it while the block runs) and the chat sessions' folders. It is
+    removed when the block ends: the server stopped by Ctrl+C, by SIGTERM (turned into the same
+    clean stop) or by an error. Yields the folder."""
+    root = Path(tempfile.mkdtemp(prefix="minigpt5-web-server-"))
+    saved_env = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(root / "gradio")
+    saved_handler = None
+    if threading.current_thread() is threading.main_thread():
+        saved_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        yield root
+    finally:
+        if saved_handler is not None:
+            signal.signal(signal.SIGTERM, saved_handler)
+        if saved_env is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = saved_env
+        shutil.rmtree(root, ignore_errors=True)
+        log.info("removed the server's files (%s)", root)
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # Gradio's blocking loop closes the server on it, then `server_files` cleans up
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_config", default=None,
@@ -285,6 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_inference_steps", type=int, default=50, help=initial)
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="pndm", help=initial)
     parser.add_argument("--seed", type=int, default=42, help=initial + "; turn n uses seed + n")
+    parser.add_argument("--top_k", type=int, default=50, help=initial + "; 0 turns it off (50: the release's)")
     parser.add_argument("--force_generation", action=argparse.BooleanOptionalAction, default=None,
                         help="initial state of 'Force an image' (default: on for the tiny preset, whose random "
                              "weights rarely emit vokens by themselves; off otherwise)")
@@ -292,11 +353,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="uploads with a longer side are downscaled to this many pixels (default: %(default)s)")
     parser.add_argument("--max_file_size", default="50mb",
                         help="largest upload Gradio accepts, e.g. 20mb (default: %(default)s)")
+    parser.add_argument("--max_message_chars", type=int, default=MAX_MESSAGE_CHARS,
+                        help="longer messages are cut, with a notice (default: %(default)s)")
+    from model import add_placement_arguments
+
+    add_placement_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
     if args.max_image_side < 1:
         parser.error(f"--max_image_side must be positive, got {args.max_image_side}")
+    if args.max_message_chars < 1:
+        parser.error(f"--max_message_chars must be positive, got {args.max_message_chars}")
+    if args.top_k < 0:
+        parser.error(f"--top_k must be 0 (off) or positive, got {args.top_k}")
     return args
 
 
@@ -305,18 +375,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)     # Gradio's own start-up checks on loopback
-    from model import MiniGPT5_Model
+    from model import MiniGPT5_Model, placement_kwargs
 
     try:
-        model = MiniGPT5_Model.from_weights(args.model_config, args.stage1_weight, args.test_weight)
-    except (FileNotFoundError, ValueError) as e:
+        model = MiniGPT5_Model.from_weights(args.model_config, args.stage1_weight, args.test_weight,
+                                            **placement_kwargs(args))
+    except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     force = args.force_generation if args.force_generation is not None else args.model_config is None
-    demo = build_demo(model, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale,
-                      num_inference_steps=args.num_inference_steps, scheduler=args.scheduler, seed=args.seed,
-                      force_generation=force, max_image_side=args.max_image_side)
-    print(f"MiniGPT-5 chat on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
-    launch(demo, args.host, args.port, max_file_size=args.max_file_size)
+    with server_files() as files:
+        demo = build_demo(model, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale,
+                          num_inference_steps=args.num_inference_steps, scheduler=args.scheduler, seed=args.seed,
+                          force_generation=force, top_k=args.top_k, max_image_side=args.max_image_side,
+                          max_message_chars=args.max_message_chars, files_root=files)
+        print(f"MiniGPT-5 chat on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
+        launch(demo, args.host, args.port, max_file_size=args.max_file_size)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ img2dataset's keys are, so the shards give the same samples, task names and inst
 the TSV. Captions are written cleaned (cleaning again changes nothing); pictures keep their bytes
 and extension (jpg, jpeg, png, webp; others are written as png). Rows the TSV reader skips (bad
 fields, empty caption) and pictures that are missing or unreadable are left out, counted and
-logged; `--strict` stops at the first instead.
+logged; `--strict` stops at the first instead. Image paths that leave the image folder are refused
+unless `--allow_outside_paths`, as the TSV reader does.
 
     python scripts/tsv_to_shards.py datasets/CC3M/cc3m_train.tsv shards/cc3m_train \\
         [--samples_per_shard 10000] [--image_root FOLDER]
@@ -35,16 +36,22 @@ log = logging.getLogger("tsv_to_shards")
 
 
 def convert(tsv: Path, out: Path, samples_per_shard: int = 10000, image_root: Path | None = None,
-            strict: bool = False) -> dict[str, int]:
+            strict: bool = False, allow_outside_paths: bool = False) -> dict[str, int]:
     """Write the shards; returns counts: samples written, shards, rows left out."""
+    import numpy as np
     import webdataset as wds
 
-    from dataloader import IMAGE_ERRORS, ProblemLog, read_cc3m_tsv
+    from dataloader import IMAGE_ERRORS, OUTSIDE_PATH, ProblemLog, outside_rows, read_cc3m_tsv
     from shards import IMAGE_EXTENSIONS
 
     problems = ProblemLog(strict)
     table = read_cc3m_tsv(tsv, problems)
     root = image_root or tsv.parent
+    if not allow_outside_paths:                   # the TSV reader's rule: pictures stay inside the dataset folder
+        bad = outside_rows(table.paths, str(root), table.valid)
+        if len(bad):
+            problems.add_lines(tsv, {OUTSIDE_PATH: table.lines[bad]})
+            table.valid = table.valid[~np.isin(table.valid, bad)]
     out.mkdir(parents=True, exist_ok=True)
     written = 0
     with wds.ShardWriter(str(out / "%05d.tar"), maxcount=samples_per_shard, verbose=0) as writer:
@@ -86,12 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image_root", type=Path, default=None, help="folder the image paths are relative to "
                                                                       "(default: the TSV's folder)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad row or picture")
+    parser.add_argument("--allow_outside_paths", action="store_true",
+                        help="accept image paths that leave the image folder (refused by default, as the TSV reader)")
     args = parser.parse_args(argv)
     if not args.tsv.is_file():
         parser.error(f"TSV {str(args.tsv)!r} does not exist")
     if args.samples_per_shard < 1:
         parser.error("--samples_per_shard must be a positive integer")
-    counts = convert(args.tsv, args.out, args.samples_per_shard, args.image_root, args.strict)
+    counts = convert(args.tsv, args.out, args.samples_per_shard, args.image_root, args.strict,
+                     args.allow_outside_paths)
     if counts["samples"] == 0:
         print(f"error: no usable row in {args.tsv}; nothing written", file=sys.stderr)
         return 1

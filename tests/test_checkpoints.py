@@ -1,10 +1,24 @@
-"""Checkpoints: only trainable tensors, under the release's key names (REFERENCE §6); the release's
-stage-1 and stage-2 files load; save -> load reproduces outputs bit for bit."""
+"""Checkpoints: only trainable tensors, under the release's key names; the release's
+stage-1 and stage-2 files load, Lightning metadata included, without running code from the file; a
+file that would run code is refused; damaged, foreign or mismatched files give one line naming the
+file; save -> load reproduces outputs bit for bit."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import functools
+import os
+import pickle
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
+from pytorch_lightning.utilities.parsing import AttributeDict
+
+import weights
 
 from test_model import CC3M_LIKE, STORY_LIKE, batch_for, build
 
@@ -166,3 +180,127 @@ def test_checkpoint_keys_follow_the_release_patterns(tiny_config, tmp_path):
     for stage in (1, 2):
         saved = _save_like_lightning(build(tiny_config, stage=stage), tmp_path / f"s{stage}.ckpt")
         assert all(pattern.match(k) for k in saved), [k for k in saved if not pattern.match(k)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files from anywhere: weights only, clear refusals and one-line errors
+
+
+@dataclasses.dataclass
+class TrainingArguments:
+    """The release's `train_eval.py` argument dataclass (a script: pickled as `__main__.TrainingArguments`)."""
+
+    output_dir: str = "weights"
+    num_train_epochs: int = 2
+    learning_rate: float = 2e-5
+    gpus: list = dataclasses.field(default_factory=lambda: [0, 1, 2, 3])
+    is_training: bool = True
+    resume: str | None = None
+
+
+def _warmup(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup)
+
+
+def release_layout(state: dict, monkeypatch) -> dict:
+    """A Lightning 2.0 `.ckpt` as the release's trainer wrote it: the state dict and Lightning's
+    metadata (loops, ModelCheckpoint state, AdamW state, LambdaLR state, hyper-parameters holding an
+    AttributeDict, an argparse Namespace and the release's argument dataclass)."""
+    monkeypatch.setattr(TrainingArguments, "__module__", "__main__")
+    monkeypatch.setattr(sys.modules["__main__"], "TrainingArguments", TrainingArguments, raising=False)
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([param], lr=2e-5, eps=1e-8)
+    param.grad = torch.ones(3)
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_warmup, warmup=1000))
+    score = torch.tensor(0.4321)
+    return {
+        "epoch": 1, "global_step": 1234, "pytorch-lightning_version": "2.0.2", "state_dict": state,
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_loop.state_dict": {"_batches_that_stepped": 1234},
+                               "epoch_progress": {"total": {"ready": 2, "completed": 1}}}},
+        "callbacks": {"ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
+                      "'every_n_epochs': 1, 'train_time_interval': None}": {
+                          "monitor": "val_loss", "best_model_score": score, "best_model_path": "/w/stage1.ckpt",
+                          "current_score": score, "dirpath": "/w", "best_k_models": {"/w/stage1.ckpt": score},
+                          "kth_best_model_path": "/w/stage1.ckpt", "kth_value": score, "last_model_path": ""}},
+        "optimizer_states": [optimizer.state_dict()], "lr_schedulers": [scheduler.state_dict()],
+        "hparams_name": "kwargs",
+        "hyper_parameters": AttributeDict(learning_rate=2e-5, gpus=[0, 1, 2, 3],
+                                          args=argparse.Namespace(model_type="multimodal_encoder", snr_loss=True),
+                                          training_args=TrainingArguments()),
+    }
+
+
+def test_release_checkpoint_with_lightning_metadata_loads_weights_only(tiny_config, tmp_path, monkeypatch):
+    model = build(tiny_config, stage=1)
+    state = _synthetic(model, release_stage1_keys(tiny_config))
+    path = tmp_path / "stage1_cc3m.ckpt"
+    torch.save(release_layout(state, monkeypatch), path)
+    with pytest.raises(pickle.UnpicklingError):   # the metadata really needs more than torch's defaults
+        torch.load(path, weights_only=True)
+    read = weights.read_checkpoint(path)
+    assert sorted(read) == sorted(state) and all(torch.equal(read[k], state[k]) for k in state)
+    assert model.load_checkpoint_file(path) == []
+    metadata = weights.load_untrusted(path, "checkpoint")
+    assert metadata["hyper_parameters"]["training_args"].learning_rate == 2e-5
+    assert metadata["hyper_parameters"]["args"].model_type == "multimodal_encoder"
+
+
+class PlantsAMarker:
+    """Unpickling this runs `exec`, which writes a marker file (what a malicious file would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tiny_config_path, tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"fc.0.bias": torch.zeros(2)}, "hyper_parameters": {"x": PlantsAMarker(marker)}}, path)
+    for read in (weights.read_checkpoint, weights.checkpoint_stage):
+        with pytest.raises(weights.UnsafeCheckpointError) as error:
+            read(path)
+        message = str(error.value)
+        assert message.startswith(f"refused to load {path}") and "exec" in message and "\n" not in message
+    result = subprocess.run([sys.executable, "examples/playground.py", "--model_config", str(tiny_config_path),
+                             "--test_weight", str(path), "--out", str(tmp_path / "out")],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1800)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: refused to load {path}")
+    assert not marker.exists()
+
+
+def test_damaged_or_foreign_files_give_one_line_naming_the_file(tmp_path):
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"fc.0.weight": torch.randn(64, 64)}}, good)
+    cases = {"empty.ckpt": b"", "truncated.ckpt": good.read_bytes()[: good.stat().st_size // 2],
+             "notes.ckpt": b"this is a text file\n", "picture.ckpt": b"\xff\xd8\xff\xe0JFIF" + bytes(100)}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save(torch.zeros(3), tmp_path / "tensor.ckpt")
+    torch.save({"state_dict": {"fc.0.weight": "not a tensor"}}, tmp_path / "strings.ckpt")
+    for name in [*cases, "tensor.ckpt", "strings.ckpt"]:
+        with pytest.raises(weights.CheckpointError) as error:
+            weights.read_checkpoint(tmp_path / name)
+        message = str(error.value)
+        assert message.startswith(str(tmp_path / name)) and "\n" not in message, message
+        assert "MiniGPT-5 checkpoint" in message or "checkpoint" in message
+    assert weights.read_checkpoint(good).keys() == {"fc.0.weight"}
+
+
+def test_a_checkpoint_from_another_config_gives_one_line(tiny_config, tmp_path):
+    model = build(tiny_config, stage=1)
+    state = model.trainable_state_dict()
+    state["fc.0.weight"] = torch.zeros(state["fc.0.weight"].shape[0] + 1, state["fc.0.weight"].shape[1])
+    torch.save({"state_dict": state}, tmp_path / "other.ckpt")
+    before = model.fc[0].weight.detach().clone()
+    with pytest.raises(weights.CheckpointError) as error:
+        model.load_checkpoint_file(tmp_path / "other.ckpt")
+    message = str(error.value)
+    assert str(tmp_path / "other.ckpt") in message and "`fc.0.weight`" in message and "\n" not in message
+    assert tiny_config.source in message
+    assert torch.equal(model.fc[0].weight, before)                     # nothing was loaded

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,39 @@ def test_unknown_key_is_named(tmp_path, tiny_config_path):
     data["vision"]["hidden"] = 3
     with pytest.raises(ConfigError, match=r"`vision\.hidden`"):
         load_config(_write(tmp_path, data))
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("lora", "target_modules", "q_proj", "a list of names"),           # not a list of characters
+    ("lora", "target_modules", [], "a list of names"),
+    ("lora", "r", "8", "a positive integer"),
+    ("vision", "num_hidden_layers", 2.0, "a positive integer"),
+    ("mapper", "nhead", True, "a positive integer"),
+    ("mapper", "num_encoder_layers", 0, "a positive integer"),
+    ("qformer", "layer_norm_eps", "1e-12", "write 1.0e-6"),
+    ("lora", "dropout", None, "a number"),
+    (None, "image_size", "32", "a positive integer"),
+    (None, "end_sym", 5, "a non-empty string"),
+    (None, "vit_model", 3, "a non-empty string"),
+    ("dtypes", "llm", "fp16", "one of float32, float16, bfloat16"),
+])
+def test_values_are_type_checked_naming_file_and_key(tmp_path, tiny_config_path, section, key, value, expected):
+    data = _tiny_data(tiny_config_path)
+    (data[section] if section else data)[key] = value
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, check_paths=False)
+    message = str(err.value)
+    name = f"{section}.{key}" if section else key
+    assert message.startswith(str(path)) and f"`{name}`" in message and expected in message, message
+
+
+def test_well_typed_values_load(tmp_path, tiny_config_path):
+    data = _tiny_data(tiny_config_path)
+    data["lora"]["dropout"] = 0          # a whole number for a float is fine
+    cfg = load_config(_write(tmp_path, data), check_paths=False)
+    assert cfg.lora.dropout == 0.0 and isinstance(cfg.lora.dropout, float)
+    assert cfg.lora.target_modules == ("q_proj", "v_proj") and isinstance(cfg.image_size, int)
 
 
 def test_missing_file_names_the_key_and_the_path(tmp_path, tiny_config_path):
@@ -182,3 +216,21 @@ def test_preset_cli(tmp_path):
     assert load_config(tmp_path / "t" / "tiny.yaml").llama_model == str(tmp_path / "t" / "llama")
     bad = subprocess.run([sys.executable, "weights.py", "preset", "huge"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice: 'huge'" in bad.stderr
+
+
+def test_the_docs_say_where_every_weight_comes_from():
+    """README and docs/weights_and_data.md: every config weight key with its source, the released
+    checkpoints' link, the Vicuna v0 delta step, the licence, the citation and the original release."""
+    from configuration import PATH_KEYS
+
+    readme = (REPO / "README.md").read_text()
+    guide = (REPO / "docs" / "weights_and_data.md").read_text()
+    for key in PATH_KEYS:
+        assert f"| `{key}` |" in guide, key
+    for needle in ("huggingface.co/KZ-ucsc/MiniGPT5", "lmsys/vicuna-7b-delta-v0", "eva_vit_g.pth",
+                   "stabilityai/stable-diffusion-2-1-base", "blip2_pretrained_flant5xxl.pth", "prerained_minigpt4_7b.pth"):
+        assert needle in guide, needle
+    for link in re.findall(r"\]\((docs/[^)#]+)", readme) + ["docs/weights_and_data.md", "docs/reproducing.md"]:
+        assert (REPO / link).is_file(), link
+    assert "https://github.com/eric-ai-lab/MiniGPT-5" in readme and "@misc{zheng2023minigpt5" in readme
+    assert (REPO / "LICENSE").read_text().split()[:3] == ["Apache", "License", "Version"]

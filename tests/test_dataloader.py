@@ -1,5 +1,5 @@
 """Tests for `dataloader.py`: the release's sample lists on the reference files (expectations written
-by hand from REFERENCE §5), tokenization and collation, bad input, DataLoader workers, the feature
+by hand from the release's prompts), tokenization and collation, bad input, DataLoader workers, the feature
 cache, and the CLI on the repo's own sample datasets."""
 from __future__ import annotations
 
@@ -581,6 +581,17 @@ def test_cached_features_give_the_same_losses(tmp_path, tiny_config, monkeypatch
     assert cached.problems.counts == {"missing cached feature": 1}
 
 
+def test_preprocess_writes_under_outputs_by_default(tmp_path, tiny_config_path, monkeypatch):
+    """Run from a checkout, `preprocess` without --out writes into the git-ignored outputs/ folder."""
+    monkeypatch.chdir(tmp_path)
+    data = DATASETS / "CC3M" / "cc3m_val.tsv"
+    assert D.main(["preprocess", str(data), "--split", "test", "--model_config", str(tiny_config_path),
+                   "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "outputs" / "features" / "test" / "vae").iterdir())) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["outputs"]
+    assert "/outputs/" in (REPO / ".gitignore").read_text().split()
+
+
 def test_preprocess_cli(tmp_path, tiny_config_path, tiny_tokenizer, tiny_config):
     out = tmp_path / "features"
     data = DATASETS / "CC3M" / "cc3m_val.tsv"
@@ -592,3 +603,114 @@ def test_preprocess_cli(tmp_path, tiny_config_path, tiny_tokenizer, tiny_config)
     batch = D.Collator(tiny_tokenizer)([cached[i] for i in range(3)])
     assert batch["output_image_features"].shape == (3, 8, tiny_config.sd_image_size // 2, tiny_config.sd_image_size // 2)
     assert batch["input_image_features"] is None and "output_images" not in batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Token ids as the release's tokenizer gave them
+# ------------------------------------------------------------------------------------------------
+
+def release_token_ids(sp, added: dict[str, int], text: str) -> list[int]:
+    """What transformers 4.31's slow `LlamaTokenizer(legacy=True)` gave for `text` (no BOS) with
+    the vokens and <ImageHere> added as plain strings, written out from its source: cut the text
+    at added tokens, strip the whitespace on both sides of each, encode every remaining non-empty
+    piece with sentencepiece (which prefixes each piece with its `▁`)."""
+    pieces = re.split("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")", text)
+    for i, piece in enumerate(pieces):
+        if piece in added:
+            if i > 0:
+                pieces[i - 1] = pieces[i - 1].rstrip()
+            if i + 1 < len(pieces):
+                pieces[i + 1] = pieces[i + 1].lstrip()
+    ids = []
+    for piece in pieces:
+        if piece:
+            ids += [added[piece]] if piece in added else sp.encode(piece)
+    return ids
+
+
+def test_targets_with_text_before_the_vokens_tokenize_as_the_release(tiny_tokenizer, tiny_config):
+    """VIST multimodal targets (`{caption} [IMG0]...`) and MMDialog picture turns (`{text} [IMG0]...`):
+    no extra `▁` token between the text and [IMG0]; every id as the release's tokenizer gave it."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(Path(tiny_config.llama_model) / "tokenizer.model"))
+    names = [f"[IMG{i}]" for i in range(8)] + ["<ImageHere>"]
+    added = dict(zip(names, tiny_tokenizer.convert_tokens_to_ids(names)))
+    lone_prefix = sp.piece_to_id("▁")
+    vist = D.VISTDataset(DATASETS / "VIST" / "train_cleaned.json", tiny_tokenizer, tiny_config, is_training=True)
+    mmdialog = D.MMDialogDataset(DATASETS / "MMDialog" / "train" / "train_conversations.txt", tiny_tokenizer,
+                                 tiny_config, is_training=True)
+    samples = [s for s in vist.samples() if s.task_name.endswith("-multimodal")]
+    samples += [s for s in mmdialog.samples() if s.output_image_path is not None]
+    assert len(samples) >= 4 and any(s.task_name.endswith("-mm") for s in samples)
+    for dataset, sample in [(vist, s) for s in samples if s.task_name.endswith("-multimodal")] + \
+                           [(mmdialog, s) for s in samples if s.task_name.endswith("-mm")]:
+        assert re.search(r"\S \[IMG0\]", sample.target), sample.target
+        input_ids, labels, _, _ = dataset.tokenize(sample)
+        source = release_token_ids(sp, added, sample.source)
+        target = release_token_ids(sp, added, sample.target)
+        assert input_ids.tolist() == source + target, sample.task_name
+        img0 = target.index(added["[IMG0]"])
+        assert target[img0 - 1] != lone_prefix, sample.task_name
+    # whitespace of every kind around added tokens, and a leading space, as the release
+    for text in ["a dog  [IMG0][IMG1] ###", "hi\n[IMG0]\nthere", " leading space [IMG7] ###",
+                 "x <Img><ImageHere></Img> y", "[IMG0][IMG1][IMG2][IMG3][IMG4][IMG5][IMG6][IMG7] ###"]:
+        assert tiny_tokenizer(text, add_special_tokens=False).input_ids == release_token_ids(sp, added, text), text
+
+
+# ------------------------------------------------------------------------------------------------
+# Image paths must stay inside the dataset folder
+# ------------------------------------------------------------------------------------------------
+
+OUTSIDE = "image path outside the dataset folder"
+
+
+def test_image_paths_leaving_the_dataset_folder_are_refused_and_counted(tmp_path, caplog):
+    data = tmp_path / "CC3M"
+    write_jpeg(data / "images" / "a.jpg")
+    write_jpeg(tmp_path / "secret.jpg")
+    inside_abs = str(data / "images" / "a.jpg")
+    rows = ["caption\timage_path", "one\timages/a.jpg", "two\t../secret.jpg", f"three\t{tmp_path / 'secret.jpg'}",
+            "four\timages/../images/a.jpg", f"five\t{inside_abs}", "six\timages/x/../../../CC3M-other/b.jpg"]
+    (data / "cc3m_val.tsv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="dataloader"):
+        dataset = D.CC3MDataset(data / "cc3m_val.tsv", is_training=False)
+    assert [s.caption for s in dataset.samples()] == ["one", "four", "five"]
+    assert dataset.problems.counts == {OUTSIDE: 3}
+    assert f"cc3m_val.tsv:3: {OUTSIDE}" in caplog.text and f"cc3m_val.tsv:7: {OUTSIDE}" in caplog.text
+    with pytest.raises(D.DataError, match=rf"cc3m_val.tsv:3: {OUTSIDE}"):
+        D.CC3MDataset(data / "cc3m_val.tsv", is_training=False, strict=True)
+    allowed = D.CC3MDataset(data / "cc3m_val.tsv", is_training=False, allow_outside_paths=True)
+    assert len(allowed) == 6 and not allowed.problems.counts
+    assert allowed.sample(1).output_image_path == str(data / "../secret.jpg")
+
+    steps = [{"caption": "one .", "image_id": "1", "sequence_index": 0},
+             {"caption": "two .", "image_id": "2", "sequence_index": 1},
+             {"caption": "three .", "image_id": "3", "sequence_index": 2}]
+    vist = tmp_path / "VIST"
+    vist.mkdir()
+    path = write_vist(vist, steps, {"1": "a.jpg", "2": "../../etc/b.jpg", "3": "c.jpg"})
+    dataset = D.VISTDataset(path, is_training=False)
+    assert [s.task_name for s in dataset.samples()] == ["7_0-gen"] and dataset.problems.counts == {OUTSIDE: 1}
+    assert len(D.VISTDataset(path, is_training=False, allow_outside_paths=True)) == 3
+
+    mm = write_conversations(tmp_path / "MMDialog" / "test", [
+        conversation(1, ("a", None), ("b", "11"), ("c", "../../secret"), ("d", None))], images=["11"])
+    dataset = D.MMDialogDataset(mm, is_training=False)
+    assert [s.task_name for s in dataset.samples()] == ["1_1-mm"] and dataset.problems.counts == {OUTSIDE: 1}
+    assert len(D.MMDialogDataset(mm, is_training=False, allow_outside_paths=True)) == 3
+
+
+def test_allow_outside_paths_is_reachable_from_the_command_lines(tmp_path, capsys):
+    import train_eval
+
+    assert train_eval.parse_args(["--allow_outside_paths"]).allow_outside_paths is True
+    assert train_eval.parse_args([]).allow_outside_paths is False
+    data = tmp_path / "CC3M"
+    write_jpeg(tmp_path / "secret.jpg")
+    (data).mkdir()
+    (data / "cc3m_val.tsv").write_text("caption\timage_path\none\t../secret.jpg\n")
+    assert D.main([str(data / "cc3m_val.tsv"), "--split", "test"]) == 0
+    assert capsys.readouterr().out == ""
+    assert D.main([str(data / "cc3m_val.tsv"), "--split", "test", "--allow_outside_paths"]) == 0
+    assert json.loads(capsys.readouterr().out)["output_image"] == str(data / "../secret.jpg")

@@ -151,6 +151,31 @@ def test_padded_rows_see_the_same_scores_as_single_calls(model, picture, monkeyp
         torch.testing.assert_close(b[0], s[0], atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
 
 
+def test_top_k_50_is_the_default_as_in_the_release(model, monkeypatch):
+    """The release sampled with transformers' default top_k=50 on top of top_p=0.9: the sampler
+    never sees more than 50 candidates unless top_k is turned off (0)."""
+    import minigpt4
+
+    seen = []
+    original = minigpt4.SeededSampler.__call__
+
+    def record(self, input_ids, scores):
+        seen.append(int(torch.isfinite(scores).sum(-1).max()))
+        return original(self, input_ids, scores)
+
+    monkeypatch.setattr(minigpt4.SeededSampler, "__call__", record)
+    kwargs = dict(num_inference_steps=1, max_new_tokens=8, seed=3, top_p=1.0)
+    default = model.generate("###Human: hi ###Assistant:", **kwargs)[0]
+    assert seen and max(seen) <= 50
+    assert model.generate("###Human: hi ###Assistant:", top_k=50, **kwargs)[0].token_ids == default.token_ids
+    seen.clear()
+    model.generate("###Human: hi ###Assistant:", top_k=0, **kwargs)
+    assert min(seen) > 50                                  # off: every token of the vocabulary stays a candidate
+    seen.clear()
+    model.generate("###Human: hi ###Assistant:", top_k=5, **kwargs)
+    assert max(seen) <= 5
+
+
 def test_items_without_vokens_get_no_image(model):
     outs = model.generate(["one ###Assistant:", "two ###Assistant:"], seed=[0, 1], **FAST)
     for out in outs:
@@ -276,3 +301,25 @@ def test_real_dtypes_train_and_generate(tiny_config, picture):
     assert out.image is not None and out.image.size == (cfg.sd_image_size, cfg.sd_image_size)
     baseline = model.sd_baseline(["a red square"], seeds=[1], num_inference_steps=2)
     assert len(baseline) == 1 and baseline[0].size == (cfg.sd_image_size, cfg.sd_image_size)
+
+
+def test_prediction_samples_with_the_top_k_of_its_flag(model, monkeypatch):
+    import train_eval
+    from model import GenerationOutput
+
+    assert train_eval.parse_args([]).top_k == 50 and train_eval.parse_args(["--top_k", "7"]).top_k == 7
+    calls = []
+
+    def fake_generate(prompts, images, **kwargs):
+        calls.append(kwargs)
+        return [GenerationOutput("x ###", "x", None, []) for _ in prompts]
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    size = model.cfg.image_size
+    batch = {"sources": ["###Human: hi ###Assistant:"], "input_images": torch.zeros(0, 3, size, size),
+             "task_names": ["t_0"], "targets": ["x ###"], "has_output_image": torch.tensor([False]),
+             "output_images": torch.zeros(1, 3, 8, 8), "captions": [None]}
+    model.predict_step(batch, 0)
+    monkeypatch.setitem(model.predict_options, "top_k", 7)
+    model.predict_step(batch, 1)
+    assert [c["top_k"] for c in calls] == [50, 7]

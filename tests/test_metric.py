@@ -1,6 +1,9 @@
-"""metric.py: FID / IS / CLIP sanity, text metrics against NLTK and rouge-score, CLIP-F1 and the
+"""metric.py: FID / IS / CLIP sanity, text metrics against NLTK, `rouge` and rouge-score, the
+release's definitions by default (character BLEU, `rouge` ROUGE-L, CC3M's real set from
+CC3M_FOLDER/val at its own aspect ratio, CLIP-T on the expected-text field), CLIP-F1 and the
 per-conversation averaging by hand, VIST story-level FID, batched == one at a time, the fixed-feature
-cache, the CLI end to end on hand-built prediction folders of all three datasets, and the clear error
+cache, the CLI end to end on hand-built prediction folders of all three datasets, prediction files
+that are read without running code and that the release's reading understands, and the clear error
 for a missing weight.
 
 The real CLIP and Inception weights are not available offline, so the tests build a tiny OpenCLIP
@@ -17,13 +20,17 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from nltk.translate import bleu as nltk_bleu
 from nltk.translate.bleu_score import sentence_bleu
 from PIL import Image
+from rouge import Rouge
 from rouge_score import rouge_scorer
+from torchvision.transforms import ToPILImage
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.transforms.functional import pil_to_tensor
 
 import metric
+import predictions
 
 VOKENS = "".join(f"[IMG{i}]" for i in range(8))
 TINY_CLIP = "tiny-test-clip"
@@ -73,8 +80,24 @@ def random_images(count: int, seed: int, size: int = 32, shift: int = 0) -> list
 
 
 def as_target(image: Image.Image) -> torch.Tensor:
-    """An expected image as the predictions store it: C x H x W in [-1, 1]."""
-    return pil_to_tensor(image).float() / 127.5 - 1
+    """An expected image as the predictions store it (the release's layout): C x H x W in [0, 1]."""
+    return pil_to_tensor(image).float() / 255
+
+
+@pytest.fixture(autouse=True)
+def cc3m_folder(tmp_path_factory, monkeypatch) -> Path:
+    """CC3M_FOLDER with a `val/` set of real images (shard folders as img2dataset writes them, mixed
+    aspect ratios), the release's CC3M FID real set."""
+    folder = tmp_path_factory.getbasetemp() / "CC3M"
+    if not folder.is_dir():
+        for k, (w, h) in enumerate([(40, 40), (60, 40), (40, 64), (50, 50), (44, 30)]):
+            shard = folder / "val" / f"0000{k % 2}"
+            shard.mkdir(parents=True, exist_ok=True)
+            random_images(1, 100 + k, size=max(w, h))[0].crop((0, 0, w, h)).save(shard / f"00{k}.jpg")
+        (folder / "val" / "00000" / "000.txt").write_text("a caption file, not an image")
+        random_images(1, 99)[0].save(folder / "not_val.jpg")
+    monkeypatch.setenv("CC3M_FOLDER", str(folder))
+    return folder
 
 
 def save_predictions(folder: Path, items: list[list]) -> Path:
@@ -223,8 +246,65 @@ def test_vist_story_level_fid_skips_one_step_stories(models, tmp_path):
     assert counts["stories skipped (one step)"] == 1 and counts["stories scored"] == 2
     assert counts["ignored (not -gen)"] == 1
     assert results["overall_basline_fid_score"] is None  # VIST has no SD baseline images here
-    # CLIP-T falls back to the scene description in the prompt (the target text is only vokens)
     assert results["overall_clip_t_similarity"] is not None
+
+
+def test_clip_t_compares_with_the_expected_text_field_as_the_release(models, tmp_path):
+    """VIST generation records expect only vokens; the release embedded that text as it is.
+    `--clip_t_text caption` uses the scene description from the prompt instead."""
+    gen = [it for it in vist_items() if it[-1].endswith("-gen")]
+    folder = save_predictions(tmp_path / "vist", vist_items())
+    images = metric.clip_image_features([it[3] for it in gen], models)
+    for flag, texts in (("release", [it[2] for it in gen]),
+                        ("caption", [f"step {it[-1].split('_')[1][0]} of {it[-1].split('_')[0]}" for it in gen])):
+        results, _ = score(folder, "VIST", models, "--clip_t_text", flag)
+        expected = float((images * metric.clip_text_features(texts, models)).sum(-1).mean())
+        assert results["overall_clip_t_similarity"] == pytest.approx(expected, abs=1e-5), flag
+    release, _ = score(folder, "VIST", models)
+    caption, _ = score(folder, "VIST", models, "--clip_t_text", "caption")
+    assert release["overall_clip_t_similarity"] != pytest.approx(caption["overall_clip_t_similarity"], abs=1e-4)
+
+
+class ShapeSpy(torch.nn.Module):
+    """TinyInception that records the (H, W) of every image it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.sizes = TinyInception(), []
+
+    def forward(self, pixels):
+        self.sizes += [tuple(pixels.shape[-2:])] * len(pixels)
+        return self.net(pixels)
+
+
+def test_cc3m_fid_real_set_is_every_val_jpg_at_its_own_aspect_ratio(models, tmp_path, cc3m_folder):
+    items = cc3m_items()
+    folder = save_predictions(tmp_path / "cc3m", items)
+    spy = ShapeSpy()
+    results, counts = score(folder, "CC3M", metric.Models(models.clip, models.clip_preprocess, models.clip_tokenizer,
+                                                          spy, None))
+    reals = sorted(cc3m_folder.glob("val/*/*.jpg"))
+    assert counts["real images for FID"] == len(reals) == 5
+    # shorter side 256, aspect kept (torchvision's Resize(256)): 60 x 40 -> 384 x 256, 40 x 64 -> 256 x 409
+    assert {(256, 256), (256, 384), (409, 256), (256, 375)} <= set(spy.sizes)
+    real, _ = metric.inception_outputs(reals, metric.Models(inception=TinyInception()), 256)
+    fake, _ = metric.inception_outputs([it[3] for it in items], metric.Models(inception=TinyInception()), 256)
+    assert results["overall_fid_score"] == pytest.approx(metric.frechet_distance(real, fake), rel=1e-5)
+    # ours behind a flag: the evaluated samples' own target images
+    ours, counts = score(folder, "CC3M", models, "--fid_real", "ground_truth")
+    gt, _ = metric.inception_outputs([metric.tensor_to_image(it[5]) for it in items], models, 256)
+    assert counts["real images for FID"] == len(items)
+    assert ours["overall_fid_score"] == pytest.approx(metric.frechet_distance(gt, fake), rel=1e-5)
+
+
+def test_cc3m_without_val_images_is_one_clear_error(tmp_path, tiny_clip_weights, monkeypatch):
+    monkeypatch.setenv("CC3M_FOLDER", str(tmp_path / "nowhere"))
+    folder = save_predictions(tmp_path / "preds", cc3m_items(2))
+    with pytest.raises(SystemExit) as error:
+        metric.main(["--pred_folder", str(folder), "--dataset", "CC3M", *common_args(tmp_path, tiny_clip_weights)],
+                    models=metric.Models(inception=TinyInception()))
+    message = str(error.value.code)
+    assert "nowhere/val" in message and "CC3M_FOLDER" in message and "--fid_real ground_truth" in message
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,23 +318,53 @@ def test_clean_text():
     assert metric.clean_text("fine thanks ###</s>") == "fine thanks"
 
 
+PAIRS = (("the cat sat on the mat", "the cat sat on a mat"), ("Hello, how are you today?", "hello how are you"),
+         ("a b c d", "d c b a"), ("The dog ran fast. The cat sat down.", "the cat sat down. the dog ran fast"))
+
+
 @pytest.mark.filterwarnings("ignore:\\s*The hypothesis contains 0 counts")
-def test_bleu_and_rouge_equal_reference_values():
-    ref, hyp = "the cat sat on the mat", "the cat sat on a mat"
-    # by hand: unigram precision 5/6, bigram precision 3/5, same length (no brevity penalty)
-    assert metric.bleu_1_2(ref, hyp) == pytest.approx((5 / 6, (5 / 6 * 3 / 5) ** 0.5))
-    assert metric.bleu_1_2(ref, "the cat") == pytest.approx((np.exp(1 - 6 / 2), np.exp(1 - 6 / 2)))
-    for r, h in ((ref, hyp), ("Hello, how are you today?", "hello how are you"), ("a b c d", "d c b a")):
+def test_bleu_is_the_releases_character_bleu_by_default():
+    ref, hyp = PAIRS[0]
+    for r, h in PAIRS:  # the release's call: raw strings, so NLTK counts characters
+        assert metric.bleu_1_2(r, h) == pytest.approx(tuple(nltk_bleu([r], h, [(1.0,), (0.5, 0.5)])))
+    # word level behind --bleu_unit word; by hand: unigram precision 5/6, bigram 3/5, no brevity penalty
+    assert metric.bleu_1_2(ref, hyp, unit="word") == pytest.approx((5 / 6, (5 / 6 * 3 / 5) ** 0.5))
+    assert metric.bleu_1_2(ref, "the cat", unit="word") == pytest.approx((np.exp(1 - 6 / 2), np.exp(1 - 6 / 2)))
+    for r, h in PAIRS[:3]:
         expected = sentence_bleu([r.lower().replace(",", " ,").replace("?", " ?").split()],
                                  h.lower().replace(",", " ,").split(), weights=[(1.0,), (0.5, 0.5)])
-        assert metric.bleu_1_2(r, h) == pytest.approx(tuple(expected))
-        scorer = rouge_scorer.RougeScorer(["rougeL"])
-        assert metric.rouge_l(r, h) == pytest.approx(scorer.score(r, h)["rougeL"].fmeasure)
-    assert metric.rouge_l(ref, hyp) == pytest.approx(5 / 6)  # LCS "the cat sat on mat"
+        assert metric.bleu_1_2(r, h, unit="word") == pytest.approx(tuple(expected))
+    assert metric.bleu_1_2(ref, hyp) != pytest.approx(metric.bleu_1_2(ref, hyp, unit="word"))
     assert metric.bleu_1_2(ref, "") == (0.0, 0.0)
     assert metric.bleu_1_2("", hyp) == (0.0, 0.0)
-    assert metric.bleu_1_2(ref, hyp, unit="char") == pytest.approx(
-        tuple(sentence_bleu([ref], hyp, weights=[(1.0,), (0.5, 0.5)])))  # the release: characters
+
+
+def test_rouge_l_is_the_rouge_package_by_default():
+    for r, h in PAIRS:  # the release: Rouge().get_scores(prediction, reference)[0]["rouge-l"]["f"]
+        assert metric.rouge_l(r, h) == pytest.approx(Rouge().get_scores(h, r)[0]["rouge-l"]["f"])
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+        assert metric.rouge_l(r, h, "rouge-score") == pytest.approx(scorer.score(r, h)["rougeL"].fmeasure)
+    assert metric.rouge_l(*PAIRS[0], "rouge-score") == pytest.approx(5 / 6)  # LCS "the cat sat on mat"
+    # the package keeps case and splits sentences, rouge-score does neither: they differ here
+    assert metric.rouge_l(*PAIRS[1]) != pytest.approx(metric.rouge_l(*PAIRS[1], "rouge-score"))
+    assert metric.rouge_l(*PAIRS[3]) != pytest.approx(metric.rouge_l(*PAIRS[3], "rouge-score"))
+    assert metric.rouge_l("...", "a b") == 0.0 and metric.rouge_l("a", "") == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:\\s*The hypothesis contains 0 counts")
+def test_mmdialog_text_scores_use_the_releases_definitions_unless_flagged(models, tmp_path):
+    items = [["ctx", f"{h} ###", f"{r} ###", None, None, torch.zeros(3, 32, 32), None, f"C{k}_1-mm"]
+             for k, (r, h) in enumerate(PAIRS)]
+    folder = save_predictions(tmp_path / "mm", items)
+    release, _ = score(folder, "MMDialog", models)
+    ours, _ = score(folder, "MMDialog", models, "--bleu_unit", "word", "--rouge", "rouge-score")
+    for results, unit, package in ((release, "char", "rouge"), (ours, "word", "rouge-score")):
+        bleu = [metric.bleu_1_2(r, h, unit) for r, h in PAIRS]
+        assert results["overall_bleu_score_1"] == pytest.approx(np.mean([b[0] for b in bleu]))
+        assert results["overall_bleu_score_2"] == pytest.approx(np.mean([b[1] for b in bleu]))
+        rouge = [metric.rouge_l(r, h, package) for r, h in PAIRS]
+        assert results["overall_rouge_l_score"] == pytest.approx(np.mean(rouge))
+    assert release["overall_bleu_score_1"] != pytest.approx(ours["overall_bleu_score_1"])
 
 
 def test_sentence_bert_scores_a_paraphrase_above_an_unrelated_pair(models):
@@ -376,3 +486,89 @@ def test_missing_inception_and_sbert_weights_give_one_clear_error(tmp_path, monk
 def test_missing_predictions_give_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no predictions"):
         metric.main(["--pred_folder", str(tmp_path / "empty"), "--dataset", "CC3M"])
+
+
+# ----------------------------------------------------------------------------------------------
+# prediction files: the release's layout both ways, read without running code
+
+
+class PlantsAMarker:
+    """Unpickling this runs `exec`, which writes a marker file (what a malicious file would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_a_prediction_file_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "marker"
+    items = cc3m_items(2)
+    items[0][6] = PlantsAMarker(marker)
+    folder = save_predictions(tmp_path / "evil", items)
+    with pytest.raises(SystemExit) as error:
+        metric.main(["--pred_folder", str(folder), "--dataset", "CC3M", "--device", "cpu"],
+                    models=metric.Models(inception=TinyInception()))
+    message = str(error.value.code)
+    assert "refused" in message and str(folder / "predictions-0.pt") in message and "exec" in message
+    assert "\n" not in message and not marker.exists()
+
+
+def test_a_pickled_image_with_a_bad_state_is_refused_before_allocating(tmp_path, monkeypatch):
+    image = Image.new("RGB", (2, 2))
+    with monkeypatch.context() as patch:   # pickled as a 100000 x 100000 image with 1 byte of pixels
+        patch.setattr(Image.Image, "__getstate__", lambda self: [{}, "RGB", (100_000, 100_000), None, b"x"])
+        torch.save([["a", "b", "c", image, None, None, None, "t_0"]], tmp_path / "predictions-0.pt")
+    with pytest.raises(ValueError, match="predictions-0.pt.*image size"):
+        predictions.load(tmp_path / "predictions-0.pt")
+
+
+def _max_pixel_difference(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+def test_prediction_files_are_the_releases_layout_both_ways(tmp_path):
+    target, generated = random_images(1, 20, size=24)[0], random_images(1, 21, size=24)[0]
+    item = {"source": "a red square", "text": f"{VOKENS} ###", "target": f"{VOKENS} ###", "image": generated,
+            "baseline": None, "task_name": "cc3m_0", "input_images": [],
+            "expected_image": pil_to_tensor(target).float() / 127.5 - 1}   # as the dataset gives it: [-1, 1]
+    path = predictions.save([predictions.record(item)], tmp_path / "ours" / "predictions-0.pt")
+    # what the release's metric.py does with our file: torch.load (its torch read pickles), ToPILImage
+    entry = torch.load(path, weights_only=False)[0]
+    assert len(entry) == 8 and entry[:3] == ["a red square", f"{VOKENS} ###", f"{VOKENS} ###"]
+    assert type(entry[3]) is Image.Image and entry[4] is None and entry[6] is None and entry[7] == "cc3m_0"
+    assert 0 <= float(entry[5].min()) and float(entry[5].max()) <= 1
+    assert _max_pixel_difference(ToPILImage()(entry[5]), target) <= 1
+    # a file the release wrote (PIL images, ToTensor ground truth in [0, 1]) reads back here weights-only
+    from torchvision.transforms import ToTensor
+
+    torch.save([["src", "pred ###", "gt ###", generated, target, ToTensor()(target), None, "12_3-gen"]],
+               tmp_path / "release.pt")
+    loaded = predictions.load(tmp_path / "release.pt")[0]
+    assert type(loaded[3]) is Image.Image and type(loaded[4]) is Image.Image
+    assert _max_pixel_difference(loaded[3], generated) == 0 and _max_pixel_difference(loaded[4], target) == 0
+    torch.testing.assert_close(loaded[5], ToTensor()(target))
+    samples = metric.load_predictions(tmp_path / "ours")
+    assert _max_pixel_difference(samples[0].gt_image, target) <= 1
+
+
+def test_tiny_extractors_are_named_as_such_in_the_report(tmp_path, monkeypatch):
+    folder = save_predictions(tmp_path / "preds", cc3m_items(3))
+    metric.main(["--pred_folder", str(folder), "--dataset", "CC3M", "--tiny_extractors", "--device", "cpu",
+                 "--fid_cache_dir", str(tmp_path / "cache")])
+    report = (folder / "results.md").read_text()
+    assert "random weights (--tiny_extractors)" in report and "ViT-L-14" not in report and "openai" not in report
+
+
+def test_every_choice_between_the_release_and_ours_is_documented():
+    """docs/reproducing.md shows each metric flag that selects our definition instead of the release's."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reproducing.md").read_text()
+    defaults = metric.parse_args(["--pred_folder", "x"])
+    for flag, ours in (("--bleu_unit", "word"), ("--rouge", "rouge-score"), ("--fid_real", "ground_truth"),
+                       ("--clip_t_text", "caption")):
+        assert f"`{flag} {ours}`" in page, flag
+        assert getattr(defaults, flag[2:]) != ours
+    for figure in ("29.1", "19.5", "12.1", "20.2", "overall_bleu_score_1", "overall_rouge_l_score",
+                   "metric.py --test_weight stage2_mmdialog.ckpt"):
+        assert figure in page, figure

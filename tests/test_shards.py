@@ -364,3 +364,19 @@ def test_fast_header_reader_agrees_with_tarfile(tmp_path, fmt):
     assert S._plain_members(tmp_path / "b.tar") is None
     with pytest.raises(D.DataError, match=r"b\.tar: not a readable uncompressed tar file"):
         S.index_shards([tmp_path / "b.tar"], D.ProblemLog())
+
+
+def test_tsv_to_shards_refuses_pictures_outside_the_dataset_folder(tmp_path):
+    """As the TSV reader: a row whose image path leaves the folder is left out and counted, unless
+    allow_outside_paths."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tsv_to_shards", REPO / "scripts" / "tsv_to_shards.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "in.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "out.jpg")
+    (tmp_path / "data" / "c.tsv").write_text("caption\timage_path\na cat\tin.jpg\na dog\t../out.jpg\n")
+    assert script.convert(tmp_path / "data" / "c.tsv", tmp_path / "s1")["samples"] == 1
+    assert script.convert(tmp_path / "data" / "c.tsv", tmp_path / "s2", allow_outside_paths=True)["samples"] == 2

@@ -10,8 +10,10 @@ Debian's /usr/bin/chromium is missing (`apt-get install chromium`); no browser i
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -29,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
 import web_demo  # noqa: E402
-from constants import IMAGE_SLOT  # noqa: E402
+from constants import IMAGE_SLOT, RESERVED_TOKENS  # noqa: E402
 from conversation import MMDIALOG_SYSTEM_PROMPT  # noqa: E402
-from model import MiniGPT5_Model  # noqa: E402
+from model import GenerationOutput, MiniGPT5_Model  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -253,8 +255,9 @@ def test_cli_defaults_and_bad_config(tmp_path):
 
 def test_main_wires_the_flags(monkeypatch, model):
     """`main` loads the model named by the flags and serves it on --host/--port (launch stubbed)."""
-    loaded, launched = [], []
-    monkeypatch.setattr(MiniGPT5_Model, "from_weights", classmethod(lambda cls, *a: loaded.append(a) or model))
+    loaded, placed, launched = [], [], []
+    monkeypatch.setattr(MiniGPT5_Model, "from_weights",
+                        classmethod(lambda cls, *a, **kw: loaded.append(a) or placed.append(kw) or model))
     monkeypatch.setattr(web_demo, "launch", lambda demo, host, port, **kw: launched.append((demo, host, port)))
     web_demo.main(["--port", "7999", "--num_inference_steps", "4"])
     assert loaded == [(None, None, None)]
@@ -263,10 +266,82 @@ def test_main_wires_the_flags(monkeypatch, model):
     config = demo.get_config_file()
     values = {c["props"].get("label"): c["props"].get("value") for c in config["components"]}
     assert values["Force an image"] is True and values["Diffusion steps"] == 4      # tiny preset: forced by default
-    web_demo.main(["--model_config", "real.yaml", "--test_weight", "stage2.ckpt"])
+    assert values["Top-k"] == 50                                                    # the release's sampling
+    assert placed == [{"device": "auto", "llm_quantization": None, "offload": False}]   # the GPU when present
+    web_demo.main(["--model_config", "real.yaml", "--test_weight", "stage2.ckpt", "--device", "cuda:1",
+                   "--llm_quantization", "4bit", "--offload"])
     assert loaded[-1] == ("real.yaml", None, "stage2.ckpt")
+    assert placed[-1] == {"device": "cuda:1", "llm_quantization": "4bit", "offload": True}
     values = {c["props"].get("label"): c["props"].get("value") for c in launched[-1][0].get_config_file()["components"]}
     assert values["Force an image"] is False
+
+
+def _handler(demo, name: str):
+    """One of the app's event handlers (`accept`: check and show a message; `answer`: generate)."""
+    return next(f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == name)
+
+
+class FakeModel:
+    """Records `generate` calls and answers with a fixed text (for the handlers without a browser)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, images=None, **kwargs):
+        self.calls.append({"prompts": list(prompts), "images": images, "kwargs": kwargs})
+        return [GenerationOutput(text="fine ###", clean_text="fine", image=None, token_ids=[]) for _ in prompts]
+
+
+def test_typed_reserved_tokens_are_neutralised_and_long_messages_cut(model, tmp_path):
+    demo = web_demo.build_demo(FakeModel(), max_message_chars=80, files_root=tmp_path)
+    typed = "draw [IMG0][IMG1] here <ImageHere> and <Img>[IMG7]</Img> " + "x" * 200
+    session, messages, _ = _handler(demo, "accept")({"text": typed, "files": []}, None)
+    text = session.conversation.turns[0].text
+    assert not any(token in text for token in RESERVED_TOKENS) and len(text) <= 80
+    assert text.startswith("draw [IMG 0][IMG 1] here <Image Here> and <Img>[IMG 7]</Img> x")
+    notices = " ".join(m["content"] for m in messages if isinstance(m["content"], str))
+    assert "[IMG0], [IMG1], [IMG7], &lt;ImageHere&gt;" in notices and "only the first 80 were sent" in notices
+    # the prompt the model gets has no voken and no image slot without an image
+    prompt, images = session.conversation.prompt()
+    tokenizer = model.model.llama_tokenizer
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    assert not set(ids) & set(model.model.voken_ids) and ids.count(model.model.image_token_id) == len(images) == 0
+    assert session.folder.parent == tmp_path
+
+
+def test_answer_passes_the_settings_top_k_included(tmp_path):
+    fake = FakeModel()
+    demo = web_demo.build_demo(fake, files_root=tmp_path)
+    session, _, _ = _handler(demo, "accept")({"text": "hello", "files": []}, None)
+    _handler(demo, "answer")(session, 7.5, 3, 7, False, 16, "pndm", 50)
+    assert fake.calls[0]["kwargs"]["top_k"] == 50 and fake.calls[0]["kwargs"]["num_inference_steps"] == 3
+    assert fake.calls[0]["prompts"] == [MMDIALOG_SYSTEM_PROMPT + "###Human: hello ###Assistant:"]
+
+
+def test_server_files_are_removed_when_the_server_stops(monkeypatch, model, pictures):
+    """Uploads (Gradio's cache, GRADIO_TEMP_DIR) and the sessions' folders live in one folder per
+    server, removed when it stops, here by SIGTERM (turned into Gradio's Ctrl+C stop)."""
+    seen = {}
+    monkeypatch.setattr(MiniGPT5_Model, "from_weights", classmethod(lambda cls, *a, **kw: model))
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+
+    def serve(demo, host, port, **kwargs):           # stands in for Gradio's blocking launch
+        uploads = Path(os.environ["GRADIO_TEMP_DIR"])
+        uploads.mkdir(parents=True)
+        shutil.copy(pictures["red"], uploads / "red.png")  # what an upload leaves behind
+        session, _, _ = _handler(demo, "accept")({"text": "hi", "files": [str(uploads / "red.png")]}, None)
+        session.save_image(Image.new("RGB", (8, 8)), "generated")
+        seen.update(uploads=uploads, session=session.folder)
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt:                     # Gradio's loop closes the server on it
+            seen["stopped"] = True
+
+    monkeypatch.setattr(web_demo, "launch", serve)
+    web_demo.main([])
+    assert seen["stopped"] and seen["uploads"].parent == seen["session"].parent
+    assert not seen["uploads"].parent.exists()
+    assert "GRADIO_TEMP_DIR" not in os.environ and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_server_starts_quickly_on_loopback(server):

@@ -1,0 +1,128 @@
+"""The prediction files `predictions-{rank}.pt`: written by `train_eval.py`, read by `metric.py`.
+
+Its own small module so that the writer and the reader share one definition of the format
+without importing each other (metric.py pulls in CLIP, NLTK, ...; train_eval.py the model).
+
+Layout, the release's: a list with one entry per test item,
+
+    [input_text, predicted_text, expected_text, predicted_image, sd_baseline_image,
+     expected_image, None, task_name]
+
+with the images as PIL images (None when there is none) and `expected_image` a 3 x H x W float
+tensor in [0, 1] (the release's test-mode transform: no normalisation), None when the sample has
+no target image. So the release's `metric.py` scores our files and ours scores its files.
+
+Format and safety: `torch.save`, a pickle in a zip, as the release wrote them (its `metric.py`
+needs PIL images in the list). Reading never runs code from the file: `torch.load` with
+`weights_only=True` plus exactly one extra class, `PIL.Image.Image`, rebuilt by `_CheckedImage`,
+which checks the pickled state (mode, size, pixel bytes) before Pillow allocates anything. A file
+that needs any other Python object is refused with an error naming the file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+RECORD_LENGTH = 8
+MAX_PIXELS = 1 << 26          # 64 M pixels (8192 x 8192): far above any generated or target image
+_IMAGE_MODES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "RGB": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3,
+                "I": 4, "F": 4, "I;16": 2}
+WHAT = "prediction file (a list written by train_eval.py or the release)"
+
+
+class _CheckedImage(Image.Image):
+    """Unpickles a `PIL.Image.Image` after checking its state: a known mode, a sane size and
+    exactly the pixel bytes that mode and size need. `load` turns it into a plain PIL image."""
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, (list, tuple)) or len(state) not in (4, 5):
+            raise ValueError("a pickled image must be [info, mode, size, (palette,) data]")
+        info, mode, size, palette, data = state if len(state) == 5 else (*state[:3], None, state[3])
+        if not isinstance(info, dict) or mode not in _IMAGE_MODES:
+            raise ValueError(f"unexpected image mode {mode!r}")
+        if (not isinstance(size, (list, tuple)) or len(size) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in size)
+                or size[0] * size[1] > MAX_PIXELS):
+            raise ValueError(f"unexpected image size {size!r}")
+        bits = 1 if mode == "1" else 8 * _IMAGE_MODES[mode]
+        expected = ((size[0] * bits + 7) // 8) * size[1]
+        if not isinstance(data, bytes) or len(data) != expected:
+            raise ValueError(f"a {mode} image of {size} needs {expected} bytes of pixels")
+        if palette is not None and not isinstance(palette, (list, bytes)):
+            raise ValueError("unexpected palette")
+        super().__setstate__([info, mode, tuple(size), palette, data])
+
+
+SAFE_GLOBALS = [(_CheckedImage, "PIL.Image.Image")]
+
+
+def to_unit_range(image: torch.Tensor) -> torch.Tensor:
+    """A target image as the dataset gives it ([-1, 1], what the VAE expects) -> [0, 1], float32 on
+    the CPU (what prediction files hold)."""
+    return ((image.detach().float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def record(item: dict) -> list:
+    """The file's entry for one item of `MiniGPT5_Model.predict_step` (its `expected_image` in
+    [-1, 1] or None)."""
+    expected = item["expected_image"]
+    return [item["source"], item["text"], item["target"], item["image"], item["baseline"],
+            to_unit_range(expected) if expected is not None else None, None, item["task_name"]]
+
+
+def save(records: list[list], path: str | os.PathLike) -> Path:
+    """Write `records` (from `record`) as one prediction file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(records, path)
+    return path
+
+
+def load(path: str | os.PathLike) -> list[list]:
+    """The entries of one prediction file (ours or the release's), read without running code from
+    it; images as plain PIL images, expected images as [0, 1] tensors. A file in another layout,
+    or one that needs other Python objects, raises `weights.CheckpointError` naming it."""
+    from weights import CheckpointError, load_untrusted
+
+    path = Path(path)
+    records = load_untrusted(path, WHAT, SAFE_GLOBALS)
+    if not isinstance(records, list):
+        raise CheckpointError(f"{path}: expected a {WHAT}, found a {type(records).__name__}")
+    rescaled = 0
+    for i, entry in enumerate(records):
+        problem = _layout_problem(entry)
+        if problem:
+            raise CheckpointError(f"{path}: entry {i} is not [input_text, predicted_text, expected_text, "
+                                  f"predicted_image, sd_baseline_image, expected_image, None, task_name]: {problem}")
+        entry = records[i] = list(entry)
+        for k in (3, 4):
+            if entry[k] is not None:
+                entry[k] = entry[k].copy()       # a plain PIL image
+        expected = entry[5]
+        if isinstance(expected, torch.Tensor) and expected.numel() and float(expected.min()) < 0:
+            entry[5] = to_unit_range(expected)   # written in [-1, 1] by an earlier version of train_eval.py
+            rescaled += 1
+    if rescaled:
+        log.warning("%s: %d expected images were in [-1, 1] (an older file of ours); read as [0, 1]", path, rescaled)
+    return records
+
+
+def _layout_problem(entry: Any) -> str | None:
+    if not isinstance(entry, (list, tuple)) or len(entry) != RECORD_LENGTH:
+        return f"a {type(entry).__name__} of length {len(entry) if isinstance(entry, (list, tuple)) else '-'}"
+    for k, name in ((0, "input_text"), (1, "predicted_text"), (2, "expected_text"), (7, "task_name")):
+        if entry[k] is not None and not isinstance(entry[k], str):
+            return f"{name} is a {type(entry[k]).__name__}"
+    for k, name in ((3, "predicted_image"), (4, "sd_baseline_image")):
+        if entry[k] is not None and not isinstance(entry[k], Image.Image):
+            return f"{name} is a {type(entry[k]).__name__}, not a PIL image"
+    if entry[5] is not None and not isinstance(entry[5], torch.Tensor):
+        return f"expected_image is a {type(entry[5]).__name__}, not a tensor"
+    return None
