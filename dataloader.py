@@ -65,6 +65,7 @@ Choices, and where they differ from the release:
 CLI:
     python dataloader.py DATA_FILE [--split train|test] [--limit N] [--strict]
                          [--model_config config/tiny.yaml] [--dataset_type T]   # one JSON per sample
+    (DATA_FILE may also be CC3M WebDataset shards: 'cc3m/{00000..00009}.tar', a glob, a folder; shards.py)
     python dataloader.py preprocess DATA_FILE [--out outputs/features] [--split ...] [--batch_size N]
 """
 from __future__ import annotations
@@ -650,11 +651,15 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
             self._transforms = {"input": input_transform(cfg.image_size),
                                 "target": target_transform(cfg.sd_image_size)}
         try:
-            image = load_rgb(path)
+            image = self.open_image(path)
         except IMAGE_ERRORS as e:
             raise _BadSample("unreadable image", f"image {path}: {type(e).__name__}: {e}") from e
         tensor = self._transforms[kind](image)
         return tensor.flip(-1) if self._flip(sample, slot) else tensor
+
+    def open_image(self, path: str) -> Image.Image:
+        """The RGB image of `path` (a hook: the shard reader in shards.py opens in-memory bytes)."""
+        return load_rgb(path)
 
     def _feature(self, path: str, kind: str) -> torch.Tensor:
         try:
@@ -665,7 +670,10 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         """The model-ready item (see the module docstring), or None when the sample turned out
         to be bad (unreadable image, ...) and `strict` is off; the problem is logged and counted."""
-        sample = self.sample(index)
+        return self.item(self.sample(index))
+
+    def item(self, sample: Sample) -> dict[str, Any] | None:
+        """`dataset[i]` for a given sample (the shard reader in shards.py streams its samples here)."""
         try:
             input_ids, labels, cut, dropped = self.tokenize(sample)
             if cut and not getattr(self, "_warned_truncation", False):
@@ -766,16 +774,22 @@ class CC3MDataset(MiniGPT5Dataset):
         """See `MiniGPT5Dataset.sample`."""
         pos = int(self.table.valid[self._pos[index]])
         row, line = int(self.table.rows[pos]), int(self.table.lines[pos])
-        caption = self.table.captions[pos]
-        name = f"cc3m_{row}"
-        source = caption
-        if self._is_instruction[index]:
-            name += "_instruction"
-            prompt = choose(CC3M_PROMPTS, self.seed, name)
-            source = CC3M_SYSTEM + f"###Human: {prompt} {caption} ###Assistant:"
-        target = VOKEN_TARGET if self.is_training else caption
-        return Sample(name, source, target, caption, (), self.image_path(self.table.paths[pos]),
-                      f"{self.data_file}:{line}")
+        return cc3m_sample(row, self.table.captions[pos], bool(self._is_instruction[index]), self.is_training,
+                           self.seed, self.image_path(self.table.paths[pos]), f"{self.data_file}:{line}")
+
+
+def cc3m_sample(row: int, caption: str, instruction: bool, is_training: bool, seed: int, image_path: str,
+                location: str) -> Sample:
+    """The CC3M sample of one row (cleaned caption): `cc3m_{row}`, or its instruction sample
+    `cc3m_{row}_instruction`. Shared by the TSV reader and the shard reader (shards.py)."""
+    name = f"cc3m_{row}"
+    source = caption
+    if instruction:
+        name += "_instruction"
+        prompt = choose(CC3M_PROMPTS, seed, name)
+        source = CC3M_SYSTEM + f"###Human: {prompt} {caption} ###Assistant:"
+    target = VOKEN_TARGET if is_training else caption
+    return Sample(name, source, target, caption, (), image_path, location)
 
 
 @dataclass(frozen=True)
@@ -1086,7 +1100,13 @@ def resolve_data_file(data_file: str | os.PathLike) -> Path:
 def make_dataset(data_file: str | os.PathLike, tokenizer: Any, cfg: Any, is_training: bool,
                  dataset_type: str | None = None, strict: bool = False, **kwargs: Any) -> MiniGPT5Dataset:
     """The dataset for `data_file` (resolved under DATAFOLDER if needed), its type chosen by
-    `resolve_dataset_type`. Extra keyword arguments go to the dataset class."""
+    `resolve_dataset_type`. Extra keyword arguments go to the dataset class. WebDataset shards
+    (a `.tar`, a brace pattern or glob of them, a folder of them) give a streamed `shards.CC3MShards`."""
+    import shards
+
+    if shards.is_shard_spec(data_file):
+        return shards.CC3MShards(data_file, tokenizer=tokenizer, cfg=cfg, is_training=is_training, strict=strict,
+                                 dataset_type=dataset_type, **kwargs)
     path = resolve_data_file(data_file)
     cls = DATASET_CLASSES[resolve_dataset_type(path, dataset_type)]
     return cls(path, tokenizer=tokenizer, cfg=cfg, is_training=is_training, strict=strict, **kwargs)
@@ -1280,14 +1300,20 @@ def main(argv: list[str] | None = None) -> int:
     _common_args(parser)
     parser.add_argument("--limit", type=int, default=None, help="print only the first N samples")
     args = parser.parse_args(argv)
-    path = resolve_data_file(args.data_file)
-    kind = resolve_dataset_type(path, args.dataset_type)
     is_training = args.split == "train"
-    # Only MMDialog's training index needs the tokenizer (its 50-token rule).
-    tokenizer = _load_tokenizer_for(args.model_config) if kind == "MMDialog" and is_training else None
-    dataset = DATASET_CLASSES[kind](path, tokenizer=tokenizer, is_training=is_training, strict=args.strict,
-                                    seed=args.seed, feature_folder=False,
-                                    allow_outside_paths=args.allow_outside_paths)
+    import shards
+
+    if shards.is_shard_spec(args.data_file):       # CC3M WebDataset shards, streamed in file order
+        dataset = shards.CC3MShards(args.data_file, is_training=is_training, strict=args.strict, seed=args.seed,
+                                    dataset_type=args.dataset_type)
+    else:
+        path = resolve_data_file(args.data_file)
+        kind = resolve_dataset_type(path, args.dataset_type)
+        # Only MMDialog's training index needs the tokenizer (its 50-token rule).
+        tokenizer = _load_tokenizer_for(args.model_config) if kind == "MMDialog" and is_training else None
+        dataset = DATASET_CLASSES[kind](path, tokenizer=tokenizer, is_training=is_training, strict=args.strict,
+                                        seed=args.seed, feature_folder=False,
+                                        allow_outside_paths=args.allow_outside_paths)
     out = sys.stdout
     plain = not (getattr(out, "encoding", None) or "").lower().replace("-", "").startswith("utf8")
     for record in dump_records(dataset, args.limit):
@@ -1297,7 +1323,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data_file", help="annotation file; a relative path missing here is looked up under DATAFOLDER")
+    parser.add_argument("data_file", help="annotation file; a relative path missing here is looked up under DATAFOLDER. "
+                                          "CC3M WebDataset shards: a .tar, a brace pattern or glob of them "
+                                          "('cc3m/{00000..00009}.tar'), or a folder of .tar files")
     parser.add_argument("--split", choices=("train", "test"), default="train",
                         help="the training sample list (default) or the test one")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")

@@ -15,7 +15,9 @@ The release's command lines work as written, e.g.
         --test_data_path val_cleaned.json --test_weight stage2_vist.ckpt --stage1_weight stage1_cc3m.ckpt
 
 plus `--model_config` (default config/minigpt4.yaml; config/tiny.yaml for the tiny preset),
-`--accelerator`, `--strategy`, `--precision`, `--max_steps`, `--shuffle`, `--logger` and a few more.
+`--accelerator`, `--num_nodes` (several machines, launched by torchrun or SLURM's srun: see the README),
+`--strategy` (ddp, fsdp, deepspeed_stage_2), `--precision`, `--max_steps`, `--shuffle`, `--logger` and a
+few more. `--train_data_path` may name CC3M WebDataset shards (shards.py) instead of the TSV.
 Every flag and every path given by a flag or an environment variable is checked before any model
 is loaded.
 """
@@ -54,6 +56,18 @@ def str2bool(value: str | bool) -> bool:
 
 
 DEFAULT_WARMUP_STEPS = 1000
+STRATEGIES = {
+    "auto": "DDP when the run has several processes, else one process",
+    "ddp": "DDP (stage 2 finds unused parameters, as the release)",
+    "fsdp": "FSDP sharding the trainable tensors with their gradients and optimiser state (the frozen models stay "
+            "whole on every device, as under DDP); checkpoints are single files in the release's key layout "
+            "(gathered on rank 0) and resume exactly; runs on CPUs (gloo) too",
+    "deepspeed_stage_2": "DeepSpeed ZeRO-2, CUDA only (pip install deepspeed); a checkpoint is DeepSpeed's folder, "
+                         "whose <name>.ckpt/checkpoint/mp_rank_00_model_states.pt holds the release-layout state_dict; "
+                         "untested here. Other strategies (ZeRO-3, FSDP's sharded checkpoints) are refused: their "
+                         "checkpoints would not be one file in the release's key layout",
+}
+STRATEGY_HELP = "; ".join(f"{name}: {what}" for name, what in STRATEGIES.items())
 COMPATIBILITY_ONLY = "accepted for compatibility with the release's command lines; no effect here"
 
 
@@ -64,7 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --- the release's flags -----------------------------------------------------------------
     p.add_argument("--is_training", type=str2bool, nargs="?", const=True, default=False,
                    help="train (True; a bare --is_training means True) or predict (False, the default)")
-    p.add_argument("--train_data_path", default=None, help="relative to DATAFOLDER")
+    p.add_argument("--train_data_path", default=None,
+                   help="relative to DATAFOLDER; for stage 1 also CC3M WebDataset shards (img2dataset's .tar files): "
+                        "'shards/{00000..00331}.tar', a glob or a folder, streamed and split over nodes and workers")
     p.add_argument("--val_data_path", default=None, help="relative to DATAFOLDER")
     p.add_argument("--test_data_path", default=None, help="relative to DATAFOLDER")
     p.add_argument("--test_weight", default=None, help="checkpoint to predict with (relative to WEIGHTFOLDER ok)")
@@ -105,11 +121,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --- ours --------------------------------------------------------------------------------
     p.add_argument("--model_config", default=str(REPO / "config" / "minigpt4.yaml"))
     p.add_argument("--accelerator", default="auto", choices=["auto", "gpu", "cpu"])
-    p.add_argument("--strategy", default="auto", help="auto (ddp for several devices), ddp, fsdp, deepspeed_stage_2")
+    p.add_argument("--num_nodes", type=int, default=1,
+                   help="machines in the run (each with --gpus devices); launch one process per device on every node "
+                        "with torchrun or SLURM's srun, which Lightning detects (see the README)")
+    p.add_argument("--strategy", default="auto", choices=list(STRATEGIES), help=STRATEGY_HELP)
     p.add_argument("--precision", default=None, help="default bf16-mixed on GPU, 32-true on CPU")
     p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimiser steps")
     p.add_argument("--shuffle", action="store_true",
-                   help="shuffle the training samples every epoch (seeded); default: file order, as the release")
+                   help="shuffle the training samples every epoch (seeded; shards: the shard order, then a 1000-sample "
+                        "buffer per worker); default: file order, as the release")
     p.add_argument("--logger", default="csv", choices=["csv", "tensorboard", "wandb"])
     p.add_argument("--val_check_interval", type=float, default=None,
                    help="fraction of an epoch between validations (default 0.25 for CC3M, else 0.5)")
@@ -138,7 +158,7 @@ def check_numbers(args: argparse.Namespace) -> None:
         return SystemExit(f"error: {flag} {value}: {expected}")
 
     positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "real_batch_size", "num_train_epochs",
-                "predict_batch_size", "num_inference_steps", "max_new_tokens"]
+                "predict_batch_size", "num_inference_steps", "max_new_tokens", "num_nodes"]
     for name in positive:
         if getattr(args, name) < 1:
             raise bad(f"--{name}", getattr(args, name), "must be a positive integer")
@@ -188,12 +208,24 @@ def cap_workers(requested: int) -> int:
 # Paths: everything is checked before a model is built
 # ----------------------------------------------------------------------------------------------
 
-def data_path(flag: str, value: str | None, required: bool) -> Path | None:
-    """A dataset file under DATAFOLDER (an absolute path is taken as is)."""
+def data_path(flag: str, value: str | None, required: bool, shards_ok: bool = False) -> Path | str | None:
+    """A dataset file under DATAFOLDER (an absolute path is taken as is). CC3M WebDataset shards
+    (`--train_data_path` only) stay a spec string, checked to name existing shards."""
+    import shards
+
     if value is None:
         if required:
             raise SystemExit(f"error: {flag} is required for this run")
         return None
+    if shards.is_shard_spec(value):
+        if not shards_ok:
+            raise SystemExit(f"error: {flag} {value!r}: WebDataset shards are read for training only "
+                             f"(--train_data_path); give the TSV here")
+        try:
+            shards.resolve_shards(value)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {flag} {value!r}: {e} (DATAFOLDER={str(constants.data_folder())!r})") from None
+        return value
     path = Path(value) if Path(value).is_absolute() else constants.data_folder() / value
     if not path.exists():
         raise SystemExit(f"error: {flag} {value!r}: {str(path)!r} does not exist "
@@ -235,15 +267,19 @@ def check_inputs(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: PREPROCESS_FEATURE_FOLDER={str(features)!r} is not a folder")
     paths = {"cfg": cfg, "stage": stage}
     if args.is_training:
-        paths["train"] = data_path("--train_data_path", args.train_data_path, required=True)
+        paths["train"] = data_path("--train_data_path", args.train_data_path, required=True, shards_ok=True)
         paths["val"] = data_path("--val_data_path", args.val_data_path, required=False)
         paths["stage1"] = weight_path("--stage1_weight", args.stage1_weight)
         if args.resume == "last":
             args.resume = str(last_checkpoint_path(args))
-            if not Path(args.resume).is_file():
+            if not Path(args.resume).exists():
                 raise SystemExit(f"error: --resume last: this run's last checkpoint {args.resume!r} does not exist "
                                  f"(it is <--output_dir>/<--model_save_name without its {{...}} fields>-last.ckpt)")
-        paths["resume"] = weight_path("--resume", args.resume)
+        if args.strategy == "deepspeed_stage_2" and args.resume and Path(args.resume).is_dir():
+            paths["resume"] = Path(args.resume)          # DeepSpeed's checkpoint folder
+        else:
+            paths["resume"] = weight_path("--resume", args.resume)
+        check_strategy(args, devices_of(args)[0])
     else:
         paths["test"] = data_path("--test_data_path", args.test_data_path, required=True)
         paths["stage1"] = weight_path("--stage1_weight", args.stage1_weight)
@@ -390,13 +426,135 @@ def make_logger(args: argparse.Namespace, save_dir: Path):
     return WandbLogger(save_dir=str(save_dir), project="minigpt5", offline=os.environ.get("WANDB_MODE") != "online")
 
 
-def make_strategy(name: str, n_devices: int, stage: int):
+def make_strategy(name: str, world: int, stage: int):
+    """The Lightning strategy of `--strategy` for a run of `world` processes (all nodes)."""
     from pytorch_lightning.strategies import DDPStrategy
 
-    if name in ("auto", "ddp") and n_devices > 1:
+    if name in ("auto", "ddp") and world > 1:
         # Stage 2 batches without vokens leave the mapper unused (the release's setting).
         return DDPStrategy(find_unused_parameters=stage == 2)
+    if name == "fsdp":
+        return release_layout_fsdp()
+    if name == "deepspeed_stage_2":
+        return release_layout_deepspeed()
     return name
+
+
+def check_strategy(args: argparse.Namespace, accelerator: str) -> None:
+    """What `--strategy` needs, before a model is loaded."""
+    if args.strategy == "deepspeed_stage_2":
+        if accelerator != "gpu":
+            raise SystemExit("error: --strategy deepspeed_stage_2 runs on CUDA GPUs only (Lightning's DeepSpeed "
+                             "strategy); on a CPU use --strategy ddp or fsdp")
+        try:
+            import deepspeed  # noqa: F401
+        except ModuleNotFoundError:
+            raise SystemExit("error: --strategy deepspeed_stage_2 needs `pip install deepspeed`") from None
+
+
+def release_layout_deepspeed():
+    """Lightning's DeepSpeed ZeRO stage 2 (CUDA only). DeepSpeed writes a checkpoint as a folder
+    (`<name>.ckpt/checkpoint/mp_rank_00_model_states.pt` plus the sharded optimiser state); here
+    the frozen weights are left out of it, and the file also holds `state_dict`: the trainable
+    tensors in the release's key layout (ZeRO-2 keeps whole parameters on every rank), so
+    `--test_weight`, `--stage1_weight` and `MiniGPT5_Model.load_checkpoint_file` read that file as
+    they read ours, and `--resume` takes the folder. Written from Lightning's DeepSpeedStrategy
+    source; not run in our tests (no GPU in CI)."""
+    from pytorch_lightning.strategies import DeepSpeedStrategy
+
+    class ReleaseLayoutDeepSpeed(DeepSpeedStrategy):
+        def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+            if storage_options is not None:
+                raise TypeError("storage_options is not supported with DeepSpeed")
+            filepath = self.broadcast(filepath)
+            # Lightning's version drops `state_dict`; keep it (already the release's layout).
+            client_state = {k: v for k, v in checkpoint.items() if k != "optimizer_states"}
+            self.deepspeed_engine.save_checkpoint(filepath, client_state=client_state, tag="checkpoint",
+                                                  exclude_frozen_parameters=True)
+
+    return ReleaseLayoutDeepSpeed(stage=2, exclude_frozen_parameters=True)
+
+
+def release_layout_fsdp():
+    """Lightning's FSDP over the trainable tensors (see `_setup_model`; `use_orig_params`: the
+    frozen and the trainable rows of the embedding share a module) whose checkpoints are single
+    files in the release's key layout: the parameters are gathered on rank 0 and saved through the
+    model's own `trainable_state_dict` (FSDP's state-dict hooks cannot see the embedding's merged
+    `weight` key). On a CPU it runs FSDP over gloo (Lightning allows FSDP on GPUs only; PyTorch
+    does both)."""
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    class ReleaseLayoutFSDP(FSDPStrategy):
+        def lightning_module_state_dict(self) -> dict:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            sharded = self.world_size > 1         # one process: FSDP does not shard (and cannot offload)
+            with FSDP.summon_full_params(self.model, writeback=False, rank0_only=sharded,
+                                         offload_to_cpu=sharded and self.root_device.type != "cpu"):
+                # Copies: the gathered storage is freed when the context ends.
+                state = self.lightning_module.trainable_state_dict() if self.global_rank == 0 else {}
+                return {key: value.clone() for key, value in state.items()}
+
+        def optimizer_state(self, optimizer) -> dict:
+            """On a CPU, gather the optimiser state without FSDP's offload to CPU: there it makes no
+            copy, and every state tensor ends up a view of one reused gather buffer."""
+            if self.root_device.type != "cpu":
+                return super().optimizer_state(optimizer)
+            from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, OptimStateKeyType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.fsdp import StateDictType
+
+            optimizer = getattr(optimizer, "_optimizer", optimizer)      # a LightningOptimizer
+            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True),
+                                      FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+                state = FSDP.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+            return state
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+            """Our single-file checkpoint: the trainable tensors (release layout) go into the
+            gathered parameters through the model's own loading, then the optimiser state."""
+            from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, OptimStateKeyType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.fsdp import StateDictType
+
+            path = Path(self.broadcast(str(checkpoint_path)))
+            if not path.is_file():
+                raise SystemExit(f"error: --resume {str(path)!r}: with --strategy fsdp a checkpoint is one file (a "
+                                 f"folder is the sharded format, which this run does not write)")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            with FSDP.summon_full_params(self.model, writeback=True):
+                self.lightning_module.load_state_dict(checkpoint.pop("state_dict"), strict=False)
+            states = checkpoint.get("optimizer_states")
+            if not states or self.lightning_module.trainer.state.fn != "fit":
+                return checkpoint
+            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(),
+                                      FullOptimStateDictConfig(rank0_only=False)):
+                for optimizer, state in zip(self.optimizers, states):
+                    if state["state"] and isinstance(next(iter(state["state"])), int):
+                        state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
+                    optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, optimizer, state))
+            return checkpoint
+
+        def _setup_model(self, model):
+            """FSDP over the trainable parameters only: the frozen ones (ViT, Q-Former, LLM, SD, in
+            float16 / bfloat16) are `ignored_states`, kept whole on every device as under DDP. One
+            flat parameter cannot mix dtypes, and these need no gradient sync; what FSDP shards is
+            the float32 trainable part with its gradients and optimiser state. No FSDP mixed
+            precision: the trainable tensors stay float32 (the release's choice; the new embedding
+            rows must match the frozen ones) and `--precision bf16-mixed` autocasts as under DDP.
+            On a CPU, FSDP needs `device_id` set to the CPU (Lightning passes none)."""
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            frozen = [p for p in model.parameters() if not p.requires_grad]
+            model = model.to(self.root_device)
+            device_id = self.root_device if self.root_device.type == "cpu" else self.root_device.index
+            return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload, mixed_precision=None,
+                                            sharding_strategy=self.sharding_strategy, device_id=device_id,
+                                            ignored_states=frozen, **self.kwargs)
+
+    return ReleaseLayoutFSDP(state_dict_type="full")
 
 
 class SampleGeneration(Callback):
@@ -525,10 +683,14 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     from dataloader import Collator, make_dataset
     from model import CheckpointMismatchError, MiniGPT5_Model
 
+    import shards
+
     cfg, stage = paths["cfg"], paths["stage"]
     accelerator, devices = devices_of(args)
     n_devices = len(devices) if isinstance(devices, list) else devices
+    world = n_devices * args.num_nodes                  # processes over all nodes
     workers = cap_workers(args.num_workers)
+    from_shards = shards.is_shard_spec(paths["train"])
     try:
         model = MiniGPT5_Model(cfg, stage=stage, stage1_weight=paths["stage1"], learning_rate=args.learning_rate,
                                warmup_steps=warmup_of(args, 0), adam_epsilon=args.adam_epsilon, snr_loss=args.snr_loss,
@@ -536,15 +698,23 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     except CheckpointMismatchError as e:
         raise SystemExit(f"error: --stage1_weight {e}") from None
     tokenizer = model.model.llama_tokenizer
-    kind = dataset_type(constants.data_folder())
+    kind = "CC3M" if from_shards else dataset_type(constants.data_folder())   # shards hold CC3M
+    extra = {"shuffle": args.shuffle} if from_shards else {"allow_outside_paths": args.allow_outside_paths}
     train_set = make_dataset(paths["train"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict,
-                             allow_outside_paths=args.allow_outside_paths)
+                             **extra)
     if len(train_set) == 0:
         raise SystemExit(f"error: --train_data_path {args.train_data_path!r}: no usable sample in "
                          f"{str(paths['train'])!r} (the skipped rows are listed above)")
     collate = Collator(tokenizer)
-    train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, workers, args.shuffle,
-                              args.seed, n_devices)
+    if from_shards:
+        try:
+            batches = shards.ShardBatches(train_set, args.per_device_train_batch_size, collate, workers, world)
+        except shards.DataError as e:
+            raise SystemExit(f"error: --train_data_path {args.train_data_path!r}: {e}") from None
+        train_loader = shards.ShardLoader(batches, workers)
+    else:
+        train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, workers, args.shuffle,
+                                  args.seed, world)
     val_loader = None
     if paths["val"] is not None:
         # The release's validation samples are training samples (targets, image and caption losses).
@@ -552,9 +722,10 @@ def train(args: argparse.Namespace, paths: dict) -> None:
                                allow_outside_paths=args.allow_outside_paths)
         val_loader = eval_loader(val_set, collate, args.per_device_eval_batch_size, workers)
 
-    accumulate = max(1, args.real_batch_size // (args.per_device_train_batch_size * n_devices))
+    accumulate = max(1, args.real_batch_size // (args.per_device_train_batch_size * world))
     # The schedule spans the planned epochs; --max_steps only stops early (so resuming is exact).
-    per_rank = math.ceil(math.ceil(len(train_set) / n_devices) / args.per_device_train_batch_size)
+    per_rank = (len(train_loader) if from_shards
+                else math.ceil(math.ceil(len(train_set) / world) / args.per_device_train_batch_size))
     model.planned_total_steps = math.ceil(per_rank / accumulate) * args.num_train_epochs
     model.hparams.warmup_steps = warmup_of(args, model.planned_total_steps)
     run_steps = (min(args.max_steps, model.planned_total_steps) if args.max_steps > 0
@@ -572,8 +743,8 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     if args.max_steps > 0:
         callbacks.append(StopAtStep(args.max_steps))
     callbacks.append(last)                  # after StopAtStep: sees its should_stop
-    if n_devices > 1 and hasattr(train_set, "set_epoch"):
-        callbacks.append(DatasetEpoch(train_set))
+    if (world > 1 or from_shards) and hasattr(train_set, "set_epoch"):
+        callbacks.append(DatasetEpoch(train_set))       # no EpochSampler to tell it the epoch
     if args.save_every_n_steps > 0:
         callbacks.append(ModelCheckpoint(dirpath=str(out_dir), every_n_train_steps=args.save_every_n_steps,
                                          filename=last_name(args.model_save_name)[: -len("-last")] + "-step{step}",
@@ -583,18 +754,20 @@ def train(args: argparse.Namespace, paths: dict) -> None:
         callbacks.append(SampleGeneration(args.sample_every_n_steps, constants.output_folder() / "samples",
                                           args.num_inference_steps))
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, strategy=make_strategy(args.strategy, n_devices, stage),
+        accelerator=accelerator, devices=devices, num_nodes=args.num_nodes,
+        strategy=make_strategy(args.strategy, world, stage),
         precision=args.precision or ("bf16-mixed" if accelerator == "gpu" else "32-true"),
         max_epochs=args.num_train_epochs, accumulate_grad_batches=accumulate,
         val_check_interval=interval if val_loader is not None else None,
         limit_val_batches=None if val_loader is not None else 0,
         logger=make_logger(args, out_dir), callbacks=callbacks, log_every_n_steps=1,
         num_sanity_val_steps=0, enable_progress_bar=True)
-    if isinstance(train_loader, ResumableLoader):
+    if isinstance(train_loader, (ResumableLoader, shards.ShardLoader)):
         # "processed" counts the batch just trained even when the save happens in on_train_batch_end.
         train_loader.done_batches = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    log.info("stage %d on %s: %d device(s), batch %d x accumulate %d, %s order", stage, kind, n_devices,
-             args.per_device_train_batch_size, accumulate, "shuffled" if args.shuffle else "file")
+    log.info("stage %d on %s%s: %d node(s) x %d device(s), batch %d x accumulate %d, %s order", stage, kind,
+             " shards" if from_shards else "", args.num_nodes, n_devices, args.per_device_train_batch_size, accumulate,
+             "shuffled" if args.shuffle else "file")
     if paths["resume"] is not None:
         log.info("resuming training from %s", paths["resume"])
     trainer.fit(model, train_loader, val_loader, ckpt_path=str(paths["resume"]) if paths["resume"] else None)
@@ -716,8 +889,8 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
                                  num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
                                  sd_baseline=kind == "CC3M")
     writer = PredictionWriter(out_dir)
-    trainer = pl.Trainer(accelerator=accelerator, devices=devices,
-                         strategy="ddp" if n_devices > 1 else "auto",
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=args.num_nodes,
+                         strategy="ddp" if n_devices * args.num_nodes > 1 else "auto",
                          precision=args.precision or ("bf16-mixed" if accelerator == "gpu" else "32-true"),
                          logger=False, callbacks=[writer], enable_progress_bar=True)
     trainer.predict(model, loader, return_predictions=False)
