@@ -14,6 +14,7 @@ tests and smoke runs.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -483,5 +484,9 @@ def save_lavis(model: Blip2VisionModel, qformer_model: Blip2QFormerModel, query_
     for name, theirs in _qformer_key_map(q_config.num_hidden_layers, q_config.cross_attention_frequency).items():
         blip2_sd[theirs] = q_ours[name]
     blip2_sd["query_tokens"] = query_tokens.detach().float().cpu().clone()
-    torch.save(vit_sd, vit_path)
-    torch.save({"model": blip2_sd} if blip2_sd is not blip2_file else blip2_sd, blip2_path)
+    # Into new files, then renamed over the old ones: the loaders map these files into memory, and
+    # rewriting a mapped file in place would pull the weights from under a model still using them.
+    for obj, path in ((vit_sd, vit_path), ({"model": blip2_sd} if blip2_sd is not blip2_file else blip2_sd, blip2_path)):
+        partial = path.with_name(path.name + ".partial")
+        torch.save(obj, partial)
+        os.replace(partial, path)

@@ -135,7 +135,7 @@ def test_pretraining_steps_write_parts_that_the_loaders_read(tmp_path):
                   "unet": {**step, "caption_dropout": 0.1, "snr_gamma": 5.0, "ema_decay": 0.9},
                   "llm": {**step, "documents": 64}, "image_side": step})
     results = run(Build(config, tmp_path / "build"))
-    for name in ("clip", "vae", "llm", "image_side"):
+    for name in ("clip", "vae", "unet", "llm", "image_side"):
         summary = results[name]["summary"]
         assert summary["loss"] < summary["first_loss"], (name, summary)
     assert (tmp_path / "build" / "checkpoints" / "stage0_untrained.ckpt").is_file()

@@ -115,9 +115,9 @@ def pretrain_clip(build: Build) -> dict:
     cfg, vision, qformer, query_tokens = _image_encoder(build)
     losses = pretrain.train_clip(text_encoder, tokenizer, vision, _pictures(build),
                                  _recipe(build.settings["pretrain"]["clip"]), _seed(build, "clip-train"))
-    text_encoder.save_pretrained(build.out / "sd" / "text_encoder")
+    _save(text_encoder, build.out / "sd" / "text_encoder")
     lavis.save_lavis(vision, qformer, query_tokens, cfg.vit_model, cfg.q_former_model)
-    return {"loss": _tail(losses), "first_loss": round(losses[0], 3)}
+    return _losses(losses)
 
 
 def pretrain_vae(build: Build) -> dict:
@@ -127,8 +127,8 @@ def pretrain_vae(build: Build) -> dict:
     torch.manual_seed(_seed(build, "vae"))
     vae = _sd_part(build, "vae")
     losses = pretrain.train_vae(vae, _pictures(build), _recipe(section), section["kl_weight"], _seed(build, "vae-train"))
-    vae.save_pretrained(build.out / "sd" / "vae")
-    return {"loss": _tail(losses), "scaling_factor": vae.config.scaling_factor}
+    _save(vae, build.out / "sd" / "vae")
+    return {**_losses(losses), "scaling_factor": vae.config.scaling_factor}
 
 
 def pretrain_unet(build: Build) -> dict:
@@ -141,8 +141,8 @@ def pretrain_unet(build: Build) -> dict:
                                  _sd_part(build, "tokenizer"), _sd_part(build, "scheduler"), _pictures(build),
                                  _recipe(section), section["caption_dropout"], section["snr_gamma"],
                                  _seed(build, "unet-train"), ema_decay=section.get("ema_decay", 0.0))
-    unet.save_pretrained(build.out / "sd" / "unet")
-    return {"loss": _tail(losses, 100)}
+    _save(unet, build.out / "sd" / "unet")
+    return _losses(losses, 100)
 
 
 def pretrain_llm(build: Build) -> dict:
@@ -158,8 +158,8 @@ def pretrain_llm(build: Build) -> dict:
     tokenizer = load_tokenizer(str(folder))
     documents = pretrain.llm_corpus(section["documents"], build.settings["seed"])
     losses = pretrain.train_llm(llm, tokenizer, documents, _recipe(section), _seed(build, "llm-train"))
-    llm.save_pretrained(folder)
-    return {"loss": _tail(losses), "first_loss": round(losses[0], 3)}
+    _save(llm, folder)
+    return _losses(losses)
 
 
 def pretrain_image_side(build: Build) -> dict:
@@ -177,13 +177,33 @@ def pretrain_image_side(build: Build) -> dict:
     lavis.save_lavis(backbone.visual_encoder, backbone.Qformer, backbone.query_tokens, cfg.vit_model,
                      cfg.q_former_model)
     proj = backbone.llama_proj
+    partial = Path(cfg.ckpt + ".partial")
     torch.save({"model": {"llama_proj.weight": proj.weight.detach().clone(),
-                          "llama_proj.bias": proj.bias.detach().clone()}}, cfg.ckpt)
-    return {"loss": _tail(losses), "first_loss": round(losses[0], 3)}
+                          "llama_proj.bias": proj.bias.detach().clone()}}, partial)
+    partial.replace(cfg.ckpt)
+    return _losses(losses)
 
 
-def _tail(losses: list[float], n: int = 20) -> float:
-    return round(sum(losses[-n:]) / len(losses[-n:]), 4)
+def _save(model, folder: Path) -> None:
+    """`model.save_pretrained(folder)`, written beside it and swapped in: the loaders map weight
+    files into memory, and rewriting a mapped file in place would pull the weights from under the
+    model still using them."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    for extra in folder.iterdir():               # tokenizer files and the like stay
+        if not (partial / extra.name).exists():
+            shutil.copy2(extra, partial / extra.name) if extra.is_file() else shutil.copytree(extra, partial / extra.name)
+    shutil.rmtree(folder)
+    partial.rename(folder)
+
+
+def _losses(losses: list[float], n: int = 20) -> dict:
+    """The loss at the start and at the end (the mean of the first and of the last `n` steps, at
+    most a quarter of them each)."""
+    n = max(1, min(n, len(losses) // 4))
+    mean = lambda values: round(sum(values) / len(values), 4)
+    return {"first_loss": mean(losses[:n]), "loss": mean(losses[-n:])}
 
 
 # ---- MiniGPT-5 -----------------------------------------------------------------------------------
