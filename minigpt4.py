@@ -19,7 +19,6 @@ under the release's key.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

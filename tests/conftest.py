@@ -62,7 +62,7 @@ def make_batch(tokenizer, samples: list[dict], image_size: int = 32, sd_image_si
                seed: int = 0) -> dict:
     """A model batch built by hand (independent of dataloader.py): each sample is a dict with
     `source`, `target`, optional `n_images` (input images) and `caption`. Labels are -100 over
-    the source and over [IMG1]..[IMG6], as REFERENCE §3 says."""
+    the source and over [IMG1]..[IMG6], as the release built them."""
     g = torch.Generator().manual_seed(seed)
     masked = set(tokenizer.convert_tokens_to_ids([f"[IMG{i}]" for i in range(1, 7)]))
     ids, labels = [], []
@@ -85,6 +85,38 @@ def make_batch(tokenizer, samples: list[dict], image_size: int = 32, sd_image_si
         "has_output_image": has_out,
         "captions": [s.get("caption") for s in samples],
     }
+
+
+# Batches of the tests of model.py and its neighbours: captioned (CC3M-like) and story-like samples.
+CC3M_LIKE = [
+    {"source": "a red square on a white wall", "target": VOKEN_TARGET, "caption": "a red square on a white wall"},
+    {"source": "a blue circle", "target": VOKEN_TARGET, "caption": "a blue circle"},
+]
+STORY_LIKE = [
+    {"source": "###Human:<Img><ImageHere></Img> the scene description: a dog ###Assistant:",
+     "target": VOKEN_TARGET, "n_images": 1},
+    {"source": "###Human: a cat <Img><ImageHere></Img> then <Img><ImageHere></Img> What should happen then? "
+               "###Assistant:", "target": "the cat sleeps [IMG0][IMG1][IMG2][IMG3][IMG4][IMG5][IMG6][IMG7] ###",
+     "n_images": 2},
+    {"source": "###Human: tell me about it ###Assistant:", "target": "it is a park ###"},
+]
+
+
+def build(cfg, stage=1, seed=0, **kwargs):
+    """A `MiniGPT5_Model` of the tiny preset, its random parts drawn from `seed`."""
+    from model import MiniGPT5_Model
+
+    torch.manual_seed(seed)
+    return MiniGPT5_Model(cfg, stage=stage, **kwargs)
+
+
+def batch_for(model, samples, seed=0, drop=False):
+    """`make_batch` for `model`'s sizes, with the random draws of the forward pass pinned."""
+    cfg = model.cfg
+    batch = make_batch(model.model.llama_tokenizer, samples, cfg.image_size, cfg.sd_image_size, seed)
+    latent = (4, model.unet.config.sample_size, model.unet.config.sample_size)
+    batch.update(fixed_draws(len(samples), latent, seed, drop))
+    return batch
 
 
 def fixed_draws(batch_size: int, latent_shape: tuple[int, ...], seed: int = 0, drop: bool = False) -> dict:

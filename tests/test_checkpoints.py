@@ -20,38 +20,8 @@ from pytorch_lightning.utilities.parsing import AttributeDict
 
 import weights
 
-from test_model import CC3M_LIKE, STORY_LIKE, batch_for, build
-
-
-def _mapper_keys(enc: int, dec: int) -> list[str]:
-    """`nn.Transformer` parameter names, written out by hand from PyTorch's module layout."""
-    attn = ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
-    ffn = ["linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"]
-    keys = []
-    for i in range(enc):
-        p = f"llm_to_t2i_mapping.encoder.layers.{i}."
-        keys += [p + "self_attn." + a for a in attn] + [p + f for f in ffn]
-        keys += [p + f"norm{j}.{w}" for j in (1, 2) for w in ("weight", "bias")]
-    for i in range(dec):
-        p = f"llm_to_t2i_mapping.decoder.layers.{i}."
-        keys += [p + "self_attn." + a for a in attn] + [p + "multihead_attn." + a for a in attn] + [p + f for f in ffn]
-        keys += [p + f"norm{j}.{w}" for j in (1, 2, 3) for w in ("weight", "bias")]
-    keys += [f"llm_to_t2i_mapping.{part}.norm.{w}" for part in ("encoder", "decoder") for w in ("weight", "bias")]
-    return keys
-
-
-def release_stage1_keys(cfg, n_layers_unused=None) -> list[str]:
-    return (["t2i_decoder_prompt", "fc.0.weight", "fc.0.bias", "fc.2.weight", "fc.2.bias"]
-            + _mapper_keys(cfg.mapper.num_encoder_layers, cfg.mapper.num_decoder_layers)
-            + ["model.llama_model.model.embed_tokens.weight", "model.llama_model.lm_head.weight"])
-
-
-def release_stage2_keys(cfg, n_llm_layers: int) -> list[str]:
-    lora = [f"model.llama_model.base_model.model.model.layers.{i}.self_attn.{proj}.lora_{ab}.default.weight"
-            for i in range(n_llm_layers) for proj in ("q_proj", "v_proj") for ab in ("A", "B")]
-    return (_mapper_keys(cfg.mapper.num_encoder_layers, cfg.mapper.num_decoder_layers) + lora
-            + ["model.llama_model.base_model.model.model.embed_tokens.modules_to_save.default.weight",
-               "model.llama_model.base_model.model.lm_head.modules_to_save.default.weight"])
+from conftest import (CC3M_LIKE, STORY_LIKE, batch_for, build, release_stage1_checkpoint_keys,
+                      release_stage2_checkpoint_keys)
 
 
 def _save_like_lightning(model, path) -> dict:
@@ -81,7 +51,7 @@ def _synthetic(model, keys, seed=123) -> dict[str, torch.Tensor]:
 def test_stage1_checkpoint_holds_exactly_the_release_keys(tiny_config, tmp_path):
     model = build(tiny_config, stage=1)
     saved = _save_like_lightning(model, tmp_path / "s1.ckpt")
-    assert sorted(saved) == sorted(release_stage1_keys(tiny_config))
+    assert sorted(saved) == sorted(release_stage1_checkpoint_keys(tiny_config))
     embed = saved["model.llama_model.model.embed_tokens.weight"]
     assert embed.shape[0] == len(model.model.llama_tokenizer)           # full matrix, all rows
 
@@ -90,7 +60,7 @@ def test_stage2_checkpoint_holds_exactly_the_release_keys(tiny_config, tmp_path)
     model = build(tiny_config, stage=2)
     saved = _save_like_lightning(model, tmp_path / "s2.ckpt")
     n_layers = model.model.llama_model.config.num_hidden_layers
-    assert sorted(saved) == sorted(release_stage2_keys(tiny_config, n_layers))
+    assert sorted(saved) == sorted(release_stage2_checkpoint_keys(tiny_config, n_layers))
 
 
 def test_save_then_load_reproduces_outputs_bit_for_bit(tiny_config, tmp_path):
@@ -112,7 +82,7 @@ def test_save_then_load_reproduces_outputs_bit_for_bit(tiny_config, tmp_path):
 
 def test_release_stage1_file_loads_with_no_missing_trainable_key(tiny_config, tmp_path):
     model = build(tiny_config, stage=1)
-    state = _synthetic(model, release_stage1_keys(tiny_config))
+    state = _synthetic(model, release_stage1_checkpoint_keys(tiny_config))
     torch.save({"state_dict": state}, tmp_path / "stage1_cc3m.ckpt")
     assert model.load_checkpoint_file(tmp_path / "stage1_cc3m.ckpt") == []
     loaded = model.state_dict()
@@ -127,8 +97,8 @@ def test_release_stage2_file_loads_on_top_of_stage1(tiny_config, tmp_path):
     """The demo's order: stage-1 file, then the stage-2 file on top, into a stage-2 model."""
     model = build(tiny_config, stage=2)
     n_layers = model.model.llama_model.config.num_hidden_layers
-    stage1 = _synthetic(build(tiny_config, stage=1), release_stage1_keys(tiny_config), seed=1)
-    stage2 = _synthetic(model, release_stage2_keys(tiny_config, n_layers), seed=2)
+    stage1 = _synthetic(build(tiny_config, stage=1), release_stage1_checkpoint_keys(tiny_config), seed=1)
+    stage2 = _synthetic(model, release_stage2_checkpoint_keys(tiny_config, n_layers), seed=2)
     torch.save({"state_dict": stage1}, tmp_path / "stage1_cc3m.ckpt")
     torch.save({"state_dict": stage2}, tmp_path / "stage2_vist.ckpt")
     model.load_checkpoint_file(tmp_path / "stage1_cc3m.ckpt")
@@ -233,7 +203,7 @@ def release_layout(state: dict, monkeypatch) -> dict:
 
 def test_release_checkpoint_with_lightning_metadata_loads_weights_only(tiny_config, tmp_path, monkeypatch):
     model = build(tiny_config, stage=1)
-    state = _synthetic(model, release_stage1_keys(tiny_config))
+    state = _synthetic(model, release_stage1_checkpoint_keys(tiny_config))
     path = tmp_path / "stage1_cc3m.ckpt"
     torch.save(release_layout(state, monkeypatch), path)
     with pytest.raises(pickle.UnpicklingError):   # the metadata really needs more than torch's defaults

@@ -167,7 +167,6 @@ def test_loading_keeps_the_weight_files_memory_mapped(reduced_model):
     """Lean loading: where a file's dtype is the part's dtype (LLM bfloat16 safetensors, ViT float16
     .pth), the parameters are views of the memory-mapped files, not copies: loading the full-size
     model never holds two copies of those parts. The voken rows are float32 copies, as the release."""
-    from model import MiniGPT5_Model
 
     if not Path("/proc/self/maps").is_file():
         pytest.skip("needs Linux /proc")

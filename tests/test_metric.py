@@ -19,7 +19,6 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 from nltk.translate import bleu as nltk_bleu
 from nltk.translate.bleu_score import sentence_bleu
 from PIL import Image

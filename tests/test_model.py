@@ -6,36 +6,8 @@ import math
 import pytest
 import torch
 
-from conftest import VOKEN_TARGET, fixed_draws, make_batch
+from conftest import CC3M_LIKE, STORY_LIKE, batch_for, build
 from constants import VOKEN_COUNT
-from model import MiniGPT5_Model
-
-CC3M_LIKE = [
-    {"source": "a red square on a white wall", "target": VOKEN_TARGET, "caption": "a red square on a white wall"},
-    {"source": "a blue circle", "target": VOKEN_TARGET, "caption": "a blue circle"},
-]
-STORY_LIKE = [
-    {"source": "###Human:<Img><ImageHere></Img> the scene description: a dog ###Assistant:",
-     "target": VOKEN_TARGET, "n_images": 1},
-    {"source": "###Human: a cat <Img><ImageHere></Img> then <Img><ImageHere></Img> What should happen then? "
-               "###Assistant:", "target": "the cat sleeps [IMG0][IMG1][IMG2][IMG3][IMG4][IMG5][IMG6][IMG7] ###",
-     "n_images": 2},
-    {"source": "###Human: tell me about it ###Assistant:", "target": "it is a park ###"},
-]
-
-
-def build(cfg, stage=1, seed=0, **kwargs) -> MiniGPT5_Model:
-    torch.manual_seed(seed)
-    return MiniGPT5_Model(cfg, stage=stage, **kwargs)
-
-
-def batch_for(model, samples, seed=0, drop=False):
-    cfg = model.cfg
-    batch = make_batch(model.model.llama_tokenizer, samples, cfg.image_size, cfg.sd_image_size, seed)
-    latent = (4, model.unet.config.sample_size, model.unet.config.sample_size)
-    batch.update(fixed_draws(len(samples), latent, seed, drop))
-    return batch
-
 
 def test_stage1_step_has_every_loss_term(tiny_config):
     model = build(tiny_config, stage=1).train()

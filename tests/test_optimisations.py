@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from benchmarks.baselines import adam_state_bytes, bare_decode, one_at_a_time_features, release_style_wrap
-from conftest import VOKEN_TARGET, fixed_draws, make_batch
+from conftest import STORY_LIKE, VOKEN_TARGET, fixed_draws, make_batch
 from constants import VOKEN_COUNT
 from minigpt4 import VokenEmbedding, VokenStateRecorder
 from model import MiniGPT5_Model
-from test_model import STORY_LIKE
 
 CAPTIONED = [
     {"source": "a red square on a white wall", "target": VOKEN_TARGET, "caption": "a red square on a white wall"},

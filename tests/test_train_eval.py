@@ -565,7 +565,7 @@ def test_warmup_ratio_and_steps_together_are_refused(tiny_config_path, no_model,
 def test_stage2_without_stage1_weight_fails_before_loading(tiny_config_path, no_model, monkeypatch, tmp_path):
     import train_eval
 
-    stage2 = fake_stage2_checkpoint(tmp_path / "stage2_vist.ckpt")
+    fake_stage2_checkpoint(tmp_path / "stage2_vist.ckpt")
     monkeypatch.setenv("DATAFOLDER", str(DATASETS / "VIST"))
     monkeypatch.setenv("WEIGHTFOLDER", str(tmp_path))
     config = ["--model_config", str(tiny_config_path)]
