@@ -18,12 +18,8 @@ from pathlib import Path
 from PIL import Image
 
 from constants import IMAGE_SLOT, RESERVED_TOKENS
+from prompts import ASSISTANT, MMDIALOG_SYSTEM
 
-VIST_SYSTEM_PROMPT = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the "
-                      "images once I provide it to you. Please understanding images and generate story.")
-MMDIALOG_SYSTEM_PROMPT = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see "
-                          "the images once I provide it to you. Please generate conversations with appropriate "
-                          "images.")
 ROLES = ("Human", "Assistant")
 
 
@@ -59,7 +55,7 @@ class Turn:
 class Conversation:
     """A conversation with a system prompt; `respond` asks a model for the next Assistant turn."""
 
-    system: str = MMDIALOG_SYSTEM_PROMPT
+    system: str = MMDIALOG_SYSTEM
     turns: list[Turn] = field(default_factory=list)
 
     def add(self, role: str, text: str, images: list | None = None) -> "Conversation":
@@ -82,7 +78,7 @@ class Conversation:
         for turn in self.turns:
             parts.append(" ".join([f"###{turn.role}: {turn.text}".rstrip()] + [IMAGE_SLOT] * len(turn.images)))
             images.extend(turn.images)
-        return self.system + " ".join(parts) + " ###Assistant:", images
+        return self.system + " ".join(parts) + f" {ASSISTANT}", images
 
     def respond(self, model, **generate_kwargs):
         """Generate the next Assistant turn with `model.generate`, append it (its clean text and

@@ -88,48 +88,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from constants import ALL_VOKENS_TEXT, IMAGE_PLACEHOLDER, IMAGE_SLOT, RESERVED_TOKENS, SEED, VOKENS
+from constants import IMAGE_PLACEHOLDER, IMAGE_SLOT, RESERVED_TOKENS, SEED, VOKENS
 from constants import data_folder, dataset_type as dataset_type_of_folder, preprocess_feature_folder
 from minigpt4 import image_processor
+# The release's prompts (importable from here too, as before they moved to prompts.py).
+from prompts import (CC3M_PROMPTS, CC3M_SYSTEM, MMDIALOG_SYSTEM, VIST_GENERATION, VIST_MULTIMODAL,  # noqa: F401
+                     VIST_SYSTEM, VIST_UNDERSTANDING, VOKEN_TARGET, speaker, vist_context)
 
 log = logging.getLogger("dataloader")
 
 REPO = Path(__file__).resolve().parent
 DATASET_TYPES = ("CC3M", "VIST", "MMDialog")
-VOKEN_TARGET = f"{ALL_VOKENS_TEXT} ###"
-
-# ---- prompts (the release's) -----------------------------------------------------------------------
-
-CC3M_SYSTEM = "You will be able to generate image according to command."
-CC3M_PROMPTS = (
-    "generate image with caption:",
-    "can you give me the image with caption:",
-    "help me to generate this image:",
-    "generate image with according to caption:",
-    "according to caption, generate image:",
-    "an image with caption:",
-    "can you visualize this caption:",
-)
 CC3M_INSTRUCTION_EVERY = 100
-
-VIST_SYSTEM = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the "
-               "images once I provide it to you. Please understanding images and generate story.")
-VIST_GENERATION = (
-    "###Human:{context} Generate an image with the scene description: {caption} ###Assistant:",
-    "###Human:{context} the scene description: {caption} ###Assistant:",
-)
-VIST_MULTIMODAL = (
-    "###Human:{context} Tell me the next scene with image. ###Assistant:",
-    "###Human:{context} Generate the next scene with image. ###Assistant:",
-    "###Human:{context} What should happen then? ###Assistant:",
-)
-VIST_UNDERSTANDING = (
-    "###Human:{context} Tell me the next scene description by this image: <Img><ImageHere></Img> ###Assistant:",
-    "###Human:{context} What happen in the next scene image: <Img><ImageHere></Img> ###Assistant:",
-)
-
-MMDIALOG_SYSTEM = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the "
-                   "images once I provide it to you. Please generate conversations with appropriate images.")
 MMDIALOG_BROKEN_IDS = frozenset({"-3872362534310063124", "3713630103994725971"})
 MMDIALOG_MAX_TURN_TOKENS = 50
 
@@ -851,9 +821,7 @@ class VISTDataset(MiniGPT5Dataset):
         s, k, kind = (int(v) for v in self._index[:, index])
         story = self.stories[s]
         caption = story.captions[k]
-        context = IMAGE_SLOT.join(story.captions[:k])
-        if k:
-            context += IMAGE_SLOT + "\n"
+        context = vist_context(story.captions[:k])
         name = f"{story.names[k]}-{self.KINDS[kind]}"
         history = story.images[:k]
         location = f"{self.data_file} (story {story.story_id}, step {k})"
@@ -1023,19 +991,15 @@ class MMDialogDataset(MiniGPT5Dataset):
         conv = self.conversations[c]
         parts, inputs = [MMDIALOG_SYSTEM], []
         for j in range(window, i):
-            parts.append(f"{_speaker(j)} {conv.texts[j]}")
+            parts.append(f"{speaker(j)} {conv.texts[j]}")
             if conv.images[j] is not None:
                 parts.append(IMAGE_SLOT)
                 inputs.append(conv.images[j])
-        parts.append(_speaker(i))
+        parts.append(speaker(i))
         text, image = conv.texts[i], conv.images[i]
         target = f"{text} {VOKEN_TARGET}" if image is not None else f"{text} ###"
         return Sample(f"{conv.conversation_id}_{i}-mm", " ".join(parts), target, None, tuple(inputs), image,
                       f"{self.data_file}:{conv.line}")
-
-
-def _speaker(turn: int) -> str:
-    return "###Human:" if turn % 2 == 0 else "###Assistant:"
 
 
 def _mmdialog_windows(n_turns: int) -> Iterator[tuple[int, int]]:

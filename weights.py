@@ -44,25 +44,34 @@ TINY_CONFIG = REPO / "config" / "tiny.yaml"
 TINY_ARCH = REPO / "config" / "tiny_arch.yaml"
 DEFAULT_TINY_DIR = REPO / "weights" / "tiny"
 
-# Text the tiny sentencepiece model is trained on: the prompts, templates and a little English, so
-# that the tokens the project uses get real pieces; everything else goes through byte fallback.
-_TINY_CORPUS = [
-    "Give the following images in <Img>ImageContent</Img> format. You will be able to see the images "
-    "once I provide it to you. Please understanding images and generate story.",
-    "Give the following images in <Img>ImageContent</Img> format. You will be able to see the images "
-    "once I provide it to you. Please generate conversations with appropriate images.",
-    "###Human: Generate an image with the scene description: ###Assistant:",
-    "###Human: the scene description: ###Assistant: Tell me the next scene with image.",
-    "Generate the next scene with image. What should happen then? ###",
-    "Tell me the next scene description by this image: What happen in the next scene image:",
-    "You will be able to generate image according to command. generate image with caption:",
-    "can you give me the image with caption: help me to generate this image: an image with caption:",
-    "according to caption, generate image: can you visualize this caption:",
-    "a man is walking his dog in the park on a sunny day. the family went to the beach together.",
-    "we had a great time at the party and everyone was happy. the view from the top was beautiful.",
-    "a photo of a cat sitting on a wooden table next to a window. people are standing in a street.",
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 .,!?:;'\"()[]{}<>/#-_",
-]
+
+def _tiny_corpus() -> list[str]:
+    """Text the tiny sentencepiece model is trained on: the prompts' words (from prompts.py) and a
+    little English, so that the tokens the project uses get real pieces; everything else goes
+    through byte fallback."""
+    from constants import IMAGE_SLOT
+    from prompts import (ASSISTANT, CC3M_PROMPTS, CC3M_SYSTEM, HUMAN, MMDIALOG_SYSTEM, VIST_GENERATION,
+                         VIST_MULTIMODAL, VIST_SYSTEM, VIST_UNDERSTANDING)
+
+    def words(template: str) -> str:           # a template without its slots and speaker tags
+        text = template.format(context="", caption="").replace(IMAGE_SLOT, "")
+        return " ".join(text.replace(HUMAN, "").replace(ASSISTANT, "").split())
+
+    def bare(template: str) -> str:            # the same with the speaker tags
+        return " ".join(template.format(context="", caption="").split())
+
+    return [
+        VIST_SYSTEM, MMDIALOG_SYSTEM, bare(VIST_GENERATION[0]),
+        f"{bare(VIST_GENERATION[1])} {words(VIST_MULTIMODAL[0])}",
+        f"{words(VIST_MULTIMODAL[1])} {words(VIST_MULTIMODAL[2])} ###",
+        f"{words(VIST_UNDERSTANDING[0])} {words(VIST_UNDERSTANDING[1])}",
+        f"{CC3M_SYSTEM} {CC3M_PROMPTS[0]}", " ".join(CC3M_PROMPTS[i] for i in (1, 2, 5)),
+        " ".join(CC3M_PROMPTS[i] for i in (4, 6)),
+        "a man is walking his dog in the park on a sunny day. the family went to the beach together.",
+        "we had a great time at the party and everyone was happy. the view from the top was beautiful.",
+        "a photo of a cat sitting on a wooden table next to a window. people are standing in a street.",
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 .,!?:;'\"()[]{}<>/#-_",
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +304,7 @@ def train_llama_tokenizer(vocab_size: int, corpus: list[str] | None = None, exac
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_TINY_CORPUS * 4 + (corpus or [])), model_writer=buffer, vocab_size=vocab_size,
+        sentence_iterator=iter(_tiny_corpus() * 4 + (corpus or [])), model_writer=buffer, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
         remove_extra_whitespaces=False, normalization_rule_name="identity",

@@ -35,11 +35,10 @@ DEFAULT_CAPTIONS = ["We went to the beach on a sunny day and set up a red umbrel
 
 def story_prompt(captions: list[str]) -> str:
     """The VIST-format prompt: system prompt, the story so far (each caption followed by its
-    image), then the request for the next scene (REFERENCE §5, multimodal task)."""
-    from conversation import VIST_SYSTEM_PROMPT
+    image), then the request for the next scene (the training data's first "multimodal" template)."""
+    from prompts import VIST_MULTIMODAL, VIST_SYSTEM, vist_context
 
-    context = IMAGE_SLOT.join(captions) + IMAGE_SLOT + "\n"
-    return VIST_SYSTEM_PROMPT + f"###Human:{context} Tell me the next scene with image. ###Assistant:"
+    return VIST_SYSTEM + VIST_MULTIMODAL[0].format(context=vist_context(captions))
 
 
 def save_figure(path: Path, inputs: list, picture, text: str) -> None:
@@ -128,7 +127,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     from PIL import Image
 
-    from conversation import Conversation, VIST_SYSTEM_PROMPT
+    from conversation import Conversation
+    from prompts import VIST_SYSTEM
     from model import MiniGPT5_Model, placement_kwargs
 
     try:
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    page = Conversation(system=VIST_SYSTEM_PROMPT if args.prompt is None else "")
-    page.add("Human", prompt.removeprefix(VIST_SYSTEM_PROMPT), inputs)
+    page = Conversation(system=VIST_SYSTEM if args.prompt is None else "")
+    page.add("Human", prompt.removeprefix(VIST_SYSTEM), inputs)
     for i, out in enumerate(outputs):
         figure = out_dir / f"sample_{i}.png"
         save_figure(figure, inputs, out.image, out.text)

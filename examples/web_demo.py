@@ -51,7 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from conversation import MMDIALOG_SYSTEM_PROMPT, Conversation, neutralise_reserved_tokens  # noqa: E402
+from conversation import Conversation, neutralise_reserved_tokens  # noqa: E402
+from prompts import MMDIALOG_SYSTEM  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class ChatSession:
     (which also hold the demo's notices) and a private folder for generated pictures and the
     HTML export. Created on the first message; `close` removes the folder."""
 
-    def __init__(self, system: str = MMDIALOG_SYSTEM_PROMPT, root: str | os.PathLike | None = None):
+    def __init__(self, system: str = MMDIALOG_SYSTEM, root: str | os.PathLike | None = None):
         self.conversation = Conversation(system=system)
         self.messages: list[dict[str, Any]] = []
         self.pending = False            # a Human turn waits for its answer
@@ -169,7 +170,7 @@ def _file_path(item: Any) -> str:
     return item if isinstance(item, str) else item["path"]
 
 
-def build_demo(model, *, system_prompt: str = MMDIALOG_SYSTEM_PROMPT, max_new_tokens: int = 256,
+def build_demo(model, *, system_prompt: str = MMDIALOG_SYSTEM, max_new_tokens: int = 256,
                guidance_scale: float = 7.5, num_inference_steps: int = 50, scheduler: str = "pndm",
                seed: int = 42, force_generation: bool = False, top_k: int = 50,
                max_image_side: int = MAX_IMAGE_SIDE, max_message_chars: int = MAX_MESSAGE_CHARS,

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "examples"))
 
 import web_demo  # noqa: E402
 from constants import IMAGE_SLOT, RESERVED_TOKENS  # noqa: E402
-from conversation import MMDIALOG_SYSTEM_PROMPT  # noqa: E402
+from prompts import MMDIALOG_SYSTEM  # noqa: E402
 from model import GenerationOutput, MiniGPT5_Model  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -315,7 +315,7 @@ def test_answer_passes_the_settings_top_k_included(tmp_path):
     session, _, _ = _handler(demo, "accept")({"text": "hello", "files": []}, None)
     _handler(demo, "answer")(session, 7.5, 3, 7, False, 16, "pndm", 50)
     assert fake.calls[0]["kwargs"]["top_k"] == 50 and fake.calls[0]["kwargs"]["num_inference_steps"] == 3
-    assert fake.calls[0]["prompts"] == [MMDIALOG_SYSTEM_PROMPT + "###Human: hello ###Assistant:"]
+    assert fake.calls[0]["prompts"] == [MMDIALOG_SYSTEM + "###Human: hello ###Assistant:"]
 
 
 def test_server_files_are_removed_when_the_server_stops(monkeypatch, model, pictures):
@@ -370,7 +370,7 @@ def test_chat_with_images_keeps_history(open_page, server, pictures, tmp_path):
     out = call["outputs"][0]
     assert call["kwargs"]["force_generation"] is True
     assert call["kwargs"]["num_inference_steps"] == 3 and call["kwargs"]["max_new_tokens"] == 16
-    assert call["prompts"][0] == MMDIALOG_SYSTEM_PROMPT + f"###Human: Describe this picture. {IMAGE_SLOT} ###Assistant:"
+    assert call["prompts"][0] == MMDIALOG_SYSTEM + f"###Human: Describe this picture. {IMAGE_SLOT} ###Assistant:"
     assert len(call["images"][0]) == 1 and _same_pixels(call["images"][0][0], Image.open(pictures["red"]))
     assert out.image is not None
     expect(user_messages(page).locator("img")).to_have_count(1)            # the upload, shown in the chat
@@ -387,7 +387,7 @@ def test_chat_with_images_keeps_history(open_page, server, pictures, tmp_path):
     second = spy.calls[first + 1]
     history = (f"###Human: Describe this picture. {IMAGE_SLOT} ###Assistant: {out.clean_text} {IMAGE_SLOT} "
                f"###Human: And what happens next? ###Assistant:")
-    assert second["prompts"][0] == MMDIALOG_SYSTEM_PROMPT + re.sub(" +", " ", history)
+    assert second["prompts"][0] == MMDIALOG_SYSTEM + re.sub(" +", " ", history)
     sent = second["images"][0]
     assert len(sent) == 2 and _same_pixels(sent[0], Image.open(pictures["red"])) and _same_pixels(sent[1], out.image)
     assert second["kwargs"]["seed"] == FAST["seed"] + 1                   # turn n uses seed + n
@@ -422,8 +422,8 @@ def test_two_clients_at_once_both_get_answers(open_page, server, pictures):
     assert len(spy.calls) == first + 2
     assert spy.most_at_once == 1                         # the queue ran them one after the other
     prompts = sorted(c["prompts"][0] for c in spy.calls[first:])
-    assert prompts == sorted([MMDIALOG_SYSTEM_PROMPT + "###Human: Hello from client one. ###Assistant:",
-                              MMDIALOG_SYSTEM_PROMPT + f"###Human: Hello from client two. {IMAGE_SLOT} ###Assistant:"])
+    assert prompts == sorted([MMDIALOG_SYSTEM + "###Human: Hello from client one. ###Assistant:",
+                              MMDIALOG_SYSTEM + f"###Human: Hello from client two. {IMAGE_SLOT} ###Assistant:"])
     for page, mine, theirs in ((pages[0], "client one", "client two"), (pages[1], "client two", "client one")):
         expect(user_messages(page).filter(has_text=mine)).to_have_count(1)
         expect(user_messages(page).filter(has_text=theirs)).to_have_count(0)   # sessions do not mix
@@ -454,7 +454,7 @@ def test_bad_input_shows_a_message_and_the_chat_goes_on(open_page, server, pictu
     expect(bot_messages(page).filter(has_text="was downscaled to 2048 x 492")).to_have_count(1)
     assert len(spy.calls) == first + 1
     call = spy.calls[first]
-    assert call["prompts"][0] == MMDIALOG_SYSTEM_PROMPT + f"###Human: Here is a wide one. {IMAGE_SLOT} ###Assistant:"
+    assert call["prompts"][0] == MMDIALOG_SYSTEM + f"###Human: Here is a wide one. {IMAGE_SLOT} ###Assistant:"
     assert [image.size for image in call["images"][0]] == [(2048, 492)]
     expect(bot_messages(page).last).not_to_have_text(re.compile("failed|error", re.I))
 

@@ -1,0 +1,61 @@
+"""Every prompt string of MiniGPT-5, as the release wrote them: one home for the wording.
+
+The datasets (`dataloader.py`), the conversations and demos (`conversation.py`, `examples/`) and the
+tiny tokenizer's corpus (`weights.py`) all read them from here. Which dataset uses which is said by
+its spec in `dataset_specs.py`. The strings are the release's byte for byte (its typos included):
+a model trained on them expects exactly these.
+"""
+from __future__ import annotations
+
+from constants import ALL_VOKENS_TEXT, IMAGE_SLOT
+
+# The answer that asks for a picture: the eight vokens, then the end symbol.
+VOKEN_TARGET = f"{ALL_VOKENS_TEXT} ###"
+
+HUMAN, ASSISTANT = "###Human:", "###Assistant:"
+
+# ---- CC3M (stage 1) ---------------------------------------------------------------------------------
+# Every 100th training row adds an instruction-style sample: system + "###Human: {prompt} {caption} ###Assistant:".
+CC3M_SYSTEM = "You will be able to generate image according to command."
+CC3M_PROMPTS = (
+    "generate image with caption:",
+    "can you give me the image with caption:",
+    "help me to generate this image:",
+    "generate image with according to caption:",
+    "according to caption, generate image:",
+    "an image with caption:",
+    "can you visualize this caption:",
+)
+
+# ---- VIST (stage 2) ---------------------------------------------------------------------------------
+VIST_SYSTEM = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the "
+               "images once I provide it to you. Please understanding images and generate story.")
+VIST_GENERATION = (
+    "###Human:{context} Generate an image with the scene description: {caption} ###Assistant:",
+    "###Human:{context} the scene description: {caption} ###Assistant:",
+)
+VIST_MULTIMODAL = (
+    "###Human:{context} Tell me the next scene with image. ###Assistant:",
+    "###Human:{context} Generate the next scene with image. ###Assistant:",
+    "###Human:{context} What should happen then? ###Assistant:",
+)
+VIST_UNDERSTANDING = (
+    "###Human:{context} Tell me the next scene description by this image: <Img><ImageHere></Img> ###Assistant:",
+    "###Human:{context} What happen in the next scene image: <Img><ImageHere></Img> ###Assistant:",
+)
+
+# ---- MMDialog (stage 2) -----------------------------------------------------------------------------
+MMDIALOG_SYSTEM = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the "
+                   "images once I provide it to you. Please generate conversations with appropriate images.")
+
+
+def vist_context(captions) -> str:
+    """The story so far in a VIST prompt: the earlier captions, each followed by its image slot, and a
+    newline after the last slot (empty for the first step)."""
+    captions = list(captions)
+    return IMAGE_SLOT.join(captions) + (IMAGE_SLOT + "\n" if captions else "")
+
+
+def speaker(turn: int) -> str:
+    """MMDialog's speaker tag of a turn: Human on even turns, Assistant on odd ones."""
+    return HUMAN if turn % 2 == 0 else ASSISTANT
