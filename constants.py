@@ -18,7 +18,7 @@ ALL_VOKENS_TEXT = "".join(VOKENS)
 # number of images would no longer match the number of <ImageHere> tokens.
 RESERVED_TOKENS = tuple(VOKENS) + (IMAGE_PLACEHOLDER,)
 
-# Loss weights (REFERENCE §3.8) and training constants the release used.
+# Loss weights and training constants the release used (docs/architecture.md, "The losses").
 TEXT_LOSS_WEIGHT = 0.01
 IMAGE_LOSS_WEIGHT = 1.0
 CAPTION_LOSS_WEIGHT = 0.1
@@ -40,7 +40,8 @@ def weight_folder() -> Path:
 
 
 def data_folder() -> Path:
-    """`DATAFOLDER`: the dataset folder; its name selects CC3M / MMDialog / VIST."""
+    """`DATAFOLDER`: the dataset folder (relative data paths are under it); its name selects the
+    dataset (`dataset_specs.resolve_dataset_type`)."""
     return Path(os.environ.get("DATAFOLDER", "datasets/CC3M"))
 
 
@@ -77,13 +78,3 @@ def preprocess_feature_folder() -> Path | None:
     """`PREPROCESS_FEATURE_FOLDER`: cached VAE moments / image embeddings, if set."""
     value = os.environ.get("PREPROCESS_FEATURE_FOLDER")
     return Path(value) if value else None
-
-
-def dataset_type(folder: str | os.PathLike) -> str:
-    """The dataset type the release derived from a folder name: CC3M, MMDialog, else VIST."""
-    name = str(folder)
-    if "CC3M" in name:
-        return "CC3M"
-    if "MMDialog" in name:
-        return "MMDialog"
-    return "VIST"

@@ -89,16 +89,16 @@ import torch
 from PIL import Image
 
 from constants import IMAGE_PLACEHOLDER, IMAGE_SLOT, RESERVED_TOKENS, SEED, VOKENS
-from constants import data_folder, dataset_type as dataset_type_of_folder, preprocess_feature_folder
+from constants import data_folder, preprocess_feature_folder
+from dataset_specs import NAMES as DATASET_TYPES, SPECS, DatasetSpec, resolve_dataset_type, spec  # noqa: F401
 from minigpt4 import image_processor
 # The release's prompts (importable from here too, as before they moved to prompts.py).
-from prompts import (CC3M_PROMPTS, CC3M_SYSTEM, MMDIALOG_SYSTEM, VIST_GENERATION, VIST_MULTIMODAL,  # noqa: F401
-                     VIST_SYSTEM, VIST_UNDERSTANDING, VOKEN_TARGET, speaker, vist_context)
+from prompts import (CC3M_INSTRUCTION, CC3M_PROMPTS, CC3M_SYSTEM, MMDIALOG_SYSTEM, VIST_GENERATION,  # noqa: F401
+                     VIST_MULTIMODAL, VIST_SYSTEM, VIST_UNDERSTANDING, VOKEN_TARGET, speaker, vist_context)
 
 log = logging.getLogger("dataloader")
 
 REPO = Path(__file__).resolve().parent
-DATASET_TYPES = ("CC3M", "VIST", "MMDialog")
 CC3M_INSTRUCTION_EVERY = 100
 MMDIALOG_BROKEN_IDS = frozenset({"-3872362534310063124", "3713630103994725971"})
 MMDIALOG_MAX_TURN_TOKENS = 50
@@ -500,7 +500,7 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
         allow_outside_paths: accept image paths that leave `image_root` (refused by default).
     """
 
-    dataset_type = ""
+    dataset_type = ""           # the name of its spec in dataset_specs.SPECS
 
     def __init__(self, data_file: str | os.PathLike, tokenizer: Any = None, cfg: Any = None,
                  is_training: bool = True, strict: bool = False, seed: int = SEED,
@@ -541,6 +541,11 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
         raise NotImplementedError
 
     # ---- shared --------------------------------------------------------------------------------
+
+    @property
+    def dataset_spec(self) -> DatasetSpec:
+        """What the project knows about this dataset (dataset_specs.py)."""
+        return SPECS[self.dataset_type]
 
     @property
     def strict(self) -> bool:
@@ -752,12 +757,12 @@ def cc3m_sample(row: int, caption: str, instruction: bool, is_training: bool, se
                 location: str) -> Sample:
     """The CC3M sample of one row (cleaned caption): `cc3m_{row}`, or its instruction sample
     `cc3m_{row}_instruction`. Shared by the TSV reader and the shard reader (shards.py)."""
-    name = f"cc3m_{row}"
+    cc3m = SPECS["CC3M"]
+    name = cc3m.task_name("cc3m", row, "instruction" if instruction else "caption")
     source = caption
     if instruction:
-        name += "_instruction"
-        prompt = choose(CC3M_PROMPTS, seed, name)
-        source = CC3M_SYSTEM + f"###Human: {prompt} {caption} ###Assistant:"
+        prompt = choose(cc3m.templates["instruction"], seed, name)
+        source = cc3m.system_prompt + CC3M_INSTRUCTION.format(prompt=prompt, caption=caption)
     target = VOKEN_TARGET if is_training else caption
     return Sample(name, source, target, caption, (), image_path, location)
 
@@ -767,7 +772,7 @@ class _Story:
     story_id: str
     captions: tuple[str, ...]
     images: tuple[str, ...]
-    names: tuple[str, ...]  # `{story}_{sequence_index}`
+    steps: tuple[str, ...]  # the steps' `sequence_index`
 
 
 class VISTDataset(MiniGPT5Dataset):
@@ -776,7 +781,7 @@ class VISTDataset(MiniGPT5Dataset):
     the annotation file's name with `cleaned` replaced by `image_mapping`."""
 
     dataset_type = "VIST"
-    KINDS = ("gen", "multimodal", "understanding")
+    KINDS = ("generation", "multimodal", "understanding")
 
     def _build_index(self) -> None:
         path = self.data_file
@@ -788,7 +793,7 @@ class VISTDataset(MiniGPT5Dataset):
         self.stories: list[_Story] = []
         story_idx, step_idx, kind_idx = [], [], []
         for story_id, steps in stories.items():
-            captions, images, names = [], [], []
+            captions, images, steps_done = [], [], []
             if not isinstance(steps, list):
                 self.problems.add(f"{path} (story {story_id})", "malformed story", "expected a list of steps",
                                   skipped="story skipped")
@@ -804,13 +809,13 @@ class VISTDataset(MiniGPT5Dataset):
                     break
                 captions.append(step["caption"])
                 images.append(self.image_path(mapping[str(step["image_id"])]))
-                names.append(f"{story_id}_{step['sequence_index']}")
+                steps_done.append(str(step["sequence_index"]))
             for k in range(len(captions)):
                 kinds = (0, 1, 2) if k > 0 and self.is_training else (0,)
                 story_idx += [len(self.stories)] * len(kinds)
                 step_idx += [k] * len(kinds)
                 kind_idx += list(kinds)
-            self.stories.append(_Story(str(story_id), tuple(captions), tuple(images), tuple(names)))
+            self.stories.append(_Story(str(story_id), tuple(captions), tuple(images), tuple(steps_done)))
         self._index = np.array([story_idx, step_idx, kind_idx], dtype=np.int64).reshape(3, -1)
 
     def __len__(self) -> int:
@@ -822,19 +827,19 @@ class VISTDataset(MiniGPT5Dataset):
         story = self.stories[s]
         caption = story.captions[k]
         context = vist_context(story.captions[:k])
-        name = f"{story.names[k]}-{self.KINDS[kind]}"
+        vist = self.dataset_spec
+        kind_name = self.KINDS[kind]
+        name = vist.task_name(story.story_id, story.steps[k], kind_name)
+        template = choose(vist.templates[kind_name], self.seed, name)
         history = story.images[:k]
         location = f"{self.data_file} (story {story.story_id}, step {k})"
-        if kind == 0:
-            template = choose(VIST_GENERATION, self.seed, name)
-            return Sample(name, VIST_SYSTEM + template.format(context=context, caption=caption),
+        if kind_name == "generation":
+            return Sample(name, vist.system_prompt + template.format(context=context, caption=caption),
                           VOKEN_TARGET, None, history, story.images[k], location)
-        if kind == 1:
-            template = choose(VIST_MULTIMODAL, self.seed, name)
-            return Sample(name, VIST_SYSTEM + template.format(context=context), f"{caption} {VOKEN_TARGET}",
+        if kind_name == "multimodal":
+            return Sample(name, vist.system_prompt + template.format(context=context), f"{caption} {VOKEN_TARGET}",
                           None, history, story.images[k], location)
-        template = choose(VIST_UNDERSTANDING, self.seed, name)
-        return Sample(name, VIST_SYSTEM + template.format(context=context), f"{caption} ###", None,
+        return Sample(name, vist.system_prompt + template.format(context=context), f"{caption} ###", None,
                       history + (story.images[k],), None, location)
 
 
@@ -989,7 +994,7 @@ class MMDialogDataset(MiniGPT5Dataset):
         """See `MiniGPT5Dataset.sample`."""
         c, i, window = (int(v) for v in self._index[:, index])
         conv = self.conversations[c]
-        parts, inputs = [MMDIALOG_SYSTEM], []
+        parts, inputs = [self.dataset_spec.system_prompt], []
         for j in range(window, i):
             parts.append(f"{speaker(j)} {conv.texts[j]}")
             if conv.images[j] is not None:
@@ -998,8 +1003,8 @@ class MMDialogDataset(MiniGPT5Dataset):
         parts.append(speaker(i))
         text, image = conv.texts[i], conv.images[i]
         target = f"{text} {VOKEN_TARGET}" if image is not None else f"{text} ###"
-        return Sample(f"{conv.conversation_id}_{i}-mm", " ".join(parts), target, None, tuple(inputs), image,
-                      f"{self.data_file}:{conv.line}")
+        return Sample(self.dataset_spec.task_name(conv.conversation_id, i, "turn"), " ".join(parts), target, None,
+                      tuple(inputs), image, f"{self.data_file}:{conv.line}")
 
 
 def _mmdialog_windows(n_turns: int) -> Iterator[tuple[int, int]]:
@@ -1033,22 +1038,6 @@ def _mmdialog_problem(value: Any) -> str | None:
     return None
 
 
-DATASET_CLASSES = {"CC3M": CC3MDataset, "VIST": VISTDataset, "MMDialog": MMDialogDataset}
-
-
-def resolve_dataset_type(data_file: str | os.PathLike, dataset_type: str | None = None) -> str:
-    """The dataset type: `dataset_type` if given (any case), else from DATAFOLDER when it is set
-    (as the release: contains CC3M / MMDialog, else VIST), else from the data file's path."""
-    if dataset_type is not None:
-        for name in DATASET_TYPES:
-            if dataset_type.lower() == name.lower():
-                return name
-        raise ValueError(f"unknown dataset type {dataset_type!r}; expected one of {DATASET_TYPES}")
-    if os.environ.get("DATAFOLDER"):
-        return dataset_type_of_folder(os.environ["DATAFOLDER"])
-    return dataset_type_of_folder(data_file)
-
-
 def resolve_data_file(data_file: str | os.PathLike) -> Path:
     """`data_file` if it exists, else (when relative) the same path under DATAFOLDER, as the
     release's `--*_data_path` flags."""
@@ -1072,7 +1061,7 @@ def make_dataset(data_file: str | os.PathLike, tokenizer: Any, cfg: Any, is_trai
         return shards.CC3MShards(data_file, tokenizer=tokenizer, cfg=cfg, is_training=is_training, strict=strict,
                                  dataset_type=dataset_type, **kwargs)
     path = resolve_data_file(data_file)
-    cls = DATASET_CLASSES[resolve_dataset_type(path, dataset_type)]
+    cls = spec(resolve_dataset_type(path, dataset_type)).reader_class()
     return cls(path, tokenizer=tokenizer, cfg=cfg, is_training=is_training, strict=strict, **kwargs)
 
 
@@ -1275,7 +1264,7 @@ def main(argv: list[str] | None = None) -> int:
         kind = resolve_dataset_type(path, args.dataset_type)
         # Only MMDialog's training index needs the tokenizer (its 50-token rule).
         tokenizer = _load_tokenizer_for(args.model_config) if kind == "MMDialog" and is_training else None
-        dataset = DATASET_CLASSES[kind](path, tokenizer=tokenizer, is_training=is_training, strict=args.strict,
+        dataset = spec(kind).reader_class()(path, tokenizer=tokenizer, is_training=is_training, strict=args.strict,
                                         seed=args.seed, feature_folder=False,
                                         allow_outside_paths=args.allow_outside_paths)
     out = sys.stdout
@@ -1325,4 +1314,6 @@ def _preprocess_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import dataloader   # the module the dataset specs name (not a second copy run as __main__)
+
+    sys.exit(dataloader.main())

@@ -120,13 +120,11 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import pil_to_tensor, resize, to_pil_image
 from tqdm import tqdm
 
-import constants
 import predictions
-from constants import cc3m_folder, data_folder, dataset_type
+from constants import cc3m_folder, prediction_folder
+from dataset_specs import NAMES as DATASETS, choose_dataset_type, spec, split_task  # noqa: F401
 from weights import CheckpointError
 
-DATASETS = ("CC3M", "VIST", "MMDialog")
-DEFAULT_CLIP = {"CC3M": "ViT-L-14", "VIST": "ViT-L-14", "MMDialog": "ViT-B-32"}
 FID_IMAGE_SIZE = 256
 IS_SPLITS = 10
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -181,12 +179,6 @@ def load_predictions(folder: Path) -> list[Sample]:
     return samples
 
 
-def split_task(task: str) -> tuple[str, int]:
-    """`{group}_{step}[-kind]` -> (group, step): the story / conversation id and the step in it."""
-    match = re.fullmatch(r"(.+)_(\d+)(?:-\w+)?", task)
-    return (match.group(1), int(match.group(2))) if match else (task, 0)
-
-
 # ----------------------------------------------------------------------------------------------
 # Text metrics
 
@@ -208,8 +200,9 @@ def reference_caption(sample: Sample, dataset: str, source: str = "caption") -> 
     text = clean_text(sample.gt_text)
     if text:
         return text
-    if dataset == "VIST":
-        match = re.search(r"scene description:\s*(.*?)\s*###", sample.input_text, flags=re.S)
+    pattern = spec(dataset).prompt_caption
+    if pattern is not None:
+        match = re.search(pattern, sample.input_text, flags=re.S)
         return match.group(1).strip() if match else ""
     return clean_text(sample.input_text)
 
@@ -451,16 +444,16 @@ def load_models(args: argparse.Namespace, dataset: str, given: Models | None = N
     """Fill the extractors `given` leaves out from the flags, and move all to `args.device`."""
     models = dataclasses.replace(given) if given is not None else Models()
     if models.clip is None:
-        name = args.clip_model or DEFAULT_CLIP[dataset]
+        name = args.clip_model or spec(dataset).clip_model
         models.clip, models.clip_preprocess, models.clip_tokenizer = load_clip(
             name, args.clip_pretrained, args.clip_weights, args.clip_cache_dir, args.device)
         models.clip_name = f"{name} / {args.clip_weights or args.clip_pretrained}"
     if models.clip_tokenizer is None:
-        models.clip_tokenizer = open_clip.get_tokenizer(args.clip_model or DEFAULT_CLIP[dataset])
+        models.clip_tokenizer = open_clip.get_tokenizer(args.clip_model or spec(dataset).clip_model)
     if models.inception is None:
         models.inception = load_inception(args.inception_weights, args.device)
         models.inception_name = f"torchmetrics FID Inception v3 ({args.inception_weights or 'torch hub cache'})"
-    if models.sbert is None and dataset == "MMDialog":
+    if models.sbert is None and spec(dataset).sentence_bert:
         models.sbert = load_sbert(args.sbert_model, args.device)
     models.clip = models.clip.to(args.device).eval()
     models.inception = models.inception.to(args.device).eval()
@@ -673,7 +666,7 @@ def cc3m_real_images(folder: Path | None = None) -> list[Path]:
 def _real_image_set(samples: Sequence[Sample], args: argparse.Namespace, dataset: str) -> list[Image.Image | Path]:
     if args.real_images:
         return sorted(p for p in Path(args.real_images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if dataset == "CC3M" and args.fid_real == "release":
+    if spec(dataset).fid_real == "cc3m_val" and args.fid_real == "release":
         return cc3m_real_images()
     return [s.gt_image for s in samples if s.gt_image is not None]
 
@@ -749,9 +742,10 @@ def story_fid(samples: Sequence[Sample], gt_features: dict[int, torch.Tensor],
 
 def score_vist(samples: Sequence[Sample], models: Models, args: argparse.Namespace) -> tuple[dict, dict]:
     """VIST numbers under the release's keys: instance level and story level."""
-    generation = [s for s in samples if s.task.endswith("-gen")]
+    vist = spec("VIST")
+    generation = [s for s in samples if vist.is_evaluated(s.task)]
     m, counts = image_metrics(generation, models, args, "VIST")
-    counts["ignored (not -gen)"] = len(samples) - len(generation)
+    counts[f"ignored (not {vist.task_suffixes['generation']})"] = len(samples) - len(generation)
     gt_fid_rows = m["gt_fid_rows"]
     if gt_fid_rows is None:  # --real_images: stories still compare with their own ground truth
         rows = [i for i, s in enumerate(generation) if s.gt_image is not None]
@@ -841,7 +835,9 @@ def score_mmdialog(samples: Sequence[Sample], models: Models, args: argparse.Nam
     return results, counts
 
 
-SCORERS = {"CC3M": score_cc3m, "VIST": score_vist, "MMDialog": score_mmdialog}
+def score(dataset: str, samples: Sequence[Sample], models: Models, args: argparse.Namespace) -> tuple[dict, dict]:
+    """The numbers of one dataset's predictions: its spec's scorer (dataset_specs.py)."""
+    return spec(dataset).scorer_function()(samples, models, args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -854,7 +850,7 @@ def format_report(dataset: str, folder: Path, results: dict[str, Any], counts: d
     lines = [f"# {dataset} metrics", "", f"Predictions: `{folder}`  ",
              f"CLIP: {models.clip_name or 'a model passed in by the caller'}  ",
              f"Inception: {models.inception_name or 'a model passed in by the caller'}"]
-    if dataset == "MMDialog":
+    if spec(dataset).sentence_bert:
         lines[-1] += f"  \nBLEU over {'characters' if args.bleu_unit == 'char' else 'words'}, ROUGE-L from `{args.rouge}`"
     else:
         lines[-1] += f"  \nCLIP-T text: {args.clip_t_text}"
@@ -906,27 +902,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def prediction_folder(test_weight: str) -> Path:
-    """Where train_eval.py wrote the predictions of `--test_weight` (one rule for both:
-    `constants.prediction_folder`), read from the environment now."""
-    return constants.prediction_folder(test_weight)
-
-
 def main(argv: Sequence[str] | None = None, models: Models | None = None) -> dict[str, Any]:
     """Score one prediction folder; returns the results and writes results_dict.json / results.md."""
     args = parse_args(argv)
     folder = Path(args.pred_folder) if args.pred_folder else prediction_folder(args.test_weight)
-    dataset = args.dataset or dataset_type(data_folder())
+    dataset, why = choose_dataset_type(None, args.dataset)
     args.fid_cache_dir = args.fid_cache_dir or str(folder.parent / "fid_cache")
-    print(f"dataset {dataset}, predictions in {folder}, device {args.device}")
+    print(f"dataset {dataset} ({why}), predictions in {folder}, device {args.device}")
     if args.tiny_extractors and models is None:
         models = tiny_models(args.seed)
     try:
         samples = load_predictions(folder)
-        if dataset == "CC3M" and not args.real_images and args.fid_real == "release":
+        if spec(dataset).fid_real == "cc3m_val" and not args.real_images and args.fid_real == "release":
             cc3m_real_images()  # fails now, not after the extractors are loaded
         models = load_models(args, dataset, models)
-        results, counts = SCORERS[dataset](samples, models, args)
+        results, counts = score(dataset, samples, models, args)
     except (MissingWeightError, FileNotFoundError, CheckpointError) as exc:
         raise SystemExit(f"error: {exc}") from None
     report = format_report(dataset, folder, results, counts, args, models)
@@ -937,4 +927,6 @@ def main(argv: Sequence[str] | None = None, models: Models | None = None) -> dic
 
 
 if __name__ == "__main__":
-    main()
+    import metric       # the module the dataset specs name (not a second copy run as __main__)
+
+    metric.main()

@@ -15,7 +15,8 @@ VOKEN_TARGET = f"{ALL_VOKENS_TEXT} ###"
 HUMAN, ASSISTANT = "###Human:", "###Assistant:"
 
 # ---- CC3M (stage 1) ---------------------------------------------------------------------------------
-# Every 100th training row adds an instruction-style sample: system + "###Human: {prompt} {caption} ###Assistant:".
+# Every 100th training row adds an instruction-style sample: the system prompt, then CC3M_INSTRUCTION
+# with one of CC3M_PROMPTS.
 CC3M_SYSTEM = "You will be able to generate image according to command."
 CC3M_PROMPTS = (
     "generate image with caption:",
@@ -26,6 +27,7 @@ CC3M_PROMPTS = (
     "an image with caption:",
     "can you visualize this caption:",
 )
+CC3M_INSTRUCTION = "###Human: {prompt} {caption} ###Assistant:"
 
 # ---- VIST (stage 2) ---------------------------------------------------------------------------------
 VIST_SYSTEM = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the "

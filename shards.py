@@ -326,8 +326,8 @@ class CC3MShards(MiniGPT5Dataset, torch.utils.data.IterableDataset):
                  is_training: bool = True, strict: bool = False, seed: int | None = None, shuffle: bool = False,
                  shuffle_buffer: int = SHUFFLE_BUFFER, **kwargs: Any):
         kind = kwargs.pop("dataset_type", None)
-        if kind is not None and kind.lower() != "cc3m":
-            raise DataError(f"WebDataset shards ({shards}) hold CC3M captions and pictures, not {kind}")
+        if kind is not None and kind.lower() != self.dataset_type.lower():
+            raise DataError(f"WebDataset shards ({shards}) hold {self.dataset_type} captions and pictures, not {kind}")
         if kwargs.get("feature_folder") or (kwargs.get("feature_folder") is None and os.environ.get(
                 "PREPROCESS_FEATURE_FOLDER")):
             raise DataError("cached features (PREPROCESS_FEATURE_FOLDER) are not supported when training from shards; "

@@ -38,7 +38,8 @@ from pytorch_lightning.callbacks import BasePredictionWriter, LearningRateMonito
 
 import constants
 import predictions
-from constants import IMAGE_PLACEHOLDER, dataset_type
+from constants import IMAGE_PLACEHOLDER
+from dataset_specs import resolve_dataset_type, spec
 
 log = logging.getLogger("train_eval")
 REPO = Path(__file__).resolve().parent
@@ -698,7 +699,7 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     except CheckpointMismatchError as e:
         raise SystemExit(f"error: --stage1_weight {e}") from None
     tokenizer = model.model.llama_tokenizer
-    kind = "CC3M" if from_shards else dataset_type(constants.data_folder())   # shards hold CC3M
+    kind = shards.CC3MShards.dataset_type if from_shards else resolve_dataset_type(paths["train"])
     extra = {"shuffle": args.shuffle} if from_shards else {"allow_outside_paths": args.allow_outside_paths}
     train_set = make_dataset(paths["train"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict,
                              **extra)
@@ -731,7 +732,7 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     run_steps = (min(args.max_steps, model.planned_total_steps) if args.max_steps > 0
                  else model.planned_total_steps)
     warn_if_learning_rate_stays_low(args, model.hparams.warmup_steps, run_steps)
-    interval = args.val_check_interval or (0.25 if kind == "CC3M" else 0.5)
+    interval = args.val_check_interval or spec(kind).val_check_interval
     if interval * len(train_loader) < 1:
         interval = 1.0
     out_dir = output_dir(args)
@@ -878,7 +879,7 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
                 model.load_checkpoint_file(path)
             except CheckpointMismatchError as e:
                 raise SystemExit(f"error: {flag} {e}") from None
-    kind = dataset_type(constants.data_folder())
+    kind = resolve_dataset_type(paths["test"])
     test_set = make_dataset(paths["test"], model.model.llama_tokenizer, cfg, is_training=False, dataset_type=kind,
                             strict=args.strict, allow_outside_paths=args.allow_outside_paths)
     loader = eval_loader(test_set, Collator(model.model.llama_tokenizer), args.predict_batch_size,
@@ -887,7 +888,7 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
     model.predict_options.update(seed=args.seed, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                                  guidance_scale=args.guidance_scale,
                                  num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
-                                 sd_baseline=kind == "CC3M")
+                                 sd_baseline=spec(kind).sd_baseline)
     writer = PredictionWriter(out_dir)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=args.num_nodes,
                          strategy="ddp" if n_devices * args.num_nodes > 1 else "auto",

@@ -64,8 +64,8 @@ def ref(shared_dir) -> Path:
 def dump(path, split: str, tokenizer=None, **kwargs) -> list[dict]:
     """What the CLI prints, through the same functions."""
     kind = D.resolve_dataset_type(path, kwargs.pop("dataset_type", None))
-    dataset = D.DATASET_CLASSES[kind](path, tokenizer=tokenizer, is_training=split == "train",
-                                      feature_folder=False, **kwargs)
+    dataset = D.spec(kind).reader_class()(path, tokenizer=tokenizer, is_training=split == "train",
+                                          feature_folder=False, **kwargs)
     return list(D.dump_records(dataset))
 
 

@@ -160,7 +160,7 @@ def score(folder: Path, dataset: str, models: metric.Models, *extra: str) -> dic
     args = metric.parse_args(["--pred_folder", str(folder), "--dataset", dataset, "--device", "cpu",
                               "--fid_cache_dir", str(folder / "cache"), *extra])
     samples = metric.load_predictions(folder)
-    return metric.SCORERS[dataset](samples, models, args)
+    return metric.score(dataset, samples, models, args)
 
 
 # ----------------------------------------------------------------------------------------------
