@@ -45,6 +45,35 @@ def data_folder() -> Path:
     return Path(os.environ.get("DATAFOLDER", "datasets/CC3M"))
 
 
+def search_places(path: str | os.PathLike, folder: Path) -> list[Path]:
+    """Where a path given to a flag is looked for, in order: under `folder` (DATAFOLDER for data,
+    WEIGHTFOLDER for checkpoints: the release joined every such path to its folder), then as given
+    (relative to the working directory). An absolute path is only itself."""
+    path = Path(path)
+    return [path] if path.is_absolute() else [folder / path, path]
+
+
+def find_path(path: str | os.PathLike, folder: Path, variable: str, what: str, exists=Path.exists) -> Path:
+    """The first of `search_places(path, folder)` that `exists`; FileNotFoundError naming `what`
+    (e.g. the flag), the places looked at and the folder variable otherwise."""
+    places = search_places(path, folder)
+    for place in places:
+        if exists(place):
+            return place
+    looked = " and ".join(repr(str(p)) for p in dict.fromkeys(places))
+    raise FileNotFoundError(f"{what} {str(path)!r} not found: looked at {looked} ({variable}={str(folder)!r})")
+
+
+def find_data(path: str | os.PathLike, what: str = "data file") -> Path:
+    """A dataset file given as the release's `--*_data_path` flags take it (see `find_path`)."""
+    return find_path(path, data_folder(), "DATAFOLDER", what)
+
+
+def find_weight(path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """A checkpoint given as the release's `--stage1_weight` / `--test_weight` take it (see `find_path`)."""
+    return find_path(path, weight_folder(), "WEIGHTFOLDER", what, Path.is_file)
+
+
 def output_folder() -> Path:
     """`OUTPUT_FOLDER`: where predictions go (default `outputs`)."""
     return Path(os.environ.get("OUTPUT_FOLDER", "outputs"))

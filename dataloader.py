@@ -89,7 +89,7 @@ import torch
 from PIL import Image
 
 from constants import IMAGE_PLACEHOLDER, IMAGE_SLOT, RESERVED_TOKENS, SEED, VOKENS
-from constants import data_folder, preprocess_feature_folder
+from constants import find_data, preprocess_feature_folder
 from dataset_specs import NAMES as DATASET_TYPES, SPECS, DatasetSpec, resolve_dataset_type, spec  # noqa: F401
 from minigpt4 import image_processor
 # The release's prompts (importable from here too, as before they moved to prompts.py).
@@ -1038,18 +1038,6 @@ def _mmdialog_problem(value: Any) -> str | None:
     return None
 
 
-def resolve_data_file(data_file: str | os.PathLike) -> Path:
-    """`data_file` if it exists, else (when relative) the same path under DATAFOLDER, as the
-    release's `--*_data_path` flags."""
-    path = Path(data_file)
-    if path.exists() or path.is_absolute():
-        return path
-    under = data_folder() / path
-    if under.exists():
-        return under
-    raise FileNotFoundError(f"data file {str(path)!r} not found (also tried {str(under)!r} under DATAFOLDER)")
-
-
 def make_dataset(data_file: str | os.PathLike, tokenizer: Any, cfg: Any, is_training: bool,
                  dataset_type: str | None = None, strict: bool = False, **kwargs: Any) -> MiniGPT5Dataset:
     """The dataset for `data_file` (resolved under DATAFOLDER if needed), its type chosen by
@@ -1060,7 +1048,7 @@ def make_dataset(data_file: str | os.PathLike, tokenizer: Any, cfg: Any, is_trai
     if shards.is_shard_spec(data_file):
         return shards.CC3MShards(data_file, tokenizer=tokenizer, cfg=cfg, is_training=is_training, strict=strict,
                                  dataset_type=dataset_type, **kwargs)
-    path = resolve_data_file(data_file)
+    path = find_data(data_file)
     cls = spec(resolve_dataset_type(path, dataset_type)).reader_class()
     return cls(path, tokenizer=tokenizer, cfg=cfg, is_training=is_training, strict=strict, **kwargs)
 
@@ -1260,7 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = shards.CC3MShards(args.data_file, is_training=is_training, strict=args.strict, seed=args.seed,
                                     dataset_type=args.dataset_type)
     else:
-        path = resolve_data_file(args.data_file)
+        path = find_data(args.data_file)
         kind = resolve_dataset_type(path, args.dataset_type)
         # Only MMDialog's training index needs the tokenizer (its 50-token rule).
         tokenizer = _load_tokenizer_for(args.model_config) if kind == "MMDialog" and is_training else None
@@ -1304,7 +1292,7 @@ def _preprocess_main(argv: list[str]) -> int:
     from model import MiniGPT5_Model
 
     model = MiniGPT5_Model(_model_config(args.model_config), stage=1)
-    path = resolve_data_file(args.data_file)
+    path = find_data(args.data_file)
     dataset = make_dataset(path, model.model.llama_tokenizer, model.cfg, is_training=args.split == "train",
                            dataset_type=args.dataset_type, strict=args.strict, seed=args.seed,
                            feature_folder=False, allow_outside_paths=args.allow_outside_paths)

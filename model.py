@@ -31,6 +31,7 @@ from torch import nn
 
 import weights
 from configuration import ModelConfig
+from constants import find_weight
 from constants import (CAPTION_LOSS_WEIGHT, CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, SNR_GAMMA,
                        TEXT_LOSS_WEIGHT, VOKEN_COUNT, VOKENS)
 from minigpt4 import (MiniGPT4, ProcessorChain, SeededSampler, VokenForcing, VokenStateRecorder, image_processor,
@@ -329,8 +330,8 @@ class MiniGPT5_Model(pl.LightningModule):
 
         config_path = Path(model_config) if model_config else weights.ensure_tiny()
         cfg = load_config(config_path)
-        paths = [weights.resolve_weight(p, flag) for p, flag in ((stage1_weight, "--stage1_weight"),
-                                                                  (test_weight, "--test_weight")) if p]
+        paths = [find_weight(p, flag) for p, flag in ((stage1_weight, "--stage1_weight"),
+                                                      (test_weight, "--test_weight")) if p]
         stage = 2 if test_weight and weights.checkpoint_stage(paths[-1]) == 2 else 1
         if stage == 2 and not stage1_weight:
             raise CheckpointMismatchError(

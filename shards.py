@@ -60,8 +60,9 @@ from PIL import Image
 from webdataset.filters import shuffle as buffer_shuffle
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from constants import data_folder, search_places
 from dataloader import (CC3M_INSTRUCTION_EVERY, Collator, DataError, MiniGPT5Dataset, Sample, cc3m_sample,
-                        clean_caption, data_folder, load_rgb)
+                        clean_caption, load_rgb)
 
 log = logging.getLogger("shards")
 
@@ -75,12 +76,11 @@ SHUFFLE_BUFFER = 1000      # samples held by each worker's shuffle buffer (with 
 
 def is_shard_spec(value: str | os.PathLike) -> bool:
     """Whether a data path names shards: it ends with `.tar` (a file, a brace pattern or a glob),
-    or it is a folder holding .tar files (as given, or under DATAFOLDER)."""
+    or it is a folder holding .tar files (under DATAFOLDER or as given)."""
     text = str(value)
     if text.endswith(".tar"):
         return True
-    folders = [Path(text)] + ([data_folder() / text] if not Path(text).is_absolute() else [])
-    return any(f.is_dir() and any(f.glob("*.tar")) for f in folders)
+    return any(f.is_dir() and any(f.glob("*.tar")) for f in search_places(text, data_folder()))
 
 
 def expand_shards(spec: str | os.PathLike, root: str | os.PathLike | None = None) -> list[Path]:
@@ -114,14 +114,16 @@ def expand_shards(spec: str | os.PathLike, root: str | os.PathLike | None = None
 
 
 def resolve_shards(spec: str | os.PathLike) -> list[Path]:
-    """`expand_shards(spec)`, or for a relative spec that finds nothing, the same under DATAFOLDER
-    (as the release's `--*_data_path` flags)."""
-    try:
-        return expand_shards(spec)
-    except FileNotFoundError:
-        if Path(str(spec)).is_absolute():
-            raise
-        return expand_shards(spec, data_folder())
+    """The shard files of a spec given to `--train_data_path`, looked for where the release's
+    `--*_data_path` flags are (`constants.search_places`: under DATAFOLDER, then as given). When
+    neither finds them, the error is the one of the first place."""
+    errors = []
+    for place in search_places(str(spec), data_folder()):
+        try:
+            return expand_shards(place)
+        except FileNotFoundError as e:
+            errors.append(e)
+    raise errors[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -210,7 +210,7 @@ def cap_workers(requested: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 def data_path(flag: str, value: str | None, required: bool, shards_ok: bool = False) -> Path | str | None:
-    """A dataset file under DATAFOLDER (an absolute path is taken as is). CC3M WebDataset shards
+    """A dataset file under DATAFOLDER or as given (`constants.find_data`). CC3M WebDataset shards
     (`--train_data_path` only) stay a spec string, checked to name existing shards."""
     import shards
 
@@ -227,21 +227,18 @@ def data_path(flag: str, value: str | None, required: bool, shards_ok: bool = Fa
         except FileNotFoundError as e:
             raise SystemExit(f"error: {flag} {value!r}: {e} (DATAFOLDER={str(constants.data_folder())!r})") from None
         return value
-    path = Path(value) if Path(value).is_absolute() else constants.data_folder() / value
-    if not path.exists():
-        raise SystemExit(f"error: {flag} {value!r}: {str(path)!r} does not exist "
-                         f"(DATAFOLDER={str(constants.data_folder())!r})")
-    return path
+    try:
+        return constants.find_data(value, flag)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def weight_path(flag: str, value: str | None) -> Path | None:
-    """A checkpoint given as is or relative to WEIGHTFOLDER."""
-    import weights
-
+    """A checkpoint under WEIGHTFOLDER or as given (`constants.find_weight`)."""
     if value is None:
         return None
     try:
-        return weights.resolve_weight(value, flag)
+        return constants.find_weight(value, flag)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
 

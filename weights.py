@@ -35,7 +35,6 @@ import torch
 import yaml
 
 from configuration import dump_config, load_config
-from constants import weight_folder
 
 log = logging.getLogger(__name__)
 
@@ -249,19 +248,6 @@ def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, 
         shown = "; ".join(f"`{k}` is {found}, expected {want}" for k, found, want in wrong[:3])
         raise CheckpointError(f"{path}: {len(wrong)} tensor(s) do not fit the model built from {config} "
                               f"({shown}); was it saved with another config?")
-
-
-def resolve_weight(path: str | os.PathLike, flag: str) -> Path:
-    """A checkpoint path as the release took it: as given if it exists, else relative to
-    `WEIGHTFOLDER`. A missing file is an error naming the flag and both places looked at."""
-    given = Path(path)
-    if given.is_file():
-        return given
-    in_folder = weight_folder() / given
-    if in_folder.is_file():
-        return in_folder
-    raise FileNotFoundError(f"{flag} {str(path)!r}: no such file (looked at {str(given)!r} and, under "
-                            f"WEIGHTFOLDER, {str(in_folder)!r})")
 
 
 def checkpoint_stage(path: str | os.PathLike) -> int:

@@ -507,7 +507,7 @@ def test_dataset_type_and_datafolder(monkeypatch):
     assert isinstance(dataset, D.VISTDataset) and dataset.data_file == DATASETS / "VIST" / "val_cleaned.json"
     assert D.resolve_dataset_type("x/CC3M/y.tsv") == "VIST"  # DATAFOLDER wins, as in the release
     assert D.resolve_dataset_type("x.tsv", "cc3m") == "CC3M"
-    with pytest.raises(FileNotFoundError, match="also tried"):
+    with pytest.raises(FileNotFoundError, match=r"'nope.json' not found: looked at .*VIST/nope.json' and 'nope.json'"):
         D.make_dataset("nope.json", None, None, False)
 
 

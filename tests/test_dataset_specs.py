@@ -81,3 +81,28 @@ def test_dataloader_and_metric_cli_use_the_same_names():
     assert dataloader.DATASET_TYPES == metric.DATASETS == S.NAMES
     with pytest.raises(SystemExit):
         metric.parse_args(["--pred_folder", "x", "--dataset", "COCO"])
+
+
+def test_one_rule_for_paths_given_to_flags(tmp_path, monkeypatch):
+    """Data files, shards and checkpoints are all looked for under their folder (DATAFOLDER /
+    WEIGHTFOLDER, as the release joined them), then as given; absolute paths are themselves."""
+    import constants
+
+    folder, here = tmp_path / "folder", tmp_path / "cwd"
+    for root in (folder, here):
+        (root / "shards").mkdir(parents=True)
+        (root / "both.json").write_text("{}")
+        (root / "shards" / "00000.tar").write_bytes(b"")
+    (here / "only_here.json").write_text("{}")
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("DATAFOLDER", str(folder))
+    monkeypatch.setenv("WEIGHTFOLDER", str(folder))
+    assert constants.find_data("both.json") == folder / "both.json"            # the folder first
+    assert constants.find_data("only_here.json") == Path("only_here.json")      # then as given
+    assert constants.find_weight("both.json") == folder / "both.json"
+    assert constants.find_data(here / "both.json") == here / "both.json"        # absolute: itself
+    assert shards.resolve_shards("shards/{00000..00000}.tar") == [folder / "shards" / "00000.tar"]
+    assert shards.is_shard_spec("shards")
+    with pytest.raises(FileNotFoundError, match=r"--test_weight 'x.ckpt' not found: looked at '.*folder/x.ckpt' and "
+                                                r"'x.ckpt' \(WEIGHTFOLDER="):
+        constants.find_weight("x.ckpt", "--test_weight")
