@@ -171,10 +171,9 @@ def load_predictions(folder: Path) -> list[Sample]:
         raise FileNotFoundError(f"no predictions-*.pt files in {folder}")
     samples = []
     for file in files:
-        for item in predictions.load(file):
-            input_text, pred_text, gt_text, pred_image, baseline_image, gt_image, _, task = item
-            samples.append(Sample(input_text or "", pred_text or "", gt_text or "", pred_image,
-                                  baseline_image, tensor_to_image(gt_image), str(task)))
+        for r in predictions.load(file):
+            samples.append(Sample(r.input_text or "", r.predicted_text or "", r.expected_text or "", r.predicted_image,
+                                  r.sd_baseline_image, tensor_to_image(r.expected_image), str(r.task_name)))
     print(f"{len(samples)} predictions from {len(files)} file(s) in {folder}")
     return samples
 

@@ -3,14 +3,17 @@
 Its own small module so that the writer and the reader share one definition of the format
 without importing each other (metric.py pulls in CLIP, NLTK, ...; train_eval.py the model).
 
-Layout, the release's: a list with one entry per test item,
+One item is a `PredictionRecord`. On disk the layout is the release's: a list with one entry per
+test item, the record as the positional list `PredictionRecord.to_release_list()` writes,
 
     [input_text, predicted_text, expected_text, predicted_image, sd_baseline_image,
      expected_image, None, task_name]
 
 with the images as PIL images (None when there is none) and `expected_image` a 3 x H x W float
 tensor in [0, 1] (the release's test-mode transform: no normalisation), None when the sample has
-no target image. So the release's `metric.py` scores our files and ours scores its files.
+no target image; the seventh slot is unused (None), as in the release. So the release's `metric.py`
+scores our files and ours scores its files. Only `to_release_list` / `from_release_list` know the
+positions.
 
 Format and safety: `torch.save`, a pickle in a zip, as the release wrote them (its `metric.py`
 needs PIL images in the list). Reading never runs code from the file: `torch.load` with
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,6 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-RECORD_LENGTH = 8
 MAX_PIXELS = 1 << 26          # 64 M pixels (8192 x 8192): far above any generated or target image
 _IMAGE_MODES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "RGB": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3,
                 "I": 4, "F": 4, "I;16": 2}
@@ -69,53 +72,82 @@ def to_unit_range(image: torch.Tensor) -> torch.Tensor:
     return ((image.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
-def record(item: dict) -> list:
-    """The file's entry for one item of `MiniGPT5_Model.predict_step` (its `expected_image` in
-    [-1, 1] or None)."""
-    expected = item["expected_image"]
-    return [item["source"], item["text"], item["target"], item["image"], item["baseline"],
-            to_unit_range(expected) if expected is not None else None, None, item["task_name"]]
+@dataclass
+class PredictionRecord:
+    """One test item's prediction: what `train_eval.py` writes and `metric.py` reads."""
+
+    input_text: str
+    predicted_text: str
+    expected_text: str
+    predicted_image: Image.Image | None
+    sd_baseline_image: Image.Image | None
+    expected_image: torch.Tensor | None      # 3 x H x W in [0, 1]; None: the sample has no target image
+    task_name: str
+
+    def to_release_list(self) -> list:
+        """The release's positional layout (the unused seventh slot None)."""
+        return [self.input_text, self.predicted_text, self.expected_text, self.predicted_image,
+                self.sd_baseline_image, self.expected_image, None, self.task_name]
+
+    @classmethod
+    def from_release_list(cls, entry: list | tuple) -> "PredictionRecord":
+        """A record from the release's layout (checked: see `load`)."""
+        problem = _layout_problem(entry)
+        if problem:
+            raise ValueError(f"not [{', '.join(RELEASE_LAYOUT)}]: {problem}")
+        return cls(*entry[:6], entry[7])
+
+    @classmethod
+    def from_item(cls, item: dict) -> "PredictionRecord":
+        """The record of one item of `MiniGPT5_Model.predict_step` (its `expected_image` in [-1, 1] or None)."""
+        expected = item["expected_image"]
+        return cls(item["source"], item["text"], item["target"], item["image"], item["baseline"],
+                   to_unit_range(expected) if expected is not None else None, item["task_name"])
 
 
-def save(records: list[list], path: str | os.PathLike) -> Path:
-    """Write `records` (from `record`) as one prediction file."""
+RELEASE_LAYOUT = ("input_text", "predicted_text", "expected_text", "predicted_image", "sd_baseline_image",
+                  "expected_image", "None", "task_name")
+
+
+def save(records: list[PredictionRecord], path: str | os.PathLike) -> Path:
+    """Write `records` as one prediction file, in the release's layout."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(records, path)
+    torch.save([record.to_release_list() for record in records], path)
     return path
 
 
-def load(path: str | os.PathLike) -> list[list]:
-    """The entries of one prediction file (ours or the release's), read without running code from
+def load(path: str | os.PathLike) -> list[PredictionRecord]:
+    """The records of one prediction file (ours or the release's), read without running code from
     it; images as plain PIL images, expected images as [0, 1] tensors. A file in another layout,
     or one that needs other Python objects, raises `weights.CheckpointError` naming it."""
     from weights import CheckpointError, load_untrusted
 
     path = Path(path)
-    records = load_untrusted(path, WHAT, SAFE_GLOBALS)
-    if not isinstance(records, list):
-        raise CheckpointError(f"{path}: expected a {WHAT}, found a {type(records).__name__}")
-    rescaled = 0
-    for i, entry in enumerate(records):
-        problem = _layout_problem(entry)
-        if problem:
-            raise CheckpointError(f"{path}: entry {i} is not [input_text, predicted_text, expected_text, "
-                                  f"predicted_image, sd_baseline_image, expected_image, None, task_name]: {problem}")
-        entry = records[i] = list(entry)
-        for k in (3, 4):
-            if entry[k] is not None:
-                entry[k] = entry[k].copy()       # a plain PIL image
-        expected = entry[5]
+    entries = load_untrusted(path, WHAT, SAFE_GLOBALS)
+    if not isinstance(entries, list):
+        raise CheckpointError(f"{path}: expected a {WHAT}, found a {type(entries).__name__}")
+    records, rescaled = [], 0
+    for i, entry in enumerate(entries):
+        try:
+            record = PredictionRecord.from_release_list(entry)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: entry {i} is {e}") from None
+        for name in ("predicted_image", "sd_baseline_image"):
+            if getattr(record, name) is not None:
+                setattr(record, name, getattr(record, name).copy())       # a plain PIL image
+        expected = record.expected_image
         if isinstance(expected, torch.Tensor) and expected.numel() and float(expected.min()) < 0:
-            entry[5] = to_unit_range(expected)   # written in [-1, 1] by an earlier version of train_eval.py
+            record.expected_image = to_unit_range(expected)   # written in [-1, 1] by an earlier version of ours
             rescaled += 1
+        records.append(record)
     if rescaled:
         log.warning("%s: %d expected images were in [-1, 1] (an older file of ours); read as [0, 1]", path, rescaled)
     return records
 
 
 def _layout_problem(entry: Any) -> str | None:
-    if not isinstance(entry, (list, tuple)) or len(entry) != RECORD_LENGTH:
+    if not isinstance(entry, (list, tuple)) or len(entry) != len(RELEASE_LAYOUT):
         return f"a {type(entry).__name__} of length {len(entry) if isinstance(entry, (list, tuple)) else '-'}"
     for k, name in ((0, "input_text"), (1, "predicted_text"), (2, "expected_text"), (7, "task_name")):
         if entry[k] is not None and not isinstance(entry[k], str):

@@ -854,7 +854,7 @@ class PredictionWriter(BasePredictionWriter):
             save_task_folder(self.out_dir / item["task_name"], item["image"], item["text"], item["baseline"],
                              _to_pil(predictions.to_unit_range(gt)) if gt is not None else None,
                              [_to_pil(x) for x in _denormalise_clip(item["input_images"])])
-            self.records.append(predictions.record(item))
+            self.records.append(predictions.PredictionRecord.from_item(item))
 
     def on_predict_epoch_end(self, trainer, pl_module):
         predictions.save(self.records, self.out_dir / f"predictions-{trainer.global_rank}.pt")

@@ -532,7 +532,9 @@ def test_prediction_files_are_the_releases_layout_both_ways(tmp_path):
     item = {"source": "a red square", "text": f"{VOKENS} ###", "target": f"{VOKENS} ###", "image": generated,
             "baseline": None, "task_name": "cc3m_0", "input_images": [],
             "expected_image": pil_to_tensor(target).float() / 127.5 - 1}   # as the dataset gives it: [-1, 1]
-    path = predictions.save([predictions.record(item)], tmp_path / "ours" / "predictions-0.pt")
+    record = predictions.PredictionRecord.from_item(item)
+    assert predictions.PredictionRecord.from_release_list(record.to_release_list()) == record
+    path = predictions.save([record], tmp_path / "ours" / "predictions-0.pt")
     # what the release's metric.py does with our file: torch.load (its torch read pickles), ToPILImage
     entry = torch.load(path, weights_only=False)[0]
     assert len(entry) == 8 and entry[:3] == ["a red square", f"{VOKENS} ###", f"{VOKENS} ###"]
@@ -545,9 +547,12 @@ def test_prediction_files_are_the_releases_layout_both_ways(tmp_path):
     torch.save([["src", "pred ###", "gt ###", generated, target, ToTensor()(target), None, "12_3-gen"]],
                tmp_path / "release.pt")
     loaded = predictions.load(tmp_path / "release.pt")[0]
-    assert type(loaded[3]) is Image.Image and type(loaded[4]) is Image.Image
-    assert _max_pixel_difference(loaded[3], generated) == 0 and _max_pixel_difference(loaded[4], target) == 0
-    torch.testing.assert_close(loaded[5], ToTensor()(target))
+    assert type(loaded.predicted_image) is Image.Image and type(loaded.sd_baseline_image) is Image.Image
+    assert _max_pixel_difference(loaded.predicted_image, generated) == 0
+    assert _max_pixel_difference(loaded.sd_baseline_image, target) == 0
+    torch.testing.assert_close(loaded.expected_image, ToTensor()(target))
+    assert (loaded.input_text, loaded.predicted_text, loaded.expected_text, loaded.task_name) == (
+        "src", "pred ###", "gt ###", "12_3-gen")
     samples = metric.load_predictions(tmp_path / "ours")
     assert _max_pixel_difference(samples[0].gt_image, target) <= 1
 
