@@ -26,26 +26,12 @@ from torch import nn
 
 from configuration import ModelConfig
 from constants import IMAGE_PLACEHOLDER, VOKEN_COUNT, VOKENS
+# The image encoder's input transform and normalisation (importable from here too, as before).
+from image_transforms import CLIP_MEAN, CLIP_STD, image_processor  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def image_processor(image_size: int, train: bool = False):
-    """The image encoder's input transform (REFERENCE §5): bilinear resize, centre crop,
-    [random flip in training], CLIP normalisation. PIL image -> (3, S, S) tensor."""
-    from torchvision import transforms as T
-
-    steps = [T.Resize(image_size, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(image_size)]
-    if train:
-        steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
-    return T.Compose(steps)
 
 
 def to_dtype(name: str) -> torch.dtype:

@@ -34,8 +34,8 @@ from configuration import ModelConfig
 from constants import find_weight
 from constants import (CAPTION_LOSS_WEIGHT, CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, SNR_GAMMA,
                        TEXT_LOSS_WEIGHT, VOKEN_COUNT, VOKENS)
-from minigpt4 import (MiniGPT4, ProcessorChain, SeededSampler, VokenForcing, VokenStateRecorder, image_processor,
-                       to_dtype)
+from image_transforms import image_processor
+from minigpt4 import MiniGPT4, ProcessorChain, SeededSampler, VokenForcing, VokenStateRecorder, to_dtype
 
 SCHEDULERS = ("pndm", "dpm++")
 

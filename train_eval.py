@@ -40,6 +40,7 @@ import constants
 import predictions
 from constants import IMAGE_PLACEHOLDER
 from dataset_specs import resolve_dataset_type, spec
+from image_transforms import clip_to_unit_range
 
 log = logging.getLogger("train_eval")
 REPO = Path(__file__).resolve().parent
@@ -794,14 +795,6 @@ def peak_memory_note() -> str:
 # Prediction
 # ----------------------------------------------------------------------------------------------
 
-def _denormalise_clip(images: torch.Tensor):
-    from minigpt4 import CLIP_MEAN, CLIP_STD
-
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return [(img.cpu().float() * std + mean).clamp(0, 1) for img in images]
-
-
 def _to_pil(tensor01: torch.Tensor):
     from PIL import Image
 
@@ -853,7 +846,7 @@ class PredictionWriter(BasePredictionWriter):
             gt = item["expected_image"]
             save_task_folder(self.out_dir / item["task_name"], item["image"], item["text"], item["baseline"],
                              _to_pil(predictions.to_unit_range(gt)) if gt is not None else None,
-                             [_to_pil(x) for x in _denormalise_clip(item["input_images"])])
+                             [_to_pil(x) for x in clip_to_unit_range(item["input_images"])])
             self.records.append(predictions.PredictionRecord.from_item(item))
 
     def on_predict_epoch_end(self, trainer, pl_module):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data_commands
 import dataloader as D
 
 REPO = Path(__file__).resolve().parents[1]
@@ -547,9 +548,9 @@ def test_cached_features_give_the_same_losses(tmp_path, tiny_config, monkeypatch
     tokenizer = model.model.llama_tokenizer
     path = DATASETS / "VIST" / "val_cleaned.json"
     images = D.VISTDataset(path, tokenizer, tiny_config, is_training=False, feature_folder=False)
-    counts = D.preprocess_features(images, model, tmp_path / "features", batch_size=3, device="cpu")
+    counts = data_commands.preprocess_features(images, model, tmp_path / "features", batch_size=3, device="cpu")
     assert counts["written"] == 8 + 6 and "bad" not in counts  # 8 outputs, 6 distinct history images
-    assert D.preprocess_features(images, model, tmp_path / "features", device="cpu") == {"cached": 14}
+    assert data_commands.preprocess_features(images, model, tmp_path / "features", device="cpu") == {"cached": 14}
     monkeypatch.setenv("PREPROCESS_FEATURE_FOLDER", str(tmp_path / "features"))
     cached = D.VISTDataset(path, tokenizer, tiny_config, is_training=False)  # reads the variable
     assert cached.feature_folder == tmp_path / "features"

@@ -106,3 +106,18 @@ def test_one_rule_for_paths_given_to_flags(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"--test_weight 'x.ckpt' not found: looked at '.*folder/x.ckpt' and "
                                                 r"'x.ckpt' \(WEIGHTFOLDER="):
         constants.find_weight("x.ckpt", "--test_weight")
+
+
+def test_the_data_layer_builds_no_model():
+    """Importing the data layer and reading a dataset loads no model code: the datasets need a
+    tokenizer and transforms only (the feature cache, which runs the encoders, is data_commands.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dataloader, shards, dataset_specs, prompts, image_transforms\n"
+            "dataloader.make_dataset(sys.argv[1], None, None, False)\n"
+            "print(sorted(m for m in ('model', 'weights', 'minigpt4', 'lavis', 'diffusers', 'transformers', "
+            "'data_commands') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(TEST_FILES["VIST"])], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
