@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+import diffusion
 from constants import SEED, find_data
 from dataloader import (DATASET_TYPES, MiniGPT5Dataset, dump_records, feature_file, make_dataset,
                         resolve_dataset_type, save_feature, spec)
@@ -61,7 +62,7 @@ def preprocess_features(dataset: MiniGPT5Dataset, model: Any, out: str | os.Path
                         ) -> dict[str, int]:
     """Encode every image the dataset uses and store it under `out/<split>/{img,vae}/`: input
     images as `model.model.encode_img(images)[0]` (num_query_token x llm_hidden), target images
-    as the VAE encoder moments `model.vae.encode(images).latent_dist.parameters` (8 x h x w), in
+    as the VAE encoder moments (`diffusion.vae_moments`, 8 x h x w), in
     the dtype the model computes them in. Images already cached are skipped (resumable).
     Unreadable images are reported through `dataset.problems` (an error when strict).
     Returns counts: written, cached (already there), bad."""
@@ -83,7 +84,7 @@ def preprocess_features(dataset: MiniGPT5Dataset, model: Any, out: str | os.Path
     jobs = (("img", inputs, image_processor(cfg.image_size),
              lambda x: model.model.encode_img(x)[0]),
             ("vae", outputs, target_transform(cfg.sd_image_size),
-             lambda x: model.vae.encode(x.to(model.vae.dtype)).latent_dist.parameters))
+             lambda x: diffusion.vae_moments(model.vae, x)))
     for kind, images, transform, encode in jobs:
         todo = [p for p in images if not feature_file(out, split, kind, p).is_file()]
         counts["cached"] += len(images) - len(todo)

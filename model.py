@@ -19,7 +19,6 @@ import numbers
 import os
 import warnings
 import zlib
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import diffusion
 import weights
 from configuration import ModelConfig
 from constants import find_weight
 from constants import (CAPTION_LOSS_WEIGHT, CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, SNR_GAMMA,
                        TEXT_LOSS_WEIGHT, VOKEN_COUNT, VOKENS)
 from image_transforms import image_processor
-from minigpt4 import MiniGPT4, ProcessorChain, SeededSampler, VokenForcing, VokenStateRecorder, to_dtype
+from minigpt4 import MiniGPT4, ProcessorChain, SeededSampler, VokenForcing, VokenStateRecorder
 
-SCHEDULERS = ("pndm", "dpm++")
 
 
 @dataclass
@@ -73,52 +72,6 @@ def check_generation_arguments(prompts: Sequence[str], *, max_new_tokens: int, d
 class CheckpointMismatchError(weights.CheckpointError):
     """A checkpoint that cannot be what the caller meant (no trainable key of the model matched, or
     a stage-2 file without the stage-1 one it builds on)."""
-
-
-class SDParts(nn.Module):
-    """The frozen Stable Diffusion pieces MiniGPT-5 trains against (a plain container)."""
-
-    def __init__(self, vae, unet, text_encoder, tokenizer, scheduler):
-        super().__init__()
-        self.vae, self.unet, self.text_encoder = vae, unet, text_encoder
-        self.tokenizer, self.scheduler = tokenizer, scheduler
-
-
-def load_sd_parts(cfg: ModelConfig, device: str | torch.device | None = None):
-    """VAE, UNet, the text encoder's config, tokenizer and scheduler from the diffusers folder
-    `sd_model`. With `device="meta"` only the `config.json` files are read and nothing is allocated.
-    The text encoder itself is needed only for the caption loss and the SD baseline:
-    `load_sd_text_encoder` reads it when it is first used."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTokenizer
-
-    sd, dtype = cfg.sd_model, to_dtype(cfg.dtypes.sd)
-    scheduler = PNDMScheduler.from_pretrained(sd, subfolder="scheduler")
-    text_config = CLIPTextConfig.from_pretrained(sd, subfolder="text_encoder")
-    if str(device) == "meta":
-        with torch.device("meta"):
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sd, subfolder="vae"))
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sd, subfolder="unet"))
-        # The dtype a load gives. (nn.Module.to: diffusers' own `to` warns about casts that, on empty
-        # meta tensors, cannot lose anything.)
-        for part in (vae, unet):
-            nn.Module.to(part, dtype)
-        tokenizer = None
-    else:
-        vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", torch_dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")
-    return vae, unet, text_config, tokenizer, scheduler
-
-
-def load_sd_text_encoder(cfg: ModelConfig, device: str | torch.device | None = None):
-    """SD's CLIP text encoder, in float32 (the caption-loss target); on the meta device: empty."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    if str(device) == "meta":
-        with torch.device("meta"):
-            return CLIPTextModel(CLIPTextConfig.from_pretrained(cfg.sd_model, subfolder="text_encoder"))
-    return CLIPTextModel.from_pretrained(cfg.sd_model, subfolder="text_encoder", dtype=torch.float32)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -218,13 +171,6 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like `like`, drawn from `generator` (on its device)."""
-    if generator is None:
-        return torch.randn_like(like)
-    return torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
-
-
 class MiniGPT5_Model(pl.LightningModule):
     """MiniGPT-5 for training (stage 1 or 2), prediction and checkpoint I/O.
 
@@ -270,8 +216,7 @@ class MiniGPT5_Model(pl.LightningModule):
         self.cfg, self.stage = cfg, stage
         self.snr_loss, self.cfg_dropout_prob = snr_loss, cfg_dropout_prob
         self.caption_loss_weight = caption_loss_weight
-        self.cache_caption_features, self.caption_cache_size = cache_caption_features, caption_cache_size
-        self._caption_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.caption_cache = diffusion.CaptionCache(caption_cache_size) if cache_caption_features else None
         meta = str(device) == "meta"
         self._meta = meta
         self._offload: TakeTurns | None = None
@@ -280,13 +225,11 @@ class MiniGPT5_Model(pl.LightningModule):
         target = None if device is None or meta else resolve_device(device)
 
         # SD first: its float32 files are converted to bfloat16 while little else is in memory yet.
-        vae, unet, self._sd_text_config, sd_tokenizer, scheduler = load_sd_parts(cfg, device)
+        vae, unet, sd_text_config, sd_tokenizer, scheduler = diffusion.load_parts(cfg, device)
+        diffusion.check_sizes(cfg, vae, unet, sd_text_config)
         self.model = MiniGPT4.from_config(cfg, device="meta" if meta else target, llm_quantization=llm_quantization)
         self.vae, self.unet = vae, unet
         self.sd_tokenizer, self.noise_scheduler = sd_tokenizer, scheduler
-        self._check_sizes()
-        for frozen in (self.vae, self.unet):
-            frozen.requires_grad_(False)
 
         m, llm_hidden = cfg.mapper, self.model.llama_model.config.hidden_size
         with torch.device("meta" if meta else "cpu"):
@@ -387,8 +330,7 @@ class MiniGPT5_Model(pl.LightningModule):
             # First use may come inside Lightning's inference mode (validation, prediction): load
             # ordinary tensors, usable in training afterwards.
             with torch.inference_mode(False):
-                encoder = load_sd_text_encoder(self.cfg, "meta" if self._meta else None)
-                encoder.requires_grad_(False).eval()
+                encoder = diffusion.load_text_encoder(self.cfg, "meta" if self._meta else None)
                 if self._offload is not None:
                     self._offload.add(encoder)
                 elif not self._meta:
@@ -399,20 +341,6 @@ class MiniGPT5_Model(pl.LightningModule):
     def _frozen_sd_modules(self) -> list[nn.Module]:
         """VAE, UNet and (when loaded) the SD text encoder."""
         return [self.vae, self.unet] + ([self._modules["sd_text_encoder"]] if "sd_text_encoder" in self._modules else [])
-
-    def _check_sizes(self) -> None:
-        """The config's mapper / image sizes must agree with the SD folder."""
-        cfg, unet = self.cfg, self.unet.config
-        if cfg.mapper.d_model != unet.cross_attention_dim:
-            raise ValueError(f"{cfg.source}: `mapper.d_model` is {cfg.mapper.d_model} but the UNet in "
-                             f"{cfg.sd_model} has cross_attention_dim {unet.cross_attention_dim}")
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if cfg.sd_image_size != unet.sample_size * factor:
-            raise ValueError(f"{cfg.source}: `sd_image_size` is {cfg.sd_image_size} but {cfg.sd_model} "
-                             f"makes {unet.sample_size * factor}-pixel images")
-        if cfg.mapper.num_prompt_tokens != self._sd_text_config.max_position_embeddings:
-            raise ValueError(f"{cfg.source}: `mapper.num_prompt_tokens` must equal the SD text encoder's "
-                             f"{self._sd_text_config.max_position_embeddings} tokens")
 
     # ---- modes and parameters ----------------------------------------------------------------
 
@@ -483,38 +411,18 @@ class MiniGPT5_Model(pl.LightningModule):
         return self.llm_to_t2i_mapping(src=src, tgt=tgt)
 
     def encode_caption(self, captions: list[str]) -> torch.Tensor:
-        """SD's own text conditioning for captions: (N, 77, d_model), no gradient.
-
-        With `cache_caption_features` each distinct caption is encoded once: the captions of this
-        call that are not in the cache are encoded together (duplicates once), their features are
-        stored in CPU memory (an LRU of at most `caption_cache_size` entries, per process; the
-        empty caption of CFG dropout is one entry like any other), and every caption is then
-        served from there. The cache is not saved in checkpoints and assumes the frozen text
-        encoder does not change; `clear_caption_cache()` empties it."""
-        if not self.cache_caption_features:
-            return self._encode_captions(captions)
-        cache = self._caption_cache
-        found = {c: cache[c] for c in dict.fromkeys(captions) if c in cache}
-        missing = [c for c in dict.fromkeys(captions) if c not in found]
-        if missing:
-            # One copy per caption, so that evicting an entry frees its memory.
-            found.update((c, f.clone()) for c, f in zip(missing, self._encode_captions(missing).cpu()))
-        for caption in found:                       # most recently used last
-            cache[caption] = found[caption]
-            cache.move_to_end(caption)
-        while self.caption_cache_size is not None and len(cache) > self.caption_cache_size:
-            cache.popitem(last=False)
-        return torch.stack([found[c] for c in captions]).to(self.device)
-
-    def _encode_captions(self, captions: list[str]) -> torch.Tensor:
-        tokens = self.sd_tokenizer(captions, padding="max_length", max_length=self.sd_tokenizer.model_max_length,
-                                   truncation=True, return_tensors="pt").input_ids.to(self.device)
-        with torch.no_grad():
-            return self.sd_text_encoder(tokens)[0].float()
+        """SD's own text conditioning for captions (the caption loss's target): (N, 77, d_model), no
+        gradient. With `cache_caption_features` each distinct caption is encoded once and kept
+        (`diffusion.CaptionCache`; not saved in checkpoints; `clear_caption_cache()` empties it)."""
+        encode = lambda texts: diffusion.encode_captions(self.sd_tokenizer, self.sd_text_encoder, texts, self.device)
+        if self.caption_cache is None:
+            return encode(captions)
+        return self.caption_cache(captions, encode).to(self.device)
 
     def clear_caption_cache(self) -> None:
         """Forget every cached caption feature (see `encode_caption`)."""
-        self._caption_cache.clear()
+        if self.caption_cache is not None:
+            self.caption_cache.clear()
 
     def image_embeddings(self, batch: dict) -> torch.Tensor | None:
         """Input images as LLM-space embeddings, from cached features when the batch has them."""
@@ -527,38 +435,13 @@ class MiniGPT5_Model(pl.LightningModule):
 
     def target_latents(self, batch: dict, index: torch.Tensor, latent_noise: torch.Tensor | None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled VAE latents of the target images of samples `index` (from cached moments or
-        by encoding the images); the latent is sampled from the VAE's diagonal Gaussian."""
+        """Scaled VAE latents of the target images of samples `index`, sampled from the VAE's
+        diagonal Gaussian: from the batch's cached moments, or by encoding its images."""
         if batch.get("output_image_features") is not None:
-            moments = batch["output_image_features"][index].float()
+            moments = batch["output_image_features"][index]
         else:
-            images = batch["output_images"][index].to(self.vae.dtype)
-            with torch.no_grad():
-                moments = self.vae.encode(images).latent_dist.parameters.float()
-        mean, logvar = moments.chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        eps = _randn(mean, generator) if latent_noise is None else latent_noise.to(mean)
-        return (mean + std * eps) * self.vae.config.scaling_factor
-
-    def diffusion_loss(self, latents: torch.Tensor, condition: torch.Tensor, noise: torch.Tensor | None,
-                       timesteps: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Epsilon-prediction MSE of the frozen UNet given the mapped condition, min-SNR weighted."""
-        scheduler = self.noise_scheduler
-        n = latents.shape[0]
-        noise = _randn(latents, generator) if noise is None else noise.to(latents)
-        if timesteps is None:
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator,
-                                      device=generator.device if generator is not None else latents.device)
-        timesteps = timesteps.long().to(latents.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        pred = self.unet(noisy.to(self.unet.dtype), timesteps,
-                         encoder_hidden_states=condition.to(self.unet.dtype)).sample
-        mse = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.snr_loss:
-            alphas = scheduler.alphas_cumprod.to(latents.device)[timesteps]
-            snr = alphas / (1 - alphas)
-            mse = mse * torch.clamp(snr, max=SNR_GAMMA) / snr
-        return mse.mean()
+            moments = diffusion.vae_moments(self.vae, batch["output_images"][index])
+        return diffusion.latents_from_moments(self.vae, moments, latent_noise, generator)
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """All losses of one batch (see the module docstring). The batch is the collator's dict.
@@ -591,7 +474,9 @@ class MiniGPT5_Model(pl.LightningModule):
 
         pick = (lambda key: None if batch.get(key) is None else batch[key][sample])
         latents = self.target_latents(batch, sample, pick("latent_noise"), generator)
-        losses["image_loss"] = self.diffusion_loss(latents, condition, pick("noise"), pick("timesteps"), generator)
+        losses["image_loss"] = diffusion.denoising_loss(self.unet, self.noise_scheduler, latents, condition,
+                                                         pick("noise"), pick("timesteps"), generator,
+                                                         snr_gamma=SNR_GAMMA if self.snr_loss else None)
         total = TEXT_LOSS_WEIGHT * text_loss + IMAGE_LOSS_WEIGHT * losses["image_loss"]
 
         captions = batch.get("captions")
@@ -782,25 +667,9 @@ class MiniGPT5_Model(pl.LightningModule):
         return list(seed)
 
     def sd_pipeline(self, scheduler: str = "pndm", with_text_encoder: bool = False):
-        """A diffusers `StableDiffusionPipeline` over this model's frozen SD parts.
-
-        Without the text encoder (the default: conditions come as `prompt_embeds`) the pipeline
-        casts them to the UNet's dtype. With it, it would cast them to the text encoder's, which we
-        keep in float32 for the caption loss; so text prompts go through `encode_prompt` first (see
-        `sd_baseline`)."""
-        from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
-
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-        config = self.noise_scheduler.config
-        sampler = (PNDMScheduler.from_config(config) if scheduler == "pndm"
-                   else DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"))
-        text_encoder = self.sd_text_encoder if with_text_encoder else None
-        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=text_encoder, tokenizer=self.sd_tokenizer,
-                                       unet=self.unet, scheduler=sampler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        """A diffusers `StableDiffusionPipeline` over this model's frozen SD parts (`diffusion.pipeline`)."""
+        return diffusion.pipeline(self.vae, self.unet, self.sd_tokenizer, self.noise_scheduler, scheduler,
+                                  self.sd_text_encoder if with_text_encoder else None)
 
     @torch.no_grad()
     def generate(self, prompts: str | list[str], images: list | None = None, *, max_new_tokens: int = 256,
@@ -833,8 +702,8 @@ class MiniGPT5_Model(pl.LightningModule):
                                    top_p=top_p, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
         if len(images) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        if scheduler not in diffusion.SAMPLERS:
+            raise ValueError(f"scheduler must be one of {diffusion.SAMPLERS}, got {scheduler!r}")
         tok, m = self.model.llama_tokenizer, self.model
         seeds = self._item_generators(len(prompts), seed, generator)
         embeds, mask = self._prompt_embeddings(prompts, images, max_new_tokens)
@@ -927,27 +796,17 @@ class MiniGPT5_Model(pl.LightningModule):
             cond, negative = both[:-1], both[-1:].expand(features.shape[0], -1, -1)
         else:
             cond = self.map_vokens(features)
-        return self._sd_images(cond, negative, seeds, guidance_scale, num_inference_steps, scheduler)
+        return diffusion.draw(self.sd_pipeline(scheduler), cond, negative, seeds, guidance_scale, num_inference_steps,
+                              self.cfg.sd_image_size)
 
     @torch.no_grad()
     def sd_baseline(self, captions: list[str], seeds: list[int], guidance_scale: float = 7.5,
                     num_inference_steps: int = 50, scheduler: str = "pndm") -> list:
         """Plain Stable Diffusion from the caption text (the release's CC3M "SD baseline")."""
-        text_pipe = self.sd_pipeline(scheduler, with_text_encoder=True)
-        cond, negative = text_pipe.encode_prompt(captions, self.device, 1, guidance_scale > 1)
-        return self._sd_images(cond, negative, seeds, guidance_scale, num_inference_steps, scheduler)
-
-    def _sd_images(self, cond: torch.Tensor, negative: torch.Tensor | None, seeds: list[int], guidance_scale: float,
-                   num_inference_steps: int, scheduler: str) -> list:
-        """One SD pipeline call: N conditions (and their negatives, for CFG) -> N PIL images, each
-        from its own seed; the conditions reach the UNet in its dtype."""
-        dtype = self.unet.dtype
-        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        result = self.sd_pipeline(scheduler)(
-            prompt_embeds=cond.to(dtype), negative_prompt_embeds=None if negative is None else negative.to(dtype),
-            guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, generator=generators,
-            height=self.cfg.sd_image_size, width=self.cfg.sd_image_size, output_type="pil")
-        return result.images
+        cond, negative = diffusion.text_conditions(self.sd_pipeline(scheduler, with_text_encoder=True), captions,
+                                                   self.device, guidance_scale)
+        return diffusion.draw(self.sd_pipeline(scheduler), cond, negative, seeds, guidance_scale, num_inference_steps,
+                              self.cfg.sd_image_size)
 
     def _decode(self, ids: list[int], image) -> GenerationOutput:
         tok = self.model.llama_tokenizer

@@ -128,6 +128,7 @@ def elapsed(into: dict, name: str):
 
 
 def run(args: argparse.Namespace) -> dict:
+    import diffusion
     import lavis
     import minigpt4
     import model as model_module
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
     import transformers
 
     load = StepTimer()
-    load.wrap(model_module, "load_sd_parts", "SD UNet + VAE")
+    load.wrap(diffusion, "load_parts", "SD UNet + VAE")
     load.wrap(lavis, "load_eva_vit", "EVA ViT")
     load.wrap(lavis, "load_qformer", "Q-Former")
     load.wrap(transformers.AutoModelForCausalLM, "from_pretrained", "LLM")

@@ -188,6 +188,9 @@ def row_step_parts(bench: Bench) -> Row:
     trainable voken rows need), the mapper, the UNet (forward + backward to its condition), the VAE
     encoder and the caption encoder. A ratio near 1 means the step does no work beyond its parts
     (no duplicated passes, no per-sample loops)."""
+    import diffusion
+    from constants import SNR_GAMMA
+
     model = bench.model(1).train()
     m = model.model
     batch = bench.cc3m_batch(8)
@@ -216,7 +219,8 @@ def row_step_parts(bench: Bench) -> Row:
 
     def unet():
         c = condition.detach().requires_grad_()
-        model.diffusion_loss(latents, c, batch["noise"][sample], batch["timesteps"][sample]).backward()
+        diffusion.denoising_loss(model.unet, model.noise_scheduler, latents, c, batch["noise"][sample],
+                                 batch["timesteps"][sample], snr_gamma=SNR_GAMMA).backward()
 
     def vae():
         with torch.no_grad():
@@ -284,25 +288,28 @@ def row_caption_cache(bench: Bench) -> Row:
     """A stage-1 step (forward + backward) with `cache_caption_features` on (cache warm: every
     caption seen before, as from the second epoch on) vs off. Random draws come from the same
     seeded generator, CFG dropout included, so both compute the same loss."""
+    import diffusion
+
     model = bench.model(1).train()
     batch = bench.cc3m_batch(8)
     batch.pop("cfg_drop")                        # let CFG dropout draw: the empty caption is cached too
 
+    cache = diffusion.CaptionCache()
+
     def step(cached: bool, seed: int = 0) -> dict:
-        model.cache_caption_features = cached
+        model.caption_cache = cache if cached else None
         model.zero_grad(set_to_none=True)
         losses = model(batch, generator=torch.Generator().manual_seed(seed))
         losses["loss"].backward()
         return {k: float(v) for k, v in losses.items()}
 
-    model.clear_caption_cache()
     differences = []
     for seed in range(4):                        # CFG dropout draws "" in some (see the cache entries)
         live, cached = step(False, seed), step(True, seed)
         differences.append(max(abs(live[k] - cached[k]) for k in live))
-    entries = len(model._caption_cache)
+    entries = len(cache.entries)
     t = _timed(bench.settings, {"cached": lambda: step(True), "live": lambda: step(False)})
-    model.cache_caption_features = False
+    model.caption_cache = None
     stats = t.ratio("cached", "live")
     ratio = stats[0]
     equal = max(differences) <= 1e-6 * max(1.0, abs(live["loss"]))

@@ -52,13 +52,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from conversation import Conversation, neutralise_reserved_tokens  # noqa: E402
+from diffusion import SAMPLERS as SCHEDULERS  # noqa: E402
 from prompts import MMDIALOG_SYSTEM  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 MAX_IMAGE_SIDE = 2048          # uploads with a longer side are downscaled (aspect kept) to this size
 MAX_MESSAGE_CHARS = 2000       # longer messages are cut (Vicuna's context is 2048 tokens, history included)
-SCHEDULERS = ("pndm", "dpm++")
 NOTICE = "⚠️ "                 # prefix of the demo's own notices in the chat (never sent to the model)
 HTML_NAME = "minigpt5-conversation.html"
 # Gradio's chat shows a "Share" button (upload to Hugging Face) under every picture, whatever the

@@ -12,6 +12,7 @@ from PIL import Image
 
 from benchmarks.baselines import adam_state_bytes, bare_decode, one_at_a_time_features, release_style_wrap
 from conftest import STORY_LIKE, VOKEN_TARGET, fixed_draws, make_batch
+import diffusion
 from constants import VOKEN_COUNT
 from minigpt4 import VokenEmbedding, VokenStateRecorder
 from model import MiniGPT5_Model
@@ -57,16 +58,15 @@ def stage2(tiny_config):
 @pytest.mark.parametrize("drop", [[False, False, False], [False, True, False]])
 def test_cached_caption_features_give_the_same_losses_and_gradients(stage1, drop):
     batch = _batch(stage1, CAPTIONED, drop)
-    results = {}
+    results, cache = {}, diffusion.CaptionCache()
     for cached in (False, True, True):            # live, cold cache, warm cache
-        stage1.cache_caption_features = cached
+        stage1.caption_cache = cache if cached else None
         stage1.zero_grad(set_to_none=True)
         losses = stage1(batch, generator=torch.Generator().manual_seed(3))
         losses["loss"].backward()
         grads = {n: p.grad.clone() for n, p in stage1.named_parameters() if p.grad is not None}
         results.setdefault(cached, []).append((losses, grads))
-    stage1.cache_caption_features = False
-    stage1.clear_caption_cache()
+    stage1.caption_cache = None
     (live, live_grads), = results[False]
     for losses, grads in results[True]:
         assert set(losses) == set(live) and "caption_loss" in losses
@@ -80,34 +80,35 @@ def test_cached_caption_features_give_the_same_losses_and_gradients(stage1, drop
 def test_each_distinct_caption_is_encoded_once(tiny_config, monkeypatch):
     model = _model(tiny_config, stage=1, cache_caption_features=True).train()
     encoded = []
-    original = model._encode_captions
-    monkeypatch.setattr(model, "_encode_captions", lambda captions: encoded.extend(captions) or original(captions))
+    original = diffusion.encode_captions
+    monkeypatch.setattr(diffusion, "encode_captions",
+                        lambda tok, enc, captions, device: encoded.extend(captions) or original(tok, enc, captions, device))
     batch = _batch(model, CAPTIONED, [False, True, False])      # the dropped sample's target is ""
     for _ in range(3):
         model(batch)
     assert encoded == ["a red square on a white wall", ""]
-    live = original(["a blue circle", "", "a blue circle"])
+    live = original(model.sd_tokenizer, model.sd_text_encoder, ["a blue circle", "", "a blue circle"], model.device)
     torch.testing.assert_close(model.encode_caption(["a blue circle", "", "a blue circle"]), live)
     assert encoded == ["a red square on a white wall", "", "a blue circle"]
 
 
 def test_caption_cache_is_bounded_least_recently_used_first(tiny_config):
     model = _model(tiny_config, stage=1, cache_caption_features=True, caption_cache_size=2)
-    live = model._encode_captions(["a", "b", "c"])
+    live = diffusion.encode_captions(model.sd_tokenizer, model.sd_text_encoder, ["a", "b", "c"], model.device)
     torch.testing.assert_close(model.encode_caption(["a", "b", "c"]), live)   # more than fit: still right
-    assert list(model._caption_cache) == ["b", "c"]
+    assert list(model.caption_cache.entries) == ["b", "c"]
     model.encode_caption(["b"])
     model.encode_caption(["a"])
-    assert list(model._caption_cache) == ["b", "a"]
+    assert list(model.caption_cache.entries) == ["b", "a"]
     torch.testing.assert_close(model.encode_caption(["c", "a"]), live[[2, 0]])
     model.clear_caption_cache()
-    assert not model._caption_cache
+    assert not model.caption_cache.entries
 
 
 def test_caption_cache_is_off_by_default(stage1):
-    assert stage1.cache_caption_features is False
+    assert stage1.caption_cache is None
     stage1.encode_caption(["anything"])
-    assert not stage1._caption_cache
+    assert stage1.caption_cache is None
 
 
 # ---- batched input wrapping (row 2) ------------------------------------------------------------
