@@ -14,13 +14,10 @@ Checkpoints hold only the trainable tensors, under the release's key names.
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import os
 import warnings
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -29,44 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import diffusion
+import generation
 import weights
 from configuration import ModelConfig
 from constants import find_weight
 from constants import (CAPTION_LOSS_WEIGHT, CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, SNR_GAMMA,
-                       TEXT_LOSS_WEIGHT, VOKEN_COUNT, VOKENS)
-from image_transforms import image_processor
-from minigpt4 import MiniGPT4, ProcessorChain, SeededSampler, VokenForcing, VokenStateRecorder
+                       TEXT_LOSS_WEIGHT)
+from generation import GenerationOutput
+from minigpt4 import MiniGPT4
 
 
-
-@dataclass
-class GenerationOutput:
-    """One generated answer: `text` as decoded with special tokens (as the release), `clean_text`
-    without vokens and the stop symbol, the image (or None) and the generated token ids."""
-
-    text: str
-    clean_text: str
-    image: "PIL.Image.Image | None"
-    token_ids: list[int]
 
 log = logging.getLogger(__name__)
-
-
-def check_generation_arguments(prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool, temperature: float,
-                               top_p: float, guidance_scale: float, num_inference_steps: int) -> None:
-    """`generate`'s arguments, checked before any work: a ValueError names the argument."""
-    if len(prompts) == 0:
-        raise ValueError("prompts is empty: give at least one prompt")
-    for name, value in (("max_new_tokens", max_new_tokens), ("num_inference_steps", num_inference_steps)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    for name, value in (("guidance_scale", guidance_scale), ("temperature", temperature), ("top_p", top_p)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be positive when sampling, got {temperature!r}")
-    if do_sample and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 class CheckpointMismatchError(weights.CheckpointError):
@@ -592,212 +563,18 @@ class MiniGPT5_Model(pl.LightningModule):
         scheduler = get_linear_schedule_with_warmup(optimizer, self.hparams.warmup_steps, self.planned_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- generation (REFERENCE §4) -----------------------------------------------------------
+    # ---- generation ---------------------------------------------------------------------------
 
-    def prepare_images(self, images: Sequence) -> torch.Tensor:
-        """Images as PIL images, paths or ready (3, S, S) tensors -> a normalised batch tensor."""
-        from PIL import Image, UnidentifiedImageError
-
-        transform = image_processor(self.cfg.image_size)
-        out = []
-        for image in images:
-            if isinstance(image, (str, os.PathLike)):
-                path = Path(image)
-                if not path.is_file():
-                    raise FileNotFoundError(f"input image {str(path)!r} does not exist")
-                try:
-                    with Image.open(path) as f:
-                        image = f.convert("RGB")
-                except (UnidentifiedImageError, OSError) as e:
-                    raise ValueError(f"input image {str(path)!r} is not a readable image: {e}") from None
-            if isinstance(image, Image.Image):
-                image = transform(image.convert("RGB"))
-            if not torch.is_tensor(image) or image.shape != (3, self.cfg.image_size, self.cfg.image_size):
-                raise ValueError(f"an input image must be a PIL image, a path or a (3, {self.cfg.image_size}, "
-                                 f"{self.cfg.image_size}) tensor; got {type(image).__name__}")
-            out.append(image)
-        size = self.cfg.image_size
-        return torch.stack(out).to(self.device) if out else torch.zeros(0, 3, size, size, device=self.device)
-
-    def _prompt_embeddings(self, prompts: list[str], images: list[list], max_new_tokens: int):
-        """Wrap the prompts with their images, cut over-long ones from the left (keeping BOS) and
-        left-pad the batch for generation. Returns (inputs_embeds, attention_mask)."""
-        tok, m = self.model.llama_tokenizer, self.model
-        for i, (prompt, item_images) in enumerate(zip(prompts, images)):
-            n = prompt.count(IMAGE_PLACEHOLDER)
-            if n != len(item_images):
-                raise ValueError(f"prompt {i} has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(item_images)} "
-                                 f"image(s) were given: {prompt[:80]!r}")
-        encoded = tok(prompts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
-        flat = [image for item_images in images for image in item_images]
-        image_embeds = m.encode_img(self.prepare_images(flat))[0] if flat else None
-        embeds, mask, _ = m.wrap_inputs(encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device),
-                                        None, image_embeds)
-        lengths = mask.sum(dim=1)
-        budget = m.llama_model.config.max_position_embeddings - max_new_tokens
-        if budget < 2:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the LLM's "
-                             f"{m.llama_model.config.max_position_embeddings}-token context")
-        cut = (lengths - budget).clamp(min=0)
-        if cut.any():
-            warnings.warn(f"prompt(s) {cut.nonzero().flatten().tolist()} exceed the LLM context "
-                          f"({m.llama_model.config.max_position_embeddings} tokens incl. {max_new_tokens} new); "
-                          f"cut from the left by {cut.max().item()} positions (BOS kept)")
-        lengths = lengths - cut
-        L = int(lengths.max())
-        # Left-padded layout: row b holds BOS + its last (length - 1) positions, right-aligned.
-        j = torch.arange(L, device=self.device).unsqueeze(0)
-        pad = (L - lengths).unsqueeze(1)
-        source = torch.where(j == pad, 0, j - pad + cut.unsqueeze(1)).clamp(min=0)
-        new_mask = (j >= pad).long()
-        gathered = embeds.gather(1, source.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-        return gathered * new_mask.unsqueeze(-1).to(gathered.dtype), new_mask
-
-    def _item_generators(self, n: int, seed, generator) -> list[int]:
-        """One seed per item: `seed` (the same for every item when an int), or drawn from torch's RNG."""
-        if generator is not None:
-            gens = generator if isinstance(generator, (list, tuple)) else [generator] * n
-            return [int(torch.randint(0, 2**62, (1,), generator=g)) for g in gens]
-        if seed is None:
-            return torch.randint(0, 2**62, (n,)).tolist()
-        if isinstance(seed, int):
-            return [seed] * n
-        if len(seed) != n:
-            raise ValueError(f"got {len(seed)} seeds for {n} prompts")
-        return list(seed)
+    def generate(self, prompts: str | list[str], images: list | None = None, **options) -> list[GenerationOutput]:
+        """Answer each prompt with text and, when the LLM emits vokens, an image: `generation.generate`
+        (options: max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+        force_generation, guidance_scale, num_inference_steps, scheduler, seed, generator)."""
+        return generation.generate(self, prompts, images, **options)
 
     def sd_pipeline(self, scheduler: str = "pndm", with_text_encoder: bool = False):
         """A diffusers `StableDiffusionPipeline` over this model's frozen SD parts (`diffusion.pipeline`)."""
         return diffusion.pipeline(self.vae, self.unet, self.sd_tokenizer, self.noise_scheduler, scheduler,
                                   self.sd_text_encoder if with_text_encoder else None)
-
-    @torch.no_grad()
-    def generate(self, prompts: str | list[str], images: list | None = None, *, max_new_tokens: int = 256,
-                 do_sample: bool = True, temperature: float = 1.0, top_k: int | None = 50, top_p: float = 0.9,
-                 repetition_penalty: float = 2.0, force_generation: bool = False, guidance_scale: float = 7.5,
-                 num_inference_steps: int = 50, scheduler: str = "pndm",
-                 seed: int | Sequence[int] | None = None,
-                 generator: torch.Generator | Sequence[torch.Generator] | None = None) -> list[GenerationOutput]:
-        """Answer each prompt with text and, when the LLM emits vokens, an image (REFERENCE §4).
-
-        `prompts` use `<ImageHere>` once per input image; `images[i]` lists prompt i's images
-        (PIL images, paths or tensors). All prompts run as one left-padded batch through
-        transformers' `generate` (KV cache; vokens forced after `[IMG0]` by a logits processor;
-        stop at `end_sym`), then SD runs once for every item that produced vokens, with
-        classifier-free guidance against the zero-feature condition when `guidance_scale > 1`.
-        Each item samples from its own seed (`seed`: one int for all items, or one per item), so
-        a batch gives the same results as its items generated one at a time.
-
-        Sampling is the release's: repetition penalty, then temperature, top-k (50, the default of
-        the release's transformers, which its `generate` call left in place; 0 or None turns it
-        off) and top-p, in transformers' order.
-        """
-        from transformers import (GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                  TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-
-        if isinstance(prompts, str):
-            prompts, images = [prompts], [images or []]
-        images = images if images is not None else [[] for _ in prompts]
-        check_generation_arguments(prompts, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                   top_p=top_p, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
-        if scheduler not in diffusion.SAMPLERS:
-            raise ValueError(f"scheduler must be one of {diffusion.SAMPLERS}, got {scheduler!r}")
-        tok, m = self.model.llama_tokenizer, self.model
-        seeds = self._item_generators(len(prompts), seed, generator)
-        embeds, mask = self._prompt_embeddings(prompts, images, max_new_tokens)
-
-        processors = []
-        if repetition_penalty != 1.0:
-            # Our own instance, not `GenerationConfig.repetition_penalty`: transformers 5 exempts the first
-            # (left-padding length) tokens of each row from it -- meant for prompt ids, but with
-            # `inputs_embeds` there are none, so padded rows skipped the penalty on their first generated
-            # tokens and a batch no longer matched its single calls. Penalising every generated token is
-            # the release's behaviour (it too generated from embeddings).
-            processors.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty)))
-        if do_sample:
-            if temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                processors.append(TopKLogitsWarper(int(top_k)))
-            if top_p < 1.0:
-                processors.append(TopPLogitsWarper(top_p))
-            processors.append(SeededSampler([torch.Generator().manual_seed(s) for s in seeds]))
-        processors.append(VokenForcing(m.voken_ids, prompt_length=0, force_generation=force_generation))
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, stop_strings=[self.cfg.end_sym],
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-        recorder = VokenStateRecorder(m.voken_ids[0])
-        hook = m.llm_parts()[0].register_forward_hook(recorder, with_kwargs=True)
-        try:
-            generated = m.llama_model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                               generation_config=config,
-                                               logits_processor=LogitsProcessorList([ProcessorChain(processors)]),
-                                               tokenizer=tok)
-        finally:
-            hook.remove()
-        features, rows = self.generated_voken_features(embeds, mask, generated, recorder)
-        pictures: list = [None] * len(prompts)
-        if rows:
-            made = self.images_from_features(features, [seeds[r] for r in rows], guidance_scale,
-                                             num_inference_steps, scheduler)
-            for r, picture in zip(rows, made):
-                pictures[r] = picture
-        return [self._decode(ids, picture) for ids, picture in zip(generated.tolist(), pictures)]
-
-    def generated_voken_features(self, embeds: torch.Tensor, mask: torch.Tensor, generated: torch.Tensor,
-                                 recorder: VokenStateRecorder | None = None) -> tuple[torch.Tensor, list[int]]:
-        """Voken features of the generated answers, for the items with a complete voken group
-        (first group of each item): the last-layer states the `recorder` kept while decoding
-        (`generate` hooks one on the decoder), else -- without a recorder, or for an item whose
-        answer ended right after `[IMG6]` -- one plain forward pass over prompt + answer, read with
-        the training code's `voken_features`. Only last-layer states are ever kept. Returns the
-        (N, 8, H) features and the N item indices."""
-        m = self.model
-        img0, img6 = m.voken_ids[0], m.voken_ids[VOKEN_COUNT - 2]
-        has = (generated == img0).any(dim=1)
-        first = (generated == img0).float().argmax(dim=1)
-        complete = has & (first + VOKEN_COUNT - 2 < generated.shape[1])
-        complete &= generated.gather(1, (first + VOKEN_COUNT - 2).clamp(max=generated.shape[1] - 1)
-                                     .unsqueeze(1)).squeeze(1) == img6
-        rows = complete.nonzero().flatten().tolist()
-        if not rows:
-            return torch.zeros(0, VOKEN_COUNT, m.llama_model.config.hidden_size), []
-        if recorder is not None and recorder.states is not None:
-            recorded = recorder.complete()[rows]
-            if bool(recorded.all()):
-                return recorder.states[rows], rows
-            features = torch.empty(len(rows), VOKEN_COUNT, recorder.states.shape[-1], dtype=recorder.states.dtype,
-                                   device=recorder.states.device)
-            features[recorded] = recorder.states[rows][recorded]
-            missing = (~recorded).nonzero().flatten().tolist()
-            items = [rows[i] for i in missing]
-            features[missing] = self.generated_voken_features(embeds[items], mask[items], generated[items])[0].to(features)
-            return features, rows
-        P = embeds.shape[1]
-        end = int(first[rows].max()) + VOKEN_COUNT - 1           # up to and including [IMG6]
-        ids = generated[rows, :end]
-        full = torch.cat([embeds[rows], m.embed_tokens(ids).to(embeds.dtype)], dim=1)
-        full_mask = torch.cat([mask[rows], torch.ones_like(ids)], dim=1)
-        hidden, _, _ = m.forward_llm(full, full_mask)
-        aligned = torch.cat([torch.full((len(rows), P), -1, device=ids.device, dtype=ids.dtype), ids], dim=1)
-        aligned[:, P:] = torch.where(torch.arange(ids.shape[1], device=ids.device) > first[rows].unsqueeze(1),
-                                     -1, ids)                    # keep only the first [IMG0] of each item
-        features, _ = m.voken_features(hidden, aligned)
-        return features, rows
-
-    def images_from_features(self, features: torch.Tensor, seeds: list[int], guidance_scale: float = 7.5,
-                             num_inference_steps: int = 50, scheduler: str = "pndm") -> list:
-        """Voken features (N, 8, H) -> N PIL images: `cond = mapper(fc(features))`, negative =
-        `mapper(fc(zeros))`, one SD pipeline call for all N."""
-        negative = None
-        if guidance_scale > 1:                  # one mapper call for both (rows are independent)
-            both = self.map_vokens(torch.cat([features, torch.zeros_like(features[:1])]))
-            cond, negative = both[:-1], both[-1:].expand(features.shape[0], -1, -1)
-        else:
-            cond = self.map_vokens(features)
-        return diffusion.draw(self.sd_pipeline(scheduler), cond, negative, seeds, guidance_scale, num_inference_steps,
-                              self.cfg.sd_image_size)
 
     @torch.no_grad()
     def sd_baseline(self, captions: list[str], seeds: list[int], guidance_scale: float = 7.5,
@@ -807,13 +584,3 @@ class MiniGPT5_Model(pl.LightningModule):
                                                    self.device, guidance_scale)
         return diffusion.draw(self.sd_pipeline(scheduler), cond, negative, seeds, guidance_scale, num_inference_steps,
                               self.cfg.sd_image_size)
-
-    def _decode(self, ids: list[int], image) -> GenerationOutput:
-        tok = self.model.llama_tokenizer
-        if tok.eos_token_id in ids:
-            ids = ids[: ids.index(tok.eos_token_id)]
-        text = tok.decode(ids, skip_special_tokens=False)
-        clean = text
-        for token in VOKENS + [self.cfg.end_sym, IMAGE_PLACEHOLDER]:
-            clean = clean.replace(token, "")
-        return GenerationOutput(text=text, clean_text=" ".join(clean.split()), image=image, token_ids=ids)

@@ -10,7 +10,7 @@ first and exactly `--tokens` new tokens (the end-of-sequence token is suppressed
 string removed, so every run does the same amount of decoding), then draw the image with a few
 SD steps.
 - `ours`: `generate` as it is: transformers' `generate` returns token ids only, and a hook on the
-  decoder keeps the 8 last-layer voken states while decoding (`minigpt4.VokenStateRecorder`).
+  decoder keeps the 8 last-layer voken states while decoding (`generation.VokenStateRecorder`).
 - `release`: transformers' `generate` with `output_hidden_states=True, return_dict_in_generate=True`
   (what the release did), every layer's states of every step kept until the image is drawn, and the
   voken features read from the last layer of those kept states.
@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+import generation  # noqa: E402
 
 PROMPT = "###Human: generate image with caption: a red circle on a blue background ###Assistant:"
 
@@ -110,7 +112,7 @@ def main() -> None:
             return out.sequences
         return original_generate(*a, generation_config=config, **kw)
 
-    def features_from_kept_states(embeds, mask, generated, recorder=None):
+    def features_from_kept_states(backbone, embeds, mask, generated, recorder=None):
         """The release's readout: the last layer of every step's kept states."""
         states = torch.cat([step[-1] for step in kept["out"].hidden_states], dim=1)   # (B, P + N - 1, H)
         first = int((generated[0] == model.model.voken_ids[0]).nonzero()[0])
@@ -119,7 +121,7 @@ def main() -> None:
 
     llm.generate = forced_generate
     if args.variant == "release":
-        model.generated_voken_features = features_from_kept_states
+        generation.voken_features = features_from_kept_states
     captured = {}
     original_map = model.map_vokens
 
@@ -128,14 +130,14 @@ def main() -> None:
         return original_map(features)
 
     model.map_vokens = spy
-    original_images = model.images_from_features
+    original_images = generation.images_from_features
 
     def images(*a, **kw):
         """Note the peak of the language part (decoding and reading the voken features) before SD."""
         captured["decode_peak"] = peak_rss_mb()
         return original_images(*a, **kw)
 
-    model.images_from_features = images
+    generation.images_from_features = images
     loaded = current_rss_mb()
     reset = reset_peak()
     out = model.generate(PROMPT, force_generation=True, seed=0, max_new_tokens=args.tokens,

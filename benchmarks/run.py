@@ -56,6 +56,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import generation  # noqa: E402
+
 from baselines import adam_state_bytes, bare_decode, one_at_a_time_features, release_style_wrap  # noqa: E402
 from harness import (Row, Timings, ensure_small, fmt_s, format_table, run_child, set_threads,  # noqa: E402
                      time_side_by_side)
@@ -393,11 +395,11 @@ def _prompt_logit_difference(model, prompts, images) -> float:
     """Largest |difference| of the next-token logits after each prompt, computed for the
     left-padded batch vs for each prompt alone: the rounding noise a batch adds."""
     llm = model.model.llama_model
-    embeds, mask = model._prompt_embeddings(prompts, images, 1)
+    embeds, mask = generation.prompt_embeddings(model, prompts, images, 1)
     batched = llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
     worst = 0.0
     for i, (prompt, item_images) in enumerate(zip(prompts, images)):
-        e, m = model._prompt_embeddings([prompt], [item_images], 1)
+        e, m = generation.prompt_embeddings(model, [prompt], [item_images], 1)
         alone = llm(inputs_embeds=e, attention_mask=m, logits_to_keep=1).logits[0, -1].float()
         worst = max(worst, (batched[i] - alone).abs().max().item())
     return worst
@@ -413,11 +415,11 @@ def _generation_parts(bench: Bench, model, prompts, images, seeds, outputs) -> s
     limits row 4 (medians of the same number of repeats)."""
     s = bench.settings
     with torch.no_grad():
-        embeds, mask = model._prompt_embeddings(prompts, images, s.gen_new_tokens)
+        embeds, mask = generation.prompt_embeddings(model, prompts, images, s.gen_new_tokens)
         generated = torch.nn.utils.rnn.pad_sequence(
             [torch.tensor(o.token_ids + [model.model.llama_tokenizer.eos_token_id]) for o in outputs],
             batch_first=True, padding_value=model.model.llama_tokenizer.eos_token_id).to(model.device)
-        features, rows = model.generated_voken_features(embeds, mask, generated)
+        features, rows = generation.voken_features(model.model, embeds, mask, generated)
         cond = model.map_vokens(features)
         uncond = model.map_vokens(torch.zeros_like(features[:1])).expand_as(cond)
     pipe = model.sd_pipeline()
@@ -429,7 +431,7 @@ def _generation_parts(bench: Bench, model, prompts, images, seeds, outputs) -> s
             pipe(prompt_embeds=cond[index].to(model.unet.dtype), negative_prompt_embeds=uncond[index].to(model.unet.dtype),
                  guidance_scale=7.5, num_inference_steps=s.gen_sd_steps, generator=gens, height=size, width=size)
 
-    singles_embeds = [model._prompt_embeddings([p], [im], s.gen_new_tokens) for p, im in zip(prompts, images)]
+    singles_embeds = [generation.prompt_embeddings(model, [p], [im], s.gen_new_tokens) for p, im in zip(prompts, images)]
 
     def llm(embeds_mask_tokens):
         for e, msk, tokens in embeds_mask_tokens:
@@ -463,10 +465,23 @@ def row_generate_overhead(bench: Bench) -> Row:
     recorded = {}
     original = model.sd_pipeline
 
+    class Recording:
+        """A pipeline whose call arguments (the conditioning generate made) are recorded; its
+        other attributes (the UNet's dtype, ...) are the pipeline's."""
+
+        def __init__(self, pipe):
+            self.pipe = pipe
+
+        def __getattr__(self, name):
+            return getattr(self.pipe, name)
+
+        def __call__(self, **call):
+            recorded.update(call)
+            return self.pipe(**call)
+
     def recording_pipeline(*args, **kwargs):
-        """`sd_pipeline`, whose call arguments (the conditioning generate made) are recorded."""
-        pipe = original(*args, **kwargs)
-        return lambda **call: recorded.update(call) or pipe(**call)
+        """`sd_pipeline`, recording its calls."""
+        return Recording(original(*args, **kwargs))
 
     # The seed (of 0..7) with the longest answer, so that decoding weighs as much as it can.
     lengths = [len(model.generate(prompt, image, seed=seed, **dict(kw, num_inference_steps=1))[0].token_ids)
@@ -479,7 +494,7 @@ def row_generate_overhead(bench: Bench) -> Row:
         del model.sd_pipeline
     tokens = torch.tensor([out.token_ids], device=model.device)
     with torch.no_grad():
-        embeds, mask = model._prompt_embeddings([prompt], [image], s.single_new_tokens)
+        embeds, mask = generation.prompt_embeddings(model, [prompt], [image], s.single_new_tokens)
     pipe = model.sd_pipeline()
 
     def sd():
@@ -702,7 +717,7 @@ shared, so single figures move by +-10 % from run to run -- compare ratios, not 
 | row | before | after | cause (profile) and fix |
 |---|---|---|---|
 | 2 | 2.2x (batched 4.3 ms, loop 9.6 ms) | 6.9x (1.5 ms, 10.2 ms) | torch profiler: 70 % of `wrap_inputs` in copies -- out-of-place `index_put` copied the (16, 369, 512) output twice, and `VokenEmbedding` looked every id of the padded (B, T) batch up in both the old and the new rows and picked with `torch.where`. Now only the real tokens (and BOS) are embedded, in one call, and written in place into the zero-padded output; `VokenEmbedding` looks ids up once and overwrites the few new-token rows. (A release-style loop with plain per-sample concatenation instead of the release's growing `torch.cat` measured 0.7x before the fix.) |
-| 5 | 1.164 (--quick: 10 SD steps, 32 tokens); 1.050 full | 1.058-1.090 (--quick); 0.99 full | cProfile: `generate` ran a second forward pass over prompt + answer (`generated_voken_features`) to read the 8 voken states. A forward hook on the decoder (`minigpt4.VokenStateRecorder`) now keeps just those 8 last-layer states while decoding (the forward pass remains a fallback for an answer cut right after `[IMG6]`); the mapper makes the conditional and the unconditional embedding in one call. `test_voken_features_equal_a_plain_forward_pass` and tests/test_optimisations.py check the states. |
+| 5 | 1.164 (--quick: 10 SD steps, 32 tokens); 1.050 full | 1.058-1.090 (--quick); 0.99 full | cProfile: `generate` ran a second forward pass over prompt + answer (`generation.voken_features`) to read the 8 voken states. A forward hook on the decoder (`generation.VokenStateRecorder`) now keeps just those 8 last-layer states while decoding (the forward pass remains a fallback for an answer cut right after `[IMG6]`); the mapper makes the conditional and the unconditional embedding in one call. `test_voken_features_equal_a_plain_forward_pass` and tests/test_optimisations.py check the states. |
 | 8 | 3.3x | 5.7x | with a small CLIP the batched path was dominated by per-image `ToTensor` + `Normalize` (a dozen small tensor ops per image). `metric.preprocess_batch` runs the PIL steps (resize, crop) per image and `ToTensor` + `Normalize` once on the stacked batch: bit-identical pixels. |
 | 9 | 0.994 (language part 0.92-0.99) | 0.993 (language part 0.95) | no second forward pass any more (row 5); at these sizes the release's kept states are only 2.8 MiB, within allocator noise. |
 | 3 | -- | 0.92 | new: `MiniGPT5_Model(cache_caption_features=True)` (off by default). |

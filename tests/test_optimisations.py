@@ -14,7 +14,9 @@ from benchmarks.baselines import adam_state_bytes, bare_decode, one_at_a_time_fe
 from conftest import STORY_LIKE, VOKEN_TARGET, fixed_draws, make_batch
 import diffusion
 from constants import VOKEN_COUNT
-from minigpt4 import VokenEmbedding, VokenStateRecorder
+import generation
+from generation import VokenStateRecorder
+from minigpt4 import VokenEmbedding
 from model import MiniGPT5_Model
 
 CAPTIONED = [
@@ -152,19 +154,19 @@ def test_voken_embedding_equals_a_lookup_in_the_full_matrix():
 def _generate_recorded(model, prompts, max_new_tokens):
     """`generate` up to the voken features: (embeds, mask, generated, recorder)."""
     captured = {}
-    original = model.generated_voken_features
+    original = generation.voken_features
 
-    def spy(embeds, mask, generated, recorder=None):
+    def spy(backbone, embeds, mask, generated, recorder=None):
         if not captured:                          # generate's call (not the fallback's inner one)
             captured.update(embeds=embeds, mask=mask, generated=generated, recorder=recorder)
-        return original(embeds, mask, generated, recorder)
+        return original(backbone, embeds, mask, generated, recorder)
 
-    model.generated_voken_features = spy
+    generation.voken_features = spy
     try:
         model.generate(prompts, seed=list(range(len(prompts))), force_generation=True, max_new_tokens=max_new_tokens,
                        num_inference_steps=2)
     finally:
-        del model.generated_voken_features
+        generation.voken_features = original
     return captured
 
 
@@ -172,8 +174,8 @@ def test_recorded_voken_states_equal_a_plain_forward_pass(stage2):
     got = _generate_recorded(stage2, PROMPTS, max_new_tokens=12)
     recorder = got["recorder"]
     assert recorder.complete().all()
-    recorded, rows = stage2.generated_voken_features(got["embeds"], got["mask"], got["generated"], recorder)
-    plain, plain_rows = stage2.generated_voken_features(got["embeds"], got["mask"], got["generated"])
+    recorded, rows = generation.voken_features(stage2.model, got["embeds"], got["mask"], got["generated"], recorder)
+    plain, plain_rows = generation.voken_features(stage2.model, got["embeds"], got["mask"], got["generated"])
     assert rows == plain_rows == [0, 1, 2]
     assert recorded.shape == (3, VOKEN_COUNT, stage2.model.llama_model.config.hidden_size)
     torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)
@@ -184,8 +186,8 @@ def test_answer_cut_after_img6_falls_back_to_a_forward_pass(stage2):
     not recorded, and the features come from a plain forward pass instead."""
     got = _generate_recorded(stage2, PROMPTS[:2], max_new_tokens=7)
     assert not got["recorder"].complete().any()
-    features, rows = stage2.generated_voken_features(got["embeds"], got["mask"], got["generated"], got["recorder"])
-    plain, _ = stage2.generated_voken_features(got["embeds"], got["mask"], got["generated"])
+    features, rows = generation.voken_features(stage2.model, got["embeds"], got["mask"], got["generated"], got["recorder"])
+    plain, _ = generation.voken_features(stage2.model, got["embeds"], got["mask"], got["generated"])
     assert rows == [0, 1]
     torch.testing.assert_close(features, plain, rtol=0, atol=0)
 
@@ -206,7 +208,7 @@ def test_recorder_keeps_only_the_first_group():
 def test_bare_decode_gives_generates_logits(stage2):
     """The benchmark's bare decode runs the same forward passes as `generate` (same final logits)."""
     m = stage2.model
-    embeds, mask = stage2._prompt_embeddings(PROMPTS[:1], [[]], 8)
+    embeds, mask = generation.prompt_embeddings(stage2, PROMPTS[:1], [[]], 8)
     tokens = torch.tensor([[m.voken_ids[0], m.voken_ids[1], 9, 10]])
     logits = bare_decode(stage2, embeds, mask, tokens)
     full = torch.cat([embeds, m.embed_tokens(tokens[:, :-1])], dim=1)

@@ -662,7 +662,9 @@ def test_generate_rejects_bad_arguments_before_any_work(tiny_model, kwargs, mess
     def no_work(*args, **kw):
         raise AssertionError("generate started working before checking its arguments")
 
-    monkeypatch.setattr(tiny_model, "_prompt_embeddings", no_work)
+    import generation
+
+    monkeypatch.setattr(generation, "prompt_embeddings", no_work)
     call = {"prompts": ["a prompt"], **kwargs}
     with pytest.raises(ValueError, match=message):
         tiny_model.generate(call.pop("prompts"), **call)

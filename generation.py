@@ -1,0 +1,428 @@
+"""Generation: a batch of prompts (text with `<ImageHere>` slots, and their images) -> text and,
+when the LLM emits vokens, a picture per item.
+
+    prompts + images ─► prompt_embeddings: input wrapping (minigpt4.py), cut from the left if too
+                        long, left-padded
+                     ─► transformers' `generate` with our logits processors: repetition penalty,
+                        temperature, top-k, top-p (the release's settings), a seeded sampler per
+                        item, voken forcing ([IMG1]..[IMG7] follow [IMG0]); a forward hook keeps the
+                        8 last-layer voken states while decoding (VokenStateRecorder)
+                     ─► voken_features ─► model.map_vokens (fc + llm_to_t2i_mapping) ─► diffusion.draw
+                        (classifier-free guidance against the zero-feature condition)
+                     ─► GenerationOutput per item (text decoded with special tokens, clean text, image)
+
+`MiniGPT5_Model.generate` is `generate(model, ...)`. Everything here is batched: each item samples
+from its own seed, so a batch gives what its items give one at a time.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+import diffusion
+from constants import IMAGE_PLACEHOLDER, VOKEN_COUNT, VOKENS
+from image_transforms import image_processor
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from minigpt4 import MiniGPT4
+    from model import MiniGPT5_Model
+
+
+@dataclass
+class GenerationOutput:
+    """One generated answer: `text` as decoded with special tokens (as the release), `clean_text`
+    without vokens and the stop symbol, the image (or None) and the generated token ids."""
+
+    text: str
+    clean_text: str
+    image: Image.Image | None
+    token_ids: list[int]
+
+
+def check_generation_arguments(prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool, temperature: float,
+                               top_p: float, guidance_scale: float, num_inference_steps: int) -> None:
+    """`generate`'s arguments, checked before any work: a ValueError names the argument."""
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one prompt")
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_inference_steps", num_inference_steps)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("guidance_scale", guidance_scale), ("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be positive when sampling, got {temperature!r}")
+    if do_sample and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+@torch.no_grad()
+def generate(model: "MiniGPT5_Model", prompts: str | list[str], images: list | None = None, *,
+             max_new_tokens: int = 256, do_sample: bool = True, temperature: float = 1.0, top_k: int | None = 50,
+             top_p: float = 0.9, repetition_penalty: float = 2.0, force_generation: bool = False,
+             guidance_scale: float = 7.5, num_inference_steps: int = 50, scheduler: str = "pndm",
+             seed: int | Sequence[int] | None = None,
+             generator: torch.Generator | Sequence[torch.Generator] | None = None) -> list[GenerationOutput]:
+    """Answer each prompt with text and, when the LLM emits vokens, an image.
+
+    `prompts` use `<ImageHere>` once per input image; `images[i]` lists prompt i's images (PIL
+    images, paths or tensors). All prompts run as one left-padded batch through transformers'
+    `generate` (KV cache; vokens forced after `[IMG0]` by a logits processor; stop at `end_sym`),
+    then SD runs once for every item that produced vokens, with classifier-free guidance against
+    the zero-feature condition when `guidance_scale > 1`. Each item samples from its own seed
+    (`seed`: one int for all items, or one per item), so a batch gives the same results as its
+    items generated one at a time.
+
+    Sampling is the release's: repetition penalty, then temperature, top-k (50, the default of the
+    release's transformers, which its `generate` call left in place; 0 or None turns it off) and
+    top-p, in transformers' order.
+    """
+    if isinstance(prompts, str):
+        prompts, images = [prompts], [images or []]
+    images = images if images is not None else [[] for _ in prompts]
+    check_generation_arguments(prompts, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                               top_p=top_p, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+    if scheduler not in diffusion.SAMPLERS:
+        raise ValueError(f"scheduler must be one of {diffusion.SAMPLERS}, got {scheduler!r}")
+    backbone = model.model
+    seeds = item_seeds(len(prompts), seed, generator)
+    embeds, mask = prompt_embeddings(model, prompts, images, max_new_tokens)
+    processors = logits_processors(backbone.voken_ids, seeds, do_sample=do_sample, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                   force_generation=force_generation)
+    generated, recorder = decode_tokens(backbone, embeds, mask, processors, max_new_tokens, model.cfg.end_sym)
+    features, rows = voken_features(backbone, embeds, mask, generated, recorder)
+    pictures: list = [None] * len(prompts)
+    if rows:
+        made = images_from_features(model, features, [seeds[r] for r in rows], guidance_scale,
+                                    num_inference_steps, scheduler)
+        for r, picture in zip(rows, made):
+            pictures[r] = picture
+    return [decode(backbone.llama_tokenizer, ids, picture, model.cfg.end_sym)
+            for ids, picture in zip(generated.tolist(), pictures)]
+
+
+def prepare_images(images: Sequence, image_size: int, device: torch.device) -> torch.Tensor:
+    """Images as PIL images, paths or ready (3, S, S) tensors -> a normalised batch tensor."""
+    from PIL import Image, UnidentifiedImageError
+
+    transform = image_processor(image_size)
+    out = []
+    for image in images:
+        if isinstance(image, (str, os.PathLike)):
+            path = Path(image)
+            if not path.is_file():
+                raise FileNotFoundError(f"input image {str(path)!r} does not exist")
+            try:
+                with Image.open(path) as f:
+                    image = f.convert("RGB")
+            except (UnidentifiedImageError, OSError) as e:
+                raise ValueError(f"input image {str(path)!r} is not a readable image: {e}") from None
+        if isinstance(image, Image.Image):
+            image = transform(image.convert("RGB"))
+        if not torch.is_tensor(image) or image.shape != (3, image_size, image_size):
+            raise ValueError(f"an input image must be a PIL image, a path or a (3, {image_size}, "
+                             f"{image_size}) tensor; got {type(image).__name__}")
+        out.append(image)
+    return torch.stack(out).to(device) if out else torch.zeros(0, 3, image_size, image_size, device=device)
+
+
+def prompt_embeddings(model: "MiniGPT5_Model", prompts: list[str], images: list[list],
+                      max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wrap the prompts with their images, cut over-long ones from the left (keeping BOS) and
+    left-pad the batch for generation. Returns (inputs_embeds, attention_mask)."""
+    m, device = model.model, model.device
+    tok = m.llama_tokenizer
+    for i, (prompt, item_images) in enumerate(zip(prompts, images)):
+        n = prompt.count(IMAGE_PLACEHOLDER)
+        if n != len(item_images):
+            raise ValueError(f"prompt {i} has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(item_images)} "
+                             f"image(s) were given: {prompt[:80]!r}")
+    encoded = tok(prompts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
+    flat = [image for item_images in images for image in item_images]
+    image_embeds = m.encode_img(prepare_images(flat, model.cfg.image_size, device))[0] if flat else None
+    embeds, mask, _ = m.wrap_inputs(encoded.input_ids.to(device), encoded.attention_mask.to(device), None,
+                                    image_embeds)
+    lengths = mask.sum(dim=1)
+    context = m.llama_model.config.max_position_embeddings
+    budget = context - max_new_tokens
+    if budget < 2:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the LLM's "
+                         f"{context}-token context")
+    cut = (lengths - budget).clamp(min=0)
+    if cut.any():
+        warnings.warn(f"prompt(s) {cut.nonzero().flatten().tolist()} exceed the LLM context "
+                      f"({context} tokens incl. {max_new_tokens} new); "
+                      f"cut from the left by {cut.max().item()} positions (BOS kept)")
+    lengths = lengths - cut
+    L = int(lengths.max())
+    # Left-padded layout: row b holds BOS + its last (length - 1) positions, right-aligned.
+    j = torch.arange(L, device=device).unsqueeze(0)
+    pad = (L - lengths).unsqueeze(1)
+    source = torch.where(j == pad, 0, j - pad + cut.unsqueeze(1)).clamp(min=0)
+    new_mask = (j >= pad).long()
+    gathered = embeds.gather(1, source.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+    return gathered * new_mask.unsqueeze(-1).to(gathered.dtype), new_mask
+
+
+def item_seeds(n: int, seed, generator) -> list[int]:
+    """One seed per item: `seed` (the same for every item when an int), or drawn from torch's RNG."""
+    if generator is not None:
+        gens = generator if isinstance(generator, (list, tuple)) else [generator] * n
+        return [int(torch.randint(0, 2**62, (1,), generator=g)) for g in gens]
+    if seed is None:
+        return torch.randint(0, 2**62, (n,)).tolist()
+    if isinstance(seed, int):
+        return [seed] * n
+    if len(seed) != n:
+        raise ValueError(f"got {len(seed)} seeds for {n} prompts")
+    return list(seed)
+
+
+def logits_processors(voken_ids: list[int], seeds: list[int], *, do_sample: bool, temperature: float,
+                      top_k: int | None, top_p: float, repetition_penalty: float,
+                      force_generation: bool) -> "ProcessorChain":
+    """The sampling of `generate`, as one chain of logits processors run with `do_sample=False`:
+    repetition penalty, temperature, top-k, top-p, then a seeded sample per item, then voken forcing."""
+    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    processors = []
+    if repetition_penalty != 1.0:
+        # Our own instance, not `GenerationConfig.repetition_penalty`: transformers 5 exempts the first
+        # (left-padding length) tokens of each row from it -- meant for prompt ids, but with
+        # `inputs_embeds` there are none, so padded rows skipped the penalty on their first generated
+        # tokens and a batch no longer matched its single calls. Penalising every generated token is
+        # the release's behaviour (it too generated from embeddings).
+        processors.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty)))
+    if do_sample:
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(int(top_k)))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(SeededSampler([torch.Generator().manual_seed(s) for s in seeds]))
+    processors.append(VokenForcing(voken_ids, prompt_length=0, force_generation=force_generation))
+    return ProcessorChain(processors)
+
+
+def decode_tokens(backbone: "MiniGPT4", embeds: torch.Tensor, mask: torch.Tensor, processors: "ProcessorChain",
+                  max_new_tokens: int, end_sym: str) -> tuple[torch.Tensor, "VokenStateRecorder"]:
+    """transformers' `generate` from the prompt embeddings (KV cache, stop at `end_sym`), with a
+    `VokenStateRecorder` on the decoder. Returns the generated ids (B, N) and the recorder."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    tok = backbone.llama_tokenizer
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, stop_strings=[end_sym],
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                              bos_token_id=tok.bos_token_id)
+    recorder = VokenStateRecorder(backbone.voken_ids[0])
+    hook = backbone.llm_parts()[0].register_forward_hook(recorder, with_kwargs=True)
+    try:
+        generated = backbone.llama_model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
+                                                  logits_processor=LogitsProcessorList([processors]), tokenizer=tok)
+    finally:
+        hook.remove()
+    return generated, recorder
+
+
+def voken_features(backbone: "MiniGPT4", embeds: torch.Tensor, mask: torch.Tensor, generated: torch.Tensor,
+                   recorder: "VokenStateRecorder | None" = None) -> tuple[torch.Tensor, list[int]]:
+    """Voken features of the generated answers, for the items with a complete voken group (first
+    group of each item): the last-layer states the `recorder` kept while decoding, else -- without
+    a recorder, or for an item whose answer ended right after `[IMG6]` -- one plain forward pass
+    over prompt + answer, read with the training code's `voken_features`. Only last-layer states
+    are ever kept. Returns the (N, 8, H) features and the N item indices."""
+    m = backbone
+    img0, img6 = m.voken_ids[0], m.voken_ids[VOKEN_COUNT - 2]
+    has = (generated == img0).any(dim=1)
+    first = (generated == img0).float().argmax(dim=1)
+    complete = has & (first + VOKEN_COUNT - 2 < generated.shape[1])
+    complete &= generated.gather(1, (first + VOKEN_COUNT - 2).clamp(max=generated.shape[1] - 1)
+                                 .unsqueeze(1)).squeeze(1) == img6
+    rows = complete.nonzero().flatten().tolist()
+    if not rows:
+        return torch.zeros(0, VOKEN_COUNT, m.llama_model.config.hidden_size), []
+    if recorder is not None and recorder.states is not None:
+        recorded = recorder.complete()[rows]
+        if bool(recorded.all()):
+            return recorder.states[rows], rows
+        features = torch.empty(len(rows), VOKEN_COUNT, recorder.states.shape[-1], dtype=recorder.states.dtype,
+                               device=recorder.states.device)
+        features[recorded] = recorder.states[rows][recorded]
+        missing = (~recorded).nonzero().flatten().tolist()
+        items = [rows[i] for i in missing]
+        features[missing] = voken_features(m, embeds[items], mask[items], generated[items])[0].to(features)
+        return features, rows
+    P = embeds.shape[1]
+    end = int(first[rows].max()) + VOKEN_COUNT - 1           # up to and including [IMG6]
+    ids = generated[rows, :end]
+    full = torch.cat([embeds[rows], m.embed_tokens(ids).to(embeds.dtype)], dim=1)
+    full_mask = torch.cat([mask[rows], torch.ones_like(ids)], dim=1)
+    hidden, _, _ = m.forward_llm(full, full_mask)
+    aligned = torch.cat([torch.full((len(rows), P), -1, device=ids.device, dtype=ids.dtype), ids], dim=1)
+    aligned[:, P:] = torch.where(torch.arange(ids.shape[1], device=ids.device) > first[rows].unsqueeze(1),
+                                 -1, ids)                    # keep only the first [IMG0] of each item
+    features, _ = m.voken_features(hidden, aligned)
+    return features, rows
+
+
+def images_from_features(model: "MiniGPT5_Model", features: torch.Tensor, seeds: list[int],
+                         guidance_scale: float = 7.5, num_inference_steps: int = 50, scheduler: str = "pndm") -> list:
+    """Voken features (N, 8, H) -> N PIL images: `cond = mapper(fc(features))`, negative =
+    `mapper(fc(zeros))`, one SD pipeline call for all N."""
+    negative = None
+    if guidance_scale > 1:                  # one mapper call for both (rows are independent)
+        both = model.map_vokens(torch.cat([features, torch.zeros_like(features[:1])]))
+        cond, negative = both[:-1], both[-1:].expand(features.shape[0], -1, -1)
+    else:
+        cond = model.map_vokens(features)
+    return diffusion.draw(model.sd_pipeline(scheduler), cond, negative, seeds, guidance_scale, num_inference_steps,
+                          model.cfg.sd_image_size)
+
+
+def decode(tokenizer, ids: list[int], image, end_sym: str) -> GenerationOutput:
+    """An answer's ids (up to the end-of-sequence token) as text with special tokens (the release's
+    decoding) and as clean text (no vokens, image slots or end symbol)."""
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    clean = text
+    for token in VOKENS + [end_sym, IMAGE_PLACEHOLDER]:
+        clean = clean.replace(token, "")
+    return GenerationOutput(text=text, clean_text=" ".join(clean.split()), image=image, token_ids=ids)
+
+
+# --------------------------------------------------------------------------------------------
+# Logits processors for transformers' own `generate`, and the voken-state hook
+# --------------------------------------------------------------------------------------------
+
+class SeededSampler:
+    """Per-item reproducible sampling as a logits processor (run with `do_sample=False`).
+
+    transformers samples a whole batch from one random stream, so item i of a batch would not
+    match the same prompt generated alone. Here each item has its own `torch.Generator`: the
+    (already temperature / top-p processed) scores get Gumbel noise from that generator and
+    everything but the winner is set to -inf, so the greedy pick *is* a sample from
+    softmax(scores) (the Gumbel-max trick) and a batch equals its items run one by one.
+    """
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = generators
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        winner = (logp + gumbel).argmax(dim=-1, keepdim=True)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, winner, 0.0)
+
+
+class VokenForcing:
+    """Logits processor: once `[IMG0]` is produced, `[IMG1]`..`[IMG7]` follow, forced rather than
+    sampled; with `force_generation`, `[IMG0]` wins every step until it has appeared.
+
+    It must run last, after every sampling processor, so that its choice is final.
+    """
+
+    def __init__(self, voken_ids: list[int], prompt_length: int, force_generation: bool = False):
+        self.voken_ids = torch.tensor(voken_ids)
+        self.prompt_length = prompt_length     # columns of `input_ids` that are not generated
+        self.force_generation = force_generation
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length:]
+        vokens = self.voken_ids.to(input_ids.device)
+        forced = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
+        if generated.shape[1] > 0:
+            # If the last token is [IMG_k] with k < 7, the next one is [IMG_k+1].
+            last = generated[:, -1]
+            position = (last.unsqueeze(1) == vokens[:-1]).float().argmax(dim=1)
+            is_open = (last.unsqueeze(1) == vokens[:-1]).any(dim=1)
+            forced = torch.where(is_open, vokens[1:][position], forced)
+        if self.force_generation:
+            seen = (generated == vokens[0]).any(dim=1) if generated.shape[1] else torch.zeros_like(forced, dtype=torch.bool)
+            forced = torch.where((forced < 0) & ~seen, vokens[0], forced)
+        # Branch-free (no `.any()`): on a GPU a data-dependent branch would stall every decoding step.
+        one_hot = torch.arange(scores.shape[-1], device=scores.device) == forced.unsqueeze(1)
+        forced_scores = torch.where(one_hot, 0.0, float("-inf")).to(scores.dtype)
+        return torch.where((forced >= 0).unsqueeze(1), forced_scores, scores)
+
+
+class ProcessorChain:
+    """Several logits processors run in order, handed to `generate` as one.
+
+    transformers inspects each processor's signature at every decoding step; one object instead of
+    four keeps that per-step Python cost (~0.1 ms each) out of a loop whose GPU work for a short
+    model is only a few milliseconds."""
+
+    def __init__(self, processors: list):
+        self.processors = list(processors)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for processor in self.processors:
+            scores = processor(input_ids, scores)
+        return scores
+
+
+class VokenStateRecorder:
+    """Forward hook (`register_forward_hook(recorder, with_kwargs=True)`) on the LLM's decoder stack
+    during `generate`: keeps, per item, the last-layer states (after the final norm) of its first
+    voken group -- the state that predicted `[IMG0]` and the states of `[IMG0]`..`[IMG6]` -- and
+    nothing else: (B, 8, H) however long the answer, instead of every layer's states of every step
+    (the release's `output_hidden_states=True`) or a second forward pass over prompt + answer.
+
+    A forward call with `inputs_embeds` (the prompt) only remembers its last position's state; a
+    call with `input_ids` (one decoding step per generated token fed back) advances each item's
+    group. No host-device synchronisation: everything is `torch.where` on (B, H) tensors.
+    `complete` tells which items have all 8 states (an answer cut right after `[IMG6]` never fed
+    `[IMG6]` back, so it lacks that one state).
+    """
+
+    def __init__(self, img0_id: int, count: int = VOKEN_COUNT):
+        self.img0_id, self.count = img0_id, count
+        self.states: torch.Tensor | None = None      # (B, count, H)
+        self.filled: torch.Tensor | None = None      # (B,) states recorded so far
+        self.previous: torch.Tensor | None = None    # (B, H) state of the latest position
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.states is None:
+            self.states = hidden.new_zeros(hidden.shape[0], self.count, hidden.shape[-1])
+            self.filled = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+        if ids is None:
+            self.previous = hidden[:, -1].clone()
+            return
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        for j in range(ids.shape[1]):
+            state = hidden[:, j]
+            if self.previous is not None:
+                starting = (self.filled == 0) & (ids[:, j] == self.img0_id)
+                self.states[:, 0] = torch.where(starting.unsqueeze(1), self.previous, self.states[:, 0])
+                self.filled = torch.where(starting, 1, self.filled)
+            going = (self.filled > 0) & (self.filled < self.count)
+            slot = self.filled.clamp(max=self.count - 1)
+            self.states[rows, slot] = torch.where(going.unsqueeze(1), state, self.states[rows, slot])
+            self.filled = self.filled + going.long()
+            self.previous = state.clone()
+
+    def complete(self) -> torch.Tensor:
+        """(B,) bool: items whose 8 voken states were all recorded."""
+        if self.filled is None:
+            return torch.zeros(0, dtype=torch.bool)
+        return self.filled == self.count
