@@ -10,6 +10,7 @@ that holds the YAML file, so a config works from any working directory. `llama_m
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import typing
@@ -23,6 +24,14 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PATH_KEYS = ("llama_model", "vit_model", "q_former_model", "ckpt", "sd_model")
 HUB_ALLOWED_KEYS = ("llama_model", "sd_model")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+# Keys that older configs (and MiniGPT-4's) carry but nothing reads: accepted and ignored, with a note.
+IGNORED_KEYS = {
+    "max_txt_len": "MiniGPT-5's data path never cut text at MiniGPT-4's max_txt_len",
+    "prompt_template": "the prompts live in prompts.py",
+}
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -94,16 +103,15 @@ class ModelConfig:
     q_former_model: str
     ckpt: str
     sd_model: str
-    image_size: int
-    sd_image_size: int
-    num_query_token: int
     vision: VisionConfig
     qformer: QFormerConfig
-    max_txt_len: int
-    end_sym: str
-    prompt_template: str
     lora: LoraConfig
     mapper: MapperConfig
+    # Optional keys: the release's values unless a config says otherwise.
+    image_size: int = 224          # the ViT's input
+    sd_image_size: int = 512       # SD 2.1 base's pictures
+    num_query_token: int = 32      # Q-Former queries per image
+    end_sym: str = "###"           # where an answer ends
     dtypes: DtypeConfig = field(default_factory=DtypeConfig)
     source: str = "<in memory>"
 
@@ -219,7 +227,11 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> ModelConfi
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     names = _field_names(ModelConfig)
-    unknown = sorted(set(data) - set(names) - {"source"})
+    ignored = sorted(set(data) & set(IGNORED_KEYS))
+    if ignored:
+        log.info("%s: ignoring %s (%s)", source, ", ".join(f"`{k}`" for k in ignored),
+                 "; ".join(IGNORED_KEYS[k] for k in ignored))
+    unknown = sorted(set(data) - set(names) - {"source"} - set(IGNORED_KEYS))
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(f'`{u}`' for u in unknown)}; "
                           f"expected some of {names[:-1]}")

@@ -80,11 +80,29 @@ def test_missing_file_names_the_key_and_the_path(tmp_path, tiny_config_path):
 
 def test_missing_key_and_missing_config_file(tmp_path, tiny_config_path):
     data = _tiny_data(tiny_config_path)
-    del data["num_query_token"]
-    with pytest.raises(ConfigError, match="missing key `num_query_token`"):
+    del data["sd_model"]
+    with pytest.raises(ConfigError, match="missing key `sd_model`"):
         load_config(_write(tmp_path, data))
     with pytest.raises(ConfigError, match="--model_config"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_optional_keys_get_the_release_values_and_dead_keys_are_ignored(tmp_path, tiny_config_path, caplog):
+    """`image_size`, `sd_image_size`, `num_query_token` and `end_sym` may be left out (the release's
+    values); `max_txt_len` and `prompt_template`, which older configs carry and nothing reads, load
+    with a note instead of an error."""
+    data = _tiny_data(tiny_config_path)
+    for key in ("image_size", "sd_image_size", "num_query_token", "end_sym"):
+        data.pop(key, None)
+    cfg = load_config(_write(tmp_path, data), check_paths=False)
+    assert (cfg.image_size, cfg.sd_image_size, cfg.num_query_token, cfg.end_sym) == (224, 512, 32, "###")
+    data = _tiny_data(tiny_config_path)
+    data.update(max_txt_len=160, prompt_template="###Human: {} ###Assistant: ")
+    with caplog.at_level("INFO", logger="configuration"):
+        old = load_config(_write(tmp_path, data), check_paths=False)
+    assert old == load_config(tiny_config_path, check_paths=False).replace(source=old.source)
+    assert "ignoring `max_txt_len`, `prompt_template`" in caplog.text
+    assert not hasattr(old, "max_txt_len") and not hasattr(old, "prompt_template")
 
 
 def test_relative_paths_resolve_against_the_yaml_folder(tmp_path, tiny_config_path):
