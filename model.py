@@ -13,6 +13,7 @@ Checkpoints hold only the trainable tensors, under the release's key names.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -30,10 +31,11 @@ import generation
 import weights
 from configuration import ModelConfig
 from constants import find_weight
-from constants import (CAPTION_LOSS_WEIGHT, CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, SNR_GAMMA,
+from constants import (CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, SNR_GAMMA,
                        TEXT_LOSS_WEIGHT)
 from generation import GenerationOutput
 from minigpt4 import MiniGPT4
+from settings import PredictSettings, TrainSettings
 
 
 
@@ -149,10 +151,13 @@ class MiniGPT5_Model(pl.LightningModule):
         cfg: the model config (`configuration.load_config("config/tiny.yaml")`).
         stage: 1 (vokens + mapper on CC3M) or 2 (LoRA + mapper on VIST / MMDialog).
         stage1_weight: a stage-1 checkpoint to start from (any of the release's layouts).
-        learning_rate, warmup_steps, adam_epsilon: optimiser settings (REFERENCE §6).
-        snr_loss: min-SNR-5 weighting of the diffusion loss.
-        caption_loss_weight: weight of the caption loss (the release's 0.1; 0 turns it off, the
-            paper's ablation, and skips the SD text encoder in training).
+        learning_rate, warmup_steps, adam_epsilon, snr_loss, caption_loss_weight: training settings
+            (`settings.TrainSettings`, the release's defaults); given here, they replace those of
+            `settings`. `caption_loss_weight` 0 turns the caption loss off (the paper's ablation)
+            and skips the SD text encoder in training.
+        settings: the run's `TrainSettings` (train_eval.py builds them from its flags), saved whole
+            with every checkpoint under `hyper_parameters["settings"]`.
+        predict_settings: how `predict_step` generates (`settings.PredictSettings`).
         cfg_dropout_prob: probability of replacing a voken's features by zeros (CFG training).
         device: "meta" builds without loading or allocating anything (for counting parameters);
             a real device ("cuda", "cpu") loads the LLM straight onto it and puts the whole model
@@ -171,22 +176,33 @@ class MiniGPT5_Model(pl.LightningModule):
     """
 
     def __init__(self, cfg: ModelConfig, stage: int = 1, stage1_weight: str | os.PathLike | None = None,
-                 learning_rate: float = 2e-5, warmup_steps: int = 1000, adam_epsilon: float = 1e-8,
-                 snr_loss: bool = True, caption_loss_weight: float = CAPTION_LOSS_WEIGHT,
-                 cfg_dropout_prob: float = CFG_DROPOUT_PROB, device: str | torch.device | None = None,
-                 cache_caption_features: bool = False, caption_cache_size: int | None = 4096,
-                 llm_quantization: str | None = None, offload: bool = False):
+                 learning_rate: float | None = None, warmup_steps: int | None = None,
+                 adam_epsilon: float | None = None, snr_loss: bool | None = None,
+                 caption_loss_weight: float | None = None, cfg_dropout_prob: float = CFG_DROPOUT_PROB,
+                 device: str | torch.device | None = None, cache_caption_features: bool = False,
+                 caption_cache_size: int | None = 4096, llm_quantization: str | None = None, offload: bool = False,
+                 settings: TrainSettings | None = None, predict_settings: PredictSettings | None = None):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+        given = {"learning_rate": learning_rate, "warmup_steps": warmup_steps, "adam_epsilon": adam_epsilon,
+                 "snr_loss": snr_loss, "caption_loss_weight": caption_loss_weight}
+        settings = dataclasses.replace(settings or TrainSettings(), stage=stage,
+                                       **{k: v for k, v in given.items() if v is not None})
+        if settings.model_config is None:
+            settings = dataclasses.replace(settings, model_config=cfg.source)
+        self.settings = settings
+        self.predict_settings = predict_settings or PredictSettings()
+        # Saved whole with every checkpoint (`settings.read_settings`); the flat keys as before.
         self.save_hyperparameters({
-            "model_config": cfg.source, "stage": stage, "learning_rate": learning_rate,
-            "warmup_steps": warmup_steps, "adam_epsilon": adam_epsilon, "snr_loss": snr_loss,
-            "caption_loss_weight": caption_loss_weight,
+            "model_config": cfg.source, "stage": stage, "learning_rate": settings.learning_rate,
+            "warmup_steps": settings.warmup_steps, "adam_epsilon": settings.adam_epsilon,
+            "snr_loss": settings.snr_loss, "caption_loss_weight": settings.caption_loss_weight,
+            "settings": settings.to_dict(),
         })
         self.cfg, self.stage = cfg, stage
-        self.snr_loss, self.cfg_dropout_prob = snr_loss, cfg_dropout_prob
-        self.caption_loss_weight = caption_loss_weight
+        self.snr_loss, self.cfg_dropout_prob = settings.snr_loss, cfg_dropout_prob
+        self.caption_loss_weight = settings.caption_loss_weight
         self.caption_cache = diffusion.CaptionCache(caption_cache_size) if cache_caption_features else None
         meta = str(device) == "meta"
         self._meta = meta
@@ -221,10 +237,6 @@ class MiniGPT5_Model(pl.LightningModule):
             self.load_checkpoint_file(stage1_weight)
         # Lightning restores our partial checkpoints into the full model.
         self.strict_loading = False
-        self.planned_total_steps: int | None = None
-        # Settings of `predict_step` (train_eval.py sets them from its flags).
-        self.predict_options = {"seed": 42, "max_new_tokens": 256, "top_k": 50, "guidance_scale": 7.5,
-                                "num_inference_steps": 50, "scheduler": "pndm", "sd_baseline": False}
         if target is not None:
             self.place(target, offload=offload)
         log.info("MiniGPT5_Model stage %d: %s trainable parameters", stage, f"{self.num_trainable_parameters():,}")
@@ -517,19 +529,19 @@ class MiniGPT5_Model(pl.LightningModule):
         batch size or the process that ran it."""
         if batch is None:
             return []
-        opts = self.predict_options
+        opts = self.predict_settings
         sources = batch["sources"]
         counts = [s.count(IMAGE_PLACEHOLDER) for s in sources]
         images = [list(x) for x in torch.split(batch["input_images"], counts)]
-        seeds = [zlib.crc32(f"{opts['seed']}:{task}".encode()) for task in batch["task_names"]]
-        outs = self.generate(sources, images, seed=seeds, max_new_tokens=opts["max_new_tokens"], top_k=opts["top_k"],
-                             guidance_scale=opts["guidance_scale"], num_inference_steps=opts["num_inference_steps"],
-                             scheduler=opts["scheduler"])
+        seeds = [zlib.crc32(f"{opts.seed}:{task}".encode()) for task in batch["task_names"]]
+        outs = self.generate(sources, images, seed=seeds, max_new_tokens=opts.max_new_tokens, top_k=opts.top_k,
+                             guidance_scale=opts.guidance_scale, num_inference_steps=opts.num_inference_steps,
+                             scheduler=opts.scheduler)
         baselines = [None] * len(sources)
         captions = batch.get("captions")
-        if opts["sd_baseline"] and captions is not None and all(c is not None for c in captions):
-            baselines = self.sd_baseline(list(captions), seeds, opts["guidance_scale"], opts["num_inference_steps"],
-                                         opts["scheduler"])
+        if opts.sd_baseline and captions is not None and all(c is not None for c in captions):
+            baselines = self.sd_baseline(list(captions), seeds, opts.guidance_scale, opts.num_inference_steps,
+                                         opts.scheduler)
         items = []
         for i, out in enumerate(outs):
             has_target = bool(batch["has_output_image"][i])
@@ -540,11 +552,11 @@ class MiniGPT5_Model(pl.LightningModule):
         return items
 
     def planned_steps(self) -> int:
-        """Length of the learning-rate schedule in optimiser steps: `planned_total_steps` when the
-        driver set it (train_eval.py: planned epochs x steps per epoch, so that `--max_steps` only
-        stops early and a resumed run follows the same schedule), else Lightning's estimate."""
-        if self.planned_total_steps:
-            return self.planned_total_steps
+        """Length of the learning-rate schedule in optimiser steps: the settings' `planned_total_steps`
+        when given (train_eval.py: planned epochs x steps per epoch, so that `--max_steps` only stops
+        early and a resumed run follows the same schedule), else Lightning's estimate."""
+        if self.settings.planned_total_steps:
+            return self.settings.planned_total_steps
         return max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
 
     def configure_optimizers(self):
@@ -552,15 +564,15 @@ class MiniGPT5_Model(pl.LightningModule):
         then linear decay to zero, stepped every optimiser step, as the release."""
         from transformers import get_linear_schedule_with_warmup
 
-        lr = self.hparams.learning_rate
+        lr = self.settings.learning_rate
         fast_ids = {id(p) for module in (self.fc, self.llm_to_t2i_mapping) for p in module.parameters()}
         fast_ids.add(id(self.t2i_decoder_prompt))
         trainable = [p for p in self.parameters() if p.requires_grad]
         fast = [p for p in trainable if id(p) in fast_ids]
         slow = [p for p in trainable if id(p) not in fast_ids]
         groups = [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * 10 if self.stage == 1 else lr}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=self.hparams.adam_epsilon)
-        scheduler = get_linear_schedule_with_warmup(optimizer, self.hparams.warmup_steps, self.planned_steps())
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=self.settings.adam_epsilon)
+        scheduler = get_linear_schedule_with_warmup(optimizer, self.settings.warmup_steps, self.planned_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- generation ---------------------------------------------------------------------------

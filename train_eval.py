@@ -41,6 +41,7 @@ import predictions
 from constants import IMAGE_PLACEHOLDER
 from dataset_specs import resolve_dataset_type, spec
 from image_transforms import clip_to_unit_range
+from settings import PredictSettings, TrainSettings, environment
 
 log = logging.getLogger("train_eval")
 REPO = Path(__file__).resolve().parent
@@ -676,10 +677,37 @@ def warn_if_learning_rate_stays_low(args: argparse.Namespace, warmup: int, run_s
                 reached, warmup, flag, run_steps, run_steps)
 
 
+def train_settings(args: argparse.Namespace, paths: dict, dataset_type: str, planned_total_steps: int,
+                   accumulate: int, world: int) -> TrainSettings:
+    """The run's `TrainSettings`, from its flags, checked paths and environment (saved whole with
+    every checkpoint)."""
+    def text(path) -> str | None:
+        return None if path is None else str(path)
+
+    return TrainSettings(
+        learning_rate=args.learning_rate, warmup_steps=warmup_of(args, planned_total_steps),
+        adam_epsilon=args.adam_epsilon, snr_loss=args.snr_loss, caption_loss_weight=args.caption_loss_weight,
+        planned_total_steps=planned_total_steps, seed=args.seed, stage=paths["stage"],
+        model_config=paths["cfg"].source, dataset_type=dataset_type, train_data_path=text(paths["train"]),
+        val_data_path=text(paths["val"]), stage1_weight=text(paths["stage1"]), resume=text(paths["resume"]),
+        num_train_epochs=args.num_train_epochs, per_device_train_batch_size=args.per_device_train_batch_size,
+        real_batch_size=args.real_batch_size, accumulate_grad_batches=accumulate, world_size=world,
+        num_nodes=args.num_nodes, max_steps=args.max_steps, shuffle=args.shuffle, strategy=args.strategy,
+        precision=args.precision, environment=environment())
+
+
+def predict_settings(args: argparse.Namespace, dataset_type: str) -> PredictSettings:
+    """How `predict_step` generates, from the prediction flags and the dataset's spec."""
+    return PredictSettings(seed=args.seed, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                           guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
+                           scheduler=args.scheduler, sd_baseline=spec(dataset_type).sd_baseline)
+
+
 def train(args: argparse.Namespace, paths: dict) -> None:
     import pytorch_lightning as pl
 
     from dataloader import Collator, make_dataset
+    from minigpt4 import load_tokenizer
     from model import CheckpointMismatchError, MiniGPT5_Model
 
     import shards
@@ -690,13 +718,8 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     world = n_devices * args.num_nodes                  # processes over all nodes
     workers = cap_workers(args.num_workers)
     from_shards = shards.is_shard_spec(paths["train"])
-    try:
-        model = MiniGPT5_Model(cfg, stage=stage, stage1_weight=paths["stage1"], learning_rate=args.learning_rate,
-                               warmup_steps=warmup_of(args, 0), adam_epsilon=args.adam_epsilon, snr_loss=args.snr_loss,
-                               caption_loss_weight=args.caption_loss_weight)
-    except CheckpointMismatchError as e:
-        raise SystemExit(f"error: --stage1_weight {e}") from None
-    tokenizer = model.model.llama_tokenizer
+    # The data first (it needs the tokenizer only): the schedule's length is known before the model is built.
+    tokenizer = load_tokenizer(cfg.llama_model)
     kind = shards.CC3MShards.dataset_type if from_shards else resolve_dataset_type(paths["train"])
     extra = {"shuffle": args.shuffle} if from_shards else {"allow_outside_paths": args.allow_outside_paths}
     train_set = make_dataset(paths["train"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict,
@@ -725,11 +748,15 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     # The schedule spans the planned epochs; --max_steps only stops early (so resuming is exact).
     per_rank = (len(train_loader) if from_shards
                 else math.ceil(math.ceil(len(train_set) / world) / args.per_device_train_batch_size))
-    model.planned_total_steps = math.ceil(per_rank / accumulate) * args.num_train_epochs
-    model.hparams.warmup_steps = warmup_of(args, model.planned_total_steps)
-    run_steps = (min(args.max_steps, model.planned_total_steps) if args.max_steps > 0
-                 else model.planned_total_steps)
-    warn_if_learning_rate_stays_low(args, model.hparams.warmup_steps, run_steps)
+    settings = train_settings(args, paths, kind, math.ceil(per_rank / accumulate) * args.num_train_epochs,
+                              accumulate, world)
+    run_steps = (min(args.max_steps, settings.planned_total_steps) if args.max_steps > 0
+                 else settings.planned_total_steps)
+    warn_if_learning_rate_stays_low(args, settings.warmup_steps, run_steps)
+    try:
+        model = MiniGPT5_Model(cfg, stage=stage, stage1_weight=paths["stage1"], settings=settings)
+    except CheckpointMismatchError as e:
+        raise SystemExit(f"error: --stage1_weight {e}") from None
     interval = args.val_check_interval or spec(kind).val_check_interval
     if interval * len(train_loader) < 1:
         interval = 1.0
@@ -862,23 +889,20 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
     cfg = paths["cfg"]
     accelerator, devices = devices_of(args)
     n_devices = len(devices) if isinstance(devices, list) else devices
-    model = MiniGPT5_Model(cfg, stage=paths["stage"])     # stage 2 when IS_STAGE2 or a stage-2 --test_weight
+    kind = resolve_dataset_type(paths["test"])
+    # stage 2 when IS_STAGE2 or a stage-2 --test_weight
+    model = MiniGPT5_Model(cfg, stage=paths["stage"], predict_settings=predict_settings(args, kind))
     for flag, path in (("--stage1_weight", paths["stage1"]), ("--test_weight", paths["test_weight"])):
         if path is not None:
             try:
                 model.load_checkpoint_file(path)
             except CheckpointMismatchError as e:
                 raise SystemExit(f"error: {flag} {e}") from None
-    kind = resolve_dataset_type(paths["test"])
     test_set = make_dataset(paths["test"], model.model.llama_tokenizer, cfg, is_training=False, dataset_type=kind,
                             strict=args.strict, allow_outside_paths=args.allow_outside_paths)
     loader = eval_loader(test_set, Collator(model.model.llama_tokenizer), args.predict_batch_size,
                          cap_workers(args.num_workers))
     out_dir = constants.prediction_folder(args.test_weight or args.stage1_weight)
-    model.predict_options.update(seed=args.seed, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-                                 guidance_scale=args.guidance_scale,
-                                 num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
-                                 sd_baseline=spec(kind).sd_baseline)
     writer = PredictionWriter(out_dir)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=args.num_nodes,
                          strategy="ddp" if n_devices * args.num_nodes > 1 else "auto",

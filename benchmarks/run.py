@@ -562,7 +562,6 @@ def _check_state_formula(bench: Bench) -> str:
 
     model = MiniGPT5_Model(bench.config, stage=1).train()      # a copy: the step changes its weights
     batch = bench.cc3m_batch(2)
-    model.planned_total_steps = 10
     optimizer = model.configure_optimizers()["optimizer"]
     model.zero_grad(set_to_none=True)
     model(batch)["loss"].backward()

@@ -1,6 +1,7 @@
 """Voken-aware generation on the tiny preset: forcing, features, CFG, batching, stopping, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -317,6 +318,6 @@ def test_prediction_samples_with_the_top_k_of_its_flag(model, monkeypatch):
              "task_names": ["t_0"], "targets": ["x ###"], "has_output_image": torch.tensor([False]),
              "output_images": torch.zeros(1, 3, 8, 8), "captions": [None]}
     model.predict_step(batch, 0)
-    monkeypatch.setitem(model.predict_options, "top_k", 7)
+    monkeypatch.setattr(model, "predict_settings", dataclasses.replace(model.predict_settings, top_k=7))
     model.predict_step(batch, 1)
     assert [c["top_k"] for c in calls] == [50, 7]

@@ -242,7 +242,6 @@ def test_preprocess_batch_runs_other_transforms_image_by_image():
 
 def test_adam_state_formula_matches_a_real_step(tiny_config):
     model = _model(tiny_config, stage=1).train()
-    model.planned_total_steps = 4
     optimizer = model.configure_optimizers()["optimizer"]
     model(_batch(model, CAPTIONED[:2], [False, False]))["loss"].backward()
     optimizer.step()

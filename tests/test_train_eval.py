@@ -211,6 +211,26 @@ def test_release_checkpoints_hold_exactly_the_release_keys(release_runs, tiny_co
     assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"]
 
 
+def test_a_checkpoint_says_how_it_was_made(release_runs, tiny_config_path):
+    """Every checkpoint holds the run's whole `TrainSettings` (flags, environment, the schedule) as
+    plain values, which the weights-only checkpoint reader loads and `read_settings` reads back."""
+    import weights
+    from settings import TrainSettings, read_settings
+
+    folder = release_runs[0] / "WEIGHT_FOLDER"
+    stage1 = read_settings(weights.load_untrusted(folder / "stage1_cc3m.ckpt", "checkpoint"))
+    stage2 = read_settings(weights.load_untrusted(folder / "stage2_vist-last.ckpt", "checkpoint"))
+    assert isinstance(stage1, TrainSettings) and isinstance(stage2, TrainSettings)
+    assert (stage1.stage, stage1.dataset_type, stage1.learning_rate, stage1.warmup_steps) == (1, "CC3M", 2e-5, 1000)
+    assert stage1.planned_total_steps == 2 and stage1.num_train_epochs == 2 and stage1.real_batch_size == 48
+    assert stage1.train_data_path.endswith("cc3m_val.tsv") and stage1.stage1_weight is None
+    assert stage1.model_config == str(tiny_config_path) and stage1.seed == 42
+    assert stage1.environment["IS_STAGE2"] == "False" and stage1.environment["DATAFOLDER"].endswith("CC3M")
+    assert (stage2.stage, stage2.dataset_type, stage2.environment["IS_STAGE2"]) == (2, "VIST", "True")
+    assert stage2.stage1_weight.endswith("stage1_cc3m.ckpt")
+    assert read_settings({"state_dict": {}}) is None               # the release's files record none
+
+
 # ----------------------------------------------------------------------------------------------
 # Flags and defaults
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""Typed run settings: what `train_eval.py` read from its flags and environment variables, built
+once when a command starts and handed to the model.
+
+    flags + env vars ─► train_eval.train_settings / predict_settings ─► MiniGPT5_Model(settings=...,
+                                                                        predict_settings=...)
+                                                  ─► checkpoint["hyper_parameters"]["settings"]
+
+`TrainSettings` goes whole into every checkpoint, as a plain dict (`to_dict`: str, int, float, bool,
+None, lists and dicts only, so the weights-only checkpoint reader loads it), and `read_settings`
+reads it back: a checkpoint says how it was made. The model configuration (sizes and weight paths)
+is `configuration.ModelConfig`; this module holds what a run chooses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from constants import CAPTION_LOSS_WEIGHT, SEED
+
+# The environment variables this project reads when a command starts (recorded with the settings).
+ENVIRONMENT_VARIABLES = ("IS_STAGE2", "WEIGHTFOLDER", "DATAFOLDER", "OUTPUT_FOLDER", "OUTPUT_SUFFIX", "CC3M_FOLDER",
+                         "PREPROCESS_FEATURE_FOLDER")
+
+
+def environment() -> dict[str, str]:
+    """The values of `ENVIRONMENT_VARIABLES` that are set."""
+    return {name: os.environ[name] for name in ENVIRONMENT_VARIABLES if name in os.environ}
+
+
+class _Plain:
+    """`to_dict` / `from_dict` for a settings dataclass."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain Python values (what a checkpoint stores)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Settings from `to_dict`'s output; keys this version does not know are left out, missing
+        ones take their defaults (a checkpoint written by an older or newer version still reads)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class TrainSettings(_Plain):
+    """How a model is trained. The defaults are the release's; `train_eval.py` fills every field
+    from its flags (same names) and environment."""
+
+    # the optimiser and the losses
+    learning_rate: float = 2e-5
+    warmup_steps: int = 1000
+    adam_epsilon: float = 1e-8
+    snr_loss: bool = True                    # min-SNR-5 weighting of the diffusion loss
+    caption_loss_weight: float = CAPTION_LOSS_WEIGHT
+    # length of the learning-rate schedule in optimiser steps (planned epochs x steps per epoch);
+    # None: Lightning's estimate. `--max_steps` only stops early, so a resumed run keeps the schedule.
+    planned_total_steps: int | None = None
+    seed: int = SEED
+    # the run, for the record
+    stage: int = 1
+    model_config: str | None = None
+    dataset_type: str | None = None
+    train_data_path: str | None = None
+    val_data_path: str | None = None
+    stage1_weight: str | None = None
+    resume: str | None = None
+    num_train_epochs: int = 2
+    per_device_train_batch_size: int = 2
+    real_batch_size: int = 48
+    accumulate_grad_batches: int = 1
+    world_size: int = 1                      # processes over all nodes
+    num_nodes: int = 1
+    max_steps: int = -1
+    shuffle: bool = False
+    strategy: str = "auto"
+    precision: str | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PredictSettings(_Plain):
+    """How `predict_step` generates (`train_eval.py --is_training False`'s flags)."""
+
+    seed: int = SEED                         # each item's seed is crc32("{seed}:{task name}")
+    max_new_tokens: int = 256
+    top_k: int = 50
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 50
+    scheduler: str = "pndm"
+    sd_baseline: bool = False                # also draw plain SD from the caption (CC3M)
+
+
+def read_settings(checkpoint: dict) -> TrainSettings | None:
+    """The `TrainSettings` a checkpoint (a loaded Lightning checkpoint dict) was trained with, or
+    None for a checkpoint that does not record them (the release's, or one of ours from before)."""
+    data = (checkpoint.get("hyper_parameters") or {}).get("settings")
+    return TrainSettings.from_dict(data) if isinstance(data, dict) else None
