@@ -475,8 +475,9 @@ class MiniGPT5_Model(pl.LightningModule):
     def step_seed(self, batch_idx: int) -> int:
         """The seed of one training micro-batch, a function of (seed, optimiser step, micro-batch
         within the step, rank) only, so that a resumed run draws exactly what an uninterrupted one
-        would."""
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
+        would. The seed is the run's `settings.seed` (`--seed`; `resume.ResumePoint` keeps it with
+        each checkpoint)."""
+        seed = int(self.settings.seed)
         micro = batch_idx % max(1, self.trainer.accumulate_grad_batches) if self._trainer is not None else 0
         key = ((seed * 1_000_003 + self.global_step) * 1_009 + micro) * 1_009 + self.global_rank
         return key % (2**63 - 1)

@@ -50,6 +50,7 @@ import logging
 import math
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -572,10 +573,10 @@ class ShardLoader(torch.utils.data.DataLoader):
     its state with every checkpoint and gives it back on resume: the epoch, the batches taken
     from each worker position this epoch and whose turn is next (see `round_robin`)."""
 
-    done_batches = staticmethod(lambda: 0)       # set by train_eval.train() to read the trainer's progress
-
-    def __init__(self, batches: ShardBatches, num_workers: int):
+    def __init__(self, batches: ShardBatches, num_workers: int, done_batches: Callable[[], int] | None = None):
         super().__init__(batches, batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+        # The batches the trainer has done this epoch (`resume.ResumePoint.batches_done`).
+        self.done_batches = done_batches or (lambda: 0)
         self._start_taken = [0] * batches.workers
         self._start_done = 0
 

@@ -41,6 +41,7 @@ import predictions
 from constants import IMAGE_PLACEHOLDER
 from dataset_specs import resolve_dataset_type, spec
 from image_transforms import clip_to_unit_range
+from resume import EpochSampler, ResumableLoader, ResumePoint  # noqa: F401  (EpochSampler, ResumableLoader: old home)
 from settings import PredictSettings, TrainSettings, environment
 
 log = logging.getLogger("train_eval")
@@ -323,17 +324,6 @@ def last_checkpoint_path(args: argparse.Namespace) -> Path:
     return output_dir(args) / f"{last_name(args.model_save_name)}.ckpt"
 
 
-class DatasetEpoch(Callback):
-    """Tells the dataset the epoch (its random flips depend on it) when Lightning's own
-    DistributedSampler, not our EpochSampler, drives the epochs (DDP)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.dataset.set_epoch(trainer.current_epoch)
-
-
 class LastCheckpoint(Callback):
     """`<name>-last.ckpt`: the run's latest state, whatever `val_loss` did -- written after every
     validation, at the end of every epoch and when training stops (once per optimiser step)."""
@@ -374,38 +364,6 @@ class FinalCheckpoint(Callback):
         path = self.checkpoint.format_checkpoint_name(metrics)
         trainer.save_checkpoint(path)
         self.checkpoint.best_model_path = path
-
-
-class StopAtStep(Callback):
-    """`--max_steps`: stop once this many optimiser steps are done.
-
-    Not Lightning's own `max_steps`: with it set, Lightning treats every resumed run as restarting
-    mid-epoch, and a run resumed from an end-of-epoch checkpoint (`<name>-last.ckpt` of a run that
-    ended with its epoch) replayed the next epoch's first batch. Stopping through `should_stop`
-    keeps training epoch-based, so Lightning resumes such a checkpoint at the next epoch.
-
-    A stop in mid-epoch still runs Lightning's end-of-epoch hooks, and a checkpoint saved there (or
-    at the end of training) would record the epoch as finished: resumed, it skipped the rest of the
-    epoch. `on_save_checkpoint` records such an epoch as unfinished, as a checkpoint saved right
-    after the last batch does, so the resumed run continues with the next batch."""
-
-    def __init__(self, max_steps: int):
-        self.max_steps = max_steps
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.max_steps:
-            trainer.should_stop = True
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if trainer.global_step >= self.max_steps:     # resumed past the limit: nothing to do
-            trainer.should_stop = True
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        if not (trainer.should_stop and 0 < batches < trainer.num_training_batches):
-            return
-        for progress in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
-            progress["processed"] = progress["completed"] = progress["started"] - 1
 
 
 def make_logger(args: argparse.Namespace, save_dir: Path):
@@ -584,62 +542,20 @@ class SampleGeneration(Callback):
             out.image.save(self.out_dir / f"step_{step:07d}.png")
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A seeded shuffle per epoch (Lightning calls `set_epoch`) that can resume mid-epoch: after
-    `load_state_dict`, the first pass skips the samples of the batches already trained on."""
-
-    def __init__(self, dataset, seed: int, shuffle: bool):
-        self.dataset, self.n, self.seed, self.shuffle = dataset, len(dataset), seed, shuffle
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        # The dataset draws its random flips per (epoch, sample): tell it before workers start.
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-                 if self.shuffle else torch.arange(self.n))
-        skip, self.skip = self.skip, 0
-        return iter(order[skip:].tolist())
-
-
-class ResumableLoader(torch.utils.data.DataLoader):
-    """A DataLoader that Lightning can checkpoint (its `state_dict` / `load_state_dict` interface):
-    the state is the epoch and the number of batches the trainer has completed in it, so that a
-    run resumed from any step sees exactly the batches an uninterrupted run would."""
-
-    done_batches = staticmethod(lambda: 0)       # set by train() to read the trainer's progress
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "completed": int(self.done_batches())}
-
-    def load_state_dict(self, state: dict) -> None:
-        skip = state["completed"] * self.batch_size
-        if skip >= len(self.sampler):          # saved after the epoch's last batch: the next epoch starts
-            self.sampler.set_epoch(state["epoch"] + 1)
-            self.sampler.skip = 0
-        else:
-            self.sampler.set_epoch(state["epoch"])
-            self.sampler.skip = skip
-
-
-def dataloader(dataset, collate, batch_size: int, num_workers: int, shuffle: bool, seed: int, world: int):
-    """Training loader. On one device: the resumable epoch-seeded sampler; on several, Lightning
-    swaps in its seeded DistributedSampler."""
+def dataloader(dataset, collate, batch_size: int, num_workers: int, shuffle: bool, seed: int, world: int,
+               point: ResumePoint | None = None):
+    """Training loader. On one device: the resumable epoch-seeded sampler, whose position `point`
+    counts; on several, Lightning swaps in its seeded DistributedSampler."""
     from torch.utils.data import DataLoader
 
     if world > 1:
         # Lightning swaps in a DistributedSampler (seeded, set_epoch each epoch); flips follow
-        # the epoch through the DatasetEpoch callback.
+        # the epoch through ResumePoint.
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                           collate_fn=collate)
     return ResumableLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, seed, shuffle),
-                           num_workers=num_workers, collate_fn=collate)
+                           num_workers=num_workers, collate_fn=collate,
+                           done_batches=point.batches_done if point is not None else None)
 
 
 def eval_loader(dataset, collate, batch_size: int, num_workers: int):
@@ -728,15 +644,19 @@ def train(args: argparse.Namespace, paths: dict) -> None:
         raise SystemExit(f"error: --train_data_path {args.train_data_path!r}: no usable sample in "
                          f"{str(paths['train'])!r} (the skipped rows are listed above)")
     collate = Collator(tokenizer)
+    # The resume state: position in the data, seed key, --max_steps stop. Without an EpochSampler
+    # (DDP, shards) it also tells the dataset the epoch.
+    point = ResumePoint(args.seed, args.max_steps,
+                        dataset=train_set if (world > 1 or from_shards) and hasattr(train_set, "set_epoch") else None)
     if from_shards:
         try:
             batches = shards.ShardBatches(train_set, args.per_device_train_batch_size, collate, workers, world)
         except shards.DataError as e:
             raise SystemExit(f"error: --train_data_path {args.train_data_path!r}: {e}") from None
-        train_loader = shards.ShardLoader(batches, workers)
+        train_loader = shards.ShardLoader(batches, workers, done_batches=point.batches_done)
     else:
         train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, workers, args.shuffle,
-                                  args.seed, world)
+                                  args.seed, world, point)
     val_loader = None
     if paths["val"] is not None:
         # The release's validation samples are training samples (targets, image and caption losses).
@@ -766,11 +686,7 @@ def train(args: argparse.Namespace, paths: dict) -> None:
                                  save_top_k=args.save_total_limit, enable_version_counter=False)
     last = LastCheckpoint(last_checkpoint_path(args))
     callbacks = [checkpoint, FinalCheckpoint(checkpoint), LearningRateMonitor(logging_interval="step")]
-    if args.max_steps > 0:
-        callbacks.append(StopAtStep(args.max_steps))
-    callbacks.append(last)                  # after StopAtStep: sees its should_stop
-    if (world > 1 or from_shards) and hasattr(train_set, "set_epoch"):
-        callbacks.append(DatasetEpoch(train_set))       # no EpochSampler to tell it the epoch
+    callbacks += [point, last]              # last after point: sees its should_stop
     if args.save_every_n_steps > 0:
         callbacks.append(ModelCheckpoint(dirpath=str(out_dir), every_n_train_steps=args.save_every_n_steps,
                                          filename=last_name(args.model_save_name)[: -len("-last")] + "-step{step}",
@@ -788,9 +704,6 @@ def train(args: argparse.Namespace, paths: dict) -> None:
         limit_val_batches=None if val_loader is not None else 0,
         logger=make_logger(args, out_dir), callbacks=callbacks, log_every_n_steps=1,
         num_sanity_val_steps=0, enable_progress_bar=True)
-    if isinstance(train_loader, (ResumableLoader, shards.ShardLoader)):
-        # "processed" counts the batch just trained even when the save happens in on_train_batch_end.
-        train_loader.done_batches = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
     log.info("stage %d on %s%s: %d node(s) x %d device(s), batch %d x accumulate %d, %s order", stage, kind,
              " shards" if from_shards else "", args.num_nodes, n_devices, args.per_device_train_batch_size, accumulate,
              "shuffled" if args.shuffle else "file")

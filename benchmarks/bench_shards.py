@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         assert len(tsv_set) == len(shard_set)
 
         def tsv_loader():
-            from train_eval import EpochSampler, ResumableLoader
+            from resume import EpochSampler, ResumableLoader
 
             return ResumableLoader(tsv_set, batch_size=args.batch, sampler=EpochSampler(tsv_set, 0, False),
                                    num_workers=args.workers, collate_fn=collate)

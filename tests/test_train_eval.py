@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+import weights
 from conftest import HANG_GUARD_S, release_stage1_checkpoint_keys, release_stage2_checkpoint_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -390,11 +391,25 @@ def test_stage1_resume_continues_exactly(tiny_config_path, tmp_path):
         split = tmp_path / f"split{stop}{resume}"
         every = ["--save_every_n_steps", str(stop)] if resume.startswith("run-step") else []
         run_main(base + ["--max_steps", str(stop)] + every, env(split))
+        if resume == "last":   # the resume state, in ResumePoint's callback state: seed key, epoch, batches done
+            saved = weights.load_untrusted(split / "run-last.ckpt", "checkpoint")["callbacks"]["ResumePoint"]
+            assert saved == {"seed": 42, "epoch": 0, "batches_done": 3}
         log = run_main(base + ["--max_steps", "8", "--resume", resume if resume == "last" else str(split / resume)],
                        env(split))
         assert f"resuming training from {split / 'run-last.ckpt' if resume == 'last' else split / resume}" in log
         assert train_losses(split) == expected_losses, resume
         assert_same_state(state_of(split / "run-last.ckpt"), expected_state, f"stop {stop}, resume {resume}")
+
+
+def test_resuming_with_another_seed_is_said(tiny_config_path, tmp_path):
+    """The seed is the root of every step's random draws: a run resumed with another --seed cannot
+    continue exactly, and the log says so, naming both."""
+    base = ["--is_training", "--train_data_path", "cc3m_train.tsv", "--model_save_name", "seeded",
+            *common(tiny_config_path)]
+    env = {"DATAFOLDER": DATASETS / "CC3M", "WEIGHTFOLDER": tmp_path, "OUTPUT_FOLDER": tmp_path / "o"}
+    run_main(base + ["--max_steps", "1"], env)
+    log = run_main(base + ["--max_steps", "2", "--resume", "last", "--seed", "7"], env)
+    assert "resuming with --seed 7, but the checkpoint was trained with --seed 42" in log
 
 
 def test_stage2_resume_continues_exactly(release_runs, tiny_config_path, tmp_path):

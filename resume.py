@@ -1,0 +1,152 @@
+"""Exact resume: a run resumed from any checkpoint sees the batches, random draws and weights an
+uninterrupted run would.
+
+Three things must survive a stop, and this module owns all of them:
+
+- where the data stands: the epoch and the batches done in it. `ResumePoint` (a stateful
+  Lightning callback) counts them from the trainer's progress; the training loader
+  (`ResumableLoader` over an `EpochSampler`, or `shards.ShardLoader`) saves that position with
+  each checkpoint through Lightning's data-loader state and, on resume, skips what was done.
+- the seed key: every random draw of a training step comes from seeds of (seed, optimiser step,
+  micro-batch, rank) (`MiniGPT5_Model.step_seed`), the seed being the run's
+  `TrainSettings.seed`. `ResumePoint` saves it in its callback state and says so when a run
+  resumes with another seed (its draws would then differ from the interrupted run's).
+- where the run stops: `--max_steps` stops through `should_stop` rather than Lightning's own
+  `max_steps` (see `ResumePoint`), and a checkpoint saved at such a stop in mid-epoch records
+  the epoch as unfinished.
+
+The epoch also sets the dataset's random flips (`set_epoch`): `EpochSampler` tells the dataset on
+one device; under DDP and for shards, where another sampler drives the epochs, `ResumePoint` does.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from pytorch_lightning import Callback
+
+log = logging.getLogger(__name__)
+
+
+class ResumePoint(Callback):
+    """The run's resume state as one Lightning callback: the epoch and the batches done in it, the
+    seed key, and the `--max_steps` stop.
+
+    Not Lightning's own `max_steps`: with it set, Lightning treats every resumed run as restarting
+    mid-epoch, and a run resumed from an end-of-epoch checkpoint (`<name>-last.ckpt` of a run that
+    ended with its epoch) replayed the next epoch's first batch. Stopping through `should_stop`
+    keeps training epoch-based, so Lightning resumes such a checkpoint at the next epoch.
+
+    A stop in mid-epoch still runs Lightning's end-of-epoch hooks, and a checkpoint saved there (or
+    at the end of training) would record the epoch as finished: resumed, it skipped the rest of the
+    epoch. `on_save_checkpoint` records such an epoch as unfinished, as a checkpoint saved right
+    after the last batch does, so the resumed run continues with the next batch.
+
+    Args:
+        seed: the run's seed (`TrainSettings.seed`), the root of every step's random draws.
+        max_steps: stop once this many optimiser steps are done (-1: no limit).
+        dataset: a dataset whose `set_epoch` must follow the epochs when no `EpochSampler` tells it
+            (DDP's sampler, shards); None otherwise.
+    """
+
+    def __init__(self, seed: int, max_steps: int = -1, dataset=None):
+        self.seed, self.max_steps, self.dataset = seed, max_steps, dataset
+        self._trainer = None
+
+    # ---- the position in the data ------------------------------------------------------------
+
+    def batches_done(self) -> int:
+        """Batches of the current epoch the trainer has processed ("processed" counts the batch just
+        trained even when a checkpoint is saved in `on_train_batch_end`); 0 before training."""
+        if self._trainer is None:
+            return 0
+        return int(self._trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.dataset is not None and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(trainer.current_epoch)
+
+    # ---- the stop ----------------------------------------------------------------------------
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if 0 < self.max_steps <= trainer.global_step:     # resumed past the limit: nothing to do
+            trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < self.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self.max_steps <= 0:
+            return
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if not (trainer.should_stop and 0 < batches < trainer.num_training_batches):
+            return
+        for progress in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
+            progress["processed"] = progress["completed"] = progress["started"] - 1
+
+    # ---- the callback's own state (saved with every checkpoint) ----------------------------------
+
+    def state_dict(self) -> dict:
+        trainer = self._trainer
+        return {"seed": int(self.seed), "epoch": int(trainer.current_epoch) if trainer is not None else 0,
+                "batches_done": self.batches_done()}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("seed")
+        if saved is not None and int(saved) != int(self.seed):
+            log.warning("resuming with --seed %d, but the checkpoint was trained with --seed %d: the random draws "
+                        "(noise, timesteps, dropout, shuffling) will differ from the interrupted run's",
+                        self.seed, saved)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded shuffle per epoch (Lightning calls `set_epoch`) that can resume mid-epoch: after
+    `ResumableLoader.load_state_dict`, the first pass skips the samples of the batches already
+    trained on."""
+
+    def __init__(self, dataset, seed: int, shuffle: bool):
+        self.dataset, self.n, self.seed, self.shuffle = dataset, len(dataset), seed, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        # The dataset draws its random flips per (epoch, sample): tell it before workers start.
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+                 if self.shuffle else torch.arange(self.n))
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:].tolist())
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """A DataLoader that Lightning can checkpoint (its `state_dict` / `load_state_dict` interface):
+    the state is the epoch and the number of batches the trainer has completed in it
+    (`done_batches`, normally `ResumePoint.batches_done`), so that a run resumed from any step sees
+    exactly the batches an uninterrupted run would."""
+
+    def __init__(self, *args, done_batches: Callable[[], int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.done_batches = done_batches or (lambda: 0)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "completed": int(self.done_batches())}
+
+    def load_state_dict(self, state: dict) -> None:
+        skip = state["completed"] * self.batch_size
+        if skip >= len(self.sampler):          # saved after the epoch's last batch: the next epoch starts
+            self.sampler.set_epoch(state["epoch"] + 1)
+            self.sampler.skip = 0
+        else:
+            self.sampler.set_epoch(state["epoch"])
+            self.sampler.skip = skip
