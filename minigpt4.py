@@ -283,7 +283,8 @@ class MiniGPT4(nn.Module):
         return cls(cfg, visual_encoder, qformer, query_tokens, llama_proj, llama_model, tokenizer)
 
     def add_lora(self) -> None:
-        """Stage 2: wrap the LLM with PEFT LoRA (REFERENCE §2); `lm_head`/`embed_tokens` become
+        """Stage 2: wrap the LLM with PEFT LoRA (`lora` in the config: r 8, alpha 16, dropout 0.05 on
+        q_proj / v_proj at real size, as the release); `lm_head`/`embed_tokens` become
         `modules_to_save` copies that train only their new rows."""
         from peft import LoraConfig, get_peft_model
 
@@ -350,7 +351,7 @@ class MiniGPT4(nn.Module):
     def wrap_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     labels: torch.Tensor | None, image_embeds: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Batched input wrapping (REFERENCE §3.1).
+        """Batched input wrapping: the images spliced into the text (docs/architecture.md, "How a batch flows").
 
         `input_ids` (B, T) are right-padded token ids, one `<ImageHere>` per input image;
         `image_embeds` (N, Q, H) are the images' LLM-space embeddings in the order their
@@ -413,8 +414,10 @@ class MiniGPT4(nn.Module):
         return hidden, logits, loss
 
     def voken_positions(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where voken features start (REFERENCE §3.3): for every `[IMG0]` in `token_ids` (labels
-        or generated ids, aligned with the hidden states), (batch index, position - 1)."""
+        """Where voken features start: the 8 voken features of an `[IMG0]` are the last-layer states
+        of the position before it (which predicts `[IMG0]`) and of `[IMG0]`..`[IMG6]`. For every
+        `[IMG0]` in `token_ids` (labels or generated ids, aligned with the hidden states): (batch
+        index, position - 1)."""
         b, t = (token_ids == self.voken_ids[0]).nonzero(as_tuple=True)
         return b, t - 1
 

@@ -1,4 +1,4 @@
-"""`MiniGPT5_Model`: the single LightningModule of MiniGPT-5 (REFERENCE §2-§3, §6).
+"""`MiniGPT5_Model`: the single LightningModule of MiniGPT-5 (docs/architecture.md maps the modules).
 
     batch ─► MiniGPT4 (minigpt4.py): encode input images, wrap them into the text, run the LLM
           ─► text_loss, last-layer hidden states

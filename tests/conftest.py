@@ -11,7 +11,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared"
+# The release's own sample files (its CC3M / VIST / MMDialog examples, which we do not redistribute):
+# a folder holding CC3M/, VIST/ and MMDialog/ as the release laid them out. The tests that read them
+# (tests/test_dataloader.py, "reference files") skip when MINIGPT5_RELEASE_SAMPLES is not set.
+RELEASE_SAMPLES = os.environ.get("MINIGPT5_RELEASE_SAMPLES")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # One torch thread per test process (TEST_TORCH_THREADS to change it): the tiny models gain nothing from
@@ -48,11 +51,11 @@ def tiny_tokenizer(tiny_config):
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """`../shared` (reference datasets and keys); tests that need it skip when it is absent."""
-    if not SHARED.is_dir():
-        pytest.skip("../shared is not available")
-    return SHARED
+def release_samples() -> Path:
+    """The folder of the release's sample files (`MINIGPT5_RELEASE_SAMPLES`); skips when not given."""
+    if not RELEASE_SAMPLES or not Path(RELEASE_SAMPLES).is_dir():
+        pytest.skip("MINIGPT5_RELEASE_SAMPLES (a folder of the release's CC3M / VIST / MMDialog samples) is not set")
+    return Path(RELEASE_SAMPLES)
 
 
 VOKEN_TARGET = "[IMG0][IMG1][IMG2][IMG3][IMG4][IMG5][IMG6][IMG7] ###"

@@ -58,8 +58,8 @@ def clean_env(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ref(shared_dir) -> Path:
-    return shared_dir / "reference-datasets"
+def ref(release_samples) -> Path:
+    return release_samples
 
 
 def dump(path, split: str, tokenizer=None, **kwargs) -> list[dict]:

@@ -23,7 +23,7 @@ if str(REPO_ROOT) not in sys.path:  # plain `pytest` from the repo root does not
 import lavis  # noqa: E402
 from configuration import QFormerConfig, VisionConfig  # noqa: E402
 
-REFERENCE_KEYS = REPO_ROOT.parent / "shared" / "reference-keys"
+LAVIS_KEYS = Path(__file__).resolve().parent / "data" / "lavis_keys"   # the real files' key names (README there)
 
 IMAGE = 32
 NUM_QUERY = 4
@@ -362,13 +362,12 @@ def _normalise(keys) -> set[str]:
     return {re.sub(r"\b(blocks|layer)\.\d+\.", r"\1.N.", k) for k in keys}
 
 
-@pytest.mark.skipif(not REFERENCE_KEYS.is_dir(), reason=f"{REFERENCE_KEYS} not present")
 def test_write_tiny_lavis_matches_reference_key_names(tmp_path: Path) -> None:
     vit_path, blip2_path = lavis.write_tiny_lavis(tmp_path, VISION, QFORMER, NUM_QUERY, IMAGE)
     vit_sd = torch.load(vit_path, weights_only=True)
     blip2_sd = torch.load(blip2_path, weights_only=True)["model"]
-    ref_vit = json.loads((REFERENCE_KEYS / "eva_vit_g_keys.json").read_text())
-    ref_qformer = json.loads((REFERENCE_KEYS / "blip2_qformer_keys.json").read_text())
+    ref_vit = json.loads((LAVIS_KEYS / "eva_vit_g_keys.json").read_text())
+    ref_qformer = json.loads((LAVIS_KEYS / "blip2_qformer_keys.json").read_text())
 
     assert _normalise(vit_sd) == _normalise(ref_vit)
     ours_qformer = {k for k in blip2_sd if k.startswith("Qformer.") or k == "query_tokens"}
