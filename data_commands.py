@@ -29,8 +29,9 @@ import torch
 
 import diffusion
 from constants import SEED, find_data
-from dataloader import (DATASET_TYPES, MiniGPT5Dataset, dump_records, feature_file, make_dataset,
-                        resolve_dataset_type, save_feature, spec)
+from dataloader import MiniGPT5Dataset, dump_records, feature_file, make_dataset, save_feature
+from dataset_specs import NAMES as DATASET_TYPES
+from dataset_specs import resolve_dataset_type, spec
 from image_transforms import IMAGE_ERRORS, image_processor, load_rgb, target_transform
 
 log = logging.getLogger("dataloader")

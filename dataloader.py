@@ -89,7 +89,7 @@ from PIL import Image
 from constants import IMAGE_PLACEHOLDER, IMAGE_SLOT, RESERVED_TOKENS, SEED, VOKENS
 from constants import find_data, preprocess_feature_folder
 from dataset_specs import NAMES as DATASET_TYPES, SPECS, DatasetSpec, resolve_dataset_type, spec  # noqa: F401
-from image_transforms import IMAGE_ERRORS, expand2square, image_processor, load_rgb, target_transform  # noqa: F401
+from image_transforms import IMAGE_ERRORS, image_processor, load_rgb, target_transform
 # The release's prompts (importable from here too, as before they moved to prompts.py).
 from prompts import (CC3M_INSTRUCTION, CC3M_PROMPTS, CC3M_SYSTEM, MMDIALOG_SYSTEM, VIST_GENERATION,  # noqa: F401
                      VIST_MULTIMODAL, VIST_SYSTEM, VIST_UNDERSTANDING, VOKEN_TARGET, speaker, vist_context)

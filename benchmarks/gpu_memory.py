@@ -113,7 +113,7 @@ def activation_estimates(parts: dict, prompt_tokens: int, new_tokens: int) -> di
 
 
 def arithmetic(prompt_tokens: int, new_tokens: int) -> str:
-    rows, floors = [], []
+    rows = []
     for name, (quantization, offload) in CONFIGS.items():
         parts = part_bytes(quantization)
         act = activation_estimates(parts, prompt_tokens, new_tokens)
