@@ -50,6 +50,14 @@ def tiny_tokenizer(tiny_config):
     return load_tokenizer(tiny_config.llama_model)
 
 
+@pytest.fixture
+def no_data_env(monkeypatch):
+    """No DATAFOLDER / PREPROCESS_FEATURE_FOLDER from the caller's shell (modules that read datasets
+    use it for every test: `pytestmark = pytest.mark.usefixtures("no_data_env")`)."""
+    monkeypatch.delenv("DATAFOLDER", raising=False)
+    monkeypatch.delenv("PREPROCESS_FEATURE_FOLDER", raising=False)
+
+
 @pytest.fixture(scope="session")
 def release_samples() -> Path:
     """The folder of the release's sample files (`MINIGPT5_RELEASE_SAMPLES`); skips when not given."""

@@ -50,11 +50,7 @@ def vist_sources(kind: str, context: str, caption: str) -> set[str]:
     return {VIST_SYSTEM + t for t in templates}
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    """No DATAFOLDER / PREPROCESS_FEATURE_FOLDER from the caller's shell."""
-    monkeypatch.delenv("DATAFOLDER", raising=False)
-    monkeypatch.delenv("PREPROCESS_FEATURE_FOLDER", raising=False)
+pytestmark = pytest.mark.usefixtures("no_data_env")    # no DATAFOLDER / PREPROCESS_FEATURE_FOLDER from the shell
 
 
 @pytest.fixture(scope="module")

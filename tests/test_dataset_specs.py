@@ -17,10 +17,7 @@ TEST_FILES = {"CC3M": DATASETS / "CC3M" / "cc3m_val.tsv", "VIST": DATASETS / "VI
               "MMDialog": DATASETS / "MMDialog" / "test" / "test_conversations.txt"}
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    monkeypatch.delenv("DATAFOLDER", raising=False)
-    monkeypatch.delenv("PREPROCESS_FEATURE_FOLDER", raising=False)
+pytestmark = pytest.mark.usefixtures("no_data_env")    # no DATAFOLDER / PREPROCESS_FEATURE_FOLDER from the shell
 
 
 def test_every_spec_names_a_reader_and_a_scorer_of_its_own_dataset():

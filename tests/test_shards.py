@@ -27,10 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 N_ROWS = 205                     # rows 0, 100 and 200 add instruction samples: 208 training samples
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    monkeypatch.delenv("DATAFOLDER", raising=False)
-    monkeypatch.delenv("PREPROCESS_FEATURE_FOLDER", raising=False)
+pytestmark = pytest.mark.usefixtures("no_data_env")    # no DATAFOLDER / PREPROCESS_FEATURE_FOLDER from the shell
 
 
 def write_tsv_dataset(root: Path, n_rows: int = N_ROWS) -> Path:
