@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_config", default=None,
                         help="model YAML (default: the --preset's)")
-    parser.add_argument("--preset", choices=["toy", "tiny"], default="tiny",
+    parser.add_argument("--preset", choices=["toy", "tiny"], default="toy",
                         help="without --model_config: toy (default; trained in the toy world, shipped in "
                              "toyworld/pretrained) or tiny (random weights, built under weights/tiny on first use)")
     parser.add_argument("--stage1_weight", default=None, help="stage-1 checkpoint (relative to WEIGHTFOLDER ok)")
@@ -101,15 +101,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     default_images, captions, expected = DEFAULT_IMAGES, DEFAULT_CAPTIONS, None
     toy = args.model_config is None and args.preset == "toy"
     if toy:
-        from toyworld.ship import shipped
+        from toyworld.ship import use_shipped
 
-        try:
-            preset = shipped()
-        except FileNotFoundError as e:
-            sys.exit(f"error: {e}")
-        args.model_config = str(preset.config)
-        args.stage1_weight = args.stage1_weight or str(preset.stage1)
-        args.test_weight = args.test_weight or str(preset.stage2_vist)
+        preset = use_shipped(args, "stage2_vist")
         default_images, captions = preset.story_images, preset.story_captions
         expected = preset.next_scene if args.images is None and args.prompt is None else None
     images = [Path(p) for p in (args.images if args.images is not None else default_images)]

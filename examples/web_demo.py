@@ -335,7 +335,7 @@ def _stop_on_sigterm(signum, frame) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_config", default=None, help="model YAML (default: the --preset's)")
-    parser.add_argument("--preset", choices=["toy", "tiny"], default="tiny",
+    parser.add_argument("--preset", choices=["toy", "tiny"], default="toy",
                         help="without --model_config: toy (default; trained in the toy world, shipped in "
                              "toyworld/pretrained, its MMDialog model) or tiny (random weights)")
     parser.add_argument("--stage1_weight", default=None, help="stage-1 checkpoint (relative to WEIGHTFOLDER ok)")
@@ -383,16 +383,10 @@ def main(argv: list[str] | None = None) -> None:
 
     force = args.force_generation if args.force_generation is not None else args.model_config is None
     if args.model_config is None and args.preset == "toy":
-        from toyworld.ship import shipped
+        from toyworld.ship import use_shipped
 
         force = bool(args.force_generation)
-        try:
-            preset = shipped()
-        except FileNotFoundError as e:
-            sys.exit(f"error: {e}")
-        args.model_config = str(preset.config)
-        args.stage1_weight = args.stage1_weight or str(preset.stage1)
-        args.test_weight = args.test_weight or str(preset.stage2_mmdialog)
+        preset = use_shipped(args, "stage2_mmdialog")
         print(f"toy preset: share a toy picture (e.g. {preset.story_images[0]}) saying what it shows, e.g. "
               f"'here is what i saw: {preset.story_captions[0]}', then ask 'can you show me the same place at night'")
     try:

@@ -72,11 +72,17 @@ def test_held_out_combinations_leave_every_pair_seen():
 
 def test_stories_move_time_on_and_keep_the_rest():
     rng = random.Random(2)
-    story = world.make_story(world.Scene("city", "evening", "blue", "sky"), 4, rng)
-    assert [s.time for s in story.scenes] == ["evening", "night", "morning", "noon"]
+    story = world.make_story(world.Scene("city", "noon", "blue", "sky"), 3, rng)
+    assert [s.time for s in story.scenes] == ["noon", "evening", "night"]
     assert {(s.setting, s.colour, s.place) for s in story.scenes} == {("city", "blue", "sky")}
     # Only the first caption says what the scene is.
     assert "blue" in story.captions[0] and all(c in world.STORY_LATER for c in story.captions[1:])
+    # A story is one day and never shows a held-out combination.
+    for first in world.story_starts(3):
+        frames = [first.later(k) for k in range(3)]
+        assert [world.TIMES.index(f.time) for f in frames] == list(range(world.TIMES.index(first.time), 3 + world.TIMES.index(first.time)))
+        assert not any(world.is_held_out(f) for f in frames)
+    assert len(world.story_starts(3)) >= 40
 
 
 def test_datasets_are_read_by_the_release_readers(tmp_path, tiny_tokenizer, tiny_config):
@@ -141,6 +147,14 @@ def test_pretraining_steps_write_parts_that_the_loaders_read(tmp_path):
     assert (tmp_path / "build" / "checkpoints" / "stage0_untrained.ckpt").is_file()
     again = run(Build(config, tmp_path / "build"))                      # cached: nothing is redone
     assert all(again[name]["seconds"] == results[name]["seconds"] for name in results)
+    # Seeded: a second build elsewhere writes the same weights, byte for byte.
+    run(Build(config, tmp_path / "second"))
+    files = sorted(p.relative_to(tmp_path / "build") for p in (tmp_path / "build").rglob("*")
+                   if p.suffix in (".safetensors", ".pth", ".ckpt", ".model", ".json", ".tsv")
+                   and "steps" not in p.parts)
+    assert len(files) > 20
+    for name in files:
+        assert (tmp_path / "build" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
 
 
 @pytest.mark.skipif(not (world_root := __import__("pathlib").Path(__file__).resolve().parents[1] / "toyworld" /

@@ -237,8 +237,10 @@ METRIC_KEYS = {"CC3M": ("CLIP-I", "CLIP-T", "IS", "FID"), "VIST": ("CLIP-I", "CL
 
 def run_metric(build: Build, run: Run, folder: Path) -> dict:
     """metric.py on a prediction folder (tiny CLIP / Inception stand-ins); a few of its figures."""
+    # FID's real set: the true pictures of the same test prompts (the toy has no separate CC3M val folder)
+    real = ["--fid_real", "ground_truth"] if run.dataset == "CC3M" else []
     build.command(["metric.py", "--pred_folder", str(folder), "--dataset", run.dataset, "--tiny_extractors",
-                   "--device", "cpu"], {"DATAFOLDER": str(build.data / run.dataset)}, f"metric_{run.name}")
+                   "--device", "cpu", *real], {"DATAFOLDER": str(build.data / run.dataset)}, f"metric_{run.name}")
     results = json.loads((folder / "results_dict.json").read_text())
     wanted = METRIC_KEYS[run.dataset]
     return {k: v for k, v in results.items() if any(k.upper().startswith(w.upper()) for w in wanted)

@@ -258,8 +258,8 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, pictures: PictureS
 def llm_corpus(n: int, seed: int) -> list[str]:
     """`n` documents of the world's text, in the release's prompt formats: captions, CC3M
     instructions, stories told frame by frame, VIST prompts answered with the scene they ask for,
-    and dialogues. Pictures are described in words here (the LLM never sees pixels); `<Img></Img>`
-    stands where MiniGPT-5 will put an image's embeddings."""
+    and dialogues. The LLM never sees pixels: where MiniGPT-5 will put a picture's embeddings
+    (`<Img>...</Img>`), the picture is described in words, or left empty."""
     from dataloader import CC3M_PROMPTS, CC3M_SYSTEM, MMDIALOG_SYSTEM, VIST_GENERATION, VIST_MULTIMODAL, VIST_SYSTEM
 
     rng = random.Random(f"{seed}-llm-corpus")
@@ -276,7 +276,8 @@ def llm_corpus(n: int, seed: int) -> list[str]:
             return describe(scene)
         if kind == 1:                                            # a CC3M instruction
             return f"{CC3M_SYSTEM}###Human: {rng.choice(CC3M_PROMPTS)} {describe(scene)} ###Assistant: {slot} ###"
-        story = world.make_story(scene, rng.randint(2, 5), rng)
+        length = rng.randint(2, len(world.TIMES))
+        story = world.make_story(rng.choice(world.story_starts(length)), length, rng)
         if kind == 2:                                            # a story, every frame described
             parts = [story.captions[0]]
             for text, frame in zip(story.captions[1:], story.scenes[1:]):
@@ -284,7 +285,10 @@ def llm_corpus(n: int, seed: int) -> list[str]:
             return ". ".join(parts)
         if kind == 3:                                            # a VIST prompt and the scene it asks for
             k = len(story.captions) - 1
-            context = slot.join(story.captions[:k]) + (slot + "\n" if k else "")
+            # Where MiniGPT-5 will put each frame's picture, the picture in words: the next scene
+            # then follows from the last one (the time moves on, the rest stays).
+            frames = [f"{text}<Img>{describe(frame)}</Img>" for text, frame in zip(story.captions[:k], story.scenes)]
+            context = "".join(frames) + ("\n" if k else "")
             if rng.random() < 0.5:
                 prompt = rng.choice(VIST_GENERATION).format(context=context, caption=story.captions[k])
             else:
@@ -296,7 +300,7 @@ def llm_corpus(n: int, seed: int) -> list[str]:
             speaker = "###Human:" if i % 2 == 0 else "###Assistant:"
             parts.append(f"{speaker} {turn.text}")
             if turn.scene is not None:
-                parts.append(f"{slot} ({describe(turn.scene)})")
+                parts.append(f"<Img>{describe(turn.scene)}</Img>")
         return " ".join(parts) + " ###"
 
     return [document(rng.randrange(5)) for _ in range(n)]

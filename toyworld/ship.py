@@ -104,3 +104,17 @@ def shipped(folder: Path = SHIPPED) -> Shipped:
     data = json.loads(story.read_text())
     return Shipped(folder / "toy.yaml", folder / CHECKPOINTS[0], folder / CHECKPOINTS[1], folder / CHECKPOINTS[2],
                    [folder / name for name in data["images"]], data["captions"], data["next_scene"])
+
+
+def use_shipped(args, stage2: str) -> Shipped:
+    """Point a demo's `--model_config` / `--stage1_weight` / `--test_weight` at the shipped toy preset
+    (checkpoints the user named win; `stage2` is "stage2_vist" or "stage2_mmdialog"). A missing
+    preset ends the command with the error."""
+    try:
+        preset = shipped()
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    args.model_config = str(preset.config)
+    args.stage1_weight = args.stage1_weight or str(preset.stage1)
+    args.test_weight = args.test_weight or str(getattr(preset, stage2))
+    return preset

@@ -78,28 +78,34 @@ def _pictures(build: Build):
                        build.settings["seed"])
 
 
-def _sd_part(build: Build, name: str):
-    """One part of the toy SD folder, in float32."""
+def _sd_part(build: Build, name: str, fresh: bool = False):
+    """One part of the toy SD folder in float32: as saved, or (`fresh`) newly initialised from its
+    config with torch's current seed -- a pretraining step starts from there, never from the
+    weights a previous run of it left, so that a step run twice gives the same result."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     sd = build.out / "sd"
     if name == "text_encoder":
+        if fresh:
+            return CLIPTextModel(CLIPTextConfig.from_pretrained(sd, subfolder=name))
         return CLIPTextModel.from_pretrained(sd, subfolder=name, dtype=torch.float32)
     if name == "tokenizer":
         return CLIPTokenizer.from_pretrained(sd, subfolder=name)
     cls = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "scheduler": PNDMScheduler}[name]
+    if fresh:
+        return cls.from_config(cls.load_config(sd, subfolder=name))
     return cls.from_pretrained(sd, subfolder=name)
 
 
 def _image_encoder(build: Build):
-    """The preset's EVA ViT, Q-Former and query tokens, read from its LAVIS files."""
+    """A newly initialised EVA ViT (CLIP trains it), and the preset's Q-Former and query tokens as
+    its LAVIS file holds them (written back unchanged beside the ViT)."""
     import lavis
     from configuration import load_config
 
     cfg = load_config(build.model_config)
     vision = lavis.build_vision_model(cfg.vision, cfg.image_size)
-    lavis.load_eva_vit(vision, cfg.vit_model, cfg.q_former_model)
     qformer, query_tokens = lavis.build_qformer(cfg.qformer, cfg.vision.hidden_size, cfg.num_query_token)
     lavis.load_qformer(qformer, query_tokens, cfg.q_former_model)
     return cfg, vision, qformer, query_tokens
@@ -111,7 +117,7 @@ def pretrain_clip(build: Build) -> dict:
     from toyworld import pretrain
 
     torch.manual_seed(_seed(build, "clip"))
-    text_encoder, tokenizer = _sd_part(build, "text_encoder"), _sd_part(build, "tokenizer")
+    text_encoder, tokenizer = _sd_part(build, "text_encoder", fresh=True), _sd_part(build, "tokenizer")
     cfg, vision, qformer, query_tokens = _image_encoder(build)
     losses = pretrain.train_clip(text_encoder, tokenizer, vision, _pictures(build),
                                  _recipe(build.settings["pretrain"]["clip"]), _seed(build, "clip-train"))
@@ -125,7 +131,7 @@ def pretrain_vae(build: Build) -> dict:
 
     section = build.settings["pretrain"]["vae"]
     torch.manual_seed(_seed(build, "vae"))
-    vae = _sd_part(build, "vae")
+    vae = _sd_part(build, "vae", fresh=True)
     losses = pretrain.train_vae(vae, _pictures(build), _recipe(section), section["kl_weight"], _seed(build, "vae-train"))
     _save(vae, build.out / "sd" / "vae")
     return {**_losses(losses), "scaling_factor": vae.config.scaling_factor}
@@ -136,7 +142,7 @@ def pretrain_unet(build: Build) -> dict:
 
     section = build.settings["pretrain"]["unet"]
     torch.manual_seed(_seed(build, "unet"))
-    unet = _sd_part(build, "unet")
+    unet = _sd_part(build, "unet", fresh=True)
     losses = pretrain.train_unet(unet, _sd_part(build, "vae"), _sd_part(build, "text_encoder"),
                                  _sd_part(build, "tokenizer"), _sd_part(build, "scheduler"), _pictures(build),
                                  _recipe(section), section["caption_dropout"], section["snr_gamma"],
@@ -146,7 +152,7 @@ def pretrain_unet(build: Build) -> dict:
 
 
 def pretrain_llm(build: Build) -> dict:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from minigpt4 import load_tokenizer
     from toyworld import pretrain
@@ -154,7 +160,7 @@ def pretrain_llm(build: Build) -> dict:
     section = build.settings["pretrain"]["llm"]
     torch.manual_seed(_seed(build, "llm"))
     folder = build.out / "llama"
-    llm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
     tokenizer = load_tokenizer(str(folder))
     documents = pretrain.llm_corpus(section["documents"], build.settings["seed"])
     losses = pretrain.train_llm(llm, tokenizer, documents, _recipe(section), _seed(build, "llm-train"))
@@ -170,8 +176,11 @@ def pretrain_image_side(build: Build) -> dict:
     from toyworld import pretrain
 
     cfg = load_config(build.model_config)
-    torch.manual_seed(_seed(build, "image-side"))
     backbone = MiniGPT4.from_config(cfg)
+    torch.manual_seed(_seed(build, "image-side"))       # what this step trains starts anew
+    backbone.Qformer, backbone.query_tokens = lavis.build_qformer(cfg.qformer, cfg.vision.hidden_size,
+                                                                  cfg.num_query_token)
+    backbone.llama_proj = torch.nn.Linear(cfg.qformer.hidden_size, backbone.llama_model.config.hidden_size)
     losses = pretrain.train_image_side(backbone, _pictures(build), _recipe(build.settings["pretrain"]["image_side"]),
                                        _seed(build, "image-side-train"))
     lavis.save_lavis(backbone.visual_encoder, backbone.Qformer, backbone.query_tokens, cfg.vit_model,
@@ -264,7 +273,7 @@ def _last_metrics(log_path: Path) -> dict:
 
 
 def _stage(name: str, dataset: str, stage: int, stage1: str | None, extra: tuple[str, ...] = (),
-           depends: tuple[str, ...] = ("image_side", "unet", "stage0"), about: str = "") -> Step:
+           depends: tuple[str, ...] = ("datasets", "image_side", "unet", "stage0"), about: str = "") -> Step:
     return Step(name, lambda b: train_stage(b, name, dataset, stage, stage1, list(extra)), depends,
                 lambda b: [b.settings["minigpt5"], extra, stage1], about)
 
@@ -279,7 +288,7 @@ PRETRAINING = ("clip", "vae", "unet", "llm", "image_side")
 STEPS = [
     Step("datasets", make_datasets, (), lambda b: [b.settings["world"], b.settings["seed"]],
          "write the toy CC3M, VIST and MMDialog"),
-    Step("preset", make_preset, ("datasets",),
+    Step("preset", make_preset, (),
          lambda b: [b.settings["pretrain"]["llm"]["documents"], Path(b.config_file("model_config")).read_text(),
                     Path(b.config_file("arch")).read_text(), b.settings.get("frozen_parts")],
          "the toy preset's files in the real formats"),
@@ -295,9 +304,9 @@ STEPS = [
          "train Q-Former + llama_proj by captioning through the LLM"),
     Step("stage0", save_stage0, ("image_side", "unet"), about="MiniGPT-5 as built, untrained"),
     _stage("stage1_cc3m", "CC3M", 1, None, about="MiniGPT-5 stage 1 on the toy CC3M"),
-    _stage("stage2_vist", "VIST", 2, "stage1_cc3m.ckpt", depends=("stage1_cc3m",),
+    _stage("stage2_vist", "VIST", 2, "stage1_cc3m.ckpt", depends=("datasets", "stage1_cc3m"),
            about="MiniGPT-5 stage 2 on the toy VIST"),
-    _stage("stage2_mmdialog", "MMDialog", 2, "stage1_cc3m.ckpt", depends=("stage1_cc3m",),
+    _stage("stage2_mmdialog", "MMDialog", 2, "stage1_cc3m.ckpt", depends=("datasets", "stage1_cc3m"),
            about="MiniGPT-5 stage 2 on the toy MMDialog"),
     _stage("stage1_cc3m_no_caption_loss", "CC3M", 1, None, ("--caption_loss_weight", "0"),
            about="ablation: stage 1 without the caption loss"),

@@ -11,9 +11,10 @@ A scene is four attributes:
 Every attribute is symmetric left to right, because MiniGPT-5's training flips pictures at random
 (as the release does): a "left" object would be "right" half of the time.
 
-Stories (the toy VIST) keep the setting and the object, and move the time on one step per frame
-(morning -> noon -> evening -> night -> morning ...). Only the first frame's caption describes the
-scene; later ones say only that time passes, so the next picture follows from the context alone.
+Stories (the toy VIST) are one day each: they keep the setting and the object and move the time on
+one step per frame (morning -> noon -> evening -> night, never back). Only the first frame's caption
+describes the scene; later ones say only that time passes, so the next picture follows from the
+context alone.
 Dialogues (the toy MMDialog) mix text-only turns with picture turns: one speaker shares a scene,
 the other answers with the same place at another time of day when asked for it.
 
@@ -82,7 +83,8 @@ class Scene:
         return asdict(self)
 
     def later(self, steps: int = 1) -> "Scene":
-        """The same scene `steps` times of day later (night is followed by morning)."""
+        """The same scene `steps` times of day later (night is followed by morning: in a dialogue
+        "the same place in the morning" may be the next day's)."""
         time = TIMES[(TIMES.index(self.time) + steps) % len(TIMES)]
         return Scene(self.setting, time, self.colour, self.place)
 
@@ -161,6 +163,13 @@ class Story:
     @property
     def scenes(self) -> list[Scene]:
         return [self.first.later(k) for k in range(len(self.captions))]
+
+
+def story_starts(length: int) -> list[Scene]:
+    """The first scenes a story of `length` frames can start from: its day does not run past night,
+    and none of its frames is a held-out combination."""
+    return [s for s in all_scenes() if TIMES.index(s.time) + length <= len(TIMES)
+            and not any(is_held_out(s.later(k)) for k in range(length))]
 
 
 def make_story(first: Scene, length: int, rng: random.Random) -> Story:
@@ -250,7 +259,7 @@ def write_vist(folder: Path, sizes: WorldSizes) -> dict[str, Path]:
     files = {}
     for split, n in sizes.vist.items():
         rng = random.Random(f"{sizes.seed}-vist-{split}")
-        pool = [s for s in all_scenes() if not is_held_out(s)]
+        pool = story_starts(sizes.story_length)
         stories, mapping, truth = {}, {}, {}
         for k in range(n):
             story = make_story(rng.choice(pool), sizes.story_length, rng)
