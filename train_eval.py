@@ -334,7 +334,7 @@ class LastCheckpoint(Callback):
     def save(self, trainer) -> None:
         if trainer.sanity_checking or trainer.global_step in (self.saved_step, self.start_step):
             return                              # already saved at this step, or nothing trained yet
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)   # with optimiser state: resumable
         self.saved_step = trainer.global_step
 
     def on_train_start(self, trainer, pl_module):
@@ -362,7 +362,7 @@ class FinalCheckpoint(Callback):
             return
         metrics = {"epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(trainer.global_step)}
         path = self.checkpoint.format_checkpoint_name(metrics)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         self.checkpoint.best_model_path = path
 
 

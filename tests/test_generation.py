@@ -261,8 +261,9 @@ def test_playground_runs_with_no_arguments(tmp_path):
     out = tmp_path / "outputs" / "playground"
     assert sorted(p.name for p in out.glob("sample_*.png")) == [f"sample_{i}.png" for i in range(5)]
     page = (out / "playground.html").read_text()
-    assert page.count("<img ") == 2 + 5          # two inputs, five forced images
+    assert page.count("<img ") == 2 + 5          # two inputs, five pictures: the toy model emits vokens itself
     assert "wrote 5 figures" in result.stdout
+    assert "the story implies the next frame shows" in result.stdout and "the judge sees" in result.stdout
 
 
 def test_playground_rejects_bad_images(tmp_path):

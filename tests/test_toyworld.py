@@ -127,6 +127,30 @@ def _settings(tmp_path, **changes):
     return path
 
 
+def test_steps_run_side_by_side_as_they_do_one_after_another(tmp_path, capsys):
+    """`--jobs 2`: independent steps run at once, each in its own `python -m toyworld build --only`
+    process, and write what the same steps write one after another in this process."""
+    from toyworld.build import Build, run
+
+    config = _settings(tmp_path, steps=["datasets", "preset"],
+                       world={"image_size": 32, "story_length": 2, "cc3m": {"train": 4}, "vist": {"train": 1},
+                              "mmdialog": {"train": 1}}, pretrain={"pictures": 8, "llm": {"documents": 32}})
+    run(Build(config, tmp_path / "one"))
+    results = run(Build(config, tmp_path / "two"), jobs=2)
+    assert set(results) == {"datasets", "preset"}
+    shown = capsys.readouterr().out
+    assert "log logs/step_datasets.log" in shown and "log logs/step_preset.log" in shown
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*")
+                   if p.is_file() and "steps" not in p.parts and "logs" not in p.parts and p.name != "toy.yaml")
+    assert len(files) > 10
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    again = run(Build(config, tmp_path / "two"), jobs=2)                 # done: nothing starts again
+    assert "started" not in capsys.readouterr().out and again["preset"]["seconds"] == results["preset"]["seconds"]
+    with pytest.raises(SystemExit, match="--jobs"):
+        run(Build(config, tmp_path / "two"), jobs=0)
+
+
 def test_pretraining_steps_write_parts_that_the_loaders_read(tmp_path):
     """A few steps of every pretraining recipe: each loss goes down, each part is written in the
     real formats, and MiniGPT-5 is built from the result by the unchanged loading code."""

