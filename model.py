@@ -264,8 +264,7 @@ class MiniGPT5_Model(pl.LightningModule):
                 f"test_weight {str(test_weight)!r} is a stage-2 checkpoint: it has no `fc` / `t2i_decoder_prompt`, "
                 f"which come from the stage-1 checkpoint; give stage1_weight (--stage1_weight), e.g. stage1_cc3m.ckpt")
         model = cls(cfg, stage=stage, device=resolve_device(device), **kwargs)
-        for path in paths:
-            model.load_checkpoint_file(path)
+        model.load_checkpoint_files(paths)
         return model.eval()
 
     # ---- placement: device, CPU offload, lazily loaded parts --------------------------------------
@@ -359,13 +358,28 @@ class MiniGPT5_Model(pl.LightningModule):
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
-    def load_checkpoint_file(self, path: str | os.PathLike) -> list[str]:
+    def load_checkpoint_files(self, paths: list[str | os.PathLike]) -> list[str]:
+        """Load checkpoints in order, each on top of the last (a stage-1 file, then a stage-2 one),
+        and say once which trainable keys none of them provided (a stage-1 file alone has no LoRA
+        keys; the stage-2 file after it does). Returns those keys."""
+        missing = None
+        for path in paths:
+            left = set(self.load_checkpoint_file(path, warn_missing=False))
+            missing = left if missing is None else missing & left
+        missing = sorted(missing or ())
+        if missing:
+            log.warning("%d trainable keys in none of %s (kept as initialised): %s", len(missing),
+                        ", ".join(str(p) for p in paths), missing[:10])
+        return missing
+
+    def load_checkpoint_file(self, path: str | os.PathLike, warn_missing: bool = True) -> list[str]:
         """Load a MiniGPT-5 checkpoint (ours or the release's, stage 1 or 2) on top of the model.
 
         Keys are translated between the plain and the LoRA-wrapped LLM names; keys this model does
         not have are reported and ignored (as the release loaded non-strictly). Returns the
-        trainable keys the file did not provide. A file that provides none of them raises
-        `CheckpointMismatchError` (it would load nothing).
+        trainable keys the file did not provide (and warns about them unless `warn_missing` is
+        off). A file that provides none of them raises `CheckpointMismatchError` (it would load
+        nothing).
         """
         state = weights.translate_llm_keys(weights.read_checkpoint(path), lora=self.model.is_lora)
         trainable = self.trainable_keys()
@@ -380,7 +394,7 @@ class MiniGPT5_Model(pl.LightningModule):
             log.warning("%s: %d keys this stage-%d model does not use: %s", path, len(result.unexpected_keys),
                         self.stage, sorted(result.unexpected_keys)[:10])
         missing = sorted(trainable - set(state))
-        if missing:
+        if missing and warn_missing:
             log.warning("%s: %d trainable keys not in the file (kept as initialised): %s", path, len(missing),
                         missing[:10])
         return missing

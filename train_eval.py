@@ -805,12 +805,13 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
     kind = resolve_dataset_type(paths["test"])
     # stage 2 when IS_STAGE2 or a stage-2 --test_weight
     model = MiniGPT5_Model(cfg, stage=paths["stage"], predict_settings=predict_settings(args, kind))
-    for flag, path in (("--stage1_weight", paths["stage1"]), ("--test_weight", paths["test_weight"])):
-        if path is not None:
-            try:
-                model.load_checkpoint_file(path)
-            except CheckpointMismatchError as e:
-                raise SystemExit(f"error: {flag} {e}") from None
+    given = [(flag, path) for flag, path in (("--stage1_weight", paths["stage1"]), ("--test_weight", paths["test_weight"]))
+             if path is not None]
+    try:
+        model.load_checkpoint_files([path for _, path in given])
+    except CheckpointMismatchError as e:       # the message starts with the file's path
+        flag = next((flag for flag, path in given if str(e).startswith(str(path))), given[-1][0])
+        raise SystemExit(f"error: {flag} {e}") from None
     test_set = make_dataset(paths["test"], model.model.llama_tokenizer, cfg, is_training=False, dataset_type=kind,
                             strict=args.strict, allow_outside_paths=args.allow_outside_paths)
     loader = eval_loader(test_set, Collator(model.model.llama_tokenizer), args.predict_batch_size,

@@ -93,6 +93,24 @@ def test_release_stage1_file_loads_with_no_missing_trainable_key(tiny_config, tm
     assert torch.equal(embed.new_weight, state["model.llama_model.model.embed_tokens.weight"][-9:])
 
 
+def test_keys_are_called_missing_only_when_no_file_provides_them(tiny_config, tmp_path, caplog):
+    """A stage-1 file has no LoRA keys; loaded before the stage-2 file that has them, nothing is
+    missing and nothing is said. The stage-1 file alone leaves the LoRA keys missing, and says so."""
+    model = build(tiny_config, stage=2)
+    n_layers = model.model.llama_model.config.num_hidden_layers
+    stage1 = _synthetic(build(tiny_config, stage=1), release_stage1_checkpoint_keys(tiny_config), seed=1)
+    stage2 = _synthetic(model, release_stage2_checkpoint_keys(tiny_config, n_layers), seed=2)
+    torch.save({"state_dict": stage1}, tmp_path / "stage1_cc3m.ckpt")
+    torch.save({"state_dict": stage2}, tmp_path / "stage2_vist.ckpt")
+    with caplog.at_level("WARNING", logger="model"):
+        assert model.load_checkpoint_files([tmp_path / "stage1_cc3m.ckpt", tmp_path / "stage2_vist.ckpt"]) == []
+    assert "kept as initialised" not in caplog.text
+    with caplog.at_level("WARNING", logger="model"):
+        missing = model.load_checkpoint_files([tmp_path / "stage1_cc3m.ckpt"])
+    assert missing and all("lora" in key for key in missing)
+    assert f"{len(missing)} trainable keys in none of" in caplog.text and "stage1_cc3m.ckpt" in caplog.text
+
+
 def test_release_stage2_file_loads_on_top_of_stage1(tiny_config, tmp_path):
     """The demo's order: stage-1 file, then the stage-2 file on top, into a stage-2 model."""
     model = build(tiny_config, stage=2)
