@@ -146,14 +146,16 @@ def run(build: Build, only: list[str] | None = None, force: list[str] | None = N
     print(f"toy world build: {build.out} (settings {build.config_path})")
     todo = []
     for i, step in enumerate(plan, start=1):
-        record = build.record(step.name)
         if only and step.name not in only:
-            if record is not None:
-                results[step.name] = record
+            if build.record(step.name) is not None:
+                results[step.name] = build.record(step.name)
             continue
-        missing = [d for d in step.depends if d in names and build.record(d) is None and d not in [s.name for _, s in todo]]
-        if only and missing:
-            raise SystemExit(f"error: step {step.name!r} needs {', '.join(missing)} first (run the build without --only)")
+        if only:
+            queued = {s.name for _, s in todo}
+            missing = [d for d in step.depends if d in names and d not in queued and build.record(d) is None]
+            if missing:
+                raise SystemExit(f"error: step {step.name!r} needs {', '.join(missing)} first (run the build "
+                                 f"without --only)")
         todo.append((i, step))
     progress = _Progress(len(plan))
     if jobs == 1:
