@@ -211,15 +211,21 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
     results, running = {}, {}
     waiting = list(todo)
     pending = {step.name for _, step in todo}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     (build.out / "logs").mkdir(parents=True, exist_ok=True)
+
+    def ready(step: Step) -> bool:
+        return not any(d in pending for d in step.depends)
+
     while waiting or running:
         for i, step in list(waiting):
             if len(running) >= jobs:
                 break
-            if any(d in pending for d in step.depends):
+            if not ready(step):
                 continue
+            # The CPU's threads are shared among the steps running now and those that could start
+            # now (a step that will run alone, like the UNet, gets them all).
+            sharing = min(jobs, len(running) + sum(ready(s) for _, s in waiting))
+            threads = max(1, (os.cpu_count() or 1) // max(1, sharing))
             waiting.remove((i, step))
             record = _up_to_date(build, step, i - 1 >= forced_from)
             if record is not None:
@@ -228,12 +234,14 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
                 pending.discard(step.name)
                 continue
             build.record_path(step.name).unlink(missing_ok=True)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             log = open(build.out / "logs" / f"step_{step.name}.log", "w")
             command = [build.python, "-m", "toyworld", "build", "--config", str(build.config_path),
                        "--out", str(build.out), "--only", step.name]
             running[step.name] = (i, step, subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
                                                             stderr=subprocess.STDOUT), log)
-            progress.say(i, step.name, f"{step.about} (started; log logs/step_{step.name}.log)")
+            progress.say(i, step.name, f"{step.about} (started, {threads} thread{'s' * (threads > 1)}; "
+                                       f"log logs/step_{step.name}.log)")
         if not running:
             if waiting:
                 raise SystemExit(f"error: steps {[s.name for _, s in waiting]} wait on steps that did not run")
