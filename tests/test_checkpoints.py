@@ -93,15 +93,22 @@ def test_release_stage1_file_loads_with_no_missing_trainable_key(tiny_config, tm
     assert torch.equal(embed.new_weight, state["model.llama_model.model.embed_tokens.weight"][-9:])
 
 
-def test_keys_are_called_missing_only_when_no_file_provides_them(tiny_config, tmp_path, caplog):
-    """A stage-1 file has no LoRA keys; loaded before the stage-2 file that has them, nothing is
-    missing and nothing is said. The stage-1 file alone leaves the LoRA keys missing, and says so."""
+def _release_pair(tiny_config, tmp_path):
+    """A stage-2 model, and synthetic release-layout `stage1_cc3m.ckpt` / `stage2_vist.ckpt` files
+    for it in tmp_path; returns (model, stage-1 state, stage-2 state)."""
     model = build(tiny_config, stage=2)
     n_layers = model.model.llama_model.config.num_hidden_layers
     stage1 = _synthetic(build(tiny_config, stage=1), release_stage1_checkpoint_keys(tiny_config), seed=1)
     stage2 = _synthetic(model, release_stage2_checkpoint_keys(tiny_config, n_layers), seed=2)
     torch.save({"state_dict": stage1}, tmp_path / "stage1_cc3m.ckpt")
     torch.save({"state_dict": stage2}, tmp_path / "stage2_vist.ckpt")
+    return model, stage1, stage2
+
+
+def test_keys_are_called_missing_only_when_no_file_provides_them(tiny_config, tmp_path, caplog):
+    """A stage-1 file has no LoRA keys; loaded before the stage-2 file that has them, nothing is
+    missing and nothing is said. The stage-1 file alone leaves the LoRA keys missing, and says so."""
+    model, stage1, stage2 = _release_pair(tiny_config, tmp_path)
     with caplog.at_level("WARNING", logger="model"):
         assert model.load_checkpoint_files([tmp_path / "stage1_cc3m.ckpt", tmp_path / "stage2_vist.ckpt"]) == []
     assert "kept as initialised" not in caplog.text
@@ -113,12 +120,7 @@ def test_keys_are_called_missing_only_when_no_file_provides_them(tiny_config, tm
 
 def test_release_stage2_file_loads_on_top_of_stage1(tiny_config, tmp_path):
     """The demo's order: stage-1 file, then the stage-2 file on top, into a stage-2 model."""
-    model = build(tiny_config, stage=2)
-    n_layers = model.model.llama_model.config.num_hidden_layers
-    stage1 = _synthetic(build(tiny_config, stage=1), release_stage1_checkpoint_keys(tiny_config), seed=1)
-    stage2 = _synthetic(model, release_stage2_checkpoint_keys(tiny_config, n_layers), seed=2)
-    torch.save({"state_dict": stage1}, tmp_path / "stage1_cc3m.ckpt")
-    torch.save({"state_dict": stage2}, tmp_path / "stage2_vist.ckpt")
+    model, stage1, stage2 = _release_pair(tiny_config, tmp_path)
     model.load_checkpoint_file(tmp_path / "stage1_cc3m.ckpt")
     assert model.load_checkpoint_file(tmp_path / "stage2_vist.ckpt") == []
     loaded = model.state_dict()
