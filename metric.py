@@ -635,7 +635,9 @@ def real_fid_features(images: Sequence[Image.Image | Path], models: Models,
         return torch.load(cache, weights_only=True)
     features, _ = inception_outputs(images, models, FID_IMAGE_SIZE, args.batch_size, args.device)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(features, cache)
+    partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")   # another run may read the cache meanwhile
+    torch.save(features, partial)
+    partial.replace(cache)
     print(f"real-image FID features ({len(images)} images) cached to {cache}")
     return features
 

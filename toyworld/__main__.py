@@ -2,7 +2,7 @@
 repository's shipped toy preset.
 
     python -m toyworld build [--config config/toyworld.yaml] [--out weights/toy] [--force STEP] [--jobs 2]
-    python -m toyworld ship [--out weights/toy] [--to toyworld/pretrained]
+    python -m toyworld ship [--out weights/toy] [--to toyworld/pretrained] [--config config/toyworld.yaml]
     python -m toyworld steps
 """
 from __future__ import annotations
@@ -34,15 +34,17 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("ship", help="copy a build's preset and checkpoints, small, into the repository")
     s.add_argument("--out", default=str(build_module.DEFAULT_OUT), help="the build folder to copy from")
     s.add_argument("--to", default=str(ship.SHIPPED), help="where the shipped preset goes")
+    s.add_argument("--config", default=str(build_module.DEFAULT_CONFIG),
+                   help="the build's settings (the demos take its evaluation guidance scale)")
     sub.add_parser("steps", help="list the build's steps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "steps":
         for step in build_module.steps():
-            print(f"{step.name:<28} {step.about}")
+            print(f"{step.name:<30} {step.about}")
         return
     if args.command == "ship":
-        written = ship.ship(Path(args.out), Path(args.to))
+        written = ship.ship(Path(args.out), Path(args.to), ship.evaluation_guidance(Path(args.config)))
         print(f"shipped toy preset written to {written}")
         return
     config = Path(args.config)

@@ -8,7 +8,8 @@
     stage0         MiniGPT-5's trainable parts as built, untrained (the "no training" reference)
     stage1 ...     MiniGPT-5 trained by the unchanged train_eval.py: stage 1 on the toy CC3M, stage 2
                    on the toy VIST and MMDialog from it, and the ablations (checkpoints/)
-    evaluate       predictions, the judge, metric.py -> TOY_RESULTS.md
+    predict_*      predictions of each test set by a model or an ablation, judged (and metric.py)
+    report         the judge's scores, metric.py's figures, the times -> TOY_RESULTS.md
 
 Every step records what it made in `steps/<name>.json`, keyed by its settings and those of the
 steps it depends on: a second run skips what is done (an interrupted step starts again), and a
@@ -198,7 +199,7 @@ def _run_here(build: Build, i: int, step: Step, forced: bool, progress: _Progres
     t0 = time.time()
     build.record_path(step.name).unlink(missing_ok=True)
     summary = step.run(build)
-    record = {"key": key, "seconds": round(time.time() - t0, 1), "summary": summary}
+    record = {"key": key, "started": round(t0, 1), "seconds": round(time.time() - t0, 1), "summary": summary}
     build.record_path(step.name).write_text(json.dumps(record, indent=1, default=str))
     progress.done(i, step.name, record)
     return record

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,8 +127,8 @@ def _later_frame(task: str, truth) -> bool:
 
 
 def _asked_picture(task: str, truth) -> bool:
-    """The dialogue turn where the assistant answers a request for a picture (turn 5)."""
-    return truth is not None and task.endswith("_5-mm")
+    """The dialogue turn where the assistant answers a request for a picture."""
+    return truth is not None and task.endswith(f"_{world.ASKED_TURN}-mm")
 
 
 # ---- the report ----------------------------------------------------------------------------------
@@ -143,7 +142,8 @@ def _row(label: str, acc: dict, n: int, target: str) -> str:
     return f"| {label} | {n} | {cells} | {target} |"
 
 
-def report(build: Build, scored: dict[str, Scored], metrics: dict[str, dict], seconds: dict[str, float]) -> str:
+def report(build: Build, scored: dict[str, Scored], metrics: dict[str, dict], seconds: dict[str, float],
+           wall: float | None = None) -> str:
     """TOY_RESULTS.md: the judge's accuracy per model and attribute, voken emission, metric.py's
     figures and the time of every step. Rows whose runs were not made (a shorter build) are left out."""
     chance = " | ".join(_pct(CHANCE[a]) for a in ATTRIBUTES)
@@ -196,8 +196,11 @@ def report(build: Build, scored: dict[str, Scored], metrics: dict[str, dict], se
                          [e for t, e in zip(s.tasks, s.emitted) if t.endswith("-gen")], ">= 95%"))
     if "mmdialog_stage2" in scored:
         s = scored["mmdialog_stage2"]
-        emission.append(("toy MMDialog: turns with a picture (stage 2)",
-                         [e for e, t in zip(s.emitted, s.truth) if t is not None], ">= 95%"))
+        emission.append(("toy MMDialog: the picture the user asks for (stage 2)",
+                         [e for task, e, t in zip(s.tasks, s.emitted, s.truth) if _asked_picture(task, t)], ">= 95%"))
+        emission.append(("toy MMDialog: the user's own picture, shared unasked (stage 2; its caption is free text)",
+                         [e for task, e, t in zip(s.tasks, s.emitted, s.truth)
+                          if t is not None and not _asked_picture(task, t)], ""))
         emission.append(("toy MMDialog: text-only turns (stage 2)",
                          [e for e, t in zip(s.emitted, s.truth) if t is None], "<= 5%"))
     for name, label in (("cc3m_stage1", "toy CC3M captions (stage 1)"),
@@ -217,7 +220,8 @@ def report(build: Build, scored: dict[str, Scored], metrics: dict[str, dict], se
             lines.append(f"- `{name}`: {shown}")
     lines += ["", "## Time", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {s:.0f} |" for name, s in seconds.items()]
-    lines += ["", f"Total: {sum(seconds.values()) / 60:.1f} minutes of steps.", ""]
+    lines += ["", f"Total: {sum(seconds.values()) / 60:.1f} minutes of steps"
+              + (f", {wall / 60:.1f} minutes of wall clock (steps run side by side)." if wall else "."), ""]
     return "\n".join(lines)
 
 
@@ -239,30 +243,51 @@ def run_metric(build: Build, run: Run, folder: Path) -> dict:
     return {k: v for k, v in results.items() if isinstance(v, (int, float))}
 
 
-def evaluate(build: Build, runs: Sequence[Run] = RUNS) -> dict:
-    import time
+METRIC_RUNS = ("cc3m_stage1", "vist_stage2", "mmdialog_stage2")   # metric.py scores these runs
 
-    scored, metrics, seconds = {}, {}, {}
-    wanted = build.settings["evaluate"].get("runs")
-    if wanted:
-        unknown = sorted(set(wanted) - {r.name for r in runs})
-        if unknown:
-            raise SystemExit(f"error: {build.config_path}: `evaluate.runs` names unknown run(s) {unknown}")
-        runs = [r for r in runs if r.name in wanted]
-    for run in runs:
-        t0 = time.time()
-        folder = predict(build, run)
-        scored[run.name] = score(build, run, folder)
-        if run.name in ("cc3m_stage1", "vist_stage2", "mmdialog_stage2") and build.settings["evaluate"].get("metric", True):
-            metrics[run.name] = run_metric(build, run, folder)
-        seconds[f"predict {run.name}"] = time.time() - t0
+
+def predict_step(build: Build, run: Run) -> dict:
+    """One build step: `run`'s predictions, judged (kept beside them in `judged.json` for the
+    report) and, for the runs in `METRIC_RUNS`, scored by metric.py."""
+    folder = predict(build, run)
+    scored = score(build, run, folder)
+    (folder / JUDGED).write_text(json.dumps({"tasks": scored.tasks, "truth": scored.truth, "judged": scored.judged,
+                                             "baseline": scored.baseline, "emitted": scored.emitted}))
+    metric = {}
+    if run.name in METRIC_RUNS and build.settings["evaluate"].get("metric", True):
+        metric = run_metric(build, run, folder)
+    return {"folder": str(folder), "accuracy": accuracy(scored.judged, scored.truth),
+            "emitted": sum(scored.emitted) / max(1, len(scored.emitted)), "metric": metric}
+
+
+JUDGED = "judged.json"
+
+
+def _load_scored(run: Run, folder: Path) -> Scored:
+    saved = json.loads((folder / JUDGED).read_text())
+    return Scored(run, saved["tasks"], saved["truth"], saved["judged"], saved["baseline"], saved["emitted"], folder)
+
+
+def write_report(build: Build) -> dict:
+    """The report step: every prediction step's judged pictures and metric.py figures, and every
+    step's time -> TOY_RESULTS.md (in the build, and where the settings' `report` says)."""
     from toyworld.build import steps
 
-    for step in steps(build):
+    plan = steps(build)
+    by_name = {f"predict_{run.name}": run for run in RUNS}
+    scored, metrics, seconds = {}, {}, {}
+    for step in plan:
         record = build.record(step.name)
-        if record and step.name != "evaluate":
-            seconds[step.name] = record["seconds"]
-    text = report(build, scored, metrics, seconds)
+        if record is None or step.name == "report":
+            continue
+        seconds[step.name] = record["seconds"]
+        run = by_name.get(step.name)
+        if run is not None:
+            scored[run.name] = _load_scored(run, Path(record["summary"]["folder"]))
+            if record["summary"]["metric"]:
+                metrics[run.name] = record["summary"]["metric"]
+    wall = _wall_clock(build, plan)
+    text = report(build, scored, metrics, seconds, wall)
     (build.out / "TOY_RESULTS.md").write_text(text)
     target = build.settings.get("report")
     if target:
@@ -271,3 +296,11 @@ def evaluate(build: Build, runs: Sequence[Run] = RUNS) -> dict:
     summary = {name: {"accuracy": accuracy(s.judged, s.truth), "emitted": sum(s.emitted) / max(1, len(s.emitted))}
                for name, s in scored.items()}
     return {"report": str(build.out / "TOY_RESULTS.md"), "runs": summary}
+
+
+def _wall_clock(build: Build, plan) -> float | None:
+    """Seconds from the first step's start to the last one's end, when every step was timed so."""
+    records = [build.record(step.name) for step in plan if step.name != "report"]
+    if not records or any(r is None or "started" not in r for r in records):
+        return None
+    return max(r["started"] + r["seconds"] for r in records) - min(r["started"] for r in records)

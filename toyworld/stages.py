@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from toyworld import world
+from toyworld import evaluate
 from toyworld.build import Build, Step
 
 
@@ -281,10 +282,16 @@ def _stage(name: str, dataset: str, stage: int, stage1: str | None, extra: tuple
                 lambda b: [b.settings["minigpt5"], extra, stage1], about)
 
 
-def _evaluate(build: Build) -> dict:
-    from toyworld import evaluate
+def _checkpoint_step(checkpoint: str) -> str:
+    """The step that writes a checkpoint (`checkpoints/<step>.ckpt`; stage 0's is stage0_untrained)."""
+    return "stage0" if checkpoint == "stage0_untrained.ckpt" else checkpoint.removesuffix(".ckpt")
 
-    return evaluate.evaluate(build)
+
+def _predict(run: evaluate.Run) -> Step:
+    weights = [w for w in (run.test_weight, run.stage1_weight) if w]
+    return Step(f"predict_{run.name}", lambda b: evaluate.predict_step(b, run),
+                ("datasets", *dict.fromkeys(_checkpoint_step(w) for w in weights)),
+                lambda b: [b.settings["evaluate"], run], f"predict {run.dataset} with {' + '.join(weights)}, judge it")
 
 
 PRETRAINING = ("clip", "vae", "unet", "llm", "image_side")
@@ -315,7 +322,8 @@ STEPS = [
            about="ablation: stage 1 without the caption loss"),
     _stage("stage2_vist_no_stage1", "VIST", 2, "stage0_untrained.ckpt",
            about="ablation: stage 2 from the untrained mapper"),
-    Step("evaluate", _evaluate, ("stage1_cc3m", "stage2_vist", "stage2_mmdialog", "stage1_cc3m_no_caption_loss",
-                                 "stage2_vist_no_stage1"),
-         lambda b: b.settings["evaluate"], "predictions, the judge and metric.py -> TOY_RESULTS.md"),
+    # Each prediction run is a step of its own, so that it starts as soon as its checkpoints exist.
+    *(_predict(run) for run in evaluate.RUNS),
+    Step("report", evaluate.write_report, tuple(f"predict_{run.name}" for run in evaluate.RUNS),
+         lambda b: b.settings.get("report"), "the judge's scores, metric.py's figures and the times -> TOY_RESULTS.md"),
 ]

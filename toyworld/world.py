@@ -193,6 +193,10 @@ THANKS = ("thank you, that looks nice", "wow, thanks a lot", "great, thank you")
 WELCOME = ("you are welcome", "glad you like it", "any time")
 
 
+# The turns of a dialogue that carry a picture: the human's own, and the one the assistant is asked for.
+SHARED_TURN, ASKED_TURN = 2, 5
+
+
 def make_dialogue(scene: Scene, rng: random.Random) -> list[Turn]:
     """Human greets, Assistant replies, Human shares a picture, Assistant comments, Human asks for
     the same place at another time of day, Assistant answers with that picture, Human thanks,
