@@ -373,8 +373,11 @@ def write_tiny_sd(out_dir: Path, arch: dict, image_size: int, cross_attention_di
     n_unet = len(unet_arch["block_out_channels"])
     unet = UNet2DConditionModel(
         sample_size=latent_size, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * (n_unet - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_unet - 1),
+        # SD's layout (cross-attention in every block but the lowest-resolution one) unless the
+        # architecture names its own blocks.
+        down_block_types=tuple(unet_arch.get("down_block_types",
+                                             ("CrossAttnDownBlock2D",) * (n_unet - 1) + ("DownBlock2D",))),
+        up_block_types=tuple(unet_arch.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_unet - 1))),
         block_out_channels=tuple(unet_arch["block_out_channels"]),
         layers_per_block=unet_arch["layers_per_block"],
         attention_head_dim=tuple(unet_arch["attention_head_dim"]),

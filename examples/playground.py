@@ -81,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens (0: off; "
                         "default 50, as the release)")
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="classifier-free guidance (default: the toy preset's own; otherwise 7.5, the "
+                             "release's)")
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--scheduler", choices=["pndm", "dpm++"], default="pndm")
     parser.add_argument("--force_generation", action=argparse.BooleanOptionalAction, default=None,
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
         preset = use_shipped(args, "stage2_vist")
         default_images, captions = preset.story_images, preset.story_captions
         expected = preset.next_scene if args.images is None and args.prompt is None else None
+    if args.guidance_scale is None:
+        from settings import PredictSettings
+
+        args.guidance_scale = PredictSettings.guidance_scale
     images = [Path(p) for p in (args.images if args.images is not None else default_images)]
     for path in images:                          # fail before loading any model
         if not path.is_file():

@@ -345,7 +345,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
     initial = "initial value of the setting (default: %(default)s)"
     parser.add_argument("--max_new_tokens", type=int, default=256, help=initial)
-    parser.add_argument("--guidance_scale", type=float, default=7.5, help=initial)
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="classifier-free guidance (default: the toy preset's own; otherwise 7.5, the "
+                             "release's)")
     parser.add_argument("--num_inference_steps", type=int, default=50, help=initial)
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="pndm", help=initial)
     parser.add_argument("--seed", type=int, default=42, help=initial + "; turn n uses seed + n")
@@ -389,6 +391,10 @@ def main(argv: list[str] | None = None) -> None:
         preset = use_shipped(args, "stage2_mmdialog")
         print(f"toy preset: share a toy picture (e.g. {preset.story_images[0]}) saying what it shows, e.g. "
               f"'here is what i saw: {preset.story_captions[0]}', then ask 'can you show me the same place at night'")
+    if args.guidance_scale is None:
+        from settings import PredictSettings
+
+        args.guidance_scale = PredictSettings.guidance_scale
     try:
         model = MiniGPT5_Model.from_weights(args.model_config, args.stage1_weight, args.test_weight,
                                             **placement_kwargs(args))

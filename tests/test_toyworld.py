@@ -203,7 +203,7 @@ def test_a_short_build_learns(tmp_path):
     config.write_text(yaml.safe_dump(settings))
     build = Build(config, tmp_path / "build")
     results = run(build)
-    runs = results["evaluate"]["summary"]["runs"]
+    runs = results["report"]["summary"]["runs"]
     trained, untrained = runs["cc3m_stage1"], runs["cc3m_untrained"]
     assert trained["emitted"] >= 0.9 and untrained["emitted"] == 0.0
     scores = trained["accuracy"]
@@ -212,3 +212,23 @@ def test_a_short_build_learns(tmp_path):
     assert sum(scores[name] for name in CHANCE) > sum(untrained["accuracy"][name] for name in CHANCE)
     report = (tmp_path / "build" / "TOY_RESULTS.md").read_text()
     assert "MiniGPT-5 stage 1" in report and "| chance |" in report
+    assert "minutes of wall clock" in report                     # every step was timed from its start
+
+
+def test_demos_take_the_shipped_presets_guidance_unless_told():
+    """`python -m toyworld ship` keeps the guidance scale the build evaluates with, and the demos use
+    it for the toy preset unless --guidance_scale is given."""
+    from argparse import Namespace
+
+    from toyworld import ship
+    from toyworld.build import DEFAULT_CONFIG
+
+    preset = ship.shipped()
+    assert preset.guidance_scale is not None
+    assert preset.guidance_scale == ship.evaluation_guidance(DEFAULT_CONFIG)
+    unset = Namespace(model_config=None, stage1_weight=None, test_weight=None, guidance_scale=None)
+    ship.use_shipped(unset, "stage2_vist")
+    assert unset.guidance_scale == preset.guidance_scale and unset.test_weight == str(preset.stage2_vist)
+    told = Namespace(model_config=None, stage1_weight=None, test_weight=None, guidance_scale=7.5)
+    ship.use_shipped(told, "stage2_mmdialog")
+    assert told.guidance_scale == 7.5

@@ -3,8 +3,8 @@ demo show a trained MiniGPT-5 on a fresh clone without the half-hour build.
 
 `python -m toyworld ship` copies a finished build: the frozen parts in float16 (as the real SD and
 EVA files are stored; they load into the toy's float32 modules), the three MiniGPT-5 checkpoints
-without optimiser state, two frames of a toy story for the demos, and a `toy.yaml` whose paths are
-relative to it. A fresh build followed by `ship` reproduces the folder.
+without optimiser state, two frames of a toy story for the demos, the guidance scale the build
+evaluates with (the demos' default with this preset), and a `toy.yaml` whose paths are relative to it. A fresh build followed by `ship` reproduces the folder.
 """
 from __future__ import annotations
 
@@ -27,7 +27,15 @@ def _half(state: dict) -> dict:
     return {k: v.half() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
 
 
-def ship(build_dir: Path, to: Path = SHIPPED) -> Path:
+def evaluation_guidance(config: Path) -> float | None:
+    """The `--guidance_scale` among a build's evaluation flags (config/toyworld.yaml), if any."""
+    import yaml
+
+    flags = yaml.safe_load(Path(config).read_text())["evaluate"]["flags"]
+    return float(flags[flags.index("--guidance_scale") + 1]) if "--guidance_scale" in flags else None
+
+
+def ship(build_dir: Path, to: Path = SHIPPED, guidance_scale: float | None = None) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoModelForCausalLM, CLIPTextModel
 
@@ -71,7 +79,7 @@ def ship(build_dir: Path, to: Path = SHIPPED) -> Path:
         world.save_image(world.render(scene, cfg.sd_image_size, random.Random(name)), tmp / name)
     (tmp / "story.json").write_text(json.dumps({
         "captions": list(story.captions[:len(STORY_IMAGES)]), "images": list(STORY_IMAGES),
-        "next_scene": story.scenes[len(STORY_IMAGES)].attributes()}, indent=1))
+        "next_scene": story.scenes[len(STORY_IMAGES)].attributes(), "guidance_scale": guidance_scale}, indent=1))
 
     relative = cfg.replace(llama_model="llama", sd_model="sd", vit_model=Path(cfg.vit_model).name,
                            q_former_model=Path(cfg.q_former_model).name, ckpt=Path(cfg.ckpt).name)
@@ -93,6 +101,7 @@ class Shipped:
     story_images: list[Path]
     story_captions: list[str]
     next_scene: dict
+    guidance_scale: float | None = None     # what the build evaluated with (None: the usual default)
 
 
 def shipped(folder: Path = SHIPPED) -> Shipped:
@@ -103,13 +112,14 @@ def shipped(folder: Path = SHIPPED) -> Shipped:
                                 f"build` then `python -m toyworld ship`, or use --preset tiny")
     data = json.loads(story.read_text())
     return Shipped(folder / "toy.yaml", folder / CHECKPOINTS[0], folder / CHECKPOINTS[1], folder / CHECKPOINTS[2],
-                   [folder / name for name in data["images"]], data["captions"], data["next_scene"])
+                   [folder / name for name in data["images"]], data["captions"], data["next_scene"],
+                   data.get("guidance_scale"))
 
 
 def use_shipped(args, stage2: str) -> Shipped:
     """Point a demo's `--model_config` / `--stage1_weight` / `--test_weight` at the shipped toy preset
-    (checkpoints the user named win; `stage2` is "stage2_vist" or "stage2_mmdialog"). A missing
-    preset ends the command with the error."""
+    (checkpoints the user named win; `stage2` is "stage2_vist" or "stage2_mmdialog") and an unset
+    `--guidance_scale` at the preset's. A missing preset ends the command with the error."""
     try:
         preset = shipped()
     except FileNotFoundError as e:
@@ -117,4 +127,6 @@ def use_shipped(args, stage2: str) -> Shipped:
     args.model_config = str(preset.config)
     args.stage1_weight = args.stage1_weight or str(preset.stage1)
     args.test_weight = args.test_weight or str(getattr(preset, stage2))
+    if getattr(args, "guidance_scale", 0) is None:
+        args.guidance_scale = preset.guidance_scale
     return preset
