@@ -143,6 +143,8 @@ def test_steps_run_side_by_side_as_they_do_one_after_another(tmp_path, capsys):
     threads = max(1, (os.cpu_count() or 1) // 2)                     # two steps ready at once share the CPU
     for name in ("datasets", "preset"):
         assert f"(started, {threads} thread{'s' * (threads > 1)}; log logs/step_{name}.log)" in shown, shown
+    shares = [int((tmp_path / "two" / "logs" / f"threads_{name}").read_text()) for name in ("datasets", "preset")]
+    assert max(shares) == (os.cpu_count() or 1)                       # the one left running got every thread
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*")
                    if p.is_file() and "steps" not in p.parts and "logs" not in p.parts and p.name != "toy.yaml")
     assert len(files) > 10
@@ -152,6 +154,19 @@ def test_steps_run_side_by_side_as_they_do_one_after_another(tmp_path, capsys):
     assert "started" not in capsys.readouterr().out and again["preset"]["seconds"] == results["preset"]["seconds"]
     with pytest.raises(SystemExit, match="--jobs"):
         run(Build(config, tmp_path / "two"), jobs=0)
+
+
+def test_a_step_reads_its_share_of_the_threads_as_it_goes(tmp_path, monkeypatch):
+    from toyworld.build import THREADS_FILE, threads_now
+
+    monkeypatch.delenv(THREADS_FILE, raising=False)
+    assert threads_now() is None                                     # not started by --jobs
+    share = tmp_path / "threads_unet"
+    monkeypatch.setenv(THREADS_FILE, str(share))
+    share.write_text("2")
+    assert threads_now() == 2
+    share.write_text("")                                             # caught mid-rewrite: no change
+    assert threads_now() is None
 
 
 def test_pretraining_steps_write_parts_that_the_loaders_read(tmp_path):

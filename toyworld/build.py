@@ -218,6 +218,7 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
         return not any(d in pending for d in step.depends)
 
     while waiting or running:
+        started = False
         for i, step in list(waiting):
             if len(running) >= jobs:
                 break
@@ -235,14 +236,20 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
                 pending.discard(step.name)
                 continue
             build.record_path(step.name).unlink(missing_ok=True)
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            share = build.out / "logs" / f"threads_{step.name}"
+            share.write_text(str(threads))
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                   THREADS_FILE: str(share)}
             log = open(build.out / "logs" / f"step_{step.name}.log", "w")
             command = [build.python, "-m", "toyworld", "build", "--config", str(build.config_path),
                        "--out", str(build.out), "--only", step.name]
             running[step.name] = (i, step, subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
                                                             stderr=subprocess.STDOUT), log)
+            started = True
             progress.say(i, step.name, f"{step.about} (started, {threads} thread{'s' * (threads > 1)}; "
                                        f"log logs/step_{step.name}.log)")
+        if started:
+            _share_threads(build, running)
         if not running:
             if waiting:
                 raise SystemExit(f"error: steps {[s.name for _, s in waiting]} wait on steps that did not run")
@@ -263,4 +270,28 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
             results[name] = record
             pending.discard(name)
             progress.done(i, name, record)
+            _share_threads(build, running)          # what it had goes to the steps still running
     return results
+
+
+def _share_threads(build: Build, running: dict) -> None:
+    """Tell the running steps their share of the CPU threads now (a pretraining loop reads it as it
+    goes: `threads_now`; a step that cannot change its threads keeps those it started with)."""
+    for name in running:
+        (build.out / "logs" / f"threads_{name}").write_text(str(max(1, (os.cpu_count() or 1) // len(running))))
+
+
+# A step started by `--jobs` finds the number of threads it may use in this file (rewritten when
+# the steps beside it start or end).
+THREADS_FILE = "TOYWORLD_THREADS_FILE"
+
+
+def threads_now() -> int | None:
+    """This step's current share of the CPU threads, when the build runs steps side by side."""
+    path = os.environ.get(THREADS_FILE)
+    if not path:
+        return None
+    try:
+        return max(1, int(Path(path).read_text()))
+    except (OSError, ValueError):          # being rewritten this instant: keep the threads it has
+        return None

@@ -244,6 +244,7 @@ def run_metric(build: Build, run: Run, folder: Path) -> dict:
 
 
 METRIC_RUNS = ("cc3m_stage1", "vist_stage2", "mmdialog_stage2")   # metric.py scores these runs
+JUDGED = "judged.json"                  # a prediction folder's judged pictures, for the report
 
 
 def predict_step(build: Build, run: Run) -> dict:
@@ -256,11 +257,8 @@ def predict_step(build: Build, run: Run) -> dict:
     metric = {}
     if run.name in METRIC_RUNS and build.settings["evaluate"].get("metric", True):
         metric = run_metric(build, run, folder)
-    return {"folder": str(folder), "accuracy": accuracy(scored.judged, scored.truth),
+    return {"folder": str(folder.relative_to(build.out)), "accuracy": accuracy(scored.judged, scored.truth),
             "emitted": sum(scored.emitted) / max(1, len(scored.emitted)), "metric": metric}
-
-
-JUDGED = "judged.json"
 
 
 def _load_scored(run: Run, folder: Path) -> Scored:
@@ -283,7 +281,7 @@ def write_report(build: Build) -> dict:
         seconds[step.name] = record["seconds"]
         run = by_name.get(step.name)
         if run is not None:
-            scored[run.name] = _load_scored(run, Path(record["summary"]["folder"]))
+            scored[run.name] = _load_scored(run, build.out / record["summary"]["folder"])
             if record["summary"]["metric"]:
                 metrics[run.name] = record["summary"]["metric"]
     wall = _wall_clock(build, plan)
