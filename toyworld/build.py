@@ -144,6 +144,8 @@ def run(build: Build, only: list[str] | None = None, force: list[str] | None = N
         raise SystemExit(f"error: --jobs must be at least 1, got {jobs}")
     forced_from = min((names.index(f) for f in force or []), default=len(names))
     results, started = {}, time.time()
+    if not (only and RUN_ID in os.environ):     # a step started side by side belongs to its parent's run
+        os.environ[RUN_ID] = f"{os.getpid()}-{started:.0f}"
     print(f"toy world build: {build.out} (settings {build.config_path})")
     todo = []
     for i, step in enumerate(plan, start=1):
@@ -199,7 +201,10 @@ def _run_here(build: Build, i: int, step: Step, forced: bool, progress: _Progres
     t0 = time.time()
     build.record_path(step.name).unlink(missing_ok=True)
     summary = step.run(build)
-    record = {"key": key, "started": round(t0, 1), "seconds": round(time.time() - t0, 1), "summary": summary}
+    # Which `python -m toyworld build` ran it (a step run side by side is that build's too): the
+    # report gives a wall clock only when one run made every step.
+    record = {"key": key, "run": os.environ[RUN_ID], "started": round(t0, 1), "seconds": round(time.time() - t0, 1),
+              "summary": summary}
     build.record_path(step.name).write_text(json.dumps(record, indent=1, default=str))
     progress.done(i, step.name, record)
     return record
@@ -280,6 +285,8 @@ def _share_threads(build: Build, running: dict) -> None:
     for name in running:
         (build.out / "logs" / f"threads_{name}").write_text(str(max(1, (os.cpu_count() or 1) // len(running))))
 
+
+RUN_ID = "TOYWORLD_BUILD_RUN"
 
 # A step started by `--jobs` finds the number of threads it may use in this file (rewritten when
 # the steps beside it start or end).

@@ -221,7 +221,8 @@ def report(build: Build, scored: dict[str, Scored], metrics: dict[str, dict], se
     lines += ["", "## Time", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {s:.0f} |" for name, s in seconds.items()]
     lines += ["", f"Total: {sum(seconds.values()) / 60:.1f} minutes of steps"
-              + (f", {wall / 60:.1f} minutes of wall clock (steps run side by side)." if wall else "."), ""]
+              + (f", {wall / 60:.1f} minutes of wall clock (steps run side by side)." if wall else
+                 " (made by more than one run of the build: no single wall clock)."), ""]
     return "\n".join(lines)
 
 
@@ -297,8 +298,9 @@ def write_report(build: Build) -> dict:
 
 
 def _wall_clock(build: Build, plan) -> float | None:
-    """Seconds from the first step's start to the last one's end, when every step was timed so."""
+    """Seconds from the first step's start to the last one's end, when one run of the build made
+    every step (steps redone by a later run leave no single wall clock)."""
     records = [build.record(step.name) for step in plan if step.name != "report"]
-    if not records or any(r is None or "started" not in r for r in records):
+    if not records or any(r is None or "started" not in r for r in records) or len({r.get("run") for r in records}) > 1:
         return None
     return max(r["started"] + r["seconds"] for r in records) - min(r["started"] for r in records)

@@ -62,6 +62,10 @@ def ship(build_dir: Path, to: Path = SHIPPED, guidance_scale: float | None = Non
         cls.from_pretrained(sd, subfolder=sub, torch_dtype=torch.float16).save_pretrained(tmp / "sd" / sub)
     CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", dtype=torch.float16).save_pretrained(
         tmp / "sd" / "text_encoder")
+    for config in (tmp / "sd").glob("*/config.json"):     # where the build was is no business of the copy
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     vit = torch.load(cfg.vit_model, map_location="cpu", weights_only=True)
     torch.save(_half(vit), tmp / Path(cfg.vit_model).name)
     blip2 = torch.load(cfg.q_former_model, map_location="cpu", weights_only=True)

@@ -278,8 +278,10 @@ def _last_metrics(log_path: Path) -> dict:
 
 def _stage(name: str, dataset: str, stage: int, stage1: str | None, extra: tuple[str, ...] = (),
            depends: tuple[str, ...] = ("datasets", "image_side", "unet", "stage0"), about: str = "") -> Step:
+    # Keyed by the flags it trains with (common + its stage's): a changed stage-2 recipe keeps stage 1.
     return Step(name, lambda b: train_stage(b, name, dataset, stage, stage1, list(extra)), depends,
-                lambda b: [b.settings["minigpt5"], extra, stage1], about)
+                lambda b: [b.settings["minigpt5"]["common"], b.settings["minigpt5"][f"stage{stage}"], extra, stage1],
+                about)
 
 
 def _checkpoint_step(checkpoint: str) -> str:
