@@ -32,6 +32,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "config" / "toyworld.yaml"
 DEFAULT_OUT = REPO / "weights" / "toy"
+# Environment of the steps `--jobs` starts side by side: the build run they belong to (for the
+# report's wall clock), and a file holding the number of threads each may use now (rewritten when
+# the steps beside it start or end).
+RUN_ID = "TOYWORLD_BUILD_RUN"
+THREADS_FILE = "TOYWORLD_THREADS_FILE"
 
 
 @dataclass
@@ -284,13 +289,6 @@ def _share_threads(build: Build, running: dict) -> None:
     goes: `threads_now`; a step that cannot change its threads keeps those it started with)."""
     for name in running:
         (build.out / "logs" / f"threads_{name}").write_text(str(max(1, (os.cpu_count() or 1) // len(running))))
-
-
-RUN_ID = "TOYWORLD_BUILD_RUN"
-
-# A step started by `--jobs` finds the number of threads it may use in this file (rewritten when
-# the steps beside it start or end).
-THREADS_FILE = "TOYWORLD_THREADS_FILE"
 
 
 def threads_now() -> int | None:

@@ -4,7 +4,8 @@ demo show a trained MiniGPT-5 on a fresh clone without the half-hour build.
 `python -m toyworld ship` copies a finished build: the frozen parts in float16 (as the real SD and
 EVA files are stored; they load into the toy's float32 modules), the three MiniGPT-5 checkpoints
 without optimiser state, two frames of a toy story for the demos, the guidance scale the build
-evaluates with (the demos' default with this preset), and a `toy.yaml` whose paths are relative to it. A fresh build followed by `ship` reproduces the folder.
+evaluates with (the demos' default with this preset), and a `toy.yaml` whose paths are relative to
+it. A fresh build followed by `ship` reproduces the folder.
 """
 from __future__ import annotations
 
