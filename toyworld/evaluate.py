@@ -34,14 +34,15 @@ class Run:
         return self.stage1_weight is not None
 
 
+UNTRAINED = "stage0_untrained.ckpt"     # MiniGPT-5 as built (the build's stage0 step writes it)
 RUNS = (
     Run("cc3m_stage1", "CC3M", "stage1_cc3m.ckpt"),
     Run("cc3m_stage1_guidance1", "CC3M", "stage1_cc3m.ckpt", flags=("--guidance_scale", "1")),
     Run("cc3m_no_caption_loss", "CC3M", "stage1_cc3m_no_caption_loss.ckpt"),
-    Run("cc3m_untrained", "CC3M", "stage0_untrained.ckpt"),
+    Run("cc3m_untrained", "CC3M", UNTRAINED),
     Run("vist_stage2", "VIST", "stage2_vist.ckpt", "stage1_cc3m.ckpt"),
     Run("vist_stage1_only", "VIST", "stage1_cc3m.ckpt"),
-    Run("vist_no_stage1", "VIST", "stage2_vist_no_stage1.ckpt", "stage0_untrained.ckpt"),
+    Run("vist_no_stage1", "VIST", "stage2_vist_no_stage1.ckpt", UNTRAINED),
     Run("mmdialog_stage2", "MMDialog", "stage2_mmdialog.ckpt", "stage1_cc3m.ckpt"),
 )
 TEST_FILES = {"CC3M": "cc3m_test.tsv", "VIST": "test_cleaned.json", "MMDialog": "test/test_conversations.txt"}

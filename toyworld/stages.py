@@ -228,8 +228,8 @@ def save_stage0(build: Build) -> dict:
     torch.manual_seed(build.settings["seed"])
     model = MiniGPT5_Model(load_config(build.model_config), stage=1)
     build.checkpoints.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.trainable_state_dict()}, build.checkpoints / "stage0_untrained.ckpt")
-    return {"checkpoint": "stage0_untrained.ckpt"}
+    torch.save({"state_dict": model.trainable_state_dict()}, build.checkpoints / evaluate.UNTRAINED)
+    return {"checkpoint": evaluate.UNTRAINED}
 
 
 def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight: str | None,
@@ -286,7 +286,7 @@ def _stage(name: str, dataset: str, stage: int, stage1: str | None, extra: tuple
 
 def _checkpoint_step(checkpoint: str) -> str:
     """The step that writes a checkpoint (`checkpoints/<step>.ckpt`; stage 0's is stage0_untrained)."""
-    return "stage0" if checkpoint == "stage0_untrained.ckpt" else checkpoint.removesuffix(".ckpt")
+    return "stage0" if checkpoint == evaluate.UNTRAINED else checkpoint.removesuffix(".ckpt")
 
 
 def _predict(run: evaluate.Run) -> Step:
@@ -322,7 +322,7 @@ STEPS = [
            about="MiniGPT-5 stage 2 on the toy MMDialog"),
     _stage("stage1_cc3m_no_caption_loss", "CC3M", 1, None, ("--caption_loss_weight", "0"),
            about="ablation: stage 1 without the caption loss"),
-    _stage("stage2_vist_no_stage1", "VIST", 2, "stage0_untrained.ckpt",
+    _stage("stage2_vist_no_stage1", "VIST", 2, evaluate.UNTRAINED,
            about="ablation: stage 2 from the untrained mapper"),
     # Each prediction run is a step of its own, so that it starts as soon as its checkpoints exist.
     *(_predict(run) for run in evaluate.RUNS),
