@@ -58,6 +58,28 @@ def test_accuracy_counts_missing_pictures_as_wrong():
     assert scores["setting"] == 0.5 and scores["all"] == 0.5
 
 
+def test_a_picture_drawn_on_a_text_only_turn_counts_for_emission_not_accuracy():
+    from types import SimpleNamespace
+
+    from toyworld import evaluate
+
+    scene = {"setting": "beach", "time": "noon", "colour": "red", "place": "near"}
+    wrong = {**scene, "place": "far"}
+    # dialogue turns: the picture asked for (right), another asked for (wrong place), a text-only
+    # turn where the model drew anyway (no scene to judge it against)
+    tasks = [f"d0_{world.ASKED_TURN}-mm", f"d1_{world.ASKED_TURN}-mm", "d0_1-mm"]
+    scored = evaluate.Scored(evaluate.RUNS[-1], tasks, [scene, scene, None], [scene, wrong, wrong],
+                             [None] * 3, [True, True, True], None)
+    text = evaluate.report(SimpleNamespace(config_path=evaluate.REPO / "config" / "toyworld.yaml"),
+                           {"mmdialog_stage2": scored, "cc3m_untrained": scored}, {}, {})
+    asked = next(line for line in text.splitlines() if line.startswith("| MiniGPT-5 stage 2 on MMDialog"))
+    assert "| 2 | 100.0% | 100.0% | 100.0% | 50.0% | 50.0% |" in asked
+    text_only = next(line for line in text.splitlines() if line.startswith("| toy MMDialog: text-only turns"))
+    assert "| 1 | 100.0% |" in text_only
+    every = next(line for line in text.splitlines() if line.startswith("| MiniGPT-5 as built, untrained"))
+    assert "| 2 | 100.0% | 100.0% | 100.0% | 50.0% | 50.0% |" in every     # all pictures with a scene
+
+
 def test_held_out_combinations_leave_every_pair_seen():
     """A sixth of the combinations is held out, and every pair of attribute values still occurs in
     training (so the test asks for new combinations of seen pairs)."""

@@ -117,9 +117,18 @@ def score(build: Build, run: Run, folder: Path) -> Scored:
     return Scored(run, tasks, expected, judged, baseline, emitted, folder)
 
 
-def _select(scored: Scored, keep) -> tuple[list, list]:
-    pairs = [(j, t) for task, j, t in zip(scored.tasks, scored.judged, scored.truth) if keep(task, t)]
+def _select(scored: Scored, keep, pictures: list | None = None) -> tuple[list, list]:
+    """The judged pictures (MiniGPT-5's, or `pictures`, e.g. the SD baseline's) of the tasks `keep`
+    selects, with their truth."""
+    pictures = scored.judged if pictures is None else pictures
+    pairs = [(j, t) for task, j, t in zip(scored.tasks, pictures, scored.truth) if keep(task, t)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _known(task: str, truth) -> bool:
+    """A task whose expected picture the test split knows (not a text-only dialogue turn: a picture
+    drawn there counts against emission, not accuracy)."""
+    return truth is not None
 
 
 def _later_frame(task: str, truth) -> bool:
@@ -180,13 +189,13 @@ def report(build: Build, scored: dict[str, Scored], metrics: dict[str, dict], se
             continue
         s = scored[name]
         if which == "baseline":
-            judged, truth = s.baseline, s.truth
+            judged, truth = _select(s, _known, s.baseline)
         elif which == "later":
             judged, truth = _select(s, _later_frame)
         elif which == "asked":
             judged, truth = _select(s, _asked_picture)
         else:
-            judged, truth = s.judged, s.truth
+            judged, truth = _select(s, _known)
         lines.append(_row(label, accuracy(judged, truth), len(truth), target))
     lines += ["", "## Voken emission (no forced generation)", "", "| prompts | n | emitted [IMG0] | target |",
               "|---|---|---|---|"]
@@ -259,7 +268,7 @@ def predict_step(build: Build, run: Run) -> dict:
     metric = {}
     if run.name in METRIC_RUNS and build.settings["evaluate"].get("metric", True):
         metric = run_metric(build, run, folder)
-    return {"folder": str(folder.relative_to(build.out)), "accuracy": accuracy(scored.judged, scored.truth),
+    return {"folder": str(folder.relative_to(build.out)), "accuracy": accuracy(*_select(scored, _known)),
             "emitted": sum(scored.emitted) / max(1, len(scored.emitted)), "metric": metric}
 
 
@@ -293,7 +302,7 @@ def write_report(build: Build) -> dict:
     if target:
         path = (build.config_path.parent / target).resolve()
         path.write_text(text)
-    summary = {name: {"accuracy": accuracy(s.judged, s.truth), "emitted": sum(s.emitted) / max(1, len(s.emitted))}
+    summary = {name: {"accuracy": accuracy(*_select(s, _known)), "emitted": sum(s.emitted) / max(1, len(s.emitted))}
                for name, s in scored.items()}
     return {"report": str(build.out / "TOY_RESULTS.md"), "runs": summary}
 

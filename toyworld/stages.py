@@ -245,7 +245,7 @@ def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight
             "--train_data_path", files[0], "--val_data_path", files[1], "--model_save_name", name,
             "--output_dir", str(run_dir),
             "--accelerator", "cpu", "--gpus", "0", "--seed", str(build.settings["seed"]),
-            *flags["common"], *flags[f"stage{stage}"], *extra]
+            *flags["common"], *flags[f"stage{stage}"], *flags.get(name, ()), *extra]
     if stage1_weight:
         args += ["--stage1_weight", stage1_weight]
     env = {"IS_STAGE2": str(stage == 2), "WEIGHTFOLDER": str(build.checkpoints),
@@ -278,9 +278,11 @@ def _last_metrics(log_path: Path) -> dict:
 
 def _stage(name: str, dataset: str, stage: int, stage1: str | None, extra: tuple[str, ...] = (),
            depends: tuple[str, ...] = ("datasets", "image_side", "unet", "stage0"), about: str = "") -> Step:
-    # Keyed by the flags it trains with (common + its stage's): a changed stage-2 recipe keeps stage 1.
+    # Keyed by the flags it trains with (common + its stage's + its own, if the recipe names the step):
+    # a changed stage-2 recipe keeps stage 1.
     return Step(name, lambda b: train_stage(b, name, dataset, stage, stage1, list(extra)), depends,
-                lambda b: [b.settings["minigpt5"]["common"], b.settings["minigpt5"][f"stage{stage}"], extra, stage1],
+                lambda b: [b.settings["minigpt5"]["common"], b.settings["minigpt5"][f"stage{stage}"],
+                           b.settings["minigpt5"].get(name), extra, stage1],
                 about)
 
 
@@ -320,10 +322,12 @@ STEPS = [
            about="MiniGPT-5 stage 2 on the toy VIST"),
     _stage("stage2_mmdialog", "MMDialog", 2, "stage1_cc3m.ckpt", depends=("datasets", "stage1_cc3m"),
            about="MiniGPT-5 stage 2 on the toy MMDialog"),
-    _stage("stage1_cc3m_no_caption_loss", "CC3M", 1, None, ("--caption_loss_weight", "0"),
-           about="ablation: stage 1 without the caption loss"),
+    # Side by side, ready steps start in this order: the long ones first (the stage-2 ablation is
+    # ready with stage 0), so that the short ones fill the end and no core idles there.
     _stage("stage2_vist_no_stage1", "VIST", 2, evaluate.UNTRAINED,
            about="ablation: stage 2 from the untrained mapper"),
+    _stage("stage1_cc3m_no_caption_loss", "CC3M", 1, None, ("--caption_loss_weight", "0"),
+           about="ablation: stage 1 without the caption loss"),
     # Each prediction run is a step of its own, so that it starts as soon as its checkpoints exist.
     *(_predict(run) for run in evaluate.RUNS),
     Step("report", evaluate.write_report, tuple(f"predict_{run.name}" for run in evaluate.RUNS),
