@@ -80,6 +80,22 @@ def test_a_picture_drawn_on_a_text_only_turn_counts_for_emission_not_accuracy():
     assert "| 2 | 100.0% | 100.0% | 100.0% | 50.0% | 50.0% |" in every     # all pictures with a scene
 
 
+def test_flags_for_a_step_that_does_not_exist_stop_the_build(tmp_path):
+    import yaml
+
+    from toyworld.build import DEFAULT_CONFIG, Build, steps
+
+    settings = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    settings["minigpt5"]["stage2_mmdialg"] = ["--num_train_epochs", "4"]     # a typo would be ignored
+    config = tmp_path / "toyworld.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    with pytest.raises(SystemExit, match=r"unknown step\(s\) \['stage2_mmdialg'\]"):
+        steps(Build(config, tmp_path / "build"))
+    del settings["minigpt5"]["stage2_mmdialg"]
+    config.write_text(yaml.safe_dump(settings))
+    assert "stage2_mmdialog" in [s.name for s in steps(Build(config, tmp_path / "build"))]
+
+
 def test_held_out_combinations_leave_every_pair_seen():
     """A sixth of the combinations is held out, and every pair of attribute values still occurs in
     training (so the test asks for new combinations of seen pairs)."""

@@ -126,6 +126,11 @@ def steps(build: Build | None = None) -> list[Step]:
         return plan
     if build.settings.get("frozen_parts"):
         plan = [s for s in plan if s.name not in stages.PRETRAINING]
+    own = sorted(set(build.settings.get("minigpt5") or {}) - {"common", "stage1", "stage2"})
+    unknown = [name for name in own if name not in {s.name for s in stages.STEPS}]
+    if unknown:
+        raise SystemExit(f"error: {build.config_path}: `minigpt5` has flags for unknown step(s) {unknown} "
+                         "(its keys: common, stage1, stage2, or a training step's name, e.g. stage2_mmdialog)")
     wanted = build.settings.get("steps")
     if wanted:
         unknown = sorted(set(wanted) - {s.name for s in stages.STEPS})
