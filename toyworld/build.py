@@ -126,14 +126,14 @@ def steps(build: Build | None = None) -> list[Step]:
         return plan
     if build.settings.get("frozen_parts"):
         plan = [s for s in plan if s.name not in stages.PRETRAINING]
-    own = sorted(set(build.settings.get("minigpt5") or {}) - {"common", "stage1", "stage2"})
-    unknown = [name for name in own if name not in {s.name for s in stages.STEPS}]
+    names = {s.name for s in stages.STEPS}
+    unknown = sorted(set(build.settings.get("minigpt5") or {}) - {"common", "stage1", "stage2"} - names)
     if unknown:
         raise SystemExit(f"error: {build.config_path}: `minigpt5` has flags for unknown step(s) {unknown} "
                          "(its keys: common, stage1, stage2, or a training step's name, e.g. stage2_mmdialog)")
     wanted = build.settings.get("steps")
     if wanted:
-        unknown = sorted(set(wanted) - {s.name for s in stages.STEPS})
+        unknown = sorted(set(wanted) - names)
         if unknown:
             raise SystemExit(f"error: {build.config_path}: `steps` names unknown step(s) {unknown}")
         plan = [s for s in plan if s.name in wanted]
