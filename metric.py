@@ -24,12 +24,17 @@ What is computed
   and FID (`overall_instance_inception_score`, `overall_instance_basline_inception_score`,
   `overall_instance_fid_score`, `overall_instance_basline_fid_score`); story-level FID
   (`overall_fid_score`, `overall_basline_fid_score`): for every story with more than one step, the FID
-  between its ground-truth images and its generated images, averaged over stories. Stories of one
-  step are skipped, as are stories with fewer than two images on either side (both counted).
+  between its ground-truth images and its generated images, averaged over stories; a story with a
+  missing generated picture is scored on its steps with both pictures (the release crashed there).
+  Stories of one step are skipped, as are stories with fewer than two images on either side (both counted).
 - MMDialog (per conversation = task names `{conversation_id}_{turn}-mm` grouped by the id):
   `overall_bleu_score_1`, `overall_bleu_score_2`, `overall_rouge_l_score`, `overall_sbert_score`,
   `overall_clip_f1`, `overall_instance_inception_score`, and two numbers the release only used
   inside CLIP-F1: `overall_clip_t_similarity` (text CLIP similarity) and `overall_clip_i_similarity`.
+Which rows the image numbers use (`--image_rows`): as the release, only the items where MiniGPT-5 drew a
+picture; their ground truth is the FID real set (when that set is the samples' own) and the SD baseline is
+scored on the same items against it; an MMDialog turn expects a picture when its expected text holds the
+vokens. `--image_rows all` scores each side wherever it has a picture (`scored_rows`).
 A value is `null` when there was nothing to compute it from (e.g. FID with fewer than two images).
 
 Definitions (the release's unless a flag says otherwise)
@@ -51,8 +56,9 @@ Definitions (the release's unless a flag says otherwise)
 - Sentence-BERT: cosine of `all-MiniLM-L6-v2` embeddings.
 - MMDialog per turn: when both texts are non-empty, BLEU/ROUGE/SBERT/text-CLIP are computed; when
   only the ground truth has text, BLEU/ROUGE/SBERT are 0 for that turn; when only the prediction has
-  text, the turn has no BLEU/ROUGE/SBERT. A turn has a ground-truth image when its expected image is
-  a non-zero tensor, and a predicted image when the predicted image is not None.
+  text, the turn has no BLEU/ROUGE/SBERT. A turn expects an image when its expected text holds
+  `[IMG0]` (the release; `--image_rows all`: when its expected image is a non-zero tensor), and has a
+  predicted image when the predicted image is not None.
 - CLIP-F1 per conversation (as the release): every turn contributes a text slot and an image slot.
   A slot is *matched* when both sides have it (its similarity s is the text CLIP cosine or CLIP-I),
   *missing* when only the ground truth has it, *extra* when only the prediction has it. With
@@ -664,31 +670,53 @@ def cc3m_real_images(folder: Path | None = None) -> list[Path]:
     return images
 
 
-def _real_image_set(samples: Sequence[Sample], args: argparse.Namespace, dataset: str) -> list[Image.Image | Path]:
+def _real_image_set(samples: Sequence[Sample], args: argparse.Namespace, dataset: str,
+                    rows: Sequence[int]) -> list[Image.Image | Path]:
+    """The FID real set: a folder of images, or the ground truth of `rows` (the samples' own)."""
     if args.real_images:
         return sorted(p for p in Path(args.real_images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if spec(dataset).fid_real == "cc3m_val" and args.fid_real == "release":
         return cc3m_real_images()
-    return [s.gt_image for s in samples if s.gt_image is not None]
+    return [samples[i].gt_image for i in rows]
+
+
+def scored_rows(samples: Sequence[Sample], image_rows: str) -> dict[str, list[int]]:
+    """Which rows each image number is computed over (see `--image_rows`).
+
+    `release` (the release's loops): a row counts only when MiniGPT-5 drew a picture for it. CLIP-I,
+    CLIP-T, IS and the FID fake set use the generated pictures of those rows, the FID real set (when it
+    is the samples' own ground truth) is their ground truth, and the SD baseline is scored on the same
+    rows (where it also has a picture) against the same real set. `all`: each side on every row where
+    it has a picture, and the real set is every ground-truth picture."""
+    generated = [i for i, s in enumerate(samples) if s.pred_image is not None]
+    with_gt = [i for i, s in enumerate(samples) if s.gt_image is not None]
+    baseline = [i for i, s in enumerate(samples) if s.baseline_image is not None]
+    if image_rows == "all":
+        return {"generated": generated, "baseline": baseline, "real": with_gt}
+    drawn = set(generated)
+    return {"generated": generated, "baseline": [i for i in baseline if i in drawn],
+            "real": [i for i in with_gt if i in drawn]}
 
 
 def image_metrics(samples: Sequence[Sample], models: Models, args: argparse.Namespace,
                   dataset: str) -> tuple[dict[str, Any], dict[str, int]]:
-    """CLIP-I, CLIP-T, IS and instance FID of generated and baseline images, plus per-row FID features."""
+    """CLIP-I, CLIP-T, IS and instance FID of generated and baseline images, plus per-row FID features
+    (the rows each number is computed over: `scored_rows`)."""
     bs, device = args.batch_size, args.device
+    rows_of = scored_rows(samples, args.image_rows)
     gt_rows = [i for i, s in enumerate(samples) if s.gt_image is not None]
     gt_clip = dict(zip(gt_rows, clip_image_features([samples[i].gt_image for i in gt_rows], models, bs, device)))
     captions = {i: reference_caption(s, dataset, args.clip_t_text) for i, s in enumerate(samples)}
     text_rows = [i for i in captions if captions[i] or args.clip_t_text == "release"]
     text_clip = dict(zip(text_rows, clip_text_features([captions[i] for i in text_rows], models, bs, device)))
-    real = _real_image_set(samples, args, dataset)
+    real = _real_image_set(samples, args, dataset, rows_of["real"])
     real_features = real_fid_features(real, models, args)
     # per-row ground-truth FID features (story-level FID); unknown when the real set is a folder
     from_samples = not real or not isinstance(real[0], Path)
-    out: dict[str, Any] = {"gt_fid_rows": dict(zip(gt_rows, real_features)) if from_samples else None}
+    out: dict[str, Any] = {"gt_fid_rows": dict(zip(rows_of["real"], real_features)) if from_samples else None}
     counts = {"samples": len(samples), "with ground-truth image": len(gt_rows), "real images for FID": len(real)}
     for kind, attr in (("generated", "pred_image"), ("baseline", "baseline_image")):
-        rows = [i for i, s in enumerate(samples) if getattr(s, attr) is not None]
+        rows = rows_of[kind]
         images = [getattr(samples[i], attr) for i in rows]
         clip = dict(zip(rows, clip_image_features(images, models, bs, device)))
         pairs = [i for i in rows if i in gt_clip]
@@ -700,6 +728,8 @@ def image_metrics(samples: Sequence[Sample], models: Models, args: argparse.Name
         out[f"{kind}_fid"] = frechet_distance(real_features, fid_features)
         out[f"{kind}_fid_rows"] = dict(zip(rows, fid_features))
         counts[f"with {kind} image"] = len(rows)
+    if args.image_rows == "release":
+        counts["without a generated image (not scored)"] = len(samples) - len(rows_of["generated"])
     return out, counts
 
 
@@ -720,8 +750,13 @@ def score_cc3m(samples: Sequence[Sample], models: Models, args: argparse.Namespa
 
 
 def story_fid(samples: Sequence[Sample], gt_features: dict[int, torch.Tensor],
-              fake_features: dict[int, torch.Tensor]) -> tuple[float | None, dict[str, int]]:
-    """Mean over stories with more than one step of the FID between the story's real and generated images."""
+              fake_features: dict[int, torch.Tensor], paired: bool = True) -> tuple[float | None, dict[str, int]]:
+    """Mean over stories with more than one step of the FID between the story's real and generated images.
+
+    `paired` (the release's rule, `--image_rows release`): a story's real and generated sets are the
+    steps that have both pictures (with every picture drawn, the release's whole story). The release
+    crashed on a story with a missing picture; here such a story is scored on its other steps. Not
+    paired (`--image_rows all`): every ground-truth picture of the story against every generated one."""
     stories: dict[str, list[int]] = defaultdict(list)
     for i, sample in enumerate(samples):
         stories[split_task(sample.task)[0]].append(i)
@@ -730,6 +765,8 @@ def story_fid(samples: Sequence[Sample], gt_features: dict[int, torch.Tensor],
         if len(rows) < 2:
             one_step += 1
             continue
+        if paired:
+            rows = [i for i in rows if i in gt_features and i in fake_features]
         real = [gt_features[i] for i in rows if i in gt_features]
         fake = [fake_features[i] for i in rows if i in fake_features]
         if len(real) < 2 or len(fake) < 2:
@@ -753,8 +790,9 @@ def score_vist(samples: Sequence[Sample], models: Models, args: argparse.Namespa
         features, _ = inception_outputs([generation[i].gt_image for i in rows], models, FID_IMAGE_SIZE,
                                         args.batch_size, args.device)
         gt_fid_rows = dict(zip(rows, features))
-    fid, story_counts = story_fid(generation, gt_fid_rows, m["generated_fid_rows"])
-    baseline_fid, baseline_counts = story_fid(generation, gt_fid_rows, m["baseline_fid_rows"])
+    paired = args.image_rows == "release"
+    fid, story_counts = story_fid(generation, gt_fid_rows, m["generated_fid_rows"], paired)
+    baseline_fid, baseline_counts = story_fid(generation, gt_fid_rows, m["baseline_fid_rows"], paired)
     counts.update(story_counts)
     counts["baseline stories scored"] = baseline_counts["stories scored"]
     results = {
@@ -784,7 +822,14 @@ def score_mmdialog(samples: Sequence[Sample], models: Models, args: argparse.Nam
     sbert = dict(zip(both_text, rowwise_cosine(
         sbert_features([gt_texts[i] for i in both_text], models, bs),
         sbert_features([pred_texts[i] for i in both_text], models, bs))))
-    both_image = [i for i, s in enumerate(samples) if s.gt_image is not None and s.pred_image is not None]
+    # A turn expects a picture when its expected text holds the vokens (the release's rule), or with
+    # `--image_rows all` when it has an expected picture.
+    if args.image_rows == "release":
+        expects_image = ["[IMG0]" in s.gt_text for s in samples]
+    else:
+        expects_image = [s.gt_image is not None for s in samples]
+    both_image = [i for i, s in enumerate(samples)
+                  if expects_image[i] and s.gt_image is not None and s.pred_image is not None]
     clip_i = dict(zip(both_image, rowwise_cosine(
         clip_image_features([samples[i].gt_image for i in both_image], models, bs, device),
         clip_image_features([samples[i].pred_image for i in both_image], models, bs, device))))
@@ -811,8 +856,7 @@ def score_mmdialog(samples: Sequence[Sample], models: Models, args: argparse.Nam
             if matched:
                 per_conv[name].append(sum(matched) / len(matched))
         slots = [(bool(pred_texts[i]), bool(gt_texts[i]), clip_t.get(i, 0.0)) for i in rows]
-        slots += [(samples[i].pred_image is not None, samples[i].gt_image is not None, clip_i.get(i, 0.0))
-                  for i in rows]
+        slots += [(samples[i].pred_image is not None, expects_image[i], clip_i.get(i, 0.0)) for i in rows]
         per_conv["clip_f1"].append(clip_f1(slots))
 
     results = {
@@ -831,8 +875,13 @@ def score_mmdialog(samples: Sequence[Sample], models: Models, args: argparse.Nam
               "turns with ground-truth text only": sum(1 for i in range(len(samples)) if gt_texts[i] and not pred_texts[i]),
               "turns with predicted text only": sum(1 for i in range(len(samples)) if pred_texts[i] and not gt_texts[i]),
               "turns with both images": len(both_image),
-              "turns with ground-truth image only": sum(1 for s in samples if s.gt_image is not None and s.pred_image is None),
-              "turns with predicted image only": sum(1 for s in samples if s.pred_image is not None and s.gt_image is None)}
+              "turns with ground-truth image only": sum(1 for i, s in enumerate(samples)
+                                                        if expects_image[i] and s.pred_image is None),
+              "turns with predicted image only": sum(1 for i, s in enumerate(samples)
+                                                     if s.pred_image is not None and not expects_image[i])}
+    without_picture = sum(1 for i, s in enumerate(samples) if expects_image[i] and s.gt_image is None)
+    if without_picture:  # the release compared the drawn picture with a black one; here similarity 0
+        counts["turns expecting a picture without one in the record"] = without_picture
     return results, counts
 
 
@@ -894,6 +943,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="CC3M/VIST CLIP-T text: the record's expected text as it is, as the release (default; "
                              "for VIST generation samples that is the voken target), or the cleaned expected text, "
                              "else the scene description / caption of the prompt")
+    parser.add_argument("--image_rows", choices=("release", "all"), default="release",
+                        help="which rows the image numbers use: as the release (default), only the rows where "
+                             "MiniGPT-5 drew a picture (their ground truth is the FID real set, the SD baseline is "
+                             "scored on the same rows; MMDialog: a turn expects a picture when its expected text "
+                             "has the vokens), or every row where each side has a picture (all ground truth in the "
+                             "real set; MMDialog: a turn expects a picture when its record has one)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the Inception Score splits")
     parser.add_argument("--tiny_extractors", action="store_true",
                         help="use tiny random CLIP / Inception stand-ins (tiny preset: tests the plumbing only)")

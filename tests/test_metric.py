@@ -144,7 +144,8 @@ def mmdialog_items() -> list[list]:
     same = [metric.tensor_to_image(as_target(im)) for im in images]  # what metric.py sees
     zero = torch.zeros(3, 32, 32)
     return [
-        ["ctx", "hello there friend ###", "hello there friend ###", None, None, as_target(images[0]), None, "A_1-mm"],
+        ["ctx", "hello there friend ###", f"hello there friend {VOKENS} ###", None, None, as_target(images[0]), None,
+         "A_1-mm"],
         ["ctx", f"nice to meet you {VOKENS} ###", "nice to meet you ###", same[1], None, zero, None, "A_2-mm"],
         ["ctx", f"look at this dog {VOKENS} ###", f"look at this dog {VOKENS} ###", same[2], None,
          as_target(images[2]), None, "A_3-mm"],
@@ -246,6 +247,123 @@ def test_vist_story_level_fid_skips_one_step_stories(models, tmp_path):
     assert counts["ignored (not -gen)"] == 1
     assert results["overall_basline_fid_score"] is None  # VIST has no SD baseline images here
     assert results["overall_clip_t_similarity"] is not None
+
+
+def _release_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID written out with scipy's matrix square root (independent of metric.frechet_distance)."""
+    from scipy import linalg
+
+    real, fake = real.double().numpy(), fake.double().numpy()
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    cov_r, cov_f = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    root = linalg.sqrtm(cov_r @ cov_f).real
+    return float(((mu_r - mu_f) ** 2).sum() + np.trace(cov_r + cov_f - 2 * root))
+
+
+def vist_items_with_gaps() -> list[list]:
+    """Three stories of 4 / 3 / 3 steps with SD baseline pictures; MiniGPT-5 drew nothing for 10_1,
+    30_0 and 30_2, and the baseline nothing for 20_2 (the release does not force generation)."""
+    steps = [("10", k) for k in range(4)] + [("20", k) for k in range(3)] + [("30", k) for k in range(3)]
+    gts, preds = random_images(len(steps), 40), random_images(len(steps), 41, size=40, shift=30)
+    bases = random_images(len(steps), 42, size=36, shift=50)
+    items = []
+    for (story, step), gt, pred, base in zip(steps, gts, preds, bases):
+        name = f"{story}_{step}"
+        items.append([f"###Human: Generate an image with the scene description: {name} ###Assistant:",
+                      VOKENS + " ###", VOKENS + " ###", None if name in ("10_1", "30_0", "30_2") else pred,
+                      None if name == "20_2" else base, as_target(gt), None, f"{name}-gen"])
+    return items
+
+
+def test_vist_instance_fid_takes_the_real_set_from_the_rows_that_drew_a_picture(models, tmp_path):
+    """The release adds a ground-truth picture to the FID real set only where MiniGPT-5 drew one,
+    scores the SD baseline on those rows against that real set, and takes CLIP and IS over them."""
+    items = vist_items_with_gaps()
+    results, counts = score(save_predictions(tmp_path / "vist", items), "VIST", models)
+    drawn = [it for it in items if it[3] is not None]
+    assert len(drawn) == 7
+    gt, _ = metric.inception_outputs([metric.tensor_to_image(it[5]) for it in drawn], models, 256)
+    fake, _ = metric.inception_outputs([it[3] for it in drawn], models, 256)
+    base_rows = [it for it in drawn if it[4] is not None]
+    base, _ = metric.inception_outputs([it[4] for it in base_rows], models, 256)
+    assert results["overall_instance_fid_score"] == pytest.approx(_release_fid(gt, fake), rel=1e-5)
+    assert results["overall_instance_basline_fid_score"] == pytest.approx(_release_fid(gt, base), rel=1e-5)
+    # every ground truth in the real set would give another number (what metric.py did before)
+    all_gt, _ = metric.inception_outputs([metric.tensor_to_image(it[5]) for it in items], models, 256)
+    assert _release_fid(all_gt, fake) != pytest.approx(_release_fid(gt, fake), rel=1e-3)
+    # CLIP-I and IS over the rows with a generated picture; the baseline over those that also have one
+    gt_clip = metric.clip_image_features([metric.tensor_to_image(it[5]) for it in drawn], models)
+    fake_clip = metric.clip_image_features([it[3] for it in drawn], models)
+    assert results["overall_clip_similarity"] == pytest.approx(float((gt_clip * fake_clip).sum(-1).mean()), abs=1e-6)
+    base_clip = metric.clip_image_features([it[4] for it in base_rows], models)
+    gt_base_clip = metric.clip_image_features([metric.tensor_to_image(it[5]) for it in base_rows], models)
+    assert results["overall_basline_clip_similarity"] == pytest.approx(
+        float((gt_base_clip * base_clip).sum(-1).mean()), abs=1e-6)
+    _, base_logits = metric.inception_outputs([it[4] for it in base_rows], models)
+    assert results["overall_instance_basline_inception_score"] == pytest.approx(metric.inception_score(base_logits))
+    assert counts["with generated image"] == 7 and counts["with baseline image"] == 6
+    assert counts["real images for FID"] == 7 and counts["without a generated image (not scored)"] == 3
+    # story level: each story on its steps with both pictures (10: 3 steps, 20: 3 steps, 30: one -> skipped)
+    rows = {name: [k for k, it in enumerate(drawn) if it[-1].startswith(name)] for name in ("10", "20")}
+    expected = np.mean([_release_fid(gt[r], fake[r]) for r in rows.values()])
+    assert results["overall_fid_score"] == pytest.approx(expected, rel=1e-5)
+    assert counts["stories scored"] == 2 and counts["stories skipped (< 2 images)"] == 1
+
+
+def test_image_rows_all_keeps_every_ground_truth_and_every_baseline_picture(models, tmp_path):
+    items = vist_items_with_gaps()
+    results, counts = score(save_predictions(tmp_path / "vist", items), "VIST", models, "--image_rows", "all")
+    gt, _ = metric.inception_outputs([metric.tensor_to_image(it[5]) for it in items], models, 256)
+    fake, _ = metric.inception_outputs([it[3] for it in items if it[3] is not None], models, 256)
+    base, _ = metric.inception_outputs([it[4] for it in items if it[4] is not None], models, 256)
+    assert results["overall_instance_fid_score"] == pytest.approx(_release_fid(gt, fake), rel=1e-5)
+    assert results["overall_instance_basline_fid_score"] == pytest.approx(_release_fid(gt, base), rel=1e-5)
+    assert counts["real images for FID"] == 10 and counts["with baseline image"] == 9
+
+
+def test_cc3m_baseline_is_scored_only_where_minigpt5_drew_a_picture(models, tmp_path, cc3m_folder):
+    """CC3M: the release computed every number, the baseline's too, inside `if predicted image`."""
+    items = cc3m_items()
+    items[1][3] = items[4][3] = None
+    results, counts = score(save_predictions(tmp_path / "cc3m", items), "CC3M", models)
+    drawn = [it for it in items if it[3] is not None]
+    gt_clip = metric.clip_image_features([metric.tensor_to_image(it[5]) for it in drawn], models)
+    base_clip = metric.clip_image_features([it[4] for it in drawn], models)
+    text_clip = metric.clip_text_features([it[2] for it in drawn], models)
+    assert results["overall_basline_clip_similarity"] == pytest.approx(float((gt_clip * base_clip).sum(-1).mean()),
+                                                                       abs=1e-6)
+    assert results["overall_basline_clip_t_similarity"] == pytest.approx(
+        float((text_clip * base_clip).sum(-1).mean()), abs=1e-6)
+    reals = sorted(cc3m_folder.glob("val/*/*.jpg"))
+    real, _ = metric.inception_outputs(reals, models, 256)
+    base, _ = metric.inception_outputs([it[4] for it in drawn], models, 256)
+    assert results["overall_basline_fid_score"] == pytest.approx(_release_fid(real, base), rel=1e-5)
+    assert counts["with baseline image"] == 4 and counts["real images for FID"] == 5
+    # with the samples' own ground truth as the real set, only the rows with a picture count
+    own, counts = score(save_predictions(tmp_path / "cc3m2", items), "CC3M", models, "--fid_real", "ground_truth")
+    gt, _ = metric.inception_outputs([metric.tensor_to_image(it[5]) for it in drawn], models, 256)
+    fake, _ = metric.inception_outputs([it[3] for it in drawn], models, 256)
+    assert own["overall_fid_score"] == pytest.approx(_release_fid(gt, fake), rel=1e-5)
+    assert counts["real images for FID"] == 4
+
+
+def test_mmdialog_expects_a_picture_where_the_expected_text_has_the_vokens(models, tmp_path):
+    """The release: a turn needs a picture when `[IMG0]` is in its expected text (CLIP-F1's image slot)."""
+    images = random_images(2, 8)
+    same = [metric.tensor_to_image(as_target(im)) for im in images]
+    items = [  # E: text matched; a picture in the record but none asked for in the text, one drawn
+        ["ctx", f"a cat {VOKENS} ###", "a cat ###", same[0], None, as_target(images[0]), None, "E_1-mm"],
+        # F: text matched; the text asks for a picture and the record has it, none drawn
+        ["ctx", "a dog ###", f"a dog {VOKENS} ###", None, None, as_target(images[1]), None, "F_1-mm"]]
+    folder = save_predictions(tmp_path / "mm", items)
+    results, counts = score(folder, "MMDialog", models)
+    # E: text 1 matched, picture 1 extra -> P = 1/2, R = 1 -> 2/3;  F: text matched, picture missing -> 2/3
+    assert results["overall_clip_f1"] == pytest.approx(2 / 3, abs=1e-5)
+    assert results["overall_clip_i_similarity"] is None
+    assert counts["turns with predicted image only"] == 1 and counts["turns with ground-truth image only"] == 1
+    ours, _ = score(folder, "MMDialog", models, "--image_rows", "all")
+    # ours: E's record has a picture -> both matched (similarity 1) -> F1 1; F as before
+    assert ours["overall_clip_f1"] == pytest.approx((1 + 2 / 3) / 2, abs=1e-5)
 
 
 def test_clip_t_compares_with_the_expected_text_field_as_the_release(models, tmp_path):
@@ -570,7 +688,7 @@ def test_every_choice_between_the_release_and_ours_is_documented():
     page = (Path(__file__).resolve().parents[1] / "docs" / "reproducing.md").read_text()
     defaults = metric.parse_args(["--pred_folder", "x"])
     for flag, ours in (("--bleu_unit", "word"), ("--rouge", "rouge-score"), ("--fid_real", "ground_truth"),
-                       ("--clip_t_text", "caption")):
+                       ("--clip_t_text", "caption"), ("--image_rows", "all")):
         assert f"`{flag} {ours}`" in page, flag
         assert getattr(defaults, flag[2:]) != ours
     for figure in ("29.1", "19.5", "12.1", "20.2", "overall_bleu_score_1", "overall_rouge_l_score",
