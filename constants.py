@@ -26,12 +26,30 @@ CFG_DROPOUT_PROB = 0.1
 SNR_GAMMA = 5.0
 SEED = 42
 
-STAGE2_TRUE_VALUES = ("true", "1", "yes")
+# The one spelling rule for yes/no values (IS_STAGE2, --is_training, --snr_loss), any case: anything
+# else is an error naming the variable or flag, never a silent False ("ture" once trained stage 1).
+TRUE_WORDS = ("true", "yes", "1")
+FALSE_WORDS = ("false", "no", "0")
+BOOLEAN_SPELLINGS = "True/False, yes/no or 1/0 (any case)"
+
+
+def parse_bool(value: str | bool, name: str) -> bool:
+    """`value` by the one spelling rule; ValueError naming `name` (a variable or flag) otherwise."""
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"{name}={value!r}: expected {BOOLEAN_SPELLINGS}")
 
 
 def is_stage2() -> bool:
-    """`IS_STAGE2` as the release read it: "True"/"true" (also "1", "yes") selects stage 2."""
-    return os.environ.get("IS_STAGE2", "False").strip().lower() in STAGE2_TRUE_VALUES
+    """`IS_STAGE2`: "True" selects stage 2, "False" (or unset, or empty) stage 1, as the release read it;
+    also yes/no, 1/0, any case. Any other value raises ValueError naming the variable."""
+    value = os.environ.get("IS_STAGE2", "")
+    return False if value.strip() == "" else parse_bool(value, "IS_STAGE2")
 
 
 def weight_folder() -> Path:

@@ -171,16 +171,13 @@ def tensor_to_image(tensor: torch.Tensor | Image.Image | None) -> Image.Image | 
 
 
 def load_predictions(folder: Path) -> list[Sample]:
-    """All `predictions-{rank}.pt` files of `folder`, merged in rank order."""
-    files = sorted(folder.glob("predictions-*.pt"), key=lambda p: (len(p.name), p.name))
-    if not files:
-        raise FileNotFoundError(f"no predictions-*.pt files in {folder}")
-    samples = []
-    for file in files:
-        for r in predictions.load(file):
-            samples.append(Sample(r.input_text or "", r.predicted_text or "", r.expected_text or "", r.predicted_image,
-                                  r.sd_baseline_image, tensor_to_image(r.expected_image), str(r.task_name)))
-    print(f"{len(samples)} predictions from {len(files)} file(s) in {folder}")
+    """The `predictions-{rank}.pt` files of `folder`, merged in rank order: those its manifest
+    `predictions.json` lists, checked against it (`predictions.read_folder`), or all of them in a
+    folder without one (the release's)."""
+    records, n_files = predictions.read_folder(folder)
+    samples = [Sample(r.input_text or "", r.predicted_text or "", r.expected_text or "", r.predicted_image,
+                      r.sd_baseline_image, tensor_to_image(r.expected_image), str(r.task_name)) for r in records]
+    print(f"{len(samples)} predictions from {n_files} file(s) in {folder}")
     return samples
 
 

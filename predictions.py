@@ -20,11 +20,23 @@ needs PIL images in the list). Reading never runs code from the file: `torch.loa
 `weights_only=True` plus exactly one extra class, `PIL.Image.Image`, rebuilt by `_CheckedImage`,
 which checks the pickled state (mode, size, pixel bytes) before Pillow allocates anything. A file
 that needs any other Python object is refused with an error naming the file.
+
+The folder: one prediction run's files only. `claim_folder` (train_eval.py, before a model loads)
+refuses a folder that holds an earlier run's predictions, or empties it with `--overwrite`, and
+locks it while the run writes; the run ends with the manifest `predictions.json` (`write_manifest`:
+each rank's file and item count, the checkpoints, the dataset, the settings). `read_folder`
+(metric.py) reads exactly the files the manifest lists and checks their counts, so predictions of
+two runs (another model, another number of processes) are never mixed; a folder without a
+manifest (the release's, or ours from before) is read whole, as it was.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,11 +122,122 @@ RELEASE_LAYOUT = ("input_text", "predicted_text", "expected_text", "predicted_im
 
 
 def save(records: list[PredictionRecord], path: str | os.PathLike) -> Path:
-    """Write `records` as one prediction file, in the release's layout."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save([record.to_release_list() for record in records], path)
-    return path
+    """Write `records` as one prediction file, in the release's layout (atomically)."""
+    from run_files import save_atomic
+
+    return save_atomic([record.to_release_list() for record in records], path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The prediction folder: one run's files, and their manifest
+# ----------------------------------------------------------------------------------------------
+
+MANIFEST = "predictions.json"
+LOCK = ".predictions.lock"
+_FILE = re.compile(r"predictions-(\d+)\.pt")
+# What a task folder holds (train_eval.save_task_folder); a folder with anything else is not ours.
+TASK_FILES = frozenset({"generated.jpg", "sd_baseline.jpg", "gt.jpg", "input.jpg"})
+
+
+def file_name(rank: int) -> str:
+    """The prediction file of process `rank`."""
+    return f"predictions-{rank}.pt"
+
+
+def prediction_files(folder: Path) -> list[Path]:
+    """The `predictions-{rank}.pt` files of `folder`, in rank order."""
+    return sorted((p for p in Path(folder).glob("predictions-*.pt") if _FILE.fullmatch(p.name)),
+                  key=lambda p: int(_FILE.fullmatch(p.name).group(1)))
+
+
+def claim_folder(folder: Path, overwrite: bool):
+    """Make `folder` this prediction run's (global rank 0, before a model loads): created if needed,
+    locked while the run writes (`run_files.FolderLock`, returned; another run writing it now is an
+    error), and free of an earlier run's predictions: refused without `overwrite`; with it, the
+    earlier prediction files, manifest and task folders are deleted (said on stdout)."""
+    from run_files import FolderLock, RunFileError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(folder / LOCK)
+        if not lock.acquire():
+            raise RunFileError(f"another prediction run ({lock.holder()}) is writing {folder} now; wait for it, or "
+                               f"write elsewhere (OUTPUT_SUFFIX or OUTPUT_FOLDER)")
+    except OSError as e:
+        raise RunFileError(f"the prediction folder {str(folder)!r} (OUTPUT_FOLDER/<--test_weight>) cannot be "
+                           f"written: {e.strerror or e}; set OUTPUT_FOLDER to a writable folder (nothing was "
+                           f"loaded)") from None
+    old = prediction_files(folder) + ([folder / MANIFEST] if (folder / MANIFEST).exists() else [])
+    tasks = sorted(p for p in folder.iterdir() if p.is_dir() and any(p.iterdir())
+                   and all(f.is_file() and f.name in TASK_FILES for f in p.iterdir()))
+    if (old or tasks) and not overwrite:
+        lock.release()
+        shown = [p.name for p in old] + ([f"{len(tasks)} task folder(s)"] if tasks else [])
+        raise RunFileError(f"{folder} already holds an earlier prediction run's files ({', '.join(shown)}); give "
+                           f"--overwrite to replace them, or write elsewhere (OUTPUT_SUFFIX or OUTPUT_FOLDER)")
+    for path in old:
+        path.unlink()
+    for path in tasks:
+        shutil.rmtree(path)
+    if old or tasks:
+        print(f"--overwrite: deleted an earlier run's {len(old)} prediction file(s) and {len(tasks)} task folder(s) "
+              f"in {folder}")
+    return lock
+
+
+def write_manifest(folder: Path, counts: list[int], **about) -> Path:
+    """`predictions.json`: the world size, each rank's file with its item count and size, the total,
+    and `about` (checkpoints, dataset, settings). Written last, by rank 0, once every file is there."""
+    from run_files import save_json_atomic
+
+    files = [{"file": file_name(rank), "items": int(n), "bytes": (Path(folder) / file_name(rank)).stat().st_size}
+             for rank, n in enumerate(counts)]
+    manifest = {"world_size": len(counts), "items": sum(f["items"] for f in files), "files": files,
+                **about, "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return save_json_atomic(manifest, Path(folder) / MANIFEST)
+
+
+def read_folder(folder: Path) -> tuple[list[PredictionRecord], int]:
+    """Every record of a prediction folder, in rank order, and the number of files read. With a
+    manifest: exactly the files it lists, each with the item count and size it records; a file it
+    does not list, or a difference, raises `weights.CheckpointError` in one line (another run's
+    predictions must not be scored with these). Without one (the release's, or ours from before),
+    every `predictions-*.pt`. FileNotFoundError when there is none."""
+    from weights import CheckpointError
+
+    folder = Path(folder)
+    files = prediction_files(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        if not files:
+            raise FileNotFoundError(f"no predictions-*.pt files in {folder}")
+        return [record for path in files for record in load(path)], len(files)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        listed = {entry["file"]: entry for entry in manifest["files"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_path}: not a readable prediction manifest ({type(e).__name__}: {e})") \
+            from None
+    again = "run the prediction again with --overwrite"
+    extra = [p.name for p in files if p.name not in listed]
+    if extra:
+        raise CheckpointError(f"{folder}: {', '.join(extra)} not listed in {MANIFEST} (left by another prediction "
+                              f"run?); remove it or {again}")
+    records = []
+    for name, entry in listed.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: {name}, listed in {MANIFEST}, is missing; {again}")
+        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes, but {MANIFEST} records {entry['bytes']:,} "
+                                  f"(changed since it was written); {again}")
+        loaded = load(path)
+        if len(loaded) != entry["items"]:
+            raise CheckpointError(f"{path}: {len(loaded)} predictions, but {MANIFEST} records {entry['items']}; "
+                                  f"{again}")
+        records += loaded
+    return records, len(listed)
 
 
 def load(path: str | os.PathLike) -> list[PredictionRecord]:

@@ -17,6 +17,12 @@ Three things must survive a stop, and this module owns all of them:
 
 The epoch also sets the dataset's random flips (`set_epoch`): `EpochSampler` tells the dataset on
 one device; under DDP and for shards, where another sampler drives the epochs, `ResumePoint` does.
+
+A resumed run must also be the run its settings say: `train_eval.py` refuses a checkpoint trained
+with other settings (`settings.resume_differences`) unless `--resume_allow_changes` names them,
+and `OwnHyperParameters` makes the optimiser use this run's learning rate and schedule, not the
+ones Lightning restored with the optimiser's state. (Which files a run reads and writes, and how,
+is `run_files.py`.)
 """
 from __future__ import annotations
 
@@ -150,3 +156,40 @@ class ResumableLoader(torch.utils.data.DataLoader):
         else:
             self.sampler.set_epoch(state["epoch"])
             self.sampler.skip = skip
+
+
+class OwnHyperParameters(Callback):
+    """After Lightning restored a checkpoint's optimiser and scheduler state, put back this run's own
+    optimiser settings (learning rates, epsilon, betas, weight decay: what `configure_optimizers`
+    set) and its schedule's base rates, and set each group's current rate from this run's schedule
+    at the restored step. Lightning restores the param groups whole, so a run resumed with another
+    `--learning_rate` trained with the checkpoint's while its new checkpoints recorded the flag's.
+    With unchanged settings this changes nothing (the same values, computed the same way)."""
+
+    def __init__(self):
+        self._groups: list[list[dict]] = []
+        self._base_lrs: list[list[float] | None] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # After configure_optimizers, before the checkpoint's training state is restored.
+        self._groups = [[{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+                        for optimizer in trainer.optimizers]
+        self._base_lrs = [list(getattr(config.scheduler, "base_lrs", None) or []) or None
+                          for config in trainer.lr_scheduler_configs]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.ckpt_path is None:
+            return
+        for optimizer, groups in zip(trainer.optimizers, self._groups):
+            for group, own in zip(optimizer.param_groups, groups):
+                group.update({k: v for k, v in own.items() if k != "lr"})
+        for config, base_lrs in zip(trainer.lr_scheduler_configs, self._base_lrs):
+            scheduler = config.scheduler
+            lambdas = getattr(scheduler, "lr_lambdas", None)
+            if base_lrs is None or lambdas is None:
+                continue
+            scheduler.base_lrs = list(base_lrs)
+            rates = [base * rule(scheduler.last_epoch) for base, rule in zip(base_lrs, lambdas)]
+            for group, rate in zip(scheduler.optimizer.param_groups, rates):
+                group["lr"] = rate
+            scheduler._last_lr = rates

@@ -13,8 +13,10 @@ is `configuration.ModelConfig`; this module holds what a run chooses.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from constants import CAPTION_LOSS_WEIGHT, SEED
@@ -98,3 +100,57 @@ def read_settings(checkpoint: dict) -> TrainSettings | None:
     None for a checkpoint that does not record them (the release's, or one of ours from before)."""
     data = (checkpoint.get("hyper_parameters") or {}).get("settings")
     return TrainSettings.from_dict(data) if isinstance(data, dict) else None
+
+
+# What a resumed run must share with its checkpoint, or it would not continue that run: the
+# setting, and the flag or variable that sets it. Left out: what only says how the run is carried
+# out (strategy, nodes, --max_steps, the file resumed, the environment, which the paths and stage
+# already cover). The learning rate and the rest of the optimiser's settings matter twice: Lightning
+# restores the optimiser's state from the checkpoint, so a resumed run that changes them must also
+# apply them (`resume.OwnHyperParameters`).
+RESUME_SETTINGS = {
+    "stage": "IS_STAGE2", "dataset_type": "DATAFOLDER", "train_data_path": "--train_data_path",
+    "val_data_path": "--val_data_path", "stage1_weight": "--stage1_weight", "model_config": "--model_config",
+    "learning_rate": "--learning_rate", "warmup_steps": "--warmup_steps/--warmup_ratio",
+    "adam_epsilon": "--adam_epsilon", "snr_loss": "--snr_loss", "caption_loss_weight": "--caption_loss_weight",
+    "seed": "--seed", "num_train_epochs": "--num_train_epochs",
+    "per_device_train_batch_size": "--per_device_train_batch_size", "real_batch_size": "--real_batch_size",
+    "world_size": "--gpus x --num_nodes", "shuffle": "--shuffle", "precision": "--precision",
+    # derived: reported only when none of their causes differs (e.g. the training file grew)
+    "accumulate_grad_batches": "the gradient accumulation", "planned_total_steps": "the schedule's length",
+}
+# The derived settings and the settings they follow from.
+DERIVED_SETTINGS = {
+    "accumulate_grad_batches": ("real_batch_size", "per_device_train_batch_size", "world_size"),
+    "planned_total_steps": ("train_data_path", "num_train_epochs", "per_device_train_batch_size", "world_size",
+                            "real_batch_size"),
+}
+# Never changed on resume: a stage-1 checkpoint is not a stage-2 run's state (stage 2 starts from it
+# through --stage1_weight).
+FIXED_ON_RESUME = ("stage",)
+_PATH_SETTINGS = ("train_data_path", "val_data_path", "stage1_weight", "model_config")
+
+
+def _same(key: str, saved: Any, current: Any) -> bool:
+    if key in _PATH_SETTINGS and saved is not None and current is not None:
+        return saved == current or os.path.realpath(saved) == os.path.realpath(current)
+    if isinstance(saved, float) or isinstance(current, float):
+        return saved is not None and current is not None and math.isclose(saved, current, rel_tol=1e-12, abs_tol=0)
+    return saved == current
+
+
+def resume_differences(saved: TrainSettings, current: TrainSettings) -> dict[str, tuple[Any, Any]]:
+    """The `RESUME_SETTINGS` in which a checkpoint's settings and a resumed run's differ:
+    {setting: (checkpoint's value, this run's)}; a derived one only when none of its causes differs."""
+    found = {key: (getattr(saved, key), getattr(current, key)) for key in RESUME_SETTINGS
+             if not _same(key, getattr(saved, key), getattr(current, key))}
+    for key, causes in DERIVED_SETTINGS.items():
+        if key in found and any(cause in found for cause in causes):
+            del found[key]
+    return found
+
+
+def describe_differences(found: dict[str, tuple[Any, Any]]) -> str:
+    """`setting (flag): checkpoint X, this run Y; ...`"""
+    return "; ".join(f"{key} ({RESUME_SETTINGS[key]}): checkpoint {old!r}, this run {new!r}"
+                     for key, (old, new) in found.items())

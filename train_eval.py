@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -35,28 +36,38 @@ from pathlib import Path
 import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 import constants
 import predictions
+import run_files
 from constants import IMAGE_PLACEHOLDER
 from dataset_specs import resolve_dataset_type, spec
 from image_transforms import clip_to_unit_range
-from resume import EpochSampler, ResumableLoader, ResumePoint  # noqa: F401  (EpochSampler, ResumableLoader: old home)
-from settings import PredictSettings, TrainSettings, environment
+from resume import EpochSampler, ResumableLoader  # noqa: F401  (their old home)
+from resume import OwnHyperParameters, ResumePoint
+from settings import (FIXED_ON_RESUME, RESUME_SETTINGS, PredictSettings, TrainSettings, describe_differences,
+                      environment, read_settings, resume_differences)
 
 log = logging.getLogger("train_eval")
 REPO = Path(__file__).resolve().parent
 
 
 def str2bool(value: str | bool) -> bool:
-    """The release's boolean flags: True/true/1/yes or False/false/0/no."""
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("true", "1", "yes", "y"):
-        return True
-    if value.lower() in ("false", "0", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+    """The release's boolean flags, by the project's one spelling rule (`constants.parse_bool`)."""
+    try:
+        return constants.parse_bool(value, "value")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {constants.BOOLEAN_SPELLINGS}, got {value!r}") from None
+
+
+def device_ids(value: str) -> str:
+    """`--gpus`: device ids such as 0 or 0,1,2,3 (kept as given; `devices_of` reads them)."""
+    ids = [x.strip() for x in value.split(",") if x.strip() != ""]
+    if not ids or not all(x.isdigit() for x in ids) or len(set(map(int, ids))) != len(ids):
+        raise argparse.ArgumentTypeError(f"expected device ids such as 0 or 0,1,2,3 (distinct, 0 or more), "
+                                         f"got {value!r}")
+    return value
 
 
 DEFAULT_WARMUP_STEPS = 1000
@@ -96,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", default=None, help="where checkpoints and logs go (default: WEIGHTFOLDER)")
     p.add_argument("--save_total_limit", type=int, default=1,
                    help="how many checkpoints to keep, the best by val_loss (-1: all); the -last one comes on top")
-    p.add_argument("--gpus", default=None,
+    p.add_argument("--gpus", default=None, type=device_ids,
                    help="device ids, e.g. 0 or 0,1,2,3 (default: every visible GPU -- the release's default was "
                         "0,1,2,3; on a CPU: one process, and --gpus 0,1 runs two (DDP over gloo))")
     p.add_argument("--num_train_epochs", type=int, default=2)
@@ -115,7 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="data-loading processes per device (capped to this machine's CPUs, with a note in the log)")
     p.add_argument("--resume", default=None,
                    help="checkpoint to resume training from; 'last': this run's own "
-                        "<output_dir>/<model_save_name without {...}>-last.ckpt")
+                        "<output_dir>/<model_save_name without {...}>-last.ckpt. Its settings must be this run's "
+                        "(stage, data, learning rate, seed, batch sizes, ...; see --resume_allow_changes)")
     p.add_argument("--snr_loss", type=str2bool, default=True)
     p.add_argument("--caption_loss_weight", type=float, default=constants.CAPTION_LOSS_WEIGHT,
                    help="weight of stage 1's caption loss (release: 0.1; 0 turns it off, the paper's ablation)")
@@ -142,6 +154,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample_every_n_steps", type=int, default=0,
                    help="save a sample generation (image + text) every N optimiser steps (0: never)")
     p.add_argument("--seed", type=int, default=constants.SEED)
+    p.add_argument("--resume_allow_changes", default=None, metavar="SETTING,...",
+                   help="resume although these settings differ from the checkpoint's ('all' for any but the "
+                        "stage): this run's values are used and recorded. Settings: "
+                        + ", ".join(k for k in RESUME_SETTINGS if k not in FIXED_ON_RESUME))
+    p.add_argument("--overwrite", action="store_true",
+                   help="training: replace the checkpoints an earlier run left under the same --model_save_name "
+                        "in --output_dir (default: this run takes <name>-v1, -v2, ... and says so); prediction: "
+                        "replace the earlier predictions in the prediction folder (default: refused)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad data row instead of skipping it")
     p.add_argument("--allow_outside_paths", action="store_true",
                    help="accept dataset image paths that leave the dataset folder (refused and counted by default)")
@@ -193,6 +213,18 @@ def check_numbers(args: argparse.Namespace) -> None:
                   "for all")
     if args.max_steps == 0 or args.max_steps < -1:
         raise bad("--max_steps", args.max_steps, "give a positive number of optimiser steps, or -1 for no limit")
+    if args.resume_allow_changes is not None:
+        allowed = allowed_changes(args)
+        unknown = sorted(allowed - set(RESUME_SETTINGS) - {"all"})
+        if unknown or allowed & set(FIXED_ON_RESUME):
+            raise bad("--resume_allow_changes", args.resume_allow_changes,
+                      f"{'unknown setting ' + ', '.join(unknown) if unknown else 'the stage cannot change on resume'}"
+                      f"; give some of: all, {', '.join(k for k in RESUME_SETTINGS if k not in FIXED_ON_RESUME)}")
+
+
+def allowed_changes(args: argparse.Namespace) -> set[str]:
+    """The settings `--resume_allow_changes` names ({"all"} for all)."""
+    return {x.strip() for x in (args.resume_allow_changes or "").split(",") if x.strip()}
 
 
 def cap_workers(requested: int) -> int:
@@ -247,8 +279,15 @@ def weight_path(flag: str, value: str | None) -> Path | None:
 
 
 def output_dir(args: argparse.Namespace) -> Path:
-    """`--output_dir`: where checkpoints and logs go (default WEIGHTFOLDER, as the release)."""
+    """`--output_dir`: where checkpoints and logs go (default WEIGHTFOLDER, as the release). The one
+    rule for this run's own files: what it writes and what `--resume last` reads (a relative
+    `--output_dir` is relative to the working directory, never looked up under WEIGHTFOLDER)."""
     return Path(args.output_dir) if args.output_dir else constants.weight_folder()
+
+
+def output_dir_flag(args: argparse.Namespace) -> str:
+    """What sets `output_dir`, for messages."""
+    return "--output_dir" if args.output_dir else "WEIGHTFOLDER"
 
 
 def check_inputs(args: argparse.Namespace) -> dict:
@@ -258,7 +297,10 @@ def check_inputs(args: argparse.Namespace) -> dict:
     from configuration import ConfigError, load_config
 
     check_numbers(args)
-    stage = 2 if constants.is_stage2() else 1
+    try:
+        stage = 2 if constants.is_stage2() else 1
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         cfg = load_config(args.model_config)
     except ConfigError as e:
@@ -272,15 +314,18 @@ def check_inputs(args: argparse.Namespace) -> dict:
         paths["val"] = data_path("--val_data_path", args.val_data_path, required=False)
         paths["stage1"] = weight_path("--stage1_weight", args.stage1_weight)
         if args.resume == "last":
-            args.resume = str(last_checkpoint_path(args))
-            if not Path(args.resume).exists():
-                raise SystemExit(f"error: --resume last: this run's last checkpoint {args.resume!r} does not exist "
-                                 f"(it is <--output_dir>/<--model_save_name without its {{...}} fields>-last.ckpt)")
-        if args.strategy == "deepspeed_stage_2" and args.resume and Path(args.resume).is_dir():
+            # This run's own file, by the rule it writes with (output_dir), not a search under WEIGHTFOLDER.
+            paths["resume"] = last_checkpoint_path(args)
+            if not paths["resume"].exists():
+                raise SystemExit(f"error: --resume last: this run's last checkpoint {str(paths['resume'])!r} does not "
+                                 f"exist (it is <{output_dir_flag(args)}>/<--model_save_name without its {{...}} "
+                                 f"fields>-last.ckpt)")
+        elif args.strategy == "deepspeed_stage_2" and args.resume and Path(args.resume).is_dir():
             paths["resume"] = Path(args.resume)          # DeepSpeed's checkpoint folder
         else:
             paths["resume"] = weight_path("--resume", args.resume)
         check_strategy(args, devices_of(args)[0])
+        paths["resume_checkpoint"] = read_resume(paths["resume"]) if paths["resume"] is not None else None
     else:
         paths["test"] = data_path("--test_data_path", args.test_data_path, required=True)
         paths["stage1"] = weight_path("--stage1_weight", args.stage1_weight)
@@ -294,7 +339,54 @@ def check_inputs(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: stage-2 {what} needs --stage1_weight (e.g. stage1_cc3m.ckpt): `fc` and "
                          f"`t2i_decoder_prompt` come only from the stage-1 checkpoint (a stage-2 checkpoint has "
                          f"neither), and without them every picture would be drawn from random weights")
+    # Last: where this run writes, claimed (rank 0 writes), so that nothing is loaded for a run that
+    # could not save its result, or would write over another run's.
+    if args.is_training and run_files.is_global_rank_zero():
+        paths["run"] = run_files.claim_run_name(output_dir(args), args.model_save_name, output_dir_flag(args),
+                                                paths["resume"], args.overwrite)
+    elif args.is_training:
+        paths["run"] = run_files.RunName(output_dir(args), args.model_save_name)
+    else:
+        paths["predictions"] = constants.prediction_folder(args.test_weight or args.stage1_weight)
+        paths["prediction_lock"] = (predictions.claim_folder(paths["predictions"], args.overwrite)
+                                    if run_files.is_global_rank_zero() else None)
     return paths
+
+
+def read_resume(path: Path) -> dict:
+    """The checkpoint `--resume` names, read once through the project's loading rule and checked to be
+    resumable (`run_files.read_resume`); a DeepSpeed folder is checked file by file and its model
+    states file returned (DeepSpeed reads the folder itself)."""
+    try:
+        return run_files.check_deepspeed_folder(path) if path.is_dir() else run_files.read_resume(path)
+    except run_files.RunFileError as e:
+        raise SystemExit(f"error: --resume {e}") from None
+
+
+def check_resume_settings(args: argparse.Namespace, checkpoint: dict, path: Path, settings: TrainSettings) -> None:
+    """A run resumed from a checkpoint trained with other settings would not continue that run (and
+    Lightning would restore the checkpoint's optimiser settings under this run's record): stop
+    naming each difference, unless `--resume_allow_changes` names it."""
+    saved = read_settings(checkpoint)
+    if saved is None:
+        log.warning("--resume %s records no run settings (an older checkpoint): its stage, data and learning rate "
+                    "cannot be checked against this run's", path)
+        return
+    found = resume_differences(saved, settings)
+    allowed = allowed_changes(args)
+    refused = {k: v for k, v in found.items() if k in FIXED_ON_RESUME or ("all" not in allowed and k not in allowed)}
+    if refused:
+        changeable = [k for k in refused if k not in FIXED_ON_RESUME]
+        how = (f", or --resume_allow_changes {','.join(changeable)} to continue from it with this run's"
+               if changeable else "")
+        fixed = ("; the stage cannot change on resume (stage 2 starts from a stage-1 checkpoint through "
+                 "--stage1_weight)" if "stage" in refused else "")
+        raise SystemExit(f"error: --resume {str(path)!r} was trained with other settings than this run's: "
+                         f"{describe_differences(refused)}. Give the checkpoint's values to continue that run{how}"
+                         f"{fixed}")
+    if found:
+        log.warning("resuming with changed settings (--resume_allow_changes): %s; this run's values are used and "
+                    "recorded", describe_differences(found))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,15 +405,35 @@ def devices_of(args: argparse.Namespace) -> tuple[str, list[int] | int]:
     return accelerator, max(1, len(ids))
 
 
-def last_name(model_save_name: str) -> str:
-    """Name of the rolling "last" checkpoint of a run: `stage1_cc3m_{epoch}-{step}` -> `stage1_cc3m-last`
-    (one per run name, so stage 1 and stage 2 in one folder do not overwrite each other)."""
-    return re.sub(r"[_-]?\{[^}]*\}", "", model_save_name) + "-last"
+last_name = run_files.last_name
 
 
 def last_checkpoint_path(args: argparse.Namespace) -> Path:
     """This run's own last checkpoint, `<output_dir>/<last_name>.ckpt` (what `--resume last` reads)."""
-    return output_dir(args) / f"{last_name(args.model_save_name)}.ckpt"
+    return run_files.RunName(output_dir(args), args.model_save_name).last_path
+
+
+class RunCheckpointIO(TorchCheckpointIO):
+    """How Lightning writes and reads this run's checkpoints: written atomically
+    (`run_files.save_atomic`: a temporary file in the destination folder, renamed over the old one;
+    a failure raises `run_files.WriteError` and leaves the old file as it was), read through the
+    project's one loading rule (`run_files.read_checkpoint`). The `--resume` file was read and
+    checked before the model was built; Lightning gets that dict, once."""
+
+    def __init__(self, resume_path: Path | None = None, resume_checkpoint: dict | None = None):
+        super().__init__()
+        self._resume = (Path(resume_path), resume_checkpoint) if resume_checkpoint is not None else None
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("RunCheckpointIO takes no storage_options")
+        run_files.save_atomic(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        if self._resume is not None and Path(path) == self._resume[0]:
+            checkpoint, self._resume = self._resume[1], None
+            return checkpoint
+        return run_files.read_checkpoint(path)
 
 
 class LastCheckpoint(Callback):
@@ -422,13 +534,28 @@ def release_layout_deepspeed():
 
     class ReleaseLayoutDeepSpeed(DeepSpeedStrategy):
         def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+            """Every rank writes its part into `<name>.ckpt.partial/`; then rank 0 swaps that folder
+            in for the old one (old -> `.old`, new -> final, old deleted), so a failed or killed
+            save never leaves a partial folder under the final name."""
             if storage_options is not None:
                 raise TypeError("storage_options is not supported with DeepSpeed")
-            filepath = self.broadcast(filepath)
+            final = Path(self.broadcast(str(filepath)))
+            partial, old = final.with_name(final.name + ".partial"), final.with_name(final.name + ".old")
+            if self.is_global_zero:
+                shutil.rmtree(partial, ignore_errors=True)
+            self.barrier("deepspeed_checkpoint_start")
             # Lightning's version drops `state_dict`; keep it (already the release's layout).
             client_state = {k: v for k, v in checkpoint.items() if k != "optimizer_states"}
-            self.deepspeed_engine.save_checkpoint(filepath, client_state=client_state, tag="checkpoint",
+            self.deepspeed_engine.save_checkpoint(str(partial), client_state=client_state, tag="checkpoint",
                                                   exclude_frozen_parameters=True)
+            self.barrier("deepspeed_checkpoint_written")
+            if self.is_global_zero:
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                    final.rename(old)
+                partial.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            self.barrier("deepspeed_checkpoint_done")
 
     return ReleaseLayoutDeepSpeed(stage=2, exclude_frozen_parameters=True)
 
@@ -481,7 +608,9 @@ def release_layout_fsdp():
             if not path.is_file():
                 raise SystemExit(f"error: --resume {str(path)!r}: with --strategy fsdp a checkpoint is one file (a "
                                  f"folder is the sharded format, which this run does not write)")
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            # Through the project's loading rule only, whatever checkpoint_io this strategy was given.
+            io = self.checkpoint_io if isinstance(self.checkpoint_io, RunCheckpointIO) else RunCheckpointIO()
+            checkpoint = io.load_checkpoint(path)
             with FSDP.summon_full_params(self.model, writeback=True):
                 self.lightning_module.load_state_dict(checkpoint.pop("state_dict"), strict=False)
             states = checkpoint.get("optimizer_states")
@@ -670,6 +799,9 @@ def train(args: argparse.Namespace, paths: dict) -> None:
                 else math.ceil(math.ceil(len(train_set) / world) / args.per_device_train_batch_size))
     settings = train_settings(args, paths, kind, math.ceil(per_rank / accumulate) * args.num_train_epochs,
                               accumulate, world)
+    resumed = paths.pop("resume_checkpoint")           # read once in check_inputs; Lightning gets it below
+    if resumed is not None:
+        check_resume_settings(args, resumed, paths["resume"], settings)
     run_steps = (min(args.max_steps, settings.planned_total_steps) if args.max_steps > 0
                  else settings.planned_total_steps)
     warn_if_learning_rate_stays_low(args, settings.warmup_steps, run_steps)
@@ -680,18 +812,17 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     interval = args.val_check_interval or spec(kind).val_check_interval
     if interval * len(train_loader) < 1:
         interval = 1.0
-    out_dir = output_dir(args)
-    checkpoint = ModelCheckpoint(dirpath=str(out_dir), filename=args.model_save_name, auto_insert_metric_name=False,
+    out_dir, run = output_dir(args), paths["run"]       # the name claimed (maybe -vN): no other run's files
+    checkpoint = ModelCheckpoint(dirpath=str(out_dir), filename=run.model_save_name, auto_insert_metric_name=False,
                                  monitor="val_loss" if val_loader is not None else None, mode="min",
                                  save_top_k=args.save_total_limit, enable_version_counter=False)
-    last = LastCheckpoint(last_checkpoint_path(args))
+    last = LastCheckpoint(run.last_path)
     callbacks = [checkpoint, FinalCheckpoint(checkpoint), LearningRateMonitor(logging_interval="step")]
-    callbacks += [point, last]              # last after point: sees its should_stop
+    callbacks += [point, last, OwnHyperParameters()]      # last after point: sees its should_stop
     if args.save_every_n_steps > 0:
         callbacks.append(ModelCheckpoint(dirpath=str(out_dir), every_n_train_steps=args.save_every_n_steps,
-                                         filename=last_name(args.model_save_name)[: -len("-last")] + "-step{step}",
-                                         auto_insert_metric_name=False, save_top_k=1, monitor="step", mode="max",
-                                         enable_version_counter=False))
+                                         filename=run.step_name, auto_insert_metric_name=False, save_top_k=1,
+                                         monitor="step", mode="max", enable_version_counter=False))
     if args.sample_every_n_steps > 0:
         callbacks.append(SampleGeneration(args.sample_every_n_steps, constants.output_folder() / "samples",
                                           args.num_inference_steps))
@@ -703,7 +834,9 @@ def train(args: argparse.Namespace, paths: dict) -> None:
         val_check_interval=interval if val_loader is not None else None,
         limit_val_batches=None if val_loader is not None else 0,
         logger=make_logger(args, out_dir), callbacks=callbacks, log_every_n_steps=1,
-        num_sanity_val_steps=0, enable_progress_bar=True)
+        num_sanity_val_steps=0, enable_progress_bar=True,
+        plugins=[RunCheckpointIO(paths["resume"], resumed if paths["resume"] and paths["resume"].is_file() else None)])
+    del resumed                  # the CheckpointIO hands it to Lightning once; then it is freed
     log.info("stage %d on %s%s: %d node(s) x %d device(s), batch %d x accumulate %d, %s order", stage, kind,
              " shards" if from_shards else "", args.num_nodes, n_devices, args.per_device_train_batch_size, accumulate,
              "shuffled" if args.shuffle else "file")
@@ -775,11 +908,13 @@ def save_task_folder(folder: Path, generated, text: str, baseline, gt, inputs: l
 
 class PredictionWriter(BasePredictionWriter):
     """Per batch, writes the task folders of the items `predict_step` generated; at the end,
-    `predictions-{rank}.pt` with one list per item (the release's layout)."""
+    `predictions-{rank}.pt` with one list per item (the release's layout), and on rank 0 the
+    folder's manifest `predictions.json` listing every rank's file and item count (`manifest`
+    holds the rest: checkpoints, dataset, settings), which metric.py checks."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, manifest: dict | None = None):
         super().__init__(write_interval="batch")
-        self.out_dir, self.records = out_dir, []
+        self.out_dir, self.records, self.manifest = out_dir, [], manifest or {}
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         for item in prediction:
@@ -790,7 +925,11 @@ class PredictionWriter(BasePredictionWriter):
             self.records.append(predictions.PredictionRecord.from_item(item))
 
     def on_predict_epoch_end(self, trainer, pl_module):
-        predictions.save(self.records, self.out_dir / f"predictions-{trainer.global_rank}.pt")
+        predictions.save(self.records, self.out_dir / predictions.file_name(trainer.global_rank))
+        # Every rank's count (also the barrier after which every rank's file is there).
+        counts = trainer.strategy.all_gather(torch.tensor([len(self.records)])).reshape(-1).tolist()
+        if trainer.is_global_zero:
+            predictions.write_manifest(self.out_dir, counts, **self.manifest)
 
 
 def predict(args: argparse.Namespace, paths: dict) -> Path:
@@ -816,8 +955,11 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
                             strict=args.strict, allow_outside_paths=args.allow_outside_paths)
     loader = eval_loader(test_set, Collator(model.model.llama_tokenizer), args.predict_batch_size,
                          cap_workers(args.num_workers))
-    out_dir = constants.prediction_folder(args.test_weight or args.stage1_weight)
-    writer = PredictionWriter(out_dir)
+    out_dir = paths["predictions"]           # claimed in check_inputs: emptied of an earlier run's predictions
+    writer = PredictionWriter(out_dir, {
+        "checkpoints": {flag: str(path) for flag, path in given},
+        "dataset": {"type": kind, "path": str(paths["test"]), "items": len(test_set)},
+        "settings": predict_settings(args, kind).to_dict()})
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=args.num_nodes,
                          strategy="ddp" if n_devices * args.num_nodes > 1 else "auto",
                          precision=args.precision or ("bf16-mixed" if accelerator == "gpu" else "32-true"),
@@ -834,6 +976,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from weights import CheckpointError
 
+    from configuration import ConfigError
+    from dataloader import DataError
+    from lavis import LavisCheckpointError
+
+    paths = {}
     try:
         paths = check_inputs(args)
         import pytorch_lightning as pl
@@ -843,8 +990,24 @@ def main(argv: list[str] | None = None) -> None:
             train(args, paths)
         else:
             predict(args, paths)
-    except CheckpointError as e:  # a damaged, foreign or unsafe weight file: one line naming it
-        raise SystemExit(f"error: {e}") from None
+    # Bad input or output the user can act on: one line naming the file (the messages do).
+    except (CheckpointError, LavisCheckpointError, DataError, ConfigError, run_files.RunFileError) as e:
+        raise SystemExit(f"error: {one_line(e)}") from None
+    finally:                 # this run's name or prediction folder is free again (the kernel would do it at exit)
+        if paths.get("run") is not None:
+            paths["run"].release()
+        if paths.get("prediction_lock") is not None:
+            paths["prediction_lock"].release()
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line. An error raised in a DataLoader worker process arrives with the
+    worker's traceback in its message; its last line is the original message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1]
+        text = text.split(": ", 1)[1] if re.match(r"^[\w.]+(Error|Exception): ", text) else text
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -58,6 +58,17 @@ def no_data_env(monkeypatch):
     monkeypatch.delenv("PREPROCESS_FEATURE_FOLDER", raising=False)
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a model is built."""
+    import model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the flags and paths were checked")
+
+    monkeypatch.setattr(model.MiniGPT5_Model, "__init__", refuse)
+
+
 @pytest.fixture(scope="session")
 def release_samples() -> Path:
     """The folder of the release's sample files (`MINIGPT5_RELEASE_SAMPLES`); skips when not given."""
