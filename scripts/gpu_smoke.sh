@@ -31,6 +31,9 @@ WORKERS=${WORKERS:-4}
 ACCELERATOR=gpu
 [ "$DEVICE" = cpu ] && ACCELERATOR=cpu
 mkdir -p "$DIR"
+# A fresh run each time: train_eval.py would give a second run's checkpoints a -v1 name (stage 2 would
+# then start from the first run's stage 1) and refuse a prediction folder that already holds predictions.
+rm -rf "$DIR/checkpoints" "$DIR/predictions"
 SUMMARY="$DIR/summary.txt"
 : >"$SUMMARY"
 failed=0
