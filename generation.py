@@ -72,7 +72,8 @@ def generate(model: "MiniGPT5_Model", prompts: str | list[str], images: list | N
              top_p: float = 0.9, repetition_penalty: float = 2.0, force_generation: bool = False,
              guidance_scale: float = 7.5, num_inference_steps: int = 50, scheduler: str = "pndm",
              seed: int | Sequence[int] | None = None,
-             generator: torch.Generator | Sequence[torch.Generator] | None = None) -> list[GenerationOutput]:
+             generator: torch.Generator | Sequence[torch.Generator] | None = None,
+             decode: str = "dynamic", pictures: str = "eager") -> list[GenerationOutput]:
     """Answer each prompt with text and, when the LLM emits vokens, an image.
 
     `prompts` use `<ImageHere>` once per input image; `images[i]` lists prompt i's images (PIL
@@ -86,6 +87,13 @@ def generate(model: "MiniGPT5_Model", prompts: str | list[str], images: list | N
     Sampling is the release's: repetition penalty, then temperature, top-k (50, the default of the
     release's transformers, which its `generate` call left in place; 0 or None turns it off) and
     top-p, in transformers' order.
+
+    Speed options (fast_inference.py; the defaults are the release's path): `decode="static"` decodes
+    with a static KV cache in a loop whose step is captured in a CUDA graph on a GPU (the same tokens,
+    up to the rounding of attention over a longer masked cache), `"compiled"` also compiles that step
+    with torch.compile; `pictures="graph"` runs SD's UNet channels-last from a captured CUDA graph,
+    `"compiled"` compiles the UNet (CUDA graphs included) and the VAE decoder (the same pictures up
+    to bf16 rounding). A mode that cannot run where it is asked falls back with a logged reason.
     """
     if isinstance(prompts, str):
         prompts, images = [prompts], [images or []]
@@ -96,22 +104,29 @@ def generate(model: "MiniGPT5_Model", prompts: str | list[str], images: list | N
         raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
     if scheduler not in diffusion.SAMPLERS:
         raise ValueError(f"scheduler must be one of {diffusion.SAMPLERS}, got {scheduler!r}")
+    import fast_inference
+
+    fast_inference.check_modes(decode, pictures)
     backbone = model.model
     seeds = item_seeds(len(prompts), seed, generator)
     embeds, mask = prompt_embeddings(model, prompts, images, max_new_tokens)
-    processors = logits_processors(backbone.voken_ids, seeds, do_sample=do_sample, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                                   force_generation=force_generation)
-    generated, recorder = decode_tokens(backbone, embeds, mask, processors, max_new_tokens, model.cfg.end_sym)
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty, force_generation=force_generation)
+    if decode == "dynamic":
+        processors = logits_processors(backbone.voken_ids, seeds, **sampling)
+        generated, recorder = decode_tokens(backbone, embeds, mask, processors, max_new_tokens, model.cfg.end_sym)
+    else:
+        generated, recorder = fast_inference.decode_tokens_static(backbone, embeds, mask, seeds, sampling,
+                                                                  max_new_tokens, model.cfg.end_sym, decode)
     features, rows = voken_features(backbone, embeds, mask, generated, recorder)
-    pictures: list = [None] * len(prompts)
+    made_pictures: list = [None] * len(prompts)
     if rows:
         made = images_from_features(model, features, [seeds[r] for r in rows], guidance_scale,
-                                    num_inference_steps, scheduler)
+                                    num_inference_steps, scheduler, pictures)
         for r, picture in zip(rows, made):
-            pictures[r] = picture
-    return [decode(backbone.llama_tokenizer, ids, picture, model.cfg.end_sym)
-            for ids, picture in zip(generated.tolist(), pictures)]
+            made_pictures[r] = picture
+    return [decode_answer(backbone.llama_tokenizer, ids, picture, model.cfg.end_sym)
+            for ids, picture in zip(generated.tolist(), made_pictures)]
 
 
 def prepare_images(images: Sequence, image_size: int, device: torch.device) -> torch.Tensor:
@@ -191,11 +206,12 @@ def item_seeds(n: int, seed, generator) -> list[int]:
     return list(seed)
 
 
-def logits_processors(voken_ids: list[int], seeds: list[int], *, do_sample: bool, temperature: float,
+def logits_processors(voken_ids: list[int], seeds: list[int] | None, *, do_sample: bool, temperature: float,
                       top_k: int | None, top_p: float, repetition_penalty: float,
-                      force_generation: bool) -> "ProcessorChain":
+                      force_generation: bool, sampler=None) -> "ProcessorChain":
     """The sampling of `generate`, as one chain of logits processors run with `do_sample=False`:
-    repetition penalty, temperature, top-k, top-p, then a seeded sample per item, then voken forcing."""
+    repetition penalty, temperature, top-k, top-p, then a seeded sample per item (`SeededSampler`
+    over `seeds`, or the given `sampler`), then voken forcing."""
     from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                               TopPLogitsWarper)
 
@@ -214,7 +230,8 @@ def logits_processors(voken_ids: list[int], seeds: list[int], *, do_sample: bool
             processors.append(TopKLogitsWarper(int(top_k)))
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p))
-        processors.append(SeededSampler([torch.Generator().manual_seed(s) for s in seeds]))
+        processors.append(sampler if sampler is not None else
+                          SeededSampler([torch.Generator().manual_seed(s) for s in seeds]))
     processors.append(VokenForcing(voken_ids, prompt_length=0, force_generation=force_generation))
     return ProcessorChain(processors)
 
@@ -281,20 +298,28 @@ def voken_features(backbone: "MiniGPT4", embeds: torch.Tensor, mask: torch.Tenso
 
 
 def images_from_features(model: "MiniGPT5_Model", features: torch.Tensor, seeds: list[int],
-                         guidance_scale: float = 7.5, num_inference_steps: int = 50, scheduler: str = "pndm") -> list:
+                         guidance_scale: float = 7.5, num_inference_steps: int = 50, scheduler: str = "pndm",
+                         pictures: str = "eager") -> list:
     """Voken features (N, 8, H) -> N PIL images: `cond = mapper(fc(features))`, negative =
-    `mapper(fc(zeros))`, one SD pipeline call for all N."""
+    `mapper(fc(zeros))`, one SD pipeline call for all N (classifier-free guidance runs the UNet on
+    both halves as one batch); `pictures` chooses how the UNet runs (see `generate`)."""
     negative = None
     if guidance_scale > 1:                  # one mapper call for both (rows are independent)
         both = model.map_vokens(torch.cat([features, torch.zeros_like(features[:1])]))
         cond, negative = both[:-1], both[-1:].expand(features.shape[0], -1, -1)
     else:
         cond = model.map_vokens(features)
-    return diffusion.draw(model.sd_pipeline(scheduler), cond, negative, seeds, guidance_scale, num_inference_steps,
-                          model.cfg.sd_image_size)
+    if pictures == "eager":
+        pipe = model.sd_pipeline(scheduler)
+    else:
+        import fast_inference
+
+        vae, unet = fast_inference.fast_sd_parts(model.vae, model.unet, pictures, offload=model._offload is not None)
+        pipe = diffusion.pipeline(vae, unet, model.sd_tokenizer, model.noise_scheduler, scheduler)
+    return diffusion.draw(pipe, cond, negative, seeds, guidance_scale, num_inference_steps, model.cfg.sd_image_size)
 
 
-def decode(tokenizer, ids: list[int], image, end_sym: str) -> GenerationOutput:
+def decode_answer(tokenizer, ids: list[int], image, end_sym: str) -> GenerationOutput:
     """An answer's ids (up to the end-of-sequence token) as text with special tokens (the release's
     decoding) and as clean text (no vokens, image slots or end symbol)."""
     if tokenizer.eos_token_id in ids:
@@ -324,12 +349,20 @@ class SeededSampler:
         self.generators = generators
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logp = torch.log_softmax(scores.float(), dim=-1)
         uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-        winner = (logp + gumbel).argmax(dim=-1, keepdim=True)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter(-1, winner, 0.0)
+        return gumbel_pick(scores, uniform)
+
+
+def gumbel_pick(scores: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The Gumbel-max sample of softmax(scores) per row, from (B, V) uniform draws in [0, 1): scores
+    that are -inf everywhere but 0 at the winner (so the greedy pick that follows takes it). Shared
+    by `SeededSampler` and the static decode's sampler (fast_inference.py), which draws the same
+    numbers ahead of time."""
+    logp = torch.log_softmax(scores.float(), dim=-1)
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+    winner = (logp + gumbel).argmax(dim=-1, keepdim=True)
+    out = torch.full_like(scores, float("-inf"))
+    return out.scatter(-1, winner, 0.0)
 
 
 class VokenForcing:
@@ -346,7 +379,9 @@ class VokenForcing:
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         generated = input_ids[:, self.prompt_length:]
-        vokens = self.voken_ids.to(input_ids.device)
+        if self.voken_ids.device != input_ids.device:     # once: no host-to-device copy per step
+            self.voken_ids = self.voken_ids.to(input_ids.device)
+        vokens = self.voken_ids
         forced = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
         if generated.shape[1] > 0:
             # If the last token is [IMG_k] with k < 7, the next one is [IMG_k+1].
@@ -386,11 +421,12 @@ class VokenStateRecorder:
     nothing else: (B, 8, H) however long the answer, instead of every layer's states of every step
     (the release's `output_hidden_states=True`) or a second forward pass over prompt + answer.
 
-    A forward call with `inputs_embeds` (the prompt) only remembers its last position's state; a
-    call with `input_ids` (one decoding step per generated token fed back) advances each item's
-    group. No host-device synchronisation: everything is `torch.where` on (B, H) tensors.
-    `complete` tells which items have all 8 states (an answer cut right after `[IMG6]` never fed
-    `[IMG6]` back, so it lacks that one state).
+    A forward call with `inputs_embeds` (the prompt) only remembers its last position's state
+    (`observe_prompt`); a call with `input_ids` (one decoding step per generated token fed back)
+    advances each item's group (`observe`). No host-device synchronisation and every update in
+    place: everything is `torch.where` on (B, H) tensors written into the same buffers, so the static
+    decode (fast_inference.py) records through a captured CUDA graph too. `complete` tells which items
+    have all 8 states (an answer cut right after `[IMG6]` never fed `[IMG6]` back, so it lacks that one).
     """
 
     def __init__(self, img0_id: int, count: int = VOKEN_COUNT):
@@ -402,24 +438,47 @@ class VokenStateRecorder:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if self.states is None:
-            self.states = hidden.new_zeros(hidden.shape[0], self.count, hidden.shape[-1])
-            self.filled = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
         if ids is None:
-            self.previous = hidden[:, -1].clone()
-            return
+            self.observe_prompt(hidden)
+        else:
+            self.observe(ids, hidden)
+
+    def reset(self, batch: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Empty buffers for a new answer (the same ones again when the sizes match)."""
+        if self.states is None or self.states.shape != (batch, self.count, hidden_size) or \
+                self.states.dtype != dtype or self.states.device != device:
+            self.states = torch.zeros(batch, self.count, hidden_size, dtype=dtype, device=device)
+            self.filled = torch.zeros(batch, dtype=torch.long, device=device)
+            self.previous = torch.zeros(batch, hidden_size, dtype=dtype, device=device)
+        else:
+            self.states.zero_(), self.filled.zero_(), self.previous.zero_()
+
+    def observe_prompt(self, hidden: torch.Tensor) -> None:
+        """The prompt's forward pass: remember its last position's state."""
+        if self.states is None:
+            self.reset(hidden.shape[0], hidden.shape[-1], hidden.dtype, hidden.device)
+        self.previous.copy_(hidden[:, -1])
+
+    def observe(self, ids: torch.Tensor, hidden: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """A decoding step fed `ids` (B, T) and produced `hidden` (B, T, H). `active` (a 0-d bool
+        tensor, optional) leaves everything as it is when False (the static decode's steps after the
+        last answer ended)."""
+        if self.states is None:
+            self.reset(hidden.shape[0], hidden.shape[-1], hidden.dtype, hidden.device)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         for j in range(ids.shape[1]):
             state = hidden[:, j]
-            if self.previous is not None:
-                starting = (self.filled == 0) & (ids[:, j] == self.img0_id)
-                self.states[:, 0] = torch.where(starting.unsqueeze(1), self.previous, self.states[:, 0])
-                self.filled = torch.where(starting, 1, self.filled)
+            starting = (self.filled == 0) & (ids[:, j] == self.img0_id)
             going = (self.filled > 0) & (self.filled < self.count)
+            if active is not None:
+                starting, going = starting & active, going & active
+            self.states[:, 0] = torch.where(starting.unsqueeze(1), self.previous, self.states[:, 0])
+            self.filled.copy_(torch.where(starting, 1, self.filled))
+            going = going | starting
             slot = self.filled.clamp(max=self.count - 1)
             self.states[rows, slot] = torch.where(going.unsqueeze(1), state, self.states[rows, slot])
-            self.filled = self.filled + going.long()
-            self.previous = state.clone()
+            self.filled.add_(going.long())
+            self.previous.copy_(state if active is None else torch.where(active, state, self.previous))
 
     def complete(self) -> torch.Tensor:
         """(B,) bool: items whose 8 voken states were all recorded."""

@@ -163,6 +163,11 @@ class VokenEmbedding(_SplitRows):
         # gather of the output's size instead of two plus a select.
         is_new = input_ids >= self.num_old
         out = F.embedding(input_ids.clamp(max=self.num_old - 1), self.frozen_weight)
+        if torch.compiler.is_compiling() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # Inside a CUDA graph or compiled code (fast_inference.py's decode step): the boolean index
+            # above has a data-dependent size (a host synchronisation); a select gives the same values.
+            new = F.embedding((input_ids - self.num_old).clamp(min=0), self.new_weight)
+            return torch.where(is_new.unsqueeze(-1), new, out).to(self.output_dtype)
         out[is_new] = F.embedding(input_ids[is_new] - self.num_old, self.new_weight)
         return out.to(self.output_dtype)
 
