@@ -551,7 +551,7 @@ class MiniGPT5_Model(pl.LightningModule):
         seeds = [zlib.crc32(f"{opts.seed}:{task}".encode()) for task in batch["task_names"]]
         outs = self.generate(sources, images, seed=seeds, max_new_tokens=opts.max_new_tokens, top_k=opts.top_k,
                              guidance_scale=opts.guidance_scale, num_inference_steps=opts.num_inference_steps,
-                             scheduler=opts.scheduler)
+                             scheduler=opts.scheduler, decode=opts.decode, pictures=opts.pictures)
         baselines = [None] * len(sources)
         captions = batch.get("captions")
         if opts.sd_baseline and captions is not None and all(c is not None for c in captions):
@@ -595,7 +595,8 @@ class MiniGPT5_Model(pl.LightningModule):
     def generate(self, prompts: str | list[str], images: list | None = None, **options) -> list[GenerationOutput]:
         """Answer each prompt with text and, when the LLM emits vokens, an image: `generation.generate`
         (options: max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-        force_generation, guidance_scale, num_inference_steps, scheduler, seed, generator)."""
+        force_generation, guidance_scale, num_inference_steps, scheduler, seed, generator, and the
+        speed options decode and pictures of fast_inference.py)."""
         return generation.generate(self, prompts, images, **options)
 
     def sd_pipeline(self, scheduler: str = "pndm", with_text_encoder: bool = False):

@@ -93,6 +93,8 @@ class PredictSettings(_Plain):
     num_inference_steps: int = 50
     scheduler: str = "pndm"
     sd_baseline: bool = False                # also draw plain SD from the caption (CC3M)
+    decode: str = "dynamic"                  # fast_inference.py: "static" / "compiled" (captured decode step)
+    pictures: str = "eager"                  # fast_inference.py: "graph" / "compiled" (captured / compiled UNet)
 
 
 def read_settings(checkpoint: dict) -> TrainSettings | None:

@@ -173,6 +173,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens (0: off; default "
                    "50, the release's: its transformers' default)")
     p.add_argument("--scheduler", default="pndm", choices=["pndm", "dpm++"])
+    p.add_argument("--decode", default="dynamic", choices=["dynamic", "static", "compiled"],
+                   help="dynamic: transformers' generate (the release's path); static / compiled: a static KV cache "
+                        "and a decode step captured in a CUDA graph (compiled: torch.compile too); see fast_inference.py")
+    p.add_argument("--pictures", default="eager", choices=["eager", "graph", "compiled"],
+                   help="eager: the release's SD pipeline; graph / compiled: the UNet channels-last from a CUDA graph, "
+                        "or compiled (same pictures up to bf16 rounding); see fast_inference.py")
     return p.parse_args(argv)
 
 
@@ -745,7 +751,8 @@ def predict_settings(args: argparse.Namespace, dataset_type: str) -> PredictSett
     """How `predict_step` generates, from the prediction flags and the dataset's spec."""
     return PredictSettings(seed=args.seed, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                            guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
-                           scheduler=args.scheduler, sd_baseline=spec(dataset_type).sd_baseline)
+                           scheduler=args.scheduler, sd_baseline=spec(dataset_type).sd_baseline,
+                           decode=args.decode, pictures=args.pictures)
 
 
 def train(args: argparse.Namespace, paths: dict) -> None:

@@ -183,3 +183,29 @@ def test_bad_speed_options_are_named(model):
         model.generate("hi", decode="fast", max_new_tokens=2, num_inference_steps=1)
     with pytest.raises(ValueError, match="pictures must be one of"):
         model.generate("hi", pictures="turbo", max_new_tokens=2, num_inference_steps=1)
+
+
+def test_prediction_flags_choose_the_speed_options(model, monkeypatch):
+    """train_eval.py --decode / --pictures reach `generate` through PredictSettings; the defaults
+    are the release's path."""
+    import dataclasses
+
+    import train_eval
+    from generation import GenerationOutput
+
+    args = train_eval.parse_args([])
+    assert (args.decode, args.pictures) == ("dynamic", "eager")
+    settings = train_eval.predict_settings(train_eval.parse_args(["--decode", "static", "--pictures", "graph"]),
+                                           "VIST")
+    assert (settings.decode, settings.pictures) == ("static", "graph")
+    calls = []
+    monkeypatch.setattr(model, "generate", lambda prompts, images, **kw: calls.append(kw) or
+                        [GenerationOutput("x ###", "x", None, []) for _ in prompts])
+    monkeypatch.setattr(model, "predict_settings", dataclasses.replace(model.predict_settings, decode="compiled",
+                                                                       pictures="compiled"))
+    size = model.cfg.image_size
+    batch = {"sources": ["###Human: hi ###Assistant:"], "input_images": torch.zeros(0, 3, size, size),
+             "task_names": ["t_0"], "targets": ["x ###"], "has_output_image": torch.tensor([False]),
+             "output_images": torch.zeros(1, 3, 8, 8), "captions": [None]}
+    model.predict_step(batch, 0)
+    assert (calls[0]["decode"], calls[0]["pictures"]) == ("compiled", "compiled")
