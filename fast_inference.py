@@ -59,6 +59,7 @@ MAX_DECODERS = 1          # static decoders (cache + graph) kept per model; more
 # torch.compile backend of the "compiled" modes: "inductor" (torch's compiler; GPU and CPU). The tests
 # set "eager" (dynamo's tracing without code generation) to check the plumbing in seconds.
 COMPILE_BACKEND = "inductor"
+COMPILE_VAE = True        # pictures="compiled" also compiles the VAE decoder (once per image: a small gain)
 
 _reported: set[str] = set()
 
@@ -178,6 +179,7 @@ class StaticDecoder:
         self.recorder = VokenStateRecorder(backbone.voken_ids[0])
         sampler = NoiseSampler(self.noise, self.step_index) if sampling["do_sample"] else None
         self.processors = logits_processors(backbone.voken_ids, None, sampler=sampler, **sampling)
+        # generate's stopping criteria (the benchmarks empty the list to decode exactly max_new_tokens)
         self.stops = [StopStringCriteria(tok, [end_sym]), EosTokenCriteria(tok.eos_token_id)]
         self.weights = _fingerprint(backbone.llama_model)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -205,8 +207,9 @@ class StaticDecoder:
         token = scores.argmax(dim=-1)
         token = token * self.unfinished + self.pad_id * (1 - self.unfinished)
         self.history.copy_(torch.cat([self.history[:, 1:], token[:, None]], dim=1))
-        done = self.stops[0](self.history, None) | self.stops[1](self.history, None)
-        still = self.unfinished & ~done
+        still = self.unfinished
+        for stop in self.stops:
+            still = still & ~stop(self.history, None)
         self.finished_at.copy_(torch.where((self.unfinished > 0) & (still == 0), self.step_index,
                                            self.finished_at))
         self.unfinished.copy_(still)
@@ -522,7 +525,9 @@ def fast_sd_parts(vae: nn.Module, unet: nn.Module, mode: str, offload: bool = Fa
         unet.to(memory_format=torch.channels_last)
         if mode == "graph":
             kept[mode] = (vae, GraphedUNet(unet, offload=offload))
-        else:
+        elif COMPILE_VAE:
             vae.to(memory_format=torch.channels_last)
             kept[mode] = (CompiledVAE(vae), CompiledUNet(unet))
+        else:
+            kept[mode] = (vae, CompiledUNet(unet))
     return kept[mode]

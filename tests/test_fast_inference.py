@@ -5,6 +5,7 @@ ones. The CUDA-graph capture itself runs only on a GPU (scripts/gpu_bench.sh che
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -15,6 +16,9 @@ import fast_inference
 import generation
 from model import MiniGPT5_Model
 
+# MINIGPT5_TEST_DEVICE=cuda runs these checks on a GPU, where the decode step and the UNet are captured
+# in CUDA graphs (scripts/gpu_bench.sh does); CI runs them on the CPU.
+DEVICE = os.environ.get("MINIGPT5_TEST_DEVICE", "cpu")
 PROMPTS = ["###Human: tell me a story ###Assistant:",
            "###Human: <Img><ImageHere></Img> what is this? ###Assistant:",
            "###Human: <Img><ImageHere></Img> and <Img><ImageHere></Img> next scene ###Assistant:"]
@@ -30,7 +34,7 @@ def model(tiny_config):
         for name, p in m.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return m
+    return m.place(DEVICE) if DEVICE != "cpu" else m
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +122,7 @@ def test_static_decoder_is_kept_for_calls_with_the_same_shapes(model):
     states = first.recorder.states.data_ptr()
     model.generate(["###Human: another prompt of about the same length ###Assistant:"], decode="static", **kwargs)
     assert list(kept.values()) == [first] and first.recorder.states.data_ptr() == states
+    assert (first.graph is not None) == (DEVICE == "cuda")          # captured on a GPU only
     model.generate([PROMPTS[0], PROMPTS[0]], decode="static", **kwargs)
     assert len(kept) == fast_inference.MAX_DECODERS and first not in kept.values()
 
@@ -147,7 +152,8 @@ def test_fast_pictures_equal_the_eager_ones(model, monkeypatch):
     backend) draw the eager pipeline's pictures up to one level of rounding; the wrapped parts are
     made once per mode."""
     monkeypatch.setattr(fast_inference, "COMPILE_BACKEND", "eager")
-    features = torch.randn(2, 8, model.model.llama_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    features = torch.randn(2, 8, model.model.llama_model.config.hidden_size,
+                           generator=torch.Generator().manual_seed(0)).to(model.device)
     with torch.no_grad():
         eager = generation.images_from_features(model, features, [3, 4], 7.5, 3, "pndm")
         for mode in ("graph", "compiled"):
@@ -156,6 +162,8 @@ def test_fast_pictures_equal_the_eager_ones(model, monkeypatch):
                 assert np.abs(_pixels(a) - _pixels(b)).max() <= 1, mode
         again = fast_inference.fast_sd_parts(model.vae, model.unet, "compiled")
         assert again is fast_inference.fast_sd_parts(model.vae, model.unet, "compiled")
+        graphed = fast_inference.fast_sd_parts(model.vae, model.unet, "graph")[1]
+        assert bool(graphed.graphs) == (DEVICE == "cuda")
         dpm = generation.images_from_features(model, features, [3, 4], 7.5, 3, "dpm++", pictures="graph")
     assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(p.size == (model.cfg.sd_image_size,) * 2 for p in dpm)

@@ -65,3 +65,20 @@ def test_benchmark_runner_rejects_rows_that_cannot_run_on_the_device():
     assert "rows [1] are CPU benchmarks" in out.stderr and "--rows 4,5" in out.stderr
     out = run("--rows", "12")
     assert out.returncode == 2 and "no row [12]" in out.stderr
+
+
+def test_gpu_bench_script_dry_run(tmp_path):
+    """scripts/gpu_bench.sh with DRY_RUN=1: the one device script of issue #29 runs gpu_memory.py's dry run
+    (every mode, the plain baselines, DPM-Solver++, the training benchmark) on the tiny preset on the
+    CPU and writes its results file with the targets' table and no verdicts."""
+    out = run_script("gpu_bench.sh", {"DRY_RUN": "1", "BENCH_DIR": str(tmp_path)})
+    summary = (tmp_path / "summary.txt").read_text() if (tmp_path / "summary.txt").is_file() else ""
+    assert out.returncode == 0, summary + out.stdout[-3000:] + out.stderr[-3000:]
+    assert "bench: ok" in summary
+    results = (tmp_path / "RESULTS_gpu_full.md").read_text()
+    for mode in ("release", "graph", "compiled", "compiled, dpm++ 2 steps"):
+        assert f"| bf16 | {mode} |" in results, mode
+    assert "| graph |" in results and "| yes | 0 |" in results          # float32 CPU: the release's tokens
+    assert "Plain libraries on the same weights" in results and "UNet compiled" in results
+    assert "| 1 | release |" in results and "| 2 | release |" in results
+    assert "| dry run |" in results and "| met |" not in results and "MISSED" not in results
