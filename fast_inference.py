@@ -406,11 +406,11 @@ class _Wrapped(nn.Module):
 
 
 class GraphedUNet(_Wrapped):
-    """The UNet as the pipeline calls it (`unet(sample, t, encoder_hidden_states=...)`), each call on
-    a GPU replayed from a CUDA graph captured for its input shapes: the first call with new shapes
-    runs as usual (the warm-up) and captures; later ones copy their inputs in, replay and return a
-    copy of the output. Graphs are recaptured when the weights moved (offload). Other arguments
-    (IP-adapter, timestep conditions) run the UNet as usual."""
+    """The UNet as the pipeline calls it (`unet(sample, t, encoder_hidden_states=..., return_dict=False)`),
+    each call on a GPU replayed from a CUDA graph captured for its input shapes: the first call with
+    new shapes runs as usual (the warm-up) and captures; later ones copy their inputs in, replay and
+    return a copy of the output. Graphs are recaptured when the weights moved (offload). Other
+    arguments (IP-adapter, timestep conditions, `return_dict=True`) run the UNet as usual."""
 
     def __init__(self, unet: nn.Module, offload: bool = False):
         super().__init__(unet)
@@ -423,7 +423,7 @@ class GraphedUNet(_Wrapped):
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
                 added_cond_kwargs=None, return_dict: bool = True, **kwargs):
         extras = timestep_cond is not None or cross_attention_kwargs or added_cond_kwargs or kwargs
-        if sample.device.type != "cuda" or extras:
+        if sample.device.type != "cuda" or extras or return_dict:
             return self.part(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                              timestep_cond=timestep_cond, cross_attention_kwargs=cross_attention_kwargs,
                              added_cond_kwargs=added_cond_kwargs, return_dict=return_dict, **kwargs)
@@ -441,10 +441,6 @@ class GraphedUNet(_Wrapped):
             out = static_out.clone()
         else:
             out = self._warm_up_and_capture(key, inputs, weights)
-        if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-            return UNet2DConditionOutput(sample=out)
         return (out,)
 
     def _warm_up_and_capture(self, key: tuple, inputs: tuple, weights: tuple) -> torch.Tensor:
@@ -477,13 +473,11 @@ class CompiledUNet(_Wrapped):
         self.compiled = torch.compile(unet, **compile_options("reduce-overhead" if cuda else None, fullgraph=True))
 
     def forward(self, sample, timestep, encoder_hidden_states, return_dict: bool = True, **kwargs):
+        if return_dict:                                   # (pipelines ask for a tuple)
+            return self.part(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
         out = self.compiled(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
-                            **kwargs)[0].clone()
-        if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-            return UNet2DConditionOutput(sample=out)
-        return (out,)
+                            **kwargs)[0]
+        return (out.clone(),)
 
 
 class CompiledVAE(_Wrapped):
@@ -494,12 +488,9 @@ class CompiledVAE(_Wrapped):
         self._decode = torch.compile(lambda z: vae.decode(z, return_dict=False)[0], **compile_options())
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None):
-        image = self._decode(z)
-        if return_dict:
-            from diffusers.models.autoencoders.vae import DecoderOutput
-
-            return DecoderOutput(sample=image)
-        return (image,)
+        if return_dict:                                   # (pipelines ask for a tuple)
+            return self.part.decode(z, return_dict=True)
+        return (self._decode(z),)
 
 
 # One UNet's (and VAE's) wrappers per mode, kept so that graphs and compiled code are made once.
