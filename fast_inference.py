@@ -157,7 +157,8 @@ class StaticDecoder:
 
         from generation import VokenStateRecorder, logits_processors
 
-        self.backbone, self.mode, self.device = backbone, mode, device
+        # (no reference to `backbone` itself: it is the weak key under which this decoder is kept)
+        self.mode, self.device = mode, device
         self.decoder, self.lm_head = backbone.llm_parts()
         config = self.decoder.config
         tok = backbone.llama_tokenizer
@@ -181,7 +182,6 @@ class StaticDecoder:
         self.processors = logits_processors(backbone.voken_ids, None, sampler=sampler, **sampling)
         # generate's stopping criteria (the benchmarks empty the list to decode exactly max_new_tokens)
         self.stops = [StopStringCriteria(tok, [end_sym]), EosTokenCriteria(tok.eos_token_id)]
-        self.weights = _fingerprint(backbone.llama_model)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0                 # steps run without the graph (warm-up before the capture)
         self.step_fn = self.step
@@ -268,6 +268,7 @@ class StaticDecoder:
         warmup = 3 if self.mode == "compiled" else 1
         if self.stream is None:
             self._run_guarded()
+            self.eager_steps += 1
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
@@ -493,15 +494,18 @@ class CompiledVAE(_Wrapped):
         return (self._decode(z),)
 
 
-# One UNet's (and VAE's) wrappers per mode, kept so that graphs and compiled code are made once.
+# A model's wrapped SD parts per mode, kept so that graphs and compiled code are made once. Keyed weakly
+# by the model (the wrappers hold its parts, never the model itself), so they go with it.
 _pictures: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def fast_sd_parts(vae: nn.Module, unet: nn.Module, mode: str, offload: bool = False) -> tuple[nn.Module, nn.Module]:
-    """The (VAE, UNet) to build a pipeline from for `pictures=mode`. The UNet (and, compiled, the
-    VAE) is switched to channels-last memory format on first use and stays so (same values, other
-    rounding of the convolutions). With CPU offload the compiled mode falls back to "graph"."""
+def fast_sd_parts(model: nn.Module, mode: str) -> tuple[nn.Module, nn.Module]:
+    """The (VAE, UNet) of `model` (a `MiniGPT5_Model`) to build a pipeline from for `pictures=mode`.
+    The UNet (and, compiled, the VAE) is switched to channels-last memory format on first use and
+    stays so (same values, other rounding of the convolutions). With CPU offload the compiled mode
+    falls back to "graph"."""
     check_modes("dynamic", mode)
+    vae, unet, offload = model.vae, model.unet, model._offload is not None
     if mode == "eager":
         return vae, unet
     if mode == "compiled" and offload:
@@ -511,8 +515,8 @@ def fast_sd_parts(vae: nn.Module, unet: nn.Module, mode: str, offload: bool = Fa
     if unet.device.type != "cuda" and mode == "graph":
         _fallback("pictures='graph' on the CPU: CUDA graphs need a CUDA GPU; the UNet runs channels-last "
                   "without one", logging.INFO)
-    kept = _pictures.setdefault(unet, {})
-    if mode not in kept:
+    kept = _pictures.setdefault(model, {})
+    if mode not in kept or kept[mode][1].part is not unet:
         unet.to(memory_format=torch.channels_last)
         if mode == "graph":
             kept[mode] = (vae, GraphedUNet(unet, offload=offload))
@@ -521,4 +525,6 @@ def fast_sd_parts(vae: nn.Module, unet: nn.Module, mode: str, offload: bool = Fa
             kept[mode] = (CompiledVAE(vae), CompiledUNet(unet))
         else:
             kept[mode] = (vae, CompiledUNet(unet))
+    if mode == "graph":
+        kept[mode][1].check_all_weights = offload          # placement may have changed since
     return kept[mode]

@@ -314,7 +314,7 @@ def images_from_features(model: "MiniGPT5_Model", features: torch.Tensor, seeds:
     else:
         import fast_inference
 
-        vae, unet = fast_inference.fast_sd_parts(model.vae, model.unet, pictures, offload=model._offload is not None)
+        vae, unet = fast_inference.fast_sd_parts(model, pictures)
         pipe = diffusion.pipeline(vae, unet, model.sd_tokenizer, model.noise_scheduler, scheduler)
     return diffusion.draw(pipe, cond, negative, seeds, guidance_scale, num_inference_steps, model.cfg.sd_image_size)
 

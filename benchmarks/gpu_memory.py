@@ -414,7 +414,7 @@ def _plain_compiled_sd(args, model, sync, card) -> None:
     import diffusion
     import fast_inference
 
-    compiled = fast_inference.fast_sd_parts(model.vae, model.unet, "compiled")[1].compiled
+    compiled = fast_inference.fast_sd_parts(model, "compiled")[1].compiled
     pipe = diffusion.pipeline(model.vae, compiled, model.sd_tokenizer, model.noise_scheduler, "pndm")
     with torch.no_grad():
         seconds = _plain_sd_seconds(args, model, pipe, sync)

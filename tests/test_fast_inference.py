@@ -160,21 +160,38 @@ def test_fast_pictures_equal_the_eager_ones(model, monkeypatch):
             fast = generation.images_from_features(model, features, [3, 4], 7.5, 3, "pndm", pictures=mode)
             for a, b in zip(fast, eager):
                 assert np.abs(_pixels(a) - _pixels(b)).max() <= 1, mode
-        again = fast_inference.fast_sd_parts(model.vae, model.unet, "compiled")
-        assert again is fast_inference.fast_sd_parts(model.vae, model.unet, "compiled")
-        graphed = fast_inference.fast_sd_parts(model.vae, model.unet, "graph")[1]
+        again = fast_inference.fast_sd_parts(model, "compiled")
+        assert again is fast_inference.fast_sd_parts(model, "compiled")
+        graphed = fast_inference.fast_sd_parts(model, "graph")[1]
         assert bool(graphed.graphs) == (DEVICE == "cuda")
         dpm = generation.images_from_features(model, features, [3, 4], 7.5, 3, "dpm++", pictures="graph")
     assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(p.size == (model.cfg.sd_image_size,) * 2 for p in dpm)
 
 
-def test_offloaded_compiled_pictures_fall_back_to_graphs_with_a_reason(model, caplog):
+def test_offloaded_compiled_pictures_fall_back_to_graphs_with_a_reason(model, caplog, monkeypatch):
     fast_inference._reported.clear()
+    monkeypatch.setattr(model, "_offload", object())          # what place(offload=True) sets
     with caplog.at_level(logging.WARNING, logger="fast_inference"):
-        vae, unet = fast_inference.fast_sd_parts(model.vae, model.unet, "compiled", offload=True)
-    assert isinstance(unet, fast_inference.GraphedUNet) and vae is model.vae
+        vae, unet = fast_inference.fast_sd_parts(model, "compiled")
+    assert isinstance(unet, fast_inference.GraphedUNet) and unet.check_all_weights and vae is model.vae
     assert "CPU offload" in caplog.text and "pictures='graph'" in caplog.text
+
+
+def test_fast_parts_go_with_their_model(tiny_config):
+    """The kept decoders and SD wrappers hold the model's parts but not the model: once the model is
+    gone, so are they (a web demo that reloads models does not keep the old ones)."""
+    import gc
+
+    torch.manual_seed(0)
+    m = MiniGPT5_Model(tiny_config, stage=1).eval()
+    m.generate("###Human: hi ###Assistant:", seed=0, max_new_tokens=10, num_inference_steps=1, force_generation=True,
+               decode="static", pictures="graph")
+    assert m.model in fast_inference._decoders and m in fast_inference._pictures
+    before = len(fast_inference._pictures), len(fast_inference._decoders)
+    del m
+    gc.collect()
+    assert (len(fast_inference._pictures), len(fast_inference._decoders)) == (before[0] - 1, before[1] - 1)
 
 
 def test_chunked_random_numbers_are_the_per_step_ones():
