@@ -80,8 +80,8 @@ def test_static_decode_gives_the_release_paths_answers(model, images, monkeypatc
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     for a, b in zip(static, release):
         assert (a.image is None) == (b.image is None)
-        if a.image is not None:
-            assert np.array_equal(_pixels(a.image), _pixels(b.image))
+        if a.image is not None:       # on a GPU the attention over the longer cache rounds the features apart
+            assert np.abs(_pixels(a.image) - _pixels(b.image)).max() <= (0 if DEVICE == "cpu" else 1)
     if options["force_generation"]:
         assert all(o.image is not None for o in static)
 
@@ -158,8 +158,8 @@ def test_fast_pictures_equal_the_eager_ones(model, monkeypatch):
         eager = generation.images_from_features(model, features, [3, 4], 7.5, 3, "pndm")
         for mode in ("graph", "compiled"):
             fast = generation.images_from_features(model, features, [3, 4], 7.5, 3, "pndm", pictures=mode)
-            for a, b in zip(fast, eager):
-                assert np.abs(_pixels(a) - _pixels(b)).max() <= 1, mode
+            for a, b in zip(fast, eager):      # (on a GPU the convolutions round in TF32, by other algorithms)
+                assert np.abs(_pixels(a) - _pixels(b)).max() <= (1 if DEVICE == "cpu" else 3), mode
         again = fast_inference.fast_sd_parts(model, "compiled")
         assert again is fast_inference.fast_sd_parts(model, "compiled")
         graphed = fast_inference.fast_sd_parts(model, "graph")[1]
