@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 DECODE_MODES = ("dynamic", "static", "compiled")
 PICTURE_MODES = ("eager", "graph", "compiled")
-CHECK_EVERY = 16          # decode steps between two reads of the stop flags (and per chunk of random numbers)
+CHECK_EVERY = 8           # decode steps between two reads of the stop flags (and per chunk of random numbers)
 LENGTH_BUCKET = 64        # static cache and history lengths are rounded up to this: graphs serve similar lengths
 DUMMY_ID = 2**30          # history filler: beyond every vocabulary, so no processor or stop check counts it
 MAX_DECODERS = 1          # static decoders (cache + graph) kept per model; more would hold more GPU memory

@@ -61,7 +61,7 @@ def _spy_features(model, monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("options", [
-    dict(force_generation=True, max_new_tokens=40),              # > 2 chunks of random numbers and stop checks
+    dict(force_generation=True, max_new_tokens=40),              # several chunks of random numbers and stop checks
     dict(force_generation=False, max_new_tokens=20, do_sample=False, repetition_penalty=1.3),   # greedy
 ])
 def test_static_decode_gives_the_release_paths_answers(model, images, monkeypatch, options):
