@@ -6,10 +6,15 @@ dataloader, the weight builder and the CLIs can read a config without importing 
 Paths in a YAML file may use `${ENV_VAR}` and `~`; relative paths are resolved against the folder
 that holds the YAML file, so a config works from any working directory. `llama_model` and
 `sd_model` may also be Hugging Face hub ids (`org/name`); everything else must be a local file.
+
+Also the size caps on input files (`config/limits.yaml`, overridden by the file `MINIGPT5_LIMITS`
+names): `limits()`. YAML is read with `yaml.safe_load` only (no Python tags); a file that does not
+parse is a `ConfigError` naming the file and line.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -20,6 +25,9 @@ from typing import Any
 
 import yaml
 
+REPO = Path(__file__).resolve().parent
+LIMITS_FILE = REPO / "config" / "limits.yaml"
+LIMITS_ENV = "MINIGPT5_LIMITS"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PATH_KEYS = ("llama_model", "vit_model", "q_former_model", "ckpt", "sd_model")
 HUB_ALLOWED_KEYS = ("llama_model", "sd_model")
@@ -221,8 +229,7 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> ModelConfi
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model config {str(path)!r} does not exist (flag --model_config)")
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    data = read_yaml(path)
     source = str(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
@@ -259,6 +266,75 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> ModelConfi
     if check_paths:
         cfg.check_paths()
     return cfg
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """A YAML file read with `yaml.safe_load` (plain data only: a `!!python/...` tag is refused, never
+    run). A file that does not parse, or is not UTF-8 text, is a `ConfigError` naming it and the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        what = " ".join(str(part) for part in (getattr(e, "context", None), getattr(e, "problem", None)) if part)
+        if isinstance(e, yaml.constructor.ConstructorError) and "tag" in what:
+            what += " (Python tags are not allowed in a config file: it is data, never code)"
+        raise ConfigError(f"{where}: not valid YAML: {what or type(e).__name__}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size caps on input files (config/limits.yaml, which says what each one covers)."""
+
+    max_row_bytes: int
+    max_text_chars: int
+    max_image_pixels: int
+    max_json_depth: int
+    max_shared_references: int
+
+
+def limits() -> Limits:
+    """The size caps in force: `config/limits.yaml`, with the keys of the YAML file named by the
+    environment variable MINIGPT5_LIMITS (read now) on top. Unknown keys and values that are not
+    whole numbers >= 0 are a `ConfigError` naming the file and the key."""
+    override = os.environ.get(LIMITS_ENV) or None
+    stamps = tuple(_mtime(p) for p in (LIMITS_FILE, override) if p)
+    return _read_limits(override, stamps)
+
+
+def _mtime(path: str | os.PathLike) -> float | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _read_limits(override: str | None, _stamps: tuple) -> Limits:
+    names = _field_names(Limits)
+    values: dict[str, int] = {}
+    for path in (LIMITS_FILE, override):
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise ConfigError(f"limits file {str(path)!r} does not exist ({LIMITS_ENV})")
+        data = read_yaml(path) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of {', '.join(names)}")
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {', '.join(f'`{k}`' for k in unknown)}; expected some of {names}")
+        for key, value in data.items():
+            if type(value) is not int or value < 0:
+                raise ConfigError(f"{path}: `{key}` must be a whole number >= 0, got {value!r}")
+            values[key] = value
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise ConfigError(f"{LIMITS_FILE}: missing key(s) {', '.join(f'`{m}`' for m in missing)}")
+    return Limits(**values)
 
 
 def dump_config(cfg: ModelConfig, path: str | os.PathLike) -> None:

@@ -29,7 +29,8 @@ import torch
 
 import diffusion
 from constants import SEED, find_data
-from dataloader import MiniGPT5Dataset, dump_records, feature_file, make_dataset, save_feature
+from dataloader import (OUTSIDE_PATH, MiniGPT5Dataset, dump_records, feature_file, make_dataset, resolves_outside,
+                        save_feature)
 from dataset_specs import NAMES as DATASET_TYPES
 from dataset_specs import resolve_dataset_type, spec
 from image_transforms import IMAGE_ERRORS, image_processor, load_rgb, target_transform
@@ -89,6 +90,13 @@ def preprocess_features(dataset: MiniGPT5Dataset, model: Any, out: str | os.Path
     for kind, images, transform, encode in jobs:
         todo = [p for p in images if not feature_file(out, split, kind, p).is_file()]
         counts["cached"] += len(images) - len(todo)
+        if not dataset.allow_outside_paths:          # the dataset's symbolic-link rule, as in training
+            for path in [p for p in todo if resolves_outside(dataset.image_root, p)]:
+                sample = dataset.sample(images[path])
+                counts["bad"] += 1
+                dataset.problems.add(f"{sample.location} (sample {sample.task_name})", OUTSIDE_PATH,
+                                     f"{path} is a symbolic link to {os.path.realpath(path)}", skipped="no feature written")
+                todo.remove(path)
         loader = torch.utils.data.DataLoader(_ImageList(todo, transform), batch_size=batch_size,
                                              num_workers=num_workers, collate_fn=list)
         for batch in tqdm(loader, desc=f"{kind} features ({split})", unit="batch"):

@@ -54,8 +54,13 @@ Choices, and where they differ from the release:
 - An image path that leaves that folder (`../../x.jpg`, an absolute path elsewhere; MMDialog media
   ids such as `../x`) is bad input: refused, counted and logged like a bad row (the story or
   conversation is cut there), unless `allow_outside_paths=True` (`--allow_outside_paths`). The
-  check is on the written path (`..` and absolute paths), so symbolic links inside the folder that
-  point elsewhere (a mounted image store) still work.
+  written path is checked when the file is indexed; symbolic links are resolved when the image is
+  opened, and one that points outside the folder is refused by the same rule (a sample dropped
+  from its batch), so a mounted image store linked into the folder needs `--allow_outside_paths`.
+- Size caps (config/limits.yaml, `configuration.limits()`): a row or JSON line longer than
+  `max_row_bytes` (read with a bounded reader, never whole), a caption / step / turn longer than
+  `max_text_chars`, JSON nested deeper than `max_json_depth`, a picture of more than
+  `max_image_pixels` (checked from its header) are bad input like the rest.
 - Cached features are computed without flips (as the release's preprocessing), so training from
   the cache has no flip augmentation.
 - The release cached its index as a pickle next to the data and read features from
@@ -70,6 +75,7 @@ CLI (data_commands.py; this module builds no model):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -87,6 +93,7 @@ import torch
 from PIL import Image
 
 from constants import IMAGE_PLACEHOLDER, IMAGE_SLOT, RESERVED_TOKENS, SEED, VOKENS
+from configuration import limits
 from constants import find_data, preprocess_feature_folder
 from dataset_specs import NAMES as DATASET_TYPES, SPECS, DatasetSpec, resolve_dataset_type, spec  # noqa: F401
 from image_transforms import IMAGE_ERRORS, image_processor, load_rgb, target_transform
@@ -284,8 +291,13 @@ def read_cc3m_tsv(path: Path, problems: ProblemLog, block_size: int = 1 << 24) -
     unbalanced quote there silently swallows the following lines). Bad rows are reported to
     `problems` with their line number and left out.
     """
+    caps = limits()
     with open(path, "rb") as f:
-        header = f.readline().decode("utf-8", "replace").lstrip("\ufeff").rstrip("\r\n").split("\t")
+        first = f.readline(caps.max_row_bytes + 1)
+        if len(first) > caps.max_row_bytes:
+            raise DataError(f"{path}:1: the header is longer than max_row_bytes ({caps.max_row_bytes:,} bytes; "
+                            f"config/limits.yaml); a CC3M TSV starts with 'caption<TAB>image_path'")
+        header = first.decode("utf-8", "replace").lstrip("\ufeff").rstrip("\r\n").split("\t")
         missing = [c for c in ("caption", "image_path") if c not in header]
         if missing:
             raise DataError(f"{path}:1: the header has no column {' or '.join(repr(c) for c in missing)} "
@@ -301,13 +313,18 @@ def read_cc3m_tsv(path: Path, problems: ProblemLog, block_size: int = 1 << 24) -
                 break
             if chunk:
                 cut = data.rfind(b"\n") + 1
+                if cut == 0 and len(data) > caps.max_row_bytes:   # one row over the cap: skip it unread
+                    rest = _skip_line(f, block_size)
+                    problems.add_lines(path, {_too_long_row(caps): np.array([next_line])})
+                    next_line, next_row = next_line + 1, next_row + 1
+                    continue
                 if cut == 0:  # a line longer than the block: read on
                     rest = data
                     continue
                 block, rest = data[:cut], data[cut:]
             else:
                 block, rest = data + b"\n", b""  # the last line has no newline
-            part = _parse_cc3m_block(path, block, columns, next_line, next_row, captions, paths, problems)
+            part = _parse_cc3m_block(path, block, columns, next_line, next_row, captions, paths, problems, caps)
             rows.append(part["rows"])
             lines.append(part["lines"])
             valid.append(part["valid"] + n_kept)
@@ -319,8 +336,25 @@ def read_cc3m_tsv(path: Path, problems: ProblemLog, block_size: int = 1 << 24) -
     return CC3MTable(captions.finish(), paths.finish(), concat(rows), concat(lines), concat(valid))
 
 
+def _skip_line(f, block_size: int) -> bytes:
+    """Read on to the end of the current line without keeping it; returns what follows its newline."""
+    while True:
+        chunk = f.read(block_size)
+        end = chunk.find(b"\n")
+        if not chunk or end >= 0:
+            return chunk[end + 1:] if end >= 0 else b""
+
+
+def _too_long_row(caps) -> str:
+    return f"row longer than max_row_bytes ({caps.max_row_bytes:,} bytes; config/limits.yaml)"
+
+
+def _too_long_text(caps) -> str:
+    return f"text longer than max_text_chars ({caps.max_text_chars:,}; config/limits.yaml)"
+
+
 def _parse_cc3m_block(path: Path, block: bytes, columns: tuple[int, int, int], first_line: int, first_row: int,
-                      captions: StringColumn, paths: StringColumn, problems: ProblemLog) -> dict[str, Any]:
+                      captions: StringColumn, paths: StringColumn, problems: ProblemLog, caps) -> dict[str, Any]:
     """Split one block of whole lines (ending with a newline), append the cleaned captions and the
     paths of its good rows to the columns, report its bad rows."""
     n_cols, cap_col, path_col = columns
@@ -339,9 +373,10 @@ def _parse_cc3m_block(path: Path, block: bytes, columns: tuple[int, int, int], f
         return flags
 
     tabs = np.flatnonzero(buf == 9)
-    wrong_fields = ~blank & (np.searchsorted(tabs, stops) - np.searchsorted(tabs, starts) != n_cols - 1)
-    has_nul = lines_with(np.flatnonzero(buf == 0)) & ~blank & ~wrong_fields
-    good = ~blank & ~wrong_fields & ~has_nul
+    too_long = ~blank & (stops - starts > caps.max_row_bytes)
+    wrong_fields = ~blank & ~too_long & (np.searchsorted(tabs, stops) - np.searchsorted(tabs, starts) != n_cols - 1)
+    has_nul = lines_with(np.flatnonzero(buf == 0)) & ~blank & ~wrong_fields & ~too_long
+    good = ~blank & ~wrong_fields & ~has_nul & ~too_long
     non_ascii = lines_with(np.flatnonzero(buf >= 0x80)) & good
     bad_utf8 = np.zeros(len(ends), bool)
     for i in np.flatnonzero(non_ascii):  # rare: rows with non-ASCII text
@@ -361,10 +396,12 @@ def _parse_cc3m_block(path: Path, block: bytes, columns: tuple[int, int, int], f
     raw_captions = fields[cap_col::n_cols]
     cleaned = clean_captions_ascii(b"\x00".join(raw_captions)) + b"\x00" if raw_captions else b""
     redo = np.flatnonzero(non_ascii[good])
+    chars = {}                    # caption length in characters where it differs from the bytes (non-ASCII)
     if len(redo):
         parts = cleaned.split(b"\x00")
         for k in redo:
-            parts[k] = clean_caption(raw_captions[k].decode("utf-8")).encode("utf-8")
+            text = clean_caption(raw_captions[k].decode("utf-8"))
+            parts[k], chars[k] = text.encode("utf-8"), len(text)
         cleaned = b"\x00".join(parts)
     cap_len = captions.append(cleaned)
     raw_paths = fields[path_col::n_cols]
@@ -373,14 +410,20 @@ def _parse_cc3m_block(path: Path, block: bytes, columns: tuple[int, int, int], f
     kept_lines = line_no[good]
     no_caption = cap_len == 0
     no_path = (path_len == 0) & ~no_caption
+    long_text = cap_len > caps.max_text_chars
+    for k in np.flatnonzero(long_text):
+        long_text[k] = chars.get(int(k), cap_len[k]) > caps.max_text_chars
+    long_text &= ~no_path
     problems.add_lines(path, {
+        _too_long_row(caps): line_no[too_long],
         f"not {n_cols} tab-separated fields (a missing or extra column)": line_no[wrong_fields],
         "NUL character in the line": line_no[has_nul],
         "not valid UTF-8": line_no[bad_utf8],
         "empty caption": kept_lines[no_caption],
         "empty image_path": kept_lines[no_path],
+        _too_long_text(caps): kept_lines[long_text],
     })
-    return {"rows": row_no[good], "lines": kept_lines, "valid": np.flatnonzero(~no_caption & ~no_path),
+    return {"rows": row_no[good], "lines": kept_lines, "valid": np.flatnonzero(~no_caption & ~no_path & ~long_text),
             "next_line": first_line + len(ends), "next_row": first_row + int((~blank).sum())}
 
 
@@ -412,19 +455,35 @@ def save_feature(path: Path, feature: torch.Tensor, image_path: str) -> None:
     os.replace(tmp, path)
 
 
-def load_feature(folder: str | os.PathLike, split: str, kind: str, image_path: str) -> torch.Tensor:
-    """Read one cached feature; FileNotFoundError / DataError name the image and the file."""
-    from safetensors import safe_open
+def load_feature(folder: str | os.PathLike, split: str, kind: str, image_path: str,
+                 shape: tuple[int | None, ...] | None = None) -> torch.Tensor:
+    """Read one cached feature; FileNotFoundError / DataError name the image and the file. A file
+    that is not a readable safetensors file, or whose feature is not a float tensor of `shape`
+    (None: any size on that axis), is a DataError."""
+    from safetensors import SafetensorError, safe_open
 
     path = feature_file(folder, split, kind, image_path)
     if not path.is_file():
         raise FileNotFoundError(f"no cached {kind} feature for {image_path} (expected {path}); run "
                                 f"`python dataloader.py preprocess DATA_FILE --out {folder} --split {split}`")
-    with safe_open(str(path), framework="pt") as f:
-        stored = (f.metadata() or {}).get("image_path")
-        if stored != os.path.abspath(image_path):
-            raise DataError(f"{path} holds the feature of {stored!r}, not of {os.path.abspath(image_path)!r}")
-        return f.get_tensor("feature")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get("image_path")
+            if stored != os.path.abspath(image_path):
+                raise DataError(f"{path} holds the feature of {stored!r}, not of {os.path.abspath(image_path)!r}")
+            feature = f.get_tensor("feature")
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: not a readable cached {kind} feature of {image_path} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); delete it and run preprocess again") from None
+    if shape is not None and (not feature.is_floating_point() or feature.dim() != len(shape) or any(
+            want is not None and got != want for got, want in zip(feature.shape, shape))):
+        want = " x ".join("any" if d is None else str(d) for d in shape)
+        raise DataError(f"{path}: the cached {kind} feature of {image_path} is a {feature.dtype} tensor of shape "
+                        f"{tuple(feature.shape)}, expected float {want} (made for another config?); run "
+                        f"preprocess again")
+    return feature
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,6 +534,7 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
         self.feature_split = feature_split or ("train" if is_training else "test")
         self.max_length = max_length
         self.allow_outside_paths = allow_outside_paths
+        self.caps = limits()            # config/limits.yaml (MINIGPT5_LIMITS), read when the dataset is made
         self.epoch = 0
         self._transforms = None
         self._build_index()
@@ -587,14 +647,34 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
         return tensor.flip(-1) if self._flip(sample, slot) else tensor
 
     def open_image(self, path: str) -> Image.Image:
-        """The RGB image of `path` (a hook: the shard reader in shards.py opens in-memory bytes)."""
+        """The RGB image of `path` (a hook: the shard reader in shards.py opens in-memory bytes).
+        A path whose symbolic links lead outside `image_root` is refused (`allow_outside_paths`)."""
+        if not self.allow_outside_paths and resolves_outside(self.image_root, path):
+            raise _BadSample(OUTSIDE_PATH, f"{path} is a symbolic link to {os.path.realpath(path)}")
         return load_rgb(path)
 
     def _feature(self, path: str, kind: str) -> torch.Tensor:
         try:
-            return load_feature(self.feature_folder, self.feature_split, kind, path)
+            return load_feature(self.feature_folder, self.feature_split, kind, path, self._feature_shape(kind))
         except FileNotFoundError as e:
             raise _BadSample("missing cached feature", str(e)) from e
+        except DataError as e:
+            raise _BadSample("unreadable cached feature", str(e)) from e
+
+    def _feature_shape(self, kind: str) -> tuple[int | None, ...] | None:
+        """The shape a cached feature must have for this config (sizes the config does not say --
+        the LLM's width, the VAE's scale -- are read from the weight folders' config.json, when there)."""
+        if not hasattr(self, "_feature_shapes"):
+            cfg = self._need("cfg")
+            hidden, channels, size = None, None, None
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                hidden = int(json.loads((Path(cfg.llama_model) / "config.json").read_text())["hidden_size"])
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                vae = json.loads((Path(cfg.sd_model) / "vae" / "config.json").read_text())
+                channels = 2 * int(vae["latent_channels"])
+                size = cfg.sd_image_size // 2 ** (len(vae["block_out_channels"]) - 1)
+            self._feature_shapes = {"img": (cfg.num_query_token, hidden), "vae": (channels, size, size)}
+        return self._feature_shapes[kind]
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         """The model-ready item (see the module docstring), or None when the sample turned out
@@ -637,6 +717,13 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
 
 
 OUTSIDE_PATH = "image path outside the dataset folder"
+
+
+def resolves_outside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether the file `path` (as it is opened), with its symbolic links resolved, lies outside
+    `root` (resolved too): the rule of `path_leaves`, applied where the file really is."""
+    root = os.path.realpath(root)
+    return os.path.commonpath([root, os.path.realpath(path)]) != root
 
 
 def path_leaves(root: str | os.PathLike, path: str) -> bool:
@@ -743,6 +830,9 @@ class VISTDataset(MiniGPT5Dataset):
             raise DataError(f"{path}: a VIST annotation file name contains 'cleaned' (e.g. val_cleaned.json); "
                             "its image mapping is the same name with 'cleaned' -> 'image_mapping'")
         mapping_path = path.with_name(path.name.replace("cleaned", "image_mapping"))
+        if not mapping_path.is_file():
+            raise DataError(f"{mapping_path}: the image mapping of {path} does not exist (a VIST annotation file "
+                            f"X_cleaned.json needs X_image_mapping.json beside it: {{image_id: image path}})")
         stories, mapping = _read_json(path, dict), _read_json(mapping_path, dict)
         self.stories: list[_Story] = []
         story_idx, step_idx, kind_idx = [], [], []
@@ -754,7 +844,7 @@ class VISTDataset(MiniGPT5Dataset):
                 continue
             for k, step in enumerate(steps):
                 where = f"{path} (story {story_id}, step {k})"
-                problem = _vist_step_problem(step, mapping)
+                problem = _vist_step_problem(step, mapping, self.caps)
                 if problem is None and self.outside(str(mapping[str(step["image_id"])])):
                     problem = (OUTSIDE_PATH, repr(mapping[str(step["image_id"])]))
                 if problem:
@@ -797,31 +887,66 @@ class VISTDataset(MiniGPT5Dataset):
                       history + (story.images[k],), None, location)
 
 
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth_over(text: str, cap: int) -> int | None:
+    """How deeply the JSON `text` nests arrays and objects, when that is more than `cap` (None when
+    it is not): strings are taken out, then the brackets counted (C-level string and numpy work, no
+    parsing). Free when the text has no more than `cap` opening brackets in all."""
+    if text.count("[") + text.count("{") <= cap:
+        return None
+    brackets = np.frombuffer(_NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii"), np.uint8)
+    depth = int(np.cumsum(np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)).max(initial=0))
+    return depth if depth > cap else None
+
+
+def parse_json(text: str, where: str) -> Any:
+    """`json.loads(text)` after the `max_json_depth` check; DataError naming `where` (and the line
+    and column) for JSON that is malformed or nested too deeply."""
+    cap = limits().max_json_depth
+    depth = json_depth_over(text, cap)
+    if depth is not None:
+        raise DataError(f"{where}: JSON nested {depth} deep, more than max_json_depth ({cap}; config/limits.yaml)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
+
+
 def _read_json(path: Path, expected: type) -> Any:
-    """A whole JSON file; malformed or of the wrong top-level type -> DataError with line/column."""
+    """A whole JSON file; malformed, nested too deeply or of the wrong top-level type -> DataError
+    with line/column."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise DataError(f"{path} does not exist")
     try:
         with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from e
+            text = f.read()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 at byte {e.start}") from e
+    value = parse_json(text, str(path))
     if not isinstance(value, expected):
         raise DataError(f"{path}: expected a JSON {expected.__name__} at the top level, got {type(value).__name__}")
     return value
 
 
-def _vist_step_problem(step: Any, mapping: dict) -> tuple[str, str] | None:
+def _vist_step_problem(step: Any, mapping: dict, caps) -> tuple[str, str] | None:
     if not isinstance(step, dict) or not {"caption", "image_id", "sequence_index"} <= set(step):
         return "malformed step", f"expected caption, image_id and sequence_index, got {str(step)[:200]}"
     if not isinstance(step["caption"], str) or not step["caption"].strip():
-        return "empty caption", repr(step["caption"])
+        return "empty caption", repr(step["caption"])[:200]
+    if len(step["caption"]) > caps.max_text_chars:
+        return _too_long_text(caps), f"{len(step['caption']):,} characters"
     if any(token in step["caption"] for token in RESERVED_TOKENS):
         return "reserved token in text", repr(step["caption"][:200])
     if str(step["image_id"]) not in mapping:
-        return "image id not in the mapping file", repr(step["image_id"])
+        return "image id not in the mapping file", repr(step["image_id"])[:200]
+    if not isinstance(mapping[str(step["image_id"])], str) or not mapping[str(step["image_id"])]:
+        return "image path in the mapping file is not a string", \
+            f"{step['image_id']!r}: {mapping[str(step['image_id'])]!r}"[:200]
     return None
 
 
@@ -868,10 +993,15 @@ class MMDialogDataset(MiniGPT5Dataset):
 
     def _read_lines(self, path: Path, chunk: int = 4096) -> Iterator[tuple[int, dict]]:
         """Well-formed conversations with their line numbers; malformed lines are reported.
-        Reads `chunk` lines at a time so turn lengths are tokenized in one batched call."""
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        Reads `chunk` lines at a time so turn lengths are tokenized in one batched call. A line
+        longer than `max_row_bytes` is skipped without being read whole."""
+        with open(path, "rb") as f:
             batch: list[tuple[int, dict]] = []
-            for line_no, line in enumerate(f, start=1):
+            for line_no, raw in bounded_lines(f, self.caps.max_row_bytes):
+                if raw is None:
+                    self.problems.add(f"{path}:{line_no}", _too_long_row(self.caps), skipped="line skipped")
+                    continue
+                line = raw.decode("utf-8", "surrogateescape")
                 if not line.strip():
                     continue
                 conversation = self._parse_line(path, line_no, line)
@@ -887,10 +1017,19 @@ class MMDialogDataset(MiniGPT5Dataset):
         if _SURROGATE.search(line):
             self.problems.add(where, "not valid UTF-8", skipped="line skipped")
             return None
+        cap = self.caps.max_json_depth
+        depth = json_depth_over(line, cap)
+        if depth is not None:
+            self.problems.add(where, f"JSON nested more than max_json_depth ({cap}; config/limits.yaml)",
+                              f"{depth} deep", skipped="line skipped")
+            return None
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
             self.problems.add(where, "malformed JSON line", f"column {e.colno}: {e.msg}", skipped="line skipped")
+            return None
+        except RecursionError:
+            self.problems.add(where, "malformed JSON line", "nested too deeply to read", skipped="line skipped")
             return None
         problem = _mmdialog_problem(value)
         if problem:
@@ -900,7 +1039,9 @@ class MMDialogDataset(MiniGPT5Dataset):
 
     def _with_token_counts(self, batch: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
         if self.is_training and batch:
+            cap = self.caps.max_text_chars    # over-long turns are reported by `_usable_turns`, not tokenized
             texts = [turn["turn"][0]["__TEXT__"] for _, c in batch for turn in c["conversation"]]
+            texts = [text if len(text) <= cap else "" for text in texts]
             counts = iter(len(ids) for ids in self.tokenizer(texts, add_special_tokens=False).input_ids)
             for _, c in batch:
                 for turn in c["conversation"]:
@@ -915,6 +1056,10 @@ class MMDialogDataset(MiniGPT5Dataset):
             media = str(turn["turn"][1]["__MEDIA__"]) if len(turn["turn"]) > 1 else None
             image = os.path.join(os.path.dirname(path), f"{media}.jpg") if media is not None else None
             stop = None
+            if len(text) > self.caps.max_text_chars:
+                self.problems.add(f"{path}:{line_no} (turn {i})", _too_long_text(self.caps),
+                                  f"{len(text):,} characters", skipped="conversation cut here")
+                break
             if not text.strip():
                 stop = "empty turn text"
             elif text.endswith(".jpg"):
@@ -960,6 +1105,23 @@ class MMDialogDataset(MiniGPT5Dataset):
         target = f"{text} {VOKEN_TARGET}" if image is not None else f"{text} ###"
         return Sample(self.dataset_spec.task_name(conv.conversation_id, i, "turn"), " ".join(parts), target, None,
                       tuple(inputs), image, f"{self.data_file}:{conv.line}")
+
+
+def bounded_lines(f, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) of a binary file, each line read with at most `max_bytes + 1` bytes in
+    memory; a longer line is read past in pieces and given as None."""
+    line_no = 0
+    while True:
+        line = f.readline(max_bytes + 1)
+        if not line:
+            return
+        line_no += 1
+        if len(line) > max_bytes and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(1 << 20)
+            yield line_no, None
+        else:
+            yield line_no, line
 
 
 def _mmdialog_windows(n_turns: int) -> Iterator[tuple[int, int]]:

@@ -8,10 +8,14 @@ and the prediction writer share.
 The release's evaluation and feature-preprocessing paths skipped the target normalisation (range
 [0, 1]); here the range is [-1, 1] everywhere, and prediction files store [0, 1] as the release did
 (predictions.py).
+
+Every picture a command reads is opened here (`load_rgb`, `check_pixels`): its size is read from
+the header and checked against `max_image_pixels` (config/limits.yaml) before anything is decoded.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from PIL import Image
@@ -67,7 +71,24 @@ def clip_to_unit_range(images: torch.Tensor) -> list[torch.Tensor]:
     return [(image.cpu().float() * std + mean).clamp(0, 1) for image in images]
 
 
-def load_rgb(path) -> Image.Image:
-    """Open an image fully (so that a truncated file fails here) as RGB."""
+def check_pixels(image: Image.Image, where) -> None:
+    """Raise `Image.DecompressionBombError` (one of `IMAGE_ERRORS`) naming `where` when the opened,
+    not yet decoded `image` has more pixels than `max_image_pixels` allows."""
+    from configuration import limits
+
+    cap = limits().max_image_pixels
+    width, height = image.size
+    if width * height > cap:
+        raise Image.DecompressionBombError(
+            f"{where}: {width} x {height} = {width * height:,} pixels, more than max_image_pixels ({cap:,}; "
+            f"config/limits.yaml, or a file named by MINIGPT5_LIMITS); not decoded")
+
+
+def load_rgb(path, draft: int | None = None) -> Image.Image:
+    """Open an image fully (so that a truncated file fails here) as RGB, after `check_pixels`. With
+    `draft`, a JPEG is decoded at the smallest scale whose sides still reach `draft` pixels."""
     with Image.open(path) as image:
+        if draft:
+            image.draft("RGB", (draft, draft))
+        check_pixels(image, path if isinstance(path, (str, os.PathLike)) else "image")
         return image.convert("RGB")

@@ -36,8 +36,9 @@ samples are read but not decoded) and the workers take turns from the one whose 
 the run sees exactly the batches the uninterrupted run would. Resuming with another number of
 ranks or workers in mid-epoch is an error (the slices would differ).
 
-Bad input: a sample without picture or caption is counted at indexing; an empty caption or an
-unreadable picture is found when streamed and dropped from its batch, counted and logged (the TSV
+Bad input: a sample without picture or caption is counted at indexing; an empty or over-long caption
+(config/limits.yaml) or an unreadable or over-large picture is found when streamed and dropped from
+its batch, counted and logged (the TSV
 reader drops empty captions at indexing instead, so such a row makes the two epochs differ by
 that sample). A shard changed after indexing is an error. Cached features
 (PREPROCESS_FEATURE_FOLDER) are not supported with shards.
@@ -426,6 +427,11 @@ class CC3MShards(MiniGPT5Dataset, torch.utils.data.IterableDataset):
         sample = int(self._entry_sample[entry])
         row, path = int(self.index.rows[sample]), self.shard_paths[int(self.index.shard[sample])]
         where = f"{path}:{raw['__key__']}"
+        caps = self.caps
+        if len(raw["txt"]) > caps.max_row_bytes:
+            self.problems.add(where, f"caption (.txt) longer than max_row_bytes ({caps.max_row_bytes:,} bytes; "
+                                     f"config/limits.yaml)")
+            return None
         try:
             caption = clean_caption(raw["txt"].decode("utf-8"))
         except UnicodeDecodeError:
@@ -433,6 +439,9 @@ class CC3MShards(MiniGPT5Dataset, torch.utils.data.IterableDataset):
             return None
         if not caption:
             self.problems.add(where, "empty caption")
+            return None
+        if len(caption) > caps.max_text_chars:
+            self.problems.add(where, f"text longer than max_text_chars ({caps.max_text_chars:,}; config/limits.yaml)")
             return None
         ext = next((e for e in IMAGE_EXTENSIONS if e in raw), IMAGE_EXTENSIONS[0])
         return cc3m_sample(row, caption, bool(self._entry_instruction[entry]), self.is_training, self.seed,

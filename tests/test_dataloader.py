@@ -711,3 +711,166 @@ def test_allow_outside_paths_is_reachable_from_the_command_lines(tmp_path, capsy
     assert capsys.readouterr().out == ""
     assert D.main([str(data / "cc3m_val.tsv"), "--split", "test", "--allow_outside_paths"]) == 0
     assert json.loads(capsys.readouterr().out)["output_image"] == str(data / "../secret.jpg")
+
+
+# ------------------------------------------------------------------------------------------------
+# Size caps (config/limits.yaml, set small here through MINIGPT5_LIMITS), symbolic links, bad files
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_limits(tmp_path, monkeypatch):
+    """`small_limits(**caps)`: these caps in force through a MINIGPT5_LIMITS file (the rest as shipped)."""
+    def set_caps(**caps):
+        path = tmp_path / f"limits-{len(caps)}-{'-'.join(map(str, caps.values()))}.yaml"
+        path.write_text("".join(f"{key}: {value}\n" for key, value in caps.items()))
+        monkeypatch.setenv("MINIGPT5_LIMITS", str(path))
+    return set_caps
+
+
+def test_limits_file_and_override(tmp_path, monkeypatch, small_limits):
+    from configuration import ConfigError, limits
+
+    monkeypatch.delenv("MINIGPT5_LIMITS", raising=False)
+    shipped = limits()
+    assert shipped.max_image_pixels == 8192 * 8192 and shipped.max_row_bytes == 8 << 20
+    small_limits(max_row_bytes=100)
+    assert limits().max_row_bytes == 100 and limits().max_image_pixels == shipped.max_image_pixels
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_row_bytes: -1\n")
+    monkeypatch.setenv("MINIGPT5_LIMITS", str(bad))
+    with pytest.raises(ConfigError, match=r"bad.yaml: `max_row_bytes` must be a whole number >= 0"):
+        limits()
+    bad.write_text("max_rows: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key\(s\) `max_rows`"):
+        limits()
+
+
+def test_cc3m_rows_and_captions_over_the_caps_are_skipped_unread(tmp_path, caplog, small_limits):
+    small_limits(max_row_bytes=60, max_text_chars=20)
+    path = tmp_path / "cc3m.tsv"
+    long_row = "x" * 200 + "\timg/1.jpg"          # longer than a 32-byte block too: skipped without being kept
+    path.write_text(f"caption\timage_path\nfirst\timg/0.jpg\n{long_row}\na caption of thirty characters\timg/2.jpg\n"
+                    f"fourth\timg/3.jpg\n")
+    table = D.read_cc3m_tsv(path, D.ProblemLog(), block_size=32)
+    assert [table.captions[i] for i in table.valid] == ["first", "fourth"]
+    assert table.rows[table.valid].tolist() == [0, 3]                    # the release's row numbers stay
+    with caplog.at_level(logging.WARNING, logger="dataloader"):
+        dataset = D.CC3MDataset(path, is_training=False)
+    assert [s.task_name for s in dataset.samples()] == ["cc3m_0", "cc3m_3"]
+    assert dataset.problems.counts == {"row longer than max_row_bytes (60 bytes; config/limits.yaml)": 1,
+                                       "text longer than max_text_chars (20; config/limits.yaml)": 1}
+    assert f"{path}:3: row longer than max_row_bytes" in caplog.text and f"{path}:4: text longer" in caplog.text
+    with pytest.raises(D.DataError, match=rf"{path}:3: row longer than max_row_bytes"):
+        D.CC3MDataset(path, is_training=False, strict=True)
+
+
+def test_mmdialog_lines_turns_and_nesting_over_the_caps(tmp_path, caplog, small_limits):
+    small_limits(max_row_bytes=400, max_text_chars=30, max_json_depth=8)
+    good = conversation(1, ("hi", None), ("hello", None))
+    deep = '{"conversation_id": 2, "conversation": ' + "[" * 150 + "]" * 150 + "}"     # within the row cap
+    path = write_conversations(tmp_path, [
+        good, conversation(2, ("a" * 500, None), ("b", None)), deep,
+        conversation(4, ("first", None), ("second", None), ("x" * 40, None), ("fourth", None)), good])
+    with caplog.at_level(logging.WARNING, logger="dataloader"):
+        dataset = D.MMDialogDataset(path, is_training=False)
+    assert [s.task_name for s in dataset.samples()] == ["1_1-mm", "4_1-mm", "1_1-mm"]
+    assert dataset.problems.counts == {"row longer than max_row_bytes (400 bytes; config/limits.yaml)": 1,
+                                       "JSON nested more than max_json_depth (8; config/limits.yaml)": 1,
+                                       "text longer than max_text_chars (30; config/limits.yaml)": 1}
+    assert f"{path}:2: row longer" in caplog.text and f"{path}:3: JSON nested" in caplog.text
+    assert f"{path}:4 (turn 2): text longer" in caplog.text
+    with pytest.raises(D.DataError, match=rf"{path}:2: row longer than max_row_bytes"):
+        D.MMDialogDataset(path, is_training=False, strict=True)
+
+
+def test_json_depth_ignores_brackets_in_strings():
+    assert D.json_depth_over('{"a": ["[[[[[[[[[[", {"b": "{{{{{{{{"}]}', 3) is None
+    assert D.json_depth_over("[" * 10 + "]" * 10, 3) == 10
+    assert D.json_depth_over('["\\"[[[[", [[[[1]]]]]', 3) == 5
+
+
+def test_vist_files_that_used_to_give_tracebacks(tmp_path, small_limits):
+    steps = [{"caption": "one .", "image_id": "1", "sequence_index": 0},
+             {"caption": "two .", "image_id": "2", "sequence_index": 1}]
+    path = write_vist(tmp_path, steps, {"1": "a.jpg", "2": 17})                   # a path that is not a string
+    dataset = D.VISTDataset(path, is_training=False)
+    assert [s.task_name for s in dataset.samples()] == ["7_0-gen"]
+    assert dataset.problems.counts == {"image path in the mapping file is not a string": 1}
+    (tmp_path / "val_image_mapping.json").unlink()
+    with pytest.raises(D.DataError, match=r"val_image_mapping.json: the image mapping of .*val_cleaned.json does not exist"):
+        D.VISTDataset(path)
+    write_vist(tmp_path, steps, {"1": "a.jpg", "2": "b.jpg"})
+    path.write_text('{"7": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(D.DataError, match=rf"{path}: JSON nested 100001 deep, more than max_json_depth \(32"):
+        D.VISTDataset(path)
+    small_limits(max_text_chars=4)
+    write_vist(tmp_path, steps, {"1": "a.jpg", "2": "b.jpg"})
+    dataset = D.VISTDataset(path, is_training=False)
+    assert len(dataset) == 0 and dataset.problems.counts == {"text longer than max_text_chars (4; config/limits.yaml)": 1}
+
+
+def test_symbolic_links_out_of_the_dataset_folder_are_refused(tmp_path, tiny_tokenizer, tiny_config, caplog):
+    data = tmp_path / "CC3M"
+    write_jpeg(data / "images" / "a.jpg")
+    write_jpeg(tmp_path / "secret.jpg", colour=(1, 2, 3))
+    (data / "images" / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    (data / "images" / "inside.jpg").symlink_to(data / "images" / "a.jpg")       # a link inside is fine
+    (data / "cc3m_val.tsv").write_text("caption\timage_path\none\timages/a.jpg\ntwo\timages/link.jpg\n"
+                                       "three\timages/inside.jpg\n")
+    linked = tmp_path / "linked"                         # the dataset folder itself reached through a link
+    linked.symlink_to(data)
+    for folder in (data, linked):
+        dataset = D.CC3MDataset(folder / "cc3m_val.tsv", tiny_tokenizer, tiny_config, is_training=False)
+        with caplog.at_level(logging.WARNING, logger="dataloader"):
+            items = [dataset[i] for i in range(len(dataset))]
+        assert items[1] is None and items[0] is not None and items[2] is not None
+        assert dataset.problems.counts == {OUTSIDE: 1}
+    assert f"cc3m_val.tsv:3 (sample cc3m_1): {OUTSIDE}: {data / 'images' / 'link.jpg'} is a symbolic link to " \
+           f"{tmp_path / 'secret.jpg'}" in caplog.text
+    allowed = D.CC3MDataset(data / "cc3m_val.tsv", tiny_tokenizer, tiny_config, is_training=False,
+                            allow_outside_paths=True)
+    assert allowed[1] is not None
+    strict = D.CC3MDataset(data / "cc3m_val.tsv", tiny_tokenizer, tiny_config, is_training=False, strict=True)
+    with pytest.raises(D.DataError, match=OUTSIDE):
+        strict[1]
+
+
+def test_pictures_over_the_pixel_cap_are_not_decoded(tmp_path, tiny_tokenizer, tiny_config, small_limits, monkeypatch):
+    small_limits(max_image_pixels=40 * 24 - 1)
+    write_jpeg(tmp_path / "big.jpg", size=(40, 24))
+    write_jpeg(tmp_path / "small.jpg", size=(20, 20))
+    (tmp_path / "cc3m.tsv").write_text("caption\timage_path\nbig\tbig.jpg\nsmall\tsmall.jpg\n")
+    from PIL import ImageFile
+
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    dataset = D.CC3MDataset(tmp_path / "cc3m.tsv", tiny_tokenizer, tiny_config, is_training=False)
+    assert dataset[0] is None and dataset[1] is not None
+    assert (20, 20) in decoded and (40, 24) not in decoded          # the big one was never decoded
+    assert dataset.problems.counts == {"unreadable image": 1}
+    strict = D.CC3MDataset(tmp_path / "cc3m.tsv", tiny_tokenizer, tiny_config, is_training=False, strict=True)
+    with pytest.raises(D.DataError, match=r"40 x 24 = 960 pixels, more than max_image_pixels \(959"):
+        strict[0]
+
+
+def test_corrupt_or_misshapen_cached_features_are_bad_samples(tmp_path, tiny_tokenizer, tiny_config):
+    write_jpeg(tmp_path / "a.jpg")
+    (tmp_path / "cc3m.tsv").write_text("caption\timage_path\none\ta.jpg\ntwo\ta.jpg\n")
+    features = tmp_path / "features"
+    dataset = D.CC3MDataset(tmp_path / "cc3m.tsv", tiny_tokenizer, tiny_config, is_training=False,
+                            feature_folder=features)
+    image = str(tmp_path / "a.jpg")
+    channels, size, _ = dataset._feature_shape("vae")
+    assert (channels, size) == (8, tiny_config.sd_image_size // 2)
+    D.save_feature(D.feature_file(features, "test", "vae", image), torch.zeros(channels, size, size), image)
+    assert dataset[0] is not None
+    D.save_feature(D.feature_file(features, "test", "vae", image), torch.zeros(channels, size + 1, size), image)
+    assert dataset[0] is None
+    D.feature_file(features, "test", "vae", image).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert dataset[1] is None
+    assert dataset.problems.counts == {"unreadable cached feature": 2}
+    strict = D.CC3MDataset(tmp_path / "cc3m.tsv", tiny_tokenizer, tiny_config, is_training=False,
+                           feature_folder=features, strict=True)
+    with pytest.raises(D.DataError, match=r"vae/[0-9a-f]+\.safetensors: not a readable cached vae feature of .*a\.jpg"):
+        strict[0]
