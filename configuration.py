@@ -129,7 +129,8 @@ class ModelConfig:
 
     def check_paths(self) -> None:
         """Raise `ConfigError` for the first weight path that does not exist (hub ids are allowed
-        for `llama_model` and `sd_model`)."""
+        for `llama_model` and `sd_model`), then `weights.CheckpointError` for the first weight file
+        that is not whole (`weights.check_weight_files`: headers and sizes only, nothing loaded)."""
         for key in PATH_KEYS:
             value = getattr(self, key)
             if key in HUB_ALLOWED_KEYS and is_hub_id(value):
@@ -140,6 +141,9 @@ class ModelConfig:
                     f"Set `{key}` to the local file/folder (build the tiny ones with "
                     f"`python weights.py tiny OUT_DIR`)."
                 )
+        from weights import check_weight_files
+
+        check_weight_files(self)
 
 
 def is_hub_id(value: str) -> bool:

@@ -155,19 +155,16 @@ def _qformer_key_map(num_layers: int, cross_attention_frequency: int) -> dict[st
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A LAVIS `.pth` file as a flat state dict: accepts `{"model": sd}` and a bare `sd`.
 
-    The file is memory-mapped (`torch.load(mmap=True)`): tensors are read from disk when used, and
-    a tensor kept in the file's dtype stays a view of the file instead of a copy in memory. Files
-    in PyTorch's legacy (pre-1.6) format cannot be mapped and are read whole (logged)."""
+    The file is read by `weights.load_untrusted` (no code from it runs) and memory-mapped: tensors
+    are read from disk when used, and a tensor kept in the file's dtype stays a view of the file
+    instead of a copy in memory. Files in PyTorch's legacy (pre-1.6) format cannot be mapped and
+    are read whole (logged)."""
+    from weights import load_untrusted
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LAVIS weight file {str(path)!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        logger.info("%s: legacy torch.save format, read into memory (no mmap): %s", path, e)
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_untrusted(path, "LAVIS weight file (config key `vit_model` / `q_former_model`)", mmap=True)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping):
@@ -466,7 +463,9 @@ def save_lavis(model: Blip2VisionModel, qformer_model: Blip2QFormerModel, query_
     image side is trained (MiniGPT-4's captioning stage)."""
     vit_path, blip2_path = Path(vit_path), Path(blip2_path)
     vit_sd = _read_state_dict(vit_path)
-    blip2_file = torch.load(blip2_path, map_location="cpu", weights_only=True)
+    from weights import load_untrusted
+
+    blip2_file = load_untrusted(blip2_path, "LAVIS weight file (BLIP-2)")
     blip2_sd = blip2_file["model"] if isinstance(blip2_file, Mapping) and "model" in blip2_file else blip2_file
     ours = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
     config = model.config

@@ -79,14 +79,18 @@ def _tiny_corpus() -> list[str]:
 
 def load_llama_proj(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read `llama_proj.weight` / `llama_proj.bias` from MiniGPT-4's `prerained_minigpt4_7b.pth`
-    (a dict whose `model` entry holds them). Returns `{"weight", "bias"}`."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    (a dict whose `model` entry holds them), through `load_untrusted`. Returns `{"weight", "bias"}`."""
+    what = "MiniGPT-4 checkpoint (config key `ckpt`)"
+    checkpoint = load_untrusted(path, what)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a dict with a 'model' entry (MiniGPT-4 checkpoint)")
+        raise CheckpointError(f"{path}: expected a dict with a 'model' entry ({what}), found a "
+                              f"{type(checkpoint).__name__}")
     missing = [k for k in ("llama_proj.weight", "llama_proj.bias") if k not in state]
     if missing:
-        raise KeyError(f"{path}: missing {missing} (config key `ckpt`); found {sorted(state)[:10]}")
+        raise CheckpointError(f"{path}: missing {missing} ({what}); found {sorted(map(str, state))[:10]}")
+    if not all(isinstance(state[k], torch.Tensor) for k in ("llama_proj.weight", "llama_proj.bias")):
+        raise CheckpointError(f"{path}: `llama_proj.weight` / `llama_proj.bias` are not tensors ({what})")
     unused = sorted(k for k in state if not k.startswith("llama_proj."))
     if unused:
         log.info("%s: %d keys not used by MiniGPT-5: %s", path, len(unused), unused[:20])
@@ -160,11 +164,16 @@ def _file_kind_problem(path: Path) -> str | None:
     return f"it is neither a torch.save zip archive nor a legacy torch pickle (it starts with {head!r})"
 
 
-def load_untrusted(path: str | os.PathLike, what: str, allowed: list | None = None):
+def load_untrusted(path: str | os.PathLike, what: str, allowed: list | None = None, mmap: bool = False):
     """`torch.load(path, weights_only=True)` for a file from anywhere: tensors and plain Python
     containers, plus the classes in `allowed` (default `CHECKPOINT_GLOBALS`); never runs code from
     the file. A file that needs anything else raises `UnsafeCheckpointError` naming it; an empty,
-    truncated or foreign file raises `CheckpointError` ("{path}: not a readable {what}: why")."""
+    truncated or foreign file raises `CheckpointError` ("{path}: not a readable {what}: why").
+
+    This is the project's one rule for pickled files: every `.pth` / `.ckpt` / `.pt` any command
+    reads goes through it (tests/test_config_and_weights.py checks that no other `torch.load` or
+    `pickle.load` exists). With `mmap`, tensors stay in the file until used (a legacy, pre-1.6
+    file cannot be mapped and is read whole)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
@@ -172,9 +181,12 @@ def load_untrusted(path: str | os.PathLike, what: str, allowed: list | None = No
     if problem:
         raise CheckpointError(f"{path}: not a readable {what}: {problem}")
     allowed = CHECKPOINT_GLOBALS if allowed is None else allowed
+    if mmap and not zipfile.is_zipfile(path):
+        log.info("%s: legacy torch.save format, read into memory (no mmap)", path)
+        mmap = False
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         names = _unsafe_globals(path, allowed, str(exc))
         if names:
@@ -185,6 +197,99 @@ def load_untrusted(path: str | os.PathLike, what: str, allowed: list | None = No
     except (RuntimeError, OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: not a readable {what} (truncated or damaged?): "
                               f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def load_state_dict_file(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """A flat name -> tensor dict from a `.safetensors` file (data only by its format) or a pickled
+    torch file (through `load_untrusted`), unwrapping a `state_dict` / `model` entry. Anything else is
+    a `CheckpointError` naming the file and `what`."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        problem = safetensors_problem(path)
+        if problem:
+            raise CheckpointError(f"{path}: not a readable {what}: {problem}")
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable {what}: {_first_line(e)}") from None
+    else:
+        state = load_untrusted(path, what)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path}: expected a {what} (a dict of named tensors), found "
+                              f"{type(state).__name__ if not isinstance(state, dict) else 'other entries'}")
+    return state
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` is not a whole safetensors file, judged from its header and size (None if it is):
+    an 8-byte header length, a JSON header, and tensors that end exactly at the end of the file.
+    Reads the header only."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        return f"the file is {'empty' if size == 0 else 'truncated'} ({size} bytes)"
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        if header_size > min(size - 8, 100 << 20):
+            return f"the header claims {header_size:,} bytes but the file has {size:,} (truncated or not safetensors)"
+        try:
+            header = json.loads(f.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            return "the header is not JSON (truncated or not safetensors)"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return "the header's tensor entries have no data_offsets"
+    if 8 + header_size + end != size:
+        return f"the tensors end at byte {8 + header_size + end:,} but the file has {size:,} (truncated?)"
+    return None
+
+
+def check_weight_files(cfg) -> None:
+    """Before any model is built: every weight file the config names is a whole file of its kind
+    (the LLM's and SD's safetensors by their headers and sizes, the `.pth` files by their first
+    bytes), so a damaged download is one `CheckpointError` naming the file and the config key
+    instead of a library's traceback in the middle of loading."""
+    source = getattr(cfg, "source", "the model config")
+    for key, sub in (("llama_model", ("",)), ("sd_model", ("unet", "vae", "text_encoder"))):
+        folder = Path(getattr(cfg, key))
+        if not folder.is_dir():
+            continue                                    # a hub id: the library checks its own cache
+        for part in sub:
+            index = sorted((folder / part).glob("*.safetensors.index.json"))
+            files = sorted((folder / part).glob("*.safetensors"))
+            for index_file in index:
+                try:
+                    names = set(json.loads(index_file.read_text())["weight_map"].values())
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    raise CheckpointError(f"{index_file}: not a readable safetensors index (config key `{key}` in "
+                                          f"{source})") from None
+                missing = sorted(n for n in names if not (index_file.parent / n).is_file())
+                if missing:
+                    raise CheckpointError(f"{index_file} lists {missing[:3]}, which {'is' if len(missing) == 1 else 'are'} "
+                                          f"missing (config key `{key}` in {source})")
+            for file in files:
+                problem = safetensors_problem(file)
+                if problem:
+                    raise CheckpointError(f"{file}: not a readable safetensors file: {problem} (config key `{key}` "
+                                          f"in {source}); download it again")
+    for key in ("vit_model", "q_former_model", "ckpt"):
+        path = Path(getattr(cfg, key))
+        if path.is_file():
+            problem = _file_kind_problem(path)
+            if problem:
+                raise CheckpointError(f"{path}: not a readable weight file: {problem} (config key `{key}` in "
+                                      f"{source})")
 
 
 def _unsafe_globals(path: Path, allowed: list, message: str) -> list[str]:

@@ -188,3 +188,13 @@ def release_stage2_checkpoint_keys(cfg, n_llm_layers: int) -> list[str]:
 # A generous guard against a hung subprocess only: far above any run's time on a loaded machine, so it
 # never fails a correct run (no test depends on wall-clock time).
 HANG_GUARD_S = 3600
+
+
+class PlantsAMarker:
+    """Unpickling this runs `exec`, which writes a marker file (what a malicious file would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))

@@ -20,7 +20,7 @@ from pytorch_lightning.utilities.parsing import AttributeDict
 
 import weights
 
-from conftest import (CC3M_LIKE, STORY_LIKE, batch_for, build, release_stage1_checkpoint_keys,
+from conftest import (CC3M_LIKE, STORY_LIKE, PlantsAMarker, batch_for, build, release_stage1_checkpoint_keys,
                       release_stage2_checkpoint_keys)
 
 
@@ -234,16 +234,6 @@ def test_release_checkpoint_with_lightning_metadata_loads_weights_only(tiny_conf
     metadata = weights.load_untrusted(path, "checkpoint")
     assert metadata["hyper_parameters"]["training_args"].learning_rate == 2e-5
     assert metadata["hyper_parameters"]["args"].model_type == "multimodal_encoder"
-
-
-class PlantsAMarker:
-    """Unpickling this runs `exec`, which writes a marker file (what a malicious file would do)."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tiny_config_path, tmp_path):

@@ -252,3 +252,131 @@ def test_the_docs_say_where_every_weight_comes_from():
         assert (REPO / link).is_file(), link
     assert "https://github.com/eric-ai-lab/MiniGPT-5" in readme and "@misc{zheng2023minigpt5" in readme
     assert (REPO / "LICENSE").read_text().split()[:3] == ["Apache", "License", "Version"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad files give one line naming the file and the config key, before a model is built
+# ------------------------------------------------------------------------------------------------
+
+def test_yaml_syntax_errors_and_python_tags_name_the_file_and_line(tmp_path, tiny_config_path):
+    marker = tmp_path / "marker"
+    text = Path(tiny_config_path).read_text()
+    cases = {"syntax": text + "vision: [1, 2\nmapper: {}\n",
+             "tabs": "llama_model: x\n\tvit_model: y\n",
+             "python": f"llama_model: !!python/object/apply:os.system ['touch {marker}']\n" + text}
+    for name, body in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(body)
+        with pytest.raises(ConfigError) as error:
+            load_config(path)
+        message = str(error.value)
+        assert re.match(rf"{re.escape(str(path))}:\d+: not valid YAML: ", message) and "\n" not in message, message
+    assert "Python tags are not allowed" in message and not marker.exists()
+
+
+def _copy_tiny_weights(tiny_config, folder: Path):
+    """A private copy of the tiny weight files (they are damaged by the tests) and its config."""
+    import shutil
+
+    from configuration import dump_config
+
+    for key in ("llama_model", "sd_model"):
+        shutil.copytree(getattr(tiny_config, key), folder / key)
+    for key in ("vit_model", "q_former_model", "ckpt"):
+        shutil.copy(getattr(tiny_config, key), folder / Path(getattr(tiny_config, key)).name)
+    cfg = tiny_config.replace(llama_model=str(folder / "llama_model"), sd_model=str(folder / "sd_model"),
+                              **{k: str(folder / Path(getattr(tiny_config, k)).name)
+                                 for k in ("vit_model", "q_former_model", "ckpt")})
+    dump_config(cfg, folder / "cfg.yaml")
+    return folder / "cfg.yaml"
+
+
+def test_damaged_weight_files_name_the_file_and_the_config_key(tiny_config, tmp_path):
+    from weights import CheckpointError
+
+    config = _copy_tiny_weights(tiny_config, tmp_path)
+    load_config(config)                                              # whole: fine
+    damaged = [(tmp_path / "llama_model" / "model.safetensors", "llama_model", "truncate"),
+               (tmp_path / "sd_model" / "unet" / "diffusion_pytorch_model.safetensors", "sd_model", "garble"),
+               (tmp_path / "eva_vit_g.pth", "vit_model", "truncate")]
+    for path, key, how in damaged:
+        good = path.read_bytes()
+        path.write_bytes(good[: len(good) - 100] if how == "truncate" else b"\x10\x00\x00\x00\x00\x00\x00\x00" + good[8:])
+        with pytest.raises(CheckpointError) as error:
+            load_config(config)
+        message = str(error.value)
+        assert message.startswith(f"{path}: not a readable") and f"config key `{key}` in {config}" in message
+        assert "\n" not in message
+        path.write_bytes(good)
+
+
+def test_a_pickled_weight_file_that_would_run_code_runs_nothing(tiny_config, tmp_path):
+    from conftest import PlantsAMarker
+    from lavis import load_eva_vit
+    from weights import UnsafeCheckpointError, load_llama_proj
+
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"llama_proj.weight": torch.zeros(2, 2), "x": PlantsAMarker(marker)}}, evil)
+    with pytest.raises(UnsafeCheckpointError, match=rf"refused to load {re.escape(str(evil))}: it needs .*exec"):
+        load_llama_proj(evil)
+    with torch.device("meta"):
+        from lavis import build_vision_model
+        vision = build_vision_model(tiny_config.vision, tiny_config.image_size)
+    with pytest.raises(UnsafeCheckpointError, match=r"LAVIS weight file"):
+        load_eva_vit(vision, evil, tiny_config.q_former_model)
+    assert not marker.exists()
+
+
+# Calls that unpickle (run code from a file) or load YAML with Python tags. Only
+# `weights.load_untrusted` may call `torch.load`; nothing calls the others.
+_UNPICKLERS = {("torch", "load"), ("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"),
+               ("jit", "load"), ("serialization", "load"), ("dill", "load"), ("dill", "loads"),
+               ("joblib", "load"), ("cloudpickle", "load"), ("cloudpickle", "loads"), ("yaml", "load"),
+               ("yaml", "unsafe_load"), ("yaml", "full_load"), ("yaml", "load_all"), ("pd", "read_pickle"),
+               ("pandas", "read_pickle")}
+
+
+def _unpickling_calls(path: Path) -> list[str]:
+    """`file:line name` of every use of an unpickler in a Python file, outside `weights.load_untrusted`."""
+    import ast
+
+    tree = ast.parse(path.read_text(), filename=str(path))
+    name = path.relative_to(REPO) if path.is_relative_to(REPO) else path.name
+    allowed = set()
+    if path == REPO / "weights.py":
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name == "load_untrusted":
+                allowed = {id(n) for n in ast.walk(node)}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in allowed:
+            continue
+        if isinstance(node, ast.Attribute) and isinstance(node.value, (ast.Name, ast.Attribute)):
+            owner = node.value.id if isinstance(node.value, ast.Name) else node.value.attr
+            if (owner, node.attr) in _UNPICKLERS:
+                found.append(f"{name}:{node.lineno} {owner}.{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module in {"torch", "pickle", "dill", "joblib", "yaml"}:
+            found += [f"{name}:{node.lineno} from {node.module} import {a.name}"
+                      for a in node.names if (node.module, a.name) in _UNPICKLERS]
+        elif isinstance(node, ast.keyword) and node.arg == "allow_pickle" and not (
+                isinstance(node.value, ast.Constant) and node.value.value is False):
+            found.append(f"{name}:{node.lineno} allow_pickle")
+    return found
+
+
+def test_every_pickled_file_goes_through_one_loading_rule(tmp_path):
+    """No `torch.load`, `pickle.load`, `torch.jit.load`, `yaml.load`, ... anywhere in the project's code
+    (tests aside) except inside `weights.load_untrusted`: every file a command loads goes through it."""
+    files = [p for p in REPO.rglob("*.py")
+             if not {".venv", "tests", "outputs", "weights", ".git"} & set(p.relative_to(REPO).parts[:1])]
+    assert len(files) > 30 and REPO / "toyworld" / "ship.py" in files
+    found = [hit for path in files for hit in _unpickling_calls(path)]
+    assert found == [], "raw unpickling outside weights.load_untrusted: " + "; ".join(found)
+    # the check sees a new raw load, however it is written (and not the words in a docstring)
+    probe = tmp_path / "probe.py"
+    probe.write_text('"""torch.load(x) in a docstring is fine."""\nimport torch, pickle\nfrom pickle import loads\n'
+                     'a = torch.load("x", weights_only=False)\nb = pickle.load(open("y", "rb"))\n'
+                     'c = torch.jit.load("z")\nd = numpy.load("w", allow_pickle=True)\n')
+    assert [hit.split(" ", 1)[1] for hit in _unpickling_calls(probe)] == [
+        "from pickle import loads", "torch.load", "pickle.load", "jit.load", "allow_pickle"]

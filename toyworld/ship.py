@@ -41,6 +41,7 @@ def ship(build_dir: Path, to: Path = SHIPPED, guidance_scale: float | None = Non
     from transformers import AutoModelForCausalLM, CLIPTextModel
 
     from configuration import dump_config, load_config
+    from weights import load_state_dict_file, read_checkpoint
 
     build_dir = Path(build_dir).resolve()
     cfg = load_config(build_dir / "toy.yaml")
@@ -67,15 +68,14 @@ def ship(build_dir: Path, to: Path = SHIPPED, guidance_scale: float | None = Non
         values = json.loads(config.read_text())
         if values.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-    vit = torch.load(cfg.vit_model, map_location="cpu", weights_only=True)
+    vit = load_state_dict_file(cfg.vit_model, "EVA ViT file (`vit_model`)")
     torch.save(_half(vit), tmp / Path(cfg.vit_model).name)
-    blip2 = torch.load(cfg.q_former_model, map_location="cpu", weights_only=True)
-    torch.save({"model": _half(blip2["model"])}, tmp / Path(cfg.q_former_model).name)
-    proj = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
-    torch.save({"model": _half(proj["model"])}, tmp / Path(cfg.ckpt).name)
+    blip2 = load_state_dict_file(cfg.q_former_model, "BLIP-2 file (`q_former_model`)")
+    torch.save({"model": _half(blip2)}, tmp / Path(cfg.q_former_model).name)
+    proj = load_state_dict_file(cfg.ckpt, "MiniGPT-4 file (`ckpt`)")
+    torch.save({"model": _half(proj)}, tmp / Path(cfg.ckpt).name)
     for name in CHECKPOINTS:
-        checkpoint = torch.load(build_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
-        torch.save({"state_dict": checkpoint["state_dict"]}, tmp / name)
+        torch.save({"state_dict": read_checkpoint(build_dir / "checkpoints" / name)}, tmp / name)
 
     rng = random.Random("shipped-story")
     first = world.Scene("beach", "morning", "red", "near")
