@@ -129,7 +129,9 @@ from tqdm import tqdm
 import predictions
 from constants import cc3m_folder, prediction_folder
 from dataset_specs import NAMES as DATASETS, choose_dataset_type, spec, split_task  # noqa: F401
-from weights import CheckpointError
+from dataloader import DataError
+from image_transforms import IMAGE_ERRORS, load_rgb
+from weights import CheckpointError, load_state_dict_file, load_untrusted
 
 FID_IMAGE_SIZE = 256
 IS_SPLITS = 10
@@ -333,9 +335,12 @@ def load_clip(model_name: str, pretrained: str, weights: str | None = None,
     if weights and not Path(weights).is_file():
         raise MissingWeightError(f"CLIP weights for {model_name}: --clip_weights {weights} is not a file. "
                                  f"To fix: {where}.")
+    # A local file is read by our loading rule (a pickle never runs code; a damaged file is one line)
+    # and handed to OpenCLIP's own checkpoint conversion in place of its file reader.
+    state = load_state_dict_file(weights, f"CLIP checkpoint for {model_name} (--clip_weights)") if weights else None
     logging.disable(logging.ERROR)  # OpenCLIP logs the failure before raising it; we report it once
     try:
-        with _hub_offline_unless_reachable():
+        with _hub_offline_unless_reachable(), _reads(open_clip.factory, "load_state_dict", state):
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=weights or pretrained, device=device, cache_dir=cache_dir,
                 force_quick_gelu=bool(tag.get("quick_gelu", False)))
@@ -348,8 +353,27 @@ def load_clip(model_name: str, pretrained: str, weights: str | None = None,
     return model.eval(), preprocess, tokenizer
 
 
+@contextlib.contextmanager
+def _reads(module: Any, name: str, state: dict | None) -> Iterator[None]:
+    """While the block runs, `module.name` -- a library's function that reads a weight file with
+    `torch.load` -- returns `state` instead, the dict `weights.load_untrusted` already read (nothing
+    changes when `state` is None). So the library builds its model from data our loading rule
+    checked, and never unpickles the file itself."""
+    if state is None:
+        yield
+        return
+    original = getattr(module, name)
+    setattr(module, name, lambda *args, **kwargs: state)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
 def load_inception(weights: str | None = None, device: str = "cpu") -> torch.nn.Module:
-    """torchmetrics' FID Inception from `weights`, or from torch hub's cache (downloaded if reachable)."""
+    """torchmetrics' FID Inception from `weights`, or from torch hub's cache (downloaded if reachable).
+    The file is read by `weights.load_untrusted`; torch-fidelity's own reader (`torch.load` without
+    `weights_only`) never sees it."""
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
         from torchmetrics.image.fid import NoTrainInceptionV3
@@ -378,8 +402,13 @@ def load_inception(weights: str | None = None, device: str = "cpu") -> torch.nn.
     if not Path(weights).is_file():
         raise MissingWeightError(f"FID/IS Inception weights: --inception_weights {weights} is not a file. "
                                  f"To fix: {where}.")
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
+    state = load_state_dict_file(weights, "FID/IS Inception weights (--inception_weights)")
     try:
-        net = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+        # No path: torch-fidelity asks its hub reader for the weights, which hands it `state`.
+        with _reads(fidelity, "load_state_dict_from_url", state):
+            net = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=None)
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
         raise MissingWeightError(f"FID/IS Inception weights {weights} could not be loaded: "
                                  f"{_first_line(exc)}. To fix: {where}.") from None
@@ -467,7 +496,14 @@ def load_models(args: argparse.Namespace, dataset: str, given: Models | None = N
 
 
 def _open(image: Image.Image | Path) -> Image.Image:
-    return Image.open(image).convert("RGB") if isinstance(image, Path) else image.convert("RGB")
+    """A picture as RGB; a file (the FID real set) read by `load_rgb`, one that cannot be read (or is
+    over `max_image_pixels`) a `DataError` naming it."""
+    if not isinstance(image, Path):
+        return image.convert("RGB")
+    try:
+        return load_rgb(image)
+    except IMAGE_ERRORS as exc:
+        raise DataError(f"{image}: an FID real-set picture that cannot be read: {type(exc).__name__}: {exc}") from None
 
 
 def _batches(items: Sequence, batch_size: int, desc: str) -> Iterator[list]:
@@ -634,8 +670,15 @@ def real_fid_features(images: Sequence[Image.Image | Path], models: Models,
             digest.update(image.tobytes())
     cache = Path(args.fid_cache_dir) / f"fid_real_{digest.hexdigest()[:24]}.pt"
     if cache.is_file():
-        print(f"real-image FID features ({len(images)} images) from cache {cache}")
-        return torch.load(cache, weights_only=True)
+        try:
+            features = load_untrusted(cache, "FID feature cache", allowed=[])
+            if not isinstance(features, torch.Tensor) or features.dim() != 2 or len(features) != len(images):
+                raise CheckpointError(f"{cache}: expected a {len(images)} x D tensor of FID features")
+        except CheckpointError as e:
+            warnings.warn(f"ignoring a damaged FID feature cache ({e}); computing the features again")
+        else:
+            print(f"real-image FID features ({len(images)} images) from cache {cache}")
+            return features
     features, _ = inception_outputs(images, models, FID_IMAGE_SIZE, args.batch_size, args.device)
     cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")   # another run may read the cache meanwhile
@@ -971,6 +1014,8 @@ def main(argv: Sequence[str] | None = None, models: Models | None = None) -> dic
         models = load_models(args, dataset, models)
         results, counts = score(dataset, samples, models, args)
     except (MissingWeightError, FileNotFoundError, CheckpointError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    except DataError as exc:             # a real-set picture that cannot be read (or is over max_image_pixels)
         raise SystemExit(f"error: {exc}") from None
     report = format_report(dataset, folder, results, counts, args, models)
     print(report)

@@ -16,10 +16,15 @@ scores our files and ours scores its files. Only `to_release_list` / `from_relea
 positions.
 
 Format and safety: `torch.save`, a pickle in a zip, as the release wrote them (its `metric.py`
-needs PIL images in the list). Reading never runs code from the file: `torch.load` with
-`weights_only=True` plus exactly one extra class, `PIL.Image.Image`, rebuilt by `_CheckedImage`,
-which checks the pickled state (mode, size, pixel bytes) before Pillow allocates anything. A file
-that needs any other Python object is refused with an error naming the file.
+needs PIL images in the list). Reading never runs code from the file: `weights.load_untrusted`
+(`torch.load` with `weights_only=True`) plus exactly one extra class, `PIL.Image.Image`, rebuilt by
+`_CheckedImage`, which checks the pickled state (mode, size within `max_image_pixels`, pixel bytes)
+before Pillow allocates anything. A file that needs any other Python object is refused with an error
+naming the file. Memory stays proportional to the file: before anything is unpickled, the pickle's
+references to objects it already built (pictures, their pixel bytes) are counted, and after it,
+pictures and tensors that several slots share; more than `max_shared_references` of them
+(config/limits.yaml; our writer and the release's store each picture once) is an error, as is a file
+whose references would add more data than the file holds.
 
 The folder: one prediction run's files only. `claim_folder` (train_eval.py, before a model loads)
 refuses a folder that holds an earlier run's predictions, or empties it with `--overwrite`, and
@@ -34,9 +39,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickletools
 import re
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +53,6 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-MAX_PIXELS = 1 << 26          # 64 M pixels (8192 x 8192): far above any generated or target image
 _IMAGE_MODES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "RGB": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3,
                 "I": 4, "F": 4, "I;16": 2}
 WHAT = "prediction file (a list written by train_eval.py or the release)"
@@ -63,9 +69,11 @@ class _CheckedImage(Image.Image):
         if not isinstance(info, dict) or mode not in _IMAGE_MODES:
             raise ValueError(f"unexpected image mode {mode!r}")
         if (not isinstance(size, (list, tuple)) or len(size) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in size)
-                or size[0] * size[1] > MAX_PIXELS):
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in size)):
             raise ValueError(f"unexpected image size {size!r}")
+        if size[0] * size[1] > _max_pixels():
+            raise ValueError(f"a picture of {size[0]} x {size[1]} pixels, more than max_image_pixels "
+                             f"({_max_pixels():,}; config/limits.yaml)")
         bits = 1 if mode == "1" else 8 * _IMAGE_MODES[mode]
         expected = ((size[0] * bits + 7) // 8) * size[1]
         if not isinstance(data, bytes) or len(data) != expected:
@@ -76,6 +84,95 @@ class _CheckedImage(Image.Image):
 
 
 SAFE_GLOBALS = [(_CheckedImage, "PIL.Image.Image")]
+
+
+def _max_pixels() -> int:
+    from configuration import limits
+
+    return limits().max_image_pixels
+
+
+# ---- references: what a file reuses instead of storing ------------------------------------------
+
+REFERENCE_BYTES = 1024        # an object this large that the pickle refers to again is a reference
+_LITERALS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
+             "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
+_IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}   # they grow the object below
+_MARK = [0]
+
+
+def pickle_references(data: bytes) -> tuple[int, int]:
+    """(references, bytes referenced) of a pickle stream, read with `pickletools.genops` (nothing is
+    built): each memo look-up (GET) of an object of REFERENCE_BYTES or more is a reference, and the
+    bytes referenced add up the size of everything looked up again. The sizes are followed on a
+    stack as the unpickler would build the objects: a literal weighs its length, a built object what
+    went into it (a picture: its pixel bytes)."""
+    stack: list[list[int]] = []
+    memo: dict[int, list[int]] = {}
+    references = referenced = 0
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else [0]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            cell = memo.get(arg, [0])
+            references += cell[0] >= REFERENCE_BYTES
+            referenced += cell[0]
+            stack.append(cell)
+        elif name == "MARK":
+            stack.append(_MARK)
+        else:
+            before = op.stack_before[1:] if name in _IN_PLACE else op.stack_before
+            weight = 0
+            for item in reversed(before):
+                if item is pickletools.stackslice:
+                    while stack and stack[-1] is not _MARK:
+                        weight += stack.pop()[0]
+                elif stack:
+                    weight += stack.pop()[0] if stack[-1] is not _MARK or item is pickletools.markobject else 0
+            if name in _IN_PLACE:
+                if stack:
+                    stack[-1][0] += weight
+            elif op.stack_after:
+                if name in _LITERALS:
+                    weight = len(arg)
+                stack.append([weight])
+                stack.extend([0] for _ in op.stack_after[1:])
+    return references, referenced
+
+
+def _pickle_of(path: Path) -> bytes:
+    """The pickle stream of a torch.save zip archive (`<archive>/data.pkl`)."""
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(names) != 1:
+            raise ValueError("no data.pkl in the archive")
+        return archive.read(names[0])
+
+
+def _shared_slots(entries: list) -> int:
+    """Picture and tensor slots of the loaded entries that reuse a picture or a tensor's storage of an
+    earlier slot, or whose tensor views more elements than its storage holds (a stride trick). An
+    all-zero tensor (the release's "no target image") is never copied when read, so it may be shared."""
+    seen: set = set()
+    shared = 0
+    for entry in entries:
+        if not isinstance(entry, (list, tuple)) or len(entry) != len(RELEASE_LAYOUT):
+            continue
+        for value in (entry[3], entry[4], entry[5]):
+            if isinstance(value, Image.Image):
+                key = ("image", id(value))
+            elif isinstance(value, torch.Tensor):
+                if not value.any():
+                    continue
+                storage = value.untyped_storage()
+                key = ("storage", storage.data_ptr(), storage.nbytes())
+                shared += value.numel() * value.element_size() > storage.nbytes()
+            else:
+                continue
+            shared += key in seen
+            seen.add(key)
+    return shared
 
 
 def to_unit_range(image: torch.Tensor) -> torch.Tensor:
@@ -244,12 +341,31 @@ def load(path: str | os.PathLike) -> list[PredictionRecord]:
     """The records of one prediction file (ours or the release's), read without running code from
     it; images as plain PIL images, expected images as [0, 1] tensors. A file in another layout,
     or one that needs other Python objects, raises `weights.CheckpointError` naming it."""
+    from configuration import limits
     from weights import CheckpointError, load_untrusted
 
     path = Path(path)
+    cap = limits().max_shared_references
+    where = f"max_shared_references ({cap}; config/limits.yaml, or a file named by MINIGPT5_LIMITS)"
+    if path.is_file() and path.stat().st_size and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a readable {WHAT}: not a torch.save zip archive (a prediction file is "
+                              f"one, from torch 1.6 on)")
+    if path.is_file() and path.stat().st_size:
+        try:
+            references, referenced = pickle_references(_pickle_of(path))
+        except (ValueError, zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable {WHAT}: {e}") from None
+        if references > cap or referenced > max(path.stat().st_size, 1 << 20):
+            raise CheckpointError(f"{path}: the file refers {references} time(s) to pictures or data it already "
+                                  f"holds ({referenced:,} bytes referenced, from a file of {path.stat().st_size:,}), "
+                                  f"more than {where} allows; nothing was unpickled")
     entries = load_untrusted(path, WHAT, SAFE_GLOBALS)
     if not isinstance(entries, list):
         raise CheckpointError(f"{path}: expected a {WHAT}, found a {type(entries).__name__}")
+    shared = _shared_slots(entries)
+    if shared > cap:
+        raise CheckpointError(f"{path}: {shared} picture / tensor slot(s) reuse a picture or tensor of another slot, "
+                              f"more than {where} allows (each would be copied when read)")
     records, rescaled = [], 0
     for i, entry in enumerate(entries):
         try:
@@ -280,4 +396,10 @@ def _layout_problem(entry: Any) -> str | None:
             return f"{name} is a {type(entry[k]).__name__}, not a PIL image"
     if entry[5] is not None and not isinstance(entry[5], torch.Tensor):
         return f"expected_image is a {type(entry[5]).__name__}, not a tensor"
+    if isinstance(entry[5], torch.Tensor) and entry[5].numel():
+        shape = tuple(entry[5].shape)
+        if not (len(shape) == 3 or len(shape) == 4 and shape[0] == 1) or shape[-3] not in (1, 3, 4):
+            return f"expected_image has shape {shape}, not C x H x W"
+        if shape[-1] * shape[-2] > _max_pixels():
+            return f"expected_image has {shape[-2]} x {shape[-1]} pixels, more than max_image_pixels ({_max_pixels():,})"
     return None

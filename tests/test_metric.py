@@ -13,6 +13,7 @@ path) and inject a tiny Inception stand-in. Sentence-BERT is the real packaged a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,22 @@ def test_real_features_are_cached_by_content(models, tmp_path):
     assert len(list((tmp_path / "cache").glob("fid_real_*.pt"))) == 1  # same images: a cache hit
     metric.real_fid_features(random_images(4, 14), models, args)
     assert len(list((tmp_path / "cache").glob("fid_real_*.pt"))) == 2  # other images: a new entry
+
+
+def test_a_damaged_fid_cache_is_a_miss_with_a_warning(models, tmp_path):
+    args = metric.parse_args(["--pred_folder", str(tmp_path), "--fid_cache_dir", str(tmp_path / "cache")])
+    images = random_images(3, 13)
+    first = metric.real_fid_features(images, models, args)
+    cache = next((tmp_path / "cache").glob("fid_real_*.pt"))
+    for damage in (cache.read_bytes()[:100], b"", None):
+        if damage is None:
+            torch.save(torch.zeros(7, 2), cache)                     # readable, but not these images' features
+        else:
+            cache.write_bytes(damage)
+        with pytest.warns(UserWarning, match=rf"ignoring a damaged FID feature cache \({re.escape(str(cache))}"):
+            again = metric.real_fid_features(images, models, args)
+        torch.testing.assert_close(again, first)
+        torch.testing.assert_close(metric.real_fid_features(images, models, args), first)   # rewritten: a hit
 
 
 def test_vist_story_level_fid_skips_one_step_stories(models, tmp_path):
@@ -600,6 +617,58 @@ def test_missing_inception_and_sbert_weights_give_one_clear_error(tmp_path, monk
         metric.load_sbert(str(tmp_path / "no-sbert"))
 
 
+def _inception_state_dict() -> dict[str, torch.Tensor]:
+    """A state dict of the FID Inception's names and shapes (values 0.01), without any weight file:
+    the network is built on the meta device with its weight loading stubbed."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    shapes = {}
+    with torch.device("meta"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fidelity, "load_state_dict_from_url", lambda *a, **k: {})
+        patch.setattr(torch.nn.Module, "load_state_dict",
+                      lambda self, sd, *a, **k: shapes.update({n: t.shape for n, t in self.state_dict().items()}))
+        NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=None)
+    return {name: torch.full(shape, 0.01) for name, shape in shapes.items()}
+
+
+def test_inception_and_clip_weights_go_through_the_loading_rule(tmp_path, tiny_clip_weights, monkeypatch):
+    """A crafted `--inception_weights`, torch hub's cached Inception file and a crafted `--clip_weights`
+    are refused without running anything (torch-fidelity read them with weights_only=False); a real
+    Inception state dict is read by our rule and ends up in the network."""
+    from conftest import PlantsAMarker
+
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "x": PlantsAMarker(marker)}, evil)
+    with pytest.raises(metric.CheckpointError, match=rf"refused to load {re.escape(str(evil))}.*exec"):
+        metric.load_inception(str(evil))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    cached = tmp_path / "hub" / "checkpoints" / Path(URL_INCEPTION_V3).name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(evil.read_bytes())
+    with pytest.raises(metric.CheckpointError, match=rf"refused to load {re.escape(str(cached))}"):
+        metric.load_inception()
+    folder = save_predictions(tmp_path / "preds", cc3m_items(2))
+    with pytest.raises(SystemExit, match=rf"^error: refused to load {re.escape(str(evil))}"):
+        metric.main(["--pred_folder", str(folder), "--dataset", "CC3M", "--fid_real", "ground_truth",
+                     *common_args(tmp_path, tiny_clip_weights), "--inception_weights", str(evil)])
+    with pytest.raises(SystemExit, match=rf"^error: refused to load {re.escape(str(evil))}"):
+        metric.main(["--pred_folder", str(folder), "--dataset", "CC3M", "--fid_real", "ground_truth",
+                     *common_args(tmp_path, tiny_clip_weights)[2:], "--clip_model", TINY_CLIP,
+                     "--clip_weights", str(evil)], models=metric.Models(inception=TinyInception()))
+    assert not marker.exists()
+
+    state = _inception_state_dict()
+    torch.save(state, tmp_path / "inception.pth")
+    net = metric.load_inception(str(tmp_path / "inception.pth"))
+    assert set(net.net.state_dict()) == set(state)
+    assert float(net.net.fc.weight[0, 0]) == pytest.approx(0.01) and float(net.net.Mixed_7c.branch1x1.conv.weight.max()) \
+        == pytest.approx(0.01)
+
+
 def test_missing_predictions_give_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no predictions"):
         metric.main(["--pred_folder", str(tmp_path / "empty"), "--dataset", "CC3M"])
@@ -637,8 +706,50 @@ def test_a_pickled_image_with_a_bad_state_is_refused_before_allocating(tmp_path,
     with monkeypatch.context() as patch:   # pickled as a 100000 x 100000 image with 1 byte of pixels
         patch.setattr(Image.Image, "__getstate__", lambda self: [{}, "RGB", (100_000, 100_000), None, b"x"])
         torch.save([["a", "b", "c", image, None, None, None, "t_0"]], tmp_path / "predictions-0.pt")
-    with pytest.raises(ValueError, match="predictions-0.pt.*image size"):
+    with pytest.raises(ValueError, match="predictions-0.pt.*100000 x 100000 pixels, more than max_image_pixels"):
         predictions.load(tmp_path / "predictions-0.pt")
+
+
+def test_pictures_referenced_many_times_are_refused_before_they_are_built(tmp_path, monkeypatch):
+    """A small file that refers to one picture (or its pixel bytes) many times would be multiplied in
+    memory when read; the references are counted in the pickle before anything is built."""
+    built = []
+    real_setstate = predictions._CheckedImage.__setstate__
+    monkeypatch.setattr(predictions._CheckedImage, "__setstate__",
+                        lambda self, state: built.append(1) or real_setstate(self, state))
+    picture = random_images(1, 30, size=40)[0]                     # 4.8 kB of pixels
+    ours = predictions.save([predictions.PredictionRecord("a", "b", "c", random_images(1, i, size=40)[0], None,
+                                                          as_target(picture), f"t_{i}") for i in range(4)],
+                            tmp_path / "ours.pt")
+    assert predictions.pickle_references(predictions._pickle_of(ours))[0] == 0   # what the writers make
+    assert len(predictions.load(ours)) == 4 and len(built) == 4
+
+    built.clear()
+    same_object = [["a", "b", "c", picture, None, None, None, f"t_{i}"] for i in range(50)]
+    torch.save(same_object, tmp_path / "same.pt")
+    with monkeypatch.context() as patch:                        # 50 pictures rebuilt from one pixel buffer
+        pixels = picture.tobytes()
+        patch.setattr(Image.Image, "__getstate__", lambda self: [{}, "RGB", (40, 40), None, pixels])
+        torch.save([["a", "b", "c", Image.new("RGB", (1, 1)), None, None, None, f"t_{i}"] for i in range(50)],
+                   tmp_path / "same_pixels.pt")
+    for name in ("same.pt", "same_pixels.pt"):
+        with pytest.raises(metric.CheckpointError, match=rf"{name}: the file refers 49 time\(s\) to pictures or "
+                                                         rf"data it already holds .*max_shared_references \(0"):
+            predictions.load(tmp_path / name)
+    assert built == []                                          # refused before a single picture was built
+    limits = tmp_path / "limits.yaml"
+    limits.write_text("max_shared_references: 49\n")
+    monkeypatch.setenv("MINIGPT5_LIMITS", str(limits))
+    assert len(predictions.load(tmp_path / "same.pt")) == len(predictions.load(tmp_path / "same_pixels.pt")) == 50
+    monkeypatch.delenv("MINIGPT5_LIMITS")
+
+    target = as_target(picture)                                 # one target tensor in every record
+    torch.save([["a", "b", "c", None, None, target, None, f"t_{i}"] for i in range(3)], tmp_path / "tensor.pt")
+    torch.save([["a", "b", "c", None, None, torch.ones(3, 1, 1).expand(3, 4000, 4000), None, "t_0"]],
+               tmp_path / "strided.pt")
+    for name in ("tensor.pt", "strided.pt"):
+        with pytest.raises(metric.CheckpointError, match=rf"{name}: \d+ picture / tensor slot\(s\) reuse"):
+            predictions.load(tmp_path / name)
 
 
 def _max_pixel_difference(a: Image.Image, b: Image.Image) -> int:
