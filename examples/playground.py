@@ -10,7 +10,10 @@
 
 Feeds two story frames with the VIST system prompt and their captions, draws `--num_samples`
 answers (one batch, one seed per sample), saves each as a figure titled with the generated text,
-and writes an HTML page with all of them. Prints what it wrote. With the toy preset (shipped in
+and writes an HTML page with all of them, into `outputs/playground/` of this repository wherever it
+is run from (`--out` to change it). Prints each answer with `[picture n]` where the model drew
+picture n (sample_n.png), and what it wrote. Flags and input pictures are checked before the model
+is loaded. With the toy preset (shipped in
 `toyworld/pretrained/`, see docs/toyworld.md) the story is a toy-world story and the judge says what
 each generated picture shows next to what the story implies; the real weights get the two beach
 pictures in `examples/`.
@@ -18,6 +21,7 @@ pictures in `examples/`.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -28,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from constants import IMAGE_SLOT  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent
+DEFAULT_OUT = REPO / "outputs" / "playground"        # git-ignored; the same folder from any working directory
 DEFAULT_IMAGES = [EXAMPLES / "story_1.jpg", EXAMPLES / "story_2.jpg"]
 DEFAULT_CAPTIONS = ["We went to the beach on a sunny day and set up a red umbrella by the sea.",
                     "In the evening the sky turned orange and we built a sandcastle."]
@@ -39,6 +44,19 @@ def story_prompt(captions: list[str]) -> str:
     from prompts import VIST_MULTIMODAL, VIST_SYSTEM, vist_context
 
     return VIST_SYSTEM + VIST_MULTIMODAL[0].format(context=vist_context(captions))
+
+
+def printable_answer(text: str, picture: int | None, end_sym: str = "###") -> str:
+    """An answer as a person reads it: the vokens become `[picture n]` where picture n was drawn
+    (dropped when none was), image slots and the end symbol go, spaces are tidied."""
+    from constants import IMAGE_PLACEHOLDER
+
+    mark = f" [picture {picture}] " if picture is not None else " "
+    text = re.sub(r"(?:\[IMG\d\])+", mark, text, count=1)
+    text = re.sub(r"\[IMG\d\]", " ", text)
+    for token in (end_sym, IMAGE_PLACEHOLDER, "<Img>", "</Img>"):
+        text = text.replace(token, " ")
+    return " ".join(text.split())
 
 
 def save_figure(path: Path, inputs: list, picture, text: str) -> None:
@@ -74,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test_weight", default=None, help="checkpoint loaded on top (e.g. stage2_vist.ckpt)")
     parser.add_argument("--prompt", default=None, help=f"full prompt; one {IMAGE_SLOT} per --images entry")
     parser.add_argument("--images", nargs="*", default=None, help="input images (default: the two story images)")
-    parser.add_argument("--out", default="outputs/playground", help="folder for the figures and the HTML page")
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help="folder for the figures and the HTML page (default: outputs/playground in this repository)")
     parser.add_argument("--num_samples", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42, help="sample i uses seed + i")
     parser.add_argument("--html", default="playground.html", help="HTML file name inside --out ('' to skip)")
@@ -124,8 +143,22 @@ def main(argv: list[str] | None = None) -> list[Path]:
         sys.exit("error: --num_samples must be at least 1")
     if args.top_k < 0:
         sys.exit(f"error: --top_k must be 0 (off) or positive, got {args.top_k}")
+    from generation import check_generation_arguments
 
-    from PIL import Image
+    try:
+        check_generation_arguments([prompt], max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
+                                   top_p=0.9, guidance_scale=args.guidance_scale,
+                                   num_inference_steps=args.num_inference_steps)
+    except ValueError as e:
+        sys.exit(f"error: --{e}")
+    from image_transforms import IMAGE_ERRORS, load_rgb
+
+    inputs = []
+    for path in images:                          # read (size checked from the header) before the model loads
+        try:
+            inputs.append(load_rgb(path))
+        except IMAGE_ERRORS as e:
+            sys.exit(f"error: --images: {str(path)!r} is not a readable image ({e})")
 
     from conversation import Conversation
     from prompts import VIST_SYSTEM
@@ -136,13 +169,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                             **placement_kwargs(args))
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
-    inputs = []
-    for path in images:
-        try:
-            with Image.open(path) as f:
-                inputs.append(f.convert("RGB"))
-        except OSError as e:
-            sys.exit(f"error: --images: {str(path)!r} is not a readable image ({e})")
 
     n = args.num_samples
     outputs = model.generate([prompt] * n, [inputs] * n, seed=[args.seed + i for i in range(n)],
@@ -162,14 +188,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
     page.add("Human", prompt.removeprefix(VIST_SYSTEM), inputs)
     for i, out in enumerate(outputs):
         figure = out_dir / f"sample_{i}.png"
-        save_figure(figure, inputs, out.image, out.text)
+        answer = printable_answer(out.text, i if out.image is not None else None, model.cfg.end_sym)
+        save_figure(figure, inputs, out.image, answer)
         written.append(figure)
         page.add("Assistant", f"[sample {i}, seed {args.seed + i}] {out.clean_text}",
                  [out.image] if out.image is not None else [])
         seen = ""
         if judge is not None and out.image is not None:
             seen = " | the judge sees: " + ", ".join(f"{k} {v}" for k, v in judge(out.image).items())
-        print(f"sample {i}: {'image + ' if out.image is not None else ''}text: {out.text!r}{seen}")
+        print(f"sample {i}: {answer or '(no text)'}{seen}")
     if args.html:
         html_path = out_dir / args.html
         page.to_html(html_path, title="MiniGPT-5 playground")

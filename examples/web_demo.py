@@ -20,7 +20,12 @@ self-contained HTML page.
 There is one model: Gradio's queue runs one generation at a time and other users wait their turn.
 Nothing is fetched from the internet (analytics off, no share link, no server-side rendering).
 Bad input (a file that is not an image, an empty message) gets a notice in the chat; images with
-a side longer than `--max_image_side` are downscaled before they reach the model. Typed
+a side longer than `--max_image_side` are downscaled before they reach the model (JPEGs are decoded
+at a reduced scale; a picture that would still decode to more than `max_image_pixels`,
+config/limits.yaml, is refused unread). Only files uploaded to this server are read: a file path a
+client names in a message must lie, symbolic links resolved, inside Gradio's upload folder (one per
+server, see below), where uploads are kept under names derived from their contents; any other path
+is refused before it is opened, whatever the API call that carried it. Typed
 `[IMG0]`..`[IMG7]` / `<ImageHere>` are turned into look-alikes that the model reads as plain text
 (they would otherwise become vokens or an image slot without an image), and a message longer than
 `--max_message_chars` is cut; both with a notice. Uploads, generated pictures and exports live in
@@ -52,6 +57,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from conversation import Conversation, neutralise_reserved_tokens  # noqa: E402
+from image_transforms import load_rgb  # noqa: E402
 from diffusion import SAMPLERS as SCHEDULERS  # noqa: E402
 from prompts import MMDIALOG_SYSTEM  # noqa: E402
 
@@ -115,17 +121,32 @@ def _close_session(session: ChatSession | None) -> None:
         session.close()
 
 
+def upload_folder() -> Path:
+    """Where Gradio keeps the files clients upload (`GRADIO_TEMP_DIR`: one folder per server under
+    `main`), resolved."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()).resolve()
+
+
+def check_uploaded(path: str | os.PathLike) -> None:
+    """Raise `UploadError` unless `path`, with `..` and symbolic links resolved, is a file inside
+    Gradio's upload folder: the demo reads what clients uploaded to this server, nothing else on it."""
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(upload_folder()) or not real.is_file():
+        raise UploadError(f"{Path(path).name!r} is not a file uploaded to this chat; attach images with the "
+                          f"paper clip")
+
+
 def load_image(path: str | os.PathLike, max_side: int = MAX_IMAGE_SIDE) -> tuple[Image.Image, bool]:
     """Open an uploaded file as an RGB image, downscaled so that its longer side is at most
     `max_side`. Returns (image, downscaled); raises `UploadError` with a readable reason when
-    the file is not an image PIL can decode."""
+    the file is not an image PIL can decode, or would decode to more than `max_image_pixels`."""
     name = Path(path).name
     try:
-        with Image.open(path) as f:
-            f.draft("RGB", (max_side, max_side))          # JPEG: decode big photos at a reduced size
-            image = f.convert("RGB")
+        image = load_rgb(path, draft=max_side)            # JPEG: decode big photos at a reduced size
     except Image.DecompressionBombError as e:
-        raise UploadError(f"{name!r} is too large to open safely ({e})") from e
+        raise UploadError(f"{name!r} is too large to open safely ({str(e).replace(str(path), name)})") from e
     except UnidentifiedImageError as e:
         raise UploadError(f"{name!r} is not an image (or not in a format this demo reads); "
                           f"attach PNG, JPEG, WebP, GIF or BMP files") from e
@@ -206,6 +227,7 @@ def build_demo(model, *, system_prompt: str = MMDIALOG_SYSTEM, max_new_tokens: i
         images, shown, bad, notes = [], [], [], []
         for path in paths:
             try:
+                check_uploaded(path)
                 image, downscaled = load_image(path, max_image_side)
             except UploadError as e:
                 bad.append(str(e))
@@ -373,6 +395,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--max_message_chars must be positive, got {args.max_message_chars}")
     if args.top_k < 0:
         parser.error(f"--top_k must be 0 (off) or positive, got {args.top_k}")
+    from generation import check_generation_arguments
+
+    try:                                        # before any model loads
+        check_generation_arguments(["-"], max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
+                                   top_p=0.9, num_inference_steps=args.num_inference_steps,
+                                   guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale)
+    except ValueError as e:
+        parser.error(f"--{e}")
     return args
 
 

@@ -255,15 +255,58 @@ def test_multi_turn_conversation_feeds_generated_images_back(model, picture, tmp
 
 
 def test_playground_runs_with_no_arguments(tmp_path):
+    """Run from another folder (as the release's `cd examples && python playground.py`), it writes to
+    the repository's git-ignored outputs/playground, and prints answers without the raw vokens."""
     result = subprocess.run([sys.executable, str(REPO / "examples" / "playground.py")], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "outputs" / "playground"
+    out = REPO / "outputs" / "playground"
+    assert f"wrote 5 figures to {out}/sample_*.png and {out / 'playground.html'}" in result.stdout
+    assert list(tmp_path.iterdir()) == []                            # nothing where it was run from
     assert sorted(p.name for p in out.glob("sample_*.png")) == [f"sample_{i}.png" for i in range(5)]
     page = (out / "playground.html").read_text()
     assert page.count("<img ") == 2 + 5          # two inputs, five pictures: the toy model emits vokens itself
-    assert "wrote 5 figures" in result.stdout
     assert "the story implies the next frame shows" in result.stdout and "the judge sees" in result.stdout
+    answers = [line for line in result.stdout.splitlines() if line.startswith("sample ")]
+    assert len(answers) == 5 and all(f"[picture {i}]" in line for i, line in enumerate(answers))
+    assert "[IMG" not in result.stdout and "###" not in result.stdout
+    for written in (out / "sample_0.png", REPO / "examples" / "outputs" / "playground" / "sample_0.png"):
+        assert subprocess.run(["git", "check-ignore", "-q", str(written)], cwd=REPO).returncode == 0, written
+
+
+def test_playground_answers_print_a_picture_mark_instead_of_the_vokens():
+    sys.path.insert(0, str(REPO / "examples"))
+    import playground
+
+    text = "we went home [IMG0][IMG1][IMG2][IMG3][IMG4][IMG5][IMG6][IMG7] ###"
+    assert playground.printable_answer(text, 3) == "we went home [picture 3]"
+    assert playground.printable_answer(text, None) == "we went home"
+    assert playground.printable_answer("[IMG0][IMG1] <ImageHere> ok ###", 0) == "[picture 0] ok"
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--num_inference_steps", "0"], "error: --num_inference_steps must be a positive integer, got 0"),
+    (["--guidance_scale", "nan"], "error: --guidance_scale must be a finite number, got nan"),
+    (["--max_new_tokens", "-1"], "error: --max_new_tokens must be a positive integer, got -1"),
+    (["--images", "BOMB"], "error: --images: 'BOMB' is not a readable image (BOMB: 300 x 200 = 60,000 pixels, "
+                           "more than max_image_pixels (1,000"),
+])
+def test_playground_checks_flags_and_pictures_before_loading_the_model(flags, expected, tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "examples"))
+    import playground
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (300, 200)).save(bomb)
+    limits = tmp_path / "limits.yaml"
+    limits.write_text("max_image_pixels: 1000\n")
+    monkeypatch.setenv("MINIGPT5_LIMITS", str(limits))
+    loaded = []
+    monkeypatch.setattr(MiniGPT5_Model, "from_weights", classmethod(lambda cls, *a, **k: loaded.append(a)))
+    flags = [str(bomb) if f == "BOMB" else f for f in flags]
+    with pytest.raises(SystemExit) as error:
+        playground.main(["--preset", "tiny", "--prompt", "<ImageHere>" if "--images" in flags else "hi", *flags]
+                        + ([] if "--images" in flags else ["--images"]))
+    assert str(error.value.code).startswith(expected.replace("BOMB", str(bomb))) and loaded == []
 
 
 def test_playground_rejects_bad_images(tmp_path):

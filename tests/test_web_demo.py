@@ -249,6 +249,9 @@ def test_cli_defaults_and_bad_config(tmp_path):
         web_demo.main(["--model_config", str(tmp_path / "missing.yaml")])
     with pytest.raises(ValueError, match="scheduler"):
         web_demo.build_demo(None, scheduler="euler")
+    for flags in (["--num_inference_steps", "0"], ["--guidance_scale", "nan"]):
+        with pytest.raises(SystemExit):                       # argparse's one-line usage error, no model loaded
+            web_demo.parse_args(flags)
 
 
 def test_main_wires_the_flags(monkeypatch, model):
@@ -320,6 +323,57 @@ def test_answer_passes_the_settings_top_k_included(tmp_path):
     _handler(demo, "answer")(session, 7.5, 3, 7, False, 16, "pndm", 50)
     assert fake.calls[0]["kwargs"]["top_k"] == 50 and fake.calls[0]["kwargs"]["num_inference_steps"] == 3
     assert fake.calls[0]["prompts"] == [MMDIALOG_SYSTEM + "###Human: hello ###Assistant:"]
+
+
+def test_only_files_uploaded_to_this_server_are_read(tmp_path, monkeypatch, pictures):
+    """A message naming a file elsewhere on the server (or a link to one from the upload folder) is
+    refused before the file is opened: it is not shown, not sent to the model, not in the export."""
+    uploads = tmp_path / "gradio"
+    uploads.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    secret = tmp_path / "server" / "secret.png"
+    secret.parent.mkdir()
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(secret)
+    (uploads / "abc").mkdir()
+    shutil.copy(pictures["red"], uploads / "abc" / "red.png")                # what an upload looks like
+    (uploads / "abc" / "link.png").symlink_to(secret)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
+    fake = FakeModel()
+    demo = web_demo.build_demo(fake, files_root=tmp_path / "sessions")
+    accept = _handler(demo, "accept")
+    for path in (secret, uploads / "abc" / "link.png", uploads / "abc" / ".." / ".." / "server" / "secret.png"):
+        session, messages, _ = accept({"text": "what is this?", "files": [str(path)]}, None)
+        assert session.conversation.turns == [] and not session.pending
+        assert f"{path.name!r} is not a file uploaded to this chat" in messages[-1]["content"]
+        assert "secret" not in session.export_html()
+    assert opened == []                                                       # nothing was even opened
+    session, _, _ = accept({"text": "and this one?", "files": [str(uploads / "abc" / "red.png")]}, None)
+    assert len(session.conversation.turns[0].images) == 1 and session.pending
+
+
+def test_the_api_refuses_server_paths_without_copying_them(server, tmp_path):
+    """Through the HTTP API (what a script would send): a FileData naming a server file is refused,
+    and neither that file nor a non-image is copied into the upload folder."""
+    import json
+    import urllib.error
+
+    from gradio.utils import get_upload_folder
+
+    url, spy = server
+    calls = len(spy.calls)
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(secret)
+    (tmp_path / "secret.txt").write_text("not for clients\n")
+    before = set(Path(get_upload_folder()).rglob("secret*"))
+    for path in (secret, tmp_path / "secret.txt"):
+        body = {"data": [{"text": "hi", "files": [{"path": str(path), "meta": {"_type": "gradio.FileData"}}]}, None]}
+        request = urllib.request.Request(url + "gradio_api/run/accept", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(request, timeout=60)
+    assert set(Path(get_upload_folder()).rglob("secret*")) == before and len(spy.calls) == calls
 
 
 def test_server_files_are_removed_when_the_server_stops(monkeypatch, model, pictures):
