@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from constants import IMAGE_SLOT, RESERVED_TOKENS
+from image_transforms import load_rgb
 from prompts import ASSISTANT, MMDIALOG_SYSTEM
 
 ROLES = ("Human", "Assistant")
@@ -66,8 +67,7 @@ class Conversation:
                 path = Path(image)
                 if not path.is_file():
                     raise FileNotFoundError(f"image {str(path)!r} does not exist")
-                with Image.open(path) as f:
-                    image = f.convert("RGB")
+                image = load_rgb(path)              # its size checked (max_image_pixels) before decoding
             loaded.append(image)
         self.turns.append(Turn(role, text, loaded))
         return self

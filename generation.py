@@ -30,7 +30,7 @@ from torch import nn
 
 import diffusion
 from constants import IMAGE_PLACEHOLDER, VOKEN_COUNT, VOKENS
-from image_transforms import image_processor
+from image_transforms import IMAGE_ERRORS, image_processor, load_rgb
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -131,7 +131,7 @@ def generate(model: "MiniGPT5_Model", prompts: str | list[str], images: list | N
 
 def prepare_images(images: Sequence, image_size: int, device: torch.device) -> torch.Tensor:
     """Images as PIL images, paths or ready (3, S, S) tensors -> a normalised batch tensor."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     transform = image_processor(image_size)
     out = []
@@ -141,9 +141,8 @@ def prepare_images(images: Sequence, image_size: int, device: torch.device) -> t
             if not path.is_file():
                 raise FileNotFoundError(f"input image {str(path)!r} does not exist")
             try:
-                with Image.open(path) as f:
-                    image = f.convert("RGB")
-            except (UnidentifiedImageError, OSError) as e:
+                image = load_rgb(path)                  # its size checked (max_image_pixels) before decoding
+            except IMAGE_ERRORS as e:
                 raise ValueError(f"input image {str(path)!r} is not a readable image: {e}") from None
         if isinstance(image, Image.Image):
             image = transform(image.convert("RGB"))
