@@ -267,6 +267,31 @@ def test_bad_shard_samples(tmp_path, caplog):
         S.CC3MShards(tmp_path / "b.tar")
 
 
+def test_shard_captions_and_pictures_over_the_caps(tmp_path, monkeypatch, tiny_tokenizer, tiny_config):
+    """config/limits.yaml applies to shards: an over-long caption file or text is skipped and counted,
+    a picture over max_image_pixels is dropped from its batch without being decoded."""
+    import webdataset as wds
+
+    limits = tmp_path / "limits.yaml"
+    limits.write_text("max_row_bytes: 40\nmax_text_chars: 12\nmax_image_pixels: 100\n")
+    monkeypatch.setenv("MINIGPT5_LIMITS", str(limits))
+    small, big = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (8, 8)).save(small, format="JPEG")
+    Image.new("RGB", (16, 16)).save(big, format="JPEG")
+    with wds.TarWriter(str(tmp_path / "a.tar")) as tar:
+        tar.write({"__key__": "000000000", "jpg": small.getvalue(), "txt": "a cat"})
+        tar.write({"__key__": "000000001", "jpg": small.getvalue(), "txt": "x" * 41})
+        tar.write({"__key__": "000000002", "jpg": small.getvalue(), "txt": "a very long cat"})
+        tar.write({"__key__": "000000003", "jpg": big.getvalue(), "txt": "a big dog"})
+    dataset = S.CC3MShards(tmp_path / "a.tar", tiny_tokenizer, tiny_config, is_training=False)
+    assert [s.task_name for s in dataset.samples()] == ["cc3m_0", "cc3m_3"]
+    items = list(dataset.items(np.arange(len(dataset))))
+    assert [item["task_name"] if item else None for item in items] == ["cc3m_0", None, None, None]
+    assert dataset.problems.counts["caption (.txt) longer than max_row_bytes (40 bytes; config/limits.yaml)"] == 2
+    assert dataset.problems.counts["text longer than max_text_chars (12; config/limits.yaml)"] == 2
+    assert dataset.problems.counts["unreadable image"] == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Training from shards
 # ----------------------------------------------------------------------------------------------
