@@ -1,8 +1,13 @@
 """Write the project's own small sample datasets, in the release's on-disk formats:
 
-    datasets/CC3M/      cc3m_train.tsv, cc3m_val.tsv (caption<TAB>image_path), images/*.jpg
-    datasets/VIST/      {train,val}_cleaned.json + {train,val}_image_mapping.json, images/*.jpg
+    datasets/CC3M/      cc3m_train.tsv, cc3m_val.tsv (caption<TAB>image_path), {train,val}/NNN.jpg + NNN.txt
+    datasets/VIST/      {train,val}_cleaned.json + {train,val}_image_mapping.json, {train,val}_images/NNN.jpg
     datasets/MMDialog/  {train,test}/{train,test}_conversations.txt (JSON lines) + <media_id>.jpg
+
+The layout is the release's (its datasets/ folder): CC3M's pictures of a split in a folder of that
+name, each with its caption beside it in a .txt (as img2dataset writes them), so that
+`CC3M_FOLDER=datasets/CC3M python metric.py ...` finds the FID real set, every .jpg under `val/`;
+VIST's in `{split}_images/`.
 
 Images are 64 x 64 JPEGs drawn with PIL (a coloured shape on a coloured background) and the
 captions describe them. Everything is deterministic; the whole folder is a few tens of kB.
@@ -75,13 +80,15 @@ CC3M_ROWS = {
 
 
 def write_cc3m(root: Path) -> None:
-    """`cc3m_{train,val}.tsv` with paths relative to `root`, images under `root/images/`."""
+    """`cc3m_{train,val}.tsv` with paths relative to `root`, images under `root/{train,val}/`, each
+    with its caption in a `.txt` beside it."""
     index = 0
     for split, rows in CC3M_ROWS.items():
         lines = ["caption\timage_path"]
         for shape, colour, background, caption in rows:
-            relative = f"images/{index:09d}.jpg"
+            relative = f"{split}/{index:09d}.jpg"
             save(draw(shape, colour, background), root / relative)
+            (root / relative).with_suffix(".txt").write_text(caption)
             lines.append(f"{caption}\t{relative}")
             index += 1
         (root / f"cc3m_{split}.tsv").write_text("\n".join(lines) + "\n")
@@ -129,7 +136,7 @@ VIST_STORIES = {
 
 
 def write_vist(root: Path) -> None:
-    """`{train,val}_cleaned.json` and `{train,val}_image_mapping.json`, images under `root/images/`."""
+    """`{train,val}_cleaned.json` and `{train,val}_image_mapping.json`, images under `root/{train,val}_images/`."""
     index = 0
     for split, stories in VIST_STORIES.items():
         annotations, mapping = {}, {}
@@ -137,7 +144,7 @@ def write_vist(root: Path) -> None:
             annotations[story_id] = []
             for k, (shape, colour, background, size, x, y, caption) in enumerate(steps):
                 image_id = str(5000000 + index)
-                relative = f"images/{index:09d}.jpg"
+                relative = f"{split}_images/{index:09d}.jpg"
                 save(draw(shape, colour, background, size, x, y), root / relative)
                 annotations[story_id].append({"caption": caption, "image_id": image_id, "sequence_index": k})
                 mapping[image_id] = relative

@@ -43,9 +43,9 @@ for data in VIST MMDialog; do
 done
 
 echo "== metrics"
-# --fid_real ground_truth: the sample data has no CC3M_FOLDER/val/ set (the release's FID real set)
-DATAFOLDER=datasets/CC3M $PY metric.py --test_weight stage1_cc3m.ckpt --tiny_extractors --device cpu \
-    --fid_real ground_truth
+# CC3M's FID real set is the release's: every .jpg under CC3M_FOLDER/val/ (datasets/CC3M/val/ here)
+CC3M_FOLDER=datasets/CC3M DATAFOLDER=datasets/CC3M $PY metric.py --test_weight stage1_cc3m.ckpt --tiny_extractors \
+    --device cpu
 OUTPUT_SUFFIX=_VIST DATAFOLDER=datasets/VIST $PY metric.py --test_weight stage2_vist.ckpt --tiny_extractors --device cpu
 OUTPUT_SUFFIX=_MMDialog DATAFOLDER=datasets/MMDialog $PY metric.py --test_weight stage2_vist.ckpt --tiny_extractors --device cpu
 echo "tiny pipeline done: checkpoints in $WEIGHTFOLDER, predictions and results in $OUTPUT_FOLDER"

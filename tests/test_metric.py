@@ -431,6 +431,22 @@ def test_cc3m_fid_real_set_is_every_val_jpg_at_its_own_aspect_ratio(models, tmp_
     assert ours["overall_fid_score"] == pytest.approx(metric.frechet_distance(gt, fake), rel=1e-5)
 
 
+def test_the_release_readme_cc3m_metric_command_runs_on_the_repo_samples(tmp_path, monkeypatch):
+    """`export CC3M_FOLDER=datasets/CC3M; python3 metric.py --test_weight stage1_cc3m.ckpt`, as the
+    release's README writes it, on this repository's datasets/ (laid out as the release's): the FID
+    real set is the three pictures of datasets/CC3M/val/."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    for name, value in (("CC3M_FOLDER", "datasets/CC3M"), ("DATAFOLDER", "datasets/CC3M"),
+                        ("OUTPUT_FOLDER", str(tmp_path / "outputs"))):
+        monkeypatch.setenv(name, value)
+    save_predictions(tmp_path / "outputs" / "stage1_cc3m", cc3m_items(3))
+    results = metric.main(["--test_weight", "stage1_cc3m.ckpt", "--tiny_extractors", "--device", "cpu"])
+    report = (tmp_path / "outputs" / "stage1_cc3m" / "results.md").read_text()
+    assert "| real images for FID | 3 |" in report and results["overall_fid_score"] is not None
+    assert [p.resolve() for p in metric.cc3m_real_images()] == sorted((repo / "datasets" / "CC3M" / "val").glob("*.jpg"))
+
+
 def test_cc3m_without_val_images_is_one_clear_error(tmp_path, tiny_clip_weights, monkeypatch):
     monkeypatch.setenv("CC3M_FOLDER", str(tmp_path / "nowhere"))
     folder = save_predictions(tmp_path / "preds", cc3m_items(2))

@@ -141,13 +141,12 @@ def make_tiny_release_data(root: Path) -> None:
     """`root/datasets/{CC3M,VIST}` with the release's file names, made as small as the commands allow
     (the commands themselves stay as written): CC3M 2 rows, VIST 1 story of 2 steps."""
     cc3m = root / "datasets" / "CC3M"
-    (cc3m / "images").mkdir(parents=True)
     lines = (DATASETS / "CC3M" / "cc3m_val.tsv").read_text().splitlines()
-    (cc3m / "cc3m_val.tsv").write_text("\n".join(lines[:3]) + "\n")
     for line in lines[1:3]:
+        (cc3m / line.split("\t")[1]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(DATASETS / "CC3M" / line.split("\t")[1], cc3m / line.split("\t")[1])
+    (cc3m / "cc3m_val.tsv").write_text("\n".join(lines[:3]) + "\n")
     vist = root / "datasets" / "VIST"
-    (vist / "images").mkdir(parents=True)
     stories = json.loads((DATASETS / "VIST" / "val_cleaned.json").read_text())
     mapping = json.loads((DATASETS / "VIST" / "val_image_mapping.json").read_text())
     story_id = sorted(stories)[0]
@@ -155,6 +154,7 @@ def make_tiny_release_data(root: Path) -> None:
     (vist / "val_cleaned.json").write_text(json.dumps({story_id: steps}))
     (vist / "val_image_mapping.json").write_text(json.dumps({s["image_id"]: mapping[s["image_id"]] for s in steps}))
     for s in steps:
+        (vist / mapping[s["image_id"]]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(DATASETS / "VIST" / mapping[s["image_id"]], vist / mapping[s["image_id"]])
 
 
