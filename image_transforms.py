@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 from PIL import Image
@@ -87,7 +88,10 @@ def check_pixels(image: Image.Image, where) -> None:
 def load_rgb(path, draft: int | None = None) -> Image.Image:
     """Open an image fully (so that a truncated file fails here) as RGB, after `check_pixels`. With
     `draft`, a JPEG is decoded at the smallest scale whose sides still reach `draft` pixels."""
-    with Image.open(path) as image:
+    with warnings.catch_warnings():       # Pillow's size warning: `check_pixels` is the rule here
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    with image:
         if draft:
             image.draft("RGB", (draft, draft))
         check_pixels(image, path if isinstance(path, (str, os.PathLike)) else "image")

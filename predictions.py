@@ -101,9 +101,9 @@ _IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}   
 _MARK = [0]
 
 
-def pickle_references(data: bytes) -> tuple[int, int]:
-    """(references, bytes referenced) of a pickle stream, read with `pickletools.genops` (nothing is
-    built): each memo look-up (GET) of an object of REFERENCE_BYTES or more is a reference, and the
+def pickle_references(data) -> tuple[int, int]:
+    """(references, bytes referenced) of a pickle (bytes or a binary stream), read with
+    `pickletools.genops` (nothing is built): each memo look-up (GET) of an object of REFERENCE_BYTES or more is a reference, and the
     bytes referenced add up the size of everything looked up again. The sizes are followed on a
     stack as the unpickler would build the objects: a literal weighs its length, a built object what
     went into it (a picture: its pixel bytes)."""
@@ -141,13 +141,15 @@ def pickle_references(data: bytes) -> tuple[int, int]:
     return references, referenced
 
 
-def _pickle_of(path: Path) -> bytes:
-    """The pickle stream of a torch.save zip archive (`<archive>/data.pkl`)."""
+def file_references(path: Path) -> tuple[int, int]:
+    """`pickle_references` of the pickle of a torch.save zip archive (`<archive>/data.pkl`), streamed
+    from the archive."""
     with zipfile.ZipFile(path) as archive:
         names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(names) != 1:
             raise ValueError("no data.pkl in the archive")
-        return archive.read(names[0])
+        with archive.open(names[0]) as stream:
+            return pickle_references(stream)
 
 
 def _shared_slots(entries: list) -> int:
@@ -352,7 +354,7 @@ def load(path: str | os.PathLike) -> list[PredictionRecord]:
                               f"one, from torch 1.6 on)")
     if path.is_file() and path.stat().st_size:
         try:
-            references, referenced = pickle_references(_pickle_of(path))
+            references, referenced = file_references(path)
         except (ValueError, zipfile.BadZipFile, OSError) as e:
             raise CheckpointError(f"{path}: not a readable {WHAT}: {e}") from None
         if references > cap or referenced > max(path.stat().st_size, 1 << 20):

@@ -737,7 +737,7 @@ def test_pictures_referenced_many_times_are_refused_before_they_are_built(tmp_pa
     ours = predictions.save([predictions.PredictionRecord("a", "b", "c", random_images(1, i, size=40)[0], None,
                                                           as_target(picture), f"t_{i}") for i in range(4)],
                             tmp_path / "ours.pt")
-    assert predictions.pickle_references(predictions._pickle_of(ours))[0] == 0   # what the writers make
+    assert predictions.file_references(ours)[0] == 0   # what the writers make
     assert len(predictions.load(ours)) == 4 and len(built) == 4
 
     built.clear()
