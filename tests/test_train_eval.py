@@ -147,6 +147,7 @@ def make_tiny_release_data(root: Path) -> None:
         shutil.copy(DATASETS / "CC3M" / line.split("\t")[1], cc3m / line.split("\t")[1])
     (cc3m / "cc3m_val.tsv").write_text("\n".join(lines[:3]) + "\n")
     vist = root / "datasets" / "VIST"
+    vist.mkdir(parents=True)
     stories = json.loads((DATASETS / "VIST" / "val_cleaned.json").read_text())
     mapping = json.loads((DATASETS / "VIST" / "val_image_mapping.json").read_text())
     story_id = sorted(stories)[0]
