@@ -31,6 +31,7 @@ LIMITS_ENV = "MINIGPT5_LIMITS"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PATH_KEYS = ("llama_model", "vit_model", "q_former_model", "ckpt", "sd_model")
 HUB_ALLOWED_KEYS = ("llama_model", "sd_model")
+# The dtypes a config's `dtypes` section may name (torch's names): the one home of these names.
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
@@ -144,6 +145,16 @@ class ModelConfig:
         from weights import check_weight_files
 
         check_weight_files(self)
+
+
+def to_dtype(name: str):
+    """`"bfloat16"` -> `torch.bfloat16`: a name of `DTYPE_NAMES` (the config's `dtypes` section, the
+    presets' file dtypes) as a torch dtype; ValueError naming the known ones otherwise."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPE_NAMES)}")
+    import torch
+
+    return getattr(torch, name)
 
 
 def is_hub_id(value: str) -> bool:

@@ -34,6 +34,7 @@ from dataloader import (OUTSIDE_PATH, MiniGPT5Dataset, dump_records, feature_fil
 from dataset_specs import NAMES as DATASET_TYPES
 from dataset_specs import resolve_dataset_type, spec
 from image_transforms import IMAGE_ERRORS, image_processor, load_rgb, target_transform
+from placement import resolve_device
 
 log = logging.getLogger("dataloader")
 REPO = Path(__file__).resolve().parent
@@ -71,7 +72,7 @@ def preprocess_features(dataset: MiniGPT5Dataset, model: Any, out: str | os.Path
     from tqdm import tqdm
 
     split = split or dataset.feature_split
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     cfg = model.cfg
     inputs: dict[str, int] = {}  # image path -> index of the first sample using it
     outputs: dict[str, int] = {}

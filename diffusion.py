@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from configuration import ModelConfig
+from configuration import ModelConfig, to_dtype
 
 # Samplers `generate` offers: the release's PNDM (the SD folder's own scheduler), or DPM-Solver++.
 SAMPLERS = ("pndm", "dpm++")
@@ -47,8 +47,6 @@ def load_parts(cfg: ModelConfig, device: str | torch.device | None = None):
     is the release's PNDM with the folder's scheduler config (for training noise and for sampling)."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTokenizer
-
-    from minigpt4 import to_dtype
 
     sd, dtype = cfg.sd_model, to_dtype(cfg.dtypes.sd)
     scheduler = PNDMScheduler.from_pretrained(sd, subfolder="scheduler")

@@ -131,6 +131,7 @@ from constants import cc3m_folder, prediction_folder
 from dataset_specs import NAMES as DATASETS, choose_dataset_type, spec, split_task  # noqa: F401
 from dataloader import DataError
 from image_transforms import IMAGE_ERRORS, load_rgb
+from placement import resolve_device
 from weights import CheckpointError, load_state_dict_file, load_untrusted
 
 FID_IMAGE_SIZE = 256
@@ -958,7 +959,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "OUTPUT_FOLDER/<name without extension><OUTPUT_SUFFIX>/")
     parser.add_argument("--pred_folder", help="the folder with predictions-*.pt (instead of --test_weight)")
     parser.add_argument("--dataset", choices=DATASETS, help="default: from DATAFOLDER, as the release")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="where the extractors run: auto (the GPU when one is "
+                        "present, else the CPU), cpu, cuda, cuda:1, ... (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=32, help="images / texts per model call")
     parser.add_argument("--clip_model", help="OpenCLIP architecture (default ViT-L-14; ViT-B-32 for MMDialog)")
     parser.add_argument("--clip_pretrained", default="openai", help="OpenCLIP pretrained tag (with "
@@ -995,6 +997,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.test_weight and not args.pred_folder:
         parser.error("give --test_weight or --pred_folder")
+    try:
+        args.device = str(resolve_device(args.device))
+    except (ValueError, RuntimeError) as e:
+        parser.error(f"--device {args.device}: {e}")
     return args
 
 

@@ -24,22 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from configuration import ModelConfig
+from configuration import ModelConfig, to_dtype
 from constants import IMAGE_PLACEHOLDER, VOKEN_COUNT, VOKENS
 # The image encoder's input transform and normalisation (importable from here too, as before).
 from image_transforms import CLIP_MEAN, CLIP_STD, image_processor  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def to_dtype(name: str) -> torch.dtype:
-    """`"bfloat16"` -> `torch.bfloat16` (the names used in the config's `dtypes` section)."""
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
 
 LLM_QUANTIZATION = ("8bit", "4bit")
 QUANTIZATION_REQUIREMENTS = "requirements-quantization.txt"

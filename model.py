@@ -18,7 +18,6 @@ import logging
 import os
 import warnings
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -35,9 +34,8 @@ from constants import (CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, S
                        TEXT_LOSS_WEIGHT)
 from generation import GenerationOutput
 from minigpt4 import MiniGPT4
+from placement import TakeTurns, place, resolve_device
 from settings import PredictSettings, TrainSettings
-
-
 
 log = logging.getLogger(__name__)
 
@@ -45,103 +43,6 @@ log = logging.getLogger(__name__)
 class CheckpointMismatchError(weights.CheckpointError):
     """A checkpoint that cannot be what the caller meant (no trainable key of the model matched, or
     a stage-2 file without the stage-1 one it builds on)."""
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The device to run on: as given, or (None / "auto") the GPU when one is present, else the CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but no CUDA GPU is available (use --device cpu)")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def add_placement_arguments(parser) -> None:
-    """The command-line flags that say where the model runs (playground, web demo, benchmarks)."""
-    from minigpt4 import LLM_QUANTIZATION, QUANTIZATION_REQUIREMENTS
-
-    parser.add_argument("--device", default="auto",
-                        help="where the model runs: auto (the GPU when one is present, else the CPU), cpu, cuda, "
-                             "cuda:1, ... (default: %(default)s)")
-    parser.add_argument("--llm_quantization", choices=LLM_QUANTIZATION, default=None,
-                        help="load the LLM's linear layers in 8-bit (the release's low_resource mode) or 4-bit NF4 "
-                             f"with bitsandbytes (pip install -r {QUANTIZATION_REQUIREMENTS}); for 12 GB and 8 GB GPUs")
-    parser.add_argument("--offload", action="store_true",
-                        help="keep the image encoder and Stable Diffusion on the CPU between uses, moving each "
-                             "to the device while it runs (with 4-bit: for 8 GB GPUs)")
-
-
-def placement_kwargs(args) -> dict:
-    """`from_weights` keyword arguments from the flags of `add_placement_arguments`."""
-    return {"device": args.device, "llm_quantization": args.llm_quantization, "offload": args.offload}
-
-
-class TakeTurns:
-    """CPU offload for parts used one after another: each part stays on the CPU until it runs; just
-    before it runs, it moves to `device` and the part that ran before it goes back to the CPU.
-
-    Built on accelerate's hook API (a `ModelHook` per part, added with `add_hook_to_module`): the
-    hook wraps `forward` (and diffusers' `AutoencoderKL.decode` / `encode`, which call it too), moves
-    the inputs along, and tells diffusers pipelines the device to run on (`execution_device`).
-    Unlike `accelerate.cpu_offload_with_hook`, whose chain is fixed, any part may follow any other
-    (the SD baseline runs the text encoder before the UNet; generation runs the ViT before it)."""
-
-    def __init__(self, device: torch.device, parts: Sequence[nn.Module] = ()):
-        self.device = torch.device(device)
-        self.parts: list[nn.Module] = []
-        self.turns = 0                      # parts run so far (for tests and benchmarks)
-        self.moves = 0                      # of which had to be copied to the device first
-        for part in parts:
-            self.add(part)
-
-    def add(self, part: nn.Module) -> None:
-        """Put `part` on the CPU and make it take its turn on the device when it runs."""
-        from accelerate.hooks import ModelHook, add_hook_to_module
-        from accelerate.utils import send_to_device
-
-        group = self
-
-        class _Turn(ModelHook):
-            execution_device = self.device
-
-            def init_hook(self, module):
-                return module.to("cpu")
-
-            def pre_forward(self, module, *args, **kwargs):
-                group._make_room(module)
-                return send_to_device(args, group.device), send_to_device(kwargs, group.device)
-
-        add_hook_to_module(part, _Turn(), append=True)
-        self.parts.append(part)
-
-    def _make_room(self, running: nn.Module) -> None:
-        self.turns += 1
-        for part in self.parts:
-            if part is not running and _device_of(part) != torch.device("cpu"):
-                part.to("cpu")
-        if _device_of(running) != self.device:
-            running.to(self.device)
-            self.moves += 1
-
-    def offload_all(self) -> None:
-        """Send every part back to the CPU."""
-        for part in self.parts:
-            part.to("cpu")
-
-    def remove(self) -> None:
-        """Take the hooks off (the parts stay where they are)."""
-        from accelerate.hooks import remove_hook_from_module
-
-        for part in self.parts:
-            remove_hook_from_module(part)
-        self.parts = []
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 class MiniGPT5_Model(pl.LightningModule):
@@ -282,17 +183,8 @@ class MiniGPT5_Model(pl.LightningModule):
         if self._offload is not None:
             self._offload.remove()
             self._offload = None
-        turns = self._offloadable() if offload else []
-        skip = {id(m) for part in turns for m in part.modules()}
-        for module in self.modules():
-            if id(module) in skip:
-                continue
-            own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
-            if any(t.device != device for t in own):
-                module._apply(lambda t: t.to(device), recurse=False)
+        self._offload = place(self, device, self._offloadable() if offload else [])
         self._device = device              # what LightningModule.to would record: where inputs go
-        if turns:
-            self._offload = TakeTurns(device, turns)
         return self
 
     def _offloadable(self) -> list[nn.Module]:

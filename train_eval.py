@@ -39,6 +39,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter, LearningRateMonito
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 import constants
+import placement
 import predictions
 import run_files
 from constants import IMAGE_PLACEHOLDER
@@ -141,7 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="machines in the run (each with --gpus devices); launch one process per device on every node "
                         "with torchrun or SLURM's srun, which Lightning detects (see the README)")
     p.add_argument("--strategy", default="auto", choices=list(STRATEGIES), help=STRATEGY_HELP)
-    p.add_argument("--precision", default=None, help="default bf16-mixed on GPU, 32-true on CPU")
+    p.add_argument("--precision", default=None,
+                   help=f"default {placement.default_precision('gpu')} on GPU, {placement.default_precision('cpu')} on CPU")
     p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimiser steps")
     p.add_argument("--shuffle", action="store_true",
                    help="shuffle the training samples every epoch (seeded; shards: the shard order, then a 1000-sample "
@@ -402,9 +404,7 @@ def check_resume_settings(args: argparse.Namespace, checkpoint: dict, path: Path
 def devices_of(args: argparse.Namespace) -> tuple[str, list[int] | int]:
     """(accelerator, devices): `--gpus` ids on a GPU (default: every visible GPU, as the release's
     0,1,2,3 meant on its 4-GPU machines); on a CPU, one process per listed id (default one)."""
-    accelerator = args.accelerator
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    accelerator = placement.accelerator(args.accelerator)
     ids = [int(x) for x in str(args.gpus).split(",") if x.strip() != ""] if args.gpus is not None else []
     if accelerator == "gpu":
         return accelerator, ids or list(range(max(1, torch.cuda.device_count())))
@@ -836,7 +836,7 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=args.num_nodes,
         strategy=make_strategy(args.strategy, world, stage),
-        precision=args.precision or ("bf16-mixed" if accelerator == "gpu" else "32-true"),
+        precision=args.precision or placement.default_precision(accelerator),
         max_epochs=args.num_train_epochs, accumulate_grad_batches=accumulate,
         val_check_interval=interval if val_loader is not None else None,
         limit_val_batches=None if val_loader is not None else 0,
@@ -969,7 +969,7 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
         "settings": predict_settings(args, kind).to_dict()})
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=args.num_nodes,
                          strategy="ddp" if n_devices * args.num_nodes > 1 else "auto",
-                         precision=args.precision or ("bf16-mixed" if accelerator == "gpu" else "32-true"),
+                         precision=args.precision or placement.default_precision(accelerator),
                          logger=False, callbacks=[writer], enable_progress_bar=True)
     trainer.predict(model, loader, return_predictions=False)
     if trainer.is_global_zero:

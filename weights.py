@@ -739,7 +739,7 @@ def build_full(out_dir: str | os.PathLike, preset_path: str | os.PathLike = FULL
     from tqdm.auto import tqdm
 
     from lavis import Blip2TextSizes, write_tiny_lavis
-    from minigpt4 import to_dtype
+    from configuration import to_dtype
 
     preset_path = Path(preset_path).resolve()
     spec = yaml.safe_load(preset_path.read_text())

@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "weights rarely emit vokens by themselves; off otherwise)")
     parser.add_argument("--judge", action=argparse.BooleanOptionalAction, default=None,
                         help="read each generated picture with the toy world's judge (default: with the toy preset)")
-    from model import add_placement_arguments
+    from placement import add_placement_arguments
 
     add_placement_arguments(parser)
     return parser.parse_args(argv)
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     from conversation import Conversation
     from prompts import VIST_SYSTEM
-    from model import MiniGPT5_Model, placement_kwargs
+    from model import MiniGPT5_Model
+    from placement import placement_kwargs
 
     try:
         model = MiniGPT5_Model.from_weights(args.model_config, args.stage1_weight, args.test_weight,

@@ -383,7 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest upload Gradio accepts, e.g. 20mb (default: %(default)s)")
     parser.add_argument("--max_message_chars", type=int, default=MAX_MESSAGE_CHARS,
                         help="longer messages are cut, with a notice (default: %(default)s)")
-    from model import add_placement_arguments
+    from placement import add_placement_arguments
 
     add_placement_arguments(parser)
     args = parser.parse_args(argv)
@@ -411,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)     # Gradio's own start-up checks on loopback
-    from model import MiniGPT5_Model, placement_kwargs
+    from model import MiniGPT5_Model
+    from placement import placement_kwargs
 
     force = args.force_generation if args.force_generation is not None else args.model_config is None
     if args.model_config is None and args.preset == "toy":

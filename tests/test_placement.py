@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import MiniGPT5_Model, TakeTurns, resolve_device
+from model import MiniGPT5_Model
+from placement import TakeTurns, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "###Human: <Img><ImageHere></Img> what next? ###Assistant:"
