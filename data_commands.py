@@ -133,10 +133,10 @@ def _model_config(model_config: str | os.PathLike, check_paths: bool = True):
 
     cfg = load_config(model_config, check_paths=False)
     if not Path(cfg.llama_model).exists() and Path(model_config).resolve() == DEFAULT_MODEL_CONFIG.resolve():
-        import weights
+        import presets
 
-        log.info("building the tiny preset's weights into %s", weights.DEFAULT_TINY_DIR)
-        weights.ensure_tiny()
+        log.info("building the tiny preset's weights into %s", presets.DEFAULT_TINY_DIR)
+        presets.ensure_tiny()
     if check_paths:
         cfg.check_paths()
     return cfg

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import checkpoints
 import diffusion
 import generation
 import weights
+from checkpoints import CheckpointMismatchError
 from configuration import ModelConfig
 from constants import find_weight
 from constants import (CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, SNR_GAMMA,
@@ -38,11 +40,6 @@ from placement import TakeTurns, place, resolve_device
 from settings import PredictSettings, TrainSettings
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointMismatchError(weights.CheckpointError):
-    """A checkpoint that cannot be what the caller meant (no trainable key of the model matched, or
-    a stage-2 file without the stage-1 one it builds on)."""
 
 
 class MiniGPT5_Model(pl.LightningModule):
@@ -155,7 +152,11 @@ class MiniGPT5_Model(pl.LightningModule):
         and `offload` (keyword arguments of the constructor) fit it on smaller GPUs."""
         from configuration import load_config
 
-        config_path = Path(model_config) if model_config else weights.ensure_tiny()
+        if not model_config:
+            from presets import ensure_tiny
+
+            model_config = ensure_tiny()
+        config_path = Path(model_config)
         cfg = load_config(config_path)
         paths = [find_weight(p, flag) for p, flag in ((stage1_weight, "--stage1_weight"),
                                                       (test_weight, "--test_weight")) if p]
@@ -251,45 +252,12 @@ class MiniGPT5_Model(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def load_checkpoint_files(self, paths: list[str | os.PathLike]) -> list[str]:
-        """Load checkpoints in order, each on top of the last (a stage-1 file, then a stage-2 one),
-        and say once which trainable keys none of them provided (a stage-1 file alone has no LoRA
-        keys; the stage-2 file after it does). Returns those keys."""
-        missing = None
-        for path in paths:
-            left = set(self.load_checkpoint_file(path, warn_missing=False))
-            missing = left if missing is None else missing & left
-        missing = sorted(missing or ())
-        if missing:
-            log.warning("%d trainable keys in none of %s (kept as initialised): %s", len(missing),
-                        ", ".join(str(p) for p in paths), missing[:10])
-        return missing
+        """Load checkpoints in order, each on top of the last (`checkpoints.load_checkpoint_files`)."""
+        return checkpoints.load_checkpoint_files(self, paths)
 
     def load_checkpoint_file(self, path: str | os.PathLike, warn_missing: bool = True) -> list[str]:
-        """Load a MiniGPT-5 checkpoint (ours or the release's, stage 1 or 2) on top of the model.
-
-        Keys are translated between the plain and the LoRA-wrapped LLM names; keys this model does
-        not have are reported and ignored (as the release loaded non-strictly). Returns the
-        trainable keys the file did not provide (and warns about them unless `warn_missing` is
-        off). A file that provides none of them raises `CheckpointMismatchError` (it would load
-        nothing).
-        """
-        state = weights.translate_llm_keys(weights.read_checkpoint(path), lora=self.model.is_lora)
-        trainable = self.trainable_keys()
-        if not trainable & set(state):
-            raise CheckpointMismatchError(
-                f"{path}: none of its {len(state)} keys is a trainable tensor of this stage-{self.stage} model "
-                f"(expected keys such as {sorted(trainable)[:3]}; the file has e.g. {sorted(state)[:3]}); "
-                f"it is not a MiniGPT-5 checkpoint of this kind, and loading it would change nothing")
-        weights.check_shapes(state, weights.module_shapes(self), path, self.cfg.source)
-        result = self.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            log.warning("%s: %d keys this stage-%d model does not use: %s", path, len(result.unexpected_keys),
-                        self.stage, sorted(result.unexpected_keys)[:10])
-        missing = sorted(trainable - set(state))
-        if missing and warn_missing:
-            log.warning("%s: %d trainable keys not in the file (kept as initialised): %s", path, len(missing),
-                        missing[:10])
-        return missing
+        """Load a MiniGPT-5 checkpoint, ours or the release's (`checkpoints.load_checkpoint_file`)."""
+        return checkpoints.load_checkpoint_file(self, path, warn_missing)
 
     # ---- forward -----------------------------------------------------------------------------
 

@@ -760,7 +760,8 @@ def train(args: argparse.Namespace, paths: dict) -> None:
 
     from dataloader import Collator, make_dataset
     from minigpt4 import load_tokenizer
-    from model import CheckpointMismatchError, MiniGPT5_Model
+    from checkpoints import CheckpointMismatchError
+    from model import MiniGPT5_Model
 
     import shards
 
@@ -943,7 +944,8 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
     import pytorch_lightning as pl
 
     from dataloader import Collator, make_dataset
-    from model import CheckpointMismatchError, MiniGPT5_Model
+    from checkpoints import CheckpointMismatchError
+    from model import MiniGPT5_Model
 
     cfg = paths["cfg"]
     accelerator, devices = devices_of(args)

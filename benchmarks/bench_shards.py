@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import dataloader as D
     import shards as S
-    import weights
+    import presets
     from minigpt4 import load_tokenizer
     from tsv_to_shards import convert
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
             tokenizer = load_tokenizer(load_config(args.model_config).llama_model)
         else:
-            tokenizer = load_tokenizer(weights.build_tiny(work / "tiny", seed=0).parent / "llama")
+            tokenizer = load_tokenizer(presets.build_tiny(work / "tiny", seed=0).parent / "llama")
         # The real image sizes (224 input, 512 SD target); the tiny tokenizer.
         cfg = SimpleNamespace(image_size=224, sd_image_size=64 if args.dry_run else 512)
         collate = D.Collator(tokenizer)

@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> None:
         print(text)
         return
     if args.dry_run:
-        from weights import ensure_tiny
+        from presets import ensure_tiny
 
         args.model_config = args.model_config or str(ensure_tiny())
         args.device, args.new_tokens, args.steps, args.dpm_steps = "cpu", 12, 2, 2

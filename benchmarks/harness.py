@@ -44,10 +44,10 @@ def set_threads(n: int) -> None:
 
 
 def ensure_small(out_dir: Path = SMALL_DIR) -> Path:
-    """Build the `small` preset's random weights into `out_dir` (via `weights.build_tiny` with
+    """Build the `small` preset's random weights into `out_dir` (via `presets.build_tiny` with
     config/small.yaml + config/small_arch.yaml) unless an up-to-date build is there; return the path
     of the built config YAML. A build is reused when it was made from the same two YAML files."""
-    from weights import build_tiny
+    from presets import build_tiny
 
     stamp = hashlib.sha256(SMALL_CONFIG.read_bytes() + SMALL_ARCH.read_bytes()).hexdigest()
     config = out_dir / "tiny.yaml"               # build_tiny's name for the config it writes

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "the figures mean nothing")
     args = parser.parse_args(argv)
     if args.dry_run:
-        from weights import ensure_tiny
+        from presets import ensure_tiny
 
         args.model_config = args.model_config or str(ensure_tiny())
         args.device, args.batch, args.warmup, args.steps, args.part_repeats = "cpu", 2, 1, 2, 1

@@ -1,5 +1,5 @@
 """Shared fixtures: the tiny preset is built once per test session into a temporary folder, through
-the same `weights.build_tiny` a user runs, and loaded through the real loading code."""
+the same `presets.build_tiny` a user runs, and loaded through the real loading code."""
 from __future__ import annotations
 
 import os
@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(TEST_TORCH_THREADS))
 @pytest.fixture(scope="session")
 def tiny_config_path(tmp_path_factory) -> Path:
     """Path of the tiny preset's config YAML (weights written once per session)."""
-    from weights import build_tiny
+    from presets import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny") / "weights", seed=0)
 

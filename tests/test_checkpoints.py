@@ -109,10 +109,10 @@ def test_keys_are_called_missing_only_when_no_file_provides_them(tiny_config, tm
     """A stage-1 file has no LoRA keys; loaded before the stage-2 file that has them, nothing is
     missing and nothing is said. The stage-1 file alone leaves the LoRA keys missing, and says so."""
     model, stage1, stage2 = _release_pair(tiny_config, tmp_path)
-    with caplog.at_level("WARNING", logger="model"):
+    with caplog.at_level("WARNING", logger="checkpoints"):
         assert model.load_checkpoint_files([tmp_path / "stage1_cc3m.ckpt", tmp_path / "stage2_vist.ckpt"]) == []
     assert "kept as initialised" not in caplog.text
-    with caplog.at_level("WARNING", logger="model"):
+    with caplog.at_level("WARNING", logger="checkpoints"):
         missing = model.load_checkpoint_files([tmp_path / "stage1_cc3m.ckpt"])
     assert missing and all("lora" in key for key in missing)
     assert f"{len(missing)} trainable keys in none of" in caplog.text and "stage1_cc3m.ckpt" in caplog.text

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from configuration import ConfigError, load_config
-from weights import build_tiny
+from presets import build_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,7 +194,7 @@ def test_real_sizes_on_the_meta_device():
 def test_presets_keep_the_real_widths_where_they_say_so():
     """config/real_width*.yaml: the real config with fewer layers; its LLaMA / UNet / VAE / text-encoder
     widths equal the real models' config.json files (so the GPU smoke test measures real widths)."""
-    from weights import PRESETS
+    from presets import PRESETS
 
     real = load_config(REPO / "config" / "minigpt4.yaml", check_paths=False)
     for name in PRESETS:

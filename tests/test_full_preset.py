@@ -57,7 +57,7 @@ def reduced_full_preset(folder: Path, shard_mb: float = 0.05, vocab_size: int = 
 
 @pytest.fixture(scope="module")
 def reduced_full(tmp_path_factory):
-    from weights import build_full
+    from presets import build_full
 
     folder = tmp_path_factory.mktemp("reduced_full")
     return build_full(folder / "weights", reduced_full_preset(folder), seed=0), folder
@@ -193,7 +193,7 @@ def test_writer_values_depend_on_name_and_seed_only(tmp_path):
     """Sharding does not change the values; the seed does."""
     from safetensors.torch import load_file
 
-    from weights import write_random_safetensors
+    from presets import write_random_safetensors
 
     with torch.device("meta"):
         net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
@@ -212,7 +212,7 @@ def test_writer_values_depend_on_name_and_seed_only(tmp_path):
 def test_full_preset_writes_exactly_the_real_parameter_counts():
     """The writer's plan for the real architectures (config/arch, on the meta device) has the real
     models' parameter counts: Vicuna-7B and SD 2.1-base's UNet, VAE and text encoder."""
-    from weights import _meta_model, _tensor_plan
+    from presets import _meta_model, _tensor_plan
 
     counts = {kind: sum(math.prod(shape) for _, shape, _ in _tensor_plan(_meta_model(kind, path)))
               for kind, path in (("llama", ARCH / "vicuna-7b"),

@@ -1,0 +1,81 @@
+"""Putting MiniGPT-5 checkpoints into a model: ours and the release's (`stage1_cc3m.ckpt`,
+`stage2_vist.ckpt`, `stage2_mmdialog.ckpt`), stage 1 then stage 2 on top.
+
+    file ─► weights.read_checkpoint (the one loading rule) ─► weights.translate_llm_keys (plain or
+         LoRA-wrapped LLM names, whichever the model has) ─► at least one trainable key of the model,
+         or `CheckpointMismatchError` ─► shapes against the model (`weights.check_shapes`)
+         ─► `load_state_dict(strict=False)`, unused and missing keys reported
+
+`MiniGPT5_Model.load_checkpoint_file(s)` call these; what a checkpoint holds is the model's
+`trainable_state_dict` (docs/architecture.md, "What a checkpoint holds").
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import weights
+from minigpt4 import split_row_modules
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(weights.CheckpointError):
+    """A checkpoint that cannot be what the caller meant (no trainable key of the model matched, or
+    a stage-2 file without the stage-1 one it builds on)."""
+
+
+def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """State-dict key -> shape of `module`, without building its state dict (a `VokenEmbedding` /
+    `VokenLMHead` shows its full matrix as `weight`, as in the checkpoints)."""
+    shapes = {name: tuple(t.shape) for name, t in module.named_parameters()}
+    shapes.update((name, tuple(t.shape)) for name, t in module.named_buffers())
+    split = {id(m) for m in split_row_modules(module)}
+    for name, m in module.named_modules():
+        if id(m) in split:
+            shapes[f"{name}.weight"] = (m.num_old + m.new_weight.shape[0], m.new_weight.shape[1])
+    return shapes
+
+
+def load_checkpoint_files(model, paths: list[str | os.PathLike]) -> list[str]:
+    """Load checkpoints into `model` (a `MiniGPT5_Model`) in order, each on top of the last (a
+    stage-1 file, then a stage-2 one), and say once which trainable keys none of them provided (a
+    stage-1 file alone has no LoRA keys; the stage-2 file after it does). Returns those keys."""
+    missing = None
+    for path in paths:
+        left = set(load_checkpoint_file(model, path, warn_missing=False))
+        missing = left if missing is None else missing & left
+    missing = sorted(missing or ())
+    if missing:
+        log.warning("%d trainable keys in none of %s (kept as initialised): %s", len(missing),
+                    ", ".join(str(p) for p in paths), missing[:10])
+    return missing
+
+
+def load_checkpoint_file(model, path: str | os.PathLike, warn_missing: bool = True) -> list[str]:
+    """Load a MiniGPT-5 checkpoint (ours or the release's, stage 1 or 2) on top of `model`.
+
+    Keys are translated between the plain and the LoRA-wrapped LLM names; keys the model does not
+    have are reported and ignored (as the release loaded non-strictly). Returns the trainable keys
+    the file did not provide (and warns about them unless `warn_missing` is off). A file that
+    provides none of them raises `CheckpointMismatchError` (it would load nothing).
+    """
+    state = weights.translate_llm_keys(weights.read_checkpoint(path), lora=model.model.is_lora)
+    trainable = model.trainable_keys()
+    if not trainable & set(state):
+        raise CheckpointMismatchError(
+            f"{path}: none of its {len(state)} keys is a trainable tensor of this stage-{model.stage} model "
+            f"(expected keys such as {sorted(trainable)[:3]}; the file has e.g. {sorted(state)[:3]}); "
+            f"it is not a MiniGPT-5 checkpoint of this kind, and loading it would change nothing")
+    weights.check_shapes(state, module_shapes(model), path, model.cfg.source)
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        log.warning("%s: %d keys this stage-%d model does not use: %s", path, len(result.unexpected_keys),
+                    model.stage, sorted(result.unexpected_keys)[:10])
+    missing = sorted(trainable - set(state))
+    if missing and warn_missing:
+        log.warning("%s: %d trainable keys not in the file (kept as initialised): %s", path, len(missing),
+                    missing[:10])
+    return missing
