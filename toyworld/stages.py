@@ -49,7 +49,7 @@ def make_preset(build: Build) -> dict:
     `frozen_parts`, the frozen parts of a shipped toy preset (already pretrained)."""
     from configuration import dump_config, load_config
     from toyworld.pretrain import llm_corpus, world_words
-    from weights import preset_config, write_preset_files
+    from presets import preset_config, write_preset_files
 
     cfg = load_config(build.config_file("model_config"), check_paths=False)
     with open(build.config_file("arch")) as f:
