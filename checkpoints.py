@@ -17,7 +17,9 @@ import os
 import torch
 
 import weights
+from constants import find_weight
 from minigpt4 import split_row_modules
+from placement import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,31 @@ def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
         if id(m) in split:
             shapes[f"{name}.weight"] = (m.num_old + m.new_weight.shape[0], m.new_weight.shape[1])
     return shapes
+
+
+def from_weights(model_class, model_config: str | os.PathLike | None = None,
+                 stage1_weight: str | os.PathLike | None = None, test_weight: str | os.PathLike | None = None,
+                 device: str | torch.device | None = None, **kwargs):
+    """`MiniGPT5_Model.from_weights` (`model_class`): the config (default: the tiny preset, built on
+    first use), a model of the stage `test_weight` needs on `device`, then `stage1_weight` and
+    `test_weight` loaded on top, in eval mode."""
+    from configuration import load_config
+
+    if not model_config:
+        from presets import ensure_tiny
+
+        model_config = ensure_tiny()
+    cfg = load_config(model_config)
+    paths = [find_weight(p, flag) for p, flag in ((stage1_weight, "--stage1_weight"),
+                                                  (test_weight, "--test_weight")) if p]
+    stage = 2 if test_weight and weights.checkpoint_stage(paths[-1]) == 2 else 1
+    if stage == 2 and not stage1_weight:
+        raise CheckpointMismatchError(
+            f"test_weight {str(test_weight)!r} is a stage-2 checkpoint: it has no `fc` / `t2i_decoder_prompt`, "
+            f"which come from the stage-1 checkpoint; give stage1_weight (--stage1_weight), e.g. stage1_cc3m.ckpt")
+    model = model_class(cfg, stage=stage, device=resolve_device(device), **kwargs)
+    load_checkpoint_files(model, paths)
+    return model.eval()
 
 
 def load_checkpoint_files(model, paths: list[str | os.PathLike]) -> list[str]:

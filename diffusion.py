@@ -7,13 +7,16 @@
     sampling:   condition (+ negative for classifier-free guidance) ─► diffusers' StableDiffusionPipeline
                 over the same VAE and UNet ─► PIL images, one seed per image
 
-`MiniGPT5_Model` keeps the parts as its attributes (`vae`, `unet`, `noise_scheduler`,
-`sd_tokenizer`, `sd_text_encoder`) and calls the functions here; nothing else in the project names a
-diffusers class. Another diffusers UNet with the same interface (a Stable Diffusion folder:
-`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) is a config change: `sd_model`,
-`sd_image_size` and the mapper's `d_model` / `num_prompt_tokens` (checked against the folder by
+`StableDiffusion` (at the end) is the decoder as one object: what the model's losses and `generate` ask
+of it. The functions before it are plain and public, for any training loop that needs the same steps
+(latent sampling `latents_from_moments`, noising `noisy_latents`, `min_snr_weights`, `denoising_loss`,
+caption encoding `encode_captions`). Apart from this module, only `presets.py` (which writes random SD
+folders) and the toy world's build (`toyworld/stages.py`, `toyworld/ship.py`, which make its own SD)
+import diffusers. Another diffusers UNet with the same interface (a Stable Diffusion folder: `unet/`,
+`vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) is a config change: `sd_model`, `sd_image_size`
+and the mapper's `d_model` / `num_prompt_tokens` (checked against the folder by
 `check_sizes`); the loss follows the folder's `prediction_type` ("epsilon" as SD 2.1-base,
-"v_prediction" as SD 2.1-768, or "sample"). A model with other conditioning replaces this module.
+"v_prediction" as SD 2.1-768, or "sample"). A model with other conditioning is another decoder class.
 
 The loss is written as diffusers' training examples write it (examples/text_to_image/
 train_text_to_image.py): the target branches on `noise_scheduler.config.prediction_type`, and
@@ -165,19 +168,28 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return weights
 
 
-def denoising_loss(unet: nn.Module, scheduler, latents: torch.Tensor, condition: torch.Tensor,
-                   noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, snr_gamma: float | None = None) -> torch.Tensor:
-    """The frozen UNet's denoising MSE for clean `latents` under `condition` (the mapped vokens):
-    noise and uniform timesteps (given, or drawn from `generator`), `scheduler.add_noise`, the UNet's
-    prediction against `denoising_target`, min-SNR weighted when `snr_gamma` is given, then the mean."""
+def noisy_latents(scheduler, latents: torch.Tensor, noise: torch.Tensor | None = None,
+                  timesteps: torch.Tensor | None = None, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward process: noise and uniform timesteps in [0, num_train_timesteps) (given, or drawn
+    from `generator`, the noise first), then `scheduler.add_noise`. Returns (noisy latents, noise,
+    timesteps)."""
     n = latents.shape[0]
     noise = randn(latents, generator) if noise is None else noise.to(latents)
     if timesteps is None:
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator,
                                   device=generator.device if generator is not None else latents.device)
     timesteps = timesteps.long().to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+
+
+def denoising_loss(unet: nn.Module, scheduler, latents: torch.Tensor, condition: torch.Tensor,
+                   noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None, snr_gamma: float | None = None) -> torch.Tensor:
+    """The frozen UNet's denoising MSE for clean `latents` under `condition` (the mapped vokens):
+    `noisy_latents`, the UNet's prediction against `denoising_target`, min-SNR weighted when
+    `snr_gamma` is given (`min_snr_weights`), then the mean."""
+    noisy, noise, timesteps = noisy_latents(scheduler, latents, noise, timesteps, generator)
     pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=condition.to(unet.dtype)).sample
     target = denoising_target(scheduler, latents, noise, timesteps)
     mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -190,12 +202,15 @@ def denoising_loss(unet: nn.Module, scheduler, latents: torch.Tensor, condition:
 # Captions: SD's own conditioning, the caption loss's target
 # --------------------------------------------------------------------------------------------
 
-def encode_captions(tokenizer, text_encoder: nn.Module, captions: list[str], device: torch.device) -> torch.Tensor:
-    """SD's text conditioning of captions, (N, 77, d_model) float32, no gradient."""
+def encode_captions(tokenizer, text_encoder: nn.Module, captions: list[str], device: torch.device,
+                    batch_size: int | None = None) -> torch.Tensor:
+    """SD's text conditioning of captions, (N, 77, d_model) float32, no gradient (`batch_size`
+    captions per text-encoder call; all at once by default)."""
     tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                        return_tensors="pt").input_ids.to(device)
+    step = batch_size or max(1, len(captions))
     with torch.no_grad():
-        return text_encoder(tokens)[0].float()
+        return torch.cat([text_encoder(tokens[i:i + step])[0].float() for i in range(0, len(tokens), step)])
 
 
 class CaptionCache:
@@ -272,3 +287,75 @@ def draw(pipe, cond: torch.Tensor, negative: torch.Tensor | None, seeds: list[in
                   guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, generator=generators,
                   height=image_size, width=image_size, output_type="pil")
     return result.images
+
+
+# --------------------------------------------------------------------------------------------
+# The decoder: the frozen SD parts as one object (the seam of a decoder family)
+# --------------------------------------------------------------------------------------------
+
+class StableDiffusion:
+    """The frozen picture decoder of the release pairing as one object: a Stable Diffusion 1.x / 2.x
+    diffusers folder (a VAE, a UNet reading the 77 token states of one CLIP text encoder, the noise
+    scheduler). What the rest of the project asks of a decoder, and so what another decoder family
+    would implement (SDXL, with two text encoders and a pooled embedding; SD3, a transformer trained by
+    flow matching):
+
+        latents(images=... | moments=...)      the clean latents a target picture becomes
+        loss(latents, condition, ...)          the denoising loss under the mapped vokens
+        encode_captions(captions, encoder)     its own text conditioning (the caption loss's target)
+        draw(cond, negative, seeds, ...)       pictures from conditions (`generation.generate`)
+        draw_captions(captions, ...)           pictures from caption texts (the SD baseline)
+
+    `MiniGPT5_Model` keeps the parts as its frozen submodules under the release's names (`vae`, `unet`,
+    `noise_scheduler`, `sd_tokenizer`; `sd_text_encoder`, read when first used, is handed in where it
+    is needed) and this object over them as `decoder`. It holds no reference to the model."""
+
+    def __init__(self, vae: nn.Module, unet: nn.Module, tokenizer, noise_scheduler, image_size: int):
+        self.vae, self.unet, self.tokenizer, self.noise_scheduler = vae, unet, tokenizer, noise_scheduler
+        self.image_size = image_size
+        # The parts move between the CPU and the device while it runs (MiniGPT5_Model.place(offload=True)):
+        # what fast_inference.py's compiled pictures cannot follow.
+        self.offloaded = False
+
+    def latents(self, images: torch.Tensor | None = None, moments: torch.Tensor | None = None,
+                latent_noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents of target pictures (in [-1, 1]), or of their cached VAE `moments`, sampled
+        from the VAE's diagonal Gaussian (`latents_from_moments`)."""
+        if moments is None:
+            moments = vae_moments(self.vae, images)
+        return latents_from_moments(self.vae, moments, latent_noise, generator)
+
+    def loss(self, latents: torch.Tensor, condition: torch.Tensor, noise: torch.Tensor | None = None,
+             timesteps: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             snr_gamma: float | None = None) -> torch.Tensor:
+        """`denoising_loss` of the UNet under `condition`."""
+        return denoising_loss(self.unet, self.noise_scheduler, latents, condition, noise, timesteps, generator,
+                              snr_gamma)
+
+    def encode_captions(self, captions: list[str], text_encoder: nn.Module, device: torch.device) -> torch.Tensor:
+        """`encode_captions` with this folder's tokenizer."""
+        return encode_captions(self.tokenizer, text_encoder, captions, device)
+
+    def pipeline(self, sampler: str = "pndm", text_encoder: nn.Module | None = None):
+        """A diffusers pipeline over the parts (`pipeline`)."""
+        return pipeline(self.vae, self.unet, self.tokenizer, self.noise_scheduler, sampler, text_encoder)
+
+    def draw(self, cond: torch.Tensor, negative: torch.Tensor | None, seeds: list[int], guidance_scale: float,
+             num_inference_steps: int, sampler: str = "pndm", pictures: str = "eager") -> list:
+        """N conditions -> N PIL images (`draw`); `pictures` other than "eager" runs the UNet from a
+        CUDA graph or compiled (fast_inference.py)."""
+        if pictures == "eager":
+            pipe = self.pipeline(sampler)
+        else:
+            import fast_inference
+
+            vae, unet = fast_inference.fast_sd_parts(self, pictures)
+            pipe = pipeline(vae, unet, self.tokenizer, self.noise_scheduler, sampler)
+        return draw(pipe, cond, negative, seeds, guidance_scale, num_inference_steps, self.image_size)
+
+    def draw_captions(self, captions: list[str], seeds: list[int], guidance_scale: float, num_inference_steps: int,
+                      sampler: str, text_encoder: nn.Module, device: torch.device) -> list:
+        """Plain Stable Diffusion from caption texts (the release's CC3M "SD baseline")."""
+        cond, negative = text_conditions(self.pipeline(sampler, text_encoder), captions, device, guidance_scale)
+        return draw(self.pipeline(sampler), cond, negative, seeds, guidance_scale, num_inference_steps,
+                    self.image_size)

@@ -130,7 +130,7 @@ class NoiseSampler:
         self.noise, self.step = noise, step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        from generation import gumbel_pick
+        from decoding import gumbel_pick
 
         index = torch.remainder(self.step, self.noise.shape[1]).view(1)
         return gumbel_pick(scores, self.noise.index_select(1, index).squeeze(1))
@@ -155,7 +155,7 @@ class StaticDecoder:
         from transformers import StaticCache
         from transformers.generation.stopping_criteria import EosTokenCriteria, StopStringCriteria
 
-        from generation import VokenStateRecorder, logits_processors
+        from decoding import VokenStateRecorder, logits_processors
 
         # (no reference to `backbone` itself: it is the weak key under which this decoder is kept)
         self.mode, self.device = mode, device
@@ -494,18 +494,19 @@ class CompiledVAE(_Wrapped):
         return (self._decode(z),)
 
 
-# A model's wrapped SD parts per mode, kept so that graphs and compiled code are made once. Keyed weakly
-# by the model (the wrappers hold its parts, never the model itself), so they go with it.
-_pictures: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# A decoder's wrapped SD parts per mode, kept so that graphs and compiled code are made once. Keyed weakly
+# by the decoder (`diffusion.StableDiffusion`, which its model holds; the wrappers hold its parts, never
+# the decoder or the model), so they go with it.
+_pictures: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
-def fast_sd_parts(model: nn.Module, mode: str) -> tuple[nn.Module, nn.Module]:
-    """The (VAE, UNet) of `model` (a `MiniGPT5_Model`) to build a pipeline from for `pictures=mode`.
-    The UNet (and, compiled, the VAE) is switched to channels-last memory format on first use and
-    stays so (same values, other rounding of the convolutions). With CPU offload the compiled mode
-    falls back to "graph"."""
+def fast_sd_parts(decoder, mode: str) -> tuple[nn.Module, nn.Module]:
+    """The (VAE, UNet) of `decoder` (a `diffusion.StableDiffusion`) to build a pipeline from for
+    `pictures=mode`. The UNet (and, compiled, the VAE) is switched to channels-last memory format on
+    first use and stays so (same values, other rounding of the convolutions). With CPU offload
+    (`decoder.offloaded`) the compiled mode falls back to "graph"."""
     check_modes("dynamic", mode)
-    vae, unet, offload = model.vae, model.unet, model._offload is not None
+    vae, unet, offload = decoder.vae, decoder.unet, decoder.offloaded
     if mode == "eager":
         return vae, unet
     if mode == "compiled" and offload:
@@ -515,7 +516,7 @@ def fast_sd_parts(model: nn.Module, mode: str) -> tuple[nn.Module, nn.Module]:
     if unet.device.type != "cuda" and mode == "graph":
         _fallback("pictures='graph' on the CPU: CUDA graphs need a CUDA GPU; the UNet runs channels-last "
                   "without one", logging.INFO)
-    kept = _pictures.setdefault(model, {})
+    kept = _pictures.setdefault(decoder, {})
     if mode not in kept or kept[mode][1].part is not unet:
         unet.to(memory_format=torch.channels_last)
         if mode == "graph":

@@ -1,18 +1,25 @@
 """Generation: a batch of prompts (text with `<ImageHere>` slots, and their images) -> text and,
-when the LLM emits vokens, a picture per item.
+when the LLM emits vokens, a picture per item, from three parts:
+
+    backbone    the MiniGPT-4 side (minigpt4.MiniGPT4): tokenizer, image encoder, LLM, voken rows and
+                the LLM family's text rules (BOS, end of answer `cfg.end_sym`, decoding)
+    map_vokens  voken features (N, 8, llm_hidden) -> the decoder's condition (MiniGPT5_Model.map_vokens:
+                fc + llm_to_t2i_mapping)
+    decoder     the frozen picture decoder (diffusion.StableDiffusion): `draw(cond, negative, ...)`
 
     prompts + images ─► prompt_embeddings: input wrapping (minigpt4.py), cut from the left if too
                         long, left-padded
-                     ─► transformers' `generate` with our logits processors: repetition penalty,
-                        temperature, top-k, top-p (the release's settings), a seeded sampler per
-                        item, voken forcing ([IMG1]..[IMG7] follow [IMG0]); a forward hook keeps the
-                        8 last-layer voken states while decoding (VokenStateRecorder)
-                     ─► voken_features ─► model.map_vokens (fc + llm_to_t2i_mapping) ─► diffusion.draw
-                        (classifier-free guidance against the zero-feature condition)
+                     ─► transformers' `generate` with the logits processors of decoding.py: repetition
+                        penalty, temperature, top-k, top-p (the release's settings), a seeded sampler
+                        per item, voken forcing ([IMG1]..[IMG7] follow [IMG0]); a forward hook keeps
+                        the 8 last-layer voken states while decoding (VokenStateRecorder)
+                        (or fast_inference.py's static-cache loop, the same processors)
+                     ─► voken_features ─► map_vokens ─► decoder.draw (classifier-free guidance against
+                        the zero-feature condition)
                      ─► GenerationOutput per item (text decoded with special tokens, clean text, image)
 
-`MiniGPT5_Model.generate` is `generate(model, ...)`. Everything here is batched: each item samples
-from its own seed, so a batch gives what its items give one at a time.
+`MiniGPT5_Model.generate` is `generate(model.model, model.map_vokens, model.decoder, ...)`. Everything
+here is batched: each item samples from its own seed, so a batch gives what its items give one at a time.
 """
 from __future__ import annotations
 
@@ -20,23 +27,22 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 import diffusion
-from constants import IMAGE_PLACEHOLDER, VOKEN_COUNT, VOKENS
+from constants import IMAGE_PLACEHOLDER, VOKEN_COUNT
+from decoding import ProcessorChain, VokenStateRecorder, logits_processors
 from image_transforms import IMAGE_ERRORS, image_processor, load_rgb
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from minigpt4 import MiniGPT4
-    from model import MiniGPT5_Model
 
 
 @dataclass
@@ -67,13 +73,15 @@ def check_generation_arguments(prompts: Sequence[str], *, max_new_tokens: int, d
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 @torch.no_grad()
-def generate(model: "MiniGPT5_Model", prompts: str | list[str], images: list | None = None, *,
+def generate(backbone: "MiniGPT4", map_vokens: Callable[[torch.Tensor], torch.Tensor], decoder: "diffusion.StableDiffusion",
+             prompts: str | list[str], images: list | None = None, *,
              max_new_tokens: int = 256, do_sample: bool = True, temperature: float = 1.0, top_k: int | None = 50,
              top_p: float = 0.9, repetition_penalty: float = 2.0, force_generation: bool = False,
              guidance_scale: float = 7.5, num_inference_steps: int = 50, scheduler: str = "pndm",
              seed: int | Sequence[int] | None = None,
              generator: torch.Generator | Sequence[torch.Generator] | None = None,
-             decode: str = "dynamic", pictures: str = "eager") -> list[GenerationOutput]:
+             decode: str = "dynamic", pictures: str = "eager",
+             device: torch.device | None = None) -> list[GenerationOutput]:
     """Answer each prompt with text and, when the LLM emits vokens, an image.
 
     `prompts` use `<ImageHere>` once per input image; `images[i]` lists prompt i's images (PIL
@@ -107,26 +115,24 @@ def generate(model: "MiniGPT5_Model", prompts: str | list[str], images: list | N
     import fast_inference
 
     fast_inference.check_modes(decode, pictures)
-    backbone = model.model
     seeds = item_seeds(len(prompts), seed, generator)
-    embeds, mask = prompt_embeddings(model, prompts, images, max_new_tokens)
+    embeds, mask = prompt_embeddings(backbone, prompts, images, max_new_tokens, device)
     sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, force_generation=force_generation)
     if decode == "dynamic":
         processors = logits_processors(backbone.voken_ids, seeds, **sampling)
-        generated, recorder = decode_tokens(backbone, embeds, mask, processors, max_new_tokens, model.cfg.end_sym)
+        generated, recorder = decode_tokens(backbone, embeds, mask, processors, max_new_tokens, backbone.end_sym)
     else:
         generated, recorder = fast_inference.decode_tokens_static(backbone, embeds, mask, seeds, sampling,
-                                                                  max_new_tokens, model.cfg.end_sym, decode)
+                                                                  max_new_tokens, backbone.end_sym, decode)
     features, rows = voken_features(backbone, embeds, mask, generated, recorder)
     made_pictures: list = [None] * len(prompts)
     if rows:
-        made = images_from_features(model, features, [seeds[r] for r in rows], guidance_scale,
+        made = images_from_features(map_vokens, decoder, features, [seeds[r] for r in rows], guidance_scale,
                                     num_inference_steps, scheduler, pictures)
         for r, picture in zip(rows, made):
             made_pictures[r] = picture
-    return [decode_answer(backbone.llama_tokenizer, ids, picture, model.cfg.end_sym)
-            for ids, picture in zip(generated.tolist(), made_pictures)]
+    return [decode_answer(backbone, ids, picture) for ids, picture in zip(generated.tolist(), made_pictures)]
 
 
 def prepare_images(images: Sequence, image_size: int, device: torch.device) -> torch.Tensor:
@@ -153,11 +159,13 @@ def prepare_images(images: Sequence, image_size: int, device: torch.device) -> t
     return torch.stack(out).to(device) if out else torch.zeros(0, 3, image_size, image_size, device=device)
 
 
-def prompt_embeddings(model: "MiniGPT5_Model", prompts: list[str], images: list[list],
-                      max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_embeddings(backbone: "MiniGPT4", prompts: list[str], images: list[list], max_new_tokens: int,
+                      device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Wrap the prompts with their images, cut over-long ones from the left (keeping BOS) and
-    left-pad the batch for generation. Returns (inputs_embeds, attention_mask)."""
-    m, device = model.model, model.device
+    left-pad the batch for generation, on `device` (default: the LLM's). Returns (inputs_embeds,
+    attention_mask)."""
+    m = backbone
+    device = device if device is not None else m.device
     tok = m.llama_tokenizer
     for i, (prompt, item_images) in enumerate(zip(prompts, images)):
         n = prompt.count(IMAGE_PLACEHOLDER)
@@ -166,7 +174,7 @@ def prompt_embeddings(model: "MiniGPT5_Model", prompts: list[str], images: list[
                              f"image(s) were given: {prompt[:80]!r}")
     encoded = tok(prompts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
     flat = [image for item_images in images for image in item_images]
-    image_embeds = m.encode_img(prepare_images(flat, model.cfg.image_size, device))[0] if flat else None
+    image_embeds = m.encode_img(prepare_images(flat, m.cfg.image_size, device))[0] if flat else None
     embeds, mask, _ = m.wrap_inputs(encoded.input_ids.to(device), encoded.attention_mask.to(device), None,
                                     image_embeds)
     lengths = mask.sum(dim=1)
@@ -203,36 +211,6 @@ def item_seeds(n: int, seed, generator) -> list[int]:
     if len(seed) != n:
         raise ValueError(f"got {len(seed)} seeds for {n} prompts")
     return list(seed)
-
-
-def logits_processors(voken_ids: list[int], seeds: list[int] | None, *, do_sample: bool, temperature: float,
-                      top_k: int | None, top_p: float, repetition_penalty: float,
-                      force_generation: bool, sampler=None) -> "ProcessorChain":
-    """The sampling of `generate`, as one chain of logits processors run with `do_sample=False`:
-    repetition penalty, temperature, top-k, top-p, then a seeded sample per item (`SeededSampler`
-    over `seeds`, or the given `sampler`), then voken forcing."""
-    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)
-
-    processors = []
-    if repetition_penalty != 1.0:
-        # Our own instance, not `GenerationConfig.repetition_penalty`: transformers 5 exempts the first
-        # (left-padding length) tokens of each row from it -- meant for prompt ids, but with
-        # `inputs_embeds` there are none, so padded rows skipped the penalty on their first generated
-        # tokens and a batch no longer matched its single calls. Penalising every generated token is
-        # the release's behaviour (it too generated from embeddings).
-        processors.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty)))
-    if do_sample:
-        if temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            processors.append(TopKLogitsWarper(int(top_k)))
-        if top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p))
-        processors.append(sampler if sampler is not None else
-                          SeededSampler([torch.Generator().manual_seed(s) for s in seeds]))
-    processors.append(VokenForcing(voken_ids, prompt_length=0, force_generation=force_generation))
-    return ProcessorChain(processors)
 
 
 def decode_tokens(backbone: "MiniGPT4", embeds: torch.Tensor, mask: torch.Tensor, processors: "ProcessorChain",
@@ -296,191 +274,23 @@ def voken_features(backbone: "MiniGPT4", embeds: torch.Tensor, mask: torch.Tenso
     return features, rows
 
 
-def images_from_features(model: "MiniGPT5_Model", features: torch.Tensor, seeds: list[int],
-                         guidance_scale: float = 7.5, num_inference_steps: int = 50, scheduler: str = "pndm",
-                         pictures: str = "eager") -> list:
-    """Voken features (N, 8, H) -> N PIL images: `cond = mapper(fc(features))`, negative =
-    `mapper(fc(zeros))`, one SD pipeline call for all N (classifier-free guidance runs the UNet on
-    both halves as one batch); `pictures` chooses how the UNet runs (see `generate`)."""
+def images_from_features(map_vokens: Callable[[torch.Tensor], torch.Tensor], decoder: "diffusion.StableDiffusion",
+                         features: torch.Tensor, seeds: list[int], guidance_scale: float = 7.5,
+                         num_inference_steps: int = 50, scheduler: str = "pndm", pictures: str = "eager") -> list:
+    """Voken features (N, 8, H) -> N PIL images: `cond = map_vokens(features)`, negative =
+    `map_vokens(zeros)`, one `decoder.draw` for all N (classifier-free guidance runs the UNet on both
+    halves as one batch); `pictures` chooses how the UNet runs (see `generate`)."""
     negative = None
     if guidance_scale > 1:                  # one mapper call for both (rows are independent)
-        both = model.map_vokens(torch.cat([features, torch.zeros_like(features[:1])]))
+        both = map_vokens(torch.cat([features, torch.zeros_like(features[:1])]))
         cond, negative = both[:-1], both[-1:].expand(features.shape[0], -1, -1)
     else:
-        cond = model.map_vokens(features)
-    if pictures == "eager":
-        pipe = model.sd_pipeline(scheduler)
-    else:
-        import fast_inference
-
-        vae, unet = fast_inference.fast_sd_parts(model, pictures)
-        pipe = diffusion.pipeline(vae, unet, model.sd_tokenizer, model.noise_scheduler, scheduler)
-    return diffusion.draw(pipe, cond, negative, seeds, guidance_scale, num_inference_steps, model.cfg.sd_image_size)
+        cond = map_vokens(features)
+    return decoder.draw(cond, negative, seeds, guidance_scale, num_inference_steps, scheduler, pictures)
 
 
-def decode_answer(tokenizer, ids: list[int], image, end_sym: str) -> GenerationOutput:
-    """An answer's ids (up to the end-of-sequence token) as text with special tokens (the release's
-    decoding) and as clean text (no vokens, image slots or end symbol)."""
-    if tokenizer.eos_token_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_token_id)]
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    clean = text
-    for token in VOKENS + [end_sym, IMAGE_PLACEHOLDER]:
-        clean = clean.replace(token, "")
-    return GenerationOutput(text=text, clean_text=" ".join(clean.split()), image=image, token_ids=ids)
-
-
-# --------------------------------------------------------------------------------------------
-# Logits processors for transformers' own `generate`, and the voken-state hook
-# --------------------------------------------------------------------------------------------
-
-class SeededSampler:
-    """Per-item reproducible sampling as a logits processor (run with `do_sample=False`).
-
-    transformers samples a whole batch from one random stream, so item i of a batch would not
-    match the same prompt generated alone. Here each item has its own `torch.Generator`: the
-    (already temperature / top-p processed) scores get Gumbel noise from that generator and
-    everything but the winner is set to -inf, so the greedy pick *is* a sample from
-    softmax(scores) (the Gumbel-max trick) and a batch equals its items run one by one.
-    """
-
-    def __init__(self, generators: list[torch.Generator]):
-        self.generators = generators
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
-        return gumbel_pick(scores, uniform)
-
-
-def gumbel_pick(scores: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """The Gumbel-max sample of softmax(scores) per row, from (B, V) uniform draws in [0, 1): scores
-    that are -inf everywhere but 0 at the winner (so the greedy pick that follows takes it). Shared
-    by `SeededSampler` and the static decode's sampler (fast_inference.py), which draws the same
-    numbers ahead of time."""
-    logp = torch.log_softmax(scores.float(), dim=-1)
-    gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-    winner = (logp + gumbel).argmax(dim=-1, keepdim=True)
-    out = torch.full_like(scores, float("-inf"))
-    return out.scatter(-1, winner, 0.0)
-
-
-class VokenForcing:
-    """Logits processor: once `[IMG0]` is produced, `[IMG1]`..`[IMG7]` follow, forced rather than
-    sampled; with `force_generation`, `[IMG0]` wins every step until it has appeared.
-
-    It must run last, after every sampling processor, so that its choice is final.
-    """
-
-    def __init__(self, voken_ids: list[int], prompt_length: int, force_generation: bool = False):
-        self.voken_ids = torch.tensor(voken_ids)
-        self.prompt_length = prompt_length     # columns of `input_ids` that are not generated
-        self.force_generation = force_generation
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        generated = input_ids[:, self.prompt_length:]
-        if self.voken_ids.device != input_ids.device:     # once: no host-to-device copy per step
-            self.voken_ids = self.voken_ids.to(input_ids.device)
-        vokens = self.voken_ids
-        forced = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
-        if generated.shape[1] > 0:
-            # If the last token is [IMG_k] with k < 7, the next one is [IMG_k+1].
-            last = generated[:, -1]
-            position = (last.unsqueeze(1) == vokens[:-1]).float().argmax(dim=1)
-            is_open = (last.unsqueeze(1) == vokens[:-1]).any(dim=1)
-            forced = torch.where(is_open, vokens[1:][position], forced)
-        if self.force_generation:
-            seen = (generated == vokens[0]).any(dim=1) if generated.shape[1] else torch.zeros_like(forced, dtype=torch.bool)
-            forced = torch.where((forced < 0) & ~seen, vokens[0], forced)
-        # Branch-free (no `.any()`): on a GPU a data-dependent branch would stall every decoding step.
-        one_hot = torch.arange(scores.shape[-1], device=scores.device) == forced.unsqueeze(1)
-        forced_scores = torch.where(one_hot, 0.0, float("-inf")).to(scores.dtype)
-        return torch.where((forced >= 0).unsqueeze(1), forced_scores, scores)
-
-
-class ProcessorChain:
-    """Several logits processors run in order, handed to `generate` as one.
-
-    transformers inspects each processor's signature at every decoding step; one object instead of
-    four keeps that per-step Python cost (~0.1 ms each) out of a loop whose GPU work for a short
-    model is only a few milliseconds."""
-
-    def __init__(self, processors: list):
-        self.processors = list(processors)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for processor in self.processors:
-            scores = processor(input_ids, scores)
-        return scores
-
-
-class VokenStateRecorder:
-    """Forward hook (`register_forward_hook(recorder, with_kwargs=True)`) on the LLM's decoder stack
-    during `generate`: keeps, per item, the last-layer states (after the final norm) of its first
-    voken group -- the state that predicted `[IMG0]` and the states of `[IMG0]`..`[IMG6]` -- and
-    nothing else: (B, 8, H) however long the answer, instead of every layer's states of every step
-    (the release's `output_hidden_states=True`) or a second forward pass over prompt + answer.
-
-    A forward call with `inputs_embeds` (the prompt) only remembers its last position's state
-    (`observe_prompt`); a call with `input_ids` (one decoding step per generated token fed back)
-    advances each item's group (`observe`). No host-device synchronisation and every update in
-    place: everything is `torch.where` on (B, H) tensors written into the same buffers, so the static
-    decode (fast_inference.py) records through a captured CUDA graph too. `complete` tells which items
-    have all 8 states (an answer cut right after `[IMG6]` never fed `[IMG6]` back, so it lacks that one).
-    """
-
-    def __init__(self, img0_id: int, count: int = VOKEN_COUNT):
-        self.img0_id, self.count = img0_id, count
-        self.states: torch.Tensor | None = None      # (B, count, H)
-        self.filled: torch.Tensor | None = None      # (B,) states recorded so far
-        self.previous: torch.Tensor | None = None    # (B, H) state of the latest position
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            self.observe_prompt(hidden)
-        else:
-            self.observe(ids, hidden)
-
-    def reset(self, batch: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Empty buffers for a new answer (the same ones again when the sizes match)."""
-        if self.states is None or self.states.shape != (batch, self.count, hidden_size) or \
-                self.states.dtype != dtype or self.states.device != device:
-            self.states = torch.zeros(batch, self.count, hidden_size, dtype=dtype, device=device)
-            self.filled = torch.zeros(batch, dtype=torch.long, device=device)
-            self.previous = torch.zeros(batch, hidden_size, dtype=dtype, device=device)
-        else:
-            self.states.zero_(), self.filled.zero_(), self.previous.zero_()
-
-    def observe_prompt(self, hidden: torch.Tensor) -> None:
-        """The prompt's forward pass: remember its last position's state."""
-        if self.states is None:
-            self.reset(hidden.shape[0], hidden.shape[-1], hidden.dtype, hidden.device)
-        self.previous.copy_(hidden[:, -1])
-
-    def observe(self, ids: torch.Tensor, hidden: torch.Tensor, active: torch.Tensor | None = None) -> None:
-        """A decoding step fed `ids` (B, T) and produced `hidden` (B, T, H). `active` (a 0-d bool
-        tensor, optional) leaves everything as it is when False (the static decode's steps after the
-        last answer ended)."""
-        if self.states is None:
-            self.reset(hidden.shape[0], hidden.shape[-1], hidden.dtype, hidden.device)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        for j in range(ids.shape[1]):
-            state = hidden[:, j]
-            starting = (self.filled == 0) & (ids[:, j] == self.img0_id)
-            going = (self.filled > 0) & (self.filled < self.count)
-            if active is not None:
-                starting, going = starting & active, going & active
-            self.states[:, 0] = torch.where(starting.unsqueeze(1), self.previous, self.states[:, 0])
-            self.filled.copy_(torch.where(starting, 1, self.filled))
-            going = going | starting
-            slot = self.filled.clamp(max=self.count - 1)
-            self.states[rows, slot] = torch.where(going.unsqueeze(1), state, self.states[rows, slot])
-            self.filled.add_(going.long())
-            self.previous.copy_(state if active is None else torch.where(active, state, self.previous))
-
-    def complete(self) -> torch.Tensor:
-        """(B,) bool: items whose 8 voken states were all recorded."""
-        if self.filled is None:
-            return torch.zeros(0, dtype=torch.bool)
-        return self.filled == self.count
+def decode_answer(backbone: "MiniGPT4", ids: list[int], image) -> GenerationOutput:
+    """An answer's ids as the LLM family decodes them (`MiniGPT4.decode_answer`: up to the
+    end-of-sequence token, with special tokens as the release, and clean), with its picture."""
+    ids, text, clean = backbone.decode_answer(ids)
+    return GenerationOutput(text=text, clean_text=clean, image=image, token_ids=ids)

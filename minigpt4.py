@@ -5,8 +5,9 @@
     text  ─► LLaMA tokenizer (+ [IMG0]..[IMG7] and <ImageHere> as special tokens)
     wrap_inputs: BOS + text embeddings with each <ImageHere> replaced by its image's query
                  embeddings (batched: one scatter, no loop over samples)
-    generation helpers: logits processors for transformers' `generate` (per-item seeded sampling,
-                 voken forcing) and a hook that keeps only the 8 voken states while decoding
+    voken_features: the 8 last-layer states at each [IMG0] (training and generation alike)
+    text rules of the LLM family: tokenizer set-up, voken rows, BOS, the end of an answer
+                 (`cfg.end_sym`) and its decoding (generation.py and fast_inference.py ask here)
 
 Attribute names follow MiniGPT-4 / MiniGPT-5 (`visual_encoder`, `Qformer`, `query_tokens`,
 `llama_proj`, `llama_model`, `llama_tokenizer`) so checkpoint keys match the release.
@@ -314,6 +315,37 @@ class MiniGPT4(nn.Module):
         self.Qformer.eval()
         return self
 
+    @property
+    def device(self) -> torch.device:
+        """Where the LLM's input embedding is: where token ids and prompt embeddings go."""
+        return next(self.llm_parts()[0].embed_tokens.parameters()).device
+
+    # ---- the LLM family's text rules (the release's Vicuna v0; its prompt style is prompts.py's) ---
+    # Tokenizer set-up (`load_tokenizer`), the voken rows (`add_voken_rows`), BOS, the end of an
+    # answer and its decoding: what another LLM family (Llama 3, Qwen2.5) would say differently.
+
+    @property
+    def bos_token_id(self) -> int:
+        """The token every sequence starts with (`wrap_inputs` puts it first)."""
+        return self.llama_tokenizer.bos_token_id if self.llama_tokenizer else 1
+
+    @property
+    def end_sym(self) -> str:
+        """Where an answer ends: the config's `end_sym` (the release's "###"); generation stops there."""
+        return self.cfg.end_sym
+
+    def decode_answer(self, ids: list[int]) -> tuple[list[int], str, str]:
+        """An answer's ids up to the end-of-sequence token, its text with special tokens (the release's
+        decoding) and its clean text (no vokens, image slots or end symbol): (ids, text, clean)."""
+        tokenizer = self.llama_tokenizer
+        if tokenizer.eos_token_id in ids:
+            ids = ids[: ids.index(tokenizer.eos_token_id)]
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        clean = text
+        for token in VOKENS + [self.end_sym, IMAGE_PLACEHOLDER]:
+            clean = clean.replace(token, "")
+        return ids, text, " ".join(clean.split())
+
     # ---- images ------------------------------------------------------------------------------
 
     def encode_img(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,8 +406,7 @@ class MiniGPT4(nn.Module):
         # a zero (padding) tensor together with the image queries: the (B, L, H) output is written
         # once, with no per-sample loop (benchmarks/RESULTS.md, row 2).
         text_b, text_t = (valid & ~is_image).nonzero(as_tuple=True)
-        bos_id = self.llama_tokenizer.bos_token_id if self.llama_tokenizer else 1
-        ids = torch.cat([torch.full((B,), bos_id, dtype=input_ids.dtype, device=device), input_ids[text_b, text_t]])
+        ids = torch.cat([torch.full((B,), self.bos_token_id, dtype=input_ids.dtype, device=device), input_ids[text_b, text_t]])
         rows = torch.cat([torch.arange(B, device=device), text_b])
         cols = torch.cat([torch.zeros(B, dtype=start.dtype, device=device), start[text_b, text_t]])
         vectors = self.embed_tokens(ids)

@@ -13,12 +13,10 @@ Checkpoints hold only the trainable tensors, under the release's key names.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import warnings
 import zlib
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -28,16 +26,15 @@ from torch import nn
 import checkpoints
 import diffusion
 import generation
-import weights
-from checkpoints import CheckpointMismatchError
 from configuration import ModelConfig
-from constants import find_weight
 from constants import (CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, SNR_GAMMA,
                        TEXT_LOSS_WEIGHT)
 from generation import GenerationOutput
 from minigpt4 import MiniGPT4
 from placement import TakeTurns, place, resolve_device
-from settings import PredictSettings, TrainSettings
+from predictions import prediction_items
+from resume import step_randomness, step_seed
+from settings import PredictSettings, TrainSettings, hyperparameters, model_settings
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +62,9 @@ class MiniGPT5_Model(pl.LightningModule):
         offload: with a real `device`, keep the image encoder and SD's parts on the CPU between
             uses (see `place`).
         cache_caption_features: keep SD's text-encoder output of each caption (the caption-loss
-            target) instead of recomputing it every step; off by default (the release recomputed
-            it). The frozen text encoder is deterministic, so the loss is the same either way (up
-            to float rounding of differently sized batches). See `encode_caption`.
-        caption_cache_size: most captions kept (least recently used dropped first); None = no
-            bound. An entry is num_prompt_tokens x d_model float32 values in CPU memory: 77 x 1024
-            x 4 B = 315 KB at real sizes, so the default 4096 entries take up to 1.3 GB.
+            target) instead of recomputing it every step (`diffusion.CaptionCache`, at most
+            `caption_cache_size` captions, None: no bound); off by default (the release recomputed
+            it). The loss is the same either way, up to float rounding (see `encode_caption`).
     """
 
     def __init__(self, cfg: ModelConfig, stage: int = 1, stage1_weight: str | os.PathLike | None = None,
@@ -83,24 +77,14 @@ class MiniGPT5_Model(pl.LightningModule):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-        given = {"learning_rate": learning_rate, "warmup_steps": warmup_steps, "adam_epsilon": adam_epsilon,
-                 "snr_loss": snr_loss, "caption_loss_weight": caption_loss_weight}
-        settings = dataclasses.replace(settings or TrainSettings(), stage=stage,
-                                       **{k: v for k, v in given.items() if v is not None})
-        if settings.model_config is None:
-            settings = dataclasses.replace(settings, model_config=cfg.source)
-        self.settings = settings
+        self.settings = model_settings(settings, stage, cfg.source, learning_rate=learning_rate,
+                                       warmup_steps=warmup_steps, adam_epsilon=adam_epsilon, snr_loss=snr_loss,
+                                       caption_loss_weight=caption_loss_weight)
         self.predict_settings = predict_settings or PredictSettings()
-        # Saved whole with every checkpoint (`settings.read_settings`); the flat keys as before.
-        self.save_hyperparameters({
-            "model_config": cfg.source, "stage": stage, "learning_rate": settings.learning_rate,
-            "warmup_steps": settings.warmup_steps, "adam_epsilon": settings.adam_epsilon,
-            "snr_loss": settings.snr_loss, "caption_loss_weight": settings.caption_loss_weight,
-            "settings": settings.to_dict(),
-        })
+        self.save_hyperparameters(hyperparameters(self.settings, cfg.source))   # saved with every checkpoint
         self.cfg, self.stage = cfg, stage
-        self.snr_loss, self.cfg_dropout_prob = settings.snr_loss, cfg_dropout_prob
-        self.caption_loss_weight = settings.caption_loss_weight
+        self.snr_loss, self.cfg_dropout_prob = self.settings.snr_loss, cfg_dropout_prob
+        self.caption_loss_weight = self.settings.caption_loss_weight
         self.caption_cache = diffusion.CaptionCache(caption_cache_size) if cache_caption_features else None
         meta = str(device) == "meta"
         self._meta = meta
@@ -115,17 +99,11 @@ class MiniGPT5_Model(pl.LightningModule):
         self.model = MiniGPT4.from_config(cfg, device="meta" if meta else target, llm_quantization=llm_quantization)
         self.vae, self.unet = vae, unet
         self.sd_tokenizer, self.noise_scheduler = sd_tokenizer, scheduler
+        # The same parts as one object: what the losses and `generate` ask of the decoder.
+        self.decoder = diffusion.StableDiffusion(vae, unet, sd_tokenizer, scheduler, cfg.sd_image_size)
 
-        m, llm_hidden = cfg.mapper, self.model.llama_model.config.hidden_size
-        with torch.device("meta" if meta else "cpu"):
-            self.fc = nn.Sequential(nn.Linear(llm_hidden, m.fc_dim), nn.GELU(), nn.Linear(m.fc_dim, m.d_model))
-            with warnings.catch_warnings():   # norm_first disables a fast path we do not need
-                warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
-                self.llm_to_t2i_mapping = nn.Transformer(
-                    d_model=m.d_model, nhead=m.nhead, num_encoder_layers=m.num_encoder_layers,
-                    num_decoder_layers=m.num_decoder_layers, dim_feedforward=m.dim_feedforward,
-                    dropout=0.0, batch_first=True, norm_first=True)
-            self.t2i_decoder_prompt = nn.Parameter(torch.randn(1, m.num_prompt_tokens, m.d_model))
+        self.fc, self.llm_to_t2i_mapping, self.t2i_decoder_prompt = feature_mapper(
+            cfg.mapper, self.model.llama_model.config.hidden_size, "meta" if meta else "cpu")
 
         if stage == 2:
             self.model.add_lora()
@@ -150,24 +128,7 @@ class MiniGPT5_Model(pl.LightningModule):
         `fc` and `t2i_decoder_prompt` live there only). Checkpoint paths may be relative to WEIGHTFOLDER.
         `device` (default: the GPU when present, else the CPU) is where it runs; `llm_quantization`
         and `offload` (keyword arguments of the constructor) fit it on smaller GPUs."""
-        from configuration import load_config
-
-        if not model_config:
-            from presets import ensure_tiny
-
-            model_config = ensure_tiny()
-        config_path = Path(model_config)
-        cfg = load_config(config_path)
-        paths = [find_weight(p, flag) for p, flag in ((stage1_weight, "--stage1_weight"),
-                                                      (test_weight, "--test_weight")) if p]
-        stage = 2 if test_weight and weights.checkpoint_stage(paths[-1]) == 2 else 1
-        if stage == 2 and not stage1_weight:
-            raise CheckpointMismatchError(
-                f"test_weight {str(test_weight)!r} is a stage-2 checkpoint: it has no `fc` / `t2i_decoder_prompt`, "
-                f"which come from the stage-1 checkpoint; give stage1_weight (--stage1_weight), e.g. stage1_cc3m.ckpt")
-        model = cls(cfg, stage=stage, device=resolve_device(device), **kwargs)
-        model.load_checkpoint_files(paths)
-        return model.eval()
+        return checkpoints.from_weights(cls, model_config, stage1_weight, test_weight, device, **kwargs)
 
     # ---- placement: device, CPU offload, lazily loaded parts --------------------------------------
 
@@ -185,6 +146,7 @@ class MiniGPT5_Model(pl.LightningModule):
             self._offload.remove()
             self._offload = None
         self._offload = place(self, device, self._offloadable() if offload else [])
+        self.decoder.offloaded = self._offload is not None
         self._device = device              # what LightningModule.to would record: where inputs go
         return self
 
@@ -213,17 +175,14 @@ class MiniGPT5_Model(pl.LightningModule):
             self._modules["sd_text_encoder"] = encoder      # (add_module would consult this property)
         return encoder
 
-    def _frozen_sd_modules(self) -> list[nn.Module]:
-        """VAE, UNet and (when loaded) the SD text encoder."""
-        return [self.vae, self.unet] + ([self._modules["sd_text_encoder"]] if "sd_text_encoder" in self._modules else [])
-
     # ---- modes and parameters ----------------------------------------------------------------
 
     def train(self, mode: bool = True) -> "MiniGPT5_Model":
         """Frozen parts stay in eval mode whatever Lightning asks."""
         super().train(mode)
-        for frozen in self._frozen_sd_modules():
-            frozen.eval()
+        for frozen in (self.vae, self.unet, self._modules.get("sd_text_encoder")):
+            if frozen is not None:
+                frozen.eval()
         self.model.train(mode)
         return self
 
@@ -271,7 +230,7 @@ class MiniGPT5_Model(pl.LightningModule):
         """SD's own text conditioning for captions (the caption loss's target): (N, 77, d_model), no
         gradient. With `cache_caption_features` each distinct caption is encoded once and kept
         (`diffusion.CaptionCache`; not saved in checkpoints; `clear_caption_cache()` empties it)."""
-        encode = lambda texts: diffusion.encode_captions(self.sd_tokenizer, self.sd_text_encoder, texts, self.device)
+        encode = lambda texts: self.decoder.encode_captions(texts, self.sd_text_encoder, self.device)
         if self.caption_cache is None:
             return encode(captions)
         return self.caption_cache(captions, encode).to(self.device)
@@ -295,10 +254,10 @@ class MiniGPT5_Model(pl.LightningModule):
         """Scaled VAE latents of the target images of samples `index`, sampled from the VAE's
         diagonal Gaussian: from the batch's cached moments, or by encoding its images."""
         if batch.get("output_image_features") is not None:
-            moments = batch["output_image_features"][index]
-        else:
-            moments = diffusion.vae_moments(self.vae, batch["output_images"][index])
-        return diffusion.latents_from_moments(self.vae, moments, latent_noise, generator)
+            return self.decoder.latents(moments=batch["output_image_features"][index], latent_noise=latent_noise,
+                                        generator=generator)
+        return self.decoder.latents(images=batch["output_images"][index], latent_noise=latent_noise,
+                                    generator=generator)
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """All losses of one batch (see the module docstring). The batch is the collator's dict.
@@ -320,20 +279,14 @@ class MiniGPT5_Model(pl.LightningModule):
             losses["loss"] = TEXT_LOSS_WEIGHT * text_loss
             return losses
 
-        if batch.get("cfg_drop") is not None:
-            drop = batch["cfg_drop"].to(sample.device)[sample].bool()
-        else:
-            drop = torch.rand(sample.shape[0], generator=generator,
-                              device=generator.device if generator is not None else sample.device)
-            drop = drop.to(sample.device) < self.cfg_dropout_prob
+        drop = cfg_dropout(batch, sample, generator, self.cfg_dropout_prob)
         features = features * (~drop).to(features.dtype)[:, None, None]
         condition = self.map_vokens(features)
 
         pick = (lambda key: None if batch.get(key) is None else batch[key][sample])
         latents = self.target_latents(batch, sample, pick("latent_noise"), generator)
-        losses["image_loss"] = diffusion.denoising_loss(self.unet, self.noise_scheduler, latents, condition,
-                                                         pick("noise"), pick("timesteps"), generator,
-                                                         snr_gamma=SNR_GAMMA if self.snr_loss else None)
+        losses["image_loss"] = self.decoder.loss(latents, condition, pick("noise"), pick("timesteps"), generator,
+                                                 snr_gamma=SNR_GAMMA if self.snr_loss else None)
         total = TEXT_LOSS_WEIGHT * text_loss + IMAGE_LOSS_WEIGHT * losses["image_loss"]
 
         captions = batch.get("captions")
@@ -347,38 +300,19 @@ class MiniGPT5_Model(pl.LightningModule):
     # ---- Lightning hooks ---------------------------------------------------------------------
 
     def step_seed(self, batch_idx: int) -> int:
-        """The seed of one training micro-batch, a function of (seed, optimiser step, micro-batch
-        within the step, rank) only, so that a resumed run draws exactly what an uninterrupted one
-        would. The seed is the run's `settings.seed` (`--seed`; `resume.ResumePoint` keeps it with
-        each checkpoint)."""
-        seed = int(self.settings.seed)
+        """The seed of one training micro-batch (`resume.step_seed`) from the run's `settings.seed`
+        (`--seed`; `resume.ResumePoint` keeps it with each checkpoint)."""
         micro = batch_idx % max(1, self.trainer.accumulate_grad_batches) if self._trainer is not None else 0
-        key = ((seed * 1_000_003 + self.global_step) * 1_009 + micro) * 1_009 + self.global_rank
-        return key % (2**63 - 1)
-
-    def step_generator(self, batch_idx: int) -> torch.Generator:
-        """The random stream of the model's own draws in one training micro-batch (`step_seed`)."""
-        device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        return torch.Generator(device=device).manual_seed(self.step_seed(batch_idx))
+        return step_seed(int(self.settings.seed), self.global_step, micro, self.global_rank)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """One step: log every loss term, return the total.
-
-        Every random draw of the step is a function of (seed, optimiser step, micro-batch, rank):
-        the model's own draws (noise, timesteps, CFG dropout) come from `step_generator`, and the
-        ones drawn from torch's global RNG inside the modules (LoRA dropout in stage 2) from that
-        RNG seeded from the same key for this micro-batch only (`fork_rng` restores it after), so
-        that a resumed run draws exactly what an uninterrupted one would."""
+        """One step: log every loss term, return the total. Every random draw of the step (noise,
+        timesteps, CFG dropout, LoRA dropout) comes from `resume.step_randomness` of this micro-batch's
+        seed, so that a resumed run draws exactly what an uninterrupted one would."""
         if batch is None:                       # every sample of this batch was unreadable (logged)
             return None
-        # A second stream for the modules, distinct from the generator's (same key, other constant).
-        module_seed = (self.step_seed(batch_idx) * 6_364_136_223_846_793_005 + 1) % (2**63 - 1)
-        cuda = [torch.cuda.current_device()] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.default_generator.manual_seed(module_seed)
-            if cuda:
-                torch.cuda.manual_seed(module_seed)
-            losses = self(batch, generator=self.step_generator(batch_idx))
+        with step_randomness(self.step_seed(batch_idx), self.device) as generator:
+            losses = self(batch, generator=generator)
         batch_size = batch["input_ids"].shape[0]
         for name, value in losses.items():
             self.log(f"train_{name}" if name == "loss" else name, value, prog_bar=name == "loss",
@@ -406,8 +340,7 @@ class MiniGPT5_Model(pl.LightningModule):
             return []
         opts = self.predict_settings
         sources = batch["sources"]
-        counts = [s.count(IMAGE_PLACEHOLDER) for s in sources]
-        images = [list(x) for x in torch.split(batch["input_images"], counts)]
+        images = [list(x) for x in torch.split(batch["input_images"], [s.count(IMAGE_PLACEHOLDER) for s in sources])]
         seeds = [zlib.crc32(f"{opts.seed}:{task}".encode()) for task in batch["task_names"]]
         outs = self.generate(sources, images, seed=seeds, max_new_tokens=opts.max_new_tokens, top_k=opts.top_k,
                              guidance_scale=opts.guidance_scale, num_inference_steps=opts.num_inference_steps,
@@ -417,14 +350,7 @@ class MiniGPT5_Model(pl.LightningModule):
         if opts.sd_baseline and captions is not None and all(c is not None for c in captions):
             baselines = self.sd_baseline(list(captions), seeds, opts.guidance_scale, opts.num_inference_steps,
                                          opts.scheduler)
-        items = []
-        for i, out in enumerate(outs):
-            has_target = bool(batch["has_output_image"][i])
-            items.append({"source": sources[i], "text": out.text, "target": batch["targets"][i], "image": out.image,
-                          "baseline": baselines[i], "task_name": batch["task_names"][i],
-                          "expected_image": batch["output_images"][i].cpu() if has_target else None,
-                          "input_images": images[i]})
-        return items
+        return prediction_items(batch, outs, baselines, images)
 
     def planned_steps(self) -> int:
         """Length of the learning-rate schedule in optimiser steps: the settings' `planned_total_steps`
@@ -435,40 +361,73 @@ class MiniGPT5_Model(pl.LightningModule):
         return max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
 
     def configure_optimizers(self):
-        """AdamW; stage 1 gives `fc`, the mapper and the prompt 10x the learning rate; linear warm-up
-        then linear decay to zero, stepped every optimiser step, as the release."""
-        from transformers import get_linear_schedule_with_warmup
-
-        lr = self.settings.learning_rate
-        fast_ids = {id(p) for module in (self.fc, self.llm_to_t2i_mapping) for p in module.parameters()}
-        fast_ids.add(id(self.t2i_decoder_prompt))
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        fast = [p for p in trainable if id(p) in fast_ids]
-        slow = [p for p in trainable if id(p) not in fast_ids]
-        groups = [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * 10 if self.stage == 1 else lr}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=self.settings.adam_epsilon)
-        scheduler = get_linear_schedule_with_warmup(optimizer, self.settings.warmup_steps, self.planned_steps())
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        """The release's optimiser and schedule (`release_optimizer`)."""
+        return release_optimizer(self, self.settings, self.planned_steps())
 
     # ---- generation ---------------------------------------------------------------------------
 
     def generate(self, prompts: str | list[str], images: list | None = None, **options) -> list[GenerationOutput]:
         """Answer each prompt with text and, when the LLM emits vokens, an image: `generation.generate`
-        (options: max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-        force_generation, guidance_scale, num_inference_steps, scheduler, seed, generator, and the
-        speed options decode and pictures of fast_inference.py)."""
-        return generation.generate(self, prompts, images, **options)
+        over the backbone, `map_vokens` and the decoder (options: max_new_tokens, do_sample, temperature,
+        top_k, top_p, repetition_penalty, force_generation, guidance_scale, num_inference_steps,
+        scheduler, seed, generator, and the speed options decode and pictures of fast_inference.py)."""
+        return generation.generate(self.model, self.map_vokens, self.decoder, prompts, images, device=self.device,
+                                   **options)
 
     def sd_pipeline(self, scheduler: str = "pndm", with_text_encoder: bool = False):
-        """A diffusers `StableDiffusionPipeline` over this model's frozen SD parts (`diffusion.pipeline`)."""
-        return diffusion.pipeline(self.vae, self.unet, self.sd_tokenizer, self.noise_scheduler, scheduler,
-                                  self.sd_text_encoder if with_text_encoder else None)
+        """A diffusers `StableDiffusionPipeline` over this model's frozen SD parts (`decoder.pipeline`)."""
+        return self.decoder.pipeline(scheduler, self.sd_text_encoder if with_text_encoder else None)
 
     @torch.no_grad()
     def sd_baseline(self, captions: list[str], seeds: list[int], guidance_scale: float = 7.5,
                     num_inference_steps: int = 50, scheduler: str = "pndm") -> list:
         """Plain Stable Diffusion from the caption text (the release's CC3M "SD baseline")."""
-        cond, negative = diffusion.text_conditions(self.sd_pipeline(scheduler, with_text_encoder=True), captions,
-                                                   self.device, guidance_scale)
-        return diffusion.draw(self.sd_pipeline(scheduler), cond, negative, seeds, guidance_scale, num_inference_steps,
-                              self.cfg.sd_image_size)
+        return self.decoder.draw_captions(captions, seeds, guidance_scale, num_inference_steps, scheduler,
+                                          self.sd_text_encoder, self.device)
+
+
+# ---- the parts of the class above, written out on their own ------------------------------------
+
+def feature_mapper(m, llm_hidden: int, device: str) -> tuple[nn.Module, nn.Module, nn.Parameter]:
+    """MiniGPT-5's trainable feature mapper under the release's names, on `device` ("meta" or "cpu"),
+    random in this order: `fc` (llm_hidden -> fc_dim -> d_model), `llm_to_t2i_mapping` (an
+    `nn.Transformer`, `src` = the mapped vokens) and `t2i_decoder_prompt` (its `tgt`, one row per
+    token of the decoder's condition); `m` is the config's `mapper` section."""
+    with torch.device(device):
+        fc = nn.Sequential(nn.Linear(llm_hidden, m.fc_dim), nn.GELU(), nn.Linear(m.fc_dim, m.d_model))
+        with warnings.catch_warnings():   # norm_first disables a fast path we do not need
+            warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
+            mapping = nn.Transformer(
+                d_model=m.d_model, nhead=m.nhead, num_encoder_layers=m.num_encoder_layers,
+                num_decoder_layers=m.num_decoder_layers, dim_feedforward=m.dim_feedforward,
+                dropout=0.0, batch_first=True, norm_first=True)
+        prompt = nn.Parameter(torch.randn(1, m.num_prompt_tokens, m.d_model))
+    return fc, mapping, prompt
+
+
+def cfg_dropout(batch: dict, sample: torch.Tensor, generator: torch.Generator | None, prob: float) -> torch.Tensor:
+    """Which voken occurrences (of samples `sample`) lose their features for classifier-free guidance
+    training: the batch's `cfg_drop` when given (tests pin it), else a draw from `generator` < `prob`."""
+    if batch.get("cfg_drop") is not None:
+        return batch["cfg_drop"].to(sample.device)[sample].bool()
+    drop = torch.rand(sample.shape[0], generator=generator,
+                      device=generator.device if generator is not None else sample.device)
+    return drop.to(sample.device) < prob
+
+
+def release_optimizer(model: MiniGPT5_Model, settings: TrainSettings, planned_steps: int) -> dict:
+    """AdamW over the trainable parameters; stage 1 gives `fc`, the mapper and the prompt 10x the
+    learning rate; linear warm-up then linear decay to zero over `planned_steps`, stepped every
+    optimiser step, as the release."""
+    from transformers import get_linear_schedule_with_warmup
+
+    lr = settings.learning_rate
+    fast_ids = {id(p) for module in (model.fc, model.llm_to_t2i_mapping) for p in module.parameters()}
+    fast_ids.add(id(model.t2i_decoder_prompt))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    fast = [p for p in trainable if id(p) in fast_ids]
+    slow = [p for p in trainable if id(p) not in fast_ids]
+    groups = [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * 10 if model.stage == 1 else lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=settings.adam_epsilon)
+    scheduler = get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, planned_steps)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -216,6 +216,21 @@ class PredictionRecord:
                    to_unit_range(expected) if expected is not None else None, item["task_name"])
 
 
+def prediction_items(batch: dict, outputs: list, baselines: list, input_images: list[list]) -> list[dict]:
+    """What `MiniGPT5_Model.predict_step` returns for a collated test batch: per prompt its source,
+    generated text and picture (`generation.GenerationOutput`), expected text and picture (the
+    batch's target, None when it has none), the SD baseline (or None), the input pictures and the
+    task name; `PredictionRecord.from_item` and the prediction writer read these."""
+    items = []
+    for i, out in enumerate(outputs):
+        has_target = bool(batch["has_output_image"][i])
+        items.append({"source": batch["sources"][i], "text": out.text, "target": batch["targets"][i],
+                      "image": out.image, "baseline": baselines[i], "task_name": batch["task_names"][i],
+                      "expected_image": batch["output_images"][i].cpu() if has_target else None,
+                      "input_images": input_images[i]})
+    return items
+
+
 RELEASE_LAYOUT = ("input_text", "predicted_text", "expected_text", "predicted_image", "sd_baseline_image",
                   "expected_image", "None", "task_name")
 

@@ -8,7 +8,7 @@ Three things must survive a stop, and this module owns all of them:
   (`ResumableLoader` over an `EpochSampler`, or `shards.ShardLoader`) saves that position with
   each checkpoint through Lightning's data-loader state and, on resume, skips what was done.
 - the seed key: every random draw of a training step comes from seeds of (seed, optimiser step,
-  micro-batch, rank) (`MiniGPT5_Model.step_seed`), the seed being the run's
+  micro-batch, rank) (`step_seed`, `step_randomness`), the seed being the run's
   `TrainSettings.seed`. `ResumePoint` saves it in its callback state and says so when a run
   resumes with another seed (its draws would then differ from the interrupted run's).
 - where the run stops: `--max_steps` stops through `should_stop` rather than Lightning's own
@@ -26,13 +26,37 @@ is `run_files.py`.)
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from pytorch_lightning import Callback
 
 log = logging.getLogger(__name__)
+
+
+def step_seed(seed: int, global_step: int, micro: int, rank: int) -> int:
+    """The seed of one training micro-batch: a function of the run's seed, the optimiser step, the
+    micro-batch within the step and the rank only, so that a resumed run draws exactly what an
+    uninterrupted one would."""
+    key = ((seed * 1_000_003 + global_step) * 1_009 + micro) * 1_009 + rank
+    return key % (2**63 - 1)
+
+
+@contextlib.contextmanager
+def step_randomness(seed: int, device: torch.device) -> Iterator[torch.Generator]:
+    """Every random draw of one training micro-batch from its `step_seed`: yields the generator of
+    the model's own draws (noise, timesteps, CFG dropout; on `device` when it is a GPU), while torch's
+    global RNG, which modules draw from (LoRA dropout in stage 2), is seeded from the same key (by
+    another constant: a second stream) inside the block and restored after it (`fork_rng`)."""
+    module_seed = (seed * 6_364_136_223_846_793_005 + 1) % (2**63 - 1)
+    cuda = [torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(module_seed)
+        if cuda:
+            torch.cuda.manual_seed(module_seed)
+        yield torch.Generator(device=device if device.type == "cuda" else torch.device("cpu")).manual_seed(seed)
 
 
 class ResumePoint(Callback):

@@ -82,6 +82,25 @@ class TrainSettings(_Plain):
     environment: dict[str, str] = field(default_factory=dict)
 
 
+def model_settings(settings: TrainSettings | None, stage: int, model_config: str, **given: Any) -> TrainSettings:
+    """The settings a model is built with: `settings` (default: the release's), its stage, the values
+    given to its constructor (None: not given) over them, and the model config when none is recorded."""
+    settings = dataclasses.replace(settings or TrainSettings(), stage=stage,
+                                   **{k: v for k, v in given.items() if v is not None})
+    if settings.model_config is None:
+        settings = dataclasses.replace(settings, model_config=model_config)
+    return settings
+
+
+def hyperparameters(settings: TrainSettings, model_config: str) -> dict[str, Any]:
+    """A checkpoint's `hyper_parameters`: the flat keys of earlier versions, and the settings whole
+    (`read_settings` reads them back)."""
+    return {"model_config": model_config, "stage": settings.stage, "learning_rate": settings.learning_rate,
+            "warmup_steps": settings.warmup_steps, "adam_epsilon": settings.adam_epsilon,
+            "snr_loss": settings.snr_loss, "caption_loss_weight": settings.caption_loss_weight,
+            "settings": settings.to_dict()}
+
+
 @dataclass(frozen=True)
 class PredictSettings(_Plain):
     """How `predict_step` generates (`train_eval.py --is_training False`'s flags)."""

@@ -375,7 +375,7 @@ def _plain_baselines(args, model, prompt, images, sync, card, diffusion, generat
     m = model.model
     llm = m.llama_model
     with torch.no_grad():
-        embeds, mask = generation.prompt_embeddings(model, [prompt], [images], args.new_tokens)
+        embeds, mask = generation.prompt_embeddings(model.model, [prompt], [images], args.new_tokens)
         for _ in range(2):                                   # warm-up, then the prefill alone
             sync()
             t0 = time.perf_counter()
@@ -424,7 +424,7 @@ def _plain_compiled_sd(args, model, sync, card) -> None:
     import diffusion
     import fast_inference
 
-    compiled = fast_inference.fast_sd_parts(model, "compiled")[1].compiled
+    compiled = fast_inference.fast_sd_parts(model.decoder, "compiled")[1].compiled
     pipe = diffusion.pipeline(model.vae, compiled, model.sd_tokenizer, model.noise_scheduler, "pndm")
     with torch.no_grad():
         seconds = _plain_sd_seconds(args, model, pipe, sync)

@@ -395,11 +395,11 @@ def _prompt_logit_difference(model, prompts, images) -> float:
     """Largest |difference| of the next-token logits after each prompt, computed for the
     left-padded batch vs for each prompt alone: the rounding noise a batch adds."""
     llm = model.model.llama_model
-    embeds, mask = generation.prompt_embeddings(model, prompts, images, 1)
+    embeds, mask = generation.prompt_embeddings(model.model, prompts, images, 1)
     batched = llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
     worst = 0.0
     for i, (prompt, item_images) in enumerate(zip(prompts, images)):
-        e, m = generation.prompt_embeddings(model, [prompt], [item_images], 1)
+        e, m = generation.prompt_embeddings(model.model, [prompt], [item_images], 1)
         alone = llm(inputs_embeds=e, attention_mask=m, logits_to_keep=1).logits[0, -1].float()
         worst = max(worst, (batched[i] - alone).abs().max().item())
     return worst
@@ -415,7 +415,7 @@ def _generation_parts(bench: Bench, model, prompts, images, seeds, outputs) -> s
     limits row 4 (medians of the same number of repeats)."""
     s = bench.settings
     with torch.no_grad():
-        embeds, mask = generation.prompt_embeddings(model, prompts, images, s.gen_new_tokens)
+        embeds, mask = generation.prompt_embeddings(model.model, prompts, images, s.gen_new_tokens)
         generated = torch.nn.utils.rnn.pad_sequence(
             [torch.tensor(o.token_ids + [model.model.llama_tokenizer.eos_token_id]) for o in outputs],
             batch_first=True, padding_value=model.model.llama_tokenizer.eos_token_id).to(model.device)
@@ -431,7 +431,7 @@ def _generation_parts(bench: Bench, model, prompts, images, seeds, outputs) -> s
             pipe(prompt_embeds=cond[index].to(model.unet.dtype), negative_prompt_embeds=uncond[index].to(model.unet.dtype),
                  guidance_scale=7.5, num_inference_steps=s.gen_sd_steps, generator=gens, height=size, width=size)
 
-    singles_embeds = [generation.prompt_embeddings(model, [p], [im], s.gen_new_tokens) for p, im in zip(prompts, images)]
+    singles_embeds = [generation.prompt_embeddings(model.model, [p], [im], s.gen_new_tokens) for p, im in zip(prompts, images)]
 
     def llm(embeds_mask_tokens):
         for e, msk, tokens in embeds_mask_tokens:
@@ -463,7 +463,7 @@ def row_generate_overhead(bench: Bench) -> Row:
     prompt, image = prompts[2], images[2]            # 2 input images
     kw = dict(force_generation=True, max_new_tokens=s.single_new_tokens, num_inference_steps=s.gen_sd_steps)
     recorded = {}
-    original = model.sd_pipeline
+    original = model.decoder.pipeline
 
     class Recording:
         """A pipeline whose call arguments (the conditioning generate made) are recorded; its
@@ -480,21 +480,21 @@ def row_generate_overhead(bench: Bench) -> Row:
             return self.pipe(**call)
 
     def recording_pipeline(*args, **kwargs):
-        """`sd_pipeline`, recording its calls."""
+        """`decoder.pipeline`, recording its calls."""
         return Recording(original(*args, **kwargs))
 
     # The seed (of 0..7) with the longest answer, so that decoding weighs as much as it can.
     lengths = [len(model.generate(prompt, image, seed=seed, **dict(kw, num_inference_steps=1))[0].token_ids)
                for seed in range(8)]
     seed = max(range(8), key=lambda i: lengths[i])
-    model.sd_pipeline = recording_pipeline
+    model.decoder.pipeline = recording_pipeline
     try:
         out = model.generate(prompt, image, seed=seed, **kw)[0]
     finally:
-        del model.sd_pipeline
+        del model.decoder.pipeline
     tokens = torch.tensor([out.token_ids], device=model.device)
     with torch.no_grad():
-        embeds, mask = generation.prompt_embeddings(model, [prompt], [image], s.single_new_tokens)
+        embeds, mask = generation.prompt_embeddings(model.model, [prompt], [image], s.single_new_tokens)
     pipe = model.sd_pipeline()
 
     def sd():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import decoding
 import fast_inference
 import generation
 from model import MiniGPT5_Model
@@ -92,7 +93,7 @@ def test_static_decode_stops_where_the_release_path_stops(model, monkeypatch):
     tok = model.model.llama_tokenizer
     scripts = [tok.encode(text, add_special_tokens=False) for text in
                ("ok ### more words here", "a longer answer then ### and more", "x ### y z w v u")]
-    original = generation.VokenForcing.__call__
+    original = decoding.VokenForcing.__call__
 
     def scripted(self, input_ids, scores):
         step = int((input_ids != fast_inference.DUMMY_ID).sum(dim=1)[0])     # tokens generated so far
@@ -101,7 +102,7 @@ def test_static_decode_stops_where_the_release_path_stops(model, monkeypatch):
             out[row, script[min(step, len(script) - 1)]] = 0
         return original(self, input_ids, out)
 
-    monkeypatch.setattr(generation.VokenForcing, "__call__", scripted)
+    monkeypatch.setattr(decoding.VokenForcing, "__call__", scripted)
     kwargs = dict(seed=[1, 2, 3], max_new_tokens=30, num_inference_steps=1)
     prompts = ["say ok ###Assistant:"] * 3
     release = model.generate(prompts, **kwargs)
@@ -155,25 +156,25 @@ def test_fast_pictures_equal_the_eager_ones(model, monkeypatch):
     features = torch.randn(2, 8, model.model.llama_model.config.hidden_size,
                            generator=torch.Generator().manual_seed(0)).to(model.device)
     with torch.no_grad():
-        eager = generation.images_from_features(model, features, [3, 4], 7.5, 3, "pndm")
+        eager = generation.images_from_features(model.map_vokens, model.decoder, features, [3, 4], 7.5, 3, "pndm")
         for mode in ("graph", "compiled"):
-            fast = generation.images_from_features(model, features, [3, 4], 7.5, 3, "pndm", pictures=mode)
+            fast = generation.images_from_features(model.map_vokens, model.decoder, features, [3, 4], 7.5, 3, "pndm", pictures=mode)
             for a, b in zip(fast, eager):      # (on a GPU the convolutions round in TF32, by other algorithms)
                 assert np.abs(_pixels(a) - _pixels(b)).max() <= (1 if DEVICE == "cpu" else 3), mode
-        again = fast_inference.fast_sd_parts(model, "compiled")
-        assert again is fast_inference.fast_sd_parts(model, "compiled")
-        graphed = fast_inference.fast_sd_parts(model, "graph")[1]
+        again = fast_inference.fast_sd_parts(model.decoder, "compiled")
+        assert again is fast_inference.fast_sd_parts(model.decoder, "compiled")
+        graphed = fast_inference.fast_sd_parts(model.decoder, "graph")[1]
         assert bool(graphed.graphs) == (DEVICE == "cuda")
-        dpm = generation.images_from_features(model, features, [3, 4], 7.5, 3, "dpm++", pictures="graph")
+        dpm = generation.images_from_features(model.map_vokens, model.decoder, features, [3, 4], 7.5, 3, "dpm++", pictures="graph")
     assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(p.size == (model.cfg.sd_image_size,) * 2 for p in dpm)
 
 
 def test_offloaded_compiled_pictures_fall_back_to_graphs_with_a_reason(model, caplog, monkeypatch):
     fast_inference._reported.clear()
-    monkeypatch.setattr(model, "_offload", object())          # what place(offload=True) sets
+    monkeypatch.setattr(model.decoder, "offloaded", True)      # what place(offload=True) sets
     with caplog.at_level(logging.WARNING, logger="fast_inference"):
-        vae, unet = fast_inference.fast_sd_parts(model, "compiled")
+        vae, unet = fast_inference.fast_sd_parts(model.decoder, "compiled")
     assert isinstance(unet, fast_inference.GraphedUNet) and unet.check_all_weights and vae is model.vae
     assert "CPU offload" in caplog.text and "pictures='graph'" in caplog.text
 
@@ -187,7 +188,7 @@ def test_fast_parts_go_with_their_model(tiny_config):
     m = MiniGPT5_Model(tiny_config, stage=1).eval()
     m.generate("###Human: hi ###Assistant:", seed=0, max_new_tokens=10, num_inference_steps=1, force_generation=True,
                decode="static", pictures="graph")
-    assert m.model in fast_inference._decoders and m in fast_inference._pictures
+    assert m.model in fast_inference._decoders and m.decoder in fast_inference._pictures
     before = len(fast_inference._pictures), len(fast_inference._decoders)
     del m
     gc.collect()

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessorList
 
-from conversation import Conversation
+import decoding
 import generation
-from generation import VokenForcing
+from conversation import Conversation
+from decoding import VokenForcing
 from model import MiniGPT5_Model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_voken_features_equal_a_plain_forward_pass(model, monkeypatch, picture):
     out = model.generate(prompt, [picture], force_generation=True, seed=2, **FAST)[0]
 
     m = model.model
-    embeds, mask = generation.prompt_embeddings(model, [prompt], [[picture]], FAST["max_new_tokens"])
+    embeds, mask = generation.prompt_embeddings(model.model, [prompt], [[picture]], FAST["max_new_tokens"])
     ids = torch.tensor([out.token_ids])
     full = torch.cat([embeds, m.embed_tokens(ids)], dim=1)
     with torch.no_grad():
@@ -131,13 +132,13 @@ def test_padded_rows_see_the_same_scores_as_single_calls(model, picture, monkeyp
     length) generated tokens of each padded row; on a real-size random model that changed the
     sampled text of most items of a batch."""
     seen = []
-    original = generation.SeededSampler.__call__
+    original = decoding.SeededSampler.__call__
 
     def record(self, input_ids, scores):
         seen.append(scores.clone())
         return original(self, input_ids, scores)
 
-    monkeypatch.setattr(generation.SeededSampler, "__call__", record)
+    monkeypatch.setattr(decoding.SeededSampler, "__call__", record)
     prompts = ["###Human: hi ###Assistant:",
                "###Human: <Img><ImageHere></Img> and <Img><ImageHere></Img> next scene ###Assistant:"]
     images = [[], [picture, picture]]
@@ -155,13 +156,13 @@ def test_top_k_50_is_the_default_as_in_the_release(model, monkeypatch):
     """The release sampled with transformers' default top_k=50 on top of top_p=0.9: the sampler
     never sees more than 50 candidates unless top_k is turned off (0)."""
     seen = []
-    original = generation.SeededSampler.__call__
+    original = decoding.SeededSampler.__call__
 
     def record(self, input_ids, scores):
         seen.append(int(torch.isfinite(scores).sum(-1).max()))
         return original(self, input_ids, scores)
 
-    monkeypatch.setattr(generation.SeededSampler, "__call__", record)
+    monkeypatch.setattr(decoding.SeededSampler, "__call__", record)
     kwargs = dict(num_inference_steps=1, max_new_tokens=8, seed=3, top_p=1.0)
     default = model.generate("###Human: hi ###Assistant:", **kwargs)[0]
     assert seen and max(seen) <= 50
@@ -225,7 +226,7 @@ def test_long_prompt_is_cut_from_the_left_with_a_warning(model):
     context = model.model.llama_model.config.max_position_embeddings
     prompt = "the scene description " * context + "###Assistant:"
     with pytest.warns(UserWarning, match="cut from the left"):
-        embeds, mask = generation.prompt_embeddings(model, [prompt, "short"], [[], []], max_new_tokens=8)
+        embeds, mask = generation.prompt_embeddings(model.model, [prompt, "short"], [[], []], max_new_tokens=8)
     assert embeds.shape[1] == context - 8
     # BOS is kept first; the end of the prompt survives.
     bos = model.model.embed_tokens(torch.tensor([model.model.llama_tokenizer.bos_token_id]))

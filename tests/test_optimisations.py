@@ -15,7 +15,7 @@ from conftest import STORY_LIKE, VOKEN_TARGET, fixed_draws, make_batch
 import diffusion
 from constants import VOKEN_COUNT
 import generation
-from generation import VokenStateRecorder
+from decoding import VokenStateRecorder
 from minigpt4 import VokenEmbedding
 from model import MiniGPT5_Model
 
@@ -208,7 +208,7 @@ def test_recorder_keeps_only_the_first_group():
 def test_bare_decode_gives_generates_logits(stage2):
     """The benchmark's bare decode runs the same forward passes as `generate` (same final logits)."""
     m = stage2.model
-    embeds, mask = generation.prompt_embeddings(stage2, PROMPTS[:1], [[]], 8)
+    embeds, mask = generation.prompt_embeddings(stage2.model, PROMPTS[:1], [[]], 8)
     tokens = torch.tensor([[m.voken_ids[0], m.voken_ids[1], 9, 10]])
     logits = bare_decode(stage2, embeds, mask, tokens)
     full = torch.cat([embeds, m.embed_tokens(tokens[:, :-1])], dim=1)

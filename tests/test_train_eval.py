@@ -586,7 +586,8 @@ def test_stage2_without_stage1_weight_fails_before_loading(tiny_config_path, no_
 
 
 def test_from_weights_refuses_a_stage2_file_without_stage1(tiny_config_path, no_model, tmp_path):
-    from model import CheckpointMismatchError, MiniGPT5_Model
+    from checkpoints import CheckpointMismatchError
+    from model import MiniGPT5_Model
 
     stage2 = fake_stage2_checkpoint(tmp_path / "stage2_vist.ckpt")
     with pytest.raises(CheckpointMismatchError, match="stage1_weight"):
@@ -594,7 +595,7 @@ def test_from_weights_refuses_a_stage2_file_without_stage1(tiny_config_path, no_
 
 
 def test_a_checkpoint_without_any_trainable_key_is_an_error(tiny_config_path, tmp_path):
-    from model import CheckpointMismatchError
+    from checkpoints import CheckpointMismatchError
 
     bogus = tmp_path / "other_model.ckpt"
     torch.save({"state_dict": {"encoder.weight": torch.zeros(2, 2), "decoder.bias": torch.zeros(2)}}, bogus)
