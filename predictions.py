@@ -249,7 +249,7 @@ def save(records: list[PredictionRecord], path: str | os.PathLike) -> Path:
 MANIFEST = "predictions.json"
 LOCK = ".predictions.lock"
 _FILE = re.compile(r"predictions-(\d+)\.pt")
-# What a task folder holds (train_eval.save_task_folder); a folder with anything else is not ours.
+# What a task folder holds (figures.save_task_folder); a folder with anything else is not ours.
 TASK_FILES = frozenset({"generated.jpg", "sd_baseline.jpg", "gt.jpg", "input.jpg"})
 
 

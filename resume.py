@@ -22,7 +22,7 @@ A resumed run must also be the run its settings say: `train_eval.py` refuses a c
 with other settings (`settings.resume_differences`) unless `--resume_allow_changes` names them,
 and `OwnHyperParameters` makes the optimiser use this run's learning rate and schedule, not the
 ones Lightning restored with the optimiser's state. (Which files a run reads and writes, and how,
-is `run_files.py`.)
+is `run_files.py`.) `training_loader` and `eval_loader` are the loaders `train_eval.py` builds.
 """
 from __future__ import annotations
 
@@ -217,3 +217,28 @@ class OwnHyperParameters(Callback):
             for group, rate in zip(scheduler.optimizer.param_groups, rates):
                 group["lr"] = rate
             scheduler._last_lr = rates
+
+
+def training_loader(dataset, collate, batch_size: int, num_workers: int, shuffle: bool, seed: int, world: int,
+                    point: ResumePoint | None = None):
+    """Training loader. On one device: the resumable epoch-seeded sampler, whose position `point`
+    counts; on several, Lightning swaps in its seeded DistributedSampler."""
+    from torch.utils.data import DataLoader
+
+    if world > 1:
+        # Lightning swaps in a DistributedSampler (seeded, set_epoch each epoch); flips follow
+        # the epoch through ResumePoint.
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                          collate_fn=collate)
+    return ResumableLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, seed, shuffle),
+                           num_workers=num_workers, collate_fn=collate,
+                           done_batches=point.batches_done if point is not None else None)
+
+
+def eval_loader(dataset, collate, batch_size: int, num_workers: int):
+    """Validation / prediction loader: the samples in order (Lightning shards them under DDP). Its
+    sampler has no `set_epoch`, so the dataset's random flips stay those of epoch 0 and every
+    validation sees the same images: val_loss moves with the weights only."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)

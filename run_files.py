@@ -10,7 +10,7 @@ prediction folder, `predictions.py`) and their tests, and because each is easy t
 - **One safe read.** A checkpoint a run resumes from is read once, by `read_resume`, through
   `weights.load_untrusted` (torch's weights-only unpickler, asked for explicitly, so that no
   environment variable such as TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD can switch full unpickling on),
-  checked, and handed to Lightning as that dict (`train_eval.RunCheckpointIO`).
+  checked, and handed to Lightning as that dict (`strategies.RunCheckpointIO`).
 - **A run never writes into another run's files unless asked.** `claim_run_name` takes the
   checkpoint name of a training run in its `--output_dir` under an exclusive lock (`FolderLock`,
   held until the process ends): a name another run is using now, or whose checkpoints an earlier

@@ -28,27 +28,22 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
-import textwrap
 from pathlib import Path
 
 import torch
-from pytorch_lightning import Callback
-from pytorch_lightning.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 import constants
 import placement
 import predictions
 import run_files
-from constants import IMAGE_PLACEHOLDER
+from callbacks import FinalCheckpoint, LastCheckpoint, PredictionWriter, SampleGeneration
 from dataset_specs import resolve_dataset_type, spec
-from image_transforms import clip_to_unit_range
-from resume import EpochSampler, ResumableLoader  # noqa: F401  (their old home)
-from resume import OwnHyperParameters, ResumePoint
+from resume import OwnHyperParameters, ResumePoint, eval_loader, training_loader
 from settings import (FIXED_ON_RESUME, RESUME_SETTINGS, PredictSettings, TrainSettings, describe_differences,
                       environment, read_settings, resume_differences)
+from strategies import STRATEGIES, STRATEGY_HELP, RunCheckpointIO, check_strategy, make_strategy
 
 log = logging.getLogger("train_eval")
 REPO = Path(__file__).resolve().parent
@@ -72,18 +67,6 @@ def device_ids(value: str) -> str:
 
 
 DEFAULT_WARMUP_STEPS = 1000
-STRATEGIES = {
-    "auto": "DDP when the run has several processes, else one process",
-    "ddp": "DDP (stage 2 finds unused parameters, as the release)",
-    "fsdp": "FSDP sharding the trainable tensors with their gradients and optimiser state (the frozen models stay "
-            "whole on every device, as under DDP); checkpoints are single files in the release's key layout "
-            "(gathered on rank 0) and resume exactly; runs on CPUs (gloo) too",
-    "deepspeed_stage_2": "DeepSpeed ZeRO-2, CUDA only (pip install deepspeed); a checkpoint is DeepSpeed's folder, "
-                         "whose <name>.ckpt/checkpoint/mp_rank_00_model_states.pt holds the release-layout state_dict; "
-                         "untested here. Other strategies (ZeRO-3, FSDP's sharded checkpoints) are refused: their "
-                         "checkpoints would not be one file in the release's key layout",
-}
-STRATEGY_HELP = "; ".join(f"{name}: {what}" for name, what in STRATEGIES.items())
 COMPATIBILITY_ONLY = "accepted for compatibility with the release's command lines; no effect here"
 
 
@@ -419,71 +402,6 @@ def last_checkpoint_path(args: argparse.Namespace) -> Path:
     return run_files.RunName(output_dir(args), args.model_save_name).last_path
 
 
-class RunCheckpointIO(TorchCheckpointIO):
-    """How Lightning writes and reads this run's checkpoints: written atomically
-    (`run_files.save_atomic`: a temporary file in the destination folder, renamed over the old one;
-    a failure raises `run_files.WriteError` and leaves the old file as it was), read through the
-    project's one loading rule (`run_files.read_checkpoint`). The `--resume` file was read and
-    checked before the model was built; Lightning gets that dict, once."""
-
-    def __init__(self, resume_path: Path | None = None, resume_checkpoint: dict | None = None):
-        super().__init__()
-        self._resume = (Path(resume_path), resume_checkpoint) if resume_checkpoint is not None else None
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        if storage_options is not None:
-            raise TypeError("RunCheckpointIO takes no storage_options")
-        run_files.save_atomic(checkpoint, path)
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
-        if self._resume is not None and Path(path) == self._resume[0]:
-            checkpoint, self._resume = self._resume[1], None
-            return checkpoint
-        return run_files.read_checkpoint(path)
-
-
-class LastCheckpoint(Callback):
-    """`<name>-last.ckpt`: the run's latest state, whatever `val_loss` did -- written after every
-    validation, at the end of every epoch and when training stops (once per optimiser step)."""
-
-    def __init__(self, path: Path):
-        self.path, self.saved_step, self.start_step = path, None, None
-
-    def save(self, trainer) -> None:
-        if trainer.sanity_checking or trainer.global_step in (self.saved_step, self.start_step):
-            return                              # already saved at this step, or nothing trained yet
-        trainer.save_checkpoint(self.path, weights_only=False)   # with optimiser state: resumable
-        self.saved_step = trainer.global_step
-
-    def on_train_start(self, trainer, pl_module):
-        self.start_step = trainer.global_step
-
-    def on_validation_end(self, trainer, pl_module):
-        self.save(trainer)
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.save(trainer)
-
-    def on_train_end(self, trainer, pl_module):
-        self.save(trainer)
-
-
-class FinalCheckpoint(Callback):
-    """When a run ends before any checkpoint was kept (e.g. `--max_steps` stops it before the first
-    validation), save one under `--model_save_name` anyway."""
-
-    def __init__(self, checkpoint: ModelCheckpoint):
-        self.checkpoint = checkpoint
-
-    def on_train_end(self, trainer, pl_module):
-        if self.checkpoint.best_model_path or trainer.global_step == 0:
-            return
-        metrics = {"epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(trainer.global_step)}
-        path = self.checkpoint.format_checkpoint_name(metrics)
-        trainer.save_checkpoint(path, weights_only=False)
-        self.checkpoint.best_model_path = path
-
-
 def make_logger(args: argparse.Namespace, save_dir: Path):
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
@@ -500,206 +418,6 @@ def make_logger(args: argparse.Namespace, save_dir: Path):
         raise SystemExit("error: --logger wandb needs `pip install wandb`") from None
     # Never ask for a login: offline unless the user chose otherwise with WANDB_MODE.
     return WandbLogger(save_dir=str(save_dir), project="minigpt5", offline=os.environ.get("WANDB_MODE") != "online")
-
-
-def make_strategy(name: str, world: int, stage: int):
-    """The Lightning strategy of `--strategy` for a run of `world` processes (all nodes)."""
-    from pytorch_lightning.strategies import DDPStrategy
-
-    if name in ("auto", "ddp") and world > 1:
-        # Stage 2 batches without vokens leave the mapper unused (the release's setting).
-        return DDPStrategy(find_unused_parameters=stage == 2)
-    if name == "fsdp":
-        return release_layout_fsdp()
-    if name == "deepspeed_stage_2":
-        return release_layout_deepspeed()
-    return name
-
-
-def check_strategy(args: argparse.Namespace, accelerator: str) -> None:
-    """What `--strategy` needs, before a model is loaded."""
-    if args.strategy == "deepspeed_stage_2":
-        if accelerator != "gpu":
-            raise SystemExit("error: --strategy deepspeed_stage_2 runs on CUDA GPUs only (Lightning's DeepSpeed "
-                             "strategy); on a CPU use --strategy ddp or fsdp")
-        try:
-            import deepspeed  # noqa: F401
-        except ModuleNotFoundError:
-            raise SystemExit("error: --strategy deepspeed_stage_2 needs `pip install deepspeed`") from None
-
-
-def release_layout_deepspeed():
-    """Lightning's DeepSpeed ZeRO stage 2 (CUDA only). DeepSpeed writes a checkpoint as a folder
-    (`<name>.ckpt/checkpoint/mp_rank_00_model_states.pt` plus the sharded optimiser state); here
-    the frozen weights are left out of it, and the file also holds `state_dict`: the trainable
-    tensors in the release's key layout (ZeRO-2 keeps whole parameters on every rank), so
-    `--test_weight`, `--stage1_weight` and `MiniGPT5_Model.load_checkpoint_file` read that file as
-    they read ours, and `--resume` takes the folder. Written from Lightning's DeepSpeedStrategy
-    source; not run in our tests (no GPU in CI)."""
-    from pytorch_lightning.strategies import DeepSpeedStrategy
-
-    class ReleaseLayoutDeepSpeed(DeepSpeedStrategy):
-        def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-            """Every rank writes its part into `<name>.ckpt.partial/`; then rank 0 swaps that folder
-            in for the old one (old -> `.old`, new -> final, old deleted), so a failed or killed
-            save never leaves a partial folder under the final name."""
-            if storage_options is not None:
-                raise TypeError("storage_options is not supported with DeepSpeed")
-            final = Path(self.broadcast(str(filepath)))
-            partial, old = final.with_name(final.name + ".partial"), final.with_name(final.name + ".old")
-            if self.is_global_zero:
-                shutil.rmtree(partial, ignore_errors=True)
-            self.barrier("deepspeed_checkpoint_start")
-            # Lightning's version drops `state_dict`; keep it (already the release's layout).
-            client_state = {k: v for k, v in checkpoint.items() if k != "optimizer_states"}
-            self.deepspeed_engine.save_checkpoint(str(partial), client_state=client_state, tag="checkpoint",
-                                                  exclude_frozen_parameters=True)
-            self.barrier("deepspeed_checkpoint_written")
-            if self.is_global_zero:
-                if final.exists():
-                    shutil.rmtree(old, ignore_errors=True)
-                    final.rename(old)
-                partial.rename(final)
-                shutil.rmtree(old, ignore_errors=True)
-            self.barrier("deepspeed_checkpoint_done")
-
-    return ReleaseLayoutDeepSpeed(stage=2, exclude_frozen_parameters=True)
-
-
-def release_layout_fsdp():
-    """Lightning's FSDP over the trainable tensors (see `_setup_model`; `use_orig_params`: the
-    frozen and the trainable rows of the embedding share a module) whose checkpoints are single
-    files in the release's key layout: the parameters are gathered on rank 0 and saved through the
-    model's own `trainable_state_dict` (FSDP's state-dict hooks cannot see the embedding's merged
-    `weight` key). On a CPU it runs FSDP over gloo (Lightning allows FSDP on GPUs only; PyTorch
-    does both)."""
-    from pytorch_lightning.strategies import FSDPStrategy
-
-    class ReleaseLayoutFSDP(FSDPStrategy):
-        def lightning_module_state_dict(self) -> dict:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            sharded = self.world_size > 1         # one process: FSDP does not shard (and cannot offload)
-            with FSDP.summon_full_params(self.model, writeback=False, rank0_only=sharded,
-                                         offload_to_cpu=sharded and self.root_device.type != "cpu"):
-                # Copies: the gathered storage is freed when the context ends.
-                state = self.lightning_module.trainable_state_dict() if self.global_rank == 0 else {}
-                return {key: value.clone() for key, value in state.items()}
-
-        def optimizer_state(self, optimizer) -> dict:
-            """On a CPU, gather the optimiser state without FSDP's offload to CPU: there it makes no
-            copy, and every state tensor ends up a view of one reused gather buffer."""
-            if self.root_device.type != "cpu":
-                return super().optimizer_state(optimizer)
-            from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, OptimStateKeyType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-            from torch.distributed.fsdp import StateDictType
-
-            optimizer = getattr(optimizer, "_optimizer", optimizer)      # a LightningOptimizer
-            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True),
-                                      FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)):
-                state = FSDP.optim_state_dict(self.model, optimizer)
-            if self.global_rank == 0:
-                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
-            return state
-
-        def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
-            """Our single-file checkpoint: the trainable tensors (release layout) go into the
-            gathered parameters through the model's own loading, then the optimiser state."""
-            from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, OptimStateKeyType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-            from torch.distributed.fsdp import StateDictType
-
-            path = Path(self.broadcast(str(checkpoint_path)))
-            if not path.is_file():
-                raise SystemExit(f"error: --resume {str(path)!r}: with --strategy fsdp a checkpoint is one file (a "
-                                 f"folder is the sharded format, which this run does not write)")
-            # Through the project's loading rule only, whatever checkpoint_io this strategy was given.
-            io = self.checkpoint_io if isinstance(self.checkpoint_io, RunCheckpointIO) else RunCheckpointIO()
-            checkpoint = io.load_checkpoint(path)
-            with FSDP.summon_full_params(self.model, writeback=True):
-                self.lightning_module.load_state_dict(checkpoint.pop("state_dict"), strict=False)
-            states = checkpoint.get("optimizer_states")
-            if not states or self.lightning_module.trainer.state.fn != "fit":
-                return checkpoint
-            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(),
-                                      FullOptimStateDictConfig(rank0_only=False)):
-                for optimizer, state in zip(self.optimizers, states):
-                    if state["state"] and isinstance(next(iter(state["state"])), int):
-                        state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
-                    optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, optimizer, state))
-            return checkpoint
-
-        def _setup_model(self, model):
-            """FSDP over the trainable parameters only: the frozen ones (ViT, Q-Former, LLM, SD, in
-            float16 / bfloat16) are `ignored_states`, kept whole on every device as under DDP. One
-            flat parameter cannot mix dtypes, and these need no gradient sync; what FSDP shards is
-            the float32 trainable part with its gradients and optimiser state. No FSDP mixed
-            precision: the trainable tensors stay float32 (the release's choice; the new embedding
-            rows must match the frozen ones) and `--precision bf16-mixed` autocasts as under DDP.
-            On a CPU, FSDP needs `device_id` set to the CPU (Lightning passes none)."""
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            frozen = [p for p in model.parameters() if not p.requires_grad]
-            model = model.to(self.root_device)
-            device_id = self.root_device if self.root_device.type == "cpu" else self.root_device.index
-            return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload, mixed_precision=None,
-                                            sharding_strategy=self.sharding_strategy, device_id=device_id,
-                                            ignored_states=frozen, **self.kwargs)
-
-    return ReleaseLayoutFSDP(state_dict_type="full")
-
-
-class SampleGeneration(Callback):
-    """Every N optimiser steps, generate from the first prompt of the current batch and save the
-    picture with its text under `out_dir` (rank 0 only)."""
-
-    def __init__(self, every_n_steps: int, out_dir: Path, num_inference_steps: int):
-        self.every_n_steps, self.out_dir, self.num_inference_steps = every_n_steps, out_dir, num_inference_steps
-        self.last_step = -1
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if batch is None or step == 0 or step % self.every_n_steps or step == self.last_step:
-            return
-        self.last_step = step
-        if not trainer.is_global_zero:
-            return
-        n_images = batch["sources"][0].count(IMAGE_PLACEHOLDER)
-        was_training = pl_module.training
-        pl_module.eval()
-        out = pl_module.generate(batch["sources"][:1], [list(batch["input_images"][:n_images])], seed=step,
-                                 max_new_tokens=64, num_inference_steps=self.num_inference_steps)[0]
-        pl_module.train(was_training)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / f"step_{step:07d}.txt").write_text(f"{batch['sources'][0]}\n---\n{out.text}\n")
-        if out.image is not None:
-            out.image.save(self.out_dir / f"step_{step:07d}.png")
-
-
-def dataloader(dataset, collate, batch_size: int, num_workers: int, shuffle: bool, seed: int, world: int,
-               point: ResumePoint | None = None):
-    """Training loader. On one device: the resumable epoch-seeded sampler, whose position `point`
-    counts; on several, Lightning swaps in its seeded DistributedSampler."""
-    from torch.utils.data import DataLoader
-
-    if world > 1:
-        # Lightning swaps in a DistributedSampler (seeded, set_epoch each epoch); flips follow
-        # the epoch through ResumePoint.
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                          collate_fn=collate)
-    return ResumableLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, seed, shuffle),
-                           num_workers=num_workers, collate_fn=collate,
-                           done_batches=point.batches_done if point is not None else None)
-
-
-def eval_loader(dataset, collate, batch_size: int, num_workers: int):
-    """Validation / prediction loader: the samples in order (Lightning shards them under DDP). Its
-    sampler has no `set_epoch`, so the dataset's random flips stay those of epoch 0 and every
-    validation sees the same images: val_loss moves with the weights only."""
-    from torch.utils.data import DataLoader
-
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
 
 
 def warmup_of(args: argparse.Namespace, planned_steps: int) -> int:
@@ -792,8 +510,8 @@ def train(args: argparse.Namespace, paths: dict) -> None:
             raise SystemExit(f"error: --train_data_path {args.train_data_path!r}: {e}") from None
         train_loader = shards.ShardLoader(batches, workers, done_batches=point.batches_done)
     else:
-        train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, workers, args.shuffle,
-                                  args.seed, world, point)
+        train_loader = training_loader(train_set, collate, args.per_device_train_batch_size, workers, args.shuffle,
+                                       args.seed, world, point)
     val_loader = None
     if paths["val"] is not None:
         # The release's validation samples are training samples (targets, image and caption losses).
@@ -875,70 +593,6 @@ def peak_memory_note() -> str:
 # ----------------------------------------------------------------------------------------------
 # Prediction
 # ----------------------------------------------------------------------------------------------
-
-def _to_pil(tensor01: torch.Tensor):
-    from PIL import Image
-
-    array = (tensor01.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    return Image.fromarray(array)
-
-
-def save_task_folder(folder: Path, generated, text: str, baseline, gt, inputs: list) -> None:
-    """generated.jpg (titled with the generated text), sd_baseline.jpg, gt.jpg, input.jpg."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    if generated is not None:
-        fig, ax = plt.subplots(figsize=(5, 5.6))
-        ax.imshow(generated)
-        ax.axis("off")
-        printable = "".join(c if c.isprintable() and ord(c) < 0x2E80 else "?" for c in text)
-        ax.set_title("\n".join(textwrap.wrap(printable, 60)[:5]), fontsize=8)
-        fig.savefig(folder / "generated.jpg", dpi=100)
-        plt.close(fig)
-    if baseline is not None:
-        baseline.save(folder / "sd_baseline.jpg")
-    if gt is not None:
-        gt.save(folder / "gt.jpg")
-    if inputs:
-        from PIL import Image
-
-        width = sum(i.width for i in inputs)
-        strip = Image.new("RGB", (width, max(i.height for i in inputs)), "white")
-        x = 0
-        for image in inputs:
-            strip.paste(image, (x, 0))
-            x += image.width
-        strip.save(folder / "input.jpg")
-
-
-class PredictionWriter(BasePredictionWriter):
-    """Per batch, writes the task folders of the items `predict_step` generated; at the end,
-    `predictions-{rank}.pt` with one list per item (the release's layout), and on rank 0 the
-    folder's manifest `predictions.json` listing every rank's file and item count (`manifest`
-    holds the rest: checkpoints, dataset, settings), which metric.py checks."""
-
-    def __init__(self, out_dir: Path, manifest: dict | None = None):
-        super().__init__(write_interval="batch")
-        self.out_dir, self.records, self.manifest = out_dir, [], manifest or {}
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        for item in prediction:
-            gt = item["expected_image"]
-            save_task_folder(self.out_dir / item["task_name"], item["image"], item["text"], item["baseline"],
-                             _to_pil(predictions.to_unit_range(gt)) if gt is not None else None,
-                             [_to_pil(x) for x in clip_to_unit_range(item["input_images"])])
-            self.records.append(predictions.PredictionRecord.from_item(item))
-
-    def on_predict_epoch_end(self, trainer, pl_module):
-        predictions.save(self.records, self.out_dir / predictions.file_name(trainer.global_rank))
-        # Every rank's count (also the barrier after which every rank's file is there).
-        counts = trainer.strategy.all_gather(torch.tensor([len(self.records)])).reshape(-1).tolist()
-        if trainer.is_global_zero:
-            predictions.write_manifest(self.out_dir, counts, **self.manifest)
-
 
 def predict(args: argparse.Namespace, paths: dict) -> Path:
     import pytorch_lightning as pl

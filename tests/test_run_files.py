@@ -90,13 +90,13 @@ def test_a_crafted_resume_file_never_runs(strategy, force_pickle, tiny_config_pa
 def test_fsdp_strategy_loads_through_the_one_rule(force_pickle, tmp_path, monkeypatch):
     """The FSDP strategy's own `load_checkpoint` (which Lightning calls with the resume path) reads
     through the same rule, whatever checkpoint_io it was given."""
-    import train_eval
+    import strategies
 
     if force_pickle:
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "marker"
     evil = crafted_checkpoint(tmp_path / "evil.ckpt", marker)
-    strategy = train_eval.release_layout_fsdp()
+    strategy = strategies.release_layout_fsdp()
     with pytest.raises(run_files.RunFileError, match="refused to load"):
         strategy.load_checkpoint(evil)
     assert not marker.exists()

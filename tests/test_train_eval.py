@@ -306,11 +306,11 @@ def test_prediction_folder_is_one_rule_for_train_eval_and_metric(monkeypatch):
 
 
 def test_training_order_is_the_files_unless_shuffle():
-    import train_eval
+    import resume
 
     data = list(range(7))
     order = lambda shuffle, epoch: (lambda s: (s.set_epoch(epoch), list(s))[1])(
-        train_eval.EpochSampler(data, seed=42, shuffle=shuffle))
+        resume.EpochSampler(data, seed=42, shuffle=shuffle))
     assert order(False, 0) == order(False, 1) == data                      # the release's order
     assert sorted(order(True, 0)) == data and order(True, 0) != data
     assert order(True, 0) == order(True, 0) != order(True, 1)              # seeded per epoch
