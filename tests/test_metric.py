@@ -29,6 +29,7 @@ from torchvision.transforms import ToPILImage
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.transforms.functional import pil_to_tensor
 
+import extractors
 import metric
 import predictions
 
@@ -43,7 +44,7 @@ TINY_CLIP_CONFIG = {
 
 # The tiny random Inception stand-in that `metric.py --tiny_extractors` uses (uint8 images -> 16
 # features, 10 logits).
-TinyInception = metric.TinyInception
+TinyInception = extractors.TinyInception
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,12 +65,12 @@ def tiny_clip_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sbert():
-    return metric.load_sbert()
+    return extractors.load_sbert()
 
 
 @pytest.fixture(scope="module")
 def models(tiny_clip_weights, sbert) -> metric.Models:
-    clip, preprocess, tokenizer = metric.load_clip(TINY_CLIP, "openai", str(tiny_clip_weights))
+    clip, preprocess, tokenizer = extractors.load_clip(TINY_CLIP, "openai", str(tiny_clip_weights))
     return metric.Models(clip, preprocess, tokenizer, TinyInception().eval(), sbert)
 
 
@@ -182,7 +183,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift(models):
 def test_low_rank_fid_equals_torchmetrics():
     generator = torch.Generator().manual_seed(0)
     real, fake = torch.randn(5, 32, generator=generator), torch.randn(7, 32, generator=generator) + 0.3
-    reference = FrechetInceptionDistance(feature=metric._Precomputed(32))
+    reference = FrechetInceptionDistance(feature=extractors._Precomputed(32))
     reference.update(real, real=True)
     reference.update(fake, real=False)
     assert metric.frechet_distance(real, fake) == pytest.approx(float(reference.compute()), rel=1e-4)
@@ -614,7 +615,7 @@ def test_missing_clip_weights_give_one_clear_error(tmp_path, monkeypatch):
     message = str(error.value.code)
     assert "ViT-B-32" in message and "--clip_weights" in message and "timm/vit_base_patch32_clip_224.openai" in message
     with pytest.raises(metric.MissingWeightError, match="--clip_weights"):
-        metric.load_clip("ViT-L-14", "openai", str(tmp_path / "missing.bin"))
+        extractors.load_clip("ViT-L-14", "openai", str(tmp_path / "missing.bin"))
 
 
 def test_missing_inception_and_sbert_weights_give_one_clear_error(tmp_path, monkeypatch):
@@ -623,14 +624,14 @@ def test_missing_inception_and_sbert_weights_give_one_clear_error(tmp_path, monk
     torch.hub.set_dir(str(tmp_path / "torch-hub"))
     try:
         with pytest.raises(metric.MissingWeightError, match="--inception_weights") as error:
-            metric.load_inception()
+            extractors.load_inception()
         assert "weights-inception-2015-12-05-6726825d.pth" in str(error.value)
     finally:
         torch.hub.set_dir(hub_dir)
     with pytest.raises(metric.MissingWeightError, match="--inception_weights"):
-        metric.load_inception(str(tmp_path / "nope.pth"))
+        extractors.load_inception(str(tmp_path / "nope.pth"))
     with pytest.raises(metric.MissingWeightError, match="--sbert_model"):
-        metric.load_sbert(str(tmp_path / "no-sbert"))
+        extractors.load_sbert(str(tmp_path / "no-sbert"))
 
 
 def _inception_state_dict() -> dict[str, torch.Tensor]:
@@ -658,7 +659,7 @@ def test_inception_and_clip_weights_go_through_the_loading_rule(tmp_path, tiny_c
     evil = tmp_path / "evil.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "x": PlantsAMarker(marker)}, evil)
     with pytest.raises(metric.CheckpointError, match=rf"refused to load {re.escape(str(evil))}.*exec"):
-        metric.load_inception(str(evil))
+        extractors.load_inception(str(evil))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
@@ -666,7 +667,7 @@ def test_inception_and_clip_weights_go_through_the_loading_rule(tmp_path, tiny_c
     cached.parent.mkdir(parents=True)
     cached.write_bytes(evil.read_bytes())
     with pytest.raises(metric.CheckpointError, match=rf"refused to load {re.escape(str(cached))}"):
-        metric.load_inception()
+        extractors.load_inception()
     folder = save_predictions(tmp_path / "preds", cc3m_items(2))
     with pytest.raises(SystemExit, match=rf"^error: refused to load {re.escape(str(evil))}"):
         metric.main(["--pred_folder", str(folder), "--dataset", "CC3M", "--fid_real", "ground_truth",
@@ -679,7 +680,7 @@ def test_inception_and_clip_weights_go_through_the_loading_rule(tmp_path, tiny_c
 
     state = _inception_state_dict()
     torch.save(state, tmp_path / "inception.pth")
-    net = metric.load_inception(str(tmp_path / "inception.pth"))
+    net = extractors.load_inception(str(tmp_path / "inception.pth"))
     assert set(net.net.state_dict()) == set(state)
     assert float(net.net.fc.weight[0, 0]) == pytest.approx(0.01) and float(net.net.Mixed_7c.branch1x1.conv.weight.max()) \
         == pytest.approx(0.01)

@@ -220,6 +220,7 @@ def test_bare_decode_gives_generates_logits(stage2):
 # ---- metric features (row 8) and optimiser state (row 6) ---------------------------------------
 
 def test_batched_clip_features_equal_one_image_at_a_time():
+    import extractors
     import metric
 
     models = metric.tiny_models(seed=0)
@@ -227,17 +228,17 @@ def test_batched_clip_features_equal_one_image_at_a_time():
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (40 + 8 * (i % 3), 48, 3), dtype=np.uint8)) for i in range(7)]
     stacked = torch.stack([models.clip_preprocess(im) for im in images])
-    assert torch.equal(metric.preprocess_batch(models.clip_preprocess, images), stacked)
+    assert torch.equal(extractors.preprocess_batch(models.clip_preprocess, images), stacked)
     batched = metric.clip_image_features(images, models, batch_size=4)
     torch.testing.assert_close(batched, one_at_a_time_features(images, models), atol=1e-6, rtol=1e-5)
 
 
 def test_preprocess_batch_runs_other_transforms_image_by_image():
-    import metric
+    import extractors
 
     transform = lambda im: torch.tensor(np.asarray(im, dtype=np.float32)).mean(dim=-1)  # noqa: E731
     images = [Image.new("RGB", (4, 3), (i, 0, 0)) for i in range(3)]
-    assert torch.equal(metric.preprocess_batch(transform, images), torch.stack([transform(im) for im in images]))
+    assert torch.equal(extractors.preprocess_batch(transform, images), torch.stack([transform(im) for im in images]))
 
 
 def test_adam_state_formula_matches_a_real_step(tiny_config):
