@@ -12,7 +12,7 @@ The dump needs a tokenizer only for MMDialog's training split (its 50-token rule
 
 The feature cache (`preprocess_features`): per image, the projected query embeddings of an input
 image and the VAE encoder moments of a target image, written under `OUT/<split>/{img,vae}/` in
-the layout `dataloader.feature_file` reads (set PREPROCESS_FEATURE_FOLDER=OUT to train from it).
+the layout `feature_cache.feature_file` reads (set PREPROCESS_FEATURE_FOLDER=OUT to train from it).
 """
 from __future__ import annotations
 
@@ -29,10 +29,12 @@ import torch
 
 import diffusion
 from constants import SEED, find_data
-from dataloader import (OUTSIDE_PATH, MiniGPT5Dataset, dump_records, feature_file, make_dataset, resolves_outside,
-                        save_feature)
+from data_problems import OUTSIDE_PATH, resolves_outside
+from dataloader import dump_records, make_dataset
+from dataset_base import MiniGPT5Dataset
+from feature_cache import feature_file, save_feature
 from dataset_specs import NAMES as DATASET_TYPES
-from dataset_specs import resolve_dataset_type, spec
+from dataset_specs import is_shard_spec, resolve_dataset_type, shard_reader, spec
 from image_transforms import IMAGE_ERRORS, image_processor, load_rgb, target_transform
 from placement import resolve_device
 
@@ -166,11 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="print only the first N samples")
     args = parser.parse_args(argv)
     is_training = args.split == "train"
-    import shards
-
-    if shards.is_shard_spec(args.data_file):       # CC3M WebDataset shards, streamed in file order
-        dataset = shards.CC3MShards(args.data_file, is_training=is_training, strict=args.strict, seed=args.seed,
-                                    dataset_type=args.dataset_type)
+    if is_shard_spec(args.data_file):       # CC3M WebDataset shards, streamed in file order
+        dataset = shard_reader(args.dataset_type)(args.data_file, is_training=is_training, strict=args.strict,
+                                                  seed=args.seed, dataset_type=args.dataset_type)
     else:
         path = find_data(args.data_file)
         reader = spec(resolve_dataset_type(path, args.dataset_type)).reader_class()

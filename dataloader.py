@@ -1,28 +1,17 @@
-"""The three datasets of MiniGPT-5 (CC3M, VIST, MMDialog), image transforms, the feature cache and
-the collator, as the release reads them.
+"""The readers of the three datasets of MiniGPT-5 (CC3M, VIST, MMDialog), as the release reads them,
+and `make_dataset`, which picks the reader a dataset's spec names (dataset_specs.py).
 
     data file ──► index (once, at construction): which samples exist, in the release's order
               ──► sample(i): task name, source, target, caption, input/output image paths
-                  (pure text; no tokenizer, no image is opened: this is what the dump prints)
+                  (`dataset_base.Sample`: pure text; no tokenizer, no image is opened: the dump)
               ──► dataset[i]: + token ids and labels, image tensors (or cached features)
-              ──► Collator: the model's batch (padded ids, labels, stacked images)
+                  (`dataset_base.MiniGPT5Dataset`, which every reader subclasses; the item's keys
+                  are listed there)
+              ──► collator.Collator: the model's batch (padded ids, labels, stacked images)
 
-Item (`dataset[i]`, a dict): `task_name`, `source`, `target`, `caption` (str or None),
-`input_image_paths` (list), `output_image_path` (str or None), `location` (file:line of the
-sample), `input_ids` and `labels` (1-D LongTensors: source ids then target ids, tokenized without
-special tokens; labels are -100 over the source and over [IMG1]..[IMG6]; BOS is added by the
-model), `input_images` (n_in, 3, S, S) with n_in = number of <ImageHere> in the source,
-`output_image` (3, SD, SD) in [-1, 1] (zeros when there is none), `has_output_image` (bool),
-`num_truncated_tokens` (int). With a feature cache, `input_images`/`output_image` are None and
-`input_image_features` (n_in, num_query_token, llm_hidden) / `output_image_features`
-(8, SD/f, SD/f, or None) are given instead.
-
-Batch (`Collator(tokenizer)(items)`): `input_ids`, `attention_mask`, `labels` (B, T), right
-padded (pad = eos, label -100); `input_images` (N_total, 3, S, S) (all samples' input images in
-order; (0, 3, S, S) when none); `output_images` (B, 3, SD, SD); `has_output_image` (B,) bool;
-`captions`, `task_names`, `sources`, `targets`, `input_image_paths`, `output_image_paths`,
-`locations` (lists); `num_dropped` (int); with cached features `input_image_features` and
-`output_image_features` (None when the batch has none) instead of the image tensors.
+The rooms around the readers: `tsv_index.py` (CC3M's TSV, indexed fast), `data_problems.py` (bad input:
+counted, logged, or an error), `feature_cache.py` (cached encoder outputs), `collator.py`, `shards.py`
+(CC3M from WebDataset shards), `prompts.py` (the wording of every prompt).
 
 Choices, and where they differ from the release:
 - Template choice and training flips use `random.Random(f"{seed}-...-{task_name}")`, so a
@@ -65,7 +54,7 @@ Choices, and where they differ from the release:
   the cache has no flip augmentation.
 - The release cached its index as a pickle next to the data and read features from
   `PREPROCESS_FEATURE_FOLDER` by file name; nothing is written next to the data here, and the
-  feature cache is keyed by the image's absolute path (see `feature_file`).
+  feature cache is keyed by the image's absolute path (see `feature_cache.feature_file`).
 
 CLI (data_commands.py; this module builds no model):
     python dataloader.py DATA_FILE [--split train|test] [--limit N] [--strict]
@@ -75,687 +64,34 @@ CLI (data_commands.py; this module builds no model):
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
-import random
 import re
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import numpy as np
-import torch
-from PIL import Image
 
-from constants import IMAGE_PLACEHOLDER, IMAGE_SLOT, RESERVED_TOKENS, SEED, VOKENS
+from collator import Collator  # noqa: F401  (dataloader.Collator, as before)
 from configuration import limits
-from constants import find_data, preprocess_feature_folder
-from dataset_specs import NAMES as DATASET_TYPES, SPECS, DatasetSpec, resolve_dataset_type, spec  # noqa: F401
-from image_transforms import IMAGE_ERRORS, image_processor, load_rgb, target_transform
+from constants import IMAGE_SLOT, RESERVED_TOKENS, find_data
+from data_problems import OUTSIDE_PATH, DataError, too_long_row, too_long_text
+from dataset_base import MiniGPT5Dataset, Sample, choose
+from dataset_specs import NAMES as DATASET_TYPES  # noqa: F401  (dataloader.DATASET_TYPES, as before)
+from dataset_specs import SPECS, is_shard_spec, resolve_dataset_type, shard_reader, spec
 # The release's prompts (importable from here too, as before they moved to prompts.py).
 from prompts import (CC3M_INSTRUCTION, CC3M_PROMPTS, CC3M_SYSTEM, MMDIALOG_SYSTEM, VIST_GENERATION,  # noqa: F401
                      VIST_MULTIMODAL, VIST_SYSTEM, VIST_UNDERSTANDING, VOKEN_TARGET, speaker, vist_context)
+from tsv_index import outside_rows, read_cc3m_tsv
 
 log = logging.getLogger("dataloader")
 
 CC3M_INSTRUCTION_EVERY = 100
 MMDIALOG_BROKEN_IDS = frozenset({"-3872362534310063124", "3713630103994725971"})
 MMDIALOG_MAX_TURN_TOKENS = 50
-
-
-
-# --------------------------------------------------------------------------------------------
-# Problems: counted, logged with file and line, or raised in strict mode
-# --------------------------------------------------------------------------------------------
-
-class DataError(ValueError):
-    """Bad input that cannot be used: names the file and line (or key) and what is wrong."""
-
-
-class ProblemLog:
-    """Counts bad input per reason and logs each case with its location (the first `max_logged`
-    per reason one by one, then only in the totals). With `strict`, the first problem raises
-    `DataError`. `rules` counts samples the release's own rules leave out (not problems)."""
-
-    def __init__(self, strict: bool = False, max_logged: int = 20):
-        self.strict = strict
-        self.max_logged = max_logged
-        self.counts: Counter[str] = Counter()
-        self.rules: Counter[str] = Counter()
-
-    @property
-    def total(self) -> int:
-        """Number of problems met so far."""
-        return sum(self.counts.values())
-
-    def add(self, where: str, reason: str, detail: str = "", skipped: str = "sample skipped") -> None:
-        """One problem at `where` (e.g. `file:line`)."""
-        message = f"{where}: {reason}" + (f": {detail}" if detail else "")
-        if self.strict:
-            raise DataError(f"{message} (strict mode)")
-        self._count(reason, f"{message}; {skipped}")
-
-    def add_lines(self, path: Path, lines_by_reason: dict[str, np.ndarray]) -> None:
-        """Problems found by vectorised checks: arrays of 1-based line numbers per reason."""
-        found = {reason: lines for reason, lines in lines_by_reason.items() if len(lines)}
-        if not found:
-            return
-        if self.strict:
-            reason, line = min(((r, int(lines.min())) for r, lines in found.items()), key=lambda x: x[1])
-            raise DataError(f"{path}:{line}: {reason} (strict mode)")
-        for reason, lines in found.items():
-            logged = lines[: max(0, self.max_logged - self.counts[reason])]
-            for line in logged:
-                self._count(reason, f"{path}:{int(line)}: {reason}; row skipped")
-            self.counts[reason] += len(lines) - len(logged)
-
-    def rule(self, reason: str, n: int = 1) -> None:
-        """`n` samples/turns left out by one of the release's rules (counted, not a problem)."""
-        self.rules[reason] += n
-
-    def _count(self, reason: str, message: str) -> None:
-        self.counts[reason] += 1
-        n = self.counts[reason]
-        if n <= self.max_logged:
-            log.warning(message)
-        if n == self.max_logged:
-            log.warning("further '%s' problems are counted but not logged one by one", reason)
-
-    def log_totals(self, what: str) -> None:
-        """Log the totals per reason (after indexing a file)."""
-        if self.counts:
-            log.warning("%s: skipped because of bad input: %s", what,
-                        ", ".join(f"{n} x {reason}" for reason, n in sorted(self.counts.items())))
-        if self.rules:
-            log.info("%s: left out by the release's rules: %s", what,
-                     ", ".join(f"{n} x {reason}" for reason, n in sorted(self.rules.items())))
-
-
-# --------------------------------------------------------------------------------------------
-# Samples (text only)
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Sample:
-    """One sample as the release defines it, before tokenization and image loading."""
-
-    task_name: str
-    source: str
-    target: str
-    caption: str | None
-    input_image_paths: tuple[str, ...]
-    output_image_path: str | None
-    location: str  # where it comes from: `file:line`, or `file (story ..., step ...)` for VIST
-
-    def record(self) -> dict[str, Any]:
-        """The dump's JSON object (`python dataloader.py DATA_FILE`)."""
-        return {"task_name": self.task_name, "source": self.source, "target": self.target,
-                "caption": self.caption, "input_images": list(self.input_image_paths),
-                "output_image": self.output_image_path}
-
-
-def choose(options: tuple[str, ...], seed: int, key: str) -> str:
-    """A template drawn with a generator seeded by (seed, key): reproducible and the same in every
-    DataLoader worker (a string seed is hashed with SHA-512, independent of PYTHONHASHSEED)."""
-    return random.Random(f"{seed}-{key}").choice(options)
-
-
-# --------------------------------------------------------------------------------------------
-# CC3M: caption cleaning and a compact, vectorised TSV index
-# --------------------------------------------------------------------------------------------
-
-def clean_caption(caption: str) -> str:
-    """The release's caption cleaning, one string at a time: lower-case; each of . ! " ( ) * # : ; ~
-    becomes a space; runs of two or more whitespace characters become one space; strip."""
-    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
-    caption = re.sub(r"\s{2,}", " ", caption)
-    return caption.rstrip("\n").strip(" ")
-
-
-# `clean_caption` for many ASCII captions at once, on bytes joined by NUL (neither whitespace nor
-# punctuation; rows containing it are rejected): bytes.lower/translate and one regex over the whole
-# block. For ASCII text Python's `\s` is exactly these ten characters; when only spaces occur
-# (the usual case) a cheaper pattern gives the same result. Captions with non-ASCII bytes are
-# recomputed with `clean_caption` itself (Unicode lower-casing and whitespace).
-_PUNCT_TO_SPACE = bytes.maketrans(b'.!"()*#:;~', b" " * 10)
-_ASCII_SPACE_RUNS = re.compile(rb"[\t\n\x0b\x0c\r\x1c-\x1f ]{2,}")
-_SPACE_RUNS = re.compile(rb"  +")
-_OTHER_ASCII_SPACE = (b"\t", b"\n", b"\x0b", b"\x0c", b"\r", b"\x1c", b"\x1d", b"\x1e", b"\x1f")
-
-
-def clean_captions_ascii(joined: bytes) -> bytes:
-    """`clean_caption` applied to every part of NUL-joined ASCII captions (non-ASCII parts must be
-    redone with `clean_caption`)."""
-    text = joined.lower().translate(_PUNCT_TO_SPACE)
-    runs = _ASCII_SPACE_RUNS if any(c in text for c in _OTHER_ASCII_SPACE) else _SPACE_RUNS
-    text = runs.sub(b" ", text)
-    # After collapsing, a part has at most one space at each end.
-    return text.replace(b" \x00", b"\x00").replace(b"\x00 ", b"\x00").strip(b" ")
-
-
-class StringColumn:
-    """Many strings in one growing UTF-8 buffer, each followed by a NUL, plus their end offsets:
-    about one byte per character and no Python object per string, so 3.3 M captions take ~200 MB
-    and forked DataLoader workers share them instead of copying them page by page."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-        self._blocks: list[np.ndarray] = []
-        self.ends = np.zeros(0, np.int64)
-
-    def append(self, block: bytes) -> np.ndarray:
-        """Add NUL-terminated strings; returns their lengths in bytes."""
-        ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 0)
-        self._blocks.append(ends + len(self.buffer))
-        self.buffer += block  # grows in place (no copy of the whole column)
-        return np.diff(ends, prepend=-1) - 1
-
-    def finish(self) -> "StringColumn":
-        """Call once after the last `append`."""
-        self.ends = np.concatenate(self._blocks) if self._blocks else np.zeros(0, np.int64)
-        self._blocks = []
-        return self
-
-    def __len__(self) -> int:
-        return len(self.ends)
-
-    def __getitem__(self, i: int) -> str:
-        start = int(self.ends[i - 1]) + 1 if i > 0 else 0
-        return self.buffer[start: int(self.ends[i])].decode("utf-8")
-
-
-@dataclass
-class CC3MTable:
-    """The usable rows of a CC3M TSV: cleaned captions, image paths (as written), the row index
-    (the release's `i`: data rows, blank lines not counted) and the 1-based line number."""
-
-    captions: StringColumn
-    paths: StringColumn
-    rows: np.ndarray
-    lines: np.ndarray
-    valid: np.ndarray  # positions in the columns of rows with a caption and an image path
-
-
-def read_cc3m_tsv(path: Path, problems: ProblemLog, block_size: int = 1 << 24) -> CC3MTable:
-    """Index a CC3M TSV (`caption<TAB>image_path` header; other columns are allowed).
-
-    The file is read in blocks of whole lines; each block is split and cleaned by a handful of
-    numpy / C-level bytes operations (no Python code per row, except for the rare rows with
-    non-ASCII text). Fields are tab-separated with no quoting: a quote is an ordinary character
-    (the release's pandas quoting gives the same cleaned captions on well-formed files, but an
-    unbalanced quote there silently swallows the following lines). Bad rows are reported to
-    `problems` with their line number and left out.
-    """
-    caps = limits()
-    with open(path, "rb") as f:
-        first = f.readline(caps.max_row_bytes + 1)
-        if len(first) > caps.max_row_bytes:
-            raise DataError(f"{path}:1: the header is longer than max_row_bytes ({caps.max_row_bytes:,} bytes; "
-                            f"config/limits.yaml); a CC3M TSV starts with 'caption<TAB>image_path'")
-        header = first.decode("utf-8", "replace").lstrip("\ufeff").rstrip("\r\n").split("\t")
-        missing = [c for c in ("caption", "image_path") if c not in header]
-        if missing:
-            raise DataError(f"{path}:1: the header has no column {' or '.join(repr(c) for c in missing)} "
-                            f"(found {header}); a CC3M TSV starts with 'caption<TAB>image_path'")
-        columns = (len(header), header.index("caption"), header.index("image_path"))
-        captions, paths = StringColumn(), StringColumn()
-        rows, lines, valid = [], [], []
-        next_line, next_row, n_kept, rest = 2, 0, 0, b""
-        while True:
-            chunk = f.read(block_size)
-            data = rest + chunk
-            if not data:
-                break
-            if chunk:
-                cut = data.rfind(b"\n") + 1
-                if cut == 0 and len(data) > caps.max_row_bytes:   # one row over the cap: skip it unread
-                    rest = _skip_line(f, block_size)
-                    problems.add_lines(path, {_too_long_row(caps): np.array([next_line])})
-                    next_line, next_row = next_line + 1, next_row + 1
-                    continue
-                if cut == 0:  # a line longer than the block: read on
-                    rest = data
-                    continue
-                block, rest = data[:cut], data[cut:]
-            else:
-                block, rest = data + b"\n", b""  # the last line has no newline
-            part = _parse_cc3m_block(path, block, columns, next_line, next_row, captions, paths, problems, caps)
-            rows.append(part["rows"])
-            lines.append(part["lines"])
-            valid.append(part["valid"] + n_kept)
-            next_line, next_row = part["next_line"], part["next_row"]
-            n_kept += len(part["rows"])
-            if not chunk:
-                break
-    concat = (lambda arrays: np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
-    return CC3MTable(captions.finish(), paths.finish(), concat(rows), concat(lines), concat(valid))
-
-
-def _skip_line(f, block_size: int) -> bytes:
-    """Read on to the end of the current line without keeping it; returns what follows its newline."""
-    while True:
-        chunk = f.read(block_size)
-        end = chunk.find(b"\n")
-        if not chunk or end >= 0:
-            return chunk[end + 1:] if end >= 0 else b""
-
-
-def _too_long_row(caps) -> str:
-    return f"row longer than max_row_bytes ({caps.max_row_bytes:,} bytes; config/limits.yaml)"
-
-
-def _too_long_text(caps) -> str:
-    return f"text longer than max_text_chars ({caps.max_text_chars:,}; config/limits.yaml)"
-
-
-def _parse_cc3m_block(path: Path, block: bytes, columns: tuple[int, int, int], first_line: int, first_row: int,
-                      captions: StringColumn, paths: StringColumn, problems: ProblemLog, caps) -> dict[str, Any]:
-    """Split one block of whole lines (ending with a newline), append the cleaned captions and the
-    paths of its good rows to the columns, report its bad rows."""
-    n_cols, cap_col, path_col = columns
-    buf = np.frombuffer(block, np.uint8)
-    ends = np.flatnonzero(buf == 10)                           # one newline per line
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    has_cr = (ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13)   # CRLF line endings
-    stops = ends - has_cr
-    blank = stops == starts                                     # skipped, as pandas does
-    line_no = first_line + np.arange(len(ends))
-    row_no = first_row + np.cumsum(~blank) - 1
-
-    def lines_with(byte_positions: np.ndarray) -> np.ndarray:
-        flags = np.zeros(len(ends), bool)
-        flags[np.searchsorted(ends, byte_positions)] = True
-        return flags
-
-    tabs = np.flatnonzero(buf == 9)
-    too_long = ~blank & (stops - starts > caps.max_row_bytes)
-    wrong_fields = ~blank & ~too_long & (np.searchsorted(tabs, stops) - np.searchsorted(tabs, starts) != n_cols - 1)
-    has_nul = lines_with(np.flatnonzero(buf == 0)) & ~blank & ~wrong_fields & ~too_long
-    good = ~blank & ~wrong_fields & ~has_nul & ~too_long
-    non_ascii = lines_with(np.flatnonzero(buf >= 0x80)) & good
-    bad_utf8 = np.zeros(len(ends), bool)
-    for i in np.flatnonzero(non_ascii):  # rare: rows with non-ASCII text
-        try:
-            block[starts[i]:stops[i]].decode("utf-8")
-        except UnicodeDecodeError:
-            bad_utf8[i] = True
-    good &= ~bad_utf8
-
-    if good.all() and not has_cr.any():
-        kept = block
-    else:
-        keep = np.repeat(good, ends - starts + 1)
-        keep[(ends - 1)[has_cr & good]] = False
-        kept = buf[keep].tobytes()
-    fields = kept.replace(b"\t", b"\n").split(b"\n")[:-1]
-    raw_captions = fields[cap_col::n_cols]
-    cleaned = clean_captions_ascii(b"\x00".join(raw_captions)) + b"\x00" if raw_captions else b""
-    redo = np.flatnonzero(non_ascii[good])
-    chars = {}                    # caption length in characters where it differs from the bytes (non-ASCII)
-    if len(redo):
-        parts = cleaned.split(b"\x00")
-        for k in redo:
-            text = clean_caption(raw_captions[k].decode("utf-8"))
-            parts[k], chars[k] = text.encode("utf-8"), len(text)
-        cleaned = b"\x00".join(parts)
-    cap_len = captions.append(cleaned)
-    raw_paths = fields[path_col::n_cols]
-    path_len = paths.append(b"\x00".join(raw_paths) + b"\x00" if raw_paths else b"")
-
-    kept_lines = line_no[good]
-    no_caption = cap_len == 0
-    no_path = (path_len == 0) & ~no_caption
-    long_text = cap_len > caps.max_text_chars
-    for k in np.flatnonzero(long_text):
-        long_text[k] = chars.get(int(k), cap_len[k]) > caps.max_text_chars
-    long_text &= ~no_path
-    problems.add_lines(path, {
-        _too_long_row(caps): line_no[too_long],
-        f"not {n_cols} tab-separated fields (a missing or extra column)": line_no[wrong_fields],
-        "NUL character in the line": line_no[has_nul],
-        "not valid UTF-8": line_no[bad_utf8],
-        "empty caption": kept_lines[no_caption],
-        "empty image_path": kept_lines[no_path],
-        _too_long_text(caps): kept_lines[long_text],
-    })
-    return {"rows": row_no[good], "lines": kept_lines, "valid": np.flatnonzero(~no_caption & ~no_path & ~long_text),
-            "next_line": first_line + len(ends), "next_row": first_row + int((~blank).sum())}
-
-
-# --------------------------------------------------------------------------------------------
-# Feature cache
-# --------------------------------------------------------------------------------------------
-
-FEATURE_KINDS = {"img": "input image: projected query embeddings (num_query_token x llm_hidden)",
-                 "vae": "target image: VAE encoder moments, mean and logvar (8 x h x w)"}
-
-
-def feature_file(folder: str | os.PathLike, split: str, kind: str, image_path: str) -> Path:
-    """Where the cached feature of one image lives: `<folder>/<split>/<kind>/<sha1>.safetensors`,
-    keyed by the image's absolute path (the file also records that path, checked on reading)."""
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"feature kind must be one of {sorted(FEATURE_KINDS)}, got {kind!r}")
-    key = hashlib.sha1(os.path.abspath(image_path).encode("utf-8")).hexdigest()
-    return Path(folder) / split / kind / f"{key}.safetensors"
-
-
-def save_feature(path: Path, feature: torch.Tensor, image_path: str) -> None:
-    """Write one feature atomically (a killed run never leaves a half-written file)."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"feature": feature.detach().cpu().contiguous()}, str(tmp),
-              metadata={"image_path": os.path.abspath(image_path)})
-    os.replace(tmp, path)
-
-
-def load_feature(folder: str | os.PathLike, split: str, kind: str, image_path: str,
-                 shape: tuple[int | None, ...] | None = None) -> torch.Tensor:
-    """Read one cached feature; FileNotFoundError / DataError name the image and the file. A file
-    that is not a readable safetensors file, or whose feature is not a float tensor of `shape`
-    (None: any size on that axis), is a DataError."""
-    from safetensors import SafetensorError, safe_open
-
-    path = feature_file(folder, split, kind, image_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no cached {kind} feature for {image_path} (expected {path}); run "
-                                f"`python dataloader.py preprocess DATA_FILE --out {folder} --split {split}`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            stored = (f.metadata() or {}).get("image_path")
-            if stored != os.path.abspath(image_path):
-                raise DataError(f"{path} holds the feature of {stored!r}, not of {os.path.abspath(image_path)!r}")
-            feature = f.get_tensor("feature")
-    except (SafetensorError, OSError, KeyError, ValueError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{path}: not a readable cached {kind} feature of {image_path} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); delete it and run preprocess again") from None
-    if shape is not None and (not feature.is_floating_point() or feature.dim() != len(shape) or any(
-            want is not None and got != want for got, want in zip(feature.shape, shape))):
-        want = " x ".join("any" if d is None else str(d) for d in shape)
-        raise DataError(f"{path}: the cached {kind} feature of {image_path} is a {feature.dtype} tensor of shape "
-                        f"{tuple(feature.shape)}, expected float {want} (made for another config?); run "
-                        f"preprocess again")
-    return feature
-
-
-# --------------------------------------------------------------------------------------------
-# Datasets
-# --------------------------------------------------------------------------------------------
-
-class MiniGPT5Dataset(torch.utils.data.Dataset):
-    """What the three datasets share. Subclasses build the index (`_build_index`) and describe a
-    sample (`sample(i)`); this class turns samples into tensors.
-
-    Args:
-        data_file: the annotation file (TSV / JSON / JSON lines).
-        tokenizer: the LLaMA tokenizer with vokens (`minigpt4.load_tokenizer`); needed by
-            `dataset[i]` and by MMDialog's training index, not by `sample(i)`.
-        cfg: the model config (image sizes); needed by `dataset[i]`.
-        is_training: the release's training sample list (instruction / multimodal /
-            understanding samples, the MMDialog length rule) and random flips; False = test mode.
-        strict: raise `DataError` on the first bad input instead of skipping and counting it.
-        seed: seeds template choices and flips (with the task name).
-        image_root: folder the image paths are relative to (default: the data file's folder).
-        feature_folder: cached features to use instead of images; None = `PREPROCESS_FEATURE_FOLDER`
-            when set (read now), False = never.
-        feature_split: the cache's split folder (default "train" / "test" from `is_training`).
-        max_length: limit on source + target text tokens (default: the tokenizer's
-            `model_max_length` when it is a real limit, as the release).
-        allow_outside_paths: accept image paths that leave `image_root` (refused by default).
-    """
-
-    dataset_type = ""           # the name of its spec in dataset_specs.SPECS
-    index_needs_tokenizer = False   # whether the training index is built with the tokenizer
-
-    def __init__(self, data_file: str | os.PathLike, tokenizer: Any = None, cfg: Any = None,
-                 is_training: bool = True, strict: bool = False, seed: int = SEED,
-                 image_root: str | os.PathLike | None = None,
-                 feature_folder: str | os.PathLike | Literal[False] | None = None,
-                 feature_split: str | None = None, max_length: int | None = None,
-                 allow_outside_paths: bool = False):
-        self.data_file = Path(data_file)
-        if not self.data_file.is_file():
-            raise FileNotFoundError(f"{self.dataset_type} data file {str(self.data_file)!r} does not exist")
-        self.tokenizer, self.cfg = tokenizer, cfg
-        self.is_training, self.seed = is_training, seed
-        self.image_root = str(Path(image_root) if image_root is not None else self.data_file.parent)
-        self.problems = ProblemLog(strict)
-        if feature_folder is None:
-            feature_folder = preprocess_feature_folder()
-        self.feature_folder = Path(feature_folder) if feature_folder else None
-        self.feature_split = feature_split or ("train" if is_training else "test")
-        self.max_length = max_length
-        self.allow_outside_paths = allow_outside_paths
-        self.caps = limits()            # config/limits.yaml (MINIGPT5_LIMITS), read when the dataset is made
-        self.epoch = 0
-        self._transforms = None
-        self._build_index()
-        self.problems.log_totals(f"{self.dataset_type} {self.data_file}")
-        log.info("%s %s (%s): %d samples", self.dataset_type, self.data_file,
-                 "train" if is_training else "test", len(self))
-
-    # ---- to be provided by subclasses ----------------------------------------------------------
-
-    def _build_index(self) -> None:
-        raise NotImplementedError
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def sample(self, index: int) -> Sample:
-        """The text and image paths of sample `index` (no tokenizer, no image opened)."""
-        raise NotImplementedError
-
-    # ---- shared --------------------------------------------------------------------------------
-
-    @property
-    def dataset_spec(self) -> DatasetSpec:
-        """What the project knows about this dataset (dataset_specs.py)."""
-        return SPECS[self.dataset_type]
-
-    @property
-    def strict(self) -> bool:
-        """Whether bad input raises instead of being skipped."""
-        return self.problems.strict
-
-    def samples(self, limit: int | None = None) -> Iterator[Sample]:
-        """The samples in order (the first `limit` only, if given)."""
-        n = len(self) if limit is None else min(limit, len(self))
-        for i in range(n):
-            yield self.sample(i)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw new training flips for this epoch (template choices do not change)."""
-        self.epoch = epoch
-
-    def image_path(self, relative: str) -> str:
-        """An image path from the data file, joined to `image_root` (absolute paths stay)."""
-        return os.path.join(self.image_root, relative)
-
-    def outside(self, path: str, root: str | None = None) -> bool:
-        """Whether an image path as written leaves `root` (default `image_root`) and is refused:
-        False when `allow_outside_paths` is set."""
-        return not self.allow_outside_paths and path_leaves(root or self.image_root, path)
-
-    def _need(self, what: str) -> Any:
-        value = getattr(self, what)
-        if value is None:
-            raise ValueError(f"{type(self).__name__} was built without `{what}`; `dataset[i]` needs it "
-                             "(sample(i) and the dump do not)")
-        return value
-
-    def _token_ids(self) -> dict[str, Any]:
-        if not hasattr(self, "_ids"):
-            tok = self._need("tokenizer")
-            ids = tok.convert_tokens_to_ids(VOKENS + [IMAGE_PLACEHOLDER])
-            if tok.unk_token_id in ids:
-                raise ValueError("the tokenizer lacks the vokens / <ImageHere>; load it with minigpt4.load_tokenizer")
-            limit = self.max_length
-            if limit is None and (tok.model_max_length or 0) < 1_000_000:
-                limit = int(tok.model_max_length)
-            self._ids = {"masked": torch.tensor(ids[1:7]), "image": ids[-1], "limit": limit}
-        return self._ids
-
-    def tokenize(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """(input_ids, labels, number of source tokens cut from the left, number of leading input
-        images dropped with them). Labels: -100 over the source and over [IMG1]..[IMG6]."""
-        tok, ids = self._need("tokenizer"), self._token_ids()
-        source = tok(sample.source, add_special_tokens=False).input_ids
-        target = tok(sample.target, add_special_tokens=False).input_ids
-        cut, dropped_images = 0, 0
-        limit = ids["limit"]
-        if limit is not None and len(source) + len(target) > limit:
-            if len(target) >= limit:
-                raise _BadSample("text too long", f"the target alone has {len(target)} tokens, more than the "
-                                                  f"limit of {limit}")
-            cut = len(source) + len(target) - limit
-            dropped_images = source[:cut].count(ids["image"])
-            source = source[cut:]
-        if source.count(ids["image"]) != len(sample.input_image_paths) - dropped_images:
-            raise DataError(f"{sample.location} (sample {sample.task_name}): the source has "
-                            f"{source.count(ids['image'])} {IMAGE_PLACEHOLDER} tokens but "
-                            f"{len(sample.input_image_paths) - dropped_images} input images")
-        input_ids = torch.tensor(source + target, dtype=torch.long)
-        target_t = torch.tensor(target, dtype=torch.long)
-        labels = torch.cat([torch.full((len(source),), -100, dtype=torch.long),
-                            torch.where(torch.isin(target_t, ids["masked"]), -100, target_t)])
-        return input_ids, labels, cut, dropped_images
-
-    def _flip(self, sample: Sample, slot: str) -> bool:
-        if not self.is_training:
-            return False
-        return random.Random(f"{self.seed}-flip-{self.epoch}-{sample.task_name}-{slot}").random() < 0.5
-
-    def _image(self, sample: Sample, path: str, slot: str, kind: str) -> torch.Tensor:
-        cfg = self._need("cfg")
-        if self._transforms is None:
-            self._transforms = {"input": image_processor(cfg.image_size),
-                                "target": target_transform(cfg.sd_image_size)}
-        try:
-            image = self.open_image(path)
-        except IMAGE_ERRORS as e:
-            raise _BadSample("unreadable image", f"image {path}: {type(e).__name__}: {e}") from e
-        tensor = self._transforms[kind](image)
-        return tensor.flip(-1) if self._flip(sample, slot) else tensor
-
-    def open_image(self, path: str) -> Image.Image:
-        """The RGB image of `path` (a hook: the shard reader in shards.py opens in-memory bytes).
-        A path whose symbolic links lead outside `image_root` is refused (`allow_outside_paths`)."""
-        if not self.allow_outside_paths and resolves_outside(self.image_root, path):
-            raise _BadSample(OUTSIDE_PATH, f"{path} is a symbolic link to {os.path.realpath(path)}")
-        return load_rgb(path)
-
-    def _feature(self, path: str, kind: str) -> torch.Tensor:
-        try:
-            return load_feature(self.feature_folder, self.feature_split, kind, path, self._feature_shape(kind))
-        except FileNotFoundError as e:
-            raise _BadSample("missing cached feature", str(e)) from e
-        except DataError as e:
-            raise _BadSample("unreadable cached feature", str(e)) from e
-
-    def _feature_shape(self, kind: str) -> tuple[int | None, ...] | None:
-        """The shape a cached feature must have for this config (sizes the config does not say --
-        the LLM's width, the VAE's scale -- are read from the weight folders' config.json, when there)."""
-        if not hasattr(self, "_feature_shapes"):
-            cfg = self._need("cfg")
-            hidden, channels, size = None, None, None
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                hidden = int(json.loads((Path(cfg.llama_model) / "config.json").read_text())["hidden_size"])
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                vae = json.loads((Path(cfg.sd_model) / "vae" / "config.json").read_text())
-                channels = 2 * int(vae["latent_channels"])
-                size = cfg.sd_image_size // 2 ** (len(vae["block_out_channels"]) - 1)
-            self._feature_shapes = {"img": (cfg.num_query_token, hidden), "vae": (channels, size, size)}
-        return self._feature_shapes[kind]
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        """The model-ready item (see the module docstring), or None when the sample turned out
-        to be bad (unreadable image, ...) and `strict` is off; the problem is logged and counted."""
-        return self.item(self.sample(index))
-
-    def item(self, sample: Sample) -> dict[str, Any] | None:
-        """`dataset[i]` for a given sample (the shard reader in shards.py streams its samples here)."""
-        try:
-            input_ids, labels, cut, dropped = self.tokenize(sample)
-            if cut and not getattr(self, "_warned_truncation", False):
-                self._warned_truncation = True
-                log.warning("%s (sample %s): source cut by %d tokens from the left to fit the text limit "
-                            "(further cuts are not logged)", sample.location, sample.task_name, cut)
-            inputs = sample.input_image_paths[dropped:]
-            output = sample.output_image_path
-            item: dict[str, Any] = {"input_images": None, "output_image": None}
-            if self.feature_folder is not None:
-                item["input_image_features"] = (torch.stack([self._feature(p, "img") for p in inputs])
-                                                if inputs else None)
-                item["output_image_features"] = self._feature(output, "vae") if output else None
-            else:
-                cfg = self._need("cfg")
-                size, sd_size = cfg.image_size, cfg.sd_image_size
-                images = [self._image(sample, p, f"in{k + dropped}", "input") for k, p in enumerate(inputs)]
-                item["input_images"] = torch.stack(images) if images else torch.zeros(0, 3, size, size)
-                item["output_image"] = (self._image(sample, output, "out", "target") if output
-                                        else torch.zeros(3, sd_size, sd_size))
-        except _BadSample as bad:
-            self.problems.add(f"{sample.location} (sample {sample.task_name})", bad.reason, bad.detail,
-                              skipped="sample dropped from its batch")
-            return None
-        item.update({
-            "task_name": sample.task_name, "source": sample.source, "target": sample.target,
-            "caption": sample.caption, "input_image_paths": list(inputs), "output_image_path": output,
-            "location": sample.location, "has_output_image": output is not None,
-            "input_ids": input_ids, "labels": labels, "num_truncated_tokens": cut,
-        })
-        return item
-
-
-OUTSIDE_PATH = "image path outside the dataset folder"
-
-
-def resolves_outside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
-    """Whether the file `path` (as it is opened), with its symbolic links resolved, lies outside
-    `root` (resolved too): the rule of `path_leaves`, applied where the file really is."""
-    root = os.path.realpath(root)
-    return os.path.commonpath([root, os.path.realpath(path)]) != root
-
-
-def path_leaves(root: str | os.PathLike, path: str) -> bool:
-    """Whether `path` (relative to `root`, or absolute) names a place outside `root`, judged on the
-    text: `..` components and absolute paths are resolved, symbolic links are not followed."""
-    root = os.path.abspath(root)
-    full = os.path.abspath(os.path.join(root, path))
-    return os.path.commonpath([root, full]) != root
-
-
-def outside_rows(paths: StringColumn, root: str, positions: np.ndarray) -> np.ndarray:
-    """Of the strings at `positions` of `paths`, those (their positions) that leave `root`. Only
-    strings starting with `/` or containing `..` can, and they are found with one scan of the
-    buffer, so a 3.3 M-row column costs no Python code per row."""
-    buffer, ends = paths.buffer, paths.ends
-    if not len(ends):
-        return positions[:0]
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    lengths = ends - starts
-    first = np.frombuffer(buffer, np.uint8)[np.minimum(starts, len(buffer) - 1)]
-    dots = np.array([m.start() for m in re.finditer(rb"\.\.", buffer)], dtype=np.int64)
-    candidates = np.union1d(np.flatnonzero((first == ord("/")) & (lengths > 0)), np.searchsorted(ends, dots))
-    candidates = candidates[np.isin(candidates, positions)]
-    return np.array([p for p in candidates.tolist() if path_leaves(root, paths[p])], dtype=np.int64)
-
-
-class _BadSample(Exception):
-    """Raised inside `__getitem__` for a sample that cannot be used (reported by ProblemLog)."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 class CC3MDataset(MiniGPT5Dataset):
@@ -939,7 +275,7 @@ def _vist_step_problem(step: Any, mapping: dict, caps) -> tuple[str, str] | None
     if not isinstance(step["caption"], str) or not step["caption"].strip():
         return "empty caption", repr(step["caption"])[:200]
     if len(step["caption"]) > caps.max_text_chars:
-        return _too_long_text(caps), f"{len(step['caption']):,} characters"
+        return too_long_text(caps), f"{len(step['caption']):,} characters"
     if any(token in step["caption"] for token in RESERVED_TOKENS):
         return "reserved token in text", repr(step["caption"][:200])
     if str(step["image_id"]) not in mapping:
@@ -999,7 +335,7 @@ class MMDialogDataset(MiniGPT5Dataset):
             batch: list[tuple[int, dict]] = []
             for line_no, raw in bounded_lines(f, self.caps.max_row_bytes):
                 if raw is None:
-                    self.problems.add(f"{path}:{line_no}", _too_long_row(self.caps), skipped="line skipped")
+                    self.problems.add(f"{path}:{line_no}", too_long_row(self.caps), skipped="line skipped")
                     continue
                 line = raw.decode("utf-8", "surrogateescape")
                 if not line.strip():
@@ -1057,7 +393,7 @@ class MMDialogDataset(MiniGPT5Dataset):
             image = os.path.join(os.path.dirname(path), f"{media}.jpg") if media is not None else None
             stop = None
             if len(text) > self.caps.max_text_chars:
-                self.problems.add(f"{path}:{line_no} (turn {i})", _too_long_text(self.caps),
+                self.problems.add(f"{path}:{line_no} (turn {i})", too_long_text(self.caps),
                                   f"{len(text):,} characters", skipped="conversation cut here")
                 break
             if not text.strip():
@@ -1158,13 +494,12 @@ def _mmdialog_problem(value: Any) -> str | None:
 def make_dataset(data_file: str | os.PathLike, tokenizer: Any, cfg: Any, is_training: bool,
                  dataset_type: str | None = None, strict: bool = False, **kwargs: Any) -> MiniGPT5Dataset:
     """The dataset for `data_file` (resolved under DATAFOLDER if needed), its type chosen by
-    `resolve_dataset_type`. Extra keyword arguments go to the dataset class. WebDataset shards
-    (a `.tar`, a brace pattern or glob of them, a folder of them) give a streamed `shards.CC3MShards`."""
-    import shards
-
-    if shards.is_shard_spec(data_file):
-        return shards.CC3MShards(data_file, tokenizer=tokenizer, cfg=cfg, is_training=is_training, strict=strict,
-                                 dataset_type=dataset_type, **kwargs)
+    `resolve_dataset_type`: the reader its spec names. Extra keyword arguments go to the dataset
+    class. WebDataset shards (a `.tar`, a brace pattern or glob of them, a folder of them) are
+    streamed by the spec's `shard_reader` (`dataset_specs.shard_reader`: `shards.CC3MShards`)."""
+    if is_shard_spec(data_file):
+        return shard_reader(dataset_type)(data_file, tokenizer=tokenizer, cfg=cfg, is_training=is_training,
+                                          strict=strict, dataset_type=dataset_type, **kwargs)
     path = find_data(data_file)
     cls = spec(resolve_dataset_type(path, dataset_type)).reader_class()
     return cls(path, tokenizer=tokenizer, cfg=cfg, is_training=is_training, strict=strict, **kwargs)
@@ -1176,82 +511,7 @@ def dump_records(dataset: MiniGPT5Dataset, limit: int | None = None) -> Iterator
         yield sample.record()
 
 
-# --------------------------------------------------------------------------------------------
-# Collator
-# --------------------------------------------------------------------------------------------
-
-class Collator:
-    """Items -> the model's batch (see the module docstring). None items (samples that turned out
-    bad in a worker) are dropped and counted in `num_dropped`; if none is left the result is None
-    and the training step must skip it."""
-
-    def __init__(self, tokenizer: Any):
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token")
-        self.pad_token_id = int(pad)
-
-    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-        kept = [item for item in items if item is not None]
-        dropped = len(items) - len(kept)
-        if dropped:
-            log.warning("collator: dropped %d of %d samples of this batch (bad input, logged above)",
-                        dropped, len(items))
-        if not kept:
-            return None
-        ids = [item["input_ids"] for item in kept]
-        lengths = torch.tensor([len(x) for x in ids])
-        input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id)
-        labels = torch.nn.utils.rnn.pad_sequence([item["labels"] for item in kept], batch_first=True,
-                                                 padding_value=-100)
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": (torch.arange(input_ids.shape[1]) < lengths[:, None]).long(),
-            "labels": labels,
-            "has_output_image": torch.tensor([item["has_output_image"] for item in kept], dtype=torch.bool),
-            "captions": [item["caption"] for item in kept],
-            "task_names": [item["task_name"] for item in kept],
-            "sources": [item["source"] for item in kept],
-            "targets": [item["target"] for item in kept],
-            "input_image_paths": [item["input_image_paths"] for item in kept],
-            "output_image_paths": [item["output_image_path"] for item in kept],
-            "locations": [item["location"] for item in kept],
-            "num_dropped": dropped,
-        }
-        with_images = [item["input_images"] is not None for item in kept]
-        if all(with_images):
-            batch["input_images"] = torch.cat([item["input_images"] for item in kept])
-            batch["output_images"] = torch.stack([item["output_image"] for item in kept])
-        elif not any(with_images):
-            batch.update(_collate_features(kept))
-        else:
-            raise ValueError("a batch mixes items with images and items with cached features")
-        return batch
-
-
-def _collate_features(items: list[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
-    inputs = [item["input_image_features"] for item in items if item["input_image_features"] is not None]
-    outputs = [item["output_image_features"] for item in items]
-    present = [o for o in outputs if o is not None]
-    stacked = None
-    if present:
-        zero = torch.zeros_like(present[0])
-        stacked = torch.stack([o if o is not None else zero for o in outputs])
-    return {"input_image_features": torch.cat(inputs) if inputs else None, "output_image_features": stacked}
-
-
-# --------------------------------------------------------------------------------------------
-# CLI: data_commands.py (it loads a tokenizer, and `preprocess` runs the model's encoders)
-# --------------------------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    """`python dataloader.py DATA_FILE [...]` (dump) or `python dataloader.py preprocess DATA_FILE --out DIR`."""
+if __name__ == "__main__":      # the data command lines (dump, preprocess) live in data_commands.py
     import data_commands
 
-    return data_commands.main(argv)
-
-
-if __name__ == "__main__":
-    import dataloader   # the module the dataset specs name (not a second copy run as __main__)
-
-    sys.exit(dataloader.main())
+    sys.exit(data_commands.main())

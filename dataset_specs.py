@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import prompts
-from constants import data_folder
+from constants import data_folder, search_places
 
 log = logging.getLogger("dataset_specs")
 
@@ -167,6 +167,24 @@ def resolve_dataset_type(data_file: str | os.PathLike | None = None, dataset_typ
     name, why = choose_dataset_type(data_file, dataset_type)
     log.info("dataset type %s, %s", name, why)
     return name
+
+
+def is_shard_spec(value: str | os.PathLike) -> bool:
+    """Whether a data path names shards: it ends with `.tar` (a file, a brace pattern or a glob),
+    or it is a folder holding .tar files (under DATAFOLDER or as given)."""
+    text = str(value)
+    if text.endswith(".tar"):
+        return True
+    return any(f.is_dir() and any(f.glob("*.tar")) for f in search_places(text, data_folder()))
+
+
+def shard_reader(dataset_type: str | None = None) -> type:
+    """The reader of WebDataset shards (`make_dataset`, the dump): the `shard_reader` of
+    `dataset_type`'s spec, else that of the dataset whose spec names one (CC3M's `shards.CC3MShards`,
+    which refuses a `dataset_type` it does not hold)."""
+    if dataset_type is not None and spec(dataset_type).shard_reader:
+        return spec(dataset_type).reader_class(shards=True)
+    return next(s for s in SPECS.values() if s.shard_reader).reader_class(shards=True)
 
 
 _SUFFIXES = sorted({s for known in SPECS.values() for s in known.task_suffixes.values() if s}, key=len, reverse=True)

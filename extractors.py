@@ -45,7 +45,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import pil_to_tensor, resize
 from tqdm import tqdm
 
-from dataloader import DataError
+from data_problems import DataError
 from dataset_specs import spec
 from image_transforms import IMAGE_ERRORS, load_rgb
 from weights import CheckpointError, load_state_dict_file, load_untrusted

@@ -73,8 +73,8 @@ def check_generation_arguments(prompts: Sequence[str], *, max_new_tokens: int, d
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 @torch.no_grad()
-def generate(backbone: "MiniGPT4", map_vokens: Callable[[torch.Tensor], torch.Tensor], decoder: "diffusion.StableDiffusion",
-             prompts: str | list[str], images: list | None = None, *,
+def generate(backbone: "MiniGPT4", map_vokens: Callable[[torch.Tensor], torch.Tensor],
+             decoder: "diffusion.StableDiffusion", prompts: str | list[str], images: list | None = None, *,
              max_new_tokens: int = 256, do_sample: bool = True, temperature: float = 1.0, top_k: int | None = 50,
              top_p: float = 0.9, repetition_penalty: float = 2.0, force_generation: bool = False,
              guidance_scale: float = 7.5, num_inference_steps: int = 50, scheduler: str = "pndm",

@@ -109,7 +109,7 @@ from torchvision.transforms.functional import to_pil_image
 
 import predictions
 from constants import cc3m_folder, prediction_folder
-from dataloader import DataError
+from data_problems import DataError
 from dataset_specs import NAMES as DATASETS, choose_dataset_type, spec, split_task  # noqa: F401
 from extractors import (FID_IMAGE_SIZE, MissingWeightError, Models, clip_image_features, clip_text_features,
                         frechet_distance, inception_outputs, inception_score, load_models, real_fid_features,

@@ -62,9 +62,14 @@ from PIL import Image
 from webdataset.filters import shuffle as buffer_shuffle
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from collator import Collator
 from constants import data_folder, search_places
-from dataloader import (CC3M_INSTRUCTION_EVERY, Collator, DataError, MiniGPT5Dataset, Sample, cc3m_sample,
-                        clean_caption, load_rgb)
+from data_problems import DataError
+from dataloader import CC3M_INSTRUCTION_EVERY, cc3m_sample
+from dataset_base import MiniGPT5Dataset, Sample
+from dataset_specs import is_shard_spec  # noqa: F401  (shards.is_shard_spec: the rule lives with the reader choice)
+from image_transforms import load_rgb
+from tsv_index import clean_caption
 
 log = logging.getLogger("shards")
 
@@ -75,15 +80,6 @@ SHUFFLE_BUFFER = 1000      # samples held by each worker's shuffle buffer (with 
 # --------------------------------------------------------------------------------------------
 # Shard lists
 # --------------------------------------------------------------------------------------------
-
-def is_shard_spec(value: str | os.PathLike) -> bool:
-    """Whether a data path names shards: it ends with `.tar` (a file, a brace pattern or a glob),
-    or it is a folder holding .tar files (under DATAFOLDER or as given)."""
-    text = str(value)
-    if text.endswith(".tar"):
-        return True
-    return any(f.is_dir() and any(f.glob("*.tar")) for f in search_places(text, data_folder()))
-
 
 def expand_shards(spec: str | os.PathLike, root: str | os.PathLike | None = None) -> list[Path]:
     """The shard files of a spec, in order: a folder's `*.tar` sorted by name; else the brace

@@ -39,7 +39,7 @@ import placement
 import predictions
 import run_files
 from callbacks import FinalCheckpoint, LastCheckpoint, PredictionWriter, SampleGeneration
-from dataset_specs import resolve_dataset_type, spec
+from dataset_specs import resolve_dataset_type, shard_reader, spec
 from resume import OwnHyperParameters, ResumePoint, eval_loader, training_loader
 from settings import (FIXED_ON_RESUME, RESUME_SETTINGS, PredictSettings, TrainSettings, describe_differences,
                       environment, read_settings, resume_differences)
@@ -476,12 +476,12 @@ def predict_settings(args: argparse.Namespace, dataset_type: str) -> PredictSett
 def train(args: argparse.Namespace, paths: dict) -> None:
     import pytorch_lightning as pl
 
-    from dataloader import Collator, make_dataset
-    from minigpt4 import load_tokenizer
-    from checkpoints import CheckpointMismatchError
-    from model import MiniGPT5_Model
-
     import shards
+    from checkpoints import CheckpointMismatchError
+    from collator import Collator
+    from dataloader import make_dataset
+    from minigpt4 import load_tokenizer
+    from model import MiniGPT5_Model
 
     cfg, stage = paths["cfg"], paths["stage"]
     accelerator, devices = devices_of(args)
@@ -491,7 +491,7 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     from_shards = shards.is_shard_spec(paths["train"])
     # The data first (it needs the tokenizer only): the schedule's length is known before the model is built.
     tokenizer = load_tokenizer(cfg.llama_model)
-    kind = shards.CC3MShards.dataset_type if from_shards else resolve_dataset_type(paths["train"])
+    kind = shard_reader().dataset_type if from_shards else resolve_dataset_type(paths["train"])
     extra = {"shuffle": args.shuffle} if from_shards else {"allow_outside_paths": args.allow_outside_paths}
     train_set = make_dataset(paths["train"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict,
                              **extra)
@@ -597,8 +597,9 @@ def peak_memory_note() -> str:
 def predict(args: argparse.Namespace, paths: dict) -> Path:
     import pytorch_lightning as pl
 
-    from dataloader import Collator, make_dataset
     from checkpoints import CheckpointMismatchError
+    from collator import Collator
+    from dataloader import make_dataset
     from model import MiniGPT5_Model
 
     cfg = paths["cfg"]
@@ -640,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     from weights import CheckpointError
 
     from configuration import ConfigError
-    from dataloader import DataError
+    from data_problems import DataError
     from lavis import LavisCheckpointError
 
     paths = {}

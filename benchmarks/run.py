@@ -133,7 +133,8 @@ class Bench:
     def cc3m_batch(self, batch_size: int = 8) -> dict:
         """A stage-1 batch from the sample CC3M training file, through the real dataset and
         collator, with pinned random draws (noise, latent noise, timesteps; no CFG dropout)."""
-        from dataloader import Collator, make_dataset
+        from collator import Collator
+        from dataloader import make_dataset
 
         model = self.model(1)
         tok = model.model.llama_tokenizer
@@ -252,7 +253,7 @@ def row_wrap(bench: Bench) -> Row:
     """`wrap_inputs` on 16 VIST training samples (0-5 input images each) vs the release-style
     loop (`baselines.release_style_wrap`), with gradients enabled as in training (the voken rows
     are trainable)."""
-    from dataloader import Collator
+    from collator import Collator
 
     model = bench.model(1).train()
     m = model.model

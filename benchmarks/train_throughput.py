@@ -78,7 +78,8 @@ def build_model(config: str, stage: int, device: torch.device):
 def build_batch(model, stage: int, batch_size: int, device: torch.device) -> dict:
     """`batch_size` samples of the sample data through the real dataset and collator, on `device`,
     with the forward pass's random draws pinned (noise, timesteps, latent noise; no CFG dropout)."""
-    from dataloader import Collator, make_dataset
+    from collator import Collator
+    from dataloader import make_dataset
 
     tok = model.model.llama_tokenizer
     ds = make_dataset(DATA[stage], tok, model.cfg, is_training=True, feature_folder=False)

@@ -41,7 +41,9 @@ def convert(tsv: Path, out: Path, samples_per_shard: int = 10000, image_root: Pa
     import numpy as np
     import webdataset as wds
 
-    from dataloader import IMAGE_ERRORS, OUTSIDE_PATH, ProblemLog, outside_rows, read_cc3m_tsv
+    from data_problems import OUTSIDE_PATH, ProblemLog
+    from image_transforms import IMAGE_ERRORS
+    from tsv_index import outside_rows, read_cc3m_tsv
     from shards import IMAGE_EXTENSIONS
 
     problems = ProblemLog(strict)

@@ -15,7 +15,12 @@ import torch
 from PIL import Image
 
 import data_commands
+import data_problems
 import dataloader as D
+import feature_cache
+import tsv_index
+from collator import Collator
+from image_transforms import target_transform
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO / "datasets"
@@ -174,23 +179,23 @@ TRICKY = ["A Dog.", "  lots   of   space  ", "punct!!!(*)#:;~end", "tab\tinside"
 
 
 def test_clean_caption_release_semantics():
-    assert D.clean_caption("A Dog, on the Beach. (Photo) ") == "a dog, on the beach photo"
-    assert D.clean_caption("burning candle on the background of the aquarium with small fish .") == \
+    assert tsv_index.clean_caption("A Dog, on the Beach. (Photo) ") == "a dog, on the beach photo"
+    assert tsv_index.clean_caption("burning candle on the background of the aquarium with small fish .") == \
         "burning candle on the background of the aquarium with small fish"
-    assert D.clean_caption("x\x0by") == "x\x0by"  # a single non-space whitespace character stays
+    assert tsv_index.clean_caption("x\x0by") == "x\x0by"  # a single non-space whitespace character stays
     ascii_ = [t for t in TRICKY if t.isascii() and "\t" not in t]
-    joined = D.clean_captions_ascii("\x00".join(ascii_).encode())
-    assert joined.decode().split("\x00") == [D.clean_caption(t) for t in ascii_]
+    joined = tsv_index.clean_captions_ascii("\x00".join(ascii_).encode())
+    assert joined.decode().split("\x00") == [tsv_index.clean_caption(t) for t in ascii_]
 
 
 def test_cc3m_reader_matches_a_line_by_line_reading(tmp_path):
-    captions = [t for t in TRICKY if "\t" not in t and D.clean_caption(t)]
+    captions = [t for t in TRICKY if "\t" not in t and tsv_index.clean_caption(t)]
     lines = ["caption\timage_path"] + [f"{c}\timg/{i}.jpg" for i, c in enumerate(captions)]
     lines.insert(3, "")  # a blank line: not a row, as in pandas
     path = tmp_path / "cc3m.tsv"
     path.write_bytes("\r\n".join(lines).encode())  # CRLF, and no newline at the end
-    table = D.read_cc3m_tsv(path, D.ProblemLog(strict=True), block_size=32)  # many small blocks
-    assert [table.captions[i] for i in table.valid] == [D.clean_caption(c) for c in captions]
+    table = tsv_index.read_cc3m_tsv(path, data_problems.ProblemLog(strict=True), block_size=32)  # many small blocks
+    assert [table.captions[i] for i in table.valid] == [tsv_index.clean_caption(c) for c in captions]
     assert [table.paths[i] for i in table.valid] == [f"img/{i}.jpg" for i in range(len(captions))]
     assert table.rows[table.valid].tolist() == list(range(len(captions)))
     assert table.lines[table.valid].tolist() == [2, 3] + list(range(5, len(captions) + 3))
@@ -363,7 +368,7 @@ def test_bad_image_is_dropped_and_counted(image_cases, tiny_tokenizer, tiny_conf
     assert items[1] is None and items[0] is not None and items[2] is not None
     assert dataset.problems.counts == {"unreadable image": 1}
     assert f"{path}:3 (sample cc3m_1): unreadable image: image {path.parent / 'bad.jpg'}" in caplog.text
-    collate = D.Collator(tiny_tokenizer)
+    collate = Collator(tiny_tokenizer)
     batch = collate(items)
     assert batch["task_names"] == ["cc3m_0", "cc3m_2"] and batch["num_dropped"] == 1
     assert collate([None, None]) is None  # the training step skips a None batch
@@ -394,7 +399,7 @@ def test_items_and_collated_batch(tiny_tokenizer, tiny_config):
         src = tiny_tokenizer(item["source"], add_special_tokens=False).input_ids
         tgt = tiny_tokenizer(item["target"], add_special_tokens=False).input_ids
         assert item["input_ids"].tolist() == src + tgt
-    batch = D.Collator(tiny_tokenizer)(items)
+    batch = Collator(tiny_tokenizer)(items)
     B, T = batch["input_ids"].shape
     assert B == 6 and batch["labels"].shape == (B, T) and batch["attention_mask"].shape == (B, T)
     assert batch["input_images"].shape == (sum(i["input_images"].shape[0] for i in items), 3, S, S)
@@ -419,7 +424,7 @@ def test_items_and_collated_batch(tiny_tokenizer, tiny_config):
 
 def test_cc3m_batch_has_captions(tiny_tokenizer, tiny_config):
     dataset = D.CC3MDataset(DATASETS / "CC3M" / "cc3m_train.tsv", tiny_tokenizer, tiny_config)
-    batch = D.Collator(tiny_tokenizer)([dataset[i] for i in range(3)])
+    batch = Collator(tiny_tokenizer)([dataset[i] for i in range(3)])
     assert batch["captions"] == ["a red circle on a blue background"] * 2 + ["green square on a white background"]
     assert batch["input_images"].shape == (0, 3, tiny_config.image_size, tiny_config.image_size)
 
@@ -447,7 +452,7 @@ def test_truncation_keeps_the_target_and_drops_whole_images(tiny_tokenizer, tiny
 def test_target_transform_pads_white_and_flips_are_seeded(tmp_path, tiny_tokenizer, tiny_config):
     image = Image.new("RGB", (40, 20), (0, 0, 0))
     image.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
-    out = D.target_transform(32)(image)
+    out = target_transform(32)(image)
     assert out.shape == (3, 32, 32) and out.min() >= -1 and out.max() <= 1
     assert torch.allclose(out[:, 0, :], torch.ones(3, 32))  # white padding on top
     assert out[0, 16, 2] > 0.9 and out[1, 16, 2] < -0.9    # red on the left
@@ -478,7 +483,7 @@ def test_templates_are_seeded(tmp_path):
 
 def test_dataloader_workers_give_the_same_samples(tiny_tokenizer, tiny_config):
     dataset = D.VISTDataset(DATASETS / "VIST" / "train_cleaned.json", tiny_tokenizer, tiny_config, is_training=True)
-    collate = D.Collator(tiny_tokenizer)
+    collate = Collator(tiny_tokenizer)
     batches = {}
     for workers in (0, 2):
         loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=workers, collate_fn=collate)
@@ -513,7 +518,7 @@ def test_dataset_type_and_datafolder(monkeypatch):
                                        "MMDialog/test/test_conversations.txt"])
 def test_cli_dump_on_repo_datasets(capsys, tiny_config_path, data_file):
     for split in ("train", "test"):
-        assert D.main([str(DATASETS / data_file), "--split", split, "--model_config", str(tiny_config_path)]) == 0
+        assert data_commands.main([str(DATASETS / data_file), "--split", split, "--model_config", str(tiny_config_path)]) == 0
         records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert records, (data_file, split)
         for r in records:
@@ -551,7 +556,7 @@ def test_cached_features_give_the_same_losses(tmp_path, tiny_config, monkeypatch
     cached = D.VISTDataset(path, tokenizer, tiny_config, is_training=False)  # reads the variable
     assert cached.feature_folder == tmp_path / "features"
 
-    collate = D.Collator(tokenizer)
+    collate = Collator(tokenizer)
     picks = [1, 2, 3, 5]
     batch_images = collate([images[i] for i in picks])
     batch_features = collate([cached[i] for i in picks])
@@ -582,7 +587,7 @@ def test_preprocess_writes_under_outputs_by_default(tmp_path, tiny_config_path, 
     """Run from a checkout, `preprocess` without --out writes into the git-ignored outputs/ folder."""
     monkeypatch.chdir(tmp_path)
     data = DATASETS / "CC3M" / "cc3m_val.tsv"
-    assert D.main(["preprocess", str(data), "--split", "test", "--model_config", str(tiny_config_path),
+    assert data_commands.main(["preprocess", str(data), "--split", "test", "--model_config", str(tiny_config_path),
                    "--device", "cpu"]) == 0
     assert len(list((tmp_path / "outputs" / "features" / "test" / "vae").iterdir())) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["outputs"]
@@ -592,12 +597,12 @@ def test_preprocess_writes_under_outputs_by_default(tmp_path, tiny_config_path, 
 def test_preprocess_cli(tmp_path, tiny_config_path, tiny_tokenizer, tiny_config):
     out = tmp_path / "features"
     data = DATASETS / "CC3M" / "cc3m_val.tsv"
-    assert D.main(["preprocess", str(data), "--out", str(out), "--split", "test",
+    assert data_commands.main(["preprocess", str(data), "--out", str(out), "--split", "test",
                    "--model_config", str(tiny_config_path), "--batch_size", "2", "--device", "cpu"]) == 0
     files = sorted((out / "test" / "vae").iterdir())
     assert len(files) == 3 and not (out / "test" / "img").exists()  # CC3M has no input images
     cached = D.CC3MDataset(data, tiny_tokenizer, tiny_config, is_training=False, feature_folder=out)
-    batch = D.Collator(tiny_tokenizer)([cached[i] for i in range(3)])
+    batch = Collator(tiny_tokenizer)([cached[i] for i in range(3)])
     assert batch["output_image_features"].shape == (3, 8, tiny_config.sd_image_size // 2, tiny_config.sd_image_size // 2)
     assert batch["input_image_features"] is None and "output_images" not in batch
 
@@ -707,9 +712,9 @@ def test_allow_outside_paths_is_reachable_from_the_command_lines(tmp_path, capsy
     write_jpeg(tmp_path / "secret.jpg")
     (data).mkdir()
     (data / "cc3m_val.tsv").write_text("caption\timage_path\none\t../secret.jpg\n")
-    assert D.main([str(data / "cc3m_val.tsv"), "--split", "test"]) == 0
+    assert data_commands.main([str(data / "cc3m_val.tsv"), "--split", "test"]) == 0
     assert capsys.readouterr().out == ""
-    assert D.main([str(data / "cc3m_val.tsv"), "--split", "test", "--allow_outside_paths"]) == 0
+    assert data_commands.main([str(data / "cc3m_val.tsv"), "--split", "test", "--allow_outside_paths"]) == 0
     assert json.loads(capsys.readouterr().out)["output_image"] == str(data / "../secret.jpg")
 
 
@@ -751,7 +756,7 @@ def test_cc3m_rows_and_captions_over_the_caps_are_skipped_unread(tmp_path, caplo
     long_row = "x" * 200 + "\timg/1.jpg"          # longer than a 32-byte block too: skipped without being kept
     path.write_text(f"caption\timage_path\nfirst\timg/0.jpg\n{long_row}\na caption of thirty characters\timg/2.jpg\n"
                     f"fourth\timg/3.jpg\n")
-    table = D.read_cc3m_tsv(path, D.ProblemLog(), block_size=32)
+    table = tsv_index.read_cc3m_tsv(path, data_problems.ProblemLog(), block_size=32)
     assert [table.captions[i] for i in table.valid] == ["first", "fourth"]
     assert table.rows[table.valid].tolist() == [0, 3]                    # the release's row numbers stay
     with caplog.at_level(logging.WARNING, logger="dataloader"):
@@ -863,11 +868,11 @@ def test_corrupt_or_misshapen_cached_features_are_bad_samples(tmp_path, tiny_tok
     image = str(tmp_path / "a.jpg")
     channels, size, _ = dataset._feature_shape("vae")
     assert (channels, size) == (8, tiny_config.sd_image_size // 2)
-    D.save_feature(D.feature_file(features, "test", "vae", image), torch.zeros(channels, size, size), image)
+    feature_cache.save_feature(feature_cache.feature_file(features, "test", "vae", image), torch.zeros(channels, size, size), image)
     assert dataset[0] is not None
-    D.save_feature(D.feature_file(features, "test", "vae", image), torch.zeros(channels, size + 1, size), image)
+    feature_cache.save_feature(feature_cache.feature_file(features, "test", "vae", image), torch.zeros(channels, size + 1, size), image)
     assert dataset[0] is None
-    D.feature_file(features, "test", "vae", image).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    feature_cache.feature_file(features, "test", "vae", image).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
     assert dataset[1] is None
     assert dataset.problems.counts == {"unreadable cached feature": 2}
     strict = D.CC3MDataset(tmp_path / "cc3m.tsv", tiny_tokenizer, tiny_config, is_training=False,

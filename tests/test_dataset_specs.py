@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import dataloader
+import dataset_base
 import dataset_specs as S
 import metric
 import shards
@@ -24,7 +25,7 @@ def test_every_spec_names_a_reader_and_a_scorer_of_its_own_dataset():
     assert set(S.SPECS) == set(S.NAMES) == {"CC3M", "VIST", "MMDialog"}
     for name, spec in S.SPECS.items():
         reader = spec.reader_class()
-        assert issubclass(reader, dataloader.MiniGPT5Dataset) and reader.dataset_type == name
+        assert issubclass(reader, dataset_base.MiniGPT5Dataset) and reader.dataset_type == name
         assert spec.scorer_function().__module__ == "metric"
         assert spec.fid_real in ("cc3m_val", "targets") and 0 < spec.val_check_interval <= 1
         assert set(spec.evaluated or ()) <= set(spec.task_suffixes)

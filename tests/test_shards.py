@@ -20,8 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
+import data_commands
 import dataloader as D
 import shards as S
+from collator import Collator
+from data_problems import ProblemLog
 
 REPO = Path(__file__).resolve().parents[1]
 N_ROWS = 205                     # rows 0, 100 and 200 add instruction samples: 208 training samples
@@ -77,7 +80,7 @@ def data(tmp_path_factory):
 def dump(argv: list[str]) -> list[dict]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert D.main(argv) == 0
+        assert data_commands.main(argv) == 0
     return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
@@ -162,7 +165,7 @@ def test_two_ranks_two_workers_deliver_every_sample_once(data, tiny_tokenizer, t
     --shuffle, another order each epoch, the same order for the same epoch."""
     dataset = S.CC3MShards(data["spec"], tokenizer=tiny_tokenizer, cfg=tiny_config, shuffle=shuffle)
     all_names = sorted(s.task_name for s in dataset.samples())
-    collate = D.Collator(tiny_tokenizer)
+    collate = Collator(tiny_tokenizer)
     orders = []
     for epoch in (0, 1):
         dataset.set_epoch(epoch)
@@ -193,7 +196,7 @@ def test_mid_epoch_resume_continues_with_the_next_batch(data, tiny_tokenizer, ti
     with that state deliver together exactly the uninterrupted epoch, batch by batch, with 3
     workers whose batch counts differ; a state from another worker count is refused."""
     dataset = S.CC3MShards(data["spec"], tokenizer=tiny_tokenizer, cfg=tiny_config, shuffle=shuffle)
-    collate = D.Collator(tiny_tokenizer)
+    collate = Collator(tiny_tokenizer)
     dataset.set_epoch(2)
 
     def loader():
@@ -378,14 +381,14 @@ def test_fast_header_reader_agrees_with_tarfile(tmp_path, fmt):
             tar.addfile(info, io.BytesIO(data))
     assert S._plain_members(path) == S._tarfile_members(path)
     assert [name for name, _ in S._plain_members(path)][2].startswith(deep)
-    index = S.index_shards([path], D.ProblemLog())
+    index = S.index_shards([path], ProblemLog())
     assert index.rows.tolist() == [1, 2]
     import gzip
 
     (tmp_path / "b.tar").write_bytes(gzip.compress(path.read_bytes()))
     assert S._plain_members(tmp_path / "b.tar") is None
     with pytest.raises(D.DataError, match=r"b\.tar: not a readable uncompressed tar file"):
-        S.index_shards([tmp_path / "b.tar"], D.ProblemLog())
+        S.index_shards([tmp_path / "b.tar"], ProblemLog())
 
 
 def test_tsv_to_shards_refuses_pictures_outside_the_dataset_folder(tmp_path):
