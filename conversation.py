@@ -19,9 +19,10 @@ from PIL import Image
 
 from constants import IMAGE_SLOT, RESERVED_TOKENS
 from image_transforms import load_rgb
-from prompts import ASSISTANT, MMDIALOG_SYSTEM
+from prompts import ASSISTANT, HUMAN, MMDIALOG_SYSTEM
 
 ROLES = ("Human", "Assistant")
+TAGS = {"Human": HUMAN, "Assistant": ASSISTANT}      # the prompt style's speaker tags (prompts.py)
 
 
 def neutralise_reserved_tokens(text: str) -> tuple[str, list[str]]:
@@ -76,7 +77,7 @@ class Conversation:
         """The prompt for the next Assistant turn and its input images, in order."""
         parts, images = [], []
         for turn in self.turns:
-            parts.append(" ".join([f"###{turn.role}: {turn.text}".rstrip()] + [IMAGE_SLOT] * len(turn.images)))
+            parts.append(" ".join([f"{TAGS[turn.role]} {turn.text}".rstrip()] + [IMAGE_SLOT] * len(turn.images)))
             images.extend(turn.images)
         return self.system + " ".join(parts) + f" {ASSISTANT}", images
 

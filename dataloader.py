@@ -84,7 +84,8 @@ from dataset_specs import NAMES as DATASET_TYPES  # noqa: F401  (dataloader.DATA
 from dataset_specs import SPECS, is_shard_spec, resolve_dataset_type, shard_reader, spec
 # The release's prompts (importable from here too, as before they moved to prompts.py).
 from prompts import (CC3M_INSTRUCTION, CC3M_PROMPTS, CC3M_SYSTEM, MMDIALOG_SYSTEM, VIST_GENERATION,  # noqa: F401
-                     VIST_MULTIMODAL, VIST_SYSTEM, VIST_UNDERSTANDING, VOKEN_TARGET, speaker, vist_context)
+                     VIST_MULTIMODAL, VIST_SYSTEM, VIST_UNDERSTANDING, VOKEN_TARGET, speaker, text_target,
+                     vist_context)
 from tsv_index import outside_rows, read_cc3m_tsv
 
 log = logging.getLogger("dataloader")
@@ -219,7 +220,7 @@ class VISTDataset(MiniGPT5Dataset):
         if kind_name == "multimodal":
             return Sample(name, vist.system_prompt + template.format(context=context), f"{caption} {VOKEN_TARGET}",
                           None, history, story.images[k], location)
-        return Sample(name, vist.system_prompt + template.format(context=context), f"{caption} ###", None,
+        return Sample(name, vist.system_prompt + template.format(context=context), text_target(caption), None,
                       history + (story.images[k],), None, location)
 
 
@@ -438,7 +439,7 @@ class MMDialogDataset(MiniGPT5Dataset):
                 inputs.append(conv.images[j])
         parts.append(speaker(i))
         text, image = conv.texts[i], conv.images[i]
-        target = f"{text} {VOKEN_TARGET}" if image is not None else f"{text} ###"
+        target = f"{text} {VOKEN_TARGET}" if image is not None else text_target(text)
         return Sample(self.dataset_spec.task_name(conv.conversation_id, i, "turn"), " ".join(parts), target, None,
                       tuple(inputs), image, f"{self.data_file}:{conv.line}")
 

@@ -116,7 +116,8 @@ SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
         task_suffixes={"generation": "-gen", "multimodal": "-multimodal", "understanding": "-understanding"},
         evaluated=("generation",),
         scorer="metric:score_vist", clip_model="ViT-L-14", sentence_bert=False, fid_real="targets",
-        prompt_caption=r"scene description:\s*(.*?)\s*###", val_check_interval=0.5, sd_baseline=False,
+        prompt_caption=rf"scene description:\s*(.*?)\s*{re.escape(prompts.END_SYM)}", val_check_interval=0.5,
+        sd_baseline=False,
     ),
 )}
 # The order CC3M, MMDialog, VIST is the release's DATAFOLDER rule: the first keyword found wins.

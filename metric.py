@@ -115,6 +115,7 @@ from extractors import (FID_IMAGE_SIZE, MissingWeightError, Models, clip_image_f
                         frechet_distance, inception_outputs, inception_score, load_models, real_fid_features,
                         rowwise_cosine, sbert_features, tiny_models)
 from placement import resolve_device
+from prompts import END_SYM
 from weights import CheckpointError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -163,9 +164,10 @@ def load_predictions(folder: Path) -> list[Sample]:
 
 
 def clean_text(text: str) -> str:
-    """The text as compared: no `###`/`<s>`/`</s>`, nothing from `[IMG0]` on; "" if only punctuation."""
+    """The text as compared: no end symbol (`prompts.END_SYM`, the release's `###`), `<s>` or `</s>`,
+    nothing from `[IMG0]` on; "" if only punctuation."""
     text = text.split("[IMG0]")[0]
-    for token in ("###", "</s>", "<s>"):
+    for token in (END_SYM, "</s>", "<s>"):
         text = text.replace(token, "")
     text = text.strip()
     return "" if all(c in string.punctuation or c.isspace() for c in text) else text

@@ -46,7 +46,7 @@ def _tiny_corpus() -> list[str]:
     little English, so that the tokens the project uses get real pieces; everything else goes
     through byte fallback."""
     from constants import IMAGE_SLOT
-    from prompts import (ASSISTANT, CC3M_PROMPTS, CC3M_SYSTEM, HUMAN, MMDIALOG_SYSTEM, VIST_GENERATION,
+    from prompts import (ASSISTANT, CC3M_PROMPTS, CC3M_SYSTEM, END_SYM, HUMAN, MMDIALOG_SYSTEM, VIST_GENERATION,
                          VIST_MULTIMODAL, VIST_SYSTEM, VIST_UNDERSTANDING)
 
     def words(template: str) -> str:           # a template without its slots and speaker tags
@@ -59,7 +59,7 @@ def _tiny_corpus() -> list[str]:
     return [
         VIST_SYSTEM, MMDIALOG_SYSTEM, bare(VIST_GENERATION[0]),
         f"{bare(VIST_GENERATION[1])} {words(VIST_MULTIMODAL[0])}",
-        f"{words(VIST_MULTIMODAL[1])} {words(VIST_MULTIMODAL[2])} ###",
+        f"{words(VIST_MULTIMODAL[1])} {words(VIST_MULTIMODAL[2])} {END_SYM}",
         f"{words(VIST_UNDERSTANDING[0])} {words(VIST_UNDERSTANDING[1])}",
         f"{CC3M_SYSTEM} {CC3M_PROMPTS[0]}", " ".join(CC3M_PROMPTS[i] for i in (1, 2, 5)),
         " ".join(CC3M_PROMPTS[i] for i in (4, 6)),

@@ -1,18 +1,27 @@
 """Every prompt string of MiniGPT-5, as the release wrote them: one home for the wording.
 
-The datasets (`dataloader.py`), the conversations and demos (`conversation.py`, `examples/`) and the
-tiny tokenizer's corpus (`weights.py`) all read them from here. Which dataset uses which is said by
-its spec in `dataset_specs.py`. The strings are the release's byte for byte (its typos included):
-a model trained on them expects exactly these.
+The datasets (`dataloader.py`), the conversations and demos (`conversation.py`, `examples/`), the
+scorers (`metric.py`) and the tiny tokenizer's corpus (`presets.py`) all read them from here. Which
+dataset uses which is said by its spec in `dataset_specs.py`. The strings are the release's byte for
+byte (its typos included): a model trained on them expects exactly these.
+
+The prompt style is Vicuna v0's, the release's LLM: `###Human: ... ###Assistant: ...`, an answer ending
+with the end symbol, which is also the separator before each speaker tag. Another LLM family (Llama 3,
+Qwen2.5) would bring its own style here.
 """
 from __future__ import annotations
 
+from configuration import ModelConfig
 from constants import ALL_VOKENS_TEXT, IMAGE_SLOT
 
-# The answer that asks for a picture: the eight vokens, then the end symbol.
-VOKEN_TARGET = f"{ALL_VOKENS_TEXT} ###"
+# Where an answer ends: the model config's `end_sym` (its default, the release's "###"); generation
+# stops there (`MiniGPT4.end_sym`) and the scorers cut it off (`metric.clean_text`).
+END_SYM = ModelConfig.end_sym
 
-HUMAN, ASSISTANT = "###Human:", "###Assistant:"
+# The answer that asks for a picture: the eight vokens, then the end symbol.
+VOKEN_TARGET = f"{ALL_VOKENS_TEXT} {END_SYM}"
+
+HUMAN, ASSISTANT = f"{END_SYM}Human:", f"{END_SYM}Assistant:"
 
 # ---- CC3M (stage 1) ---------------------------------------------------------------------------------
 # Every 100th training row adds an instruction-style sample: the system prompt, then CC3M_INSTRUCTION
@@ -56,6 +65,11 @@ def vist_context(captions) -> str:
     newline after the last slot (empty for the first step)."""
     captions = list(captions)
     return IMAGE_SLOT.join(captions) + (IMAGE_SLOT + "\n" if captions else "")
+
+
+def text_target(text: str) -> str:
+    """An answer without a picture as a training target: the text, then the end symbol."""
+    return f"{text} {END_SYM}"
 
 
 def speaker(turn: int) -> str:
