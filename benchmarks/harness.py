@@ -1,5 +1,5 @@
 """Shared helpers of the benchmarks: the `small` preset, robust side-by-side timing, peak memory of a
-child process, and the results table.
+child process, the results table, and benchmarks/run.py's workload (`Settings`) and model (`Bench`).
 
 Every figure the benchmarks report is a *ratio* of two things measured in the same process run, so
 that it means something on any machine (this project is benchmarked on a 2-core CPU without a
@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_CONFIG = REPO / "config" / "small.yaml"
@@ -157,3 +159,126 @@ def format_table(rows: list[Row]) -> str:
 def fmt_s(seconds: float) -> str:
     """Seconds as a short human string (ms below one second)."""
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The workload of a benchmarks/run.py run, and the model it measures
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    """Workload sizes of one run (`--quick` shrinks the slow rows, never the repeats below 5)."""
+
+    quick: bool
+    threads: int
+    repeats: int
+    warmup: int = 1
+    gen_new_tokens: int = 96          # row 4: tokens per answer (the model may stop earlier)
+    gen_sd_steps: int = 50            # rows 4, 5: PNDM steps (the release's default)
+    single_new_tokens: int = 64       # row 5
+    clip_images: int = 32             # row 8
+    cc3m_rows: int = 3_300_000        # row 7
+    memory_new_tokens: int = 256      # row 9
+    memory_runs: int = 3              # row 9: fresh processes per variant
+    device: str = "cpu"               # rows 4, 5 may run elsewhere (--device)
+    model_config: str | None = None   # default: the small preset (--model_config)
+    dry_run: bool = False             # --dry_run: tiny workload, one repeat, no verdicts
+
+    @classmethod
+    def make(cls, quick: bool, threads: int, repeats: int | None, device: str = "cpu",
+             model_config: str | None = None, dry_run: bool = False) -> "Settings":
+        """The full, the quick or the dry-run workload."""
+        where = dict(device=device, model_config=model_config)
+        if dry_run:
+            return cls(quick=True, threads=threads, repeats=1, warmup=0, gen_new_tokens=8, gen_sd_steps=1,
+                       single_new_tokens=8, clip_images=4, cc3m_rows=10_000, memory_new_tokens=16, memory_runs=1,
+                       dry_run=True, **where)
+        if quick:
+            return cls(quick=True, threads=threads, repeats=max(5, repeats or 5), gen_new_tokens=32,
+                       gen_sd_steps=10, single_new_tokens=32, clip_images=16, cc3m_rows=330_000, memory_runs=1,
+                       **where)
+        return cls(quick=False, threads=threads, repeats=max(5, repeats or 7), **where)
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (before and after each timed call)."""
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+
+class Bench:
+    """The small preset and its sample data, built lazily for the row running in this process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._config = None
+        self._models: dict[int, object] = {}
+
+    @property
+    def config(self):
+        """The small preset's `ModelConfig` (weights built on first use)."""
+        if self._config is None:
+            from configuration import load_config
+
+            path = self.settings.model_config or ensure_small()
+            self._config = load_config(path)
+        return self._config
+
+    def model(self, stage: int = 1):
+        """A `MiniGPT5_Model` of the small preset (stage 1 for training rows, 2 for generation);
+        the same random mapper weights in both."""
+        if stage not in self._models:
+            from model import MiniGPT5_Model
+
+            torch.manual_seed(0)
+            self._models[stage] = MiniGPT5_Model(self.config, stage=stage).to(self.settings.device)
+        return self._models[stage]
+
+    def cc3m_batch(self, batch_size: int = 8) -> dict:
+        """A stage-1 batch from the sample CC3M training file, through the real dataset and
+        collator, with pinned random draws (noise, latent noise, timesteps; no CFG dropout)."""
+        from collator import Collator
+        from dataloader import make_dataset
+
+        model = self.model(1)
+        tok = model.model.llama_tokenizer
+        ds = make_dataset(REPO / "datasets" / "CC3M" / "cc3m_train.tsv", tok, self.config, is_training=True,
+                          feature_folder=False)
+        batch = Collator(tok)([ds[i % len(ds)] for i in range(batch_size)])
+        latent = self.latent_shape
+        g = torch.Generator().manual_seed(0)
+        batch.update(noise=torch.randn(batch_size, *latent, generator=g),
+                     latent_noise=torch.randn(batch_size, *latent, generator=g),
+                     timesteps=torch.randint(0, 1000, (batch_size,), generator=g),
+                     cfg_drop=torch.zeros(batch_size, dtype=torch.bool))
+        return batch
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(4, h, w) of the small preset's VAE latents."""
+        unet = self.model(1).unet.config
+        return (unet.in_channels, unet.sample_size, unet.sample_size)
+
+    def vist_items(self, train: bool) -> list[dict]:
+        """All items of the sample VIST file (train: 30 samples of every kind; val: the 8
+        generation samples), tokenized, with their input images."""
+        from dataloader import make_dataset
+
+        tok = self.model(1).model.llama_tokenizer
+        name = "train_cleaned.json" if train else "val_cleaned.json"
+        ds = make_dataset(REPO / "datasets" / "VIST" / name, tok, self.config, is_training=train,
+                          feature_folder=False)
+        return [ds[i] for i in range(len(ds))]
+
+
+def timed(settings: Settings, variants: dict, repeats: int | None = None) -> Timings:
+    """Seconds per variant and repeat (alternating, with warm-up; see `harness.time_side_by_side`);
+    index it for a variant's median, `.ratio(...)` for a per-repeat ratio. `repeats` overrides the
+    settings' count (never below 5, except in a dry run: one)."""
+    count = settings.repeats if settings.dry_run else max(5, repeats or settings.repeats)
+    return Timings(time_side_by_side(variants, repeats=count, warmup=settings.warmup, sync=settings.sync))
+
+
+def spread(ratio: tuple[float, float, float], digits: int = 3) -> str:
+    """'median (per-repeat min-max)' of a `Timings.ratio`."""
+    value, low, high = ratio
+    return f"{value:.{digits}f} (per-repeat {low:.{digits}f}-{high:.{digits}f})"

@@ -27,6 +27,7 @@ enough that tensor compute rather than Python dominates. The rows:
 
 The table is printed last and written, with the details of each row, to benchmarks/RESULTS.md
 (`--out` to write elsewhere).
+Rows 4 and 5 live in benchmarks/rows_generation.py; the workload and the model in benchmarks/harness.py.
 """
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")          # no progress bars inside timed code
@@ -54,132 +54,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-import generation  # noqa: E402
-
-from baselines import adam_state_bytes, bare_decode, one_at_a_time_features, release_style_wrap  # noqa: E402
-from harness import (Row, Timings, ensure_small, fmt_s, format_table, run_child, set_threads,  # noqa: E402
-                     time_side_by_side)
-
-@dataclass
-class Settings:
-    """Workload sizes of one run (`--quick` shrinks the slow rows, never the repeats below 5)."""
-
-    quick: bool
-    threads: int
-    repeats: int
-    warmup: int = 1
-    gen_new_tokens: int = 96          # row 4: tokens per answer (the model may stop earlier)
-    gen_sd_steps: int = 50            # rows 4, 5: PNDM steps (the release's default)
-    single_new_tokens: int = 64       # row 5
-    clip_images: int = 32             # row 8
-    cc3m_rows: int = 3_300_000        # row 7
-    memory_new_tokens: int = 256      # row 9
-    memory_runs: int = 3              # row 9: fresh processes per variant
-    device: str = "cpu"               # rows 4, 5 may run elsewhere (--device)
-    model_config: str | None = None   # default: the small preset (--model_config)
-    dry_run: bool = False             # --dry_run: tiny workload, one repeat, no verdicts
-
-    @classmethod
-    def make(cls, quick: bool, threads: int, repeats: int | None, device: str = "cpu",
-             model_config: str | None = None, dry_run: bool = False) -> "Settings":
-        """The full, the quick or the dry-run workload."""
-        where = dict(device=device, model_config=model_config)
-        if dry_run:
-            return cls(quick=True, threads=threads, repeats=1, warmup=0, gen_new_tokens=8, gen_sd_steps=1,
-                       single_new_tokens=8, clip_images=4, cc3m_rows=10_000, memory_new_tokens=16, memory_runs=1,
-                       dry_run=True, **where)
-        if quick:
-            return cls(quick=True, threads=threads, repeats=max(5, repeats or 5), gen_new_tokens=32,
-                       gen_sd_steps=10, single_new_tokens=32, clip_images=16, cc3m_rows=330_000, memory_runs=1,
-                       **where)
-        return cls(quick=False, threads=threads, repeats=max(5, repeats or 7), **where)
-
-    def sync(self) -> None:
-        """Wait for the device's queued work (before and after each timed call)."""
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-
-class Bench:
-    """The small preset and its sample data, built lazily for the row running in this process."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self._config = None
-        self._models: dict[int, object] = {}
-
-    @property
-    def config(self):
-        """The small preset's `ModelConfig` (weights built on first use)."""
-        if self._config is None:
-            from configuration import load_config
-
-            path = self.settings.model_config or ensure_small()
-            self._config = load_config(path)
-        return self._config
-
-    def model(self, stage: int = 1):
-        """A `MiniGPT5_Model` of the small preset (stage 1 for training rows, 2 for generation);
-        the same random mapper weights in both."""
-        if stage not in self._models:
-            from model import MiniGPT5_Model
-
-            torch.manual_seed(0)
-            self._models[stage] = MiniGPT5_Model(self.config, stage=stage).to(self.settings.device)
-        return self._models[stage]
-
-    def cc3m_batch(self, batch_size: int = 8) -> dict:
-        """A stage-1 batch from the sample CC3M training file, through the real dataset and
-        collator, with pinned random draws (noise, latent noise, timesteps; no CFG dropout)."""
-        from collator import Collator
-        from dataloader import make_dataset
-
-        model = self.model(1)
-        tok = model.model.llama_tokenizer
-        ds = make_dataset(REPO / "datasets" / "CC3M" / "cc3m_train.tsv", tok, self.config, is_training=True,
-                          feature_folder=False)
-        batch = Collator(tok)([ds[i % len(ds)] for i in range(batch_size)])
-        latent = self.latent_shape
-        g = torch.Generator().manual_seed(0)
-        batch.update(noise=torch.randn(batch_size, *latent, generator=g),
-                     latent_noise=torch.randn(batch_size, *latent, generator=g),
-                     timesteps=torch.randint(0, 1000, (batch_size,), generator=g),
-                     cfg_drop=torch.zeros(batch_size, dtype=torch.bool))
-        return batch
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(4, h, w) of the small preset's VAE latents."""
-        unet = self.model(1).unet.config
-        return (unet.in_channels, unet.sample_size, unet.sample_size)
-
-    def vist_items(self, train: bool) -> list[dict]:
-        """All items of the sample VIST file (train: 30 samples of every kind; val: the 8
-        generation samples), tokenized, with their input images."""
-        from dataloader import make_dataset
-
-        tok = self.model(1).model.llama_tokenizer
-        name = "train_cleaned.json" if train else "val_cleaned.json"
-        ds = make_dataset(REPO / "datasets" / "VIST" / name, tok, self.config, is_training=train,
-                          feature_folder=False)
-        return [ds[i] for i in range(len(ds))]
-
-
-def _timed(settings: Settings, variants: dict, repeats: int | None = None) -> Timings:
-    """Seconds per variant and repeat (alternating, with warm-up; see `harness.time_side_by_side`);
-    index it for a variant's median, `.ratio(...)` for a per-repeat ratio. `repeats` overrides the
-    settings' count (never below 5, except in a dry run: one)."""
-    count = settings.repeats if settings.dry_run else max(5, repeats or settings.repeats)
-    return Timings(time_side_by_side(variants, repeats=count, warmup=settings.warmup, sync=settings.sync))
-
-
-def _spread(ratio: tuple[float, float, float], digits: int = 3) -> str:
-    """'median (per-repeat min-max)' of a `Timings.ratio`."""
-    value, low, high = ratio
-    return f"{value:.{digits}f} (per-repeat {low:.{digits}f}-{high:.{digits}f})"
-
+from baselines import adam_state_bytes, one_at_a_time_features, release_style_wrap  # noqa: E402
+from harness import (Bench, Row, Settings, ensure_small, fmt_s, format_table, run_child, set_threads,  # noqa: E402
+                     spread, timed)
+from rows_generation import row_batched_generation, row_generate_overhead  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Row 1: a stage-1 step vs the sum of its parts
@@ -232,14 +111,14 @@ def row_step_parts(bench: Bench) -> Row:
     def caption():
         model.encode_caption(captions)
 
-    t = _timed(bench.settings, {"step": step, "llm": llm, "mapper": mapper, "unet": unet, "vae": vae,
+    t = timed(bench.settings, {"step": step, "llm": llm, "mapper": mapper, "unet": unet, "vae": vae,
                                 "caption": caption})
     names = ["llm", "mapper", "unet", "vae", "caption"]
     stats = t.ratio("step", *names)
     ratio = stats[0]
     model.zero_grad(set_to_none=True)
     return Row(1, "stage-1 step time / sum of its parts alone (batch 8)", "<= 1.15", f"{ratio:.3f}", ratio <= 1.15,
-               [f"ratio {_spread(stats)}; medians: step (forward + backward) {fmt_s(t['step'])}; parts: " +
+               [f"ratio {spread(stats)}; medians: step (forward + backward) {fmt_s(t['step'])}; parts: " +
                 ", ".join(f"{k} {fmt_s(t[k])}" for k in names) + f"; sum {fmt_s(sum(t[k] for k in names))}",
                 f"batch: 8 CC3M training samples (sample file, real dataset + collator), "
                 f"{tuple(batch['input_ids'].shape)} token ids, 64 x 64 target images, caption loss on"])
@@ -270,13 +149,13 @@ def row_wrap(bench: Bench) -> Row:
     def repeat(fn):
         return lambda: [fn() for _ in range(calls)]
 
-    t = _timed(bench.settings, {"batched": repeat(lambda: m.wrap_inputs(*args)),
+    t = timed(bench.settings, {"batched": repeat(lambda: m.wrap_inputs(*args)),
                                 "loop": repeat(lambda: release_style_wrap(m, *args))})
     stats = t.ratio("loop", "batched")
     speedup = stats[0]
     return Row(2, "batched `wrap_inputs` vs per-sample loop (batch 16)", ">= 5x faster", f"{speedup:.1f}x faster",
                speedup >= 5 and same,
-               [f"speed-up {_spread(stats, 1)}; medians per call: batched {fmt_s(t['batched'] / calls)}, "
+               [f"speed-up {spread(stats, 1)}; medians per call: batched {fmt_s(t['batched'] / calls)}, "
                 f"release-style loop {fmt_s(t['loop'] / calls)} (each timed sample is {calls} calls); outputs "
                 f"identical: {same}",
                 f"batch: 16 VIST training samples, {n_images} images x {bench.config.num_query_token} queries, "
@@ -311,211 +190,16 @@ def row_caption_cache(bench: Bench) -> Row:
         live, cached = step(False, seed), step(True, seed)
         differences.append(max(abs(live[k] - cached[k]) for k in live))
     entries = len(cache.entries)
-    t = _timed(bench.settings, {"cached": lambda: step(True), "live": lambda: step(False)})
+    t = timed(bench.settings, {"cached": lambda: step(True), "live": lambda: step(False)})
     model.caption_cache = None
     stats = t.ratio("cached", "live")
     ratio = stats[0]
     equal = max(differences) <= 1e-6 * max(1.0, abs(live["loss"]))
     return Row(3, "stage-1 step with cached caption features / recomputed (batch 8)", "<= 1 (not slower), equal loss",
                f"{ratio:.3f} (loss diff {max(differences):.1e})", ratio <= 1.0 and equal,
-               [f"ratio {_spread(stats)}; medians: cached {fmt_s(t['cached'])}, recomputed {fmt_s(t['live'])}; "
+               [f"ratio {spread(stats)}; medians: cached {fmt_s(t['cached'])}, recomputed {fmt_s(t['live'])}; "
                 f"{entries} cache entries after 4 steps",
                 f"largest |loss difference| over 4 seeded steps (every loss term): {max(differences):.2e}"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Rows 4 and 5: generation
-# ----------------------------------------------------------------------------------------------
-
-def _vist_prompts(bench: Bench) -> tuple[list[str], list[list[torch.Tensor]]]:
-    """The 8 VIST validation generation prompts with their input images (0-4 each)."""
-    items = bench.vist_items(train=False)
-    return [it["source"] for it in items], [list(it["input_images"]) for it in items]
-
-
-def _max_pixel_difference(a, b) -> int:
-    """Largest per-pixel difference of two PIL images (0-255; 255 when only one exists)."""
-    import numpy as np
-
-    if a is None or b is None:
-        return 0 if a is b else 255
-    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
-
-
-def row_batched_generation(bench: Bench) -> Row:
-    """8 prompts generated as one batch vs 8 `generate` calls of one prompt, same seeds. In float32
-    on the CPU both must give the same tokens and the same images (up to 1/255 float rounding);
-    elsewhere their agreement is reported with the rounding that explains it."""
-    s = bench.settings
-    model = bench.model(2).eval()
-    prompts, images = _vist_prompts(bench)
-    seeds = list(range(100, 100 + len(prompts)))
-    kw = dict(force_generation=True, max_new_tokens=s.gen_new_tokens, num_inference_steps=s.gen_sd_steps)
-
-    def batched():
-        return model.generate(prompts, images, seed=seeds, **kw)
-
-    def singles():
-        return [model.generate(p, im, seed=seed, **kw)[0] for p, im, seed in zip(prompts, images, seeds)]
-
-    a, b = batched(), singles()
-    same_tokens = all(x.token_ids == y.token_ids for x, y in zip(a, b))
-    pixel = max(_max_pixel_difference(x.image, y.image) for x, y in zip(a, b))
-    diverged = [f"item {i} from token {_first_difference(x.token_ids, y.token_ids)} of {len(x.token_ids)}"
-                for i, (x, y) in enumerate(zip(a, b)) if x.token_ids != y.token_ids]
-    rounding = _prompt_logit_difference(model, prompts, images)
-    # On the CPU in float32 a batch must reproduce its single calls exactly (tests/test_generation.py
-    # checks it too). Elsewhere (bfloat16 GPU kernels pick other tilings for other batch sizes) the
-    # logits of a batch and a single call differ by rounding, which flips near-ties of a sampler
-    # over a random model's flat distribution: reported, not part of the verdict.
-    llm_dtype = model.model.embed_tokens(torch.zeros(1, 1, dtype=torch.long, device=model.device)).dtype
-    exact_expected = s.device == "cpu" and llm_dtype == torch.float32
-    t = _timed(s, {"batch": batched, "singles": singles}, repeats=5)      # the slowest row: 5 repeats
-    stats = t.ratio("singles", "batch")
-    speedup = stats[0]
-    lengths = [len(x.token_ids) for x in a]
-    # Where the time goes: the two halves of generation, each batched vs single.
-    parts = _generation_parts(bench, model, prompts, images, seeds, a)
-    return Row(4, "8 prompts as one batch vs 8 single calls (throughput)", ">= 3x", f"{speedup:.2f}x",
-               speedup >= 3 and (not exact_expected or (same_tokens and pixel <= 1)),
-               [f"speed-up {_spread(stats, 2)}; medians: one batch {fmt_s(t['batch'])}, 8 single calls "
-                f"{fmt_s(t['singles'])}; same tokens: {8 - len(diverged)}/8 items"
-                + (f" (diverged: {', '.join(diverged)})" if diverged else "")
-                + f"; largest pixel difference: {pixel}/255; largest difference of the prompts' next-token logits, "
-                  f"batched vs alone: {rounding:.1e} (LLM in {llm_dtype}; "
-                  + ("must be exact here" if exact_expected else "rounding of this device's kernels: "
-                     "token agreement is reported, not required") + ")",
-                f"workload: the 8 VIST validation generation prompts (0-4 input images), force_generation, "
-                f"up to {s.gen_new_tokens} new tokens (got {min(lengths)}-{max(lengths)}), "
-                f"{s.gen_sd_steps} PNDM steps, guidance 7.5, {model.cfg.sd_image_size} x {model.cfg.sd_image_size} images",
-                parts])
-
-
-@torch.no_grad()
-def _prompt_logit_difference(model, prompts, images) -> float:
-    """Largest |difference| of the next-token logits after each prompt, computed for the
-    left-padded batch vs for each prompt alone: the rounding noise a batch adds."""
-    llm = model.model.llama_model
-    embeds, mask = generation.prompt_embeddings(model.model, prompts, images, 1)
-    batched = llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
-    worst = 0.0
-    for i, (prompt, item_images) in enumerate(zip(prompts, images)):
-        e, m = generation.prompt_embeddings(model.model, [prompt], [item_images], 1)
-        alone = llm(inputs_embeds=e, attention_mask=m, logits_to_keep=1).logits[0, -1].float()
-        worst = max(worst, (batched[i] - alone).abs().max().item())
-    return worst
-
-
-def _first_difference(a: list[int], b: list[int]) -> int:
-    """Index of the first position where two token lists differ."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def _generation_parts(bench: Bench, model, prompts, images, seeds, outputs) -> str:
-    """Batch-vs-single speed-up of the LLM decode and of the SD pipeline alone, to show which part
-    limits row 4 (medians of the same number of repeats)."""
-    s = bench.settings
-    with torch.no_grad():
-        embeds, mask = generation.prompt_embeddings(model.model, prompts, images, s.gen_new_tokens)
-        generated = torch.nn.utils.rnn.pad_sequence(
-            [torch.tensor(o.token_ids + [model.model.llama_tokenizer.eos_token_id]) for o in outputs],
-            batch_first=True, padding_value=model.model.llama_tokenizer.eos_token_id).to(model.device)
-        features, rows = generation.voken_features(model.model, embeds, mask, generated)
-        cond = model.map_vokens(features)
-        uncond = model.map_vokens(torch.zeros_like(features[:1])).expand_as(cond)
-    pipe = model.sd_pipeline()
-
-    def sd(index):
-        gens = [torch.Generator().manual_seed(seeds[r]) for r in index]
-        with torch.no_grad():
-            size = model.cfg.sd_image_size
-            pipe(prompt_embeds=cond[index].to(model.unet.dtype), negative_prompt_embeds=uncond[index].to(model.unet.dtype),
-                 guidance_scale=7.5, num_inference_steps=s.gen_sd_steps, generator=gens, height=size, width=size)
-
-    singles_embeds = [generation.prompt_embeddings(model.model, [p], [im], s.gen_new_tokens) for p, im in zip(prompts, images)]
-
-    def llm(embeds_mask_tokens):
-        for e, msk, tokens in embeds_mask_tokens:
-            bare_decode(model, e, msk, tokens)
-
-    token_lists = [torch.tensor([o.token_ids], device=model.device) for o in outputs]
-    longest = max(len(o.token_ids) for o in outputs)
-    batch_tokens = torch.stack([F.pad(torch.tensor(o.token_ids), (0, longest - len(o.token_ids)),
-                                      value=model.model.llama_tokenizer.eos_token_id) for o in outputs]).to(model.device)
-    t = _timed(s, repeats=5, variants={
-        "llm_batch": lambda: llm([(embeds, mask, batch_tokens)]),
-        "llm_single": lambda: llm([(e, msk, tok) for (e, msk), tok in zip(singles_embeds, token_lists)]),
-        "sd_batch": lambda: sd(list(range(len(rows)))),
-        "sd_single": lambda: [sd([i]) for i in range(len(rows))],
-    })
-    return (f"parts alone, batch vs single: KV-cached LLM decode {t.ratio('llm_single', 'llm_batch')[0]:.1f}x "
-            f"({fmt_s(t['llm_batch'])} vs {fmt_s(t['llm_single'])}), SD pipeline "
-            f"{t.ratio('sd_single', 'sd_batch')[0]:.1f}x ({fmt_s(t['sd_batch'])} vs {fmt_s(t['sd_single'])})")
-
-
-def row_generate_overhead(bench: Bench) -> Row:
-    """`generate` for one prompt (text, then an image) against the bare work it needs: the
-    KV-cached LLM decode of the same tokens (`bare_decode`) plus one SD pipeline call on the same
-    conditioning (pipeline built beforehand). The difference is generate's own overhead: sampling
-    processors, stop checks, reading the voken features, the mapper, decoding the text."""
-    s = bench.settings
-    model = bench.model(2).eval()
-    prompts, images = _vist_prompts(bench)
-    prompt, image = prompts[2], images[2]            # 2 input images
-    kw = dict(force_generation=True, max_new_tokens=s.single_new_tokens, num_inference_steps=s.gen_sd_steps)
-    recorded = {}
-    original = model.decoder.pipeline
-
-    class Recording:
-        """A pipeline whose call arguments (the conditioning generate made) are recorded; its
-        other attributes (the UNet's dtype, ...) are the pipeline's."""
-
-        def __init__(self, pipe):
-            self.pipe = pipe
-
-        def __getattr__(self, name):
-            return getattr(self.pipe, name)
-
-        def __call__(self, **call):
-            recorded.update(call)
-            return self.pipe(**call)
-
-    def recording_pipeline(*args, **kwargs):
-        """`decoder.pipeline`, recording its calls."""
-        return Recording(original(*args, **kwargs))
-
-    # The seed (of 0..7) with the longest answer, so that decoding weighs as much as it can.
-    lengths = [len(model.generate(prompt, image, seed=seed, **dict(kw, num_inference_steps=1))[0].token_ids)
-               for seed in range(8)]
-    seed = max(range(8), key=lambda i: lengths[i])
-    model.decoder.pipeline = recording_pipeline
-    try:
-        out = model.generate(prompt, image, seed=seed, **kw)[0]
-    finally:
-        del model.decoder.pipeline
-    tokens = torch.tensor([out.token_ids], device=model.device)
-    with torch.no_grad():
-        embeds, mask = generation.prompt_embeddings(model.model, [prompt], [image], s.single_new_tokens)
-    pipe = model.sd_pipeline()
-
-    def sd():
-        call = dict(recorded, generator=[torch.Generator().manual_seed(seed)])
-        with torch.no_grad():
-            return pipe(**call).images[0]
-
-    same_image = _max_pixel_difference(sd(), out.image) == 0
-    t = _timed(s, {"generate": lambda: model.generate(prompt, image, seed=seed, **kw),
-                   "llm": lambda: bare_decode(model, embeds, mask, tokens), "sd": sd})
-    stats = t.ratio("generate", "llm", "sd")
-    ratio = stats[0]
-    return Row(5, "`generate` / (bare KV-cached decode + bare SD pipeline), 1 prompt", "<= 1.10", f"{ratio:.3f}",
-               ratio <= 1.10 and same_image,
-               [f"ratio {_spread(stats)}; medians: generate {fmt_s(t['generate'])}; bare decode {fmt_s(t['llm'])} "
-                f"+ bare SD {fmt_s(t['sd'])}; "
-                f"bare SD image identical to generate's: {same_image}",
-                f"workload: VIST validation prompt with 2 input images ({embeds.shape[1]} prompt positions), "
-                f"{len(out.token_ids)} new tokens (vokens first; seed {seed}, the longest answer of seeds 0-7), "
-                f"{s.gen_sd_steps} PNDM steps with CFG"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -642,7 +326,7 @@ def row_metric_features(bench: Bench) -> Row:
         models = _clip_models(config)
         diff = float((metric.clip_image_features(images, models, batch_size=32)
                       - one_at_a_time_features(images, models)).abs().max())
-        t = _timed(bench.settings, {"batched": lambda: metric.clip_image_features(images, models, batch_size=32),
+        t = timed(bench.settings, {"batched": lambda: metric.clip_image_features(images, models, batch_size=32),
                                     "single": lambda: one_at_a_time_features(images, models)})
         results[name] = (t.ratio("single", "batched")[0], t, diff)
     speedup, t, diff = results["tiny"]
