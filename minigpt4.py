@@ -29,11 +29,10 @@ from configuration import ModelConfig, to_dtype
 from constants import IMAGE_PLACEHOLDER, VOKEN_COUNT, VOKENS
 # The image encoder's input transform and normalisation (importable from here too, as before).
 from image_transforms import CLIP_MEAN, CLIP_STD, image_processor  # noqa: F401
+from placement import LLM_QUANTIZATION, QUANTIZATION_REQUIREMENTS
 
 log = logging.getLogger(__name__)
 
-LLM_QUANTIZATION = ("8bit", "4bit")
-QUANTIZATION_REQUIREMENTS = "requirements-quantization.txt"
 
 
 def llm_quantization_config(name: str | None, compute_dtype: torch.dtype = torch.bfloat16):

@@ -7,7 +7,8 @@ CPU offload between uses.
     default_precision(accel)     bf16-mixed on a GPU, 32-true on a CPU (train_eval.py's --precision)
     place(module, device, ...)   every part on the device, or some kept on the CPU taking turns
                                  (`TakeTurns`, accelerate's hooks): `MiniGPT5_Model.place`
-    add_placement_arguments      --device, --llm_quantization, --offload (playground, web demo)
+    add_placement_arguments      --device, --llm_quantization, --offload (playground, web demo); the LLM
+                                 quantised with bitsandbytes is built by `minigpt4.llm_quantization_config`
 
 The dtype of each part is the model config's (`configuration.to_dtype`), not chosen here.
 """
@@ -17,6 +18,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+
+# The LLM's optional bitsandbytes quantisation (`--llm_quantization`), for smaller GPUs, and the extra it needs.
+LLM_QUANTIZATION = ("8bit", "4bit")
+QUANTIZATION_REQUIREMENTS = "requirements-quantization.txt"
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -47,8 +53,6 @@ def default_precision(accelerator_name: str) -> str:
 
 def add_placement_arguments(parser) -> None:
     """The command-line flags that say where the model runs (playground, web demo, benchmarks)."""
-    from minigpt4 import LLM_QUANTIZATION, QUANTIZATION_REQUIREMENTS
-
     parser.add_argument("--device", default="auto",
                         help="where the model runs: auto (the GPU when one is present, else the CPU), cpu, cuda, "
                              "cuda:1, ... (default: %(default)s)")
