@@ -102,9 +102,11 @@ def output_suffix() -> str:
     return os.environ.get("OUTPUT_SUFFIX", "")
 
 
-def prediction_folder(test_weight: str | os.PathLike) -> Path:
-    """Where the predictions of `--test_weight` go (train_eval.py) and are read from (metric.py):
-    `OUTPUT_FOLDER/<test_weight as given, without its extension><OUTPUT_SUFFIX>`.
+def prediction_folder(test_weight: str | os.PathLike, output: str | os.PathLike | None = None,
+                      suffix: str | None = None) -> Path:
+    """Where the predictions of `--test_weight` go (train_eval.py) and are read from (metric.py, the
+    toy world's build): `OUTPUT_FOLDER/<test_weight as given, without its extension><OUTPUT_SUFFIX>`
+    (`output` and `suffix`, when given, stand for the two variables of a run started elsewhere).
 
     A relative path keeps its folders, as the release did (`runs/a/x.ckpt` -> `OUTPUT_FOLDER/runs/a/x`);
     an absolute path, or one that climbs out with `..`, keeps only its file name (`/tmp/x.ckpt` ->
@@ -112,7 +114,8 @@ def prediction_folder(test_weight: str | os.PathLike) -> Path:
     path = Path(test_weight)
     if path.is_absolute() or ".." in path.parts:
         path = Path(path.name)
-    return output_folder() / (str(path.with_suffix("")) + output_suffix())
+    output = output_folder() if output is None else Path(output)
+    return output / (str(path.with_suffix("")) + (output_suffix() if suffix is None else suffix))
 
 
 def cc3m_folder() -> Path:

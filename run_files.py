@@ -214,6 +214,12 @@ class RunName:
         return self.out_dir / f"{self.base}-last.ckpt"
 
     @property
+    def metrics_path(self) -> Path:
+        """`<base>-metrics.json`: what the run ended with (steps, metrics, its best and last
+        checkpoints), for programs that start train_eval.py and read its outcome."""
+        return self.out_dir / f"{self.base}-metrics.json"
+
+    @property
     def step_name(self) -> str:
         """`--save_every_n_steps`'s file name pattern."""
         return self.base + "-step{step}"

@@ -581,6 +581,9 @@ def train(args: argparse.Namespace, paths: dict) -> None:
         print(f"after {trainer.global_step} optimiser steps: {metrics}{peak_memory_note()}")
         print(f"best checkpoint: {checkpoint.best_model_path or last.path}")
         print(f"last checkpoint: {last.path} (step {last.saved_step})")
+        run_files.save_json_atomic({"optimiser_steps": trainer.global_step, "metrics": metrics,
+                                    "best_checkpoint": str(checkpoint.best_model_path or last.path),
+                                    "last_checkpoint": str(last.path)}, run.metrics_path)
 
 
 def peak_memory_note() -> str:

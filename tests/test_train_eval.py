@@ -303,6 +303,9 @@ def test_prediction_folder_is_one_rule_for_train_eval_and_metric(monkeypatch):
     for test_weight, folder in expected.items():
         assert constants.prediction_folder(test_weight) == Path(folder)
         assert metric.prediction_folder(test_weight) == Path(folder)
+        # A program that starts train_eval.py with other variables (the toy world's build) asks the
+        # same rule with them.
+        assert constants.prediction_folder(test_weight, "/elsewhere", "_VIST") == Path(folder.replace("/out", "/elsewhere"))
 
 
 def test_training_order_is_the_files_unless_shuffle():
@@ -355,6 +358,11 @@ def test_validation_loss_has_the_image_term_and_picks_the_best_checkpoints(valid
         assert any(not torch.equal(v, state_of(kept[best_step])[k]) for k, v in last["state_dict"].items())
     assert not (root / "weights").exists()                   # --output_dir, not WEIGHTFOLDER
     assert f"last checkpoint: {out / 's1-last.ckpt'} (step 12)" in log
+    # What the run ended with, in a file beside its checkpoints (the toy world's build reads it).
+    ended = json.loads((out / "s1-metrics.json").read_text())
+    assert ended["optimiser_steps"] == 12 and ended["last_checkpoint"] == str(out / "s1-last.ckpt")
+    assert ended["metrics"]["val_loss"] == pytest.approx(losses[12], abs=1e-5)
+    assert Path(ended["best_checkpoint"]) == kept[best_step]
 
 
 def test_last_checkpoint_holds_the_final_step_when_val_loss_stops_improving(tiny_config_path, tmp_path):

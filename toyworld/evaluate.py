@@ -49,17 +49,20 @@ TEST_FILES = {"CC3M": "cc3m_test.tsv", "VIST": "test_cleaned.json", "MMDialog": 
 
 
 def predict(build: Build, run: Run) -> Path:
-    """`train_eval.py` prediction for `run`; returns the folder with its predictions-*.pt."""
+    """`train_eval.py` prediction for `run`; returns the folder with its prediction files (where
+    `constants.prediction_folder` puts them for the OUTPUT_FOLDER and OUTPUT_SUFFIX given to it)."""
+    from constants import prediction_folder
+
+    output, suffix = build.predictions, f"_{run.name}"
     env = {"IS_STAGE2": str(run.stage2), "WEIGHTFOLDER": str(build.checkpoints),
-           "DATAFOLDER": str(build.data / run.dataset), "OUTPUT_FOLDER": str(build.predictions),
-           "OUTPUT_SUFFIX": f"_{run.name}"}
+           "DATAFOLDER": str(build.data / run.dataset), "OUTPUT_FOLDER": str(output), "OUTPUT_SUFFIX": suffix}
     args = ["train_eval.py", "--is_training", "False", "--model_config", str(build.model_config),
             "--test_data_path", TEST_FILES[run.dataset], "--test_weight", run.test_weight,
             "--accelerator", "cpu", "--gpus", "0", "--overwrite", *build.settings["evaluate"]["flags"], *run.flags]
     if run.stage1_weight:
         args += ["--stage1_weight", run.stage1_weight]
     build.command(args, env, f"predict_{run.name}")
-    return build.predictions / (Path(run.test_weight).stem + f"_{run.name}")
+    return prediction_folder(run.test_weight, output, suffix)
 
 
 # ---- what each prediction should show ------------------------------------------------------------

@@ -207,45 +207,33 @@ def _keep_key_bias_zero(vision_model) -> list:
     return [layer.self_attn.qkv.bias.register_hook(no_key) for layer in vision_model.encoder.layers]
 
 
-@torch.no_grad()
-def _latent_moments(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    return torch.cat([vae.encode(images[i:i + batch_size]).latent_dist.parameters
-                      for i in range(0, len(images), batch_size)])
-
-
 def train_unet(unet, vae, text_encoder, tokenizer, scheduler, pictures: PictureSet, recipe: Recipe,
                caption_dropout: float, snr_gamma: float | None, seed: int, ema_decay: float = 0.0) -> list[float]:
-    """Latent diffusion: VAE latents (sampled from cached moments) x scaling factor, noise at a
-    uniform timestep, epsilon-prediction MSE (min-SNR weighted), the caption replaced by "" with
-    probability `caption_dropout` so that classifier-free guidance works; with `ema_decay`, the
-    weights kept are an exponential moving average of the trained ones."""
+    """Latent diffusion with the steps MiniGPT-5's own training takes (diffusion.py): VAE latents
+    sampled from cached moments x scaling factor, noise at a uniform timestep, the denoising MSE
+    under the scheduler's prediction type (epsilon for SD 2.1-base), min-SNR weighted; the caption
+    replaced by "" with probability `caption_dropout` so that classifier-free guidance works; with
+    `ema_decay`, the weights kept are an exponential moving average of the trained ones."""
+    import diffusion
+
     g = torch.Generator().manual_seed(seed)
-    moments = _latent_moments(vae, pictures.images)
-    with torch.no_grad():
-        texts = sorted(set(pictures.captions)) + [""]
-        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt").input_ids
-        encoded = torch.cat([text_encoder(tokens[i:i + 256])[0] for i in range(0, len(tokens), 256)])
+    moments = torch.cat([diffusion.vae_moments(vae, pictures.images[i:i + 256])
+                         for i in range(0, len(pictures.images), 256)])
+    texts = sorted(set(pictures.captions)) + [""]
+    encoded = diffusion.encode_captions(tokenizer, text_encoder, texts, torch.device("cpu"), batch_size=256)
     caption_index = torch.tensor([texts.index(c) for c in pictures.captions])
     empty = len(texts) - 1
-    alphas = scheduler.alphas_cumprod
-    scale = vae.config.scaling_factor
     unet.train().requires_grad_(True)
 
     def step(_: int) -> torch.Tensor:
+        # Drawn from `g` in this order: samples, latent noise, diffusion noise, timesteps, dropout.
         index = torch.randint(len(moments), (recipe.batch_size,), generator=g)
-        mean, logvar = moments[index].chunk(2, dim=1)
-        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)) * scale
-        noise = torch.randn(latents.shape, generator=g)
+        latents = diffusion.latents_from_moments(vae, moments[index], generator=g)
+        noise = diffusion.randn(latents, g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (recipe.batch_size,), generator=g)
         drop = torch.rand(recipe.batch_size, generator=g) < caption_dropout
         condition = encoded[torch.where(drop, empty, caption_index[index])]
-        pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=condition).sample
-        mse = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        if snr_gamma:
-            snr = alphas[t] / (1 - alphas[t])
-            mse = mse * torch.clamp(snr, max=snr_gamma) / snr
-        return mse.mean()
+        return diffusion.denoising_loss(unet, scheduler, latents, condition, noise, t, snr_gamma=snr_gamma or None)
 
     average = torch.optim.swa_utils.AveragedModel(
         unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay)) if ema_decay else None

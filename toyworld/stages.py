@@ -256,24 +256,22 @@ def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight
         raise SystemExit(f"error: {name}: train_eval.py wrote no {best}")
     build.checkpoints.mkdir(parents=True, exist_ok=True)
     best.replace(build.checkpoints / best.name)    # the best by val_loss, where the next steps read it
-    return {"checkpoint": best.name, **_last_metrics(build.out / "logs" / f"{name}.log")}
+    return {"checkpoint": best.name, **_run_metrics(run_dir, name)}
 
 
-def _last_metrics(log_path: Path) -> dict:
-    """The final metrics line train_eval.py prints ("after N optimiser steps: {...}")."""
-    import ast
+def _run_metrics(run_dir: Path, name: str) -> dict:
+    """What the run ended with, from the metrics file train_eval.py writes beside its checkpoints
+    (`run_files.RunName.metrics_path`): its optimiser steps and final losses."""
+    import json
 
-    for line in reversed(log_path.read_text().splitlines()):
-        if line.startswith("after ") and "optimiser steps:" in line:
-            steps, _, metrics = line.partition(" optimiser steps: ")
-            metrics = metrics.split("}")[0] + "}"
-            try:
-                values = ast.literal_eval(metrics)
-            except (ValueError, SyntaxError):
-                values = {}
-            return {"optimiser_steps": int(steps.split()[1]),
-                    **{k: v for k, v in values.items() if k in ("val_loss", "train_loss", "image_loss")}}
-    return {}
+    from run_files import RunName
+
+    path = RunName(run_dir, name).metrics_path
+    if not path.is_file():
+        raise SystemExit(f"error: {name}: train_eval.py wrote no {path}")
+    ended = json.loads(path.read_text())
+    return {"optimiser_steps": ended["optimiser_steps"],
+            **{k: v for k, v in ended["metrics"].items() if k in ("val_loss", "train_loss", "image_loss")}}
 
 
 def _stage(name: str, dataset: str, stage: int, stage1: str | None, extra: tuple[str, ...] = (),
