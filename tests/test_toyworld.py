@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import re
 
 import pytest
 from PIL import Image, ImageOps
@@ -109,19 +110,59 @@ def test_held_out_combinations_leave_every_pair_seen():
         assert len(pairs) == len(world.ATTRIBUTES[a]) * len(world.ATTRIBUTES[b]), (a, b)
 
 
-def test_stories_move_time_on_and_keep_the_rest():
+def test_day_stories_move_time_on_and_keep_the_rest():
     rng = random.Random(2)
     story = world.make_story(world.Scene("city", "noon", "blue", "sky"), 3, rng)
     assert [s.time for s in story.scenes] == ["noon", "evening", "night"]
     assert {(s.setting, s.colour, s.place) for s in story.scenes} == {("city", "blue", "sky")}
     # Only the first caption says what the scene is.
-    assert "blue" in story.captions[0] and all(c in world.STORY_LATER for c in story.captions[1:])
+    assert "blue" in story.captions[0] and all(c in world.TRAIN.day_later for c in story.captions[1:])
     # A story is one day and never shows a held-out combination.
     for first in world.story_starts(3):
         frames = [first.later(k) for k in range(3)]
         assert [world.TIMES.index(f.time) for f in frames] == list(range(world.TIMES.index(first.time), 3 + world.TIMES.index(first.time)))
         assert not any(world.is_held_out(f) for f in frames)
     assert len(world.story_starts(3)) >= 40
+    # Test stories start where no training story does.
+    assert not set(world.story_starts(3, "train")) & set(world.story_starts(3, "test"))
+    assert world.story_starts(3, "test")
+
+
+def _words_of(scene: world.Scene) -> set[str]:
+    return {world.SETTING_WORDS[scene.setting], world.TIME_WORDS[scene.time], scene.colour,
+            world.PLACE_WORDS[scene.place], world.NOUN[scene.place]}
+
+
+def test_picture_stories_name_only_what_changes():
+    """A picture story's captions never name the scene: the first says nothing of it, each later one
+    only what changes (and that changes exactly one attribute), so the rest of the next picture is
+    in the context pictures. The next frame is not a fixed function of the last one."""
+    rng = random.Random(3)
+    nexts = set()
+    for side in ("train", "test"):
+        words = world.wording(side)
+        for _ in range(200):
+            story = world.draw_story("pictures", 3, rng, side)
+            assert not any(world.is_held_out(s) for s in story.scenes)
+            assert world.is_test_start(story.scenes[0]) == (side == "test")
+            assert story.captions[0] in words.story_open and story.told[0] == {}
+            for before, after, text, told in zip(story.scenes, story.scenes[1:], story.captions[1:], story.told[1:]):
+                changed = [a for a in world.ATTRIBUTES if getattr(before, a) != getattr(after, a)]
+                assert len(changed) == 1, (before, after, text)
+                # The text names nothing that stays: the setting never, the object's colour and
+                # place only when they change (the time words only when night falls).
+                kept = _words_of(before) & _words_of(after) - {"ball"}
+                assert not any(re.search(rf"\b{w}\b", text) for w in kept), (text, kept)
+                if "time_steps" in told:
+                    assert after == before.later(told["time_steps"])
+                else:
+                    assert {a: getattr(after, a) for a in told} == told
+            if side == "train":
+                nexts.add((story.scenes[0], story.scenes[1]))
+    firsts = {}
+    for first, second in nexts:
+        firsts.setdefault(first, set()).add(second)
+    assert max(len(v) for v in firsts.values()) >= 3        # one last frame, several next ones
 
 
 def test_datasets_are_read_by_the_release_readers(tmp_path, tiny_tokenizer, tiny_config):
@@ -145,6 +186,94 @@ def test_datasets_are_read_by_the_release_readers(tmp_path, tiny_tokenizer, tiny
                           dataset_type="MMDialog")
     targets = [dialog.sample(i).target for i in range(len(dialog))]
     assert len(targets) == 2 * 7 and sum("[IMG0]" in t for t in targets) == 2 * 2
+
+
+def _small_world(tmp_path, mode="pictures"):
+    sizes = world.WorldSizes(image_size=32, cc3m={"train": 60, "val": 4, "test": 12}, vist={"train": 30, "test": 10},
+                             mmdialog={"train": 20, "test": 6}, story_length=3, story_mode=mode)
+    world.write_datasets(tmp_path, sizes)
+    return tmp_path
+
+
+@pytest.mark.parametrize("mode", world.STORY_MODES)
+def test_a_built_world_passes_the_leakage_check(tmp_path, mode):
+    from toyworld import leakage
+    from toyworld.pretrain import llm_corpus
+
+    data = _small_world(tmp_path, mode)
+    assert leakage.problems(data, llm_corpus(300, 0, mode)) == []
+    test = json.loads((data / "CC3M" / "scenes_test.json").read_text())
+    assert all(world.is_held_out(world.Scene(**t)) for t in test)
+    # Every test text is worded as training never words it.
+    phrases = set(leakage.test_phrases())
+    assert all(line.split("\t")[0] in phrases for line in (data / "CC3M" / "cc3m_test.tsv").read_text().splitlines()[1:])
+
+
+def test_the_leakage_check_fails_a_leaking_split(tmp_path):
+    """Each kind of leak is found in what a build writes, and stops the build's datasets step."""
+    from toyworld import leakage
+
+    data = _small_world(tmp_path)
+    # a test caption among the training captions
+    tsv = data / "CC3M" / "cc3m_train.tsv"
+    clean = tsv.read_text()
+    leaked = (data / "CC3M" / "cc3m_test.tsv").read_text().splitlines()[1].split("\t")[0]
+    tsv.write_text(clean + f"{leaked}\timages/train/000000.jpg\n")
+    assert any(p.startswith("test wording that occurs in a training text: 1") for p in leakage.problems(data))
+    tsv.write_text(clean)
+    # a held-out combination in a training dialogue's pictures (the old make_dialogue's leak)
+    scenes_file = data / "MMDialog" / "train" / "scenes.json"
+    scenes = json.loads(scenes_file.read_text())
+    held = next(s for s in world.all_scenes() if world.is_held_out(s))
+    scenes_file.write_text(json.dumps({**scenes, next(iter(scenes)): held.attributes()}))
+    assert any(p.startswith("training pictures showing a held-out combination: 1") for p in leakage.problems(data))
+    scenes_file.write_text(json.dumps(scenes))
+    # a test story told again in training (its scenes and captions)
+    test_stories = json.loads((data / "VIST" / "test_cleaned.json").read_text())
+    test_truth = json.loads((data / "VIST" / "scenes_test.json").read_text())
+    train_stories = json.loads((data / "VIST" / "train_cleaned.json").read_text())
+    train_truth = json.loads((data / "VIST" / "scenes_train.json").read_text())
+    story_id, steps = next(iter(test_stories.items()))
+    (data / "VIST" / "train_cleaned.json").write_text(json.dumps({**train_stories, "copy": steps}))
+    (data / "VIST" / "scenes_train.json").write_text(json.dumps({**train_truth, **test_truth}))
+    found = leakage.problems(data)
+    for kind in ("test story scene sequences", "test story caption histories", "test wording"):
+        assert any(p.startswith(kind) for p in found), (kind, found)
+    # the LLM's corpus naming a held-out combination (in training's own word order)
+    assert leakage.problems(None, [f"a story. {world.caption(held)}. the end"]) == [
+        f"LLM pretraining documents naming a held-out combination: 1 (e.g. {world.caption(held)!r})"]
+
+
+def test_a_leaking_split_stops_the_build(tmp_path, monkeypatch):
+    """With the test splits worded as training is, the datasets step stops with the leak named."""
+    from toyworld import stages
+    from toyworld.build import Build
+
+    config = _settings(tmp_path, world={"image_size": 32, "story_length": 3, "cc3m": {"train": 20, "test": 6},
+                                        "vist": {"train": 4, "test": 2}, "mmdialog": {"train": 4, "test": 2}})
+    monkeypatch.setattr(world, "TEST", world.TRAIN)
+    with pytest.raises(SystemExit, match="test wording that occurs in a training text"):
+        stages.make_datasets(Build(config, tmp_path / "build"))
+
+
+def test_picture_stories_beat_both_baselines_only_with_the_pictures(tmp_path):
+    """The two baselines of the next story frame: in day stories the text alone tells every frame
+    (what the issue found: the pictures were not needed); in picture stories neither the last frame
+    copied nor the best text-only rule gets a frame entirely right more than rarely."""
+    from toyworld import evaluate
+
+    for mode in world.STORY_MODES:
+        data = tmp_path / mode
+        world.write_vist(data / "VIST", world.WorldSizes(image_size=32, cc3m={}, vist={"train": 300, "test": 30},
+                                                         mmdialog={}, story_length=3, story_mode=mode))
+        baselines = {name: accuracy(*pair) for name, pair in evaluate.story_baselines(data).items()}
+        assert len(evaluate.story_baselines(data)["copy_last"][1]) == 30 * 2
+        assert baselines["copy_last"]["all"] == 0.0                      # something always changes
+        if mode == "day":
+            assert baselines["text_only"]["all"] == 1.0
+        else:
+            assert baselines["text_only"]["all"] <= 0.1, baselines
+            assert baselines["copy_last"]["setting"] == 1.0 and baselines["text_only"]["setting"] < 0.5
 
 
 # ---- the build -----------------------------------------------------------------------------------

@@ -105,17 +105,19 @@ def picture_set(n: int, size: int, seed: int) -> PictureSet:
         if rng.random() < 0.5:
             image = ImageOps.mirror(image)
         scenes.append(scene)
-        captions.append(world.caption(scene, rng.randrange(len(world.CAPTION_TEMPLATES))))
+        captions.append(world.caption(scene, rng.randrange(len(world.TRAIN.captions))))
         images.append(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
     return PictureSet(torch.stack(images), scenes, captions)
 
 
 def world_words() -> list[str]:
-    """Every word of the world's captions (the SD tokenizer gives each its own token)."""
+    """Every word of the world's captions, in the training and the test word orders (the SD
+    tokenizer gives each its own token: the test wording is new word orders, not new words)."""
     words = set()
     for scene in world.all_scenes():
-        for template in range(len(world.CAPTION_TEMPLATES)):
-            words.update(world.caption(scene, template).replace(",", " ").split())
+        for wording in world.WORDING.values():
+            for template in range(len(wording.captions)):
+                words.update(world.caption(scene, template, wording).replace(",", " ").split())
     return sorted(words)
 
 
@@ -247,16 +249,17 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, pictures: PictureS
 
 # ---- the language model --------------------------------------------------------------------------
 
-def llm_corpus(n: int, seed: int) -> list[str]:
+def llm_corpus(n: int, seed: int, story_mode: str = "pictures") -> list[str]:
     """`n` documents of the world's text, in the release's prompt formats: captions, CC3M
     instructions, stories told frame by frame, VIST prompts answered with the scene they ask for,
     and dialogues. The LLM never sees pixels: where MiniGPT-5 will put a picture's embeddings
-    (`<Img>...</Img>`), the picture is described in words, or left empty."""
+    (`<Img>...</Img>`), the picture is described in words, or left empty. A training source like
+    any other: seen combinations, training stories and the training wording only (leakage.py checks)."""
     from dataloader import CC3M_PROMPTS, CC3M_SYSTEM, MMDIALOG_SYSTEM, VIST_GENERATION, VIST_MULTIMODAL, VIST_SYSTEM
 
     rng = random.Random(f"{seed}-llm-corpus")
     pool = [s for s in world.all_scenes() if not world.is_held_out(s)]
-    templates = len(world.CAPTION_TEMPLATES)
+    templates = len(world.TRAIN.captions)
     slot = "<Img></Img>"
 
     def describe(scene: world.Scene) -> str:
@@ -269,16 +272,16 @@ def llm_corpus(n: int, seed: int) -> list[str]:
         if kind == 1:                                            # a CC3M instruction
             return f"{CC3M_SYSTEM}###Human: {rng.choice(CC3M_PROMPTS)} {describe(scene)} ###Assistant: {slot} ###"
         length = rng.randint(2, len(world.TIMES))
-        story = world.make_story(rng.choice(world.story_starts(length)), length, rng)
+        story = world.draw_story(story_mode, length, rng, "train")
         if kind == 2:                                            # a story, every frame described
-            parts = [story.captions[0]]
-            for text, frame in zip(story.captions[1:], story.scenes[1:]):
+            parts = []
+            for text, frame in zip(story.captions, story.scenes):
                 parts += [text, describe(frame)]
             return ". ".join(parts)
         if kind == 3:                                            # a VIST prompt and the scene it asks for
             k = len(story.captions) - 1
             # Where MiniGPT-5 will put each frame's picture, the picture in words: the next scene
-            # then follows from the last one (the time moves on, the rest stays).
+            # then follows from the last one and the caption (what it says changes, the rest stays).
             frames = [f"{text}<Img>{describe(frame)}</Img>" for text, frame in zip(story.captions[:k], story.scenes)]
             context = "".join(frames) + ("\n" if k else "")
             if rng.random() < 0.5:

@@ -21,7 +21,15 @@ from toyworld.build import Build, Step
 def _sizes(build: Build) -> world.WorldSizes:
     w = build.settings["world"]
     return world.WorldSizes(image_size=w["image_size"], cc3m=w["cc3m"], vist=w["vist"], mmdialog=w["mmdialog"],
-                            story_length=w["story_length"], seed=build.settings["seed"])
+                            story_length=w["story_length"], seed=build.settings["seed"],
+                            story_mode=_story_mode(build))
+
+
+def _story_mode(build: Build) -> str:
+    mode = build.settings["world"].get("story_mode", "pictures")
+    if mode not in world.STORY_MODES:
+        raise SystemExit(f"error: {build.config_path}: world.story_mode is {mode!r}; expected one of {world.STORY_MODES}")
+    return mode
 
 
 def _recipe(section: dict):
@@ -37,8 +45,11 @@ def _seed(build: Build, what: str) -> int:
 # ---- world and preset ----------------------------------------------------------------------------
 
 def make_datasets(build: Build) -> dict:
+    from toyworld import leakage
+
     shutil.rmtree(build.data, ignore_errors=True)
     files = world.write_datasets(build.data, _sizes(build))
+    leakage.check(build.data)                      # no test item occurs in training, or no build
     return {"files": {kind: {split: str(path.relative_to(build.out)) for split, path in splits.items()}
                       for kind, splits in files.items()}}
 
@@ -64,7 +75,10 @@ def make_preset(build: Build) -> dict:
             copy(source, build.out / source.name)
         dump_config(preset_config(shipped, build.out), build.model_config)
         return {"config": str(build.model_config), "frozen_parts": str(build.config_file("frozen_parts"))}
-    corpus = llm_corpus(build.settings["pretrain"]["llm"]["documents"], build.settings["seed"])
+    from toyworld import leakage
+
+    corpus = llm_corpus(build.settings["pretrain"]["llm"]["documents"], build.settings["seed"], _story_mode(build))
+    leakage.check(None, corpus)                    # the corpus is a training source like the datasets
     write_preset_files(build.out, cfg, arch, build.settings["seed"], llm_corpus=corpus, sd_words=world_words())
     dump_config(preset_config(cfg, build.out), build.model_config)
     return {"config": str(build.model_config)}
@@ -163,7 +177,7 @@ def pretrain_llm(build: Build) -> dict:
     folder = build.out / "llama"
     llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
     tokenizer = load_tokenizer(str(folder))
-    documents = pretrain.llm_corpus(section["documents"], build.settings["seed"])
+    documents = pretrain.llm_corpus(section["documents"], build.settings["seed"], _story_mode(build))
     losses = pretrain.train_llm(llm, tokenizer, documents, _recipe(section), _seed(build, "llm-train"))
     _save(llm, folder)
     return _losses(losses)
@@ -302,7 +316,8 @@ STEPS = [
          "write the toy CC3M, VIST and MMDialog"),
     Step("preset", make_preset, (),
          lambda b: [b.settings["pretrain"]["llm"]["documents"], Path(b.config_file("model_config")).read_text(),
-                    Path(b.config_file("arch")).read_text(), b.settings.get("frozen_parts")],
+                    Path(b.config_file("arch")).read_text(), b.settings.get("frozen_parts"),
+                    b.settings["world"].get("story_mode")],
          "the toy preset's files in the real formats"),
     Step("clip", pretrain_clip, ("preset",), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "clip")],
          "train SD's text encoder and the EVA ViT together (CLIP)"),
@@ -310,7 +325,8 @@ STEPS = [
          "train SD's VAE (autoencoder)"),
     Step("unet", pretrain_unet, ("clip", "vae"), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "unet")],
          "train SD's UNet (latent diffusion, text-conditioned)"),
-    Step("llm", pretrain_llm, ("preset",), lambda b: b.settings["pretrain"]["llm"], "train the LLM on the world's text"),
+    Step("llm", pretrain_llm, ("preset",), lambda b: [b.settings["pretrain"]["llm"], b.settings["world"].get("story_mode")],
+         "train the LLM on the world's text"),
     Step("image_side", pretrain_image_side, ("clip", "llm"),
          lambda b: [b.settings["pretrain"]["pictures"], b.settings["pretrain"]["image_side"]],
          "train Q-Former + llama_proj by captioning through the LLM"),

@@ -11,22 +11,31 @@ A scene is four attributes:
 Every attribute is symmetric left to right, because MiniGPT-5's training flips pictures at random
 (as the release does): a "left" object would be "right" half of the time.
 
-Stories (the toy VIST) are one day each: they keep the setting and the object and move the time on
-one step per frame (morning -> noon -> evening -> night, never back). Only the first frame's caption
-describes the scene; later ones say only that time passes, so the next picture follows from the
-context alone.
+Stories (the toy VIST) come in two modes. "day" (the build before the generalisation splits): the
+first caption names the scene and the time moves on one step a frame, so the next picture is a fixed
+function of the last one. "pictures": no caption names the scene; each later caption says only what
+changes (the time moves on by what it says, night falls, the object becomes another colour or goes
+elsewhere), so the next picture needs the context pictures and the text together.
 Dialogues (the toy MMDialog) mix text-only turns with picture turns: one speaker shares a scene,
 the other answers with the same place at another time of day when asked for it.
 
-Held-out combinations: one in six of the 192 combinations never occurs in training (every pair of
-attribute values still does); the CC3M test split consists of them only.
+The splits test generalisation, not memory:
+- held-out combinations (`is_held_out`: 35 of the 192; every pair of attribute values still occurs
+  in training) occur in no training source: no CC3M training picture, story frame, dialogue
+  picture, pretraining picture or LLM pretraining document; the CC3M test split consists of them;
+- test stories start from scenes no training story starts from (`is_test_start`), so their scene
+  sequences never occur in training;
+- captions, story phrases, requests and chit-chat are worded differently in the test splits
+  (`WORDING["test"]`: new word orders and phrasings) than in every training source.
+`toyworld/leakage.py` checks all of it on what a build writes and stops the build if a test item
+occurs in training.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -59,15 +68,81 @@ SETTING_WORDS = {"beach": "on the beach", "forest": "in the forest", "city": "in
 TIME_WORDS = {"morning": "in the morning", "noon": "at noon", "evening": "in the evening", "night": "at night"}
 PLACE_WORDS = {"sky": "in the sky", "far": "far away", "near": "nearby"}
 NOUN = {"sky": "balloon", "far": "ball", "near": "ball"}
-CAPTION_TEMPLATES = (
-    "a {colour} {noun} {place} {setting} {time}",
-    "{time} {setting}, a {colour} {noun} {place}",
-    "there is a {colour} {noun} {place} {setting} {time}",
-    "{setting} {time} with a {colour} {noun} {place}",
-)
-# Later frames of a story say nothing about the scene: what the next picture shows must come from
-# what came before.
-STORY_LATER = ("time passes", "a little later", "some time goes by", "the day goes on", "and then")
+
+
+@dataclass(frozen=True)
+class Wording:
+    """The phrasings of one side of the split (`WORDING`): training sources use "train", the test
+    splits "test" (new word orders, new story and request phrasings, new chit-chat), so that a test
+    asks for understanding the language, not for recalling sentences."""
+
+    captions: tuple[str, ...]        # caption templates: the word orders of a scene
+    day_later: tuple[str, ...]       # day stories: a later frame (says nothing about the scene)
+    story_open: tuple[str, ...]      # picture stories: the first frame (says nothing about the scene)
+    later: tuple[str, ...]           # picture stories: one time of day on
+    much_later: tuple[str, ...]      # two times of day on
+    dark: tuple[str, ...]            # night falls
+    recolour: tuple[str, ...]        # another object, of {colour}, in the same place
+    move: dict                       # place -> the object moves there
+    greetings: tuple[str, ...]
+    replies: tuple[str, ...]
+    share: tuple[str, ...]           # the human shares a picture: {caption}
+    comment: tuple[str, ...]
+    ask: tuple[str, ...]             # the human asks for the same place at {time}
+    answer: tuple[str, ...]          # the assistant's picture turn: {time}
+    thanks: tuple[str, ...]
+    welcome: tuple[str, ...]
+
+
+WORDING = {
+    "train": Wording(
+        captions=("a {colour} {noun} {place} {setting} {time}",
+                  "{time} {setting}, a {colour} {noun} {place}",
+                  "there is a {colour} {noun} {place} {setting} {time}",
+                  "{setting} {time} with a {colour} {noun} {place}"),
+        day_later=("time passes", "a little later", "some time goes by", "the day goes on", "and then"),
+        story_open=("this is where we were", "look at this place", "our day began here"),
+        later=("a little later", "some time passes"),
+        much_later=("much later", "many hours later"),
+        dark=("and then it got dark",),
+        recolour=("then a {colour} one came instead", "now it was {colour}"),
+        move={"sky": ("then it flew up into the sky",), "far": ("then it rolled far away",),
+              "near": ("then it came close",)},
+        greetings=("hello there", "hi, how are you", "good day to you", "hey, what are you up to"),
+        replies=("i am fine, thank you", "not much, just looking around", "all good here", "i am well, and you"),
+        share=("look at this picture i took: {caption}", "here is what i saw: {caption}", "i found this: {caption}"),
+        comment=("what a lovely view", "nice picture", "that looks great"),
+        ask=("can you show me the same place {time}", "what would it look like {time}", "show me it {time} please"),
+        answer=("sure, here it is {time}", "of course, this is how it looks {time}", "here you go, {time}"),
+        thanks=("thank you, that looks nice", "wow, thanks a lot", "great, thank you"),
+        welcome=("you are welcome", "glad you like it", "any time")),
+    "test": Wording(
+        captions=("{place} {setting} {time}, a {colour} {noun}",
+                  "a {colour} {noun} {time} {setting} {place}",
+                  "{setting} there is a {colour} {noun} {place} {time}"),
+        day_later=("after a while", "later that day", "hours go by"),
+        story_open=("so this is how it started", "we stopped here first"),
+        later=("after a while", "a bit later on"),
+        much_later=("a long time after", "hours went by"),
+        dark=("then night fell",),
+        recolour=("suddenly it turned {colour}",),
+        move={"sky": ("then it rose up high",), "far": ("then it went off into the distance",),
+              "near": ("then it came right up to us",)},
+        greetings=("good evening", "hi there, nice to meet you"),
+        replies=("nice to meet you too", "doing great, thanks"),
+        share=("take a look at this: {caption}", "this is a photo of mine: {caption}"),
+        comment=("how beautiful", "i like that one"),
+        ask=("could i see that spot {time}", "i wonder how it looks {time}"),
+        answer=("here is that spot {time}", "this is it {time}"),
+        thanks=("lovely, thanks", "that is beautiful, thank you"),
+        welcome=("my pleasure", "happy to help")),
+}
+TRAIN, TEST = WORDING["train"], WORDING["test"]
+
+
+def wording(split: str) -> Wording:
+    """The phrasings a split is written in: the test split's own, the others (train, val) training's."""
+    return TEST if split == "test" else TRAIN
 
 
 @dataclass(frozen=True, order=True)
@@ -104,9 +179,10 @@ def is_held_out(scene: Scene) -> bool:
     return index % HELD_OUT_EVERY == 0
 
 
-def caption(scene: Scene, template: int = 0) -> str:
-    """The scene in words (lower case, as the release's caption cleaning leaves CC3M captions)."""
-    return CAPTION_TEMPLATES[template % len(CAPTION_TEMPLATES)].format(
+def caption(scene: Scene, template: int = 0, words: Wording = TRAIN) -> str:
+    """The scene in words, in one of `words`' word orders (lower case, as the release's caption
+    cleaning leaves CC3M captions)."""
+    return words.captions[template % len(words.captions)].format(
         colour=scene.colour, noun=NOUN[scene.place], place=PLACE_WORDS[scene.place],
         setting=SETTING_WORDS[scene.setting], time=TIME_WORDS[scene.time])
 
@@ -155,27 +231,86 @@ def save_image(image: Image.Image, path: Path) -> None:
 
 @dataclass(frozen=True)
 class Story:
-    """A story: the first scene, and the captions of its frames (frame k shows `first.later(k)`)."""
+    """A story: its frames' scenes and captions, and what each caption tells of its scene (`told`:
+    attribute -> value, and "time_steps" where the text moves the time on without naming it): what
+    a reader of the text alone can know, for the text-only baseline."""
 
-    first: Scene
+    scenes: tuple[Scene, ...]
     captions: tuple[str, ...]
-
-    @property
-    def scenes(self) -> list[Scene]:
-        return [self.first.later(k) for k in range(len(self.captions))]
+    told: tuple[dict, ...]
 
 
-def story_starts(length: int) -> list[Scene]:
-    """The first scenes a story of `length` frames can start from: its day does not run past night,
-    and none of its frames is a held-out combination."""
-    return [s for s in all_scenes() if TIMES.index(s.time) + length <= len(TIMES)
-            and not any(is_held_out(s.later(k)) for k in range(length))]
+# "day": the first caption names the scene and the time moves on one step a frame (the next frame is
+# a fixed function of the last); "pictures": no caption names the scene, each later one says only
+# what changes, so the next picture needs the context pictures and the text together.
+STORY_MODES = ("day", "pictures")
 
 
-def make_story(first: Scene, length: int, rng: random.Random) -> Story:
-    captions = [caption(first, rng.randrange(len(CAPTION_TEMPLATES)))]
-    captions += [rng.choice(STORY_LATER) for _ in range(length - 1)]
-    return Story(first, tuple(captions))
+def is_test_start(scene: Scene) -> bool:
+    """Whether stories starting with `scene` are test stories. Test and training stories start from
+    different scenes, so no test story's scene sequence, nor any beginning of it, occurs in training."""
+    index = (SETTINGS.index(scene.setting) * 7 + TIMES.index(scene.time) * 5 + COLOURS.index(scene.colour) * 3
+             + PLACES.index(scene.place))
+    return index % 4 == 0
+
+
+def story_starts(length: int, side: str | None = None) -> list[Scene]:
+    """The first scenes a day story of `length` frames can start from: its day does not run past
+    night, and none of its frames is a held-out combination; with `side` ("train" or "test"), only
+    that side's starts (`is_test_start`)."""
+    starts = [s for s in all_scenes() if TIMES.index(s.time) + length <= len(TIMES)
+              and not any(is_held_out(s.later(k)) for k in range(length))]
+    return starts if side is None else [s for s in starts if is_test_start(s) == (side == "test")]
+
+
+def make_story(first: Scene, length: int, rng: random.Random, words: Wording = TRAIN) -> Story:
+    """A day story: the first caption describes `first`, the later ones say only that time passes."""
+    captions = [caption(first, rng.randrange(len(words.captions)), words)]
+    captions += [rng.choice(words.day_later) for _ in range(length - 1)]
+    told = (first.attributes(),) + ({"time_steps": 1},) * (length - 1)
+    return Story(tuple(first.later(k) for k in range(length)), tuple(captions), told)
+
+
+def _changes(scene: Scene, words: Wording) -> dict[str, list[tuple[str, Scene, dict]]]:
+    """How a picture story can go on from `scene`, by the attribute that changes: (caption, next
+    scene, what the caption tells)."""
+    time = [(p, scene.later(1), {"time_steps": 1}) for p in words.later]
+    time += [(p, scene.later(2), {"time_steps": 2}) for p in words.much_later]
+    if scene.time != "night":
+        time += [(p, replace(scene, time="night"), {"time": "night"}) for p in words.dark]
+    colour = [(p.format(colour=c), replace(scene, colour=c), {"colour": c})
+              for c in COLOURS if c != scene.colour for p in words.recolour]
+    place = [(p, replace(scene, place=where), {"place": where})
+             for where in PLACES if where != scene.place for p in words.move[where]]
+    return {"time": time, "colour": colour, "place": place}
+
+
+def make_picture_story(first: Scene, length: int, rng: random.Random, words: Wording = TRAIN,
+                       allowed=lambda scene: True) -> Story:
+    """A picture story: the first caption says nothing about `first`; each later one says what
+    changes (the time moves on by what it says, night falls, another colour, another place), so the
+    rest of the next picture is in the context pictures only. Every frame passes `allowed`."""
+    scenes, captions, told = [first], [rng.choice(words.story_open)], [{}]
+    for _ in range(length - 1):
+        options = {what: [c for c in changes if allowed(c[1])] for what, changes in _changes(scenes[-1], words).items()}
+        what = rng.choice(sorted(w for w, changes in options.items() if changes))
+        text, scene, said = rng.choice(options[what])
+        scenes.append(scene)
+        captions.append(text)
+        told.append(said)
+    return Story(tuple(scenes), tuple(captions), tuple(told))
+
+
+def draw_story(mode: str, length: int, rng: random.Random, side: str = "train") -> Story:
+    """A story of `side` ("train": training and validation, "test"), in its wording, of seen
+    combinations only, starting where only that side's stories start."""
+    words = TEST if side == "test" else TRAIN
+    if mode == "day":
+        return make_story(rng.choice(story_starts(length, side)), length, rng, words)
+    if mode != "pictures":
+        raise ValueError(f"story mode {mode!r}: expected one of {STORY_MODES}")
+    pool = [s for s in all_scenes() if not is_held_out(s) and is_test_start(s) == (side == "test")]
+    return make_picture_story(rng.choice(pool), length, rng, words, allowed=lambda scene: not is_held_out(scene))
 
 
 @dataclass(frozen=True)
@@ -184,35 +319,28 @@ class Turn:
     scene: Scene | None = None
 
 
-GREETINGS = ("hello there", "hi, how are you", "good day to you", "hey, what are you up to")
-REPLIES = ("i am fine, thank you", "not much, just looking around", "all good here", "i am well, and you")
-SHARE = ("look at this picture i took: {caption}", "here is what i saw: {caption}", "i found this: {caption}")
-ASK = ("can you show me the same place {time}", "what would it look like {time}", "show me it {time} please")
-ANSWER = ("sure, here it is {time}", "of course, this is how it looks {time}", "here you go, {time}")
-THANKS = ("thank you, that looks nice", "wow, thanks a lot", "great, thank you")
-WELCOME = ("you are welcome", "glad you like it", "any time")
-
-
 # The turns of a dialogue that carry a picture: the human's own, and the one the assistant is asked for.
 SHARED_TURN, ASKED_TURN = 2, 5
 
 
-def make_dialogue(scene: Scene, rng: random.Random) -> list[Turn]:
+def make_dialogue(scene: Scene, rng: random.Random, words: Wording = TRAIN,
+                  allowed=lambda scene: not is_held_out(scene)) -> list[Turn]:
     """Human greets, Assistant replies, Human shares a picture, Assistant comments, Human asks for
     the same place at another time of day, Assistant answers with that picture, Human thanks,
-    Assistant answers: turns 2 and 5 carry a picture, the six others are text only."""
-    steps = rng.randrange(1, len(TIMES))
+    Assistant answers: turns 2 and 5 carry a picture, the six others are text only. The picture
+    asked for passes `allowed` (by default: not a held-out combination)."""
+    steps = rng.choice([k for k in range(1, len(TIMES)) if allowed(scene.later(k))])
     other = scene.later(steps)
     time_words = TIME_WORDS[other.time]
     return [
-        Turn(rng.choice(GREETINGS)),
-        Turn(rng.choice(REPLIES)),
-        Turn(rng.choice(SHARE).format(caption=caption(scene, rng.randrange(len(CAPTION_TEMPLATES)))), scene),
-        Turn(rng.choice(("what a lovely view", "nice picture", "that looks great"))),
-        Turn(rng.choice(ASK).format(time=time_words)),
-        Turn(rng.choice(ANSWER).format(time=time_words), other),
-        Turn(rng.choice(THANKS)),
-        Turn(rng.choice(WELCOME)),
+        Turn(rng.choice(words.greetings)),
+        Turn(rng.choice(words.replies)),
+        Turn(rng.choice(words.share).format(caption=caption(scene, rng.randrange(len(words.captions)), words)), scene),
+        Turn(rng.choice(words.comment)),
+        Turn(rng.choice(words.ask).format(time=time_words)),
+        Turn(rng.choice(words.answer).format(time=time_words), other),
+        Turn(rng.choice(words.thanks)),
+        Turn(rng.choice(words.welcome)),
     ]
 
 
@@ -228,6 +356,7 @@ class WorldSizes:
     mmdialog: dict      # split -> number of conversations
     story_length: int
     seed: int = 0
+    story_mode: str = "pictures"    # STORY_MODES
 
 
 def _scenes_for(split: str, n: int, rng: random.Random) -> list[Scene]:
@@ -248,7 +377,8 @@ def write_cc3m(folder: Path, sizes: WorldSizes) -> dict[str, Path]:
         for i, scene in enumerate(scenes):
             relative = f"images/{split}/{i:06d}.jpg"
             save_image(render(scene, sizes.image_size), folder / relative)
-            rows.append(f"{caption(scene, rng.randrange(len(CAPTION_TEMPLATES)))}\t{relative}")
+            words = wording(split)
+            rows.append(f"{caption(scene, rng.randrange(len(words.captions)), words)}\t{relative}")
             truth.append(scene.attributes())
         files[split] = folder / f"cc3m_{split}.tsv"
         files[split].write_text("\n".join(rows) + "\n")
@@ -258,29 +388,31 @@ def write_cc3m(folder: Path, sizes: WorldSizes) -> dict[str, Path]:
 
 def write_vist(folder: Path, sizes: WorldSizes) -> dict[str, Path]:
     """`{split}_cleaned.json` (story id -> steps of caption, image_id, sequence_index),
-    `{split}_image_mapping.json` (image id -> path) and `images/{split}/*.jpg`, and
-    `scenes_{split}.json` (image id -> attributes)."""
+    `{split}_image_mapping.json` (image id -> path) and `images/{split}/*.jpg`,
+    `scenes_{split}.json` (image id -> attributes) and `told_{split}.json` (image id -> what its
+    caption tells of its scene, for the text-only baseline)."""
     files = {}
     for split, n in sizes.vist.items():
         rng = random.Random(f"{sizes.seed}-vist-{split}")
-        pool = story_starts(sizes.story_length)
-        stories, mapping, truth = {}, {}, {}
+        stories, mapping, truth, told = {}, {}, {}, {}
         for k in range(n):
-            story = make_story(rng.choice(pool), sizes.story_length, rng)
+            story = draw_story(sizes.story_mode, sizes.story_length, rng, "test" if split == "test" else "train")
             story_id = str(10_000 + k)
             steps = []
-            for j, (text, scene) in enumerate(zip(story.captions, story.scenes)):
+            for j, (text, scene, said) in enumerate(zip(story.captions, story.scenes, story.told)):
                 image_id = f"{story_id}{j:02d}"
                 relative = f"images/{split}/{image_id}.jpg"
                 save_image(render(scene, sizes.image_size), folder / relative)
                 steps.append({"caption": text, "image_id": image_id, "sequence_index": j})
                 mapping[image_id] = relative
                 truth[image_id] = scene.attributes()
+                told[image_id] = said
             stories[story_id] = steps
         files[split] = folder / f"{split}_cleaned.json"
         files[split].write_text(json.dumps(stories, indent=1))
         (folder / f"{split}_image_mapping.json").write_text(json.dumps(mapping, indent=1))
         (folder / f"scenes_{split}.json").write_text(json.dumps(truth))
+        (folder / f"told_{split}.json").write_text(json.dumps(told))
     return files
 
 
@@ -294,7 +426,7 @@ def write_mmdialog(folder: Path, sizes: WorldSizes) -> dict[str, Path]:
         lines, truth = [], {}
         for k in range(n):
             turns = []
-            for j, turn in enumerate(make_dialogue(rng.choice(pool), rng)):
+            for j, turn in enumerate(make_dialogue(rng.choice(pool), rng, wording(split))):
                 parts = [{"__TEXT__": turn.text}]
                 if turn.scene is not None:
                     media = str(7_000_000 + 100 * k + j)
