@@ -368,12 +368,12 @@ def test_pretraining_steps_write_parts_that_the_loaders_read(tmp_path):
 
 def test_a_short_build_learns(tmp_path):
     """config/toyworld_quick.yaml: the shipped frozen parts, a small toy CC3M and a short MiniGPT-5
-    stage 1 (450 steps) by the unchanged train_eval.py. On held-out combinations the trained model
-    emits vokens for the captions (the untrained one never does, so it draws nothing) and the judge
-    reads its pictures above chance, one attribute far above. Measured at this length: emission 97%,
-    setting 47%, time 81%, colour 19%, place 50% (chance 25 / 25 / 25 / 33%): the time of day and the
-    setting (the sky and the ground) are learned first; the full build's 1,520 steps reach
-    100 / 100 / 93 / 94% (benchmarks/TOY_RESULTS.md)."""
+    stage 1 (450 steps) by the unchanged train_eval.py. On held-out combinations, captioned in the
+    test word orders, the trained model emits vokens for the captions (the untrained one never does,
+    so it draws nothing) and the judge reads its pictures above chance, one attribute far above.
+    Measured at this length before the wording split (training word orders at test time): emission
+    97%, setting 47%, time 81%, colour 19%, place 50% (chance 25 / 25 / 25 / 33%): the time of day and
+    the setting (the sky and the ground) are learned first."""
     import yaml
 
     from toyworld.build import DEFAULT_CONFIG, Build, run
