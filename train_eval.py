@@ -139,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample_every_n_steps", type=int, default=0,
                    help="save a sample generation (image + text) every N optimiser steps (0: never)")
     p.add_argument("--seed", type=int, default=constants.SEED)
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms only (Lightning's Trainer(deterministic=True)): the same "
+                        "machine, threads and seed give the same bytes; some GPU operations get slower")
     p.add_argument("--resume_allow_changes", default=None, metavar="SETTING,...",
                    help="resume although these settings differ from the checkpoint's ('all' for any but the "
                         "stage): this run's values are used and recorded. Settings: "
@@ -560,7 +563,7 @@ def train(args: argparse.Namespace, paths: dict) -> None:
         val_check_interval=interval if val_loader is not None else None,
         limit_val_batches=None if val_loader is not None else 0,
         logger=make_logger(args, out_dir), callbacks=callbacks, log_every_n_steps=1,
-        num_sanity_val_steps=0, enable_progress_bar=True,
+        num_sanity_val_steps=0, enable_progress_bar=True, deterministic=args.deterministic or None,
         plugins=[RunCheckpointIO(paths["resume"], resumed if paths["resume"] and paths["resume"].is_file() else None)])
     del resumed                  # the CheckpointIO hands it to Lightning once; then it is freed
     log.info("stage %d on %s%s: %d node(s) x %d device(s), batch %d x accumulate %d, %s order", stage, kind,
@@ -630,7 +633,8 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=args.num_nodes,
                          strategy="ddp" if n_devices * args.num_nodes > 1 else "auto",
                          precision=args.precision or placement.default_precision(accelerator),
-                         logger=False, callbacks=[writer], enable_progress_bar=True)
+                         logger=False, callbacks=[writer], enable_progress_bar=True,
+                         deterministic=args.deterministic or None)
     trainer.predict(model, loader, return_predictions=False)
     if trainer.is_global_zero:
         print(f"predictions written to {out_dir}{peak_memory_note()}")

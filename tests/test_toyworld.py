@@ -307,11 +307,9 @@ def test_steps_run_side_by_side_as_they_do_one_after_another(tmp_path, capsys):
     results = run(Build(config, tmp_path / "two"), jobs=2)
     assert set(results) == {"datasets", "preset"}
     shown = capsys.readouterr().out
-    threads = max(1, (os.cpu_count() or 1) // 2)                     # two steps ready at once share the CPU
+    threads = max(1, (os.cpu_count() or 1) // 2)                     # --jobs 2: each step half the CPU
     for name in ("datasets", "preset"):
         assert f"(started, {threads} thread{'s' * (threads > 1)}; log logs/step_{name}.log)" in shown, shown
-    shares = [int((tmp_path / "two" / "logs" / f"threads_{name}").read_text()) for name in ("datasets", "preset")]
-    assert max(shares) == (os.cpu_count() or 1)                       # the one left running got every thread
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*")
                    if p.is_file() and "steps" not in p.parts and "logs" not in p.parts and p.name != "toy.yaml")
     assert len(files) > 10
@@ -323,17 +321,44 @@ def test_steps_run_side_by_side_as_they_do_one_after_another(tmp_path, capsys):
         run(Build(config, tmp_path / "two"), jobs=0)
 
 
-def test_a_step_reads_its_share_of_the_threads_as_it_goes(tmp_path, monkeypatch):
-    from toyworld.build import THREADS_FILE, threads_now
+def test_a_steps_threads_depend_on_the_step_and_jobs_only():
+    """Reproducible builds: a step's CPU threads never depend on what happens to run beside it (a
+    float sum split over other threads rounds differently)."""
+    from toyworld import stages
+    from toyworld.build import step_threads
 
-    monkeypatch.delenv(THREADS_FILE, raising=False)
-    assert threads_now() is None                                     # not started by --jobs
-    share = tmp_path / "threads_unet"
-    monkeypatch.setenv(THREADS_FILE, str(share))
-    share.write_text("2")
-    assert threads_now() == 2
-    share.write_text("")                                             # caught mid-rewrite: no change
-    assert threads_now() is None
+    cpus = os.cpu_count() or 1
+    by_name = {step.name: step for step in stages.STEPS}
+    assert step_threads(by_name["unet"], 2) == cpus                    # the long one, mostly alone
+    assert step_threads(by_name["stage1_cc3m"], 2) == max(1, cpus // 2)
+    assert step_threads(by_name["stage1_cc3m"], 1) == cpus
+
+
+def test_a_training_step_built_twice_gives_the_same_checkpoint_bytes(tmp_path):
+    """Two builds of one MiniGPT-5 training step (the shipped frozen parts, a few optimiser steps of
+    stage 1 by train_eval.py --deterministic) write byte-identical checkpoints."""
+    import yaml
+
+    from toyworld.build import DEFAULT_CONFIG, Build, run
+
+    quick = DEFAULT_CONFIG.with_name("toyworld_quick.yaml")
+    settings = yaml.safe_load(quick.read_text())
+    for key in ("model_config", "arch", "frozen_parts"):
+        settings[key] = str((quick.parent / settings[key]).resolve())
+    settings["steps"] = ["datasets", "preset", "stage0", "stage1_cc3m"]
+    settings["world"].update(cc3m={"train": 24, "val": 4, "test": 4}, vist={"train": 1, "test": 1},
+                             mmdialog={"train": 1, "test": 1})
+    settings["minigpt5"]["stage1"] = ["--learning_rate", "1e-3", "--num_train_epochs", "2", "--max_steps", "3"]
+    config = tmp_path / "one_step.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    written = []
+    for name in ("first", "second"):
+        results = run(Build(config, tmp_path / name))
+        assert results["stage1_cc3m"]["summary"]["optimiser_steps"] == 3
+        written.append((tmp_path / name / "checkpoints" / "stage1_cc3m.ckpt").read_bytes())
+    assert written[0] == written[1]
+    untrained = (tmp_path / "first" / "checkpoints" / "stage0_untrained.ckpt").read_bytes()
+    assert written[0] != untrained
 
 
 def test_pretraining_steps_write_parts_that_the_loaders_read(tmp_path):

@@ -33,10 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "config" / "toyworld.yaml"
 DEFAULT_OUT = REPO / "weights" / "toy"
 # Environment of the steps `--jobs` starts side by side: the build run they belong to (for the
-# report's wall clock), and a file holding the number of threads each may use now (rewritten when
-# the steps beside it start or end).
+# report's wall clock).
 RUN_ID = "TOYWORLD_BUILD_RUN"
-THREADS_FILE = "TOYWORLD_THREADS_FILE"
 
 
 @dataclass
@@ -46,6 +44,11 @@ class Step:
     depends: tuple[str, ...] = ()
     settings: Callable[["Build"], object] = lambda build: None
     about: str = ""
+    # CPU threads of the step when steps run side by side: "share" (the CPU's threads / --jobs) or
+    # "all" (a long step that mostly runs alone). Fixed by the step and --jobs, never by what happens
+    # to run beside it: a float sum split over other threads rounds differently, and a build must give
+    # the same bytes every time.
+    threads: str = "share"
 
 
 @dataclass
@@ -207,6 +210,9 @@ def _run_here(build: Build, i: int, step: Step, forced: bool, progress: _Progres
         progress.say(i, step.name, f"done before ({record['seconds']:.0f} s)")
         return record
     progress.say(i, step.name, step.about)
+    import torch
+
+    torch.use_deterministic_algorithms(True)      # the same bytes every time (train_eval.py: --deterministic)
     key = build.key(step)
     t0 = time.time()
     build.record_path(step.name).unlink(missing_ok=True)
@@ -233,16 +239,12 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
         return not any(d in pending for d in step.depends)
 
     while waiting or running:
-        started = False
         for i, step in list(waiting):
             if len(running) >= jobs:
                 break
             if not ready(step):
                 continue
-            # The CPU's threads are shared among the steps running now and those that could start
-            # now (a step that will run alone, like the UNet, gets them all).
-            sharing = min(jobs, len(running) + sum(ready(s) for _, s in waiting))
-            threads = max(1, (os.cpu_count() or 1) // max(1, sharing))
+            threads = step_threads(step, jobs)
             waiting.remove((i, step))
             record = _up_to_date(build, step, i - 1 >= forced_from)
             if record is not None:
@@ -251,20 +253,14 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
                 pending.discard(step.name)
                 continue
             build.record_path(step.name).unlink(missing_ok=True)
-            share = build.out / "logs" / f"threads_{step.name}"
-            share.write_text(str(threads))
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                   THREADS_FILE: str(share)}
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             log = open(build.out / "logs" / f"step_{step.name}.log", "w")
             command = [build.python, "-m", "toyworld", "build", "--config", str(build.config_path),
                        "--out", str(build.out), "--only", step.name]
             running[step.name] = (i, step, subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
                                                             stderr=subprocess.STDOUT), log)
-            started = True
             progress.say(i, step.name, f"{step.about} (started, {threads} thread{'s' * (threads > 1)}; "
                                        f"log logs/step_{step.name}.log)")
-        if started:
-            _share_threads(build, running)
         if not running:
             if waiting:
                 raise SystemExit(f"error: steps {[s.name for _, s in waiting]} wait on steps that did not run")
@@ -285,23 +281,11 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
             results[name] = record
             pending.discard(name)
             progress.done(i, name, record)
-            _share_threads(build, running)          # what it had goes to the steps still running
     return results
 
 
-def _share_threads(build: Build, running: dict) -> None:
-    """Tell the running steps their share of the CPU threads now (a pretraining loop reads it as it
-    goes: `threads_now`; a step that cannot change its threads keeps those it started with)."""
-    for name in running:
-        (build.out / "logs" / f"threads_{name}").write_text(str(max(1, (os.cpu_count() or 1) // len(running))))
-
-
-def threads_now() -> int | None:
-    """This step's current share of the CPU threads, when the build runs steps side by side."""
-    path = os.environ.get(THREADS_FILE)
-    if not path:
-        return None
-    try:
-        return max(1, int(Path(path).read_text()))
-    except (OSError, ValueError):          # being rewritten this instant: keep the threads it has
-        return None
+def step_threads(step: Step, jobs: int) -> int:
+    """The CPU threads a step started side by side runs with: all of them for a step marked "all",
+    else the CPU's threads / `jobs`. A function of the step, --jobs and the machine only."""
+    cpus = os.cpu_count() or 1
+    return cpus if step.threads == "all" else max(1, cpus // jobs)

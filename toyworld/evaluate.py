@@ -58,7 +58,8 @@ def predict(build: Build, run: Run) -> Path:
            "DATAFOLDER": str(build.data / run.dataset), "OUTPUT_FOLDER": str(output), "OUTPUT_SUFFIX": suffix}
     args = ["train_eval.py", "--is_training", "False", "--model_config", str(build.model_config),
             "--test_data_path", TEST_FILES[run.dataset], "--test_weight", run.test_weight,
-            "--accelerator", "cpu", "--gpus", "0", "--overwrite", *build.settings["evaluate"]["flags"], *run.flags]
+            "--accelerator", "cpu", "--gpus", "0", "--overwrite", "--deterministic", *build.settings["evaluate"]["flags"],
+            *run.flags]
     if run.stage1_weight:
         args += ["--stage1_weight", run.stage1_weight]
     build.command(args, env, f"predict_{run.name}")

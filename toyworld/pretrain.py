@@ -31,7 +31,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from toyworld import world
-from toyworld.build import threads_now
 
 
 @dataclass(frozen=True)
@@ -64,10 +63,6 @@ def _fit(params: Sequence[nn.Parameter], recipe: Recipe, loss_of_step: Callable[
     losses = []
     bar = tqdm(range(recipe.steps), desc=desc, unit="step", leave=False)
     for step in bar:
-        if step % 20 == 0:                  # take the CPU threads a step beside this one freed
-            threads = threads_now()
-            if threads is not None and threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
         loss = loss_of_step(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -258,7 +258,7 @@ def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight
     args = ["train_eval.py", "--is_training", "True", "--model_config", str(build.model_config),
             "--train_data_path", files[0], "--val_data_path", files[1], "--model_save_name", name,
             "--output_dir", str(run_dir),
-            "--accelerator", "cpu", "--gpus", "0", "--seed", str(build.settings["seed"]),
+            "--accelerator", "cpu", "--gpus", "0", "--seed", str(build.settings["seed"]), "--deterministic",
             *flags["common"], *flags[f"stage{stage}"], *flags.get(name, ()), *extra]
     if stage1_weight:
         args += ["--stage1_weight", stage1_weight]
@@ -268,8 +268,14 @@ def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight
     best = run_dir / f"{name}.ckpt"
     if not best.is_file():
         raise SystemExit(f"error: {name}: train_eval.py wrote no {best}")
+    # The best by val_loss, where the next steps read it: its weights only (the run's folder keeps
+    # Lightning's checkpoints for resuming; their paths and times would make two builds' bytes differ).
+    from run_files import save_atomic
+    from weights import read_checkpoint
+
     build.checkpoints.mkdir(parents=True, exist_ok=True)
-    best.replace(build.checkpoints / best.name)    # the best by val_loss, where the next steps read it
+    save_atomic({"state_dict": read_checkpoint(best)}, build.checkpoints / best.name)
+    best.unlink()
     return {"checkpoint": best.name, **_run_metrics(run_dir, name)}
 
 
@@ -324,7 +330,7 @@ STEPS = [
     Step("vae", pretrain_vae, ("preset",), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "vae")],
          "train SD's VAE (autoencoder)"),
     Step("unet", pretrain_unet, ("clip", "vae"), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "unet")],
-         "train SD's UNet (latent diffusion, text-conditioned)"),
+         "train SD's UNet (latent diffusion, text-conditioned)", threads="all"),
     Step("llm", pretrain_llm, ("preset",), lambda b: [b.settings["pretrain"]["llm"], b.settings["world"].get("story_mode")],
          "train the LLM on the world's text"),
     Step("image_side", pretrain_image_side, ("clip", "llm"),
