@@ -2,7 +2,8 @@
 scorers that decide which rows and texts each dataset compares (metric.py):
 
     load_models       OpenCLIP, torchmetrics' FID Inception and Sentence-BERT from the flags (or the
-                      tiny random stand-ins of `--tiny_extractors`, `tiny_models`)
+                      tiny random stand-ins of `--tiny_extractors`, `tiny_models`, or the toy world's
+                      trained toy CLIP and classifier of `--toy_extractors`, `toy_models`)
     *_features        batched L2-normalised CLIP image / text and Sentence-BERT embeddings
     inception_outputs batched Inception (features, logits), resized as the release did for FID
     frechet_distance, inception_score, real_fid_features (the real set's features, cached by content)
@@ -265,6 +266,57 @@ def tiny_models(seed: int = 0) -> Models:
     return Models(clip=clip, clip_preprocess=preprocess, clip_tokenizer=open_clip.get_tokenizer(name),
                   inception=TinyInception(seed), clip_name=f"{name} with random weights (--tiny_extractors)",
                   inception_name="TinyInception with random weights (--tiny_extractors)")
+
+
+class ToyClassifier(torch.nn.Module):
+    """A small picture classifier standing in for the FID Inception in the toy world (trained by its
+    build, docs/toyworld.md): uint8 (N,3,H,W) of any size, reduced to `size` pixels -> (features
+    (N, width), logits over `classes` scenes). FID compares the features, IS the class posteriors,
+    as with Inception's pool3 features and ImageNet classes."""
+
+    def __init__(self, classes: int, width: int = 64, size: int = 32):
+        super().__init__()
+        self.size = size
+        half = width // 2
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, half, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(half, width, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU())
+        # Flattened, not pooled: where the object is (its place) is a position.
+        self.features = torch.nn.Linear(width * (size // 4) ** 2, width)
+        self.classes = torch.nn.Linear(width, classes)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = F.interpolate(images.float() / 255, size=(self.size, self.size), mode="area") * 2 - 1
+        features = torch.relu(self.features(self.body(x).flatten(1)))
+        return features, self.classes(features)
+
+
+TOY_CLIP, TOY_CLASSIFIER = "toy_clip", "toy_classifier"     # file stems in a toy extractor folder
+
+
+def toy_models(folder: str | Path) -> Models:
+    """The toy world's trained extractors (`--toy_extractors FOLDER`, written by its build's
+    `extractors` step): an OpenCLIP model of the architecture `toy_clip.json` with the weights
+    `toy_clip.pt`, and a `ToyClassifier` (`toy_classifier.json` + `.pt`) in Inception's place.
+    Sentence-BERT stays the packaged real one."""
+    import json
+
+    folder = Path(folder)
+    missing = [name for name in (f"{TOY_CLIP}.json", f"{TOY_CLIP}.pt", f"{TOY_CLASSIFIER}.json", f"{TOY_CLASSIFIER}.pt")
+               if not (folder / name).is_file()]
+    if missing:
+        raise MissingWeightError(f"--toy_extractors {folder}: {', '.join(missing)} missing. To fix: run the toy "
+                                 f"world's build (`python -m toyworld build`), whose `extractors` step writes them.")
+    open_clip.add_model_config(folder / f"{TOY_CLIP}.json")
+    clip, _, preprocess = open_clip.create_model_and_transforms(TOY_CLIP)
+    clip.load_state_dict(load_state_dict_file(folder / f"{TOY_CLIP}.pt", "toy CLIP weights (--toy_extractors)"))
+    classifier = ToyClassifier(**json.loads((folder / f"{TOY_CLASSIFIER}.json").read_text()))
+    classifier.load_state_dict(load_state_dict_file(folder / f"{TOY_CLASSIFIER}.pt",
+                                                    "toy classifier weights (--toy_extractors)"))
+    return Models(clip=clip.eval(), clip_preprocess=preprocess, clip_tokenizer=open_clip.get_tokenizer(TOY_CLIP),
+                  inception=classifier.eval(), clip_name=f"toy CLIP trained in the toy world ({folder})",
+                  inception_name=f"toy scene classifier trained in the toy world, in Inception's place ({folder})")
 
 
 def load_models(args: argparse.Namespace, dataset: str, given: Models | None = None) -> Models:

@@ -113,7 +113,7 @@ from data_problems import DataError
 from dataset_specs import NAMES as DATASETS, choose_dataset_type, spec, split_task  # noqa: F401
 from extractors import (FID_IMAGE_SIZE, MissingWeightError, Models, clip_image_features, clip_text_features,
                         frechet_distance, inception_outputs, inception_score, load_models, real_fid_features,
-                        rowwise_cosine, sbert_features, tiny_models)
+                        rowwise_cosine, sbert_features, tiny_models, toy_models)
 from placement import resolve_device
 from prompts import END_SYM
 from weights import CheckpointError
@@ -544,6 +544,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="seed of the Inception Score splits")
     parser.add_argument("--tiny_extractors", action="store_true",
                         help="use tiny random CLIP / Inception stand-ins (tiny preset: tests the plumbing only)")
+    parser.add_argument("--toy_extractors", metavar="FOLDER",
+                        help="use the toy world's trained toy CLIP and scene classifier (in Inception's place) "
+                             "from FOLDER (its build writes them to weights/toy/extractors)")
     args = parser.parse_args(argv)
     if not args.test_weight and not args.pred_folder:
         parser.error("give --test_weight or --pred_folder")
@@ -561,8 +564,15 @@ def main(argv: Sequence[str] | None = None, models: Models | None = None) -> dic
     dataset, why = choose_dataset_type(None, args.dataset)
     args.fid_cache_dir = args.fid_cache_dir or str(folder.parent / "fid_cache")
     print(f"dataset {dataset} ({why}), predictions in {folder}, device {args.device}")
+    if args.tiny_extractors and args.toy_extractors:
+        raise SystemExit("error: give --tiny_extractors or --toy_extractors, not both")
     if args.tiny_extractors and models is None:
         models = tiny_models(args.seed)
+    if args.toy_extractors and models is None:
+        try:
+            models = toy_models(args.toy_extractors)
+        except (MissingWeightError, CheckpointError) as exc:
+            raise SystemExit(f"error: {exc}") from None
     try:
         samples = load_predictions(folder)
         if spec(dataset).fid_real == "cc3m_val" and not args.real_images and args.fid_real == "release":

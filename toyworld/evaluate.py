@@ -207,7 +207,8 @@ def _row(label: str, acc: dict, n: int, target: str) -> str:
 
 
 def report(build: Build, scored: dict[str, Scored], metrics: dict[str, dict], seconds: dict[str, float],
-           wall: float | None = None, baselines: dict[str, tuple[list, list]] | None = None) -> str:
+           wall: float | None = None, baselines: dict[str, tuple[list, list]] | None = None,
+           extractors: str = "toy") -> str:
     """TOY_RESULTS.md: the judge's accuracy per model and attribute, voken emission, the story
     baselines (`story_baselines`), metric.py's figures and the time of every step. Rows whose runs
     were not made (a shorter build) are left out."""
@@ -283,19 +284,68 @@ def report(build: Build, scored: dict[str, Scored], metrics: dict[str, dict], se
         rate = sum(values) / len(values) if values else float("nan")
         lines.append(f"| {label} | {len(values)} | {_pct(rate)} | {target} |")
     if metrics:
-        lines += ["", "## metric.py on the same predictions", "",
-                  "CLIP and Inception are the tiny random stand-ins (`--tiny_extractors`: the real weights cannot be "
-                  "downloaded here), so their figures test the code path only; BLEU, ROUGE-L and Sentence-BERT "
-                  "(packaged offline) are real.", ""]
-        for name, values in metrics.items():
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-            lines.append(f"- `{name}`: {shown}")
+        lines += metric_tables(scored, metrics, extractors)
     lines += ["", "## Time", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {s:.0f} |" for name, s in seconds.items()]
     lines += ["", f"Total: {sum(seconds.values()) / 60:.1f} minutes of steps"
               + (f", {wall / 60:.1f} minutes of wall clock (steps run side by side)." if wall else
                  " (made by more than one run of the build: no single wall clock)."), ""]
     return "\n".join(lines)
+
+
+# The paper's tables, in the toy world: per dataset, metric.py's columns (its result keys) and the rows
+# (the run, whether its SD baseline pictures, which judged pictures go beside them).
+TABLES = (
+    ("Toy CC3M test: held-out combinations, test word orders (the paper's CC3M table)",
+     (("CLIP-I", "clip_similarity"), ("CLIP-T", "clip_t_similarity"), ("IS", "inception_score"), ("FID", "fid_score")),
+     (("toy SD from the caption (the SD baseline)", "cc3m_stage1", True, _known),
+      ("MiniGPT-5 stage 1", "cc3m_stage1", False, _known))),
+    ("Toy VIST test: new stories, test wording (the paper's VIST table)",
+     (("CLIP-I", "clip_similarity"), ("CLIP-T", "clip_t_similarity"), ("FID", "fid_score"),
+      ("IS (per story)", "instance_inception_score"), ("FID (per story)", "instance_fid_score")),
+     (("toy SD from the frame's caption only (the SD baseline, no context)", "vist_stage2", True, _later_frame),
+      ("MiniGPT-5 stage 2, with the story's context", "vist_stage2", False, _later_frame))),
+    ("Toy MMDialog test: test wording (the paper's MMDialog table)",
+     (("BLEU-1", "bleu_score_1"), ("BLEU-2", "bleu_score_2"), ("ROUGE-L", "rouge_l_score"), ("Sentence-BERT", "sbert_score"),
+      ("CLIP-F1", "clip_f1"), ("IS (per dialogue)", "instance_inception_score")),
+     (("MiniGPT-5 stage 2", "mmdialog_stage2", False, _asked_picture),)),
+)
+
+
+def _metric_value(values: dict, key: str, baseline: bool):
+    """metric.py's figure `key` (its SD-baseline counterpart with `baseline`), under the release's names."""
+    if baseline:
+        head, _, tail = key.partition("instance_")
+        key = f"instance_basline_{tail}" if head == "" and tail else f"basline_{key}"
+    value = values.get(f"overall_{key}")
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def metric_tables(scored: dict[str, Scored], metrics: dict[str, dict], extractors: str) -> list[str]:
+    """metric.py's figures as the paper's tables, with the judge's accuracy (every attribute right)
+    on the same pictures beside them."""
+    lines = ["", "## The paper's tables, by metric.py", ""]
+    if extractors == "toy":
+        lines += ["CLIP-I / CLIP-T use the toy CLIP and FID / IS the toy scene classifier in Inception's place, both "
+                  "trained in this build (`extractors` step, `metric.py --toy_extractors`); BLEU, ROUGE-L and "
+                  "Sentence-BERT (packaged offline) are real. The judge's column: the share of the same pictures "
+                  "with every attribute right.", ""]
+    else:
+        lines += ["CLIP and Inception are the tiny random stand-ins (`--tiny_extractors`): their figures test the code "
+                  "path only. BLEU, ROUGE-L and Sentence-BERT (packaged offline) are real.", ""]
+    for title, columns, rows in TABLES:
+        present = [row for row in rows if row[1] in metrics and row[1] in scored]
+        if not present:
+            continue
+        lines += [f"### {title}", "", "| model | " + " | ".join(c for c, _ in columns) + " | judge: all right | n |",
+                  "|---|" + "---|" * (len(columns) + 2)]
+        for label, run, baseline, keep in present:
+            s = scored[run]
+            judged, truth = _select(s, keep, s.baseline if baseline else None)
+            cells = " | ".join(_metric_value(metrics[run], key, baseline) for _, key in columns)
+            lines.append(f"| {label} | {cells} | {_pct(accuracy(judged, truth)['all'])} | {len(truth)} |")
+        lines.append("")
+    return lines
 
 
 def _shown(path: Path) -> str:
@@ -306,11 +356,20 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def extractor_flags(build: Build) -> list[str]:
+    """metric.py's extractors for this build: the toy ones its `extractors` step trained, else (a
+    build without that step) the tiny random stand-ins."""
+    folder = build.out / "extractors"
+    if build.record("extractors") is not None and folder.is_dir():
+        return ["--toy_extractors", str(folder)]
+    return ["--tiny_extractors"]
+
+
 def run_metric(build: Build, run: Run, folder: Path) -> dict:
-    """metric.py on a prediction folder (tiny CLIP / Inception stand-ins); its figures, under its own names."""
+    """metric.py on a prediction folder (`extractor_flags`); its figures, under its own names."""
     # FID's real set: the true pictures of the same test prompts (the toy has no separate CC3M val folder)
     real = ["--fid_real", "ground_truth"] if run.dataset == "CC3M" else []
-    build.command(["metric.py", "--pred_folder", str(folder), "--dataset", run.dataset, "--tiny_extractors",
+    build.command(["metric.py", "--pred_folder", str(folder), "--dataset", run.dataset, *extractor_flags(build),
                    "--device", "cpu", *real], {"DATAFOLDER": str(build.data / run.dataset)}, f"metric_{run.name}")
     results = json.loads((folder / "results_dict.json").read_text())
     return {k: v for k, v in results.items() if isinstance(v, (int, float))}
@@ -327,11 +386,12 @@ def predict_step(build: Build, run: Run) -> dict:
     scored = score(build, run, folder)
     (folder / JUDGED).write_text(json.dumps({"tasks": scored.tasks, "truth": scored.truth, "judged": scored.judged,
                                              "baseline": scored.baseline, "emitted": scored.emitted}))
-    metric = {}
+    metric, extractors = {}, None
     if run.name in METRIC_RUNS and build.settings["evaluate"].get("metric", True):
+        extractors = "toy" if "--toy_extractors" in extractor_flags(build) else "tiny"
         metric = run_metric(build, run, folder)
     return {"folder": str(folder.relative_to(build.out)), "accuracy": accuracy(*_select(scored, _known)),
-            "emitted": sum(scored.emitted) / max(1, len(scored.emitted)), "metric": metric}
+            "emitted": sum(scored.emitted) / max(1, len(scored.emitted)), "metric": metric, "extractors": extractors}
 
 
 def _load_scored(run: Run, folder: Path) -> Scored:
@@ -346,7 +406,7 @@ def write_report(build: Build) -> dict:
 
     plan = steps(build)
     by_name = {f"predict_{run.name}": run for run in RUNS}
-    scored, metrics, seconds = {}, {}, {}
+    scored, metrics, seconds, extractors = {}, {}, {}, set()
     for step in plan:
         record = build.record(step.name)
         if record is None or step.name == "report":
@@ -357,9 +417,10 @@ def write_report(build: Build) -> dict:
             scored[run.name] = _load_scored(run, build.out / record["summary"]["folder"])
             if record["summary"]["metric"]:
                 metrics[run.name] = record["summary"]["metric"]
+                extractors.add(record["summary"].get("extractors") or "tiny")
     wall = _wall_clock(build, plan)
     baselines = story_baselines(build.data) if "vist_stage2" in scored else None
-    text = report(build, scored, metrics, seconds, wall, baselines)
+    text = report(build, scored, metrics, seconds, wall, baselines, "tiny" if "tiny" in extractors else "toy")
     (build.out / "TOY_RESULTS.md").write_text(text)
     target = build.settings.get("report")
     if target:

@@ -208,6 +208,16 @@ def pretrain_image_side(build: Build) -> dict:
     return _losses(losses)
 
 
+def train_extractors(build: Build) -> dict:
+    """metric.py's toy CLIP and scene classifier (toyworld/toy_extractors.py), in `extractors/`."""
+    from toyworld import toy_extractors
+
+    folder = build.out / "extractors"
+    shutil.rmtree(folder, ignore_errors=True)
+    return toy_extractors.train(folder, build.settings["extractors"], build.settings["world"]["image_size"],
+                                _seed(build, "extractors"))
+
+
 def _save(model, folder: Path) -> None:
     """`model.save_pretrained(folder)`, written beside it and swapped in: the loaders map weight
     files into memory, and rewriting a mapped file in place would pull the weights from under the
@@ -311,8 +321,9 @@ def _checkpoint_step(checkpoint: str) -> str:
 
 def _predict(run: evaluate.Run) -> Step:
     weights = [w for w in (run.test_weight, run.stage1_weight) if w]
+    scorer = ("extractors",) if run.name in evaluate.METRIC_RUNS else ()     # metric.py's toy extractors
     return Step(f"predict_{run.name}", lambda b: evaluate.predict_step(b, run),
-                ("datasets", *dict.fromkeys(_checkpoint_step(w) for w in weights)),
+                ("datasets", *dict.fromkeys(_checkpoint_step(w) for w in weights), *scorer),
                 lambda b: [b.settings["evaluate"], run], f"predict {run.dataset} with {' + '.join(weights)}, judge it")
 
 
@@ -348,6 +359,9 @@ STEPS = [
            about="ablation: stage 2 from the untrained mapper"),
     _stage("stage1_cc3m_no_caption_loss", "CC3M", 1, None, ("--caption_loss_weight", "0"),
            about="ablation: stage 1 without the caption loss"),
+    Step("extractors", train_extractors, (),
+         lambda b: [b.settings.get("extractors"), b.settings["world"]["image_size"], b.settings["seed"]],
+         "train metric.py's toy CLIP and toy scene classifier (in Inception's place)"),
     # Each prediction run is a step of its own, so that it starts as soon as its checkpoints exist.
     *(_predict(run) for run in evaluate.RUNS),
     Step("report", evaluate.write_report, tuple(f"predict_{run.name}" for run in evaluate.RUNS),
