@@ -200,6 +200,12 @@ def test_datasets_are_read_by_the_release_readers(tmp_path, tiny_tokenizer, tiny
     assert judge(Image.open(item["output_image_path"])) == truth[3]
     vist = make_dataset(files["VIST"]["train"], tiny_tokenizer, tiny_config, is_training=True, dataset_type="VIST")
     assert len(vist) == 3 * (3 + 2 + 2)              # per story: 3 generation, 2 multimodal, 2 understanding
+    # The paper's "without context": the test stories' later frames, each alone with its caption.
+    alone = make_dataset(tmp_path / "VIST" / f"{world.NO_CONTEXT}_cleaned.json", tiny_tokenizer, tiny_config,
+                         is_training=False, dataset_type="VIST")
+    samples = [alone.sample(i) for i in range(len(alone))]
+    assert len(samples) == 2 * 2 and all(s.input_image_paths == () for s in samples)
+    assert {s.task_name.split("_")[-1] for s in samples} == {"1-gen", "2-gen"}
     dialog = make_dataset(files["MMDialog"]["test"], tiny_tokenizer, tiny_config, is_training=False,
                           dataset_type="MMDialog")
     targets = [dialog.sample(i).target for i in range(len(dialog))]

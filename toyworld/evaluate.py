@@ -28,6 +28,7 @@ class Run:
     test_weight: str
     stage1_weight: str | None = None
     flags: tuple[str, ...] = ()
+    test_file: str | None = None        # another test file than the dataset's (TEST_FILES)
 
     @property
     def stage2(self) -> bool:
@@ -41,6 +42,8 @@ RUNS = (
     Run("cc3m_no_caption_loss", "CC3M", "stage1_cc3m_no_caption_loss.ckpt"),
     Run("cc3m_untrained", "CC3M", UNTRAINED),
     Run("vist_stage2", "VIST", "stage2_vist.ckpt", "stage1_cc3m.ckpt"),
+    Run("vist_stage2_no_context", "VIST", "stage2_vist.ckpt", "stage1_cc3m.ckpt",
+        test_file=f"{world.NO_CONTEXT}_cleaned.json"),
     Run("vist_stage1_only", "VIST", "stage1_cc3m.ckpt"),
     Run("vist_no_stage1", "VIST", "stage2_vist_no_stage1.ckpt", UNTRAINED),
     Run("mmdialog_stage2", "MMDialog", "stage2_mmdialog.ckpt", "stage1_cc3m.ckpt"),
@@ -57,7 +60,7 @@ def predict(build: Build, run: Run) -> Path:
     env = {"IS_STAGE2": str(run.stage2), "WEIGHTFOLDER": str(build.checkpoints),
            "DATAFOLDER": str(build.data / run.dataset), "OUTPUT_FOLDER": str(output), "OUTPUT_SUFFIX": suffix}
     args = ["train_eval.py", "--is_training", "False", "--model_config", str(build.model_config),
-            "--test_data_path", TEST_FILES[run.dataset], "--test_weight", run.test_weight,
+            "--test_data_path", _test_file(run), "--test_weight", run.test_weight,
             "--accelerator", "cpu", "--gpus", "0", "--overwrite", "--deterministic", *build.settings["evaluate"]["flags"],
             *run.flags]
     if run.stage1_weight:
@@ -68,15 +71,20 @@ def predict(build: Build, run: Run) -> Path:
 
 # ---- what each prediction should show ------------------------------------------------------------
 
-def _truth(build: Build, dataset: str) -> dict[str, dict]:
-    """Task name -> the attributes its expected picture shows (pictures of the test split)."""
+def _test_file(run: Run) -> str:
+    return run.test_file or TEST_FILES[run.dataset]
+
+
+def _truth(build: Build, dataset: str, test_file: str | None = None) -> dict[str, dict]:
+    """Task name -> the attributes its expected picture shows (pictures of the test split; for VIST,
+    of the stories in `test_file`)."""
     folder = build.data / dataset
     if dataset == "CC3M":
         scenes = json.loads((folder / "scenes_test.json").read_text())
         return {f"cc3m_{row}": attributes for row, attributes in enumerate(scenes)}
     if dataset == "VIST":
         scenes = json.loads((folder / "scenes_test.json").read_text())
-        stories = json.loads((folder / "test_cleaned.json").read_text())
+        stories = json.loads((folder / (test_file or TEST_FILES["VIST"])).read_text())
         return {f"{story}_{step['sequence_index']}-gen": scenes[step["image_id"]]
                 for story, steps in stories.items() for step in steps}
     scenes = json.loads((folder / "test" / "scenes.json").read_text())
@@ -109,7 +117,7 @@ class Scored:
 def score(build: Build, run: Run, folder: Path) -> Scored:
     from metric import load_predictions
 
-    truth = _truth(build, run.dataset)
+    truth = _truth(build, run.dataset, _test_file(run))
     samples = load_predictions(folder)
     tasks, expected, judged, baseline, emitted = [], [], [], [], []
     for sample in samples:
@@ -238,6 +246,8 @@ def report(build: Build, scored: dict[str, Scored], metrics: dict[str, dict], se
          "training, frames 2+, test wording)", ">= 70%, 30 points above both baselines"),
         ("vist_stage2", "copy_last", "baseline: the last context picture, copied (same frames)", ""),
         ("vist_stage2", "text_only", "baseline: the best rule reading the text alone (same frames)", ""),
+        ("vist_stage2_no_context", "later", "the same frames, stage 2 without the story's context (the caption alone)",
+         "near the text-only baseline"),
         ("vist_stage1_only", "later", "the same prompts, stage-1 model only (no story training)", "near chance"),
         ("vist_no_stage1", "later", "ablation: stage 2 without stage 1 (from the untrained mapper)", ""),
         ("mmdialog_stage2", "asked", "MiniGPT-5 stage 2 on MMDialog: the picture the user asks for (same place, "
@@ -304,6 +314,7 @@ TABLES = (
      (("CLIP-I", "clip_similarity"), ("CLIP-T", "clip_t_similarity"), ("FID", "fid_score"),
       ("IS (per story)", "instance_inception_score"), ("FID (per story)", "instance_fid_score")),
      (("toy SD from the frame's caption only (the SD baseline, no context)", "vist_stage2", True, _later_frame),
+      ("MiniGPT-5 stage 2, without context (the frame's caption alone)", "vist_stage2_no_context", False, _later_frame),
       ("MiniGPT-5 stage 2, with the story's context", "vist_stage2", False, _later_frame))),
     ("Toy MMDialog test: test wording (the paper's MMDialog table)",
      (("BLEU-1", "bleu_score_1"), ("BLEU-2", "bleu_score_2"), ("ROUGE-L", "rouge_l_score"), ("Sentence-BERT", "sbert_score"),
@@ -377,7 +388,7 @@ def run_metric(build: Build, run: Run, folder: Path) -> dict:
     return {k: v for k, v in results.items() if isinstance(v, (int, float))}
 
 
-METRIC_RUNS = ("cc3m_stage1", "vist_stage2", "mmdialog_stage2")   # metric.py scores these runs
+METRIC_RUNS = ("cc3m_stage1", "vist_stage2", "vist_stage2_no_context", "mmdialog_stage2")   # metric.py scores these
 JUDGED = "judged.json"                  # a prediction folder's judged pictures, for the report
 
 

@@ -386,6 +386,9 @@ def write_cc3m(folder: Path, sizes: WorldSizes) -> dict[str, Path]:
     return files
 
 
+NO_CONTEXT = "test_no_context"        # the VIST test frames after the first, each without its story
+
+
 def write_vist(folder: Path, sizes: WorldSizes) -> dict[str, Path]:
     """`{split}_cleaned.json` (story id -> steps of caption, image_id, sequence_index),
     `{split}_image_mapping.json` (image id -> path) and `images/{split}/*.jpg`,
@@ -411,6 +414,12 @@ def write_vist(folder: Path, sizes: WorldSizes) -> dict[str, Path]:
         files[split] = folder / f"{split}_cleaned.json"
         files[split].write_text(json.dumps(stories, indent=1))
         (folder / f"{split}_image_mapping.json").write_text(json.dumps(mapping, indent=1))
+        if split == "test":
+            # The paper's "without context": every later frame alone, its caption the whole prompt.
+            alone = {f"{story_id}-{step['sequence_index']}": [step]
+                     for story_id, steps in stories.items() for step in steps[1:]}
+            (folder / f"{NO_CONTEXT}_cleaned.json").write_text(json.dumps(alone, indent=1))
+            (folder / f"{NO_CONTEXT}_image_mapping.json").write_text(json.dumps(mapping, indent=1))
         (folder / f"scenes_{split}.json").write_text(json.dumps(truth))
         (folder / f"told_{split}.json").write_text(json.dumps(told))
     return files
