@@ -502,3 +502,19 @@ def test_demos_take_the_shipped_presets_guidance_unless_told():
     told = Namespace(model_config=None, stage1_weight=None, test_weight=None, guidance_scale=7.5)
     ship.use_shipped(told, "stage2_mmdialog")
     assert told.guidance_scale == 7.5
+
+
+def test_a_shipped_builds_demo_story_is_of_the_kind_stage_2_learnt():
+    """`ship` writes the demos' story in the build's story mode: the day story of the shipped preset
+    (unchanged), or a picture story of the test side."""
+    from toyworld import ship
+
+    preset = ship.shipped()
+    day = ship.demo_story("day")
+    assert list(day.captions[:len(preset.story_captions)]) == preset.story_captions
+    assert day.scenes[len(preset.story_captions)].attributes() == preset.next_scene
+    pictures = ship.demo_story("pictures")
+    assert world.is_test_start(pictures.scenes[0]) and pictures.captions[0] in world.TEST.story_open
+    from toyworld.build import DEFAULT_CONFIG
+
+    assert ship.story_mode(DEFAULT_CONFIG) == "pictures"

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{step.name:<30} {step.about}")
         return
     if args.command == "ship":
-        written = ship.ship(Path(args.out), Path(args.to), ship.evaluation_guidance(Path(args.config)))
+        written = ship.ship(Path(args.out), Path(args.to), ship.evaluation_guidance(Path(args.config)),
+                            ship.story_mode(Path(args.config)))
         print(f"shipped toy preset written to {written}")
         return
     config = Path(args.config)

@@ -36,7 +36,26 @@ def evaluation_guidance(config: Path) -> float | None:
     return float(flags[flags.index("--guidance_scale") + 1]) if "--guidance_scale" in flags else None
 
 
-def ship(build_dir: Path, to: Path = SHIPPED, guidance_scale: float | None = None) -> Path:
+def story_mode(config: Path) -> str:
+    """The story mode a build's stage 2 was trained on (config/toyworld.yaml `world.story_mode`)."""
+    import yaml
+
+    return yaml.safe_load(Path(config).read_text())["world"].get("story_mode", "pictures")
+
+
+def demo_story(mode: str) -> world.Story:
+    """The demos' story, of the kind stage 2 was trained on: a day story (the shipped preset's), or
+    a test-side picture story (one no training story begins like)."""
+    rng = random.Random("shipped-story")
+    first = world.Scene("beach", "morning", "red", "near")
+    if mode == "day":
+        return world.make_story(first, len(STORY_IMAGES) + 1, rng)
+    first = next(s for s in world.all_scenes() if world.is_test_start(s) and not world.is_held_out(s))
+    return world.make_picture_story(first, len(STORY_IMAGES) + 1, rng, world.TEST,
+                                    allowed=lambda scene: not world.is_held_out(scene))
+
+
+def ship(build_dir: Path, to: Path = SHIPPED, guidance_scale: float | None = None, mode: str = "day") -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoModelForCausalLM, CLIPTextModel
 
@@ -77,9 +96,7 @@ def ship(build_dir: Path, to: Path = SHIPPED, guidance_scale: float | None = Non
     for name in CHECKPOINTS:
         torch.save({"state_dict": read_checkpoint(build_dir / "checkpoints" / name)}, tmp / name)
 
-    rng = random.Random("shipped-story")
-    first = world.Scene("beach", "morning", "red", "near")
-    story = world.make_story(first, len(STORY_IMAGES) + 1, rng)
+    story = demo_story(mode)
     for name, scene in zip(STORY_IMAGES, story.scenes):
         world.save_image(world.render(scene, cfg.sd_image_size, random.Random(name)), tmp / name)
     (tmp / "story.json").write_text(json.dumps({
