@@ -82,6 +82,25 @@ def test_a_picture_drawn_on_a_text_only_turn_counts_for_emission_not_accuracy():
     assert "| 2 | 100.0% | 100.0% | 100.0% | 50.0% | 50.0% |" in every     # all pictures with a scene
 
 
+def test_the_report_sets_stage_2_beside_both_story_baselines():
+    from types import SimpleNamespace
+
+    from toyworld import evaluate
+
+    scene = {"setting": "beach", "time": "noon", "colour": "red", "place": "near"}
+    later = {**scene, "time": "evening"}
+    run = next(r for r in evaluate.RUNS if r.name == "vist_stage2")
+    tasks = ["s1_0-gen", "s1_1-gen", "s2_1-gen"]
+    scored = evaluate.Scored(run, tasks, [scene, later, later], [scene, later, scene], [None] * 3, [True] * 3, None)
+    baselines = {"copy_last": ([scene, scene], [later, later]), "text_only": ([later, scene], [later, later])}
+    text = evaluate.report(SimpleNamespace(config_path=evaluate.REPO / "config" / "toyworld.yaml"),
+                           {"vist_stage2": scored}, {}, {}, baselines=baselines)
+    row = lambda start: next(line for line in text.splitlines() if line.startswith(start))
+    assert "| 2 | 100.0% | 50.0% | 100.0% | 100.0% | 50.0% |" in row("| MiniGPT-5 stage 2: next story frame")
+    assert "| 2 | 100.0% | 0.0% | 100.0% | 100.0% | 0.0% |" in row("| baseline: the last context picture")
+    assert "| 2 | 100.0% | 50.0% | 100.0% | 100.0% | 50.0% |" in row("| baseline: the best rule reading the text")
+
+
 def test_metric_py_figures_read_as_the_papers_tables_with_the_judge_beside_them():
     from toyworld import evaluate
 
@@ -263,6 +282,11 @@ def test_the_leakage_check_fails_a_leaking_split(tmp_path):
     found = leakage.problems(data)
     for kind in ("test story scene sequences", "test story caption histories", "test wording"):
         assert any(p.startswith(kind) for p in found), (kind, found)
+    # a pretraining picture of a held-out combination, captioned in a test word order
+    seen = next(s for s in world.all_scenes() if not world.is_held_out(s))
+    assert leakage.problems(None, pictures=[(seen, world.caption(seen)), (held, world.caption(held, 0, world.TEST))]) == [
+        f"pretraining pictures showing a held-out combination: 1 (e.g. {held})",
+        f"test wording in the pretraining pictures' captions: 1 (e.g. {world.caption(held, 0, world.TEST)!r})"]
     # the LLM's corpus naming a held-out combination (in training's own word order)
     assert leakage.problems(None, [f"a story. {world.caption(held)}. the end"]) == [
         f"LLM pretraining documents naming a held-out combination: 1 (e.g. {world.caption(held)!r})"]

@@ -2,7 +2,8 @@
 writes (the datasets, and the LLM's pretraining corpus when it makes one) and stops on.
 
 A test item leaks when any of these occurs in a training source (the train and val splits of the
-three datasets: validation picks the checkpoint; and the pretraining corpus):
+three datasets: validation picks the checkpoint; the LLM's pretraining corpus; the captioned pictures
+SD and the image side are pretrained on):
 
     held-out combination  a training picture shows one, or a corpus document names one in any wording
     wording               a sentence the test wording can make (every caption order, story phrase,
@@ -13,7 +14,8 @@ three datasets: validation picks the checkpoint; and the pretraining corpus):
     CC3M test split       holds a combination that is not held out
 
     problems(data, corpus)   -> one line per kind of leak found (empty: none)
-    check(data, corpus)      -> SystemExit naming them (the build's `datasets` and `preset` steps)
+    check(data, corpus, pictures)  -> SystemExit naming them (the build's `datasets` and `preset`
+                                      steps, and every pretraining step that reads pictures)
 """
 from __future__ import annotations
 
@@ -105,10 +107,11 @@ def _line(what: str, examples: list) -> str:
     return f"{what}: {len(examples)} (e.g. {shown})"
 
 
-def problems(data: Path, corpus: list[str] | None = None) -> list[str]:
+def problems(data: Path | None, corpus: list[str] | None = None,
+             pictures: list[tuple[world.Scene, str]] | None = None) -> list[str]:
     """One line per kind of leak between the test split of the datasets under `data` (if written)
-    and the training sources (their train and val splits, and `corpus`, the LLM's pretraining
-    documents, if given)."""
+    and the training sources (their train and val splits; `corpus`, the LLM's pretraining documents;
+    `pictures`, the captioned pictures SD and the image side are pretrained on; those given)."""
     found = []
     training = [read_split(data, split) for split in TRAINING_SPLITS] if data is not None else []
     test = read_split(data, "test") if data is not None else SplitText()
@@ -128,6 +131,13 @@ def problems(data: Path, corpus: list[str] | None = None) -> list[str]:
     wording = _occurring(sorted(set(test_phrases()) | set(test.texts)), texts)
     if wording:
         found.append(_line("test wording that occurs in a training text", [repr(w) for w in wording]))
+    if pictures:
+        held = [f"{scene}" for scene, _ in pictures if world.is_held_out(scene)]
+        if held:
+            found.append(_line("pretraining pictures showing a held-out combination", held))
+        worded = _occurring(test_phrases(), "\n".join(text for _, text in pictures))
+        if worded:
+            found.append(_line("test wording in the pretraining pictures' captions", [repr(w) for w in worded]))
     if corpus:
         documents = "\n".join(corpus)
         named = _occurring(held_out_captions(), documents)
@@ -139,9 +149,10 @@ def problems(data: Path, corpus: list[str] | None = None) -> list[str]:
     return found
 
 
-def check(data: Path | None, corpus: list[str] | None = None) -> None:
+def check(data: Path | None, corpus: list[str] | None = None,
+          pictures: list[tuple[world.Scene, str]] | None = None) -> None:
     """Stop the build (SystemExit naming every kind of leak) when a test item occurs in training."""
-    leaks = problems(data, corpus)
+    leaks = problems(data, corpus, pictures)
     if leaks:
         raise SystemExit("error: the toy world's test items occur in training (toyworld/leakage.py):\n- "
                          + "\n- ".join(leaks))

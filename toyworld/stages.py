@@ -87,10 +87,13 @@ def make_preset(build: Build) -> dict:
 # ---- pretraining the frozen parts ----------------------------------------------------------------
 
 def _pictures(build: Build):
+    from toyworld import leakage
     from toyworld.pretrain import picture_set
 
-    return picture_set(build.settings["pretrain"]["pictures"], build.settings["world"]["image_size"],
-                       build.settings["seed"])
+    pictures = picture_set(build.settings["pretrain"]["pictures"], build.settings["world"]["image_size"],
+                           build.settings["seed"])
+    leakage.check(None, pictures=list(zip(pictures.scenes, pictures.captions)))
+    return pictures
 
 
 def _sd_part(build: Build, name: str, fresh: bool = False):
