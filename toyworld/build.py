@@ -213,11 +213,15 @@ def _run_here(build: Build, i: int, step: Step, forced: bool, progress: _Progres
     progress.say(i, step.name, step.about)
     import torch
 
-    torch.use_deterministic_algorithms(True)      # the same bytes every time (train_eval.py: --deterministic)
     key = build.key(step)
     t0 = time.time()
     build.record_path(step.name).unlink(missing_ok=True)
-    summary = step.run(build)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)      # the same bytes every time (train_eval.py: --deterministic)
+    try:
+        summary = step.run(build)
+    finally:                                      # the caller's setting again (a test session, say)
+        torch.use_deterministic_algorithms(before)
     # Which `python -m toyworld build` ran it (a step run side by side is that build's too): the
     # report gives a wall clock only when one run made every step.
     record = {"key": key, "run": os.environ[RUN_ID], "started": round(t0, 1), "seconds": round(time.time() - t0, 1),

@@ -385,7 +385,8 @@ def run_metric(build: Build, run: Run, folder: Path) -> dict:
     build.command(["metric.py", "--pred_folder", str(folder), "--dataset", run.dataset, *extractor_flags(build),
                    "--device", "cpu", *real], {"DATAFOLDER": str(build.data / run.dataset)}, f"metric_{run.name}")
     results = json.loads((folder / "results_dict.json").read_text())
-    return {k: v for k, v in results.items() if isinstance(v, (int, float))}
+    # None: a figure metric.py could not compute (no picture drawn): the tables show n/a.
+    return {k: v for k, v in results.items() if v is None or isinstance(v, (int, float))}
 
 
 METRIC_RUNS = ("cc3m_stage1", "vist_stage2", "vist_stage2_no_context", "mmdialog_stage2")   # metric.py scores these
