@@ -172,9 +172,9 @@ HELD_OUT_EVERY = 6
 
 
 def is_held_out(scene: Scene) -> bool:
-    """Whether a combination never occurs in training: one in `HELD_OUT_EVERY` of them, spread so
-    that every pair of attribute values still occurs in training with other partners (a test of
-    composing what was seen, not of guessing what never was)."""
+    """Whether a combination never occurs in training: those whose value indices sum to a multiple
+    of `HELD_OUT_EVERY` (35 of the 192), spread so that every pair of attribute values still occurs
+    in training with other partners (a test of composing what was seen, not of guessing what never was)."""
     index = sum(values.index(getattr(scene, name)) for name, values in ATTRIBUTES.items())
     return index % HELD_OUT_EVERY == 0
 
