@@ -33,7 +33,7 @@ from data_problems import OUTSIDE_PATH, resolves_outside
 from dataloader import dump_records, make_dataset
 from dataset_base import MiniGPT5Dataset
 from feature_cache import feature_file, save_feature
-from dataset_specs import NAMES as DATASET_TYPES
+from dataset_specs import KNOWN as DATASET_TYPES
 from dataset_specs import is_shard_spec, resolve_dataset_type, shard_reader, spec
 from image_transforms import IMAGE_ERRORS, image_processor, load_rgb, target_transform
 from placement import resolve_device

@@ -17,7 +17,7 @@ model), `input_images` (n_in, 3, S, S) with n_in = number of <ImageHere> in the 
 `input_image_features` (n_in, num_query_token, llm_hidden) / `output_image_features`
 (8, SD/f, SD/f, or None) are given instead.
 
-A reader (dataloader.py's three, shards.py's) subclasses `MiniGPT5Dataset`: it builds its index
+A reader (one per dataset module in data_sources/, shards.py's) subclasses `MiniGPT5Dataset`: it builds its index
 (`_build_index`), says how many samples there are and describes sample i (`sample(i)`).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import torch
 from PIL import Image
@@ -37,9 +37,12 @@ from PIL import Image
 from configuration import limits
 from constants import IMAGE_PLACEHOLDER, SEED, VOKENS, preprocess_feature_folder
 from data_problems import OUTSIDE_PATH, BadSample, DataError, ProblemLog, path_leaves, resolves_outside
-from dataset_specs import SPECS, DatasetSpec
 from feature_cache import load_feature
 from image_transforms import IMAGE_ERRORS, image_processor, load_rgb, target_transform
+from samples import Dialogue
+
+if TYPE_CHECKING:
+    from data_sources.common import DatasetSpec
 
 log = logging.getLogger("dataloader")
 
@@ -55,6 +58,8 @@ class Sample:
     input_image_paths: tuple[str, ...]
     output_image_path: str | None
     location: str  # where it comes from: `file:line`, or `file (story ..., step ...)` for VIST
+    # The same sample in structured form (samples.py), which an LLM family's prompt style renders.
+    dialogue: Dialogue | None = None
 
     def record(self) -> dict[str, Any]:
         """The dump's JSON object (`python dataloader.py DATA_FILE`)."""
@@ -91,7 +96,7 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
         allow_outside_paths: accept image paths that leave `image_root` (refused by default).
     """
 
-    dataset_type = ""           # the name of its spec in dataset_specs.SPECS
+    dataset_type = ""           # the name of its spec (data_sources.REGISTRY)
     index_needs_tokenizer = False   # whether the training index is built with the tokenizer
 
     def __init__(self, data_file: str | os.PathLike, tokenizer: Any = None, cfg: Any = None,
@@ -136,9 +141,11 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
     # ---- shared --------------------------------------------------------------------------------
 
     @property
-    def dataset_spec(self) -> DatasetSpec:
-        """What the project knows about this dataset (dataset_specs.py)."""
-        return SPECS[self.dataset_type]
+    def dataset_spec(self) -> "DatasetSpec":
+        """What the project knows about this dataset (its module in data_sources/)."""
+        from dataset_specs import spec
+
+        return spec(self.dataset_type)
 
     @property
     def strict(self) -> bool:

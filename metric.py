@@ -110,7 +110,8 @@ from torchvision.transforms.functional import to_pil_image
 import predictions
 from constants import cc3m_folder, prediction_folder
 from data_problems import DataError
-from dataset_specs import NAMES as DATASETS, choose_dataset_type, spec, split_task  # noqa: F401
+from dataset_specs import KNOWN, choose_dataset_type, spec, split_task
+from dataset_specs import NAMES as DATASETS  # noqa: F401  (metric.DATASETS: the release's three, as before)
 from extractors import (FID_IMAGE_SIZE, MissingWeightError, Models, clip_image_features, clip_text_features,
                         frechet_distance, inception_outputs, inception_score, load_models, real_fid_features,
                         rowwise_cosine, sbert_features, tiny_models)
@@ -508,7 +509,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test_weight", help="checkpoint name; predictions are in "
                         "OUTPUT_FOLDER/<name without extension><OUTPUT_SUFFIX>/")
     parser.add_argument("--pred_folder", help="the folder with predictions-*.pt (instead of --test_weight)")
-    parser.add_argument("--dataset", choices=DATASETS, help="default: from DATAFOLDER, as the release")
+    parser.add_argument("--dataset", choices=KNOWN, help="default: from DATAFOLDER, as the release")
     parser.add_argument("--device", default="auto", help="where the extractors run: auto (the GPU when one is "
                         "present, else the CPU), cpu, cuda, cuda:1, ... (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=32, help="images / texts per model call")
