@@ -13,9 +13,11 @@ sample), `input_ids` and `labels` (1-D LongTensors: source ids then target ids, 
 special tokens; labels are -100 over the source and over [IMG1]..[IMG6]; BOS is added by the
 model), `input_images` (n_in, 3, S, S) with n_in = number of <ImageHere> in the source,
 `output_image` (3, SD, SD) in [-1, 1] (zeros when there is none), `has_output_image` (bool),
-`num_truncated_tokens` (int). With a feature cache, `input_images`/`output_image` are None and
+`num_truncated_tokens` (int). An answer with k > 1 pictures also has `more_output_images`
+(k-1, 3, SD, SD), `more_output_image_paths` and `more_captions` (pictures 2..k; the first stays
+`output_image`), and one voken group per picture in its target. With a feature cache, `input_images`/`output_image` are None and
 `input_image_features` (n_in, num_query_token, llm_hidden) / `output_image_features`
-(8, SD/f, SD/f, or None) are given instead.
+(8, SD/f, SD/f, or None; `more_output_image_features` (k-1, 8, SD/f, SD/f)) are given instead.
 
 A reader (one per dataset module in data_sources/, shards.py's) subclasses `MiniGPT5Dataset`: it builds its index
 (`_build_index`), says how many samples there are and describes sample i (`sample(i)`).
@@ -60,12 +62,27 @@ class Sample:
     location: str  # where it comes from: `file:line`, or `file (story ..., step ...)` for VIST
     # The same sample in structured form (samples.py), which an LLM family's prompt style renders.
     dialogue: Dialogue | None = None
+    # An answer with several pictures: pictures 2..k (the first is `output_image_path`), in order, and
+    # their captions (None where there is none; `caption` is the first picture's).
+    more_output_image_paths: tuple[str, ...] = ()
+    more_captions: tuple[str | None, ...] = ()
+
+    @property
+    def output_image_paths(self) -> tuple[str, ...]:
+        """Every picture of the answer, in order (k of them, 0 when it has none)."""
+        first = (self.output_image_path,) if self.output_image_path is not None else ()
+        return first + self.more_output_image_paths
 
     def record(self) -> dict[str, Any]:
-        """The dump's JSON object (`python dataloader.py DATA_FILE`)."""
-        return {"task_name": self.task_name, "source": self.source, "target": self.target,
-                "caption": self.caption, "input_images": list(self.input_image_paths),
-                "output_image": self.output_image_path}
+        """The dump's JSON object (`python dataloader.py DATA_FILE`); an answer with several pictures
+        also lists them all (`output_images`) with their captions."""
+        record = {"task_name": self.task_name, "source": self.source, "target": self.target,
+                  "caption": self.caption, "input_images": list(self.input_image_paths),
+                  "output_image": self.output_image_path}
+        if self.more_output_image_paths:
+            record["output_images"] = list(self.output_image_paths)
+            record["captions"] = [self.caption, *self.more_captions]
+        return record
 
 
 def choose(options: tuple[str, ...], seed: int, key: str) -> str:
@@ -276,12 +293,14 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
                 log.warning("%s (sample %s): source cut by %d tokens from the left to fit the text limit "
                             "(further cuts are not logged)", sample.location, sample.task_name, cut)
             inputs = sample.input_image_paths[dropped:]
-            output = sample.output_image_path
+            output, more = sample.output_image_path, sample.more_output_image_paths
             item: dict[str, Any] = {"input_images": None, "output_image": None}
             if self.feature_folder is not None:
                 item["input_image_features"] = (torch.stack([self._feature(p, "img") for p in inputs])
                                                 if inputs else None)
                 item["output_image_features"] = self._feature(output, "vae") if output else None
+                if more:
+                    item["more_output_image_features"] = torch.stack([self._feature(p, "vae") for p in more])
             else:
                 cfg = self._need("cfg")
                 size, sd_size = cfg.image_size, cfg.sd_image_size
@@ -289,6 +308,9 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
                 item["input_images"] = torch.stack(images) if images else torch.zeros(0, 3, size, size)
                 item["output_image"] = (self._image(sample, output, "out", "target") if output
                                         else torch.zeros(3, sd_size, sd_size))
+                if more:    # pictures 2..k; the first keeps the release's flip slot "out"
+                    item["more_output_images"] = torch.stack([self._image(sample, p, f"out{j + 1}", "target")
+                                                              for j, p in enumerate(more)])
         except BadSample as bad:
             self.problems.add(f"{sample.location} (sample {sample.task_name})", bad.reason, bad.detail,
                               skipped="sample dropped from its batch")
@@ -299,4 +321,6 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
             "location": sample.location, "has_output_image": output is not None,
             "input_ids": input_ids, "labels": labels, "num_truncated_tokens": cut,
         })
+        if more:
+            item.update({"more_output_image_paths": list(more), "more_captions": list(sample.more_captions)})
         return item

@@ -1,0 +1,282 @@
+"""Your own interleaved data (data_sources/interleaved.py, docs/own_data.md) and answers with several
+pictures, end to end: the JSON-lines and Parquet formats, each kind of bad row counted with file:line
+(or stopping the run under --strict), Parquet read one row group at a time, a two-picture sample file
+that trains (stage 1 and stage 2), predicts and is scored on the tiny preset, and batched generation
+of several pictures equal to single generation item by item."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, build, fixed_draws
+
+pytestmark = pytest.mark.usefixtures("no_data_env")
+
+EXAMPLE = REPO / "datasets" / "interleaved" / "train.jsonl"
+VOKENS = "[IMG0][IMG1][IMG2][IMG3][IMG4][IMG5][IMG6][IMG7]"
+
+
+def _reader(path, **kwargs):
+    from dataloader import make_dataset
+
+    return make_dataset(path, kwargs.pop("tokenizer", None), kwargs.pop("cfg", None), kwargs.pop("is_training", True),
+                        dataset_type="interleaved", feature_folder=False, **kwargs)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A data folder with two pictures of the example."""
+    (tmp_path / "pictures").mkdir()
+    for name in ("ball_noon", "ball_night"):
+        shutil.copy(EXAMPLE.parent / "pictures" / f"{name}.jpg", tmp_path / "pictures" / f"{name}.jpg")
+    return tmp_path
+
+
+def _line(**value) -> str:
+    return json.dumps(value)
+
+
+GOOD = _line(id="good", turns=[{"role": "user", "segments": [{"text": "two balls please"}]},
+                               {"role": "assistant", "segments": [{"text": "noon:"}, {"image": "pictures/ball_noon.jpg"},
+                                                                  {"image": "pictures/ball_night.jpg"}]}])
+
+
+# ---- the format ----------------------------------------------------------------------------------
+
+def test_the_example_file_gives_conversations_documents_and_two_picture_answers():
+    data = _reader(EXAMPLE)
+    samples = {s.task_name: s for s in data.samples()}
+    assert data.problems.total == 0 and len(samples) == 24
+    two = samples["ball_day_night_1-answer"]
+    assert two.target == f"At noon: {VOKENS} and at night: {VOKENS} ###"
+    assert two.source.endswith("###Human: Show me the ball at noon and then at night. ###Assistant:")
+    assert [Path(p).name for p in two.output_image_paths] == ["ball_noon.jpg", "ball_night.jpg"]
+    assert (two.caption, two.more_captions) == ("a red ball on grass at noon", ("a red ball on grass at night",))
+    assert two.dialogue.target_images == two.output_image_paths
+    # a conversation gives a sample per assistant turn, the earlier turns as context
+    chat = samples["ball_chat_3-answer"]
+    assert chat.source.startswith("You draw simple scenes and talk about them. ###Human: Draw a ball. ###Assistant: "
+                                  "Here it is: <Img><ImageHere></Img> ###Human: Now the same ball at night.")
+    assert [Path(p).name for p in chat.input_image_paths] == ["ball_noon.jpg"]
+    # a document (no roles): every turn after the first is an answer
+    assert {"ball_story_1-answer", "ball_story_2-answer"} <= set(samples) and "ball_story_0-answer" not in samples
+    assert samples["ball_story_2-answer"].target == "The ball waits for the next day. ###"
+    assert samples["ball_story_2-answer"].output_image_path is None
+    # understanding: pictures in, text out
+    assert samples["describe_two_1-answer"].source.count("<ImageHere>") == 2
+    lines = sum(1 for _ in open(EXAMPLE))
+    assert 18 <= lines <= 25                                 # the ~20-line example of docs/own_data.md
+
+
+def test_the_dump_lists_every_picture_of_an_answer():
+    from dataloader import dump_records
+
+    record = next(r for r in dump_records(_reader(EXAMPLE)) if r["task_name"] == "house_day_night_1-answer")
+    assert [Path(p).name for p in record["output_images"]] == ["house.jpg", "house_night.jpg"]
+    assert record["captions"] == ["a house on grass by day", "a house on grass at night"]
+
+
+BAD_ROWS = {
+    "missing image": {"turns": [{"role": "user", "segments": [{"text": "hi"}]},
+                                {"role": "assistant", "segments": [{"image": "pictures/nope.jpg"}]}]},
+    "image segment with no path": {"turns": [[{"text": "a"}], [{"image": ""}]]},
+    "turn with no segments": {"turns": [[{"text": "a"}], []]},
+    "unknown role": {"turns": [{"role": "user", "segments": [{"text": "a"}]},
+                               {"role": "narrator", "segments": [{"text": "b"}]}]},
+    "malformed JSON line": None,
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_ROWS))
+def test_each_bad_row_is_counted_with_file_and_line_or_stops_under_strict(reason, folder, caplog):
+    path = folder / "data.jsonl"
+    bad = json.dumps(BAD_ROWS[reason]) if BAD_ROWS[reason] is not None else '{"turns": [oops'
+    path.write_text("\n".join([GOOD, bad, GOOD.replace('"good"', '"good2"')]) + "\n")
+    caplog.set_level(logging.WARNING, logger="dataloader")
+    data = _reader(path)
+    assert data.problems.counts == {reason: 1}
+    assert [s.task_name for s in data.samples()] == ["good_1-answer", "good2_1-answer"]
+    assert f"{path}:2: {reason}" in caplog.text and "line skipped" in caplog.text
+    with pytest.raises(Exception, match=re.escape(f"{path}:2: {reason}")) as stopped:
+        _reader(path, strict=True)
+    assert type(stopped.value).__name__ == "DataError"
+
+
+def test_a_line_mixing_turns_with_and_without_roles_is_refused(folder):
+    path = folder / "data.jsonl"
+    path.write_text(_line(turns=[[{"text": "a"}], {"role": "assistant", "segments": [{"text": "b"}]}]) + "\n")
+    data = _reader(path)
+    assert data.problems.counts == {"unknown role": 1} and len(data) == 0
+
+
+def test_pictures_may_be_members_of_a_tar_beside_the_file(folder):
+    with tarfile.open(folder / "shard.tar", "w") as tar:
+        tar.add(folder / "pictures" / "ball_noon.jpg", arcname="k1.jpg")
+    path = folder / "data.jsonl"
+    path.write_text(_line(turns=[[{"text": "a ball"}], [{"image": "shard.tar#k1.jpg"}]]) + "\n"
+                    + _line(turns=[[{"text": "a ball"}], [{"image": "shard.tar#k2.jpg"}]]) + "\n")
+    data = _reader(path)
+    assert len(data) == 1 and data.problems.counts == {"missing image": 1}
+    picture = data.open_image(data.sample(0).output_image_path)
+    assert picture.size == (64, 64)
+
+
+def test_an_unknown_dataset_name_lists_the_interleaved_one_too():
+    import dataset_specs
+
+    assert "interleaved" in dataset_specs.KNOWN
+    with pytest.raises(ValueError, match="expected one of CC3M, VIST, MMDialog, interleaved"):
+        dataset_specs.spec("obelics")
+
+
+# ---- Parquet -------------------------------------------------------------------------------------
+
+def _parquet(path: Path, rows: list[dict], group: int = 2) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": [r["id"] for r in rows], "texts": [r["texts"] for r in rows],
+                      "images": [r["images"] for r in rows]},
+                     schema=pa.schema([("id", pa.string()), ("texts", pa.list_(pa.string())),
+                                       ("images", pa.list_(pa.string()))]))
+    pq.write_table(table, path, row_group_size=group)
+    return path
+
+
+def test_obelics_parquet_is_read_one_row_group_at_a_time(folder, monkeypatch, caplog):
+    import pyarrow.parquet as pq
+
+    noon, night = "pictures/ball_noon.jpg", "pictures/ball_night.jpg"
+    rows = [{"id": f"doc{i}", "texts": ["a ball", None, "and at night", None], "images": [None, noon, None, night]}
+            for i in range(4)]
+    rows.insert(2, {"id": "uneven", "texts": ["a", None], "images": [None]})
+    path = _parquet(folder / "docs.parquet", rows)
+    # never the whole file: only row groups are read
+    monkeypatch.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("the whole Parquet file was read"))
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("the whole Parquet file was read"))
+    groups = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, g, **k: groups.append(g) or real(self, g, **k))
+    caplog.set_level(logging.WARNING, logger="dataloader")
+    data = _reader(path)
+    assert groups == [0, 1, 2]
+    assert data.problems.counts == {"Parquet row with texts and images of unequal length": 1}
+    assert f"{path}:3: Parquet row with texts and images of unequal length" in caplog.text
+    sample = data.sample(len(data) - 1)
+    assert sample.task_name == "doc3_1-answer" and sample.target == f"and at night {VOKENS} ###"
+    assert sample.source.endswith(f"###Human: a ball <Img><ImageHere></Img> ###Assistant:")
+    assert [Path(p).name for p in sample.input_image_paths] == ["ball_noon.jpg"]
+    with pytest.raises(Exception, match=re.escape(f"{path}:3: Parquet row")):
+        _reader(path, strict=True)
+
+
+# ---- several pictures in one answer: training ----------------------------------------------------
+
+def _batch(model, names, seed=0):
+    """A collated batch of the example's samples `names`, with the random draws of every target row
+    pinned per (sample, picture), so that the same picture draws the same noise in any batch."""
+    from collator import Collator
+
+    tok = model.model.llama_tokenizer
+    data = _reader(EXAMPLE, tokenizer=tok, cfg=model.cfg)
+    index = {data.sample(i).task_name: i for i in range(len(data))}
+    batch = Collator(tok)([data[index[n]] for n in names])
+    latent = (4, model.unet.config.sample_size, model.unet.config.sample_size)
+    draws = []
+    for n in names:
+        k = max(1, len(data.sample(index[n]).output_image_paths))
+        for j in range(k):
+            draws.append(fixed_draws(1, latent, seed=sum(map(ord, n)) * 10 + j))
+    for key in ("noise", "latent_noise", "timesteps"):
+        batch[key] = torch.cat([d[key] for d in draws])
+    batch["cfg_drop"] = torch.zeros(len(draws), dtype=torch.bool)
+    return batch
+
+
+TWO = ["ball_day_night_1-answer", "what_is_it_1-answer", "tree_1-answer", "house_day_night_1-answer"]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_each_picture_gets_its_own_voken_group_and_loss_terms(stage, tiny_config, monkeypatch):
+    model = build(tiny_config, stage=stage, seed=0).eval()
+    batch = _batch(model, TWO)
+    # rows: pictures 1 and 2 of the first answer, the zero row of the text answer, the tree, two houses
+    assert batch["output_images"].shape[0] == 6
+    assert batch["output_image_counts"].tolist() == [2, 0, 1, 2]
+    seen = {}
+    real_latents = model.target_latents
+    monkeypatch.setattr(model, "target_latents",
+                        lambda b, index, *a, **k: seen.setdefault("rows", index.tolist()) and real_latents(b, index, *a, **k))
+    captions = []
+    real_encode = model.encode_caption
+    monkeypatch.setattr(model, "encode_caption", lambda texts: captions.extend(texts) or real_encode(texts))
+    with torch.no_grad():
+        losses = model(batch)
+    assert seen["rows"] == [0, 1, 3, 4, 5]            # each voken group draws its own picture, in order
+    assert captions == ["a red ball on grass at noon", "a red ball on grass at night", "a green tree on grass",
+                        "a house on grass by day", "a house on grass at night"]
+    assert all(torch.isfinite(v) for v in losses.values()) and set(losses) >= {"image_loss", "caption_loss"}
+
+
+def test_the_loss_terms_are_averaged_over_the_pictures(tiny_config):
+    """A batch's image and caption losses are the means over all its pictures, as the release's are over
+    its one picture per sample: a two-picture answer weighs twice a one-picture answer."""
+    model = build(tiny_config, stage=2, seed=0).eval()
+    with torch.no_grad():
+        both = model(_batch(model, ["ball_day_night_1-answer", "tree_1-answer"]))
+        two = model(_batch(model, ["ball_day_night_1-answer"]))
+        one = model(_batch(model, ["tree_1-answer"]))
+    for name in ("image_loss", "caption_loss"):
+        expected = (2 * two[name] + one[name]) / 3
+        assert float(both[name]) == pytest.approx(float(expected), rel=1e-4), name
+
+
+def test_a_two_picture_batch_trains(tiny_config):
+    model = build(tiny_config, stage=2, seed=0)
+    loss = model(_batch(model, TWO))["loss"]
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.llm_to_t2i_mapping.parameters())
+
+
+# ---- several pictures in one answer: generation --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stage2(tiny_config):
+    return build(tiny_config, stage=2, seed=0).eval()
+
+
+def test_batched_generation_of_several_pictures_equals_single_generation(stage2):
+    from PIL import Image
+
+    story = Image.open(REPO / "examples" / "story_1.jpg")
+    prompts = ["###Human: the ball at noon and at night ###Assistant:",
+               "###Human: <Img><ImageHere></Img> and then? ###Assistant:", "###Human: hello ###Assistant:"]
+    images = [[], [story], []]
+    batch = stage2.generate(prompts, images, seed=[5, 6, 7], max_new_tokens=24, force_generation=2,
+                            num_inference_steps=2)
+    assert [len(out.images) for out in batch] == [2, 2, 2]
+    for i, out in enumerate(batch):
+        assert out.text.count("[IMG0]") == 2 and out.image is out.images[0]
+        single = stage2.generate(prompts[i], images[i], seed=[5 + i], max_new_tokens=24, force_generation=2,
+                                 num_inference_steps=2)[0]
+        assert single.token_ids == out.token_ids
+        for a, b in zip(single.images, out.images):
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    # the two pictures of an answer are drawn from their own groups (and seeds)
+    assert np.abs(np.asarray(batch[0].images[0], dtype=int) - np.asarray(batch[0].images[1], dtype=int)).max() > 0
+
+
+def test_answer_segments_put_each_picture_in_place():
+    from generation import answer_segments
+
+    text = f"At noon:{VOKENS} and at night: {VOKENS} ###"
+    assert answer_segments(text, ["P1", "P2"], "###") == ["At noon:", "P1", "and at night:", "P2"]
+    assert answer_segments(f"{VOKENS}{VOKENS}", ["P1"], "###") == ["P1"]      # a group cut short: no picture
