@@ -280,3 +280,51 @@ def test_answer_segments_put_each_picture_in_place():
     text = f"At noon:{VOKENS} and at night: {VOKENS} ###"
     assert answer_segments(text, ["P1", "P2"], "###") == ["At noon:", "P1", "and at night:", "P2"]
     assert answer_segments(f"{VOKENS}{VOKENS}", ["P1"], "###") == ["P1"]      # a group cut short: no picture
+
+
+# ---- end to end: train (stage 1 and 2), predict, score --------------------------------------------
+
+def test_a_two_picture_file_trains_predicts_and_is_scored(tiny_config_path, tmp_path, monkeypatch):
+    """`--dataset interleaved` through train_eval.py (stage 1, then stage 2 from it), prediction (the
+    model made to answer with two pictures) and metric.py: every picture is kept in the prediction
+    file and its task folder, and scored at its place."""
+    import metric
+    import predictions
+    from constants import prediction_folder
+    from model import MiniGPT5_Model
+    from test_train_eval import common, run_main
+
+    data = tmp_path / "data"
+    shutil.copytree(EXAMPLE.parent, data)
+    lines = EXAMPLE.read_text().splitlines()
+    (data / "test.jsonl").write_text("\n".join([lines[0], lines[2], lines[8]]) + "\n")   # 2, 2 and 0 pictures
+    weights = tmp_path / "weights"
+    env = {"DATAFOLDER": data, "WEIGHTFOLDER": weights, "OUTPUT_FOLDER": tmp_path / "out"}
+    run = ["--is_training", "--train_data_path", "train.jsonl", "--dataset", "interleaved", "--max_steps", "1",
+           *common(tiny_config_path)]
+    run_main(run + ["--model_save_name", "s1"], {**env, "IS_STAGE2": "False"})
+    run_main(run + ["--model_save_name", "s2", "--stage1_weight", "s1-last.ckpt"], {**env, "IS_STAGE2": "True"})
+    assert (weights / "s2-last.ckpt").is_file()
+
+    real_generate = MiniGPT5_Model.generate
+    monkeypatch.setattr(MiniGPT5_Model, "generate",
+                        lambda self, *a, **k: real_generate(self, *a, **{**k, "force_generation": 2,
+                                                                           "max_new_tokens": 20}))
+    run_main(["--test_data_path", "test.jsonl", "--dataset", "interleaved", "--test_weight", "s2-last.ckpt",
+              "--stage1_weight", "s1-last.ckpt", "--predict_batch_size", "2", *common(tiny_config_path)],
+             {**env, "IS_STAGE2": "True"})
+    with monkeypatch.context() as m:
+        m.setenv("OUTPUT_FOLDER", str(tmp_path / "out"))
+        folder = prediction_folder("s2-last.ckpt")
+    records = {r.task_name: r for r in predictions.read_folder(folder)[0]}
+    assert set(records) == {"ball_day_night_1-answer", "house_day_night_1-answer", "what_is_it_1-answer"}
+    two = records["ball_day_night_1-answer"]
+    assert len(two.predicted_images) == 2 and len(two.expected_images) == 2
+    assert not torch.equal(two.expected_images[0], two.expected_images[1])          # each in its place
+    assert len(records["what_is_it_1-answer"].expected_images) == 0
+    assert (folder / "ball_day_night_1-answer" / "generated.jpg").is_file()
+    results = metric.main(["--pred_folder", str(folder), "--dataset", "interleaved", "--device", "cpu",
+                           "--tiny_extractors", "--fid_cache_dir", str(tmp_path / "cache")])
+    assert results["overall_picture_count_accuracy"] == pytest.approx(2 / 3)    # the text answer got pictures
+    assert results["clip_i_similarity_picture_1"] is not None and results["clip_i_similarity_picture_2"] is not None
+    assert results["overall_fid_score"] is not None
