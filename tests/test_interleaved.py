@@ -328,3 +328,70 @@ def test_a_two_picture_file_trains_predicts_and_is_scored(tiny_config_path, tmp_
     assert results["overall_picture_count_accuracy"] == pytest.approx(2 / 3)    # the text answer got pictures
     assert results["clip_i_similarity_picture_1"] is not None and results["clip_i_similarity_picture_2"] is not None
     assert results["overall_fid_score"] is not None
+
+
+# ---- the playground, the HTML export and the web demo keep every picture in place ------------------
+
+def _two_picture_answer():
+    from PIL import Image
+
+    from generation import GenerationOutput
+
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    return GenerationOutput(text=f"At noon:{VOKENS} and at night:{VOKENS} ###", clean_text="At noon: and at night:",
+                            image=red, token_ids=[], images=[red, blue])
+
+
+class _TwoPictureModel:
+    """Answers every prompt with two pictures, each after its text (no real model)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, images=None, **kwargs):
+        self.calls.append({"prompts": list(prompts), "images": images})
+        return [_two_picture_answer() for _ in prompts]
+
+
+def test_the_html_export_and_the_next_prompt_keep_each_picture_in_place():
+    from conversation import Conversation
+
+    chat = Conversation(system="")
+    chat.add("Human", "the ball at noon and at night")
+    out = chat.respond(_TwoPictureModel())
+    answer = chat.turns[-1]
+    assert answer.images == out.images and [type(p).__name__ for p in answer.pieces()] == ["str", "Image", "str", "Image"]
+    page = chat.to_html()
+    assert page.index("At noon:") < page.index("<img") < page.index("and at night:") < page.rindex("<img")
+    assert page.count("<img") == 2
+    chat.add("Human", "again")
+    prompt, images = chat.prompt()
+    assert "###Assistant: At noon: <Img><ImageHere></Img> and at night: <Img><ImageHere></Img>" in prompt
+    assert images == out.images
+
+
+def test_the_playground_marks_each_picture_in_place():
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    import playground
+
+    out = _two_picture_answer()
+    assert playground.printable_answer(out.text, ["0.1", "0.2"]) == "At noon: [picture 0.1] and at night: [picture 0.2]"
+    assert playground.printable_answer(out.text, ["0"]) == "At noon: [picture 0] and at night:"
+
+
+def test_the_web_demo_shows_each_picture_in_place(tmp_path):
+    pytest.importorskip("gradio")
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    import web_demo
+
+    demo = web_demo.build_demo(_TwoPictureModel(), files_root=tmp_path)
+    handler = lambda name: next(f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == name)
+    session, _, _ = handler("accept")({"text": "the ball, twice", "files": []}, None)
+    _, messages, _, _ = handler("answer")(session, 7.5, 3, 7, False, 16, "pndm", 50)
+    reply = messages[-1]["content"]
+    assert [type(piece).__name__ for piece in reply] == ["str", "Image", "str", "Image"]
+    assert reply[0] == "At noon:" and reply[2] == "and at night:"
