@@ -84,8 +84,8 @@ class SampleGeneration(Callback):
         pl_module.train(was_training)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"step_{step:07d}.txt").write_text(f"{batch['sources'][0]}\n---\n{out.text}\n")
-        if out.image is not None:
-            out.image.save(self.out_dir / f"step_{step:07d}.png")
+        for j, picture in enumerate(out.images or ([out.image] if out.image is not None else [])):
+            picture.save(self.out_dir / (f"step_{step:07d}.png" if j == 0 else f"step_{step:07d}_{j + 1}.png"))
 
 
 class PredictionWriter(BasePredictionWriter):

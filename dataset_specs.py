@@ -79,21 +79,27 @@ def choose_dataset_type(data_file: str | os.PathLike | None = None,
         source = "the default DATAFOLDER"
     rule = "the release's rule: CC3M / MMDialog in the path, else VIST; --dataset_type / --dataset to choose"
     if name == FALLBACK:
-        check_fallback(data_file, f"from {source}: {why}; {rule}")
+        folder = os.environ.get("DATAFOLDER") if data_file is None else None
+        check_fallback(data_file, folder, f"from {source}: {why}; {rule}")
     return name, f"from {source}: {why} ({rule})"
 
 
-def check_fallback(data_file: str | os.PathLike | None, why: str) -> None:
+def check_fallback(data_file: str | os.PathLike | None, folder: str | os.PathLike | None, why: str) -> None:
     """The release's rule falls back to VIST for any folder: a data file that exists and cannot be a
-    VIST annotation file (its spec's `file_name`) is an error naming the known datasets, never read
-    as VIST."""
+    VIST annotation file (its spec's `file_name`), or, without a data file (metric.py), a DATAFOLDER
+    that exists and holds none, is an error naming the known datasets, never read as VIST."""
     pattern = SPECS[FALLBACK].file_name
-    if data_file is None or pattern is None or not Path(data_file).is_file() \
-            or re.fullmatch(pattern, Path(data_file).name):
+    if pattern is None:
         return
-    raise ValueError(f"cannot tell the dataset of {str(data_file)!r}: {why}, but it is not a VIST annotation file "
-                     f"(X_cleaned.json); give its type: --dataset (train_eval.py, metric.py) or --dataset_type "
-                     f"(dataloader.py), one of {', '.join(KNOWN)}")
+    if data_file is not None and Path(data_file).is_file() and not re.fullmatch(pattern, Path(data_file).name):
+        what = f"{str(data_file)!r}: {why}, but it is not a VIST annotation file (X_cleaned.json)"
+    elif data_file is None and folder and Path(folder).is_dir() \
+            and not any(re.fullmatch(pattern, f.name) for f in Path(folder).iterdir()):
+        what = f"DATAFOLDER={str(folder)!r}: {why}, but it holds no VIST annotation file (X_cleaned.json)"
+    else:
+        return
+    raise ValueError(f"cannot tell the dataset of {what}; give its type: --dataset (train_eval.py, metric.py) or "
+                     f"--dataset_type (dataloader.py), one of {', '.join(KNOWN)}")
 
 
 def resolve_dataset_type(data_file: str | os.PathLike | None = None, dataset_type: str | None = None) -> str:

@@ -174,7 +174,8 @@ def load_predictions(folder: Path) -> list[Sample]:
     records, n_files = predictions.read_folder(folder)
     samples = [Sample(r.input_text or "", r.predicted_text or "", r.expected_text or "", r.predicted_image,
                       r.sd_baseline_image, tensor_to_image(r.expected_image), str(r.task_name),
-                      list(r.more_predicted_images), [tensor_to_image(t) for t in r.more_expected_images])
+                      more_pred_images=list(r.more_predicted_images),
+                      more_gt_images=[tensor_to_image(t) for t in r.more_expected_images])
                for r in records]
     print(f"{len(samples)} predictions from {n_files} file(s) in {folder}")
     return samples
@@ -498,12 +499,10 @@ def score_mmdialog(samples: Sequence[Sample], models: Models, args: argparse.Nam
 
 
 def answer_text(text: str) -> str:
-    """An interleaved answer's text as compared: every voken, the end symbol, `<s>` and `</s>` left
-    out, the text after its pictures kept; "" if only punctuation."""
-    for token in [f"[IMG{i}]" for i in range(8)] + [END_SYM, "</s>", "<s>"]:
-        text = text.replace(token, " ")
-    text = " ".join(text.split())
-    return "" if all(c in string.punctuation or c.isspace() for c in text) else text
+    """An interleaved answer's text as compared: the text before, between and after its voken groups,
+    each piece cleaned by `clean_text` (no end symbol, `<s>`, `</s>`; "" if only punctuation)."""
+    pieces = (re.sub(r"\[IMG[1-7]\]", " ", piece) for piece in text.split("[IMG0]"))
+    return " ".join(" ".join(clean_text(piece) for piece in pieces).split())
 
 
 def score_interleaved(samples: Sequence[Sample], models: Models, args: argparse.Namespace) -> tuple[dict, dict]:

@@ -107,3 +107,18 @@ def test_an_unknown_dataset_is_an_error_naming_the_known_ones(tmp_path, monkeypa
         make_dataset("train.jsonl", None, None, False)
     with pytest.raises(ValueError, match=f"unknown dataset type 'COCO'; expected one of {known}"):
         make_dataset(data, None, None, False, dataset_type="COCO")
+
+
+def test_a_datafolder_without_vist_files_is_not_read_as_vist(tmp_path, monkeypatch):
+    """metric.py has no data file: the release's rule on DATAFOLDER falls back to VIST only for a folder
+    that holds a VIST annotation file (or one that is not there to look at, as the release)."""
+    import dataset_specs
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train.jsonl").write_text("{}\n")
+    monkeypatch.setenv("DATAFOLDER", str(tmp_path / "mine"))
+    with pytest.raises(ValueError, match="DATAFOLDER=.*mine.*holds no VIST annotation file.*interleaved"):
+        dataset_specs.resolve_dataset_type()
+    monkeypatch.setenv("DATAFOLDER", str(DATASETS / "VIST"))
+    assert dataset_specs.resolve_dataset_type() == "VIST"
+    assert dataset_specs.resolve_dataset_type(dataset_type="interleaved") == "interleaved"

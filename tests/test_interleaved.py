@@ -395,3 +395,36 @@ def test_the_web_demo_shows_each_picture_in_place(tmp_path):
     reply = messages[-1]["content"]
     assert [type(piece).__name__ for piece in reply] == ["str", "Image", "str", "Image"]
     assert reply[0] == "At noon:" and reply[2] == "and at night:"
+
+
+def test_cached_features_of_several_pictures_give_the_same_losses(tmp_path, tiny_config):
+    """`python dataloader.py preprocess` caches every picture of an answer (a .tar member too), and a
+    batch read from the cache gives the losses of the same batch read from the pictures."""
+    import data_commands
+    from collator import Collator
+
+    model = build(tiny_config, stage=1, seed=0).eval()
+    tok = model.model.llama_tokenizer
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        tar.add(EXAMPLE.parent / "pictures" / "sun.jpg", arcname="sun.jpg")
+    shutil.copytree(EXAMPLE.parent / "pictures", tmp_path / "pictures")
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(EXAMPLE.read_text().splitlines()[:4]) + "\n"
+                    + _line(id="tar", turns=[[{"text": "sun and tree"}], [{"image": "shard.tar#sun.jpg"},
+                                                                           {"image": "pictures/tree.jpg"}]]) + "\n")
+    images = _reader(path, tokenizer=tok, cfg=tiny_config, is_training=False)
+    counts = data_commands.preprocess_features(images, model, tmp_path / "features", device="cpu")
+    assert counts["written"] == 6 + 2 and "bad" not in counts        # 6 distinct pictures, the .tar member, the tree
+    cached = type(images)(path, tok, tiny_config, is_training=False, feature_folder=tmp_path / "features")
+    collate = Collator(tok)
+    picks = [0, 3, 4]                       # two pictures, one picture, two pictures from the .tar and a file
+    by_images, by_features = collate([images[i] for i in picks]), collate([cached[i] for i in picks])
+    assert by_features["output_image_features"].shape[0] == by_images["output_images"].shape[0] == 5
+    g = torch.Generator().manual_seed(1)
+    latent = (5, 4, tiny_config.sd_image_size // 2, tiny_config.sd_image_size // 2)
+    draws = {"latent_noise": torch.randn(latent, generator=g), "noise": torch.randn(latent, generator=g),
+             "timesteps": torch.randint(0, 1000, (5,), generator=g), "cfg_drop": torch.zeros(5, dtype=torch.bool)}
+    with torch.no_grad():
+        a, b = model({**by_images, **draws}), model({**by_features, **draws})
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
