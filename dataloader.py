@@ -77,7 +77,7 @@ from data_sources.cc3m import CC3M_INSTRUCTION_EVERY, CC3MDataset, cc3m_sample  
 from data_sources.common import bounded_lines, json_depth_over, parse_json  # noqa: F401
 from data_sources.mmdialog import MMDIALOG_BROKEN_IDS, MMDIALOG_MAX_TURN_TOKENS, MMDialogDataset  # noqa: F401
 from data_sources.vist import VISTDataset  # noqa: F401
-from dataset_base import MiniGPT5Dataset, Sample  # noqa: F401
+from dataset_base import MiniGPT5Dataset, Sample, text_style  # noqa: F401
 from dataset_specs import NAMES as DATASET_TYPES  # noqa: F401  (dataloader.DATASET_TYPES, as before)
 from dataset_specs import is_shard_spec, resolve_dataset_type, shard_reader, spec  # noqa: F401
 # The release's prompts (importable from here too, as before they moved to prompts.py).
@@ -94,9 +94,11 @@ def make_dataset(data_file: str | os.PathLike, tokenizer: Any, cfg: Any, is_trai
     streamed by the spec's `shard_reader` (`dataset_specs.shard_reader`: `shards.CC3MShards`)."""
     if is_shard_spec(data_file):
         return shard_reader(dataset_type)(data_file, tokenizer=tokenizer, cfg=cfg, is_training=is_training,
-                                          strict=strict, dataset_type=dataset_type, **kwargs)
+                                          strict=strict, dataset_type=dataset_type,
+                                          **{"render": text_style(cfg), **kwargs})
     path = find_data(data_file)
     cls = spec(resolve_dataset_type(path, dataset_type)).reader_class()
+    kwargs.setdefault("render", text_style(cfg))        # another LLM family's prompt style, if any
     return cls(path, tokenizer=tokenizer, cfg=cfg, is_training=is_training, strict=strict, **kwargs)
 
 

@@ -29,9 +29,9 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 import torch
 from PIL import Image
@@ -111,6 +111,9 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
         max_length: limit on source + target text tokens (default: the tokenizer's
             `model_max_length` when it is a real limit, as the release).
         allow_outside_paths: accept image paths that leave `image_root` (refused by default).
+        render: the prompt style of another LLM family (`samples.Dialogue` -> (source, target);
+            `text_style(cfg)`): each sample's text is its dialogue so rendered; None (the release's
+            LLM) keeps the readers' strings, the release's.
     """
 
     dataset_type = ""           # the name of its spec (data_sources.REGISTRY)
@@ -121,7 +124,7 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
                  image_root: str | os.PathLike | None = None,
                  feature_folder: str | os.PathLike | Literal[False] | None = None,
                  feature_split: str | None = None, max_length: int | None = None,
-                 allow_outside_paths: bool = False):
+                 allow_outside_paths: bool = False, render: Callable[[Dialogue], tuple[str, str]] | None = None):
         self.data_file = Path(data_file)
         if not self.data_file.is_file():
             raise FileNotFoundError(f"{self.dataset_type} data file {str(self.data_file)!r} does not exist")
@@ -135,6 +138,7 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
         self.feature_split = feature_split or ("train" if is_training else "test")
         self.max_length = max_length
         self.allow_outside_paths = allow_outside_paths
+        self.render = render
         self.caps = limits()            # config/limits.yaml (MINIGPT5_LIMITS), read when the dataset is made
         self.epoch = 0
         self._transforms = None
@@ -173,7 +177,18 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
         """The samples in order (the first `limit` only, if given)."""
         n = len(self) if limit is None else min(limit, len(self))
         for i in range(n):
-            yield self.sample(i)
+            yield self.styled(self.sample(i))
+
+    def styled(self, sample: Sample) -> Sample:
+        """The sample in the text the model reads: its dialogue rendered by `render` (another LLM
+        family's prompt style), or as the reader wrote it (the release's strings). A test target that
+        is not the answer (CC3M's caption, the expected text of a picture answer) stays as written."""
+        if self.render is None or sample.dialogue is None:
+            return sample
+        source, target = self.render(sample.dialogue)
+        if VOKENS[0] not in sample.target and sample.dialogue.target_images:
+            target = sample.target
+        return replace(sample, source=source, target=target)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new training flips for this epoch (template choices do not change)."""
@@ -286,6 +301,7 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
 
     def item(self, sample: Sample) -> dict[str, Any] | None:
         """`dataset[i]` for a given sample (the shard reader in shards.py streams its samples here)."""
+        sample = self.styled(sample)
         try:
             input_ids, labels, cut, dropped = self.tokenize(sample)
             if cut and not getattr(self, "_warned_truncation", False):
@@ -324,3 +340,14 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
         if more:
             item.update({"more_output_image_paths": list(more), "more_captions": list(sample.more_captions)})
         return item
+
+
+def text_style(cfg: Any) -> Callable[[Dialogue], tuple[str, str]] | None:
+    """The `render` of the datasets for a model config: None for the release's LLM family (vicuna: the
+    readers' strings, the release's), else the family's prompt style (`llm_families`)."""
+    name = getattr(cfg, "llm_family", "vicuna") if cfg is not None else "vicuna"
+    if name == "vicuna":
+        return None
+    from llm_families import get_family
+
+    return get_family(name).render

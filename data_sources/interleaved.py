@@ -13,7 +13,8 @@ or `{"image": path, "caption": optional str}`, the path relative to the file's f
 `.tar` beside it (`shard.tar#key.jpg`). Roles are "user" and "assistant": every assistant turn is an
 answer (a sample) with the turns before it as context. A line that gives no role at all is a document:
 every turn after the first is an answer. `id` (letters, digits, `.`, `-`, `_`) names the samples
-(`{id}_{turn}-answer`; default: `line{n}`), `system` defaults to the release's MMDialog system prompt.
+(`{id}_{turn}-answer`; default: `line{n}`), `system` defaults to the release's MMDialog system prompt
+(null: none).
 
 Parquet (`.parquet`, OBELICS's layout): one document per row, the columns `texts` and `images`, lists of
 equal length where each position holds exactly one of a text or an image path (the other null), and an
@@ -68,7 +69,7 @@ class _Document:
 
     where: str
     name: str
-    system: str
+    system: str | None
     turns: tuple[tuple[str, tuple[Segment, ...]], ...]
     captions: dict[str, str]
 
@@ -157,7 +158,7 @@ class InterleavedDataset(MiniGPT5Dataset):
             raise BadSample("malformed id", f"{name[:100]!r}: letters, digits, '.', '-' and '_' only")
         system = value.get("system", SPEC.system_prompt) if isinstance(value, dict) and not self.is_parquet \
             else SPEC.system_prompt
-        if not isinstance(system, str):
+        if system is not None and not isinstance(system, str):      # null: no system prompt
             raise BadSample("malformed line", "'system' is not a string")
         out, captions = [], {}
         for i, (role, segments) in enumerate(turns):

@@ -122,3 +122,33 @@ def test_a_datafolder_without_vist_files_is_not_read_as_vist(tmp_path, monkeypat
     monkeypatch.setenv("DATAFOLDER", str(DATASETS / "VIST"))
     assert dataset_specs.resolve_dataset_type() == "VIST"
     assert dataset_specs.resolve_dataset_type(dataset_type="interleaved") == "interleaved"
+
+
+def test_another_prompt_style_renders_each_dialogue(tiny_tokenizer, tiny_config):
+    """A dataset given `render` (another LLM family's prompt style) reads each sample's dialogue in it,
+    for the model's items and the dump; a test target that is not the answer (CC3M's caption) stays.
+    Without it (the release's LLM: `text_style` gives None) the readers' strings are kept."""
+    from dataloader import make_dataset
+    from dataset_base import text_style
+
+    assert text_style(tiny_config) is None and text_style(None) is None
+
+    def render(dialogue):
+        pictures = len(dialogue.target_images)
+        return (f"<sys>{dialogue.system}</sys>" + "".join(f"<{m.role}>" for m in dialogue.context),
+                " ".join(s.text or "[IMG0][IMG1][IMG2][IMG3][IMG4][IMG5][IMG6][IMG7]" for s in dialogue.answer.segments)
+                + f" <end {pictures}>")
+
+    vist = make_dataset(DATA_FILES["VIST"]["train"], tiny_tokenizer, tiny_config, is_training=True,
+                        dataset_type="VIST", feature_folder=False, render=render)
+    sample = next(vist.samples())
+    assert sample.source == f"<sys>{vist.dataset_spec.system_prompt}</sys><user>"
+    assert sample.target.endswith("<end 1>") and "[IMG0]" in sample.target
+    item = vist[0]
+    assert item["source"] == sample.source and item["target"] == sample.target
+    cc3m = make_dataset(DATA_FILES["CC3M"]["test"], tiny_tokenizer, tiny_config, is_training=False,
+                        dataset_type="CC3M", feature_folder=False, render=render)
+    plain = make_dataset(DATA_FILES["CC3M"]["test"], tiny_tokenizer, tiny_config, is_training=False,
+                         dataset_type="CC3M", feature_folder=False)
+    for styled, release in zip(cc3m.samples(), plain.samples()):
+        assert styled.target == release.target and styled.source == "<sys>None</sys><user>"

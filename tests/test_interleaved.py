@@ -428,3 +428,10 @@ def test_cached_features_of_several_pictures_give_the_same_losses(tmp_path, tiny
         a, b = model({**by_images, **draws}), model({**by_features, **draws})
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_null_system_prompt_means_none(folder):
+    path = folder / "data.jsonl"
+    path.write_text(_line(system=None, turns=[[{"text": "a ball"}], [{"image": "pictures/ball_noon.jpg"}]]) + "\n")
+    sample = _reader(path).sample(0)
+    assert sample.dialogue.system is None and sample.source == "###Human: a ball ###Assistant:"
