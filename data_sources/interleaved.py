@@ -64,14 +64,14 @@ _TAR_MEMBER = "#"          # `shard.tar#member.jpg`
 
 @dataclass(frozen=True)
 class _Document:
-    """One usable line or row: where it is, its name, system prompt and turns (segments with the
-    picture paths resolved; a picture as (path, caption))."""
+    """One usable line or row: where it is, its name, system prompt, turns (role or None, segments
+    with the picture paths resolved) and the captions given ((turn, segment) -> caption)."""
 
     where: str
     name: str
     system: str | None
-    turns: tuple[tuple[str, tuple[Segment, ...]], ...]
-    captions: dict[str, str]
+    turns: tuple[tuple[str | None, tuple[Segment, ...]], ...]
+    captions: dict[tuple[int, int], str]
 
 
 class InterleavedDataset(MiniGPT5Dataset):
@@ -135,18 +135,32 @@ class InterleavedDataset(MiniGPT5Dataset):
 
     def _parquet_rows(self) -> Iterator[tuple[int, int, Any]]:
         """(row, row number, row as a dict) of every row, read one row group at a time."""
-        parquet = _parquet_file(self.data_file)
+        parquet = open_parquet(self.data_file)
         sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
         self._group_ends = np.cumsum(sizes, dtype=np.int64)
         row = 0
         for group in range(parquet.num_row_groups):
-            for value in _row_group(self.data_file, group):
+            for value in self._row_group(group):
                 row += 1
                 yield row - 1, row, value
 
     def _row_at(self, row: int) -> Any:
         group = int(np.searchsorted(self._group_ends, row, side="right"))
-        return _row_group(self.data_file, group)[row - (int(self._group_ends[group - 1]) if group else 0)]
+        return self._row_group(group)[row - (int(self._group_ends[group - 1]) if group else 0)]
+
+    def _row_group(self, group: int) -> list[dict]:
+        """The rows of one row group as dicts: the only part of the file in memory (the last one read,
+        kept for the next sample; each DataLoader worker opens the file itself)."""
+        cached = getattr(self, "_group", None)
+        if cached is None or cached[0] != group:
+            if getattr(self, "_parquet", None) is None:
+                self._parquet = open_parquet(self.data_file)
+            columns = [c for c in ("id", "texts", "images") if c in self._parquet.schema_arrow.names]
+            self._group = cached = (group, self._parquet.read_row_group(group, columns=columns).to_pylist())
+        return cached[1]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_parquet": None, "_group": None}     # an open file does not travel
 
     # ---- checking ----------------------------------------------------------------------------
 
@@ -163,17 +177,16 @@ class InterleavedDataset(MiniGPT5Dataset):
         out, captions = [], {}
         for i, (role, segments) in enumerate(turns):
             checked = []
-            for segment in segments:
+            for k, segment in enumerate(segments):
                 if segment.text is not None:
                     self._check_text(segment.text, f"turn {i}")
                     checked.append(segment)
                     continue
-                path = self._picture_path(segment.image, f"turn {i}")
-                checked.append(Segment(image=path))
+                checked.append(Segment(image=self._picture_path(segment.image, f"turn {i}")))
                 caption = getattr(segment, "caption", None)
                 if caption is not None:
                     self._check_text(caption, f"turn {i} caption")
-                    captions[path] = caption
+                    captions[i, k] = caption
             out.append((role, tuple(checked)))
         return _Document(where, name, system, tuple(out), captions)
 
@@ -233,7 +246,8 @@ def document_sample(document: _Document, answer: int) -> Sample:
     dialogue = Dialogue(document.system, tuple(messages))
     source, target = prompts.render_dialogue(dialogue)
     pictures = dialogue.target_images
-    captions = tuple(document.captions.get(p) for p in pictures)
+    captions = tuple(document.captions.get((answer, k)) for k, s in enumerate(dialogue.answer.segments)
+                     if s.image is not None)
     return Sample(SPEC.task_name(document.name, answer, "answer"), source, target, captions[0] if captions else None,
                   dialogue.input_images, pictures[0] if pictures else None, document.where, dialogue=dialogue,
                   more_output_image_paths=pictures[1:], more_captions=captions[1:])
@@ -315,15 +329,15 @@ def _parquet_turns(row: dict) -> list[tuple[None, list[Segment]]]:
     return turns
 
 
-@lru_cache(maxsize=4)
-def _parquet_file(path: Path):
+def open_parquet(path: Path):
+    """The Parquet file (pyarrow, not read yet), checked to have OBELICS's `texts` and `images`."""
     try:
         import pyarrow.parquet as pq
     except ImportError as e:      # requirements.txt pins pyarrow
         raise DataError(f"{path}: reading Parquet needs pyarrow (pip install -r requirements.txt)") from e
     try:
         parquet = pq.ParquetFile(path)
-    except Exception as e:  # noqa: BLE001  (pyarrow raises its own error classes for damaged files)
+    except (OSError, ValueError) as e:          # pyarrow's ArrowIOError / ArrowInvalid
         raise DataError(f"{path}: not a readable Parquet file: {type(e).__name__}: {e}") from None
     missing = {"texts", "images"} - set(parquet.schema_arrow.names)
     if missing:
@@ -332,16 +346,13 @@ def _parquet_file(path: Path):
     return parquet
 
 
-@lru_cache(maxsize=1)
-def _row_group(path: Path, group: int) -> list[dict]:
-    """The rows of one row group as dicts (the only part of the file in memory)."""
-    parquet = _parquet_file(path)
-    columns = [c for c in ("id", "texts", "images") if c in parquet.schema_arrow.names]
-    return parquet.read_row_group(group, columns=columns).to_pylist()
+def _tar_members(path: str) -> frozenset[str]:
+    """The files of a .tar (listed once per version of the file)."""
+    return _listed_tar_members(path, os.stat(path).st_mtime_ns)
 
 
 @lru_cache(maxsize=16)
-def _tar_members(path: str) -> frozenset[str]:
+def _listed_tar_members(path: str, version: int) -> frozenset[str]:
     try:
         with tarfile.open(path) as tar:
             return frozenset(m.name for m in tar.getmembers() if m.isfile())

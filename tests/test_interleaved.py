@@ -435,3 +435,15 @@ def test_a_null_system_prompt_means_none(folder):
     path.write_text(_line(system=None, turns=[[{"text": "a ball"}], [{"image": "pictures/ball_noon.jpg"}]]) + "\n")
     sample = _reader(path).sample(0)
     assert sample.dialogue.system is None and sample.source == "###Human: a ball ###Assistant:"
+
+
+def test_a_damaged_parquet_file_or_one_without_the_columns_is_an_error(folder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(Exception, match="bad.parquet: not a readable Parquet file"):
+        _reader(folder / "bad.parquet")
+    pq.write_table(pa.table({"text": ["a"]}), folder / "other.parquet")
+    with pytest.raises(Exception, match="other.parquet: no column images, texts"):
+        _reader(folder / "other.parquet")
