@@ -84,8 +84,8 @@ class SampleGeneration(Callback):
         pl_module.train(was_training)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"step_{step:07d}.txt").write_text(f"{batch['sources'][0]}\n---\n{out.text}\n")
-        if out.image is not None:
-            out.image.save(self.out_dir / f"step_{step:07d}.png")
+        for j, picture in enumerate(out.images or ([out.image] if out.image is not None else [])):
+            picture.save(self.out_dir / (f"step_{step:07d}.png" if j == 0 else f"step_{step:07d}_{j + 1}.png"))
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -103,7 +103,10 @@ class PredictionWriter(BasePredictionWriter):
             gt = item["expected_image"]
             save_task_folder(self.out_dir / item["task_name"], item["image"], item["text"], item["baseline"],
                              to_pil(predictions.to_unit_range(gt)) if gt is not None else None,
-                             [to_pil(x) for x in clip_to_unit_range(item["input_images"])])
+                             [to_pil(x) for x in clip_to_unit_range(item["input_images"])],
+                             item.get("more_images", []),
+                             [to_pil(predictions.to_unit_range(x)) for x in item.get("more_expected_images", [])],
+                             pl_module.cfg.end_sym)
             self.records.append(predictions.PredictionRecord.from_item(item))
 
     def on_predict_epoch_end(self, trainer, pl_module):

@@ -6,6 +6,13 @@ order; (0, 3, S, S) when none); `output_images` (B, 3, SD, SD); `has_output_imag
 `captions`, `task_names`, `sources`, `targets`, `input_image_paths`, `output_image_paths`,
 `locations` (lists); `num_dropped` (int); with cached features `input_image_features` and
 `output_image_features` (None when the batch has none) instead of the image tensors.
+
+Answers with several pictures: when an item has k > 1 target pictures, the batch's target rows
+are every item's pictures in order, an item without any keeping its one zero row:
+`output_images` (M, 3, SD, SD) with M = sum of max(k_i, 1) (M = B when no item has more than one,
+the layout above), `output_image_counts` (B,) the k_i, `output_image_paths` / `captions` the first
+picture's as above and `more_output_image_paths` / `more_captions` the others'. `target_rows` maps
+the model's voken groups to these rows.
 """
 from __future__ import annotations
 
@@ -63,7 +70,45 @@ class Collator:
             batch.update(_collate_features(kept))
         else:
             raise ValueError("a batch mixes items with images and items with cached features")
+        if any(item.get("more_output_image_paths") for item in kept):
+            batch.update(_more_pictures(kept, batch))
         return batch
+
+
+def _more_pictures(items: list[dict[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
+    """The target rows of a batch with answers of several pictures (see the module docstring)."""
+    key, more_key = (("output_images", "more_output_images") if "output_images" in batch
+                     else ("output_image_features", "more_output_image_features"))
+    rows = []
+    for i, item in enumerate(items):
+        first = batch[key][i] if batch[key] is not None else None
+        rows.append(first[None] if first is not None else None)
+        if item.get(more_key) is not None:
+            rows.append(item[more_key])
+    present = next(r for r in rows if r is not None)
+    rows = [r if r is not None else torch.zeros_like(present[:1]) for r in rows]
+    return {key: torch.cat(rows),
+            "output_image_counts": torch.tensor([int(item["has_output_image"]) + len(item.get(more_key, ()))
+                                                 for item in items]),
+            "more_output_image_paths": [item.get("more_output_image_paths", []) for item in items],
+            "more_captions": [item.get("more_captions", []) for item in items]}
+
+
+def target_rows(batch: dict[str, Any], sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the voken groups of a batch (`sample`: the (N,) item of each group, in order, as
+    `MiniGPT4.voken_features` gives them): (which groups have a target picture, the target row of
+    each). The j-th group of item b draws picture j of b; groups beyond an item's pictures have none.
+    A batch without `output_image_counts` (one picture at most per item) keeps the release's rule:
+    every group of an item with a target draws that target (row = item)."""
+    if batch.get("output_image_counts") is None:
+        has = batch.get("has_output_image")
+        keep = torch.ones_like(sample, dtype=torch.bool) if has is None else has.to(sample.device)[sample]
+        return keep, sample
+    counts = batch["output_image_counts"].to(sample.device)
+    group = torch.arange(len(sample), device=sample.device) - torch.searchsorted(sample, sample)
+    per_item = counts.clamp(min=1)
+    offsets = torch.cumsum(per_item, 0) - per_item
+    return group < counts[sample], offsets[sample] + group
 
 
 def _collate_features(items: list[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
@@ -75,3 +120,19 @@ def _collate_features(items: list[dict[str, Any]]) -> dict[str, torch.Tensor | N
         zero = torch.zeros_like(present[0])
         stacked = torch.stack([o if o is not None else zero for o in outputs])
     return {"input_image_features": torch.cat(inputs) if inputs else None, "output_image_features": stacked}
+
+
+def row_captions(batch: dict[str, Any], rows: torch.Tensor) -> list[str] | None:
+    """The captions of the target rows `rows` (`target_rows`), or None when the caption loss has no
+    target: the release's rule, some item of the batch without a caption; with several pictures per
+    item (`output_image_counts`), some chosen picture without one."""
+    captions = batch.get("captions")
+    if captions is None:
+        return None
+    if batch.get("output_image_counts") is None:
+        return [captions[i] for i in rows.tolist()] if all(c is not None for c in captions) else None
+    flat: list[str | None] = []
+    for caption, more in zip(captions, batch["more_captions"]):
+        flat += [caption, *more]
+    chosen = [flat[i] for i in rows.tolist()]
+    return chosen if all(c is not None for c in chosen) else None

@@ -4,8 +4,10 @@ Each turn is text plus images. The prompt is written in the release's format:
 
     {system}###Human: {text} <Img><ImageHere></Img> ###Assistant: {text} <Img><ImageHere></Img> ... ###Assistant:
 
-so the model's own earlier pictures are fed back to it as input images. `to_html` writes the
-whole conversation as one self-contained HTML file (images inlined) that opens in any browser.
+so the model's own earlier pictures are fed back to it as input images; an answer with several
+pictures keeps each where it stands among its text (`Turn.segments`), in the prompt and in the page.
+`to_html` writes the whole conversation as one self-contained HTML file (images inlined) that opens in
+any browser.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from PIL import Image
 
 from constants import IMAGE_SLOT, RESERVED_TOKENS
 from image_transforms import load_rgb
-from prompts import ASSISTANT, HUMAN, MMDIALOG_SYSTEM
+from prompts import ASSISTANT, END_SYM, HUMAN, MMDIALOG_SYSTEM
 
 ROLES = ("Human", "Assistant")
 TAGS = {"Human": HUMAN, "Assistant": ASSISTANT}      # the prompt style's speaker tags (prompts.py)
@@ -42,15 +44,24 @@ _LOOK_ALIKES = {token: (token.replace("IMG", "IMG ") if token.startswith("[IMG")
 
 @dataclass
 class Turn:
-    """One turn: who spoke, what they said, which images came with it."""
+    """One turn: who spoke, what they said, which images came with it. `segments`, when given, is the
+    turn as it reads: its text pieces (str) and its images in order (an answer of several pictures,
+    each where it stands); without it the images follow the text."""
 
     role: str
     text: str
     images: list[Image.Image] = field(default_factory=list)
+    segments: list | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"a turn's role must be one of {ROLES}, got {self.role!r}")
+
+    def pieces(self) -> list:
+        """Text pieces and images in order (`segments`, else the text, then the images)."""
+        if self.segments is not None:
+            return list(self.segments)
+        return ([self.text] if self.text else []) + list(self.images)
 
 
 @dataclass
@@ -77,8 +88,13 @@ class Conversation:
         """The prompt for the next Assistant turn and its input images, in order."""
         parts, images = [], []
         for turn in self.turns:
-            parts.append(" ".join([f"{TAGS[turn.role]} {turn.text}".rstrip()] + [IMAGE_SLOT] * len(turn.images)))
-            images.extend(turn.images)
+            if turn.segments is None:
+                parts.append(" ".join([f"{TAGS[turn.role]} {turn.text}".rstrip()] + [IMAGE_SLOT] * len(turn.images)))
+                images.extend(turn.images)
+                continue
+            pieces = [piece if isinstance(piece, str) else IMAGE_SLOT for piece in turn.segments]
+            parts.append(" ".join([TAGS[turn.role]] + pieces))
+            images.extend(piece for piece in turn.segments if not isinstance(piece, str))
         return self.system + " ".join(parts) + f" {ASSISTANT}", images
 
     def respond(self, model, **generate_kwargs):
@@ -91,9 +107,13 @@ class Conversation:
         written to `path` when given."""
         rows = []
         for turn in self.turns:
-            pictures = "".join(f'<img alt="{turn.role} image" src="{_data_uri(image)}">' for image in turn.images)
-            rows.append(f'<div class="turn {turn.role.lower()}"><div class="role">{turn.role}</div>'
-                        f'<div class="text">{html.escape(turn.text)}</div>{pictures}</div>')
+            if turn.segments is None:
+                body = (f'<div class="text">{html.escape(turn.text)}</div>'
+                        + "".join(f'<img alt="{turn.role} image" src="{_data_uri(image)}">' for image in turn.images))
+            else:       # every picture in its place among the text
+                body = "".join(f'<div class="text">{html.escape(piece)}</div>' if isinstance(piece, str)
+                               else f'<img alt="{turn.role} image" src="{_data_uri(piece)}">' for piece in turn.segments)
+            rows.append(f'<div class="turn {turn.role.lower()}"><div class="role">{turn.role}</div>{body}</div>')
         page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -116,9 +136,21 @@ def respond_all(model, conversations: list[Conversation], **generate_kwargs) -> 
     """Generate the next Assistant turn of several conversations as one batch."""
     prompts, images = zip(*(c.prompt() for c in conversations))
     outputs = model.generate(list(prompts), [list(i) for i in images], **generate_kwargs)
+    # The model's end symbol (its config's); a stand-in model without a config ends as the default does.
+    end_sym = getattr(getattr(model, "cfg", None), "end_sym", END_SYM)
     for conversation, out in zip(conversations, outputs):
-        conversation.turns.append(Turn("Assistant", out.clean_text, [out.image] if out.image is not None else []))
+        conversation.turns.append(answer_turn(out, end_sym))
     return outputs
+
+
+def answer_turn(out, end_sym: str) -> Turn:
+    """A generated answer (`generation.GenerationOutput`) as an Assistant turn: its clean text, its
+    pictures, and with several pictures each in its place (`generation.answer_segments`)."""
+    from generation import answer_segments
+
+    images = list(getattr(out, "images", None) or ([out.image] if out.image is not None else []))
+    segments = answer_segments(out.text, images, end_sym) if len(images) > 1 else None
+    return Turn("Assistant", out.clean_text, images, segments)
 
 
 def _data_uri(image: Image.Image) -> str:

@@ -29,11 +29,11 @@ import torch
 
 import diffusion
 from constants import SEED, find_data
-from data_problems import OUTSIDE_PATH, resolves_outside
+from data_problems import OUTSIDE_PATH, BadSample, resolves_outside
 from dataloader import dump_records, make_dataset
 from dataset_base import MiniGPT5Dataset
 from feature_cache import feature_file, save_feature
-from dataset_specs import NAMES as DATASET_TYPES
+from dataset_specs import KNOWN as DATASET_TYPES
 from dataset_specs import is_shard_spec, resolve_dataset_type, shard_reader, spec
 from image_transforms import IMAGE_ERRORS, image_processor, load_rgb, target_transform
 from placement import resolve_device
@@ -49,17 +49,19 @@ REPO = Path(__file__).resolve().parent
 class _ImageList(torch.utils.data.Dataset):
     """Images to encode, transformed without flips; unreadable ones come back as None."""
 
-    def __init__(self, paths: list[str], transform):
-        self.paths, self.transform = paths, transform
+    def __init__(self, paths: list[str], transform, open_image=load_rgb):
+        self.paths, self.transform, self.open_image = paths, transform, open_image
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return i, self.transform(load_rgb(self.paths[i])), ""
+            return i, self.transform(self.open_image(self.paths[i])), ""
         except IMAGE_ERRORS as e:
             return i, None, f"{type(e).__name__}: {e}"
+        except BadSample as e:
+            return i, None, e.detail
 
 
 def preprocess_features(dataset: MiniGPT5Dataset, model: Any, out: str | os.PathLike, split: str | None = None,
@@ -82,8 +84,8 @@ def preprocess_features(dataset: MiniGPT5Dataset, model: Any, out: str | os.Path
                                         unit="sample")):
         for path in sample.input_image_paths:
             inputs.setdefault(path, index)
-        if sample.output_image_path is not None:
-            outputs.setdefault(sample.output_image_path, index)
+        for path in sample.output_image_paths:          # every picture of the answer
+            outputs.setdefault(path, index)
     model.to(device).eval()
     counts = Counter()
     jobs = (("img", inputs, image_processor(cfg.image_size),
@@ -100,7 +102,8 @@ def preprocess_features(dataset: MiniGPT5Dataset, model: Any, out: str | os.Path
                 dataset.problems.add(f"{sample.location} (sample {sample.task_name})", OUTSIDE_PATH,
                                      f"{path} is a symbolic link to {os.path.realpath(path)}", skipped="no feature written")
                 todo.remove(path)
-        loader = torch.utils.data.DataLoader(_ImageList(todo, transform), batch_size=batch_size,
+        # (the dataset's own opener: a picture may be a member of a .tar, data_sources/interleaved.py)
+        loader = torch.utils.data.DataLoader(_ImageList(todo, transform, dataset.open_image), batch_size=batch_size,
                                              num_workers=num_workers, collate_fn=list)
         for batch in tqdm(loader, desc=f"{kind} features ({split})", unit="batch"):
             good = [(i, x) for i, x, _ in batch if x is not None]

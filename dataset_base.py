@@ -13,11 +13,13 @@ sample), `input_ids` and `labels` (1-D LongTensors: source ids then target ids, 
 special tokens; labels are -100 over the source and over [IMG1]..[IMG6]; BOS is added by the
 model), `input_images` (n_in, 3, S, S) with n_in = number of <ImageHere> in the source,
 `output_image` (3, SD, SD) in [-1, 1] (zeros when there is none), `has_output_image` (bool),
-`num_truncated_tokens` (int). With a feature cache, `input_images`/`output_image` are None and
+`num_truncated_tokens` (int). An answer with k > 1 pictures also has `more_output_images`
+(k-1, 3, SD, SD), `more_output_image_paths` and `more_captions` (pictures 2..k; the first stays
+`output_image`), and one voken group per picture in its target. With a feature cache, `input_images`/`output_image` are None and
 `input_image_features` (n_in, num_query_token, llm_hidden) / `output_image_features`
-(8, SD/f, SD/f, or None) are given instead.
+(8, SD/f, SD/f, or None; `more_output_image_features` (k-1, 8, SD/f, SD/f)) are given instead.
 
-A reader (dataloader.py's three, shards.py's) subclasses `MiniGPT5Dataset`: it builds its index
+A reader (one per dataset module in data_sources/, shards.py's) subclasses `MiniGPT5Dataset`: it builds its index
 (`_build_index`), says how many samples there are and describes sample i (`sample(i)`).
 """
 from __future__ import annotations
@@ -27,9 +29,9 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 import torch
 from PIL import Image
@@ -37,9 +39,12 @@ from PIL import Image
 from configuration import limits
 from constants import IMAGE_PLACEHOLDER, SEED, VOKENS, preprocess_feature_folder
 from data_problems import OUTSIDE_PATH, BadSample, DataError, ProblemLog, path_leaves, resolves_outside
-from dataset_specs import SPECS, DatasetSpec
 from feature_cache import load_feature
 from image_transforms import IMAGE_ERRORS, image_processor, load_rgb, target_transform
+from samples import Dialogue
+
+if TYPE_CHECKING:
+    from data_sources.common import DatasetSpec
 
 log = logging.getLogger("dataloader")
 
@@ -55,12 +60,29 @@ class Sample:
     input_image_paths: tuple[str, ...]
     output_image_path: str | None
     location: str  # where it comes from: `file:line`, or `file (story ..., step ...)` for VIST
+    # The same sample in structured form (samples.py), which an LLM family's prompt style renders.
+    dialogue: Dialogue | None = None
+    # An answer with several pictures: pictures 2..k (the first is `output_image_path`), in order, and
+    # their captions (None where there is none; `caption` is the first picture's).
+    more_output_image_paths: tuple[str, ...] = ()
+    more_captions: tuple[str | None, ...] = ()
+
+    @property
+    def output_image_paths(self) -> tuple[str, ...]:
+        """Every picture of the answer, in order (k of them, 0 when it has none)."""
+        first = (self.output_image_path,) if self.output_image_path is not None else ()
+        return first + self.more_output_image_paths
 
     def record(self) -> dict[str, Any]:
-        """The dump's JSON object (`python dataloader.py DATA_FILE`)."""
-        return {"task_name": self.task_name, "source": self.source, "target": self.target,
-                "caption": self.caption, "input_images": list(self.input_image_paths),
-                "output_image": self.output_image_path}
+        """The dump's JSON object (`python dataloader.py DATA_FILE`); an answer with several pictures
+        also lists them all (`output_images`) with their captions."""
+        record = {"task_name": self.task_name, "source": self.source, "target": self.target,
+                  "caption": self.caption, "input_images": list(self.input_image_paths),
+                  "output_image": self.output_image_path}
+        if self.more_output_image_paths:
+            record["output_images"] = list(self.output_image_paths)
+            record["captions"] = [self.caption, *self.more_captions]
+        return record
 
 
 def choose(options: tuple[str, ...], seed: int, key: str) -> str:
@@ -89,9 +111,12 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
         max_length: limit on source + target text tokens (default: the tokenizer's
             `model_max_length` when it is a real limit, as the release).
         allow_outside_paths: accept image paths that leave `image_root` (refused by default).
+        render: the prompt style of another LLM family (`samples.Dialogue` -> (source, target);
+            `text_style(cfg)`): each sample's text is its dialogue so rendered; None (the release's
+            LLM) keeps the readers' strings, the release's.
     """
 
-    dataset_type = ""           # the name of its spec in dataset_specs.SPECS
+    dataset_type = ""           # the name of its spec (data_sources.REGISTRY)
     index_needs_tokenizer = False   # whether the training index is built with the tokenizer
 
     def __init__(self, data_file: str | os.PathLike, tokenizer: Any = None, cfg: Any = None,
@@ -99,7 +124,7 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
                  image_root: str | os.PathLike | None = None,
                  feature_folder: str | os.PathLike | Literal[False] | None = None,
                  feature_split: str | None = None, max_length: int | None = None,
-                 allow_outside_paths: bool = False):
+                 allow_outside_paths: bool = False, render: Callable[[Dialogue], tuple[str, str]] | None = None):
         self.data_file = Path(data_file)
         if not self.data_file.is_file():
             raise FileNotFoundError(f"{self.dataset_type} data file {str(self.data_file)!r} does not exist")
@@ -113,6 +138,7 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
         self.feature_split = feature_split or ("train" if is_training else "test")
         self.max_length = max_length
         self.allow_outside_paths = allow_outside_paths
+        self.render = render
         self.caps = limits()            # config/limits.yaml (MINIGPT5_LIMITS), read when the dataset is made
         self.epoch = 0
         self._transforms = None
@@ -136,9 +162,11 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
     # ---- shared --------------------------------------------------------------------------------
 
     @property
-    def dataset_spec(self) -> DatasetSpec:
-        """What the project knows about this dataset (dataset_specs.py)."""
-        return SPECS[self.dataset_type]
+    def dataset_spec(self) -> "DatasetSpec":
+        """What the project knows about this dataset (its module in data_sources/)."""
+        from dataset_specs import spec
+
+        return spec(self.dataset_type)
 
     @property
     def strict(self) -> bool:
@@ -149,7 +177,18 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
         """The samples in order (the first `limit` only, if given)."""
         n = len(self) if limit is None else min(limit, len(self))
         for i in range(n):
-            yield self.sample(i)
+            yield self.styled(self.sample(i))
+
+    def styled(self, sample: Sample) -> Sample:
+        """The sample in the text the model reads: its dialogue rendered by `render` (another LLM
+        family's prompt style), or as the reader wrote it (the release's strings). A test target that
+        is not the answer (CC3M's caption, the expected text of a picture answer) stays as written."""
+        if self.render is None or sample.dialogue is None:
+            return sample
+        source, target = self.render(sample.dialogue)
+        if VOKENS[0] not in sample.target and sample.dialogue.target_images:
+            target = sample.target
+        return replace(sample, source=source, target=target)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new training flips for this epoch (template choices do not change)."""
@@ -262,6 +301,7 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
 
     def item(self, sample: Sample) -> dict[str, Any] | None:
         """`dataset[i]` for a given sample (the shard reader in shards.py streams its samples here)."""
+        sample = self.styled(sample)
         try:
             input_ids, labels, cut, dropped = self.tokenize(sample)
             if cut and not getattr(self, "_warned_truncation", False):
@@ -269,12 +309,14 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
                 log.warning("%s (sample %s): source cut by %d tokens from the left to fit the text limit "
                             "(further cuts are not logged)", sample.location, sample.task_name, cut)
             inputs = sample.input_image_paths[dropped:]
-            output = sample.output_image_path
+            output, more = sample.output_image_path, sample.more_output_image_paths
             item: dict[str, Any] = {"input_images": None, "output_image": None}
             if self.feature_folder is not None:
                 item["input_image_features"] = (torch.stack([self._feature(p, "img") for p in inputs])
                                                 if inputs else None)
                 item["output_image_features"] = self._feature(output, "vae") if output else None
+                if more:
+                    item["more_output_image_features"] = torch.stack([self._feature(p, "vae") for p in more])
             else:
                 cfg = self._need("cfg")
                 size, sd_size = cfg.image_size, cfg.sd_image_size
@@ -282,6 +324,9 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
                 item["input_images"] = torch.stack(images) if images else torch.zeros(0, 3, size, size)
                 item["output_image"] = (self._image(sample, output, "out", "target") if output
                                         else torch.zeros(3, sd_size, sd_size))
+                if more:    # pictures 2..k; the first keeps the release's flip slot "out"
+                    item["more_output_images"] = torch.stack([self._image(sample, p, f"out{j + 1}", "target")
+                                                              for j, p in enumerate(more)])
         except BadSample as bad:
             self.problems.add(f"{sample.location} (sample {sample.task_name})", bad.reason, bad.detail,
                               skipped="sample dropped from its batch")
@@ -292,4 +337,17 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
             "location": sample.location, "has_output_image": output is not None,
             "input_ids": input_ids, "labels": labels, "num_truncated_tokens": cut,
         })
+        if more:
+            item.update({"more_output_image_paths": list(more), "more_captions": list(sample.more_captions)})
         return item
+
+
+def text_style(cfg: Any) -> Callable[[Dialogue], tuple[str, str]] | None:
+    """The `render` of the datasets for a model config: None for the release's LLM family (vicuna: the
+    readers' strings, the release's), else the family's prompt style (`llm_families`)."""
+    name = getattr(cfg, "llm_family", "vicuna") if cfg is not None else "vicuna"
+    if name == "vicuna":
+        return None
+    from llm_families import get_family
+
+    return get_family(name).render

@@ -1,146 +1,64 @@
-"""What the project knows about each dataset, in one registry: `SPECS`.
+"""What the project knows about each dataset, read from the one registry (`data_sources.REGISTRY`,
+each dataset's module declares its `DatasetSpec`): the resolver of a run's dataset, task names, shards.
 
 Every part that treats datasets differently reads its spec here, never a dataset name of its own:
-`dataloader.py` (which reader, which prompts, how task names are written), `train_eval.py` (how often
-to validate, whether prediction draws the SD baseline), `metric.py` (which scorer, which CLIP model,
-which samples are scored) and `shards.py` (which dataset its shards hold). Adding a dataset is a
-reader class in `dataloader.py`, a scorer in `metric.py` and one `DatasetSpec` here.
+`dataloader.py` (which reader), `train_eval.py` (how often to validate, whether prediction draws the
+SD baseline), `metric.py` (which scorer, which CLIP model, which samples are scored) and `shards.py`
+(which dataset its shards hold). Adding a dataset is one module in `data_sources/` and its line in
+`data_sources.MODULES` (or no code at all: the `interleaved` format).
 
-The dataset of a run is chosen by `resolve_dataset_type`: an explicit type (`--dataset_type`,
-`metric.py --dataset`), else the release's rule on `DATAFOLDER` (its path contains "CC3M" ->
-CC3M, "MMDialog" -> MMDialog, else VIST), else the same rule on the data file's path. The log says
-which rule chose it.
+`SPECS` / `NAMES` are the release's three datasets (CC3M, VIST, MMDialog); `REGISTRY` / `KNOWN` every
+dataset the flags accept.
+
+The dataset of a run is chosen by `resolve_dataset_type`: an explicit type (`--dataset`,
+`--dataset_type`), else the release's rule on `DATAFOLDER` (its path contains "CC3M" -> CC3M,
+"MMDialog" -> MMDialog, else VIST), else the same rule on the data file's path. The log says which
+rule chose it. The rule's fallback is checked: a data file that is not a VIST annotation file is an
+error listing the known datasets, never read as VIST.
 
 Task names are `{group}_{step}{suffix}`: the story, conversation or "cc3m", the step in it (for
-CC3M the TSV row), and a suffix per kind of sample (`TaskKinds`). metric.py groups stories and
-conversations by `split_task`, the inverse, and scores only a spec's `evaluated` kinds.
+CC3M the TSV row), and a suffix per kind of sample. metric.py groups stories and conversations by
+`split_task`, the inverse, and scores only a spec's `evaluated` kinds.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
 
-import prompts
+import data_sources
 from constants import data_folder, search_places
+from data_sources.common import DatasetSpec
 
 log = logging.getLogger("dataset_specs")
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One dataset: its reader, prompts, task names, evaluation and training choices."""
-
-    name: str
-    # The release's DATAFOLDER rule: a folder whose path contains this word holds this dataset
-    # (None: the dataset of every other folder).
-    folder_keyword: str | None
-    # "module:Class" of the reader (a `dataloader.MiniGPT5Dataset`), and of its WebDataset reader.
-    reader: str
-    shard_reader: str | None
-    system_prompt: str
-    # Named prompt sets (templates) the reader draws from.
-    templates: dict[str, tuple[str, ...]]
-    # Task-name suffix of each kind of sample, and the kinds metric.py scores (all when None).
-    task_suffixes: dict[str, str]
-    evaluated: tuple[str, ...] | None
-    # "module:function" of the scorer, the OpenCLIP architecture of its CLIP numbers, whether it
-    # scores texts with Sentence-BERT, and the FID real set of the release ("cc3m_val": every .jpg
-    # under CC3M_FOLDER/val; "targets": the evaluated samples' target images).
-    scorer: str
-    clip_model: str
-    sentence_bert: bool
-    fid_real: str
-    # Where a prompt states the caption (a regex whose group 1 is it), for CLIP-T's
-    # `--clip_t_text caption` when the expected text has none; None: the prompt is the caption.
-    prompt_caption: str | None
-    # Training: validation every this fraction of an epoch (the release's); prediction: whether
-    # each item also gets plain Stable Diffusion's picture of its caption (the "SD baseline").
-    val_check_interval: float
-    sd_baseline: bool
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    def task_name(self, group: str, step: int | str, kind: str) -> str:
-        """`{group}_{step}{suffix}`: the task name of a sample of this kind."""
-        return f"{group}_{step}{self.task_suffixes[kind]}"
-
-    def is_evaluated(self, task: str) -> bool:
-        """Whether metric.py scores the sample of this task name."""
-        if self.evaluated is None:
-            return True
-        return any(task.endswith(self.task_suffixes[kind]) for kind in self.evaluated)
-
-    def reader_class(self, shards: bool = False) -> type:
-        """The reader class (the WebDataset one with `shards`)."""
-        if shards and self.shard_reader is None:
-            raise ValueError(f"{self.name} cannot be read from WebDataset shards (only "
-                             f"{', '.join(s.name for s in SPECS.values() if s.shard_reader)})")
-        return _load(self.shard_reader if shards else self.reader)
-
-    def scorer_function(self) -> Callable:
-        """metric.py's scorer: (samples, models, args) -> (results, counts)."""
-        return _load(self.scorer)
-
-
-def _load(reference: str) -> Any:
-    module, _, name = reference.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
-    DatasetSpec(
-        name="CC3M", folder_keyword="CC3M",
-        reader="dataloader:CC3MDataset", shard_reader="shards:CC3MShards",
-        system_prompt=prompts.CC3M_SYSTEM, templates={"instruction": prompts.CC3M_PROMPTS},
-        task_suffixes={"caption": "", "instruction": "_instruction"}, evaluated=None,
-        scorer="metric:score_cc3m", clip_model="ViT-L-14", sentence_bert=False, fid_real="cc3m_val",
-        prompt_caption=None, val_check_interval=0.25, sd_baseline=True,
-    ),
-    DatasetSpec(
-        name="MMDialog", folder_keyword="MMDialog",
-        reader="dataloader:MMDialogDataset", shard_reader=None,
-        system_prompt=prompts.MMDIALOG_SYSTEM, templates={},
-        task_suffixes={"turn": "-mm"}, evaluated=None,
-        scorer="metric:score_mmdialog", clip_model="ViT-B-32", sentence_bert=True, fid_real="targets",
-        prompt_caption=None, val_check_interval=0.5, sd_baseline=False,
-    ),
-    DatasetSpec(
-        name="VIST", folder_keyword=None,
-        reader="dataloader:VISTDataset", shard_reader=None,
-        system_prompt=prompts.VIST_SYSTEM,
-        templates={"generation": prompts.VIST_GENERATION, "multimodal": prompts.VIST_MULTIMODAL,
-                   "understanding": prompts.VIST_UNDERSTANDING},
-        task_suffixes={"generation": "-gen", "multimodal": "-multimodal", "understanding": "-understanding"},
-        evaluated=("generation",),
-        scorer="metric:score_vist", clip_model="ViT-L-14", sentence_bert=False, fid_real="targets",
-        prompt_caption=rf"scene description:\s*(.*?)\s*{re.escape(prompts.END_SYM)}", val_check_interval=0.5,
-        sd_baseline=False,
-    ),
-)}
-# The order CC3M, MMDialog, VIST is the release's DATAFOLDER rule: the first keyword found wins.
-NAMES = ("CC3M", "VIST", "MMDialog")          # as the command lines list them
+# Every dataset, from the one registry (data_sources/__init__.py), and the release's three among them.
+REGISTRY = data_sources.REGISTRY
+NAMES = ("CC3M", "VIST", "MMDialog")          # the release's, as the command lines list them
+SPECS: dict[str, DatasetSpec] = {name: spec for name, spec in REGISTRY.items() if name in NAMES}
+KNOWN = NAMES + tuple(name for name in REGISTRY if name not in NAMES)   # every dataset a flag accepts
+# What the release's DATAFOLDER rule gives a folder without any dataset's keyword.
+FALLBACK = "VIST"
 
 
 def spec(name: str) -> DatasetSpec:
     """The spec of a dataset type (any case); ValueError naming the known ones for anything else."""
-    for known in SPECS.values():
+    for known in REGISTRY.values():
         if name.lower() == known.name.lower():
             return known
-    raise ValueError(f"unknown dataset type {name!r}; expected one of {', '.join(NAMES)}")
+    raise ValueError(f"unknown dataset type {name!r}; expected one of {', '.join(KNOWN)}")
 
 
 def dataset_of_path(path: str | os.PathLike) -> tuple[str, str]:
     """The release's rule on a folder or file path: (dataset type, why)."""
     text = str(path)
-    for known in SPECS.values():
+    for known in REGISTRY.values():
         if known.folder_keyword is not None and known.folder_keyword in text:
             return known.name, f"{text!r} contains {known.folder_keyword!r}"
-    fallback = next(s for s in SPECS.values() if s.folder_keyword is None)
     keywords = " nor ".join(repr(s.folder_keyword) for s in SPECS.values() if s.folder_keyword)
-    return fallback.name, f"{text!r} contains neither {keywords}"
+    return FALLBACK, f"{text!r} contains neither {keywords}"
 
 
 def choose_dataset_type(data_file: str | os.PathLike | None = None,
@@ -159,8 +77,29 @@ def choose_dataset_type(data_file: str | os.PathLike | None = None,
     else:
         name, why = dataset_of_path(data_folder())
         source = "the default DATAFOLDER"
-    return name, (f"from {source}: {why} (the release's rule: CC3M / MMDialog in the path, else VIST; "
-                  f"--dataset_type / --dataset to choose)")
+    rule = "the release's rule: CC3M / MMDialog in the path, else VIST; --dataset_type / --dataset to choose"
+    if name == FALLBACK:
+        folder = os.environ.get("DATAFOLDER") if data_file is None else None
+        check_fallback(data_file, folder, f"from {source}: {why}; {rule}")
+    return name, f"from {source}: {why} ({rule})"
+
+
+def check_fallback(data_file: str | os.PathLike | None, folder: str | os.PathLike | None, why: str) -> None:
+    """The release's rule falls back to VIST for any folder: a data file that exists and cannot be a
+    VIST annotation file (its spec's `file_name`), or, without a data file (metric.py), a DATAFOLDER
+    that exists and holds none, is an error naming the known datasets, never read as VIST."""
+    pattern = SPECS[FALLBACK].file_name
+    if pattern is None:
+        return
+    if data_file is not None and Path(data_file).is_file() and not re.fullmatch(pattern, Path(data_file).name):
+        what = f"{str(data_file)!r}: {why}, but it is not a VIST annotation file (X_cleaned.json)"
+    elif data_file is None and folder and Path(folder).is_dir() \
+            and not any(re.fullmatch(pattern, f.name) for f in Path(folder).iterdir()):
+        what = f"DATAFOLDER={str(folder)!r}: {why}, but it holds no VIST annotation file (X_cleaned.json)"
+    else:
+        return
+    raise ValueError(f"cannot tell the dataset of {what}; give its type: --dataset (train_eval.py, metric.py) or "
+                     f"--dataset_type (dataloader.py), one of {', '.join(KNOWN)}")
 
 
 def resolve_dataset_type(data_file: str | os.PathLike | None = None, dataset_type: str | None = None) -> str:
@@ -168,6 +107,14 @@ def resolve_dataset_type(data_file: str | os.PathLike | None = None, dataset_typ
     name, why = choose_dataset_type(data_file, dataset_type)
     log.info("dataset type %s, %s", name, why)
     return name
+
+
+def dataset_of_data(data: str | os.PathLike, dataset_type: str | None = None) -> str:
+    """The dataset a run's data holds: `dataset_type` (`--dataset`), else the release's rule
+    (`resolve_dataset_type`); WebDataset shards hold what their reader reads (CC3M's)."""
+    if is_shard_spec(data):
+        return shard_reader(dataset_type).dataset_type
+    return resolve_dataset_type(data, dataset_type)
 
 
 def is_shard_spec(value: str | os.PathLike) -> bool:
@@ -185,10 +132,10 @@ def shard_reader(dataset_type: str | None = None) -> type:
     which refuses a `dataset_type` it does not hold)."""
     if dataset_type is not None and spec(dataset_type).shard_reader:
         return spec(dataset_type).reader_class(shards=True)
-    return next(s for s in SPECS.values() if s.shard_reader).reader_class(shards=True)
+    return next(s for s in REGISTRY.values() if s.shard_reader).reader_class(shards=True)
 
 
-_SUFFIXES = sorted({s for known in SPECS.values() for s in known.task_suffixes.values() if s}, key=len, reverse=True)
+_SUFFIXES = sorted({s for known in REGISTRY.values() for s in known.task_suffixes.values() if s}, key=len, reverse=True)
 
 
 def split_task(task: str) -> tuple[str, int]:

@@ -78,7 +78,8 @@ def gumbel_pick(scores: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
 class VokenForcing:
     """Logits processor: once `[IMG0]` is produced, `[IMG1]`..`[IMG7]` follow, forced rather than
-    sampled; with `force_generation`, `[IMG0]` wins every step until it has appeared.
+    sampled; with `force_generation`, `[IMG0]` wins every step until it has appeared (a number n: until
+    n groups have).
 
     It must run last, after every sampling processor, so that its choice is final.
     """
@@ -101,8 +102,9 @@ class VokenForcing:
             is_open = (last.unsqueeze(1) == vokens[:-1]).any(dim=1)
             forced = torch.where(is_open, vokens[1:][position], forced)
         if self.force_generation:
-            seen = (generated == vokens[0]).any(dim=1) if generated.shape[1] else torch.zeros_like(forced, dtype=torch.bool)
-            forced = torch.where((forced < 0) & ~seen, vokens[0], forced)
+            # `force_generation` True: one picture; a number n: n voken groups (an answer of n pictures).
+            seen = (generated == vokens[0]).sum(dim=1) if generated.shape[1] else torch.zeros_like(forced)
+            forced = torch.where((forced < 0) & (seen < int(self.force_generation)), vokens[0], forced)
         # Branch-free (no `.any()`): on a GPU a data-dependent branch would stall every decoding step.
         one_hot = torch.arange(scores.shape[-1], device=scores.device) == forced.unsqueeze(1)
         forced_scores = torch.where(one_hot, 0.0, float("-inf")).to(scores.dtype)

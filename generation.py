@@ -28,14 +28,14 @@ import numbers
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 import diffusion
-from constants import IMAGE_PLACEHOLDER, VOKEN_COUNT
+from constants import IMAGE_PLACEHOLDER, VOKEN_COUNT, VOKENS
 from decoding import ProcessorChain, VokenStateRecorder, logits_processors
 from image_transforms import IMAGE_ERRORS, image_processor, load_rgb
 
@@ -48,12 +48,15 @@ if TYPE_CHECKING:
 @dataclass
 class GenerationOutput:
     """One generated answer: `text` as decoded with special tokens (as the release), `clean_text`
-    without vokens and the stop symbol, the image (or None) and the generated token ids."""
+    without vokens and the stop symbol, the image (the first picture, or None) and the generated token
+    ids; `images` holds every picture of the answer in order, one per voken group (`answer_segments`
+    puts them in place in the text)."""
 
     text: str
     clean_text: str
     image: Image.Image | None
     token_ids: list[int]
+    images: list = field(default_factory=list)
 
 
 def check_generation_arguments(prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool, temperature: float,
@@ -76,7 +79,7 @@ def check_generation_arguments(prompts: Sequence[str], *, max_new_tokens: int, d
 def generate(backbone: "MiniGPT4", map_vokens: Callable[[torch.Tensor], torch.Tensor],
              decoder: "diffusion.StableDiffusion", prompts: str | list[str], images: list | None = None, *,
              max_new_tokens: int = 256, do_sample: bool = True, temperature: float = 1.0, top_k: int | None = 50,
-             top_p: float = 0.9, repetition_penalty: float = 2.0, force_generation: bool = False,
+             top_p: float = 0.9, repetition_penalty: float = 2.0, force_generation: bool | int = False,
              guidance_scale: float = 7.5, num_inference_steps: int = 50, scheduler: str = "pndm",
              seed: int | Sequence[int] | None = None,
              generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -126,13 +129,23 @@ def generate(backbone: "MiniGPT4", map_vokens: Callable[[torch.Tensor], torch.Te
         generated, recorder = fast_inference.decode_tokens_static(backbone, embeds, mask, seeds, sampling,
                                                                   max_new_tokens, backbone.end_sym, decode)
     features, rows = voken_features(backbone, embeds, mask, generated, recorder)
-    made_pictures: list = [None] * len(prompts)
+    # An answer may hold several voken groups: the later ones (groups 2..) read by one forward pass.
+    later, later_rows, later_groups = later_voken_features(backbone, embeds, mask, generated)
+    made_pictures: list[list] = [[] for _ in prompts]
     if rows:
-        made = images_from_features(map_vokens, decoder, features, [seeds[r] for r in rows], guidance_scale,
-                                    num_inference_steps, scheduler, pictures)
-        for r, picture in zip(rows, made):
-            made_pictures[r] = picture
-    return [decode_answer(backbone, ids, picture) for ids, picture in zip(generated.tolist(), made_pictures)]
+        owners = rows + later_rows
+        picture_seeds = [seeds[r] for r in rows] + [picture_seed(seeds[r], j) for r, j in zip(later_rows, later_groups)]
+        made = images_from_features(map_vokens, decoder, torch.cat([features, later.to(features)]), picture_seeds,
+                                    guidance_scale, num_inference_steps, scheduler, pictures)
+        for r, picture in zip(owners, made):        # first groups, then the later ones in order
+            made_pictures[r].append(picture)
+    return [decode_answer(backbone, ids, drawn) for ids, drawn in zip(generated.tolist(), made_pictures)]
+
+
+def picture_seed(seed: int, group: int) -> int:
+    """The seed of the picture of voken group `group` (0-based) of an answer whose seed is `seed`: the
+    first picture uses `seed` itself, as with one picture per answer."""
+    return seed if group == 0 else (seed + group * 0x9E3779B97F4A7C15) % 2**62
 
 
 def prepare_images(images: Sequence, image_size: int, device: torch.device) -> torch.Tensor:
@@ -274,6 +287,61 @@ def voken_features(backbone: "MiniGPT4", embeds: torch.Tensor, mask: torch.Tenso
     return features, rows
 
 
+def group_starts(backbone: "MiniGPT4", generated: torch.Tensor) -> list[list[int]]:
+    """Per item, the positions of its complete voken groups in the generated ids: an `[IMG0]` with
+    `[IMG6]` six tokens on (its 8 features are the states before `[IMG0]` and of `[IMG0]`..`[IMG6]`)."""
+    img0, img6 = backbone.voken_ids[0], backbone.voken_ids[VOKEN_COUNT - 2]
+    n = generated.shape[1]
+    starts: list[list[int]] = []
+    for row in generated.tolist():
+        starts.append([t for t, token in enumerate(row) if token == img0 and t + VOKEN_COUNT - 2 < n
+                       and row[t + VOKEN_COUNT - 2] == img6])
+    return starts
+
+
+def later_voken_features(backbone: "MiniGPT4", embeds: torch.Tensor, mask: torch.Tensor,
+                         generated: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+    """The voken features of every complete group after an item's first (an answer with several
+    pictures): one forward pass over prompt + answer of the items that have them, read with the
+    training code's `voken_features`. Returns the (N, 8, H) features, each one's item and group number
+    (1-based: the first picture is group 0), ordered by item, then group."""
+    m = backbone
+    starts = group_starts(m, generated)
+    items = [i for i, s in enumerate(starts) if len(s) > 1]
+    if not items:
+        return torch.zeros(0, VOKEN_COUNT, m.llama_model.config.hidden_size, device=embeds.device), [], []
+    P = embeds.shape[1]
+    end = max(starts[i][-1] for i in items) + VOKEN_COUNT - 1      # up to and including the last [IMG6]
+    ids = generated[items, :end]
+    full = torch.cat([embeds[items], m.embed_tokens(ids).to(embeds.dtype)], dim=1)
+    full_mask = torch.cat([mask[items], torch.ones_like(ids)], dim=1)
+    hidden, _, _ = m.forward_llm(full, full_mask)
+    aligned = torch.full((len(items), P + ids.shape[1]), -1, device=ids.device, dtype=ids.dtype)
+    owners, groups = [], []
+    for k, i in enumerate(items):
+        for j, t in enumerate(starts[i][1:], start=1):       # only the later groups' [IMG0]
+            aligned[k, P + t] = m.voken_ids[0]
+            owners.append(i)
+            groups.append(j)
+    features, _ = m.voken_features(hidden, aligned)
+    return features, owners, groups
+
+
+def answer_segments(text: str, images: list, end_sym: str) -> list:
+    """An answer as it reads: its text pieces (str) and its pictures in order, each picture where its
+    voken group stands; the vokens, the end symbol `end_sym` and `<s>` / `</s>` are left out of the
+    text. A group without a picture (cut short) shows none."""
+    out: list = []
+    for k, piece in enumerate(text.split(VOKENS[0])):
+        if 0 < k <= len(images):
+            out.append(images[k - 1])
+        for token in VOKENS + [end_sym, "</s>", "<s>", IMAGE_PLACEHOLDER]:
+            piece = piece.replace(token, "")
+        if piece.strip():
+            out.append(" ".join(piece.split()))
+    return out
+
+
 def images_from_features(map_vokens: Callable[[torch.Tensor], torch.Tensor], decoder: "diffusion.StableDiffusion",
                          features: torch.Tensor, seeds: list[int], guidance_scale: float = 7.5,
                          num_inference_steps: int = 50, scheduler: str = "pndm", pictures: str = "eager") -> list:
@@ -289,8 +357,9 @@ def images_from_features(map_vokens: Callable[[torch.Tensor], torch.Tensor], dec
     return decoder.draw(cond, negative, seeds, guidance_scale, num_inference_steps, scheduler, pictures)
 
 
-def decode_answer(backbone: "MiniGPT4", ids: list[int], image) -> GenerationOutput:
+def decode_answer(backbone: "MiniGPT4", ids: list[int], pictures: list) -> GenerationOutput:
     """An answer's ids as the LLM family decodes them (`MiniGPT4.decode_answer`: up to the
-    end-of-sequence token, with special tokens as the release, and clean), with its picture."""
+    end-of-sequence token, with special tokens as the release, and clean), with its pictures."""
     ids, text, clean = backbone.decode_answer(ids)
-    return GenerationOutput(text=text, clean_text=clean, image=image, token_ids=ids)
+    return GenerationOutput(text=text, clean_text=clean, image=pictures[0] if pictures else None, token_ids=ids,
+                            images=list(pictures))

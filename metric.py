@@ -31,6 +31,11 @@ What is computed
   `overall_bleu_score_1`, `overall_bleu_score_2`, `overall_rouge_l_score`, `overall_sbert_score`,
   `overall_clip_f1`, `overall_instance_inception_score`, and two numbers the release only used
   inside CLIP-F1: `overall_clip_t_similarity` (text CLIP similarity) and `overall_clip_i_similarity`.
+- interleaved (your own data, `--dataset interleaved`; answers may hold several pictures): BLEU-1/2
+  and ROUGE-L of each answer's text (vokens out, the text between and after its pictures kept),
+  CLIP-I of each drawn picture against the expected picture at its place (`overall_clip_i_similarity`
+  over all of them, `clip_i_similarity_picture_{n}` per place), `overall_picture_count_accuracy`
+  (answers with as many pictures as expected), FID of all drawn against all expected pictures, IS.
 Which rows the image numbers use (`--image_rows`): as the release, only the items where MiniGPT-5 drew a
 picture; their ground truth is the FID real set (when that set is the samples' own) and the SD baseline is
 scored on the same items against it; an MMDialog turn expects a picture when its expected text holds the
@@ -94,7 +99,7 @@ import re
 import string
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -110,7 +115,8 @@ from torchvision.transforms.functional import to_pil_image
 import predictions
 from constants import cc3m_folder, prediction_folder
 from data_problems import DataError
-from dataset_specs import NAMES as DATASETS, choose_dataset_type, spec, split_task  # noqa: F401
+from dataset_specs import KNOWN, choose_dataset_type, spec, split_task
+from dataset_specs import NAMES as DATASETS  # noqa: F401  (metric.DATASETS: the release's three, as before)
 from extractors import (FID_IMAGE_SIZE, MissingWeightError, Models, clip_image_features, clip_text_features,
                         frechet_distance, inception_outputs, inception_score, load_models, real_fid_features,
                         rowwise_cosine, sbert_features, tiny_models, toy_models)
@@ -134,6 +140,19 @@ class Sample:
     baseline_image: Image.Image | None
     gt_image: Image.Image | None
     task: str
+    # An answer with several pictures: pictures 2.. of each side, in order.
+    more_pred_images: list = field(default_factory=list)
+    more_gt_images: list = field(default_factory=list)
+
+    @property
+    def pred_images(self) -> list:
+        """Every generated picture of the answer, in order."""
+        return ([self.pred_image] if self.pred_image is not None else []) + list(self.more_pred_images)
+
+    @property
+    def gt_images(self) -> list:
+        """Every expected picture of the answer, in order."""
+        return ([self.gt_image] if self.gt_image is not None else []) + list(self.more_gt_images)
 
 
 def tensor_to_image(tensor: torch.Tensor | Image.Image | None) -> Image.Image | None:
@@ -154,7 +173,10 @@ def load_predictions(folder: Path) -> list[Sample]:
     folder without one (the release's)."""
     records, n_files = predictions.read_folder(folder)
     samples = [Sample(r.input_text or "", r.predicted_text or "", r.expected_text or "", r.predicted_image,
-                      r.sd_baseline_image, tensor_to_image(r.expected_image), str(r.task_name)) for r in records]
+                      r.sd_baseline_image, tensor_to_image(r.expected_image), str(r.task_name),
+                      more_pred_images=list(r.more_predicted_images),
+                      more_gt_images=[tensor_to_image(t) for t in r.more_expected_images])
+               for r in records]
     print(f"{len(samples)} predictions from {n_files} file(s) in {folder}")
     return samples
 
@@ -476,6 +498,48 @@ def score_mmdialog(samples: Sequence[Sample], models: Models, args: argparse.Nam
     return results, counts
 
 
+def answer_text(text: str) -> str:
+    """An interleaved answer's text as compared: the text before, between and after its voken groups,
+    each piece cleaned by `clean_text` (no end symbol, `<s>`, `</s>`; "" if only punctuation)."""
+    pieces = (re.sub(r"\[IMG[1-7]\]", " ", piece) for piece in text.split("[IMG0]"))
+    return " ".join(" ".join(clean_text(piece) for piece in pieces).split())
+
+
+def score_interleaved(samples: Sequence[Sample], models: Models, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Your own interleaved data (`--dataset interleaved`): each answer's text against the expected
+    one (BLEU-1/2, ROUGE-L, as MMDialog's), and each picture against the expected picture at its place
+    (the j-th drawn picture of an answer against its j-th expected one: CLIP-I, overall and per
+    place), how often an answer has as many pictures as expected, and the FID / IS of every drawn
+    picture against every expected one."""
+    bs, device = args.batch_size, args.device
+    text_scores = [(*bleu_1_2(gt, pred, args.bleu_unit), rouge_l(gt, pred, args.rouge))
+                   for gt, pred in ((answer_text(s.gt_text), answer_text(s.pred_text)) for s in samples) if gt]
+    pairs = [(i, j) for i, s in enumerate(samples) for j in range(min(len(s.pred_images), len(s.gt_images)))]
+    clip_i = rowwise_cosine(clip_image_features([samples[i].pred_images[j] for i, j in pairs], models, bs, device),
+                            clip_image_features([samples[i].gt_images[j] for i, j in pairs], models, bs, device))
+    generated = [picture for s in samples for picture in s.pred_images]
+    expected = [picture for s in samples for picture in s.gt_images]
+    fake, _ = inception_outputs(generated, models, FID_IMAGE_SIZE, bs, device)
+    real, _ = inception_outputs(expected, models, FID_IMAGE_SIZE, bs, device)
+    _, is_logits = inception_outputs(generated, models, None, bs, device)
+    results = {
+        "overall_bleu_score_1": _mean([t[0] for t in text_scores]),
+        "overall_bleu_score_2": _mean([t[1] for t in text_scores]),
+        "overall_rouge_l_score": _mean([t[2] for t in text_scores]),
+        "overall_clip_i_similarity": _mean(clip_i),
+        "overall_picture_count_accuracy": _mean([float(len(s.pred_images) == len(s.gt_images)) for s in samples]),
+        "overall_fid_score": frechet_distance(real, fake),
+        "overall_inception_score": inception_score(is_logits, args.seed),
+    }
+    for place in range(max((j for _, j in pairs), default=-1) + 1):
+        results[f"clip_i_similarity_picture_{place + 1}"] = _mean([c for (_, j), c in zip(pairs, clip_i) if j == place])
+    counts = {"answers": len(samples), "answers with expected text": len(text_scores),
+              "expected pictures": len(expected), "drawn pictures": len(generated),
+              "pictures compared (drawn at an expected place)": len(pairs),
+              "answers with several expected pictures": sum(1 for s in samples if len(s.gt_images) > 1)}
+    return results, counts
+
+
 def score(dataset: str, samples: Sequence[Sample], models: Models, args: argparse.Namespace) -> tuple[dict, dict]:
     """The numbers of one dataset's predictions: its spec's scorer (dataset_specs.py)."""
     return spec(dataset).scorer_function()(samples, models, args)
@@ -508,7 +572,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test_weight", help="checkpoint name; predictions are in "
                         "OUTPUT_FOLDER/<name without extension><OUTPUT_SUFFIX>/")
     parser.add_argument("--pred_folder", help="the folder with predictions-*.pt (instead of --test_weight)")
-    parser.add_argument("--dataset", choices=DATASETS, help="default: from DATAFOLDER, as the release")
+    parser.add_argument("--dataset", choices=KNOWN, help="default: from DATAFOLDER, as the release")
     parser.add_argument("--device", default="auto", help="where the extractors run: auto (the GPU when one is "
                         "present, else the CPU), cpu, cuda, cuda:1, ... (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=32, help="images / texts per model call")

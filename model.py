@@ -29,6 +29,7 @@ import generation
 from configuration import ModelConfig
 from constants import (CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, SNR_GAMMA,
                        TEXT_LOSS_WEIGHT)
+from collator import row_captions, target_rows
 from generation import GenerationOutput
 from minigpt4 import MiniGPT4
 from placement import TakeTurns, place, resolve_device
@@ -271,27 +272,28 @@ class MiniGPT5_Model(pl.LightningModule):
         hidden, _, text_loss = m.forward_llm(embeds, mask, labels)
         losses = {"text_loss": text_loss}
         features, sample = m.voken_features(hidden, labels)
-        has_target = batch.get("has_output_image")
-        if has_target is not None:
-            keep = has_target.to(sample.device)[sample]
-            features, sample = features[keep], sample[keep]
+        # Each voken group draws its own target picture (collator.target_rows: the j-th group of an
+        # item its j-th picture; one picture per item: the release's rule, row = item).
+        keep, rows = target_rows(batch, sample)
+        features, rows = features[keep], rows[keep]
         if features.shape[0] == 0:
             losses["loss"] = TEXT_LOSS_WEIGHT * text_loss
             return losses
 
-        drop = cfg_dropout(batch, sample, generator, self.cfg_dropout_prob)
+        drop = cfg_dropout(batch, rows, generator, self.cfg_dropout_prob)
         features = features * (~drop).to(features.dtype)[:, None, None]
         condition = self.map_vokens(features)
 
-        pick = (lambda key: None if batch.get(key) is None else batch[key][sample])
-        latents = self.target_latents(batch, sample, pick("latent_noise"), generator)
+        pick = (lambda key: None if batch.get(key) is None else batch[key][rows])
+        latents = self.target_latents(batch, rows, pick("latent_noise"), generator)
+        # One LDM (and caption) term per picture, averaged over all of the batch's pictures.
         losses["image_loss"] = self.decoder.loss(latents, condition, pick("noise"), pick("timesteps"), generator,
                                                  snr_gamma=SNR_GAMMA if self.snr_loss else None)
         total = TEXT_LOSS_WEIGHT * text_loss + IMAGE_LOSS_WEIGHT * losses["image_loss"]
 
-        captions = batch.get("captions")
-        if self.caption_loss_weight and captions is not None and all(c is not None for c in captions):
-            chosen = ["" if d else captions[i] for i, d in zip(sample.tolist(), drop.tolist())]
+        captions = row_captions(batch, rows)
+        if self.caption_loss_weight and captions is not None:
+            chosen = ["" if d else caption for caption, d in zip(captions, drop.tolist())]
             losses["caption_loss"] = F.mse_loss(condition.float(), self.encode_caption(chosen))
             total = total + self.caption_loss_weight * losses["caption_loss"]
         losses["loss"] = total

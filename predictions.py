@@ -13,7 +13,10 @@ with the images as PIL images (None when there is none) and `expected_image` a 3
 tensor in [0, 1] (the release's test-mode transform: no normalisation), None when the sample has
 no target image; the seventh slot is unused (None), as in the release. So the release's `metric.py`
 scores our files and ours scores its files. Only `to_release_list` / `from_release_list` know the
-positions.
+positions. An answer with several pictures keeps its first predicted and expected pictures in their
+slots and the others, in order, in the seventh: `{"more_predicted_images": [PIL, ...],
+"more_expected_images": [tensor, ...]}` (None when there are none, so one-picture files are the
+release's byte for byte and the release's `metric.py` still reads the first pictures).
 
 Format and safety: `torch.save`, a pickle in a zip, as the release wrote them (its `metric.py`
 needs PIL images in the list). Reading never runs code from the file: `weights.load_untrusted`
@@ -44,7 +47,7 @@ import re
 import shutil
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +164,9 @@ def _shared_slots(entries: list) -> int:
     for entry in entries:
         if not isinstance(entry, (list, tuple)) or len(entry) != len(RELEASE_LAYOUT):
             continue
-        for value in (entry[3], entry[4], entry[5]):
+        more = entry[6] if isinstance(entry[6], dict) else {}
+        extra = [v for key in MORE_KEYS for v in (more.get(key) if isinstance(more.get(key), list) else [])]
+        for value in (entry[3], entry[4], entry[5], *extra):
             if isinstance(value, Image.Image):
                 key = ("image", id(value))
             elif isinstance(value, torch.Tensor):
@@ -194,11 +199,28 @@ class PredictionRecord:
     sd_baseline_image: Image.Image | None
     expected_image: torch.Tensor | None      # 3 x H x W in [0, 1]; None: the sample has no target image
     task_name: str
+    # An answer with several pictures: pictures 2.. of the answer, generated and expected, in order.
+    more_predicted_images: list = field(default_factory=list)
+    more_expected_images: list = field(default_factory=list)
+
+    @property
+    def predicted_images(self) -> list:
+        """Every generated picture of the answer, in order."""
+        return ([self.predicted_image] if self.predicted_image is not None else []) + list(self.more_predicted_images)
+
+    @property
+    def expected_images(self) -> list:
+        """Every expected picture of the answer, in order ([0, 1] tensors)."""
+        return ([self.expected_image] if self.expected_image is not None else []) + list(self.more_expected_images)
 
     def to_release_list(self) -> list:
-        """The release's positional layout (the unused seventh slot None)."""
+        """The release's positional layout; the seventh slot None, or the pictures after the first."""
+        more = None
+        if self.more_predicted_images or self.more_expected_images:
+            more = {"more_predicted_images": list(self.more_predicted_images),
+                    "more_expected_images": list(self.more_expected_images)}
         return [self.input_text, self.predicted_text, self.expected_text, self.predicted_image,
-                self.sd_baseline_image, self.expected_image, None, self.task_name]
+                self.sd_baseline_image, self.expected_image, more, self.task_name]
 
     @classmethod
     def from_release_list(cls, entry: list | tuple) -> "PredictionRecord":
@@ -206,14 +228,18 @@ class PredictionRecord:
         problem = _layout_problem(entry)
         if problem:
             raise ValueError(f"not [{', '.join(RELEASE_LAYOUT)}]: {problem}")
-        return cls(*entry[:6], entry[7])
+        more = entry[6] or {}
+        return cls(*entry[:6], entry[7], list(more.get("more_predicted_images", [])),
+                   list(more.get("more_expected_images", [])))
 
     @classmethod
     def from_item(cls, item: dict) -> "PredictionRecord":
-        """The record of one item of `MiniGPT5_Model.predict_step` (its `expected_image` in [-1, 1] or None)."""
+        """The record of one item of `MiniGPT5_Model.predict_step` (its expected pictures in [-1, 1])."""
         expected = item["expected_image"]
         return cls(item["source"], item["text"], item["target"], item["image"], item["baseline"],
-                   to_unit_range(expected) if expected is not None else None, item["task_name"])
+                   to_unit_range(expected) if expected is not None else None, item["task_name"],
+                   list(item.get("more_images", [])),
+                   [to_unit_range(x) for x in item.get("more_expected_images", [])])
 
 
 def prediction_items(batch: dict, outputs: list, baselines: list, input_images: list[list]) -> list[dict]:
@@ -222,17 +248,22 @@ def prediction_items(batch: dict, outputs: list, baselines: list, input_images: 
     batch's target, None when it has none), the SD baseline (or None), the input pictures and the
     task name; `PredictionRecord.from_item` and the prediction writer read these."""
     items = []
+    counts = batch.get("output_image_counts")
+    per_item = counts.clamp(min=1) if counts is not None else torch.ones(len(outputs), dtype=torch.long)
+    offsets = (torch.cumsum(per_item, 0) - per_item).tolist()     # the collator's target rows
     for i, out in enumerate(outputs):
-        has_target = bool(batch["has_output_image"][i])
+        k = int(counts[i]) if counts is not None else int(bool(batch["has_output_image"][i]))
+        expected = [batch["output_images"][offsets[i] + j].cpu() for j in range(k)]
         items.append({"source": batch["sources"][i], "text": out.text, "target": batch["targets"][i],
                       "image": out.image, "baseline": baselines[i], "task_name": batch["task_names"][i],
-                      "expected_image": batch["output_images"][i].cpu() if has_target else None,
-                      "input_images": input_images[i]})
+                      "expected_image": expected[0] if expected else None, "input_images": input_images[i],
+                      "more_images": list(getattr(out, "images", [])[1:]), "more_expected_images": expected[1:]})
     return items
 
 
 RELEASE_LAYOUT = ("input_text", "predicted_text", "expected_text", "predicted_image", "sd_baseline_image",
                   "expected_image", "None", "task_name")
+MORE_KEYS = ("more_predicted_images", "more_expected_images")      # the seventh slot, when it is used
 
 
 def save(records: list[PredictionRecord], path: str | os.PathLike) -> Path:
@@ -392,6 +423,7 @@ def load(path: str | os.PathLike) -> list[PredictionRecord]:
         for name in ("predicted_image", "sd_baseline_image"):
             if getattr(record, name) is not None:
                 setattr(record, name, getattr(record, name).copy())       # a plain PIL image
+        record.more_predicted_images = [image.copy() for image in record.more_predicted_images]
         expected = record.expected_image
         if isinstance(expected, torch.Tensor) and expected.numel() and float(expected.min()) < 0:
             record.expected_image = to_unit_range(expected)   # written in [-1, 1] by an earlier version of ours
@@ -411,10 +443,24 @@ def _layout_problem(entry: Any) -> str | None:
     for k, name in ((3, "predicted_image"), (4, "sd_baseline_image")):
         if entry[k] is not None and not isinstance(entry[k], Image.Image):
             return f"{name} is a {type(entry[k]).__name__}, not a PIL image"
-    if entry[5] is not None and not isinstance(entry[5], torch.Tensor):
-        return f"expected_image is a {type(entry[5]).__name__}, not a tensor"
-    if isinstance(entry[5], torch.Tensor) and entry[5].numel():
-        shape = tuple(entry[5].shape)
+    if entry[6] is not None:
+        more = entry[6]
+        if not isinstance(more, dict) or set(more) != set(MORE_KEYS) or not all(isinstance(more[k], list) for k in MORE_KEYS):
+            return f"the seventh slot is neither None nor {{{', '.join(MORE_KEYS)}: lists}}"
+        if not all(isinstance(x, Image.Image) for x in more["more_predicted_images"]):
+            return "more_predicted_images holds something other than PIL images"
+        for tensor in more["more_expected_images"]:
+            problem = _expected_problem(tensor)
+            if problem:
+                return problem
+    return _expected_problem(entry[5])
+
+
+def _expected_problem(tensor: Any) -> str | None:
+    if tensor is not None and not isinstance(tensor, torch.Tensor):
+        return f"expected_image is a {type(tensor).__name__}, not a tensor"
+    if isinstance(tensor, torch.Tensor) and tensor.numel():
+        shape = tuple(tensor.shape)
         if not (len(shape) == 3 or len(shape) == 4 and shape[0] == 1) or shape[-3] not in (1, 3, 4):
             return f"expected_image has shape {shape}, not C x H x W"
         if shape[-1] * shape[-2] > _max_pixels():

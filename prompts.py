@@ -75,3 +75,18 @@ def text_target(text: str) -> str:
 def speaker(turn: int) -> str:
     """MMDialog's speaker tag of a turn: Human on even turns, Assistant on odd ones."""
     return HUMAN if turn % 2 == 0 else ASSISTANT
+
+
+def render_dialogue(dialogue) -> tuple[str, str]:
+    """A `samples.Dialogue` in the Vicuna-v0 style of the release's MMDialog prompts: (source, target).
+    The source is the system prompt, then each earlier message after its speaker tag (`HUMAN` for the
+    user, `ASSISTANT` for the assistant) with an image slot for each picture, then the answer's tag;
+    the target is the answer's text with the eight vokens for each of its pictures, then `END_SYM`
+    (a one-picture answer "text [IMG0]..[IMG7] ###", as the release's targets)."""
+    parts = [dialogue.system] if dialogue.system else []
+    for message in dialogue.context:
+        parts.append(HUMAN if message.role == "user" else ASSISTANT)
+        parts += [s.text if s.text is not None else IMAGE_SLOT for s in message.segments]
+    parts.append(ASSISTANT)
+    answer = [s.text if s.text is not None else ALL_VOKENS_TEXT for s in dialogue.answer.segments]
+    return " ".join(parts), " ".join(answer + [END_SYM])

@@ -2,7 +2,7 @@
 `.tar` files whose members are `{key}.jpg` (the picture), `{key}.txt` (the caption) and
 `{key}.json` -- streamed, as an alternative to the TSV plus a folder of pictures. For the same data
 it gives the same samples, prompts, targets and flips as `dataloader.CC3MDataset` (the sample is
-built by the same `dataloader.cc3m_sample`, the tensors by the same `MiniGPT5Dataset.item`).
+built by the same `data_sources.cc3m.cc3m_sample`, the tensors by the same `MiniGPT5Dataset.item`).
 
     shard spec ──► shard files: a brace pattern (`cc3m/{00000..00331}.tar`), a glob, a folder of
                │   .tar files, or one .tar
@@ -65,7 +65,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from collator import Collator
 from constants import data_folder, search_places
 from data_problems import DataError
-from dataloader import CC3M_INSTRUCTION_EVERY, cc3m_sample
+from data_sources.cc3m import CC3M_INSTRUCTION_EVERY, cc3m_sample
 from dataset_base import MiniGPT5Dataset, Sample
 from dataset_specs import is_shard_spec  # noqa: F401  (shards.is_shard_spec: the rule lives with the reader choice)
 from image_transforms import load_rgb

@@ -39,7 +39,8 @@ import placement
 import predictions
 import run_files
 from callbacks import FinalCheckpoint, LastCheckpoint, PredictionWriter, SampleGeneration
-from dataset_specs import resolve_dataset_type, shard_reader, spec
+from dataset_specs import KNOWN as KNOWN_DATASETS
+from dataset_specs import dataset_of_data, spec
 from resume import OwnHyperParameters, ResumePoint, eval_loader, training_loader
 from settings import (FIXED_ON_RESUME, RESUME_SETTINGS, PredictSettings, TrainSettings, describe_differences,
                       environment, read_settings, resume_differences)
@@ -150,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training: replace the checkpoints an earlier run left under the same --model_save_name "
                         "in --output_dir (default: this run takes <name>-v1, -v2, ... and says so); prediction: "
                         "replace the earlier predictions in the prediction folder (default: refused)")
+    p.add_argument("--dataset", default=None, choices=KNOWN_DATASETS,
+                   help="default: the release's rule on DATAFOLDER / the data path; interleaved: docs/own_data.md")
     p.add_argument("--strict", action="store_true", help="stop at the first bad data row instead of skipping it")
     p.add_argument("--allow_outside_paths", action="store_true",
                    help="accept dataset image paths that leave the dataset folder (refused and counted by default)")
@@ -328,6 +331,10 @@ def check_inputs(args: argparse.Namespace) -> dict:
             raise SystemExit("error: prediction needs --test_weight (or --stage1_weight)")
         if paths["test_weight"] is not None and weights.checkpoint_stage(paths["test_weight"]) == 2:
             stage = paths["stage"] = 2
+    try:
+        paths["dataset"] = dataset_of_data(paths["train"] if args.is_training else paths["test"], args.dataset)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if stage == 2 and paths["stage1"] is None:
         what = "training" if args.is_training else "prediction"
         raise SystemExit(f"error: stage-2 {what} needs --stage1_weight (e.g. stage1_cc3m.ckpt): `fc` and "
@@ -494,7 +501,7 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     from_shards = shards.is_shard_spec(paths["train"])
     # The data first (it needs the tokenizer only): the schedule's length is known before the model is built.
     tokenizer = load_tokenizer(cfg.llama_model)
-    kind = shard_reader().dataset_type if from_shards else resolve_dataset_type(paths["train"])
+    kind = paths["dataset"]
     extra = {"shuffle": args.shuffle} if from_shards else {"allow_outside_paths": args.allow_outside_paths}
     train_set = make_dataset(paths["train"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict,
                              **extra)
@@ -611,7 +618,7 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
     cfg = paths["cfg"]
     accelerator, devices = devices_of(args)
     n_devices = len(devices) if isinstance(devices, list) else devices
-    kind = resolve_dataset_type(paths["test"])
+    kind = paths["dataset"]
     # stage 2 when IS_STAGE2 or a stage-2 --test_weight
     model = MiniGPT5_Model(cfg, stage=paths["stage"], predict_settings=predict_settings(args, kind))
     given = [(flag, path) for flag, path in (("--stage1_weight", paths["stage1"]), ("--test_weight", paths["test_weight"]))

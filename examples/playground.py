@@ -46,13 +46,16 @@ def story_prompt(captions: list[str]) -> str:
     return VIST_SYSTEM + VIST_MULTIMODAL[0].format(context=vist_context(captions))
 
 
-def printable_answer(text: str, picture: int | None, end_sym: str = "###") -> str:
+def printable_answer(text: str, picture: int | str | list | None, end_sym: str = "###") -> str:
     """An answer as a person reads it: the vokens become `[picture n]` where picture n was drawn
-    (dropped when none was), image slots and the end symbol go, spaces are tidied."""
+    (dropped when none was; a list names the pictures of an answer's voken groups in order, each
+    marked in its place), image slots and the end symbol go, spaces are tidied."""
     from constants import IMAGE_PLACEHOLDER
 
-    mark = f" [picture {picture}] " if picture is not None else " "
-    text = re.sub(r"(?:\[IMG\d\])+", mark, text, count=1)
+    marks = picture if isinstance(picture, list) else [] if picture is None else [picture]
+    groups = iter(marks)
+    text = re.sub(r"\[IMG0\](?:\[IMG[1-7]\])*", lambda _: f" [picture {label}] " if (label := next(groups, None))
+                  is not None else " ", text)
     text = re.sub(r"\[IMG\d\]", " ", text)
     for token in (end_sym, IMAGE_PLACEHOLDER, "<Img>", "</Img>"):
         text = text.replace(token, " ")
@@ -60,14 +63,18 @@ def printable_answer(text: str, picture: int | None, end_sym: str = "###") -> st
 
 
 def save_figure(path: Path, inputs: list, picture, text: str) -> None:
-    """Input images and the generated picture side by side, titled with the generated text."""
+    """Input images and the generated picture (or the list of an answer's pictures, in order) side by
+    side, titled with the generated text."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(inputs) + [picture]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.6))
-    for ax, image, label in zip(axes, panels, [f"input {i + 1}" for i in range(len(inputs))] + ["generated"]):
+    drawn = picture if isinstance(picture, list) and picture else [picture if not isinstance(picture, list) else None]
+    panels = list(inputs) + drawn
+    labels = [f"input {i + 1}" for i in range(len(inputs))] + (
+        ["generated"] if len(drawn) == 1 else [f"generated {j + 1}" for j in range(len(drawn))])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.6), squeeze=False)
+    for ax, image, label in zip(axes[0], panels, labels):
         ax.axis("off")
         ax.set_xlabel(label)
         if image is not None:
@@ -187,13 +194,20 @@ def main(argv: list[str] | None = None) -> list[Path]:
     written = []
     page = Conversation(system=VIST_SYSTEM if args.prompt is None else "")
     page.add("Human", prompt.removeprefix(VIST_SYSTEM), inputs)
+    from conversation import answer_turn
+
     for i, out in enumerate(outputs):
         figure = out_dir / f"sample_{i}.png"
-        answer = printable_answer(out.text, i if out.image is not None else None, model.cfg.end_sym)
-        save_figure(figure, inputs, out.image, answer)
+        # one picture: "[picture i]"; several: "[picture i.1]", "[picture i.2]", ... each in its place
+        labels = [str(i)] if len(out.images) == 1 else [f"{i}.{j + 1}" for j in range(len(out.images))]
+        answer = printable_answer(out.text, labels, model.cfg.end_sym)
+        save_figure(figure, inputs, list(out.images), answer)
         written.append(figure)
-        page.add("Assistant", f"[sample {i}, seed {args.seed + i}] {out.clean_text}",
-                 [out.image] if out.image is not None else [])
+        turn = answer_turn(out, model.cfg.end_sym)
+        turn.text = f"[sample {i}, seed {args.seed + i}] {turn.text}"
+        if turn.segments is not None:
+            turn.segments.insert(0, f"[sample {i}, seed {args.seed + i}]")
+        page.turns.append(turn)
         seen = ""
         if judge is not None and out.image is not None:
             seen = " | the judge sees: " + ", ".join(f"{k} {v}" for k, v in judge(out.image).items())

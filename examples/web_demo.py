@@ -270,9 +270,10 @@ def build_demo(model, *, system_prompt: str = MMDIALOG_SYSTEM, max_new_tokens: i
                 f"{NOTICE}Generation failed ({type(e).__name__}: {e}). Your message was not kept; "
                 f"try other settings or a new conversation.")})
             return session, session.messages, _box(), gr.skip()
-        reply: list[Any] = [_chat_text(out.clean_text)] if out.clean_text else []
-        if out.image is not None:
-            reply.append(_chat_image(session.save_image(out.image, "generated")))
+        # The answer as it reads: each picture in its place among the text (one picture: after it).
+        turn = session.conversation.turns[-1]
+        reply: list[Any] = [_chat_text(piece) if isinstance(piece, str)
+                            else _chat_image(session.save_image(piece, "generated")) for piece in turn.pieces()]
         session.messages.append({"role": "assistant", "content": reply or "(empty answer)"})
         return session, session.messages, _box(), gr.DownloadButton(value=session.export_html(), interactive=True)
 
