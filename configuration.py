@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from llm_families import FAMILY_NAMES
+
 REPO = Path(__file__).resolve().parent
 LIMITS_FILE = REPO / "config" / "limits.yaml"
 LIMITS_ENV = "MINIGPT5_LIMITS"
@@ -120,7 +122,8 @@ class ModelConfig:
     image_size: int = 224          # the ViT's input
     sd_image_size: int = 512       # SD 2.1 base's pictures
     num_query_token: int = 32      # Q-Former queries per image
-    end_sym: str = "###"           # where an answer ends
+    end_sym: str = "###"           # where an answer ends (the vicuna family's prompt style)
+    llm_family: str = "vicuna"     # the LLM's family (llm_families/: vicuna, llama3, qwen2)
     dtypes: DtypeConfig = field(default_factory=DtypeConfig)
     source: str = "<in memory>"
 
@@ -277,6 +280,9 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> ModelConfi
             except ConfigError as e:
                 raise ConfigError(f"{source}: `{f.name}`: {e}") from None
         values[f.name] = value
+    family = values.get("llm_family", ModelConfig.llm_family)
+    if family not in FAMILY_NAMES:
+        raise ConfigError(f"{source}: `llm_family` must be one of {', '.join(FAMILY_NAMES)}, got {family!r}")
     cfg = ModelConfig(**values, source=source)
     if check_paths:
         cfg.check_paths()

@@ -91,7 +91,6 @@ import argparse
 import json
 import os
 import re
-import string
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -115,7 +114,7 @@ from extractors import (FID_IMAGE_SIZE, MissingWeightError, Models, clip_image_f
                         frechet_distance, inception_outputs, inception_score, load_models, real_fid_features,
                         rowwise_cosine, sbert_features, tiny_models)
 from placement import resolve_device
-from prompts import END_SYM
+from llm_families import DEFAULT_FAMILY, get_family
 from weights import CheckpointError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -163,14 +162,10 @@ def load_predictions(folder: Path) -> list[Sample]:
 # Text metrics
 
 
-def clean_text(text: str) -> str:
-    """The text as compared: no end symbol (`prompts.END_SYM`, the release's `###`), `<s>` or `</s>`,
-    nothing from `[IMG0]` on; "" if only punctuation."""
-    text = text.split("[IMG0]")[0]
-    for token in (END_SYM, "</s>", "<s>"):
-        text = text.replace(token, "")
-    text = text.strip()
-    return "" if all(c in string.punctuation or c.isspace() for c in text) else text
+def clean_text(text: str, llm_family: str = DEFAULT_FAMILY) -> str:
+    """The text as compared, by the rule of the LLM family that wrote it (`LLMFamily.clean_text`; the
+    release's: no end symbol `###`, `<s>` or `</s>`, nothing from `[IMG0]` on; "" if only punctuation)."""
+    return get_family(llm_family).clean_text(text)
 
 
 def reference_caption(sample: Sample, dataset: str, source: str = "caption") -> str:

@@ -490,7 +490,7 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     workers = cap_workers(args.num_workers)
     from_shards = shards.is_shard_spec(paths["train"])
     # The data first (it needs the tokenizer only): the schedule's length is known before the model is built.
-    tokenizer = load_tokenizer(cfg.llama_model)
+    tokenizer = load_tokenizer(cfg.llama_model, cfg.llm_family)
     kind = shard_reader().dataset_type if from_shards else resolve_dataset_type(paths["train"])
     extra = {"shuffle": args.shuffle} if from_shards else {"allow_outside_paths": args.allow_outside_paths}
     train_set = make_dataset(paths["train"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict,
