@@ -133,6 +133,7 @@ class Sample:
     baseline_image: Image.Image | None
     gt_image: Image.Image | None
     task: str
+    llm_family: str = DEFAULT_FAMILY   # whose text it is: `clean_text` follows that family's rule
 
 
 def tensor_to_image(tensor: torch.Tensor | Image.Image | None) -> Image.Image | None:
@@ -152,8 +153,10 @@ def load_predictions(folder: Path) -> list[Sample]:
     `predictions.json` lists, checked against it (`predictions.read_folder`), or all of them in a
     folder without one (the release's)."""
     records, n_files = predictions.read_folder(folder)
+    family = predictions.llm_family_of(folder)
     samples = [Sample(r.input_text or "", r.predicted_text or "", r.expected_text or "", r.predicted_image,
-                      r.sd_baseline_image, tensor_to_image(r.expected_image), str(r.task_name)) for r in records]
+                      r.sd_baseline_image, tensor_to_image(r.expected_image), str(r.task_name), family)
+               for r in records]
     print(f"{len(samples)} predictions from {n_files} file(s) in {folder}")
     return samples
 
@@ -173,14 +176,14 @@ def reference_caption(sample: Sample, dataset: str, source: str = "caption") -> 
     or (`caption`) the cleaned expected text, else the scene description / caption of the prompt."""
     if source == "release":
         return sample.gt_text
-    text = clean_text(sample.gt_text)
+    text = clean_text(sample.gt_text, sample.llm_family)
     if text:
         return text
     pattern = spec(dataset).prompt_caption
     if pattern is not None:
         match = re.search(pattern, sample.input_text, flags=re.S)
         return match.group(1).strip() if match else ""
-    return clean_text(sample.input_text)
+    return clean_text(sample.input_text, sample.llm_family)
 
 
 def bleu_1_2(reference: str, hypothesis: str, unit: str = "char") -> tuple[float, float]:
@@ -399,8 +402,8 @@ def score_vist(samples: Sequence[Sample], models: Models, args: argparse.Namespa
 def score_mmdialog(samples: Sequence[Sample], models: Models, args: argparse.Namespace) -> tuple[dict, dict]:
     """MMDialog numbers: text metrics, CLIP similarities and CLIP-F1 per conversation, IS."""
     bs, device = args.batch_size, args.device
-    gt_texts = [clean_text(s.gt_text) for s in samples]
-    pred_texts = [clean_text(s.pred_text) for s in samples]
+    gt_texts = [clean_text(s.gt_text, s.llm_family) for s in samples]
+    pred_texts = [clean_text(s.pred_text, s.llm_family) for s in samples]
     both_text = [i for i in range(len(samples)) if gt_texts[i] and pred_texts[i]]
     clip_t = dict(zip(both_text, rowwise_cosine(
         clip_text_features([gt_texts[i] for i in both_text], models, bs, device),

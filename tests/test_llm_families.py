@@ -179,3 +179,162 @@ def test_a_tokenizer_of_another_family_stops_before_the_llm_loads(family_configs
     cfg = family_configs["qwen2"].replace(llm_family="vicuna")
     with pytest.raises(ValueError, match="`llm_family` is 'vicuna'.*'qwen2' model"):
         MiniGPT4.from_config(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# The real commands on each family's tiny preset: train_eval.main (stage 1, resume, stage 2,
+# prediction) and metric.main, as tests/test_train_eval.py runs them for the release pairing
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+def family_runs(request, tmp_path_factory, family_config_paths):
+    """For one family: stage 1 on CC3M for 2 steps straight, and for 1 step then `--resume last` to 2;
+    stage 2 on VIST for 1 step from it; prediction with both checkpoints; metric.py over the
+    predictions. Returns (family, folder, logs)."""
+    from test_train_eval import common, make_tiny_release_data, run_main
+
+    family = request.param
+    config = family_config_paths[family]
+    root = tmp_path_factory.mktemp(f"runs_{family}")
+    make_tiny_release_data(root)                      # CC3M 2 rows, VIST 1 story of 2 steps
+    weights, data = root / "weights", root / "datasets"
+    env = lambda stage, folder: {"IS_STAGE2": str(stage == 2), "DATAFOLDER": data / folder, "WEIGHTFOLDER": weights,
+                                 "OUTPUT_FOLDER": root / "out"}
+    stage1 = ["--is_training", "--train_data_path", "cc3m_val.tsv", *common(config)]
+    logs = {"straight": run_main(stage1 + ["--model_save_name", "straight", "--max_steps", "2"], env(1, "CC3M"))}
+    run_main(stage1 + ["--model_save_name", "s1", "--max_steps", "1"], env(1, "CC3M"))
+    logs["resumed"] = run_main(stage1 + ["--model_save_name", "s1", "--max_steps", "2", "--resume", "last"],
+                               env(1, "CC3M"))
+    logs["stage2"] = run_main(["--is_training", "--train_data_path", "val_cleaned.json", "--stage1_weight",
+                               "s1-last.ckpt", "--model_save_name", "s2", "--max_steps", "1", *common(config),
+                               "--learning_rate", "1e-2", "--warmup_steps", "0"], env(2, "VIST"))
+    logs["predict"] = run_main(["--test_data_path", "val_cleaned.json", "--test_weight", "s2-last.ckpt",
+                                "--stage1_weight", "s1-last.ckpt", *common(config)], env(2, "VIST"))
+    import metric
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OUTPUT_FOLDER", str(root / "out"))
+        mp.setenv("DATAFOLDER", str(data / "VIST"))
+        logs["metric"] = metric.main(["--test_weight", "s2-last.ckpt", "--tiny_extractors", "--device", "cpu"])
+    return family, root, logs
+
+
+def test_stage1_trains_and_resumes_exactly(family_runs):
+    """Two steps straight and one step + `--resume last`: the same losses and the same trained tensors;
+    the checkpoint records its LLM family."""
+    import csv
+
+    from test_train_eval import assert_same_state, state_of
+
+    family, root, _ = family_runs
+    weights = root / "weights"
+    straight, resumed = state_of(weights / "straight-last.ckpt"), state_of(weights / "s1-last.ckpt")
+    assert_same_state(resumed, straight, f"{family} stage 1 resumed")
+    # The runs' losses, one logger version each: straight (steps 0, 1) = first part (0) + resumed part (1).
+    runs = [{int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(open(path)) if r.get("train_loss")}
+            for path in sorted(weights.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))]
+    assert sorted(runs[0]) == [0, 1] and runs[0] == {**runs[1], **runs[2]} and sorted(runs[2]) == [1]
+    assert {k for k in straight if "embed_tokens" in k} == {"model.llama_model.model.embed_tokens.weight"}
+    checkpoint = torch.load(weights / "s1-last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 2 and checkpoint["llm_family"] == family
+    assert all(torch.isfinite(torch.tensor(v)) for v in runs[0].values())
+
+
+def test_stage2_starts_from_stage1_and_trains_the_rows(family_runs, family_models):
+    """Stage 2 reads stage 1's voken rows (tied rows: one tensor trained in place, no PEFT copies) and
+    trains them and LoRA."""
+    from test_train_eval import state_of
+
+    family, root, _ = family_runs
+    s1, s2 = state_of(root / "weights" / "s1-last.ckpt"), state_of(root / "weights" / "s2-last.ckpt")
+    tied = family_models[family].model.tied_rows
+    rows = [k for k in s2 if "embed_tokens" in k or "lm_head" in k]
+    if tied:
+        assert rows == ["model.llama_model.base_model.model.model.embed_tokens.weight"]
+    else:
+        assert sorted(rows) == sorted(f"model.llama_model.base_model.model.{n}.modules_to_save.default.weight"
+                                      for n in ("model.embed_tokens", "lm_head"))
+    before = s1["model.llama_model.model.embed_tokens.weight"]
+    after = s2[rows[0]] if tied else s2[[r for r in rows if "embed_tokens" in r][0]]
+    assert torch.equal(before[:-9], after[:-9])                  # the old rows are frozen
+    assert not torch.equal(before[-9:], after[-9:])              # the new rows trained
+    assert any(".lora_" in k for k in s2)
+
+
+def test_prediction_generates_and_metric_reads_it_with_the_familys_rules(family_runs):
+    import json
+
+    family, root, logs = family_runs
+    folder = root / "out" / "s2-last"
+    manifest = json.loads((folder / "predictions.json").read_text())
+    assert manifest["llm_family"] == family and manifest["items"] == 2
+    records = torch.load(folder / "predictions-0.pt", weights_only=False)
+    fam = get_family(family)
+    assert all(isinstance(r[1], str) for r in records)
+    # The prompts are the dataset's text (the release's strings until the readers render per family).
+    assert all(IMAGE_PLACEHOLDER in r[0] or "###Human" in r[0] for r in records)
+    assert all(fam.end_of_turn not in fam.clean_text(r[1]) for r in records)
+    assert isinstance(logs["metric"], dict) and logs["metric"]
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_generation_draws_a_picture(family, family_models):
+    """One generation with a rendered prompt: the vokens are forced, a picture comes out, and the clean
+    text holds neither vokens nor the end of turn."""
+    model = family_models[family]
+    source, _ = get_family(family).render(Dialogue(None, (Message("user", (Segment(text="draw a dog"),)),
+                                                          Message("assistant", (Segment(text="ok"),)))))
+    out = model.generate(source, force_generation=True, seed=1, max_new_tokens=12, num_inference_steps=2)[0]
+    assert out.image is not None and "[IMG" not in out.clean_text
+    assert get_family(family).end_of_turn not in out.clean_text
+    ids = out.token_ids
+    assert ids[ids.index(model.model.voken_ids[0]):][:8] == model.model.voken_ids
+
+
+def test_a_checkpoint_of_another_family_stops_before_the_model_is_built(family_runs, family_config_paths, no_model,
+                                                                        tmp_path):
+    """A llama3 / qwen2 checkpoint given to a run of another family: an error naming `llm_family`,
+    before any model is built (train_eval's checks, and from_weights)."""
+    from test_train_eval import run_main
+
+    import checkpoints
+    from model import MiniGPT5_Model
+
+    family, root, _ = family_runs
+    other = "qwen2" if family == "llama3" else "llama3"
+    env = {"DATAFOLDER": root / "datasets" / "CC3M", "WEIGHTFOLDER": root / "weights", "OUTPUT_FOLDER": tmp_path}
+    with pytest.raises(SystemExit, match=rf"trained with llm_family '{family}'.*`llm_family: {other}`"):
+        run_main(["--is_training", "--train_data_path", "cc3m_val.tsv", "--stage1_weight", "s1-last.ckpt",
+                  "--model_save_name", "x", "--model_config", str(family_config_paths[other])], env)
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="llm_family"):
+        MiniGPT5_Model.from_weights(family_config_paths["vicuna"], root / "weights" / "s1-last.ckpt", device="cpu")
+
+
+def test_an_llm_width_the_checkpoint_or_projection_was_not_made_for_stops_early(family_configs, tmp_path,
+                                                                              monkeypatch):
+    """A stage-1 checkpoint whose `fc` takes another LLM width, and a MiniGPT-4 projection (`ckpt`) for
+    another width: errors naming the keys, before the LLM's weights are read."""
+    from transformers import AutoModelForCausalLM
+
+    import checkpoints
+    from minigpt4 import MiniGPT4
+    from presets import write_tiny_minigpt4
+
+    cfg = family_configs["llama3"]
+    wide = tmp_path / "wide.ckpt"
+    torch.save({"llm_family": "llama3", "state_dict": {"fc.0.weight": torch.zeros(32, 4096)}}, wide)
+    with pytest.raises(checkpoints.CheckpointMismatchError, match=r"4096-wide.*`llama_model`.* is 64 wide"):
+        checkpoints.check_pairing(cfg, wide, "--stage1_weight")
+    checkpoints.check_pairing(cfg, _fit(tmp_path, cfg), "--stage1_weight")      # the right one passes
+    write_tiny_minigpt4(tmp_path / "proj.pth", cfg.qformer.hidden_size, 3584, seed=0)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the LLM's weights were read"))
+    with pytest.raises(ValueError, match=r"llama_proj.weight has shape \(3584, 32\), expected \(64, 32\).*`ckpt`"):
+        MiniGPT4.from_config(cfg.replace(ckpt=str(tmp_path / "proj.pth")))
+
+
+def _fit(tmp_path, cfg):
+    """A checkpoint of `cfg`'s family and width (passes the pairing check)."""
+    path = tmp_path / "fit.ckpt"
+    torch.save({"llm_family": cfg.llm_family, "state_dict": {"fc.0.weight": torch.zeros(32, 64)}}, path)
+    return path
