@@ -1,5 +1,5 @@
 """Qwen2.5 (Qwen2.5-7B; 0.5B / 1.5B / 3B tie their embeddings): a byte-level BPE tokenizer with no BOS,
-an embedding padded beyond the tokenizer's 151 665 tokens (151 936 rows), and ChatML turns
+an embedding padded beyond the tokenizer's 151 665 tokens (151 936 rows, 152 064 at 7B), and ChatML turns
 `<|im_start|>role\\n ... <|im_end|>\\n` with Qwen's default system prompt; an answer ends at
 `<|im_end|>` (the tokenizer's EOS is set to it, as the instruct models have it)."""
 from __future__ import annotations

@@ -289,6 +289,10 @@ def test_generation_draws_a_picture(family, family_models):
     assert get_family(family).end_of_turn not in out.clean_text
     ids = out.token_ids
     assert ids[ids.index(model.model.voken_ids[0]):][:8] == model.model.voken_ids
+    # fast_inference's static-cache decode loop gives the same tokens.
+    static = model.generate(source, force_generation=True, seed=1, max_new_tokens=12, num_inference_steps=2,
+                            decode="static")[0]
+    assert static.token_ids == ids
 
 
 def test_a_checkpoint_of_another_family_stops_before_the_model_is_built(family_runs, family_config_paths, no_model,
@@ -338,3 +342,23 @@ def _fit(tmp_path, cfg):
     path = tmp_path / "fit.ckpt"
     torch.save({"llm_family": cfg.llm_family, "state_dict": {"fc.0.weight": torch.zeros(32, 64)}}, path)
     return path
+
+
+def test_full_size_llms_on_the_meta_device_and_their_memory_arithmetic():
+    """Llama-3.1-8B and Qwen2.5-7B at their real sizes (config/llama3_8b.yaml, config/qwen2.5_7b.yaml over
+    config/arch/), built on the meta device: the voken rows, the grouped-query KV width, and a row
+    per family in benchmarks/gpu_memory.py --arithmetic."""
+    import sys
+
+    from configuration import REPO
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_memory
+
+    llama, qwen = gpu_memory.part_bytes(None, "Llama-3.1-8B"), gpu_memory.part_bytes(None, "Qwen2.5-7B")
+    assert llama["lm_head (fp32 voken rows)"] == (128256 + 9) * 4096 * 4 and llama["_kv_width"] == 8 * 128
+    assert qwen["lm_head (fp32 voken rows)"] == (152064 + 9) * 3584 * 4 and qwen["_kv_width"] == 4 * 128
+    assert gpu_memory.part_bytes(None)["_kv_width"] == 4096                   # Vicuna: no GQA
+    text = gpu_memory.arithmetic(180, 64)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert {"Vicuna-7B v0", "Llama-3.1-8B", "Qwen2.5-7B"} <= set(rows)
+    assert "18.16 / **" in rows["Llama-3.1-8B"]              # 13.96 GB bf16 linear layers + 2 x fp32 voken rows
