@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from configuration import dump_config, load_config
-from llm_families import get_family
+from llm_families import DEFAULT_FAMILY, get_family
 from llm_families.vicuna import train_llama_tokenizer, write_tokenizer_files
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,15 @@ def write_preset_files(out_dir: Path, cfg, arch: dict, seed: int, llm_corpus: li
     write_tiny_minigpt4(out_dir / "prerained_minigpt4_7b.pth", cfg.qformer.hidden_size,
                         arch["llama"]["hidden_size"], seed)
     write_tiny_sd(out_dir / "sd", arch, cfg.sd_image_size, cfg.mapper.d_model, seed, words=sd_words)
+
+
+def tiny_llm_arch(llm_family: str) -> dict:
+    """The tiny LLM architecture of a family (the `llama` section of config/tiny_<family>_arch.yaml;
+    vicuna's is config/tiny_arch.yaml's), to pair with another decoder's architecture in
+    `write_preset_files`."""
+    get_family(llm_family)                       # an unknown name is an error naming the known ones
+    name = "tiny_arch.yaml" if llm_family == DEFAULT_FAMILY else f"tiny_{llm_family}_arch.yaml"
+    return yaml.safe_load((REPO / "config" / name).read_text())["llama"]
 
 
 def preset_config(cfg, out_dir: Path):

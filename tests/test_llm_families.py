@@ -407,3 +407,15 @@ def test_the_playground_runs_on_a_family_preset(family_config_paths, tmp_path):
     prompt = story_prompt(["a dog runs", "it jumps"], "llama3")
     assert prompt.startswith("<|start_header_id|>system<|end_header_id|>\n\n") and prompt.count(IMAGE_SLOT) == 2
     assert prompt.endswith("Tell me the next scene with image.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_each_familys_tiny_llm_architecture_for_other_pairings():
+    """presets.tiny_llm_arch: the `llama` section a pairing preset (another decoder) writes the LLM from."""
+    from presets import tiny_llm_arch
+
+    archs = {family: tiny_llm_arch(family) for family in FAMILY_NAMES}
+    assert archs["llama3"]["num_key_value_heads"] < archs["llama3"]["num_attention_heads"]
+    assert archs["qwen2"]["tie_word_embeddings"] and archs["qwen2"]["pad_vocab_to"]
+    assert archs["vicuna"]["num_key_value_heads"] == archs["vicuna"]["num_attention_heads"]
+    with pytest.raises(UnknownFamilyError):
+        tiny_llm_arch("gpt2")
