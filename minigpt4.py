@@ -2,18 +2,19 @@
 
     image ─► EVA ViT (Blip2VisionModel; its post_layernorm is LAVIS's ln_vision)
           ─► Q-Former (Blip2QFormerModel, 32 learned queries) ─► llama_proj ─► LLM space
-    text  ─► LLaMA tokenizer (+ [IMG0]..[IMG7] and <ImageHere> as special tokens)
-    wrap_inputs: BOS + text embeddings with each <ImageHere> replaced by its image's query
-                 embeddings (batched: one scatter, no loop over samples)
+    text  ─► the LLM family's tokenizer (+ [IMG0]..[IMG7] and <ImageHere> as special tokens)
+    wrap_inputs: BOS (if the family has one) + text embeddings with each <ImageHere> replaced by its
+                 image's query embeddings (batched: one scatter, no loop over samples)
     voken_features: the 8 last-layer states at each [IMG0] (training and generation alike)
-    text rules of the LLM family: tokenizer set-up, voken rows, BOS, the end of an answer
-                 (`cfg.end_sym`) and its decoding (generation.py and fast_inference.py ask here)
+    text rules of the LLM family (`llm_families/`, the config's `llm_family`): tokenizer set-up, BOS,
+                 the end of an answer and its decoding (generation.py and fast_inference.py ask here);
+                 the voken rows after the tokenizer's own tokens, tied rows kept tied (`add_voken_rows`)
 
 Attribute names follow MiniGPT-4 / MiniGPT-5 (`visual_encoder`, `Qformer`, `query_tokens`,
 `llama_proj`, `llama_model`, `llama_tokenizer`) so checkpoint keys match the release.
 
 The release trained the whole input-embedding and lm_head matrices to change 9 rows. Here the
-9 new rows are separate parameters (`VokenEmbedding`, `VokenLMHead`): the 32 000 original rows get
+9 new rows are separate parameters (`VokenEmbedding`, `VokenLMHead`): the original rows (32 000) get
 no gradient and no optimiser state, while `state_dict()` still shows one full `weight` matrix
 under the release's key.
 """
