@@ -283,6 +283,9 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> ModelConfi
     family = values.get("llm_family", ModelConfig.llm_family)
     if family not in FAMILY_NAMES:
         raise ConfigError(f"{source}: `llm_family` must be one of {', '.join(FAMILY_NAMES)}, got {family!r}")
+    if family != ModelConfig.llm_family and values.get("end_sym", ModelConfig.end_sym) != ModelConfig.end_sym:
+        raise ConfigError(f"{source}: `end_sym` is the vicuna prompt style's; llm_family {family} ends an answer at "
+                          f"its chat template's end of turn: remove `end_sym`")
     cfg = ModelConfig(**values, source=source)
     if check_paths:
         cfg.check_paths()

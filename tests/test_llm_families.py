@@ -60,6 +60,13 @@ def test_the_config_key_defaults_to_vicuna_and_is_checked(tiny_config, tmp_path)
     bad.write_text(open(tiny_config.source).read() + "llm_family: mistral\n")
     with pytest.raises(ConfigError, match="`llm_family` must be one of vicuna, llama3, qwen2, got 'mistral'"):
         load_config(bad, check_paths=False)
+    ignored = tmp_path / "end.yaml"
+    ignored.write_text(open(tiny_config.source).read() + "llm_family: qwen2\n")
+    assert load_config(ignored, check_paths=False).llm_family == "qwen2"          # end_sym "###": the default
+    ignored.write_text("".join(line for line in open(tiny_config.source) if not line.startswith("end_sym"))
+                       + "end_sym: </s>\nllm_family: qwen2\n")
+    with pytest.raises(ConfigError, match="`end_sym` is the vicuna prompt style's; llm_family qwen2"):
+        load_config(ignored, check_paths=False)
 
 
 def test_vicuna_renders_the_release_strings():
