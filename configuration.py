@@ -120,10 +120,10 @@ class ModelConfig:
     mapper: MapperConfig
     # Optional keys: the release's values unless a config says otherwise.
     image_size: int = 224          # the ViT's input
+    llm_family: str = "vicuna"     # the LLM's family (llm_families/: vicuna, llama3, qwen2)
     sd_image_size: int = 512       # SD 2.1 base's pictures
     num_query_token: int = 32      # Q-Former queries per image
-    end_sym: str = "###"           # where an answer ends (the vicuna family's prompt style)
-    llm_family: str = "vicuna"     # the LLM's family (llm_families/: vicuna, llama3, qwen2)
+    end_sym: str = "###"           # where an answer ends
     dtypes: DtypeConfig = field(default_factory=DtypeConfig)
     source: str = "<in memory>"
 
@@ -280,16 +280,22 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> ModelConfi
             except ConfigError as e:
                 raise ConfigError(f"{source}: `{f.name}`: {e}") from None
         values[f.name] = value
-    family = values.get("llm_family", ModelConfig.llm_family)
-    if family not in FAMILY_NAMES:
-        raise ConfigError(f"{source}: `llm_family` must be one of {', '.join(FAMILY_NAMES)}, got {family!r}")
-    if family != ModelConfig.llm_family and values.get("end_sym", ModelConfig.end_sym) != ModelConfig.end_sym:
-        raise ConfigError(f"{source}: `end_sym` is the vicuna prompt style's; llm_family {family} ends an answer at "
-                          f"its chat template's end of turn: remove `end_sym`")
     cfg = ModelConfig(**values, source=source)
+    check_llm_family(cfg)
     if check_paths:
         cfg.check_paths()
     return cfg
+
+
+def check_llm_family(cfg: ModelConfig) -> None:
+    """`llm_family` names a family of llm_families/; `end_sym` (the vicuna prompt style's end symbol)
+    is left at its default by the other families, which end answers at their end of turn."""
+    if cfg.llm_family not in FAMILY_NAMES:
+        raise ConfigError(f"{cfg.source}: `llm_family` must be one of {', '.join(FAMILY_NAMES)}, "
+                          f"got {cfg.llm_family!r}")
+    if cfg.llm_family != ModelConfig.llm_family and cfg.end_sym != ModelConfig.end_sym:
+        raise ConfigError(f"{cfg.source}: `end_sym` is the vicuna prompt style's; llm_family {cfg.llm_family} ends "
+                          f"an answer at its chat template's end of turn: remove `end_sym`")
 
 
 def read_yaml(path: str | os.PathLike) -> Any:

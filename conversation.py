@@ -4,8 +4,7 @@ Each turn is text plus images. The prompt is written in the release's format:
 
     {system}###Human: {text} <Img><ImageHere></Img> ###Assistant: {text} <Img><ImageHere></Img> ... ###Assistant:
 
-so the model's own earlier pictures are fed back to it as input images; for another LLM family the
-same turns are rendered in that family's prompt style (`LLMFamily.render`). `to_html` writes the
+so the model's own earlier pictures are fed back to it as input images. `to_html` writes the
 whole conversation as one self-contained HTML file (images inlined) that opens in any browser.
 """
 from __future__ import annotations
@@ -20,9 +19,7 @@ from PIL import Image
 
 from constants import IMAGE_SLOT, RESERVED_TOKENS
 from image_transforms import load_rgb
-from llm_families import DEFAULT_FAMILY
 from prompts import ASSISTANT, HUMAN, MMDIALOG_SYSTEM
-from samples import Dialogue, Message, Segment
 
 ROLES = ("Human", "Assistant")
 TAGS = {"Human": HUMAN, "Assistant": ASSISTANT}      # the prompt style's speaker tags (prompts.py)
@@ -76,19 +73,12 @@ class Conversation:
         self.turns.append(Turn(role, text, loaded))
         return self
 
-    def prompt(self, family=None) -> tuple[str, list[Image.Image]]:
-        """The prompt for the next Assistant turn and its input images, in order: in the release's format,
-        or in the prompt style of `family` (an `llm_families` family; vicuna's is the release's)."""
-        images = [image for turn in self.turns for image in turn.images]
-        if family is not None and family.name != DEFAULT_FAMILY:
-            messages = tuple(Message("user" if turn.role == "Human" else "assistant",
-                                     tuple([Segment(text=turn.text)] * bool(turn.text)
-                                           + [Segment(image=f"image {k}") for k in range(len(turn.images))]))
-                             for turn in self.turns)
-            source, _ = family.render(Dialogue(self.system or None, messages + (Message("assistant", ()),)))
-            return source, images
-        parts = [" ".join([f"{TAGS[turn.role]} {turn.text}".rstrip()] + [IMAGE_SLOT] * len(turn.images))
-                 for turn in self.turns]
+    def prompt(self) -> tuple[str, list[Image.Image]]:
+        """The prompt for the next Assistant turn and its input images, in order."""
+        parts, images = [], []
+        for turn in self.turns:
+            parts.append(" ".join([f"{TAGS[turn.role]} {turn.text}".rstrip()] + [IMAGE_SLOT] * len(turn.images)))
+            images.extend(turn.images)
         return self.system + " ".join(parts) + f" {ASSISTANT}", images
 
     def respond(self, model, **generate_kwargs):
@@ -124,8 +114,7 @@ body {{ font-family: sans-serif; max-width: 760px; margin: 2em auto; }}
 
 def respond_all(model, conversations: list[Conversation], **generate_kwargs) -> list:
     """Generate the next Assistant turn of several conversations as one batch."""
-    family = getattr(getattr(model, "model", None), "family", None)     # the backbone's LLM family, if any
-    prompts, images = zip(*(c.prompt(family) for c in conversations))
+    prompts, images = zip(*(c.prompt() for c in conversations))
     outputs = model.generate(list(prompts), [list(i) for i in images], **generate_kwargs)
     for conversation, out in zip(conversations, outputs):
         conversation.turns.append(Turn("Assistant", out.clean_text, [out.image] if out.image is not None else []))

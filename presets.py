@@ -203,15 +203,6 @@ def write_preset_files(out_dir: Path, cfg, arch: dict, seed: int, llm_corpus: li
     write_tiny_sd(out_dir / "sd", arch, cfg.sd_image_size, cfg.mapper.d_model, seed, words=sd_words)
 
 
-def tiny_llm_arch(llm_family: str) -> dict:
-    """The tiny LLM architecture of a family (the `llama` section of config/tiny_<family>_arch.yaml;
-    vicuna's is config/tiny_arch.yaml's), to pair with another decoder's architecture in
-    `write_preset_files`."""
-    get_family(llm_family)                       # an unknown name is an error naming the known ones
-    name = "tiny_arch.yaml" if llm_family == DEFAULT_FAMILY else f"tiny_{llm_family}_arch.yaml"
-    return yaml.safe_load((REPO / "config" / name).read_text())["llama"]
-
-
 def preset_config(cfg, out_dir: Path):
     """`cfg` with its weight paths pointing at the files `write_preset_files` wrote to `out_dir`."""
     from lavis import BLIP2_FILE_NAME, VIT_FILE_NAME
@@ -219,6 +210,15 @@ def preset_config(cfg, out_dir: Path):
     return cfg.replace(llama_model=str(out_dir / "llama"), vit_model=str(out_dir / VIT_FILE_NAME),
                        q_former_model=str(out_dir / BLIP2_FILE_NAME),
                        ckpt=str(out_dir / "prerained_minigpt4_7b.pth"), sd_model=str(out_dir / "sd"))
+
+
+def tiny_llm_arch(llm_family: str) -> dict:
+    """The tiny LLM architecture of a family (the `llama` section of config/tiny_<family>_arch.yaml;
+    vicuna's is config/tiny_arch.yaml's), to pair with another decoder's architecture in
+    `write_preset_files`."""
+    get_family(llm_family)                       # an unknown name is an error naming the known ones
+    name = "tiny_arch.yaml" if llm_family == DEFAULT_FAMILY else f"tiny_{llm_family}_arch.yaml"
+    return yaml.safe_load((REPO / "config" / name).read_text())["llama"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,10 +29,9 @@ the issue measured it). `--train` adds benchmarks/train_throughput.py (stages 1 
 Markdown table and the targets' verdicts to `--out` (default benchmarks/RESULTS_gpu_full.md; rewritten
 after each part, so a run cut short keeps what it measured) and one JSON line per result to stdout.
 
-`--arithmetic` writes what the meta device says instead (no GPU, no weights; benchmarks/memory_arithmetic.py):
-the bytes of each part in each configuration, what sits on the GPU at the peak of a turn, estimates of
-activations and the KV cache, the bandwidth floors of a few GPUs, and the weights and peak of each LLM
-family at full size (Vicuna-7B, Llama-3.1-8B, Qwen2.5-7B). It is arithmetic, not a measurement.
+`--arithmetic` writes what the meta device says instead (no GPU, no weights): the bytes of each part
+in each configuration, what sits on the GPU at the peak of a turn, estimates of activations and the
+KV cache, and the bandwidth floors of a few GPUs. It is arithmetic, not a measurement.
 """
 from __future__ import annotations
 

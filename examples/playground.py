@@ -38,21 +38,12 @@ DEFAULT_CAPTIONS = ["We went to the beach on a sunny day and set up a red umbrel
                     "In the evening the sky turned orange and we built a sandcastle."]
 
 
-def story_prompt(captions: list[str], llm_family: str = "vicuna") -> str:
+def story_prompt(captions: list[str]) -> str:
     """The VIST-format prompt: system prompt, the story so far (each caption followed by its
-    image), then the request for the next scene (the training data's first "multimodal" template);
-    for another LLM family, the same story and request in that family's prompt style."""
-    from prompts import ASSISTANT, HUMAN, VIST_MULTIMODAL, VIST_SYSTEM, vist_context
+    image), then the request for the next scene (the training data's first "multimodal" template)."""
+    from prompts import VIST_MULTIMODAL, VIST_SYSTEM, vist_context
 
-    if llm_family == "vicuna":
-        return VIST_SYSTEM + VIST_MULTIMODAL[0].format(context=vist_context(captions))
-    from llm_families import get_family
-    from samples import Dialogue, Message, Segment
-
-    request = VIST_MULTIMODAL[0].format(context="").removeprefix(HUMAN).removesuffix(ASSISTANT).strip()
-    story = [s for i, c in enumerate(captions) for s in (Segment(text=c), Segment(image=f"frame {i}"))]
-    user = Message("user", tuple(story) + (Segment(text=request),))
-    return get_family(llm_family).render(Dialogue(VIST_SYSTEM, (user, Message("assistant", ()))))[0]
+    return VIST_SYSTEM + VIST_MULTIMODAL[0].format(context=vist_context(captions))
 
 
 def printable_answer(text: str, picture: int | None, end_sym: str = "###") -> str:
@@ -144,15 +135,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for path in images:                          # fail before loading any model
         if not path.is_file():
             sys.exit(f"error: --images: {str(path)!r} does not exist")
-    family = "vicuna"
-    if args.model_config is not None:          # the prompt style is the config's LLM family's
-        from configuration import ConfigError, load_config
-
-        try:
-            family = load_config(args.model_config, check_paths=False).llm_family
-        except ConfigError as e:
-            sys.exit(f"error: {e}")
-    prompt = args.prompt if args.prompt is not None else story_prompt(captions[: len(images)], family)
+    prompt = args.prompt if args.prompt is not None else story_prompt(captions[: len(images)])
     if prompt.count("<ImageHere>") != len(images):
         sys.exit(f"error: --prompt has {prompt.count('<ImageHere>')} <ImageHere> placeholder(s) but "
                  f"{len(images)} image(s) were given with --images")
@@ -206,7 +189,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     page.add("Human", prompt.removeprefix(VIST_SYSTEM), inputs)
     for i, out in enumerate(outputs):
         figure = out_dir / f"sample_{i}.png"
-        answer = printable_answer(out.text, i if out.image is not None else None, model.model.end_sym)
+        answer = printable_answer(out.text, i if out.image is not None else None, model.cfg.end_sym)
         save_figure(figure, inputs, out.image, answer)
         written.append(figure)
         page.add("Assistant", f"[sample {i}, seed {args.seed + i}] {out.clean_text}",

@@ -371,51 +371,6 @@ def test_full_size_llms_on_the_meta_device_and_their_memory_arithmetic():
     assert "18.16 / **" in rows["Llama-3.1-8B"]              # 13.96 GB bf16 linear layers + 2 x fp32 voken rows
 
 
-def test_conversations_are_written_in_the_familys_prompt_style():
-    """The web demo's and stories' conversations (conversation.py): the release's format for vicuna (with
-    or without the family), the family's chat turns otherwise, the image slots in their places."""
-    from PIL import Image
-
-    from conversation import Conversation
-
-    picture = Image.new("RGB", (8, 8))
-    chat = Conversation(system="Be brief.").add("Human", "look", [picture]).add("Assistant", "a square", [])
-    chat.add("Human", "and now?")
-    release, images = chat.prompt()
-    assert chat.prompt(get_family("vicuna"))[0] == release and len(images) == 1
-    assert release == f"Be brief.###Human: look {IMAGE_SLOT} ###Assistant: a square ###Human: and now? ###Assistant:"
-    source, _ = chat.prompt(get_family("qwen2"))
-    assert source == ("<|im_start|>system\nBe brief.<|im_end|>\n"
-                      f"<|im_start|>user\nlook {IMAGE_SLOT}<|im_end|>\n<|im_start|>assistant\na square<|im_end|>\n"
-                      "<|im_start|>user\nand now?<|im_end|>\n<|im_start|>assistant\n")
-
-
-def test_the_playground_runs_on_a_family_preset(family_config_paths, tmp_path):
-    """examples/playground.py with a llama3 preset's config: the story prompt in Llama 3's turns, a
-    picture per sample (vokens forced)."""
-    import os
-    import subprocess
-    import sys
-
-    from configuration import REPO
-
-    result = subprocess.run([sys.executable, "examples/playground.py", "--model_config",
-                             str(family_config_paths["llama3"]), "--num_samples", "1", "--num_inference_steps", "2",
-                             "--max_new_tokens", "10", "--force_generation", "--out", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "[picture 0]" in result.stdout and (tmp_path / "sample_0.png").is_file()
-    page = (tmp_path / "playground.html").read_text()
-    assert "sample 0" in page
-    sys.path.insert(0, str(REPO / "examples"))
-    from playground import story_prompt
-
-    prompt = story_prompt(["a dog runs", "it jumps"], "llama3")
-    assert prompt.startswith("<|start_header_id|>system<|end_header_id|>\n\n") and prompt.count(IMAGE_SLOT) == 2
-    assert prompt.endswith("Tell me the next scene with image.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-
-
 def test_each_familys_tiny_llm_architecture_for_other_pairings():
     """presets.tiny_llm_arch: the `llama` section a pairing preset (another decoder) writes the LLM from."""
     from presets import tiny_llm_arch
