@@ -34,7 +34,8 @@ def check_pairing(cfg, path: str | os.PathLike, flag: str) -> None:
     """Stop before any model is built when the checkpoint at `path` (given by `flag`) was made for
     another LLM than the config's: another `llm_family` (a checkpoint of any family but vicuna records it
     under the top-level key `llm_family`; a file without it, as the release's, is vicuna's), or another
-    width of the LLM's states than `fc` takes (config key `llama_model`). The file is memory-mapped."""
+    width of the LLM's states than `fc` or the voken rows hold (config key `llama_model`). The file is
+    memory-mapped, not read."""
     from transformers import AutoConfig
 
     checkpoint = weights.load_untrusted(path, "MiniGPT-5 checkpoint", mmap=True)
@@ -45,12 +46,15 @@ def check_pairing(cfg, path: str | os.PathLike, flag: str) -> None:
         raise CheckpointMismatchError(
             f"{path} ({flag}) was trained with llm_family {family!r}, but {cfg.source} has `llm_family: "
             f"{cfg.llm_family}`; use the config it was trained with, or a checkpoint of this pairing")
-    fc = checkpoint.get("state_dict", checkpoint).get("fc.0.weight")
+    state = checkpoint.get("state_dict", checkpoint)
     width = AutoConfig.from_pretrained(cfg.llama_model).hidden_size
-    if isinstance(fc, torch.Tensor) and fc.dim() == 2 and fc.shape[1] != width:
-        raise CheckpointMismatchError(
-            f"{path} ({flag}): its `fc.0.weight` maps {fc.shape[1]}-wide LLM states, but the LLM of "
-            f"`llama_model` ({cfg.llama_model}, {cfg.source}) is {width} wide; it was trained on another LLM")
+    rows = [key for key in state if "embed_tokens" in key and key.endswith("weight")]
+    for key in ["fc.0.weight"] + rows[:1]:
+        tensor = state.get(key)
+        if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.shape[1] != width:
+            raise CheckpointMismatchError(
+                f"{path} ({flag}): its `{key}` holds {tensor.shape[1]}-wide LLM states, but the LLM of "
+                f"`llama_model` ({cfg.llama_model}, {cfg.source}) is {width} wide; it was trained on another LLM")
 
 
 def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:

@@ -334,8 +334,12 @@ def test_an_llm_width_the_checkpoint_or_projection_was_not_made_for_stops_early(
     cfg = family_configs["llama3"]
     wide = tmp_path / "wide.ckpt"
     torch.save({"llm_family": "llama3", "state_dict": {"fc.0.weight": torch.zeros(32, 4096)}}, wide)
-    with pytest.raises(checkpoints.CheckpointMismatchError, match=r"4096-wide.*`llama_model`.* is 64 wide"):
+    with pytest.raises(checkpoints.CheckpointMismatchError, match=r"`fc.0.weight` holds 4096-wide.*`llama_model`.* is 64 wide"):
         checkpoints.check_pairing(cfg, wide, "--stage1_weight")
+    rows = "model.llama_model.base_model.model.model.embed_tokens.modules_to_save.default.weight"
+    torch.save({"llm_family": "llama3", "state_dict": {rows: torch.zeros(521, 3584)}}, wide)     # a stage-2 file
+    with pytest.raises(checkpoints.CheckpointMismatchError, match=r"embed_tokens.*3584-wide"):
+        checkpoints.check_pairing(cfg, wide, "--test_weight")
     checkpoints.check_pairing(cfg, _fit(tmp_path, cfg), "--stage1_weight")      # the right one passes
     write_tiny_minigpt4(tmp_path / "proj.pth", cfg.qformer.hidden_size, 3584, seed=0)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
