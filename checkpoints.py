@@ -18,6 +18,7 @@ import torch
 
 import weights
 from constants import find_weight
+from llm_families import DEFAULT_FAMILY
 from minigpt4 import split_row_modules
 from placement import resolve_device
 
@@ -27,6 +28,33 @@ log = logging.getLogger(__name__)
 class CheckpointMismatchError(weights.CheckpointError):
     """A checkpoint that cannot be what the caller meant (no trainable key of the model matched, or
     a stage-2 file without the stage-1 one it builds on)."""
+
+
+def check_pairing(cfg, path: str | os.PathLike, flag: str) -> None:
+    """Stop before any model is built when the checkpoint at `path` (given by `flag`) was made for
+    another LLM than the config's: another `llm_family` (a checkpoint of any family but vicuna records it
+    under the top-level key `llm_family`; a file without it, as the release's, is vicuna's), or another
+    width of the LLM's states than `fc` or the voken rows hold (config key `llama_model`). The file is
+    memory-mapped, not read."""
+    from transformers import AutoConfig
+
+    checkpoint = weights.load_untrusted(path, "MiniGPT-5 checkpoint", mmap=True)
+    if not isinstance(checkpoint, dict):
+        return                                   # not a checkpoint at all: read_checkpoint says so
+    family = checkpoint.get("llm_family", DEFAULT_FAMILY)
+    if family != cfg.llm_family:
+        raise CheckpointMismatchError(
+            f"{path} ({flag}) was trained with llm_family {family!r}, but {cfg.source} has `llm_family: "
+            f"{cfg.llm_family}`; use the config it was trained with, or a checkpoint of this pairing")
+    state = checkpoint.get("state_dict", checkpoint)
+    width = AutoConfig.from_pretrained(cfg.llama_model).hidden_size
+    rows = [key for key in state if "embed_tokens" in key and key.endswith("weight")]
+    for key in ["fc.0.weight"] + rows[:1]:
+        tensor = state.get(key)
+        if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.shape[1] != width:
+            raise CheckpointMismatchError(
+                f"{path} ({flag}): its `{key}` holds {tensor.shape[1]}-wide LLM states, but the LLM of "
+                f"`llama_model` ({cfg.llama_model}, {cfg.source}) is {width} wide; it was trained on another LLM")
 
 
 def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -56,6 +84,8 @@ def from_weights(model_class, model_config: str | os.PathLike | None = None,
     cfg = load_config(model_config)
     paths = [find_weight(p, flag) for p, flag in ((stage1_weight, "--stage1_weight"),
                                                   (test_weight, "--test_weight")) if p]
+    for path, flag in zip(paths, [f for p, f in ((stage1_weight, "stage1_weight"), (test_weight, "test_weight")) if p]):
+        check_pairing(cfg, path, flag)
     stage = 2 if test_weight and weights.checkpoint_stage(paths[-1]) == 2 else 1
     if stage == 2 and not stage1_weight:
         raise CheckpointMismatchError(
@@ -89,7 +119,8 @@ def load_checkpoint_file(model, path: str | os.PathLike, warn_missing: bool = Tr
     the file did not provide (and warns about them unless `warn_missing` is off). A file that
     provides none of them raises `CheckpointMismatchError` (it would load nothing).
     """
-    state = weights.translate_llm_keys(weights.read_checkpoint(path), lora=model.model.is_lora)
+    state = weights.translate_llm_keys(weights.read_checkpoint(path), lora=model.model.is_lora,
+                                       in_place=model.model.tied_rows)
     trainable = model.trainable_keys()
     if not trainable & set(state):
         raise CheckpointMismatchError(

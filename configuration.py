@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from llm_families import FAMILY_NAMES
+
 REPO = Path(__file__).resolve().parent
 LIMITS_FILE = REPO / "config" / "limits.yaml"
 LIMITS_ENV = "MINIGPT5_LIMITS"
@@ -118,6 +120,7 @@ class ModelConfig:
     mapper: MapperConfig
     # Optional keys: the release's values unless a config says otherwise.
     image_size: int = 224          # the ViT's input
+    llm_family: str = "vicuna"     # the LLM's family (llm_families/: vicuna, llama3, qwen2)
     sd_image_size: int = 512       # SD 2.1 base's pictures
     num_query_token: int = 32      # Q-Former queries per image
     end_sym: str = "###"           # where an answer ends
@@ -278,9 +281,21 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> ModelConfi
                 raise ConfigError(f"{source}: `{f.name}`: {e}") from None
         values[f.name] = value
     cfg = ModelConfig(**values, source=source)
+    check_llm_family(cfg)
     if check_paths:
         cfg.check_paths()
     return cfg
+
+
+def check_llm_family(cfg: ModelConfig) -> None:
+    """`llm_family` names a family of llm_families/; `end_sym` (the vicuna prompt style's end symbol)
+    is left at its default by the other families, which end answers at their end of turn."""
+    if cfg.llm_family not in FAMILY_NAMES:
+        raise ConfigError(f"{cfg.source}: `llm_family` must be one of {', '.join(FAMILY_NAMES)}, "
+                          f"got {cfg.llm_family!r}")
+    if cfg.llm_family != ModelConfig.llm_family and cfg.end_sym != ModelConfig.end_sym:
+        raise ConfigError(f"{cfg.source}: `end_sym` is the vicuna prompt style's; llm_family {cfg.llm_family} ends "
+                          f"an answer at its chat template's end of turn: remove `end_sym`")
 
 
 def read_yaml(path: str | os.PathLike) -> Any:

@@ -154,7 +154,7 @@ def _load_tokenizer_for(model_config: str | os.PathLike):
     cfg = _model_config(model_config, check_paths=False)
     if not Path(cfg.llama_model).exists():
         raise FileNotFoundError(f"{model_config}: `llama_model` points to {cfg.llama_model!r}, which does not exist")
-    return load_tokenizer(cfg.llama_model)
+    return load_tokenizer(cfg.llama_model, cfg.llm_family)
 
 
 def main(argv: list[str] | None = None) -> int:

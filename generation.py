@@ -203,10 +203,11 @@ def prompt_embeddings(backbone: "MiniGPT4", prompts: list[str], images: list[lis
                       f"cut from the left by {cut.max().item()} positions (BOS kept)")
     lengths = lengths - cut
     L = int(lengths.max())
-    # Left-padded layout: row b holds BOS + its last (length - 1) positions, right-aligned.
+    # Left-padded layout: row b holds BOS (for a family that has one) + its last positions, right-aligned.
+    lead = 0 if m.bos_token_id is None else 1
     j = torch.arange(L, device=device).unsqueeze(0)
     pad = (L - lengths).unsqueeze(1)
-    source = torch.where(j == pad, 0, j - pad + cut.unsqueeze(1)).clamp(min=0)
+    source = torch.where(j < pad + lead, j - pad, j - pad + cut.unsqueeze(1)).clamp(min=0)
     new_mask = (j >= pad).long()
     gathered = embeds.gather(1, source.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
     return gathered * new_mask.unsqueeze(-1).to(gathered.dtype), new_mask

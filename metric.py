@@ -96,7 +96,6 @@ import argparse
 import json
 import os
 import re
-import string
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -121,7 +120,7 @@ from extractors import (FID_IMAGE_SIZE, MissingWeightError, Models, clip_image_f
                         frechet_distance, inception_outputs, inception_score, load_models, real_fid_features,
                         rowwise_cosine, sbert_features, tiny_models, toy_models)
 from placement import resolve_device
-from prompts import END_SYM
+from llm_families import DEFAULT_FAMILY, get_family
 from weights import CheckpointError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -143,6 +142,7 @@ class Sample:
     # An answer with several pictures: pictures 2.. of each side, in order.
     more_pred_images: list = field(default_factory=list)
     more_gt_images: list = field(default_factory=list)
+    llm_family: str = DEFAULT_FAMILY   # whose text it is: `clean_text` follows that family's rule
 
     @property
     def pred_images(self) -> list:
@@ -172,10 +172,12 @@ def load_predictions(folder: Path) -> list[Sample]:
     `predictions.json` lists, checked against it (`predictions.read_folder`), or all of them in a
     folder without one (the release's)."""
     records, n_files = predictions.read_folder(folder)
+    family = predictions.llm_family_of(folder)
     samples = [Sample(r.input_text or "", r.predicted_text or "", r.expected_text or "", r.predicted_image,
                       r.sd_baseline_image, tensor_to_image(r.expected_image), str(r.task_name),
                       more_pred_images=list(r.more_predicted_images),
-                      more_gt_images=[tensor_to_image(t) for t in r.more_expected_images])
+                      more_gt_images=[tensor_to_image(t) for t in r.more_expected_images],
+                      llm_family=family)
                for r in records]
     print(f"{len(samples)} predictions from {n_files} file(s) in {folder}")
     return samples
@@ -185,14 +187,10 @@ def load_predictions(folder: Path) -> list[Sample]:
 # Text metrics
 
 
-def clean_text(text: str) -> str:
-    """The text as compared: no end symbol (`prompts.END_SYM`, the release's `###`), `<s>` or `</s>`,
-    nothing from `[IMG0]` on; "" if only punctuation."""
-    text = text.split("[IMG0]")[0]
-    for token in (END_SYM, "</s>", "<s>"):
-        text = text.replace(token, "")
-    text = text.strip()
-    return "" if all(c in string.punctuation or c.isspace() for c in text) else text
+def clean_text(text: str, llm_family: str = DEFAULT_FAMILY) -> str:
+    """The text as compared, by the rule of the LLM family that wrote it (`LLMFamily.clean_text`; the
+    release's: no end symbol `###`, `<s>` or `</s>`, nothing from `[IMG0]` on; "" if only punctuation)."""
+    return get_family(llm_family).clean_text(text)
 
 
 def reference_caption(sample: Sample, dataset: str, source: str = "caption") -> str:
@@ -200,14 +198,14 @@ def reference_caption(sample: Sample, dataset: str, source: str = "caption") -> 
     or (`caption`) the cleaned expected text, else the scene description / caption of the prompt."""
     if source == "release":
         return sample.gt_text
-    text = clean_text(sample.gt_text)
+    text = clean_text(sample.gt_text, sample.llm_family)
     if text:
         return text
     pattern = spec(dataset).prompt_caption
     if pattern is not None:
         match = re.search(pattern, sample.input_text, flags=re.S)
         return match.group(1).strip() if match else ""
-    return clean_text(sample.input_text)
+    return clean_text(sample.input_text, sample.llm_family)
 
 
 def bleu_1_2(reference: str, hypothesis: str, unit: str = "char") -> tuple[float, float]:
@@ -426,8 +424,8 @@ def score_vist(samples: Sequence[Sample], models: Models, args: argparse.Namespa
 def score_mmdialog(samples: Sequence[Sample], models: Models, args: argparse.Namespace) -> tuple[dict, dict]:
     """MMDialog numbers: text metrics, CLIP similarities and CLIP-F1 per conversation, IS."""
     bs, device = args.batch_size, args.device
-    gt_texts = [clean_text(s.gt_text) for s in samples]
-    pred_texts = [clean_text(s.pred_text) for s in samples]
+    gt_texts = [clean_text(s.gt_text, s.llm_family) for s in samples]
+    pred_texts = [clean_text(s.pred_text, s.llm_family) for s in samples]
     both_text = [i for i in range(len(samples)) if gt_texts[i] and pred_texts[i]]
     clip_t = dict(zip(both_text, rowwise_cosine(
         clip_text_features([gt_texts[i] for i in both_text], models, bs, device),

@@ -2,18 +2,19 @@
 
     image ─► EVA ViT (Blip2VisionModel; its post_layernorm is LAVIS's ln_vision)
           ─► Q-Former (Blip2QFormerModel, 32 learned queries) ─► llama_proj ─► LLM space
-    text  ─► LLaMA tokenizer (+ [IMG0]..[IMG7] and <ImageHere> as special tokens)
-    wrap_inputs: BOS + text embeddings with each <ImageHere> replaced by its image's query
-                 embeddings (batched: one scatter, no loop over samples)
+    text  ─► the LLM family's tokenizer (+ [IMG0]..[IMG7] and <ImageHere> as special tokens)
+    wrap_inputs: BOS (if the family has one) + text embeddings with each <ImageHere> replaced by its
+                 image's query embeddings (batched: one scatter, no loop over samples)
     voken_features: the 8 last-layer states at each [IMG0] (training and generation alike)
-    text rules of the LLM family: tokenizer set-up, voken rows, BOS, the end of an answer
-                 (`cfg.end_sym`) and its decoding (generation.py and fast_inference.py ask here)
+    text rules of the LLM family (`llm_families/`, the config's `llm_family`): tokenizer set-up, BOS,
+                 the end of an answer and its decoding (generation.py and fast_inference.py ask here);
+                 the voken rows after the tokenizer's own tokens, tied rows kept tied (`add_voken_rows`)
 
 Attribute names follow MiniGPT-4 / MiniGPT-5 (`visual_encoder`, `Qformer`, `query_tokens`,
 `llama_proj`, `llama_model`, `llama_tokenizer`) so checkpoint keys match the release.
 
 The release trained the whole input-embedding and lm_head matrices to change 9 rows. Here the
-9 new rows are separate parameters (`VokenEmbedding`, `VokenLMHead`): the 32 000 original rows get
+9 new rows are separate parameters (`VokenEmbedding`, `VokenLMHead`): the original rows (32 000) get
 no gradient and no optimiser state, while `state_dict()` still shows one full `weight` matrix
 under the release's key.
 """
@@ -27,6 +28,7 @@ from torch import nn
 
 from configuration import ModelConfig, to_dtype
 from constants import IMAGE_PLACEHOLDER, VOKEN_COUNT, VOKENS
+from llm_families import DEFAULT_FAMILY, get_family
 # The image encoder's input transform and normalisation (importable from here too, as before).
 from image_transforms import CLIP_MEAN, CLIP_STD, image_processor  # noqa: F401
 from placement import LLM_QUANTIZATION, QUANTIZATION_REQUIREMENTS
@@ -61,31 +63,11 @@ def llm_quantization_config(name: str | None, compute_dtype: torch.dtype = torch
 # Tokenizer
 # --------------------------------------------------------------------------------------------
 
-def load_tokenizer(llama_path: str):
-    """The LLaMA tokenizer (`pad = eos`) with the vokens and `<ImageHere>` added as additional
-    special tokens, in the release's order, giving the ids the release's tokenizer gave.
-
-    The release used transformers 4.31's slow sentencepiece `LlamaTokenizer(legacy=True)`. It cut
-    the text at added tokens, stripped the whitespace on both sides of each added token (it was
-    added as a plain string: "strip left and right by default"), and encoded every remaining piece
-    with sentencepiece, which puts its `▁` dummy prefix in front of each piece. So
-    `"a dog [IMG0]...[IMG7] ###"` gave `▁a ▁dog [IMG0] ... [IMG7] ▁###`, with no `▁` token of
-    its own before `[IMG0]`. Today's fast tokenizer does the same once (1) the added tokens strip
-    the whitespace around them (`lstrip`/`rstrip`) and (2) each piece gets the `▁` prefix in the
-    normalizer (`Prepend("▁")` + spaces to `▁`), as sentencepiece did, instead of the Metaspace
-    pre-tokenizer, which skips the prefix when a piece already starts with a space."""
-    from tokenizers import AddedToken, normalizers
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(llama_path, legacy=True)
-    tokenizer.pad_token = tokenizer.eos_token
-    backend = tokenizer.backend_tokenizer
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.pre_tokenizer = None
-    added = [AddedToken(t, lstrip=True, rstrip=True, special=True, normalized=False)
-             for t in VOKENS + [IMAGE_PLACEHOLDER]]
-    tokenizer.add_special_tokens({"additional_special_tokens": added})
-    return tokenizer
+def load_tokenizer(llama_path: str, llm_family: str = DEFAULT_FAMILY):
+    """The LLM's tokenizer with the vokens and `<ImageHere>` added as special tokens, in the release's
+    order, set up the family's way (`llm_families`; vicuna's gives the ids and pieces the release's
+    sentencepiece tokenizer gave)."""
+    return get_family(llm_family).load_tokenizer(llama_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,6 +147,14 @@ class VokenEmbedding(_SplitRows):
 class VokenLMHead(_SplitRows):
     """Output projection: logits over old rows (frozen) and new rows (trainable), in float32."""
 
+    @classmethod
+    def tied(cls, embedding: VokenEmbedding) -> "VokenLMHead":
+        """The output projection of an LLM with tied input and output embeddings (Qwen2.5 at small
+        sizes): the embedding's own parameters, so the new rows are one tensor trained once."""
+        head = cls(embedding.frozen_weight[:0], embedding.new_weight[:0])
+        head.frozen_weight, head.new_weight = embedding.frozen_weight, embedding.new_weight
+        return head
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states.float()
         return torch.cat([F.linear(hidden_states, self.frozen_weight),
@@ -194,9 +184,13 @@ class MiniGPT4(nn.Module):
         self.llama_proj = llama_proj
         self.llama_model = llama_model
         self.llama_tokenizer = llama_tokenizer
+        self.family = get_family(cfg.llm_family)
         self.llm_dtype = to_dtype(cfg.dtypes.llm)
         self.vision_dtype = to_dtype(cfg.dtypes.vision)
-        self.num_old_tokens = split_row_modules(llama_model)[0].num_old
+        rows = split_row_modules(llama_model)
+        self.num_old_tokens = rows[0].num_old
+        # Tied input / output embeddings share their rows (VokenLMHead.tied): LoRA trains them in place.
+        self.tied_rows = len(rows) > 1 and rows[0].new_weight is rows[1].new_weight
         # Ids of the added tokens: [IMG0]..[IMG7] then <ImageHere>, right after the old vocabulary.
         self.voken_ids = list(range(self.num_old_tokens, self.num_old_tokens + VOKEN_COUNT))
         self.image_token_id = self.num_old_tokens + VOKEN_COUNT
@@ -246,6 +240,19 @@ class MiniGPT4(nn.Module):
             visual_encoder = lavis.build_vision_model(cfg.vision, cfg.image_size)
             qformer, query_tokens = lavis.build_qformer(cfg.qformer, cfg.vision.hidden_size, cfg.num_query_token)
         llm_config = AutoConfig.from_pretrained(cfg.llama_model)
+        family = get_family(cfg.llm_family)
+        check_llm_family(cfg, family, llm_config)
+        hidden = llm_config.hidden_size
+        with torch.device("meta" if meta else "cpu"):
+            llama_proj = nn.Linear(cfg.qformer.hidden_size, hidden)
+        if not meta:                  # a projection for another LLM width stops here, before any big load
+            proj = load_llama_proj(cfg.ckpt)
+            if tuple(proj["weight"].shape) != tuple(llama_proj.weight.shape):
+                raise ValueError(f"{cfg.ckpt}: llama_proj.weight has shape {tuple(proj['weight'].shape)}, "
+                                 f"expected {tuple(llama_proj.weight.shape)} (Q-Former {cfg.qformer.hidden_size} "
+                                 f"-> LLM {hidden}, the `hidden_size` of {cfg.llama_model}; config keys `ckpt` "
+                                 f"and `llama_model`)")
+            llama_proj.load_state_dict(proj)
         if meta:
             visual_encoder.to(vision_dtype)            # the dtypes a load gives (the Q-Former stays float32)
             with torch.device("meta"):
@@ -258,20 +265,13 @@ class MiniGPT4(nn.Module):
             place = {}
             if quantization is not None or (device is not None and torch.device(device).type != "cpu"):
                 place["device_map"] = {"": str(device or "cpu")}
+            tokenizer = family.load_tokenizer(cfg.llama_model)     # a tokenizer of another family stops here
             llama_model = AutoModelForCausalLM.from_pretrained(cfg.llama_model, dtype=llm_dtype,
                                                                quantization_config=quantization, **place)
-            tokenizer = load_tokenizer(cfg.llama_model)
-        hidden = llm_config.hidden_size
-        with torch.device("meta" if meta else "cpu"):
-            llama_proj = nn.Linear(cfg.qformer.hidden_size, hidden)
-        if not meta:
-            proj = load_llama_proj(cfg.ckpt)
-            if tuple(proj["weight"].shape) != tuple(llama_proj.weight.shape):
-                raise ValueError(f"{cfg.ckpt}: llama_proj.weight has shape {tuple(proj['weight'].shape)}, "
-                                 f"expected {tuple(llama_proj.weight.shape)} (Q-Former {cfg.qformer.hidden_size} "
-                                 f"-> LLM {hidden}; config key `ckpt`)")
-            llama_proj.load_state_dict(proj)
-        add_voken_rows(llama_model, llm_dtype)
+        # The new rows start where the tokenizer puts [IMG0]: after its own tokens, which may be fewer
+        # than the embedding's rows (a padded vocabulary); without a tokenizer, after every row.
+        text_rows = tokenizer.convert_tokens_to_ids(VOKENS[0]) if tokenizer is not None else None
+        add_voken_rows(llama_model, llm_dtype, text_rows)
         llama_model.requires_grad_(False)
         for module in split_row_modules(llama_model):
             module.freeze_old_rows()
@@ -284,9 +284,11 @@ class MiniGPT4(nn.Module):
         from peft import LoraConfig, get_peft_model
 
         lora = self.cfg.lora
+        # Untied rows: PEFT's copies (the release's checkpoint keys); tied rows train in place (two
+        # copies would untie them).
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
-                            modules_to_save=["lm_head", "embed_tokens"])
+                            modules_to_save=None if self.tied_rows else ["lm_head", "embed_tokens"])
         self.llama_model = get_peft_model(self.llama_model, config)
         # PEFT marks the whole copied module trainable and leaves the originals trainable as they were:
         # keep the originals frozen, and only the new rows of the copies trainable.
@@ -319,19 +321,18 @@ class MiniGPT4(nn.Module):
         """Where the LLM's input embedding is: where token ids and prompt embeddings go."""
         return next(self.llm_parts()[0].embed_tokens.parameters()).device
 
-    # ---- the LLM family's text rules (the release's Vicuna v0; its prompt style is prompts.py's) ---
-    # Tokenizer set-up (`load_tokenizer`), the voken rows (`add_voken_rows`), BOS, the end of an
-    # answer and its decoding: what another LLM family (Llama 3, Qwen2.5) would say differently.
+    # ---- the LLM family's text rules (`self.family`, from the config's `llm_family`) --------------
 
     @property
-    def bos_token_id(self) -> int:
-        """The token every sequence starts with (`wrap_inputs` puts it first)."""
-        return self.llama_tokenizer.bos_token_id if self.llama_tokenizer else 1
+    def bos_token_id(self) -> int | None:
+        """The token every sequence starts with (`wrap_inputs` puts it first), or None (Qwen2.5)."""
+        return self.family.bos_token_id(self.llama_tokenizer, self.llama_model.config)
 
     @property
     def end_sym(self) -> str:
-        """Where an answer ends: the config's `end_sym` (the release's "###"); generation stops there."""
-        return self.cfg.end_sym
+        """Where an answer ends (the family's: vicuna's is the config's `end_sym`, the release's "###");
+        generation stops there."""
+        return self.family.end_sym(self.cfg)
 
     def decode_answer(self, ids: list[int]) -> tuple[list[int], str, str]:
         """An answer's ids up to the end-of-sequence token, its text with special tokens (the release's
@@ -382,9 +383,9 @@ class MiniGPT4(nn.Module):
         `input_ids` (B, T) are right-padded token ids, one `<ImageHere>` per input image;
         `image_embeds` (N, Q, H) are the images' LLM-space embeddings in the order their
         placeholders appear (sample by sample, left to right). Returns `inputs_embeds` (B, L, H)
-        = BOS + text with each placeholder replaced by its Q embeddings, right-padded with
-        zeros; `attention_mask` (B, L); and `labels` (B, L) with -100 on BOS, image positions
-        and padding (None when `labels` is None).
+        = BOS (for a family that has one) + text with each placeholder replaced by its Q embeddings,
+        right-padded with zeros; `attention_mask` (B, L); and `labels` (B, L) with -100 on BOS,
+        image positions and padding (None when `labels` is None).
         """
         B, T = input_ids.shape
         valid = attention_mask.bool()
@@ -398,16 +399,20 @@ class MiniGPT4(nn.Module):
         device = input_ids.device
         # Each token occupies 1 slot, an image placeholder n_query slots, padding none.
         span = torch.where(is_image, n_query, 1) * valid
-        start = 1 + span.cumsum(dim=1) - span                       # slot of each token, after BOS
-        lengths = 1 + span.sum(dim=1)
+        bos = self.bos_token_id
+        lead = 0 if bos is None else 1                              # BOS takes the first slot
+        start = lead + span.cumsum(dim=1) - span                    # slot of each token, after BOS
+        lengths = lead + span.sum(dim=1)
         L = int(lengths.max())
         # Only the real tokens are embedded (BOS included, in one call), then written in place into
         # a zero (padding) tensor together with the image queries: the (B, L, H) output is written
         # once, with no per-sample loop (benchmarks/RESULTS.md, row 2).
         text_b, text_t = (valid & ~is_image).nonzero(as_tuple=True)
-        ids = torch.cat([torch.full((B,), self.bos_token_id, dtype=input_ids.dtype, device=device), input_ids[text_b, text_t]])
-        rows = torch.cat([torch.arange(B, device=device), text_b])
-        cols = torch.cat([torch.zeros(B, dtype=start.dtype, device=device), start[text_b, text_t]])
+        ids, rows, cols = input_ids[text_b, text_t], text_b, start[text_b, text_t]
+        if lead:
+            ids = torch.cat([torch.full((B,), bos, dtype=input_ids.dtype, device=device), ids])
+            rows = torch.cat([torch.arange(B, device=device), rows])
+            cols = torch.cat([torch.zeros(B, dtype=start.dtype, device=device), cols])
         vectors = self.embed_tokens(ids)
         dtype = vectors.dtype
         embeds = torch.zeros(B, L, vectors.shape[-1], device=device, dtype=dtype)
@@ -456,14 +461,44 @@ class MiniGPT4(nn.Module):
         return hidden[b.unsqueeze(1), index], b
 
 
-def add_voken_rows(llama_model: nn.Module, llm_dtype: torch.dtype) -> None:
+def add_voken_rows(llama_model: nn.Module, llm_dtype: torch.dtype, text_rows: int | None = None) -> None:
     """Grow the LLM's input embedding and lm_head by the 9 new tokens, initialised to the mean of
-    the old rows (as the release), as frozen-old/trainable-new modules kept in float32."""
+    the old rows (as the release), as frozen-old/trainable-new modules kept in float32.
+
+    The new rows follow the first `text_rows` rows (the tokenizer's own tokens; default: every row).
+    A padded vocabulary (Qwen2.5: more rows than tokens) loses its padding rows, which no token
+    reaches, so that the new tokens' ids are their rows. Tied input / output embeddings stay tied:
+    the lm_head shares the embedding's parameters (`VokenLMHead.tied`)."""
     n_new = VOKEN_COUNT + 1
     embed = llama_model.get_input_embeddings()
     head = llama_model.get_output_embeddings()
-    new_embed = embed.weight.detach().float().mean(0, keepdim=True).expand(n_new, -1).clone()
-    new_head = head.weight.detach().float().mean(0, keepdim=True).expand(n_new, -1).clone()
-    llama_model.set_input_embeddings(VokenEmbedding(embed.weight, new_embed, llm_dtype))
-    llama_model.set_output_embeddings(VokenLMHead(head.weight, new_head))
-    llama_model.config.vocab_size = embed.weight.shape[0] + n_new
+    tied = head.weight is embed.weight
+    rows = embed.weight.shape[0]
+    text_rows = rows if text_rows is None else text_rows
+    if text_rows > rows:
+        raise ValueError(f"the tokenizer has {text_rows} tokens but the LLM's embedding only {rows} rows; "
+                         "the tokenizer belongs to another LLM (config key `llama_model`)")
+    if text_rows < rows:
+        log.info("dropping the %d padding rows of the LLM's vocabulary (%d tokens, %d rows)", rows - text_rows,
+                 text_rows, rows)
+    old_embed = embed.weight[:text_rows]
+    new_embed = old_embed.detach().float().mean(0, keepdim=True).expand(n_new, -1).clone()
+    embedding = VokenEmbedding(old_embed, new_embed, llm_dtype)
+    llama_model.set_input_embeddings(embedding)
+    if tied:
+        llama_model.set_output_embeddings(VokenLMHead.tied(embedding))
+        # The tie is ours now: transformers must not tie `lm_head.weight` again (it is a view here).
+        llama_model.config.tie_word_embeddings = False
+    else:
+        old_head = head.weight[:text_rows]
+        new_head = old_head.detach().float().mean(0, keepdim=True).expand(n_new, -1).clone()
+        llama_model.set_output_embeddings(VokenLMHead(old_head, new_head))
+    llama_model.config.vocab_size = text_rows + n_new
+
+
+def check_llm_family(cfg: ModelConfig, family, llm_config) -> None:
+    """Stop before any weight loads when the LLM folder is not of the config's `llm_family`."""
+    if family.model_types and llm_config.model_type not in family.model_types:
+        raise ValueError(f"{cfg.source}: `llm_family` is {family.name!r}, which expects an LLM of type "
+                         f"{' or '.join(family.model_types)}, but `llama_model` ({cfg.llama_model}) is a "
+                         f"{llm_config.model_type!r} model; set `llm_family` to its family")

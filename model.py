@@ -31,6 +31,7 @@ from constants import (CFG_DROPOUT_PROB, IMAGE_LOSS_WEIGHT, IMAGE_PLACEHOLDER, S
                        TEXT_LOSS_WEIGHT)
 from collator import row_captions, target_rows
 from generation import GenerationOutput
+from llm_families import DEFAULT_FAMILY
 from minigpt4 import MiniGPT4
 from placement import TakeTurns, place, resolve_device
 from predictions import prediction_items
@@ -210,6 +211,8 @@ class MiniGPT5_Model(pl.LightningModule):
         """Only the trainable parameters go into the `.ckpt`, under the release's key names."""
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if self.cfg.llm_family != DEFAULT_FAMILY:    # (the release's layout unchanged: no key means vicuna)
+            checkpoint["llm_family"] = self.cfg.llm_family
 
     def load_checkpoint_files(self, paths: list[str | os.PathLike]) -> list[str]:
         """Load checkpoints in order, each on top of the last (`checkpoints.load_checkpoint_files`)."""

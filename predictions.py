@@ -343,6 +343,17 @@ def write_manifest(folder: Path, counts: list[int], **about) -> Path:
     return save_json_atomic(manifest, Path(folder) / MANIFEST)
 
 
+def llm_family_of(folder: Path) -> str:
+    """The LLM family whose text a prediction folder holds: its manifest's `llm_family` (metric.py
+    cleans the texts by that family's rule); vicuna for a folder without one (the release's)."""
+    from llm_families import DEFAULT_FAMILY
+
+    manifest_path = Path(folder) / MANIFEST
+    if not manifest_path.exists():
+        return DEFAULT_FAMILY
+    return json.loads(manifest_path.read_text()).get("llm_family", DEFAULT_FAMILY)
+
+
 def read_folder(folder: Path) -> tuple[list[PredictionRecord], int]:
     """Every record of a prediction folder, in rank order, and the number of files read. With a
     manifest: exactly the files it lists, each with the item count and size it records; a file it

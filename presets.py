@@ -14,7 +14,6 @@ a config YAML pointing at them. Sizes come from `config/<name>.yaml` + `config/<
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -32,6 +31,8 @@ import torch
 import yaml
 
 from configuration import dump_config, load_config
+from llm_families import DEFAULT_FAMILY, get_family
+from llm_families.vicuna import train_llama_tokenizer, write_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -41,80 +42,9 @@ TINY_ARCH = REPO / "config" / "tiny_arch.yaml"
 DEFAULT_TINY_DIR = REPO / "weights" / "tiny"
 
 
-def _tiny_corpus() -> list[str]:
-    """Text the tiny sentencepiece model is trained on: the prompts' words (from prompts.py) and a
-    little English, so that the tokens the project uses get real pieces; everything else goes
-    through byte fallback."""
-    from constants import IMAGE_SLOT
-    from prompts import (ASSISTANT, CC3M_PROMPTS, CC3M_SYSTEM, END_SYM, HUMAN, MMDIALOG_SYSTEM, VIST_GENERATION,
-                         VIST_MULTIMODAL, VIST_SYSTEM, VIST_UNDERSTANDING)
-
-    def words(template: str) -> str:           # a template without its slots and speaker tags
-        text = template.format(context="", caption="").replace(IMAGE_SLOT, "")
-        return " ".join(text.replace(HUMAN, "").replace(ASSISTANT, "").split())
-
-    def bare(template: str) -> str:            # the same with the speaker tags
-        return " ".join(template.format(context="", caption="").split())
-
-    return [
-        VIST_SYSTEM, MMDIALOG_SYSTEM, bare(VIST_GENERATION[0]),
-        f"{bare(VIST_GENERATION[1])} {words(VIST_MULTIMODAL[0])}",
-        f"{words(VIST_MULTIMODAL[1])} {words(VIST_MULTIMODAL[2])} {END_SYM}",
-        f"{words(VIST_UNDERSTANDING[0])} {words(VIST_UNDERSTANDING[1])}",
-        f"{CC3M_SYSTEM} {CC3M_PROMPTS[0]}", " ".join(CC3M_PROMPTS[i] for i in (1, 2, 5)),
-        " ".join(CC3M_PROMPTS[i] for i in (4, 6)),
-        "a man is walking his dog in the park on a sunny day. the family went to the beach together.",
-        "we had a great time at the party and everyone was happy. the view from the top was beautiful.",
-        "a photo of a cat sitting on a wooden table next to a window. people are standing in a street.",
-        "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 .,!?:;'\"()[]{}<>/#-_",
-    ]
-
-
-
-
 # --------------------------------------------------------------------------------------------
-# The tiny preset
+# The tiny preset (its LLM folder is written by the LLM family: llm_families/)
 # --------------------------------------------------------------------------------------------
-
-def train_llama_tokenizer(vocab_size: int, corpus: list[str] | None = None, exact: bool = False) -> bytes:
-    """A byte-fallback BPE sentencepiece model in LLaMA's layout (<unk>, <s>, </s>, 256 byte pieces,
-    then merges), trained on the project's prompts and a little English, or on `corpus`; with
-    `exact`, it has exactly `vocab_size` pieces (else at most)."""
-    import sentencepiece as spm
-
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_tiny_corpus() * 4 + (corpus or [])), model_writer=buffer, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity",
-        hard_vocab_limit=exact, input_sentence_size=0, num_threads=1, minloglevel=2,
-    )
-    return buffer.getvalue()
-
-
-def write_tiny_llama(out_dir: Path, arch: dict, seed: int, corpus: list[str] | None = None) -> None:
-    """A Hugging Face LLaMA folder: config, safetensors weights and a sentencepiece tokenizer
-    (trained on `corpus`, by default the project's prompts and a little English)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sp_model = train_llama_tokenizer(arch["vocab_size"], corpus)
-    _write_tokenizer_files(out_dir, sp_model, arch["max_position_embeddings"])
-    import sentencepiece as spm
-    vocab_size = spm.SentencePieceProcessor(model_proto=sp_model).get_piece_size()
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=arch["hidden_size"],
-        intermediate_size=arch["intermediate_size"], num_hidden_layers=arch["num_hidden_layers"],
-        num_attention_heads=arch["num_attention_heads"],
-        num_key_value_heads=arch["num_key_value_heads"],
-        max_position_embeddings=arch["max_position_embeddings"], rms_norm_eps=arch["rms_norm_eps"],
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out_dir)
-
 
 def _clip_bpe_vocab(words: Sequence[str] = ()) -> tuple[dict[str, int], list[str]]:
     """A byte-level CLIP BPE vocabulary (every byte, with and without `</w>`), a few merges, and
@@ -266,7 +196,7 @@ def write_preset_files(out_dir: Path, cfg, arch: dict, seed: int, llm_corpus: li
     `llm_corpus` and `sd_words` become single SD tokens (see the toy world)."""
     from lavis import write_tiny_lavis
 
-    write_tiny_llama(out_dir / "llama", arch["llama"], seed, corpus=llm_corpus)
+    get_family(cfg.llm_family).write_tiny(out_dir / "llama", arch["llama"], seed, corpus=llm_corpus)
     write_tiny_lavis(out_dir, cfg.vision, cfg.qformer, cfg.num_query_token, cfg.image_size, seed=seed)
     write_tiny_minigpt4(out_dir / "prerained_minigpt4_7b.pth", cfg.qformer.hidden_size,
                         arch["llama"]["hidden_size"], seed)
@@ -280,6 +210,15 @@ def preset_config(cfg, out_dir: Path):
     return cfg.replace(llama_model=str(out_dir / "llama"), vit_model=str(out_dir / VIT_FILE_NAME),
                        q_former_model=str(out_dir / BLIP2_FILE_NAME),
                        ckpt=str(out_dir / "prerained_minigpt4_7b.pth"), sd_model=str(out_dir / "sd"))
+
+
+def tiny_llm_arch(llm_family: str) -> dict:
+    """The tiny LLM architecture of a family (the `llama` section of config/tiny_<family>_arch.yaml;
+    vicuna's is config/tiny_arch.yaml's), to pair with another decoder's architecture in
+    `write_preset_files`."""
+    get_family(llm_family)                       # an unknown name is an error naming the known ones
+    name = "tiny_arch.yaml" if llm_family == DEFAULT_FAMILY else f"tiny_{llm_family}_arch.yaml"
+    return yaml.safe_load((REPO / "config" / name).read_text())["llama"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,15 +321,6 @@ def _synthetic_corpus(n_words: int, n_lines: int, seed: int) -> list[str]:
     return [" ".join(rng.choices(lexicon, weights, k=12)) for _ in range(n_lines)]
 
 
-def _write_tokenizer_files(out_dir: Path, sp_model: bytes, max_length: int) -> None:
-    (out_dir / "tokenizer.model").write_bytes(sp_model)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
-        "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "model_max_length": max_length,
-    }, indent=2))
-
-
 def _meta_model(kind: str, config_dir: Path):
     """A model of the given kind built on the meta device from its folder's config.json."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -449,7 +379,7 @@ def build_full(out_dir: str | os.PathLike, preset_path: str | os.PathLike = FULL
     hidden = llama.config.hidden_size
     log.info("training a %d-piece sentencepiece tokenizer", llama.config.vocab_size)
     corpus = _synthetic_corpus(spec["tokenizer_corpus_words"], spec["tokenizer_corpus_lines"], seed)
-    _write_tokenizer_files(tmp / "llama", train_llama_tokenizer(llama.config.vocab_size, corpus, exact=True),
+    write_tokenizer_files(tmp / "llama", train_llama_tokenizer(llama.config.vocab_size, corpus, exact=True),
                            llama.config.max_position_embeddings)
     sd_kinds = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                 "text_encoder": "model.safetensors"}
@@ -490,7 +420,7 @@ def build_full(out_dir: str | os.PathLike, preset_path: str | os.PathLike = FULL
     return out_dir / "full.yaml"
 
 
-PRESETS = ("tiny", "small", "real_width")
+PRESETS = ("tiny", "small", "real_width", "tiny_llama3", "tiny_qwen2")
 
 
 def build_preset(name: str, out_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:

@@ -290,6 +290,7 @@ def output_dir_flag(args: argparse.Namespace) -> str:
 def check_inputs(args: argparse.Namespace) -> dict:
     """Check every flag and path of this run; exit with a message naming the flag or variable.
     Nothing here loads a model."""
+    import checkpoints
     import weights
     from configuration import ConfigError, load_config
 
@@ -340,6 +341,12 @@ def check_inputs(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: stage-2 {what} needs --stage1_weight (e.g. stage1_cc3m.ckpt): `fc` and "
                          f"`t2i_decoder_prompt` come only from the stage-1 checkpoint (a stage-2 checkpoint has "
                          f"neither), and without them every picture would be drawn from random weights")
+    for flag, key in (("--stage1_weight", "stage1"), ("--test_weight", "test_weight"), ("--resume", "resume")):
+        if paths.get(key) is not None and Path(paths[key]).is_file():   # made for this config's LLM?
+            try:
+                checkpoints.check_pairing(cfg, paths[key], flag)
+            except weights.CheckpointError as e:
+                raise SystemExit(f"error: {e}") from None
     # Last: where this run writes, claimed (rank 0 writes), so that nothing is loaded for a run that
     # could not save its result, or would write over another run's.
     if args.is_training and run_files.is_global_rank_zero():
@@ -500,7 +507,7 @@ def train(args: argparse.Namespace, paths: dict) -> None:
     workers = cap_workers(args.num_workers)
     from_shards = shards.is_shard_spec(paths["train"])
     # The data first (it needs the tokenizer only): the schedule's length is known before the model is built.
-    tokenizer = load_tokenizer(cfg.llama_model)
+    tokenizer = load_tokenizer(cfg.llama_model, cfg.llm_family)
     kind = paths["dataset"]
     extra = {"shuffle": args.shuffle} if from_shards else {"allow_outside_paths": args.allow_outside_paths}
     train_set = make_dataset(paths["train"], tokenizer, cfg, is_training=True, dataset_type=kind, strict=args.strict,
@@ -634,7 +641,7 @@ def predict(args: argparse.Namespace, paths: dict) -> Path:
                          cap_workers(args.num_workers))
     out_dir = paths["predictions"]           # claimed in check_inputs: emptied of an earlier run's predictions
     writer = PredictionWriter(out_dir, {
-        "checkpoints": {flag: str(path) for flag, path in given},
+        "checkpoints": {flag: str(path) for flag, path in given}, "llm_family": cfg.llm_family,
         "dataset": {"type": kind, "path": str(paths["test"]), "items": len(test_set)},
         "settings": predict_settings(args, kind).to_dict()})
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=args.num_nodes,

@@ -304,26 +304,29 @@ def checkpoint_stage(path: str | os.PathLike) -> int:
     return 2 if any(".lora_" in key for key in read_checkpoint(path)) else 1
 
 
-def translate_llm_keys(state: dict[str, torch.Tensor], lora: bool) -> dict[str, torch.Tensor]:
+def translate_llm_keys(state: dict[str, torch.Tensor], lora: bool, in_place: bool = False) -> dict[str, torch.Tensor]:
     """Copy `embed_tokens` / `lm_head` matrices between the plain and the LoRA-wrapped names.
 
     The release's stage-1 file has `model.llama_model.model.embed_tokens.weight`; its stage-2 files
     have `model.llama_model.base_model.model.model.embed_tokens.modules_to_save.default.weight`.
-    A model of either kind receives the matrix it needs from a file of either kind.
+    A model of either kind receives the matrix it needs from a file of either kind. A LoRA model
+    whose rows train `in_place` (tied embeddings: no PEFT copies) has them under
+    `model.llama_model.base_model.model.model.embed_tokens.weight`.
     """
     out = dict(state)
     for name in _SHARED_MATRICES:
         plain = f"{PLAIN_PREFIX}{name}.weight"
         saved = f"{LORA_PREFIX}{name}.modules_to_save.default.weight"
         original = f"{LORA_PREFIX}{name}.original_module.weight"
+        wrapped = f"{LORA_PREFIX}{name}.weight"
         if lora and plain in state:
-            out.setdefault(saved, state[plain])
-            out.setdefault(original, state[plain])
+            for key in (wrapped,) if in_place else (saved, original):
+                out.setdefault(key, state[plain])
             del out[plain]
-        elif not lora and saved in state:
-            out.setdefault(plain, state[saved])
-            del out[saved]
-            out.pop(original, None)
+        elif not lora and (saved in state or wrapped in state):
+            out.setdefault(plain, state[saved] if saved in state else state[wrapped])
+            for key in (saved, original, wrapped):
+                out.pop(key, None)
     return out
 
 
