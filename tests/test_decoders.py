@@ -1,20 +1,37 @@
-"""decoders/: the picture-decoder families behind one interface (config key `decoder_family`). Per family:
-the image loss is finite and reaches the mapper, classifier-free guidance runs against the mapped
-zero features, pictures have the configured size, and a folder of another family stops the model
-before any weights load, with an error naming the key."""
+"""decoders/: the picture-decoder families behind one interface (config key `decoder_family`). Per family,
+on its tiny preset: the image loss is finite and reaches the mapper (and the pooled head where the
+family reads a pooled embedding), classifier-free guidance runs against the mapped zero features, the
+caption loss compares with the family's own text encoders, pictures have the configured size, and a
+folder of another family stops the model before any weights load, with an error naming the key."""
 from __future__ import annotations
 
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 import decoders
 from configuration import ConfigError, load_config
-from conftest import CC3M_LIKE, batch_for, build
+from conftest import CC3M_LIKE, build, make_batch
 
 pytestmark = pytest.mark.usefixtures("no_data_env")
+FAMILIES = list(decoders.FAMILIES)
+FAST = dict(max_new_tokens=12, num_inference_steps=2)
+
+
+@pytest.fixture(scope="module")
+def models(decoder_config):
+    """family -> a stage-1 model of its tiny preset (built once per module)."""
+    built = {}
+
+    def get(family):
+        if family not in built:
+            built[family] = build(decoder_config(family), stage=1)
+        return built[family]
+
+    return get
 
 
 def test_the_release_config_reads_the_sd_family(tiny_config):
@@ -30,13 +47,102 @@ def test_an_unknown_family_names_the_key(tiny_config_path, tmp_path):
         load_config(bad, check_paths=False)
 
 
-def test_a_folder_of_another_family_stops_before_any_weights_load(tiny_config, tmp_path, monkeypatch):
-    """An SD folder whose model_index.json names the SDXL pipeline, read as the sd family: the error
-    names `decoder_family` and `sd_model`, and neither the decoder nor the LLM was loaded."""
-    folder = tmp_path / "sd"
-    shutil.copytree(tiny_config.sd_model, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_is_finite_and_reaches_the_mapper(family, models):
+    model = models(family).train()
+    model.zero_grad()
+    spec = model.decoder.condition
+    batch = make_batch(model.model.llama_tokenizer, CC3M_LIKE, model.cfg.image_size, model.cfg.sd_image_size)
+    losses = model(batch, generator=torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(losses[k]) for k in ("image_loss", "caption_loss", "loss"))
+    losses["image_loss"].backward()
+    assert model.llm_to_t2i_mapping.encoder.layers[0].linear1.weight.grad.abs().sum() > 0
+    assert model.fc[0].weight.grad.abs().sum() > 0
+    pooled = model._modules.get("t2i_pooled_mapping")
+    assert (pooled is None) == (spec.pooled is None)
+    if pooled is not None:
+        assert pooled.weight.grad.abs().sum() > 0
+    # The caption loss's target is the family's own encoding, shaped as the condition.
+    target = decoders.as_condition(model.encode_caption(["a red square"]))
+    assert target.sequence.shape == (1, spec.tokens, spec.width)
+    assert (target.pooled is None) == (spec.pooled is None) and (spec.pooled is None or target.pooled.shape == (1, spec.pooled))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_guidance_runs_against_the_mapped_zero_features(family, models, monkeypatch):
+    model = models(family).eval()
+    seen = {}
+    original = model.decoder.draw
+
+    def spy(cond, negative, *args, **kwargs):
+        seen["cond"], seen["negative"] = cond, negative
+        return original(cond, negative, *args, **kwargs)
+
+    monkeypatch.setattr(model.decoder, "draw", spy)
+    out = model.generate("a picture ###Assistant:", force_generation=True, seed=3, guidance_scale=7.5, **FAST)[0]
+    assert out.image is not None and out.image.size == (model.cfg.sd_image_size,) * 2
+    hidden = model.model.llama_model.config.hidden_size
+    with torch.no_grad():
+        zero = model.map_condition(torch.zeros(1, 8, hidden))
+    negative = decoders.as_condition(seen["negative"])
+    torch.testing.assert_close(negative.sequence, zero.sequence)
+    if zero.pooled is not None:
+        torch.testing.assert_close(negative.pooled, zero.pooled)
+    # guidance 1: no negative at all
+    model.generate("a picture ###Assistant:", force_generation=True, seed=3, guidance_scale=1.0, **FAST)
+    assert seen["negative"] is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_sd_baseline_draws_from_the_family_text_encoders(family, models):
+    model = models(family).eval()
+    pictures = model.sd_baseline(["a red square", "a blue circle"], seeds=[0, 1], num_inference_steps=2)
+    assert [p.size for p in pictures] == [(model.cfg.sd_image_size,) * 2] * 2
+    again = model.sd_baseline(["a red square"], seeds=[0], num_inference_steps=2)
+    assert np.array_equal(np.asarray(again[0]), np.asarray(pictures[0]))
+
+
+def test_sd3_loss_is_the_rectified_flow_loss(models):
+    """With pinned noise and timesteps: (1 - sigma) x latent + sigma x noise into the transformer, MSE to
+    noise - latent, the sigma being the folder's FlowMatchEulerDiscreteScheduler's at that index."""
+    model = models("sd3")
+    decoder = model.decoder
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 16, 16, generator=g)
+    noise = torch.randn(2, 16, 16, 16, generator=g)
+    cond = decoders.Condition(torch.randn(2, 85, 48, generator=g), torch.randn(2, 32, generator=g))
+    index = torch.tensor([10, 900])
+    with torch.no_grad():
+        got = decoder.loss(latents, cond, noise, index)
+        sigma = decoder.noise_scheduler.sigmas[index].view(-1, 1, 1, 1)
+        pred = decoder.transformer(hidden_states=(1 - sigma) * latents + sigma * noise,
+                                   timestep=decoder.noise_scheduler.timesteps[index], encoder_hidden_states=cond.sequence,
+                                   pooled_projections=cond.pooled).sample
+    torch.testing.assert_close(got, ((pred - (noise - latents)) ** 2).mean())
+    assert 1 > float(sigma[0]) > float(sigma[1]) > 0          # the schedule runs from noise to data
+
+
+def test_sdxl_unet_reads_the_pooled_embedding_and_time_ids(models):
+    model = models("sdxl")
+    ids = model.decoder.time_ids(2, "cpu", torch.float32)
+    assert ids.tolist() == [[32, 32, 0, 0, 32, 32]] * 2
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+    cond = decoders.Condition(torch.randn(1, 77, 32, generator=g), torch.randn(1, 16, generator=g))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        a = model.decoder.loss(latents, cond, noise, t)
+        b = model.decoder.loss(latents, decoders.Condition(cond.sequence, cond.pooled + 1), noise, t)
+    assert a != b
+
+
+WRONG = {"sd": "sdxl", "sdxl": "sd3", "sd3": "sd"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_folder_of_another_family_stops_before_any_weights_load(family, decoder_config, monkeypatch):
+    """A config of each family pointed at another family's folder: the error names `decoder_family`
+    and `sd_model`, and neither the decoder nor the LLM was loaded."""
     import diffusion
     from minigpt4 import MiniGPT4
 
@@ -45,17 +151,20 @@ def test_a_folder_of_another_family_stops_before_any_weights_load(tiny_config, t
 
     monkeypatch.setattr(diffusion, "load_parts", refuse)
     monkeypatch.setattr(MiniGPT4, "from_config", refuse)
-    with pytest.raises(ConfigError, match="`decoder_family` is 'sd' but `sd_model`"):
-        build(tiny_config.replace(sd_model=str(folder)))
+    for name in FAMILIES:
+        monkeypatch.setattr(decoders.get_family(name), "load", refuse)
+    other = decoder_config(WRONG[family])
+    cfg = decoder_config(family).replace(sd_model=other.sd_model)
+    with pytest.raises(ConfigError, match=f"`decoder_family` is '{family}' but `sd_model` .* is a '{WRONG[family]}'"):
+        build(cfg)
 
 
-def test_sd_loss_reaches_the_mapper_and_guidance_uses_the_zero_features(tiny_config):
-    model = build(tiny_config, stage=1).train()
-    assert model.decoder.condition == decoders.ConditionSpec(77, tiny_config.mapper.d_model, None)
-    assert "t2i_pooled_mapping" not in model._modules
-    losses = model(batch_for(model, CC3M_LIKE))
-    assert torch.isfinite(losses["image_loss"])
-    losses["image_loss"].backward()
-    assert model.llm_to_t2i_mapping.encoder.layers[0].linear1.weight.grad.abs().sum() > 0
-    condition = model.map_condition(torch.zeros(1, 8, model.model.llama_model.config.hidden_size))
-    assert condition.pooled is None and condition.sequence.shape == (1, 77, tiny_config.mapper.d_model)
+def test_a_folder_without_model_index_is_read_from_its_denoiser(decoder_config, tmp_path):
+    for family in FAMILIES:
+        folder = tmp_path / family
+        shutil.copytree(decoder_config(family).sd_model, folder)
+        (folder / "model_index.json").unlink()
+        assert decoders.folder_family(folder)[0] == family
+    (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ConfigError, match="no decoder family folder"):
+        decoders.check_folder(decoder_config("sd").replace(sd_model=str(tmp_path / "sd")))
