@@ -168,3 +168,20 @@ def test_a_folder_without_model_index_is_read_from_its_denoiser(decoder_config, 
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(ConfigError, match="no decoder family folder"):
         decoders.check_folder(decoder_config("sd").replace(sd_model=str(tmp_path / "sd")))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_offload_takes_turns_over_the_family_parts(family, decoder_config):
+    """place(offload=True): the family's denoiser and VAE, then each of its text encoders, sit behind
+    the offload hooks; the pictures are those of the plain placement."""
+    model = build(decoder_config(family), stage=1).place("cpu")
+    plain = model.generate("a picture ###Assistant:", force_generation=True, seed=5, **FAST)[0].image
+    model.place("cpu", offload=True)
+    denoiser = model.decoder.parts["unet" if family == "sdxl" else "transformer"]
+    assert model._offload.parts[2:] == [denoiser, model.vae]
+    offloaded = model.generate("a picture ###Assistant:", force_generation=True, seed=5, **FAST)[0].image
+    assert np.array_equal(np.asarray(plain), np.asarray(offloaded))
+    model.sd_baseline(["a cat"], seeds=[0], num_inference_steps=1)
+    encoders = list(model.sd_text_encoder.values())
+    assert len(encoders) == 2 and model._offload.parts[-2:] == encoders
+    assert all(hasattr(e, "_hf_hook") for e in encoders)
