@@ -270,10 +270,10 @@ def write_preset_files(out_dir: Path, cfg, arch: dict, seed: int, llm_corpus: li
     write_tiny_lavis(out_dir, cfg.vision, cfg.qformer, cfg.num_query_token, cfg.image_size, seed=seed)
     write_tiny_minigpt4(out_dir / "prerained_minigpt4_7b.pth", cfg.qformer.hidden_size,
                         arch["llama"]["hidden_size"], seed)
-    from decoders import get_family
+    import decoders
 
     # The picture decoder's folder in its family's layout (decoders/<family>.py: write_tiny).
-    get_family(cfg.decoder_family).write_tiny(out_dir / "sd", arch, cfg, seed, words=sd_words)
+    decoders.get_family(cfg.decoder_family).write_tiny(out_dir / "sd", arch, cfg, seed, words=sd_words)
 
 
 def preset_config(cfg, out_dir: Path):
