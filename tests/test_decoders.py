@@ -185,3 +185,36 @@ def test_offload_takes_turns_over_the_family_parts(family, decoder_config):
     encoders = list(model.sd_text_encoder.values())
     assert len(encoders) == 2 and model._offload.parts[-2:] == encoders
     assert all(hasattr(e, "_hf_hook") for e in encoders)
+
+
+def test_full_size_decoders_on_the_meta_device_have_the_real_sizes():
+    """config/minigpt4_sdxl.yaml and config/minigpt4_sd3.yaml over the architecture folders build on the
+    meta device with the public models' parameter counts (SDXL-base's UNet 2.567 B, SD3-medium's
+    transformer 2.028 B, CLIP-L, OpenCLIP bigG, T5-XXL's encoder), their mapper sized from the decoder's
+    condition; benchmarks/decoder_memory.py's table names every family."""
+    import sys
+
+    from conftest import REPO
+    from model import MiniGPT5_Model
+
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    expected = {
+        "sdxl": ("stable-diffusion-xl-base-1.0", {"unet": 2_567_463_684, "vae": 83_653_863},
+                 {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840}, (77, 2048, 1280)),
+        "sd3": ("stable-diffusion-3-medium", {"transformer": 2_028_328_000, "vae": 83_819_683},
+                {"text_encoder": 123_650_304, "text_encoder_2": 694_659_840, "text_encoder_3": 4_762_310_656},
+                (333, 4096, 2048)),
+    }
+    for family, (arch, parts, encoders, spec) in expected.items():
+        cfg = load_config(REPO / "config" / f"minigpt4_{family}.yaml", check_paths=False).replace(
+            llama_model=str(REPO / "config/arch/vicuna-7b"), sd_model=str(REPO / "config/arch" / arch))
+        model = MiniGPT5_Model(cfg, device="meta")
+        assert {name: count(p) for name, p in model.decoder.parts.items()} == parts
+        assert {name: count(e) for name, e in model.sd_text_encoder.items()} == encoders
+        assert model.decoder.condition == decoders.ConditionSpec(*spec)
+        assert model.t2i_decoder_prompt.shape == (1, spec[0], spec[1]) and model.t2i_pooled_mapping.out_features == spec[2]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import decoder_memory
+
+    text = decoder_memory.table({"bf16": (None, False), "4bit+offload": ("4bit", True)})
+    assert all(f"| `{family}`" in text for family in decoders.FAMILIES)
