@@ -4,6 +4,7 @@
 A family module declares
     NAME, PIPELINES         its name and the diffusers pipeline classes its folders' model_index.json names
     DENOISER, is_denoiser(config)   the denoiser's subfolder, and whether its config.json is this family's
+    POOLED                  whether it reads a pooled embedding (the mapper then has `t2i_pooled_mapping`)
     load(cfg, device)       the decoder object, its sizes checked against the config (ValueError naming the key)
     load_text_encoder(cfg, device)   its text encoder(s), frozen, float32 (one module)
     write_tiny(out_dir, arch, cfg, seed)   a random folder in the real diffusers layout (presets)

@@ -15,6 +15,7 @@ from decoders.base import ConditionSpec, as_condition
 
 NAME = "sd"
 PIPELINES = ("StableDiffusionPipeline",)          # model_index.json `_class_name` of its folders
+POOLED = False
 DENOISER = "unet"
 
 

@@ -31,6 +31,7 @@ from decoders.base import Condition, ConditionSpec, as_condition, seeded_generat
 
 NAME = "sd3"
 PIPELINES = ("StableDiffusion3Pipeline",)
+POOLED = True
 DENOISER = "transformer"
 CLIP_TOKENS = 77
 # diffusers' SD3 training examples' defaults (examples/dreambooth/train_dreambooth_sd3.py).

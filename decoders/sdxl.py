@@ -28,6 +28,7 @@ from decoders.base import Condition, ConditionSpec, as_condition, seeded_generat
 
 NAME = "sdxl"
 PIPELINES = ("StableDiffusionXLPipeline",)
+POOLED = True
 DENOISER = "unet"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 TIME_IDS = 6                         # original (h, w), crop (top, left), target (h, w)

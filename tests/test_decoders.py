@@ -218,3 +218,32 @@ def test_full_size_decoders_on_the_meta_device_have_the_real_sizes():
 
     text = decoder_memory.table({"bf16": (None, False), "4bit+offload": ("4bit", True)})
     assert all(f"| `{family}`" in text for family in decoders.FAMILIES)
+
+
+@pytest.mark.parametrize("saved, loaded, key", [("sd", "sdxl", "t2i_pooled_mapping.weight"),
+                                                ("sdxl", "sd", "t2i_pooled_mapping.weight"),
+                                                ("sdxl", "sd3", "t2i_decoder_prompt")])
+def test_a_checkpoint_of_another_pairing_stops_before_any_weights_load(saved, loaded, key, models, decoder_config,
+                                                                        tmp_path, monkeypatch):
+    """A stage-1 checkpoint trained with one decoder family, given to a model of another (as
+    stage1_weight, or through from_weights): a CheckpointMismatchError naming the file and the key, raised
+    before the decoder or the LLM loads."""
+    import diffusion
+    from minigpt4 import MiniGPT4
+    from model import MiniGPT5_Model
+    from checkpoints import CheckpointMismatchError
+
+    path = tmp_path / f"{saved}.ckpt"
+    torch.save({"state_dict": models(saved).trainable_state_dict()}, path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the checkpoint was checked")
+
+    for name in FAMILIES:
+        monkeypatch.setattr(decoders.get_family(name), "load", refuse)
+    monkeypatch.setattr(diffusion, "load_parts", refuse)
+    monkeypatch.setattr(MiniGPT4, "from_config", refuse)
+    with pytest.raises(CheckpointMismatchError, match=f"{path.name}.*`{key}`"):
+        build(decoder_config(loaded), stage1_weight=path)
+    with pytest.raises(CheckpointMismatchError, match="decoder"):
+        MiniGPT5_Model.from_weights(decoder_config(loaded).source, stage1_weight=str(path), device="cpu")
