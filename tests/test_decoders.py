@@ -5,6 +5,7 @@ caption loss compares with the family's own text encoders, pictures have the con
 folder of another family stops the model before any weights load, with an error naming the key."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -247,3 +248,18 @@ def test_a_checkpoint_of_another_pairing_stops_before_any_weights_load(saved, lo
         build(decoder_config(loaded), stage1_weight=path)
     with pytest.raises(CheckpointMismatchError, match="decoder"):
         MiniGPT5_Model.from_weights(decoder_config(loaded).source, stage1_weight=str(path), device="cpu")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_a_bfloat16_decoder_trains_and_draws(family, decoder_config):
+    """The frozen decoder stored in bfloat16 (`dtypes.sd`, as at full size) while the mapper stays float32:
+    the conditions reach the denoiser in its dtype, the loss is float32 and finite, pictures come out."""
+    cfg = decoder_config(family)
+    model = build(cfg.replace(dtypes=dataclasses.replace(cfg.dtypes, sd="bfloat16")), stage=1).train()
+    assert model.decoder.parts["vae"].dtype == torch.bfloat16 and model.fc[0].weight.dtype == torch.float32
+    batch = make_batch(model.model.llama_tokenizer, CC3M_LIKE, cfg.image_size, cfg.sd_image_size)
+    losses = model(batch, generator=torch.Generator().manual_seed(0))
+    assert losses["image_loss"].dtype == torch.float32 and torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    out = model.eval().generate("a picture ###Assistant:", force_generation=True, seed=2, **FAST)[0]
+    assert out.image.size == (cfg.sd_image_size,) * 2
