@@ -263,3 +263,16 @@ def test_a_bfloat16_decoder_trains_and_draws(family, decoder_config):
     losses["loss"].backward()
     out = model.eval().generate("a picture ###Assistant:", force_generation=True, seed=2, **FAST)[0]
     assert out.image.size == (cfg.sd_image_size,) * 2
+
+
+def test_cached_caption_features_of_a_pooled_family_are_the_encoded_ones(decoder_config):
+    """`cache_caption_features` keeps a pooled family's caption encodings (sequence and pooled, packed
+    into one tensor per caption) and gives back what a fresh encoding gives."""
+    model = build(decoder_config("sdxl"), stage=1, cache_caption_features=True)
+    fresh = model.decoder.encode_captions(["a cat", "", "a cat"], model.sd_text_encoder, model.device)
+    cached = model.encode_caption(["a cat", "", "a cat"])
+    again = model.encode_caption(["", "a cat"])
+    assert len(model.caption_cache.entries) == 2
+    torch.testing.assert_close(cached.sequence, fresh.sequence)
+    torch.testing.assert_close(cached.pooled, fresh.pooled)
+    torch.testing.assert_close(again.pooled, fresh.pooled[[1, 0]])
