@@ -276,3 +276,33 @@ def test_cached_caption_features_of_a_pooled_family_are_the_encoded_ones(decoder
     torch.testing.assert_close(cached.sequence, fresh.sequence)
     torch.testing.assert_close(cached.pooled, fresh.pooled)
     torch.testing.assert_close(again.pooled, fresh.pooled[[1, 0]])
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_the_release_commands_run_with_another_decoder(family, decoder_config, tmp_path):
+    """The release's four train_eval.py command lines (tests/test_train_eval.py) with the family's tiny
+    config: stage 1, stage 2 from it, both predictions (CC3M with the SD baseline drawn by the family's
+    own text encoders); the checkpoints hold the pooled head beside the release's keys."""
+    import contextlib
+
+    from test_train_eval import RELEASE_COMMANDS, make_tiny_release_data, run_main, split_command
+
+    make_tiny_release_data(tmp_path)
+    weights = tmp_path / "WEIGHT_FOLDER"
+    with contextlib.chdir(tmp_path):
+        for name, command in RELEASE_COMMANDS.items():
+            env, argv = split_command(command)
+            env = {k: str(tmp_path / v) if k in ("WEIGHTFOLDER", "DATAFOLDER", "OUTPUT_FOLDER") else v
+                   for k, v in env.items()}
+            log = run_main(argv + ["--model_config", decoder_config(family).source], env)
+            if name.startswith("train"):
+                assert "after 2 optimiser steps" in log, log[-2000:]
+                stem = "stage1_cc3m" if name == "train_stage1" else "stage2_vist"
+                shutil.copy(next(weights.glob(f"{stem}_*-*.ckpt")), weights / f"{stem}.ckpt")
+    for stem in ("stage1_cc3m", "stage2_vist"):
+        state = torch.load(weights / f"{stem}.ckpt", weights_only=True)["state_dict"]
+        assert {"t2i_pooled_mapping.weight", "t2i_pooled_mapping.bias"} <= set(state)
+    cc3m = torch.load(tmp_path / "outputs" / "stage1_cc3m" / "predictions-0.pt", weights_only=False)
+    assert len(cc3m) == 2 and all(r[4] is not None for r in cc3m)          # the SD baseline of CC3M
+    vist = torch.load(tmp_path / "outputs" / "stage2_vist" / "predictions-0.pt", weights_only=False)
+    assert len(vist) == 2
