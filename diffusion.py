@@ -11,12 +11,13 @@
 of it. The functions before it are plain and public, for any training loop that needs the same steps
 (latent sampling `latents_from_moments`, noising `noisy_latents`, `min_snr_weights`, `denoising_loss`,
 caption encoding `encode_captions`). Apart from this module, only `presets.py` (which writes random SD
-folders) and the toy world's build (`toyworld/stages.py`, `toyworld/ship.py`, which make its own SD)
-import diffusers. Another diffusers UNet with the same interface (a Stable Diffusion folder: `unet/`,
+folders), the other decoder families (decoders/) and the toy world's build (`toyworld/stages.py`,
+`toyworld/ship.py`, which make its own SD) import diffusers. Another diffusers UNet with the same interface (a Stable Diffusion folder: `unet/`,
 `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) is a config change: `sd_model`, `sd_image_size`
 and the mapper's `d_model` / `num_prompt_tokens` (checked against the folder by
 `check_sizes`); the loss follows the folder's `prediction_type` ("epsilon" as SD 2.1-base,
-"v_prediction" as SD 2.1-768, or "sample"). A model with other conditioning is another decoder class.
+"v_prediction" as SD 2.1-768, or "sample"). A model with other conditioning is another decoder family
+(decoders/: `sdxl.py`, `sd3.py`; `decoders/sd.py` makes this module's decoder the `sd` family).
 
 The loss is written as diffusers' training examples write it (examples/text_to_image/
 train_text_to_image.py): the target branches on `noise_scheduler.config.prediction_type`, and
@@ -308,9 +309,9 @@ def draw(pipe, cond: torch.Tensor, negative: torch.Tensor | None, seeds: list[in
 class StableDiffusion:
     """The frozen picture decoder of the release pairing as one object: a Stable Diffusion 1.x / 2.x
     diffusers folder (a VAE, a UNet reading the 77 token states of one CLIP text encoder, the noise
-    scheduler). What the rest of the project asks of a decoder, and so what another decoder family
-    would implement (SDXL, with two text encoders and a pooled embedding; SD3, a transformer trained by
-    flow matching):
+    scheduler). What the rest of the project asks of a decoder, and so what the other decoder families
+    implement (decoders/sdxl.py: two text encoders and a pooled embedding; decoders/sd3.py: a
+    transformer trained by flow matching):
 
         latents(images=... | moments=...)      the clean latents a target picture becomes
         loss(latents, condition, ...)          the denoising loss under the mapped vokens
