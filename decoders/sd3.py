@@ -20,6 +20,7 @@ not apply: the flow-matching loss is weighted by `WEIGHTING`'s scheme.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -28,6 +29,8 @@ from torch import nn
 import diffusion
 from configuration import to_dtype
 from decoders.base import Condition, ConditionSpec, as_condition, seeded_generators
+
+log = logging.getLogger(__name__)
 
 NAME = "sd3"
 PIPELINES = ("StableDiffusion3Pipeline",)
@@ -174,6 +177,8 @@ def load(cfg, device=None) -> SD3Decoder:
     for frozen in (vae, transformer):
         frozen.requires_grad_(False)
     check_sizes(cfg, vae, transformer)
+    log.info("%s: the sd3 image loss is rectified flow weighted by %s (min-SNR, --snr_loss, does not apply)",
+             cfg.source, WEIGHTING["weighting_scheme"])
     return SD3Decoder(vae, transformer, tokenizers, scheduler, cfg.sd_image_size, cfg.mapper.num_prompt_tokens)
 
 
