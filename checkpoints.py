@@ -91,6 +91,8 @@ def from_weights(model_class, model_config: str | os.PathLike | None = None,
         raise CheckpointMismatchError(
             f"test_weight {str(test_weight)!r} is a stage-2 checkpoint: it has no `fc` / `t2i_decoder_prompt`, "
             f"which come from the stage-1 checkpoint; give stage1_weight (--stage1_weight), e.g. stage1_cc3m.ckpt")
+    for path in paths:                    # a checkpoint of another decoder pairing stops before any weights load
+        check_decoder_pairing(cfg, path)
     model = model_class(cfg, stage=stage, device=resolve_device(device), **kwargs)
     load_checkpoint_files(model, paths)
     return model.eval()
@@ -137,3 +139,27 @@ def load_checkpoint_file(model, path: str | os.PathLike, warn_missing: bool = Tr
         log.warning("%s: %d trainable keys not in the file (kept as initialised): %s", path, len(missing),
                     missing[:10])
     return missing
+
+
+def check_decoder_pairing(cfg, path: str | os.PathLike) -> None:
+    """Before any model weights load: a MiniGPT-5 checkpoint's mapper fits `cfg`'s decoder (its
+    `t2i_pooled_mapping` present exactly when `decoder_family` reads a pooled embedding; the mapper's
+    width and length those of `mapper.d_model` / `mapper.num_prompt_tokens`). A checkpoint of another
+    pairing is a `CheckpointMismatchError` naming the file, the checkpoint key and the config key."""
+    import decoders
+
+    state = weights.read_checkpoint(path)
+    family, m = cfg.decoder_family, cfg.mapper
+    pooled = "t2i_pooled_mapping.weight" in state
+    if pooled != decoders.get_family(family).POOLED:
+        has = ("has `t2i_pooled_mapping.weight` (a decoder family with a pooled embedding)" if pooled else
+               "has no `t2i_pooled_mapping.weight` (it was trained for a decoder without a pooled embedding)")
+        raise CheckpointMismatchError(f"{path} {has}, but `decoder_family` in {cfg.source} is {family!r}; it was "
+                                      f"saved with another decoder family")
+    shapes = {"t2i_decoder_prompt": ((1, m.num_prompt_tokens, m.d_model), "`mapper.num_prompt_tokens` x `mapper.d_model`"),
+              "llm_to_t2i_mapping.encoder.norm.weight": ((m.d_model,), "`mapper.d_model`")}
+    for key, (want, config_key) in shapes.items():
+        if key in state and tuple(state[key].shape) != want:
+            raise CheckpointMismatchError(f"{path}: `{key}` is {tuple(state[key].shape)} but {config_key} in "
+                                          f"{cfg.source} ({family!r} decoder) makes {want}; it was saved for another "
+                                          f"decoder or mapper")

@@ -124,6 +124,7 @@ class ModelConfig:
     sd_image_size: int = 512       # SD 2.1 base's pictures
     num_query_token: int = 32      # Q-Former queries per image
     end_sym: str = "###"           # where an answer ends
+    decoder_family: str = "sd"     # the picture decoder's family (decoders.FAMILIES): sd, sdxl, sd3
     dtypes: DtypeConfig = field(default_factory=DtypeConfig)
     source: str = "<in memory>"
 
@@ -280,6 +281,11 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> ModelConfi
             except ConfigError as e:
                 raise ConfigError(f"{source}: `{f.name}`: {e}") from None
         values[f.name] = value
+    from decoders import FAMILIES
+
+    if values.get("decoder_family", ModelConfig.decoder_family) not in FAMILIES:
+        raise ConfigError(f"{source}: `decoder_family` must be one of {', '.join(FAMILIES)}, "
+                          f"got {values['decoder_family']!r}")
     cfg = ModelConfig(**values, source=source)
     check_llm_family(cfg)
     if check_paths:

@@ -11,12 +11,13 @@
 of it. The functions before it are plain and public, for any training loop that needs the same steps
 (latent sampling `latents_from_moments`, noising `noisy_latents`, `min_snr_weights`, `denoising_loss`,
 caption encoding `encode_captions`). Apart from this module, only `presets.py` (which writes random SD
-folders) and the toy world's build (`toyworld/stages.py`, `toyworld/ship.py`, which make its own SD)
-import diffusers. Another diffusers UNet with the same interface (a Stable Diffusion folder: `unet/`,
+folders), the other decoder families (decoders/) and the toy world's build (`toyworld/stages.py`,
+`toyworld/ship.py`, which make its own SD) import diffusers. Another diffusers UNet with the same interface (a Stable Diffusion folder: `unet/`,
 `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) is a config change: `sd_model`, `sd_image_size`
 and the mapper's `d_model` / `num_prompt_tokens` (checked against the folder by
 `check_sizes`); the loss follows the folder's `prediction_type` ("epsilon" as SD 2.1-base,
-"v_prediction" as SD 2.1-768, or "sample"). A model with other conditioning is another decoder class.
+"v_prediction" as SD 2.1-768, or "sample"). A model with other conditioning is another decoder family
+(decoders/: `sdxl.py`, `sd3.py`; `decoders/sd.py` makes this module's decoder the `sd` family).
 
 The loss is written as diffusers' training examples write it (examples/text_to_image/
 train_text_to_image.py): the target branches on `noise_scheduler.config.prediction_type`, and
@@ -94,13 +95,19 @@ def check_sizes(cfg: ModelConfig, vae: nn.Module, unet: nn.Module, text_config) 
     if cfg.mapper.d_model != unet_config.cross_attention_dim:
         raise ValueError(f"{cfg.source}: `mapper.d_model` is {cfg.mapper.d_model} but the UNet in "
                          f"{cfg.sd_model} has cross_attention_dim {unet_config.cross_attention_dim}")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if cfg.sd_image_size != unet_config.sample_size * factor:
-        raise ValueError(f"{cfg.source}: `sd_image_size` is {cfg.sd_image_size} but {cfg.sd_model} "
-                         f"makes {unet_config.sample_size * factor}-pixel images")
+    check_image_size(cfg, vae, unet_config.sample_size)
     if cfg.mapper.num_prompt_tokens != text_config.max_position_embeddings:
         raise ValueError(f"{cfg.source}: `mapper.num_prompt_tokens` must equal the SD text encoder's "
                          f"{text_config.max_position_embeddings} tokens")
+
+
+def check_image_size(cfg: ModelConfig, vae: nn.Module, latent_size: int) -> None:
+    """`sd_image_size` must be the picture size of the folder's denoiser (its latent `sample_size`
+    times the VAE's down-scaling): a ValueError names the key."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if cfg.sd_image_size != latent_size * factor:
+        raise ValueError(f"{cfg.source}: `sd_image_size` is {cfg.sd_image_size} but {cfg.sd_model} "
+                         f"makes {latent_size * factor}-pixel images")
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,18 +263,24 @@ def pipeline(vae: nn.Module, unet: nn.Module, tokenizer, noise_scheduler, sample
     Without a text encoder (conditions come as `prompt_embeds`) the pipeline casts them to the
     UNet's dtype. With one, it would cast them to the text encoder's, which is float32 here; so text
     prompts go through `encode_prompt` first (see `text_conditions`)."""
-    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
-    if sampler not in SAMPLERS:
-        raise ValueError(f"scheduler must be one of {SAMPLERS}, got {sampler!r}")
-    config = noise_scheduler.config
-    steps = (PNDMScheduler.from_config(config) if sampler == "pndm"
-             else DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"))
+    steps = sampling_scheduler(noise_scheduler.config, sampler)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=steps, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sampling_scheduler(config, sampler: str):
+    """The sampler `sampler` (the release's PNDM, or DPM-Solver++) over a noise scheduler's config."""
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"scheduler must be one of {SAMPLERS}, got {sampler!r}")
+    return (PNDMScheduler.from_config(config) if sampler == "pndm"
+            else DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"))
 
 
 def text_conditions(text_pipe, captions: list[str], device: torch.device,
@@ -296,9 +309,9 @@ def draw(pipe, cond: torch.Tensor, negative: torch.Tensor | None, seeds: list[in
 class StableDiffusion:
     """The frozen picture decoder of the release pairing as one object: a Stable Diffusion 1.x / 2.x
     diffusers folder (a VAE, a UNet reading the 77 token states of one CLIP text encoder, the noise
-    scheduler). What the rest of the project asks of a decoder, and so what another decoder family
-    would implement (SDXL, with two text encoders and a pooled embedding; SD3, a transformer trained by
-    flow matching):
+    scheduler). What the rest of the project asks of a decoder, and so what the other decoder families
+    implement (decoders/sdxl.py: two text encoders and a pooled embedding; decoders/sd3.py: a
+    transformer trained by flow matching):
 
         latents(images=... | moments=...)      the clean latents a target picture becomes
         loss(latents, condition, ...)          the denoising loss under the mapped vokens

@@ -3,9 +3,10 @@ when the LLM emits vokens, a picture per item, from three parts:
 
     backbone    the MiniGPT-4 side (minigpt4.MiniGPT4): tokenizer, image encoder, LLM, voken rows and
                 the LLM family's text rules (BOS, end of answer `cfg.end_sym`, decoding)
-    map_vokens  voken features (N, 8, llm_hidden) -> the decoder's condition (MiniGPT5_Model.map_vokens:
-                fc + llm_to_t2i_mapping)
-    decoder     the frozen picture decoder (diffusion.StableDiffusion): `draw(cond, negative, ...)`
+    map_vokens  voken features (N, 8, llm_hidden) -> the decoder's condition (MiniGPT5_Model.map_condition:
+                fc + llm_to_t2i_mapping, + t2i_pooled_mapping for the families with a pooled embedding;
+                a bare tensor is a condition without one)
+    decoder     the frozen picture decoder of a family in decoders/: `draw(cond, negative, ...)`
 
     prompts + images ─► prompt_embeddings: input wrapping (minigpt4.py), cut from the left if too
                         long, left-padded
@@ -18,7 +19,7 @@ when the LLM emits vokens, a picture per item, from three parts:
                         the zero-feature condition)
                      ─► GenerationOutput per item (text decoded with special tokens, clean text, image)
 
-`MiniGPT5_Model.generate` is `generate(model.model, model.map_vokens, model.decoder, ...)`. Everything
+`MiniGPT5_Model.generate` is `generate(model.model, model.map_condition, model.decoder, ...)`. Everything
 here is batched: each item samples from its own seed, so a batch gives what its items give one at a time.
 """
 from __future__ import annotations
@@ -41,6 +42,8 @@ from image_transforms import IMAGE_ERRORS, image_processor, load_rgb
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from decoders.base import Condition
 
     from minigpt4 import MiniGPT4
 
@@ -76,8 +79,8 @@ def check_generation_arguments(prompts: Sequence[str], *, max_new_tokens: int, d
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 @torch.no_grad()
-def generate(backbone: "MiniGPT4", map_vokens: Callable[[torch.Tensor], torch.Tensor],
-             decoder: "diffusion.StableDiffusion", prompts: str | list[str], images: list | None = None, *,
+def generate(backbone: "MiniGPT4", map_vokens: Callable[[torch.Tensor], "Condition | torch.Tensor"],
+             decoder, prompts: str | list[str], images: list | None = None, *,
              max_new_tokens: int = 256, do_sample: bool = True, temperature: float = 1.0, top_k: int | None = 50,
              top_p: float = 0.9, repetition_penalty: float = 2.0, force_generation: bool | int = False,
              guidance_scale: float = 7.5, num_inference_steps: int = 50, scheduler: str = "pndm",
@@ -343,18 +346,21 @@ def answer_segments(text: str, images: list, end_sym: str) -> list:
     return out
 
 
-def images_from_features(map_vokens: Callable[[torch.Tensor], torch.Tensor], decoder: "diffusion.StableDiffusion",
+def images_from_features(map_vokens: Callable[[torch.Tensor], "Condition | torch.Tensor"], decoder,
                          features: torch.Tensor, seeds: list[int], guidance_scale: float = 7.5,
                          num_inference_steps: int = 50, scheduler: str = "pndm", pictures: str = "eager") -> list:
     """Voken features (N, 8, H) -> N PIL images: `cond = map_vokens(features)`, negative =
     `map_vokens(zeros)`, one `decoder.draw` for all N (classifier-free guidance runs the UNet on both
-    halves as one batch); `pictures` chooses how the UNet runs (see `generate`)."""
+    halves as one batch); `pictures` chooses how the UNet runs (see `generate`). The same for every
+    decoder family: a condition's pooled embedding (SDXL, SD3) follows its rows."""
+    from decoders.base import as_condition
+
     negative = None
     if guidance_scale > 1:                  # one mapper call for both (rows are independent)
-        both = map_vokens(torch.cat([features, torch.zeros_like(features[:1])]))
-        cond, negative = both[:-1], both[-1:].expand(features.shape[0], -1, -1)
+        both = as_condition(map_vokens(torch.cat([features, torch.zeros_like(features[:1])])))
+        cond, negative = both[:-1], both[-1:].expand(features.shape[0])
     else:
-        cond = map_vokens(features)
+        cond = as_condition(map_vokens(features))
     return decoder.draw(cond, negative, seeds, guidance_scale, num_inference_steps, scheduler, pictures)
 
 

@@ -20,10 +20,10 @@ import zlib
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import checkpoints
+import decoders
 import diffusion
 import generation
 from configuration import ModelConfig
@@ -95,17 +95,19 @@ class MiniGPT5_Model(pl.LightningModule):
             raise ValueError("offload needs a real device to offload from (e.g. device='cuda')")
         target = None if device is None or meta else resolve_device(device)
 
-        # SD first: its float32 files are converted to bfloat16 while little else is in memory yet.
-        vae, unet, sd_text_config, sd_tokenizer, scheduler = diffusion.load_parts(cfg, device)
-        diffusion.check_sizes(cfg, vae, unet, sd_text_config)
+        # The decoder first (decoders/; its folder checked before any weights load, SD's float32 files made
+        # bfloat16 while little else is in memory); its frozen parts are submodules under the release's names.
+        for path in [stage1_weight] if stage1_weight is not None else []:
+            checkpoints.check_decoder_pairing(cfg, path)    # a checkpoint of another pairing: before any load
+        self.decoder = decoders.load_decoder(cfg, device)
         self.model = MiniGPT4.from_config(cfg, device="meta" if meta else target, llm_quantization=llm_quantization)
-        self.vae, self.unet = vae, unet
-        self.sd_tokenizer, self.noise_scheduler = sd_tokenizer, scheduler
-        # The same parts as one object: what the losses and `generate` ask of the decoder.
-        self.decoder = diffusion.StableDiffusion(vae, unet, sd_tokenizer, scheduler, cfg.sd_image_size)
-
-        self.fc, self.llm_to_t2i_mapping, self.t2i_decoder_prompt = feature_mapper(
-            cfg.mapper, self.model.llama_model.config.hidden_size, "meta" if meta else "cpu")
+        for name, part in self.decoder.parts.items():
+            setattr(self, name, part)
+        self.sd_tokenizer, self.noise_scheduler = self.decoder.tokenizer, self.decoder.noise_scheduler
+        self.fc, self.llm_to_t2i_mapping, self.t2i_decoder_prompt, pooled = feature_mapper(
+            cfg.mapper, self.model.llama_model.config.hidden_size, "meta" if meta else "cpu", self.decoder.condition)
+        if pooled is not None:                  # only for families with a pooled embedding (SDXL, SD3)
+            self.t2i_pooled_mapping = pooled
 
         if stage == 2:
             self.model.add_lora()
@@ -154,35 +156,24 @@ class MiniGPT5_Model(pl.LightningModule):
 
     def _offloadable(self) -> list[nn.Module]:
         """The large parts used once per answer, which `place(offload=True)` keeps on the CPU."""
-        parts = [self.model.visual_encoder, self.model.Qformer, self.unet, self.vae]
-        if "sd_text_encoder" in self._modules:
-            parts.append(self._modules["sd_text_encoder"])
-        return parts
+        return ([self.model.visual_encoder, self.model.Qformer, *reversed(self.decoder.parts.values())]
+                + text_encoder_parts(self._modules.get("sd_text_encoder")))
 
     @property
     def sd_text_encoder(self) -> nn.Module:
-        """SD's CLIP text encoder (float32), needed only for the caption loss and the SD baseline:
+        """The decoder's text encoder(s) (float32), needed only for the caption loss and the SD baseline:
         read from `sd_model` the first time it is used, then kept (a registered submodule, frozen,
         in eval mode, on this model's device or in its offload group)."""
-        encoder = self._modules.get("sd_text_encoder")
-        if encoder is None:
-            # First use may come inside Lightning's inference mode (validation, prediction): load
-            # ordinary tensors, usable in training afterwards.
-            with torch.inference_mode(False):
-                encoder = diffusion.load_text_encoder(self.cfg, "meta" if self._meta else None)
-                if self._offload is not None:
-                    self._offload.add(encoder)
-                elif not self._meta:
-                    encoder.to(self.device)
-            self._modules["sd_text_encoder"] = encoder      # (add_module would consult this property)
-        return encoder
+        if self._modules.get("sd_text_encoder") is None:      # (add_module would consult this property)
+            self._modules["sd_text_encoder"] = first_text_encoder(self)
+        return self._modules["sd_text_encoder"]
 
     # ---- modes and parameters ----------------------------------------------------------------
 
     def train(self, mode: bool = True) -> "MiniGPT5_Model":
         """Frozen parts stay in eval mode whatever Lightning asks."""
         super().train(mode)
-        for frozen in (self.vae, self.unet, self._modules.get("sd_text_encoder")):
+        for frozen in (*self.decoder.parts.values(), self._modules.get("sd_text_encoder")):
             if frozen is not None:
                 frozen.eval()
         self.model.train(mode)
@@ -230,14 +221,18 @@ class MiniGPT5_Model(pl.LightningModule):
         tgt = self.t2i_decoder_prompt.expand(features.shape[0], -1, -1)
         return self.llm_to_t2i_mapping(src=src, tgt=tgt)
 
-    def encode_caption(self, captions: list[str]) -> torch.Tensor:
-        """SD's own text conditioning for captions (the caption loss's target): (N, 77, d_model), no
-        gradient. With `cache_caption_features` each distinct caption is encoded once and kept
-        (`diffusion.CaptionCache`; not saved in checkpoints; `clear_caption_cache()` empties it)."""
+    def map_condition(self, features: torch.Tensor) -> decoders.Condition:
+        """`map_vokens` with the pooled embedding of the families that read one (`mapped_condition`)."""
+        return mapped_condition(self, self.map_vokens(features))
+
+    def encode_caption(self, captions: list[str]) -> "torch.Tensor | decoders.Condition":
+        """The decoder's own text conditioning for captions (the caption loss's target; SD: (N, 77,
+        d_model)), no gradient. With `cache_caption_features` each distinct caption is encoded once and
+        kept (`diffusion.CaptionCache`; not saved in checkpoints; `clear_caption_cache()` empties it)."""
         encode = lambda texts: self.decoder.encode_captions(texts, self.sd_text_encoder, self.device)
         if self.caption_cache is None:
             return encode(captions)
-        return self.caption_cache(captions, encode).to(self.device)
+        return decoders.encode_cached(self.caption_cache, captions, encode, self.decoder.condition).to(self.device)
 
     def clear_caption_cache(self) -> None:
         """Forget every cached caption feature (see `encode_caption`)."""
@@ -285,7 +280,7 @@ class MiniGPT5_Model(pl.LightningModule):
 
         drop = cfg_dropout(batch, rows, generator, self.cfg_dropout_prob)
         features = features * (~drop).to(features.dtype)[:, None, None]
-        condition = self.map_vokens(features)
+        condition = self.map_condition(features)
 
         pick = (lambda key: None if batch.get(key) is None else batch[key][rows])
         latents = self.target_latents(batch, rows, pick("latent_noise"), generator)
@@ -297,7 +292,7 @@ class MiniGPT5_Model(pl.LightningModule):
         captions = row_captions(batch, rows)
         if self.caption_loss_weight and captions is not None:
             chosen = ["" if d else caption for caption, d in zip(captions, drop.tolist())]
-            losses["caption_loss"] = F.mse_loss(condition.float(), self.encode_caption(chosen))
+            losses["caption_loss"] = decoders.caption_mse(condition, self.encode_caption(chosen))
             total = total + self.caption_loss_weight * losses["caption_loss"]
         losses["loss"] = total
         return losses
@@ -376,7 +371,7 @@ class MiniGPT5_Model(pl.LightningModule):
         over the backbone, `map_vokens` and the decoder (options: max_new_tokens, do_sample, temperature,
         top_k, top_p, repetition_penalty, force_generation, guidance_scale, num_inference_steps,
         scheduler, seed, generator, and the speed options decode and pictures of fast_inference.py)."""
-        return generation.generate(self.model, self.map_vokens, self.decoder, prompts, images, device=self.device,
+        return generation.generate(self.model, self.map_condition, self.decoder, prompts, images, device=self.device,
                                    **options)
 
     def sd_pipeline(self, scheduler: str = "pndm", with_text_encoder: bool = False):
@@ -393,11 +388,15 @@ class MiniGPT5_Model(pl.LightningModule):
 
 # ---- the parts of the class above, written out on their own ------------------------------------
 
-def feature_mapper(m, llm_hidden: int, device: str) -> tuple[nn.Module, nn.Module, nn.Parameter]:
+def feature_mapper(m, llm_hidden: int, device: str, condition: decoders.ConditionSpec | None = None
+                   ) -> tuple[nn.Module, nn.Module, nn.Parameter, nn.Module | None]:
     """MiniGPT-5's trainable feature mapper under the release's names, on `device` ("meta" or "cpu"),
     random in this order: `fc` (llm_hidden -> fc_dim -> d_model), `llm_to_t2i_mapping` (an
     `nn.Transformer`, `src` = the mapped vokens) and `t2i_decoder_prompt` (its `tgt`, one row per
-    token of the decoder's condition); `m` is the config's `mapper` section."""
+    token of the decoder's condition); `m` is the config's `mapper` section (its `d_model` and
+    `num_prompt_tokens` checked against the decoder's `condition` when the decoder loaded). For a
+    decoder that reads a pooled embedding, `t2i_pooled_mapping` (d_model -> pooled, over the mean of
+    the mapped tokens), else None."""
     with torch.device(device):
         fc = nn.Sequential(nn.Linear(llm_hidden, m.fc_dim), nn.GELU(), nn.Linear(m.fc_dim, m.d_model))
         with warnings.catch_warnings():   # norm_first disables a fast path we do not need
@@ -407,7 +406,38 @@ def feature_mapper(m, llm_hidden: int, device: str) -> tuple[nn.Module, nn.Modul
                 num_decoder_layers=m.num_decoder_layers, dim_feedforward=m.dim_feedforward,
                 dropout=0.0, batch_first=True, norm_first=True)
         prompt = nn.Parameter(torch.randn(1, m.num_prompt_tokens, m.d_model))
-    return fc, mapping, prompt
+        pooled = None if condition is None or condition.pooled is None else nn.Linear(m.d_model, condition.pooled)
+    return fc, mapping, prompt, pooled
+
+
+def mapped_condition(model: MiniGPT5_Model, sequence: torch.Tensor) -> decoders.Condition:
+    """The mapper's tokens as the decoder's condition: with the pooled embedding (`t2i_pooled_mapping`
+    of the tokens' mean) when the decoder reads one."""
+    pooled = model._modules.get("t2i_pooled_mapping")
+    return decoders.Condition(sequence, None if pooled is None else pooled(sequence.mean(dim=1)))
+
+
+def first_text_encoder(model: MiniGPT5_Model) -> nn.Module:
+    """The decoder family's text encoder(s) read for their first use (`MiniGPT5_Model.sd_text_encoder`),
+    put where the model runs: on its device, or into its offload group."""
+    # First use may come inside Lightning's inference mode (validation, prediction): load ordinary
+    # tensors, usable in training afterwards.
+    with torch.inference_mode(False):
+        encoder = decoders.get_family(model.cfg.decoder_family).load_text_encoder(
+            model.cfg, "meta" if model._meta else None)
+        if model._offload is not None:
+            for part in text_encoder_parts(encoder):
+                model._offload.add(part)
+        elif not model._meta:
+            encoder.to(model.device)
+    return encoder
+
+
+def text_encoder_parts(encoder: nn.Module | None) -> list[nn.Module]:
+    """The modules of a decoder's text encoder(s) that run on their own (each of a `ModuleDict`)."""
+    if encoder is None:
+        return []
+    return list(encoder.values()) if isinstance(encoder, nn.ModuleDict) else [encoder]
 
 
 def cfg_dropout(batch: dict, sample: torch.Tensor, generator: torch.Generator | None, prob: float) -> torch.Tensor:
@@ -427,7 +457,8 @@ def release_optimizer(model: MiniGPT5_Model, settings: TrainSettings, planned_st
     from transformers import get_linear_schedule_with_warmup
 
     lr = settings.learning_rate
-    fast_ids = {id(p) for module in (model.fc, model.llm_to_t2i_mapping) for p in module.parameters()}
+    mappers = (model.fc, model.llm_to_t2i_mapping, model._modules.get("t2i_pooled_mapping") or nn.Identity())
+    fast_ids = {id(p) for module in mappers for p in module.parameters()}
     fast_ids.add(id(model.t2i_decoder_prompt))
     trainable = [p for p in model.parameters() if p.requires_grad]
     fast = [p for p in trainable if id(p) in fast_ids]

@@ -108,7 +108,7 @@ def write_tiny_sd(out_dir: Path, arch: dict, image_size: int, cross_attention_di
         norm_num_groups=unet_arch["norm_num_groups"], cross_attention_dim=cross_attention_dim,
         use_linear_projection=True,
     )
-    vocab = _write_clip_tokenizer(out_dir / "tokenizer", words)
+    vocab = write_clip_tokenizer(out_dir / "tokenizer", words)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=text_arch["hidden_size"],
         intermediate_size=text_arch["intermediate_size"],
@@ -129,7 +129,7 @@ def write_tiny_sd(out_dir: Path, arch: dict, image_size: int, cross_attention_di
     _write_model_index(out_dir)
 
 
-def _write_clip_tokenizer(tok_dir: Path, words: Sequence[str] = ()) -> dict[str, int]:
+def write_clip_tokenizer(tok_dir: Path, words: Sequence[str] = ()) -> dict[str, int]:
     """SD's tokenizer folder (CLIP BPE files) with a small byte-level vocabulary (`words` one token
     each); returns the vocabulary."""
     vocab, merges = _clip_bpe_vocab(words)
@@ -200,7 +200,10 @@ def write_preset_files(out_dir: Path, cfg, arch: dict, seed: int, llm_corpus: li
     write_tiny_lavis(out_dir, cfg.vision, cfg.qformer, cfg.num_query_token, cfg.image_size, seed=seed)
     write_tiny_minigpt4(out_dir / "prerained_minigpt4_7b.pth", cfg.qformer.hidden_size,
                         arch["llama"]["hidden_size"], seed)
-    write_tiny_sd(out_dir / "sd", arch, cfg.sd_image_size, cfg.mapper.d_model, seed, words=sd_words)
+    import decoders
+
+    # The picture decoder's folder in its family's layout (decoders/<family>.py: write_tiny).
+    decoders.get_family(cfg.decoder_family).write_tiny(out_dir / "sd", arch, cfg, seed, words=sd_words)
 
 
 def preset_config(cfg, out_dir: Path):
@@ -397,7 +400,7 @@ def build_full(out_dir: str | os.PathLike, preset_path: str | os.PathLike = FULL
             write_random_safetensors(sd_models.pop(kind), sd_dir / kind, file_name, dtypes["sd"], seed, None, bar)
     (sd_dir / "scheduler").mkdir()
     shutil.copy(sd_arch / "scheduler" / "scheduler_config.json", sd_dir / "scheduler" / "scheduler_config.json")
-    _write_clip_tokenizer(sd_dir / "tokenizer")
+    write_clip_tokenizer(sd_dir / "tokenizer")
     _write_model_index(sd_dir)
 
     log.info("writing the LAVIS files and MiniGPT-4's projection")
@@ -421,14 +424,16 @@ def build_full(out_dir: str | os.PathLike, preset_path: str | os.PathLike = FULL
 
 
 PRESETS = ("tiny", "small", "real_width", "tiny_llama3", "tiny_qwen2")
+# Tiny presets of the other decoder families (config/tiny_<family>.yaml + _arch.yaml; decoders/).
+DECODER_PRESETS = ("tiny_sdxl", "tiny_sd3")
 
 
 def build_preset(name: str, out_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """Write the named random-weight preset (`config/<name>.yaml` + `config/<name>_arch.yaml`, or
     `config/full_preset.yaml` for "full") into `out_dir` (default `weights/<name>`); return the path
     of its config YAML, `out_dir/<name>.yaml`."""
-    if name not in PRESETS + ("full",):
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS + ('full',))}")
+    if name not in PRESETS + DECODER_PRESETS + ("full",):
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS + DECODER_PRESETS + ('full',))}")
     out_dir = Path(out_dir) if out_dir else REPO / "weights" / name
     if name == "full":
         return build_full(out_dir, seed=seed)
@@ -455,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     preset = sub.add_parser("preset", help="write a named preset: tiny (tests), small (benchmarks), "
                                            "real_width (real widths at reduced depth: GPU smoke test), "
                                            "full (the real sizes, about 21 GB of disk)")
-    preset.add_argument("name", choices=PRESETS + ("full",))
+    preset.add_argument("name", choices=PRESETS + DECODER_PRESETS + ("full",))
     preset.add_argument("out_dir", nargs="?", default=None, help="default: weights/NAME")
     preset.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

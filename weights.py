@@ -219,10 +219,12 @@ def check_weight_files(cfg) -> None:
     bytes), so a damaged download is one `CheckpointError` naming the file and the config key
     instead of a library's traceback in the middle of loading."""
     source = getattr(cfg, "source", "the model config")
-    for key, sub in (("llama_model", ("",)), ("sd_model", ("unet", "vae", "text_encoder"))):
+    for key in ("llama_model", "sd_model"):
         folder = Path(getattr(cfg, key))
         if not folder.is_dir():
             continue                                    # a hub id: the library checks its own cache
+        # The LLM folder itself; each part of a diffusers folder (unet/ or transformer/, vae/, text_encoder*/).
+        sub = ("",) if key == "llama_model" else tuple(p.name for p in sorted(folder.iterdir()) if p.is_dir())
         for part in sub:
             index = sorted((folder / part).glob("*.safetensors.index.json"))
             files = sorted((folder / part).glob("*.safetensors"))

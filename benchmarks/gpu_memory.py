@@ -31,7 +31,8 @@ after each part, so a run cut short keeps what it measured) and one JSON line pe
 
 `--arithmetic` writes what the meta device says instead (no GPU, no weights): the bytes of each part
 in each configuration, what sits on the GPU at the peak of a turn, estimates of activations and the
-KV cache, and the bandwidth floors of a few GPUs. It is arithmetic, not a measurement.
+KV cache, the bandwidth floors of a few GPUs, and each decoder family's weights (decoder_memory.py).
+It is arithmetic, not a measurement.
 """
 from __future__ import annotations
 
@@ -483,7 +484,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.arithmetic:
-        text = ("## Meta-device arithmetic (not measured)\n\n" + arithmetic(args.prompt_positions, args.new_tokens))
+        from decoder_memory import table as decoder_table     # the SDXL / SD3 decoder families' rows
+
+        text = ("## Meta-device arithmetic (not measured)\n\n" + arithmetic(args.prompt_positions, args.new_tokens)
+                + "\n" + decoder_table(CONFIGS))
         Path(args.out).write_text(text)
         print(text)
         return

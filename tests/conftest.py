@@ -50,6 +50,26 @@ def tiny_tokenizer(tiny_config):
     return load_tokenizer(tiny_config.llama_model)
 
 
+@pytest.fixture(scope="session")
+def decoder_config(tmp_path_factory, tiny_config):
+    """Decoder family -> the `ModelConfig` of its tiny preset (config/tiny_<family>.yaml and _arch.yaml;
+    sd: the tiny preset), each built once per session on first use."""
+    from configuration import load_config
+    from presets import build_tiny
+
+    built = {"sd": tiny_config}
+
+    def get(family: str):
+        if family not in built:
+            name = f"tiny_{family}"
+            path = build_tiny(tmp_path_factory.mktemp(name) / "weights", seed=0, config_path=REPO / "config" / f"{name}.yaml",
+                              arch_path=REPO / "config" / f"{name}_arch.yaml", config_name=f"{name}.yaml")
+            built[family] = load_config(path)
+        return built[family]
+
+    return get
+
+
 @pytest.fixture
 def no_data_env(monkeypatch):
     """No DATAFOLDER / PREPROCESS_FEATURE_FOLDER from the caller's shell (modules that read datasets
