@@ -6,6 +6,7 @@ Each turn is text plus images. The prompt is written in the release's format:
 
 so the model's own earlier pictures are fed back to it as input images; an answer with several
 pictures keeps each where it stands among its text (`Turn.segments`), in the prompt and in the page.
+For another LLM family the same turns are written in that family's prompt style (`LLMFamily.render`).
 `to_html` writes the whole conversation as one self-contained HTML file (images inlined) that opens in
 any browser.
 """
@@ -21,7 +22,9 @@ from PIL import Image
 
 from constants import IMAGE_SLOT, RESERVED_TOKENS
 from image_transforms import load_rgb
+from llm_families import DEFAULT_FAMILY
 from prompts import ASSISTANT, END_SYM, HUMAN, MMDIALOG_SYSTEM
+from samples import Dialogue, Message, Segment
 
 ROLES = ("Human", "Assistant")
 TAGS = {"Human": HUMAN, "Assistant": ASSISTANT}      # the prompt style's speaker tags (prompts.py)
@@ -84,8 +87,11 @@ class Conversation:
         self.turns.append(Turn(role, text, loaded))
         return self
 
-    def prompt(self) -> tuple[str, list[Image.Image]]:
-        """The prompt for the next Assistant turn and its input images, in order."""
+    def prompt(self, family=None) -> tuple[str, list[Image.Image]]:
+        """The prompt for the next Assistant turn and its input images, in order: in the release's format,
+        or in the prompt style of `family` (an `llm_families` family; vicuna's is the release's)."""
+        if family is not None and family.name != DEFAULT_FAMILY:
+            return self.family_prompt(family)
         parts, images = [], []
         for turn in self.turns:
             if turn.segments is None:
@@ -96,6 +102,15 @@ class Conversation:
             parts.append(" ".join([TAGS[turn.role]] + pieces))
             images.extend(piece for piece in turn.segments if not isinstance(piece, str))
         return self.system + " ".join(parts) + f" {ASSISTANT}", images
+
+    def family_prompt(self, family) -> tuple[str, list[Image.Image]]:
+        """The turns as a `samples.Dialogue` (an empty answer last) rendered by `family`."""
+        messages = tuple(Message("user" if turn.role == "Human" else "assistant",
+                                 tuple(Segment(text=p) if isinstance(p, str) else Segment(image="picture")
+                                       for p in turn.pieces()))
+                         for turn in self.turns)
+        source, _ = family.render(Dialogue(self.system or None, messages + (Message("assistant", ()),)))
+        return source, [p for turn in self.turns for p in turn.pieces() if not isinstance(p, str)]
 
     def respond(self, model, **generate_kwargs):
         """Generate the next Assistant turn with `model.generate`, append it (its clean text and
@@ -134,10 +149,11 @@ body {{ font-family: sans-serif; max-width: 760px; margin: 2em auto; }}
 
 def respond_all(model, conversations: list[Conversation], **generate_kwargs) -> list:
     """Generate the next Assistant turn of several conversations as one batch."""
-    prompts, images = zip(*(c.prompt() for c in conversations))
+    backbone = getattr(model, "model", None)      # its LLM family: the prompt style and the end of an answer
+    prompts, images = zip(*(c.prompt(getattr(backbone, "family", None)) for c in conversations))
     outputs = model.generate(list(prompts), [list(i) for i in images], **generate_kwargs)
-    # The model's end symbol (its config's); a stand-in model without a config ends as the default does.
-    end_sym = getattr(getattr(model, "cfg", None), "end_sym", END_SYM)
+    # The model's end symbol (its family's); a stand-in model without a backbone ends as the default does.
+    end_sym = getattr(backbone, "end_sym", None) or getattr(getattr(model, "cfg", None), "end_sym", END_SYM)
     for conversation, out in zip(conversations, outputs):
         conversation.turns.append(answer_turn(out, end_sym))
     return outputs

@@ -38,12 +38,21 @@ DEFAULT_CAPTIONS = ["We went to the beach on a sunny day and set up a red umbrel
                     "In the evening the sky turned orange and we built a sandcastle."]
 
 
-def story_prompt(captions: list[str]) -> str:
+def story_prompt(captions: list[str], llm_family: str = "vicuna") -> str:
     """The VIST-format prompt: system prompt, the story so far (each caption followed by its
-    image), then the request for the next scene (the training data's first "multimodal" template)."""
-    from prompts import VIST_MULTIMODAL, VIST_SYSTEM, vist_context
+    image), then the request for the next scene (the training data's first "multimodal" template);
+    for another LLM family, the same story and request in that family's prompt style."""
+    from prompts import ASSISTANT, HUMAN, VIST_MULTIMODAL, VIST_SYSTEM, vist_context
 
-    return VIST_SYSTEM + VIST_MULTIMODAL[0].format(context=vist_context(captions))
+    if llm_family == "vicuna":
+        return VIST_SYSTEM + VIST_MULTIMODAL[0].format(context=vist_context(captions))
+    from llm_families import get_family
+    from samples import Dialogue, Message, Segment
+
+    request = VIST_MULTIMODAL[0].format(context="").removeprefix(HUMAN).removesuffix(ASSISTANT).strip()
+    story = [s for i, c in enumerate(captions) for s in (Segment(text=c), Segment(image=f"frame {i}"))]
+    user = Message("user", tuple(story) + (Segment(text=request),))
+    return get_family(llm_family).render(Dialogue(VIST_SYSTEM, (user, Message("assistant", ()))))[0]
 
 
 def printable_answer(text: str, picture: int | str | list | None, end_sym: str = "###") -> str:
@@ -142,7 +151,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for path in images:                          # fail before loading any model
         if not path.is_file():
             sys.exit(f"error: --images: {str(path)!r} does not exist")
-    prompt = args.prompt if args.prompt is not None else story_prompt(captions[: len(images)])
+    family = "vicuna"
+    if args.model_config is not None:          # the prompt style is the config's LLM family's
+        from configuration import ConfigError, load_config
+
+        try:
+            family = load_config(args.model_config, check_paths=False).llm_family
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
+    prompt = args.prompt if args.prompt is not None else story_prompt(captions[: len(images)], family)
     if prompt.count("<ImageHere>") != len(images):
         sys.exit(f"error: --prompt has {prompt.count('<ImageHere>')} <ImageHere> placeholder(s) but "
                  f"{len(images)} image(s) were given with --images")
@@ -200,10 +217,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
         figure = out_dir / f"sample_{i}.png"
         # one picture: "[picture i]"; several: "[picture i.1]", "[picture i.2]", ... each in its place
         labels = [str(i)] if len(out.images) == 1 else [f"{i}.{j + 1}" for j in range(len(out.images))]
-        answer = printable_answer(out.text, labels, model.cfg.end_sym)
+        answer = printable_answer(out.text, labels, model.model.end_sym)
         save_figure(figure, inputs, list(out.images), answer)
         written.append(figure)
-        turn = answer_turn(out, model.cfg.end_sym)
+        turn = answer_turn(out, model.model.end_sym)
         turn.text = f"[sample {i}, seed {args.seed + i}] {turn.text}"
         if turn.segments is not None:
             turn.segments.insert(0, f"[sample {i}, seed {args.seed + i}]")

@@ -8,8 +8,7 @@ import json
 from pathlib import Path
 
 import prompts
-from constants import ALL_VOKENS_TEXT, IMAGE_SLOT
-from llm_families.base import LLMFamily, message_text, tiny_corpus
+from llm_families.base import LLMFamily, tiny_corpus
 from samples import Dialogue
 
 
@@ -46,20 +45,8 @@ class Vicuna(LLMFamily):
         return cfg.end_sym
 
     def render(self, dialogue: Dialogue) -> tuple[str, str]:
-        """The release's dialogue layout (MMDialog's): the system prompt, each earlier message after its
-        speaker tag with its pictures' slots, the answer's tag; the answer with 8 vokens per picture,
-        then the end symbol."""
-        parts = [dialogue.system] if dialogue.system is not None else []
-        for message in dialogue.context:
-            tag = prompts.HUMAN if message.role == "user" else prompts.ASSISTANT
-            parts.append(f"{tag} {message_text(message, IMAGE_SLOT)}")
-        parts.append(prompts.ASSISTANT)
-        answer = dialogue.answer
-        text = " ".join(s.text for s in answer.segments if s.image is None)
-        if not answer.images:
-            return " ".join(parts), prompts.text_target(text)
-        vokens = " ".join([ALL_VOKENS_TEXT] * len(answer.images))
-        return " ".join(parts), " ".join(t for t in (text, vokens, prompts.END_SYM) if t)
+        """The release's dialogue layout (MMDialog's), written by prompts.py (`render_dialogue`)."""
+        return prompts.render_dialogue(dialogue)
 
     def write_tiny(self, out_dir: Path, arch: dict, seed: int, corpus: list[str] | None = None) -> None:
         write_tiny_llama(out_dir, arch, seed, corpus)

@@ -278,8 +278,8 @@ def test_prediction_generates_and_metric_reads_it_with_the_familys_rules(family_
     records = torch.load(folder / "predictions-0.pt", weights_only=False)
     fam = get_family(family)
     assert all(isinstance(r[1], str) for r in records)
-    # The prompts are the dataset's text (the release's strings until the readers render per family).
-    assert all(IMAGE_PLACEHOLDER in r[0] or "###Human" in r[0] for r in records)
+    # The dataset's prompts are in the family's style (the readers' dialogues rendered by the family).
+    assert all(fam.header("user") in r[0] and "###" not in r[0] for r in records), [r[0] for r in records]
     assert all(fam.end_of_turn not in fam.clean_text(r[1]) for r in records)
     assert isinstance(logs["metric"], dict) and logs["metric"]
 
@@ -385,3 +385,48 @@ def test_each_familys_tiny_llm_architecture_for_other_pairings():
     assert archs["vicuna"]["num_key_value_heads"] == archs["vicuna"]["num_attention_heads"]
     with pytest.raises(UnknownFamilyError):
         tiny_llm_arch("gpt2")
+
+
+def test_conversations_are_written_in_the_familys_prompt_style():
+    """The web demo's and stories' conversations (conversation.py): the release's format for vicuna (with
+    or without the family), the family's chat turns otherwise, the image slots in their places."""
+    from PIL import Image
+
+    from conversation import Conversation
+
+    picture = Image.new("RGB", (8, 8))
+    chat = Conversation(system="Be brief.").add("Human", "look", [picture]).add("Assistant", "a square", [])
+    chat.add("Human", "and now?")
+    release, images = chat.prompt()
+    assert chat.prompt(get_family("vicuna"))[0] == release and len(images) == 1
+    assert release == f"Be brief.###Human: look {IMAGE_SLOT} ###Assistant: a square ###Human: and now? ###Assistant:"
+    source, _ = chat.prompt(get_family("qwen2"))
+    assert source == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                      f"<|im_start|>user\nlook {IMAGE_SLOT}<|im_end|>\n<|im_start|>assistant\na square<|im_end|>\n"
+                      "<|im_start|>user\nand now?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_the_playground_runs_on_a_family_preset(family_config_paths, tmp_path):
+    """examples/playground.py with a llama3 preset's config: the story prompt in Llama 3's turns, a
+    picture per sample (vokens forced)."""
+    import os
+    import subprocess
+    import sys
+
+    from configuration import REPO
+
+    result = subprocess.run([sys.executable, "examples/playground.py", "--model_config",
+                             str(family_config_paths["llama3"]), "--num_samples", "1", "--num_inference_steps", "2",
+                             "--max_new_tokens", "10", "--force_generation", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[picture 0]" in result.stdout and (tmp_path / "sample_0.png").is_file()
+    page = (tmp_path / "playground.html").read_text()
+    assert "sample 0" in page
+    sys.path.insert(0, str(REPO / "examples"))
+    from playground import story_prompt
+
+    prompt = story_prompt(["a dog runs", "it jumps"], "llama3")
+    assert prompt.startswith("<|start_header_id|>system<|end_header_id|>\n\n") and prompt.count(IMAGE_SLOT) == 2
+    assert prompt.endswith("Tell me the next scene with image.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
