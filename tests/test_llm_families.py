@@ -431,3 +431,28 @@ def test_the_playground_runs_on_a_family_preset(family_config_paths, tmp_path):
     prompt = story_prompt(["a dog runs", "it jumps"], "llama3")
     assert prompt.startswith("<|start_header_id|>system<|end_header_id|>\n\n") and prompt.count(IMAGE_SLOT) == 2
     assert prompt.endswith("Tell me the next scene with image.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_the_web_demo_answers_in_the_familys_style(family_models, tmp_path):
+    """examples/web_demo.py's handlers with the qwen2 preset's model: the prompt it generates from is in
+    ChatML turns, the answer comes back with a picture (vokens forced) and no end-of-turn marker."""
+    import sys
+
+    from configuration import REPO
+    sys.path.insert(0, str(REPO / "examples"))
+    import web_demo
+    from test_web_demo import GenerateSpy, _handler
+
+    model = family_models["qwen2"].eval()
+    spy = GenerateSpy(model.generate)
+    model.generate = spy
+    try:
+        demo = web_demo.build_demo(model, files_root=tmp_path)
+        session, _, _ = _handler(demo, "accept")({"text": "draw a dog", "files": []}, None)
+        session, messages, *_ = _handler(demo, "answer")(session, 7.5, 2, 1, True, 12, "pndm", 50)
+    finally:
+        del model.generate
+    prompt = spy.calls[0]["prompts"][0]
+    assert prompt.endswith("<|im_start|>user\ndraw a dog<|im_end|>\n<|im_start|>assistant\n") and "###" not in prompt
+    answer = session.conversation.turns[-1]
+    assert answer.role == "Assistant" and answer.images and "<|im_end|>" not in answer.text
