@@ -57,13 +57,14 @@ def decoder_bytes(family: str) -> dict[str, int]:
     }
 
 
-def pairing_weights(family: str, quantization: str | None, offload: bool) -> float:
-    """Bytes of weights on the GPU at the peak of a turn: the release's LLM side (gpu_memory.part_bytes:
-    ViT, Q-Former, LLM in `quantization`) with `family`'s decoder and mapper; with `offload`, the image
-    encoder, denoiser and VAE take turns (the largest of them counts)."""
+def pairing_weights(family: str, quantization: str | None, offload: bool, llm: str = "Vicuna-7B v0") -> float:
+    """Bytes of weights on the GPU at the peak of a turn: the LLM side of `llm` (an LLM family at full size,
+    gpu_memory.FULL_LLMS; gpu_memory.part_bytes: ViT, Q-Former, LLM in `quantization`) with `family`'s
+    decoder and mapper (its `fc` counted at Vicuna's width); with `offload`, the image encoder, denoiser
+    and VAE take turns (the largest of them counts)."""
     from gpu_memory import part_bytes
 
-    llm_side = part_bytes(quantization)
+    llm_side = part_bytes(quantization, llm)
     dec = decoder_bytes(family)
     llm = (llm_side["LLM linear layers"] + llm_side["LLM embedding + norms (fp32 voken rows)"]
            + llm_side["lm_head (fp32 voken rows)"])
@@ -86,12 +87,15 @@ def table(configs: dict | None = None) -> str:
         b = decoder_bytes(family)
         lines.append(f"| `{family}`: {name} | {b['image_size']} px | {b['denoiser'] / GB:.2f} GB | {b['vae'] / GB:.3f} GB "
                      f"| {b['text_encoders'] / GB:.2f} GB | {b['mapper'] / GB:.2f} GB |")
-    lines += ["", "Weights on the GPU at the peak of a turn, the release's LLM side (Vicuna-7B, EVA ViT-g, "
-                  "Q-Former) with each decoder (weights only; add activations and the CUDA context):", "",
-              "| decoder family | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
-    for family in FULL_SIZE:
-        cells = [f"{pairing_weights(family, q, off) / GB:.1f} GB" for q, off in configs.values()]
-        lines.append(f"| `{family}` | " + " | ".join(cells) + " |")
+    from gpu_memory import FULL_LLMS
+
+    lines += ["", "Weights on the GPU at the peak of a turn, each LLM family's side (the LLM, EVA ViT-g, Q-Former) "
+                  "with each decoder (weights only; add activations and the CUDA context):", "",
+              "| LLM | decoder family | " + " | ".join(configs) + " |", "|---|---|" + "---|" * len(configs)]
+    for llm in FULL_LLMS:
+        for family in FULL_SIZE:
+            cells = [f"{pairing_weights(family, q, off, llm) / GB:.1f} GB" for q, off in configs.values()]
+            lines.append(f"| {llm} | `{family}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -456,3 +456,21 @@ def test_the_web_demo_answers_in_the_familys_style(family_models, tmp_path):
     assert prompt.endswith("<|im_start|>user\ndraw a dog<|im_end|>\n<|im_start|>assistant\n") and "###" not in prompt
     answer = session.conversation.turns[-1]
     assert answer.role == "Assistant" and answer.images and "<|im_end|>" not in answer.text
+
+
+def test_the_pairing_table_has_every_llm_with_every_decoder():
+    """benchmarks/decoder_memory.py: weights of each LLM family with each decoder family; a larger LLM
+    side never needs less."""
+    import sys
+
+    import decoders
+    from configuration import REPO
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import decoder_memory
+    import gpu_memory
+
+    text = decoder_memory.table({"bf16": (None, False)})
+    for llm in gpu_memory.FULL_LLMS:
+        assert all(f"| {llm} | `{family}` |" in text for family in decoders.FAMILIES), llm
+    assert decoder_memory.pairing_weights("sd3", None, False, "Llama-3.1-8B") > decoder_memory.pairing_weights(
+        "sd3", None, False, "Vicuna-7B v0")
