@@ -484,3 +484,22 @@ def test_another_llm_family_trains_on_answers_of_two_pictures(tmp_path_factory):
     with torch.no_grad():
         losses = model(batch)
     assert all(torch.isfinite(v) for v in losses.values()) and set(losses) >= {"image_loss", "caption_loss"}
+
+
+def test_the_playground_answers_with_the_pictures_asked_for(tmp_path):
+    """`--pictures 2`: each answer holds two pictures, marked and judged in place, both in the figure and
+    the HTML page."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "playground.py"), "--pictures", "2",
+                             "--num_samples", "1", "--num_inference_steps", "2", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = next(line for line in result.stdout.splitlines() if line.startswith("sample 0:"))
+    assert answer.index("[picture 0.1]") < answer.index("[picture 0.2]")
+    assert "picture 1: " in answer and "picture 2: " in answer              # the judge reads each
+    assert (tmp_path / "playground.html").read_text().count("<img ") == 2 + 2   # two inputs, two answers
+    bad = subprocess.run([sys.executable, str(REPO / "examples" / "playground.py"), "--pictures", "0"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert bad.returncode != 0 and "--pictures must be at least 1, got 0" in bad.stderr
