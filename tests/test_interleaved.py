@@ -503,3 +503,17 @@ def test_the_playground_answers_with_the_pictures_asked_for(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "examples" / "playground.py"), "--pictures", "0"],
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert bad.returncode != 0 and "--pictures must be at least 1, got 0" in bad.stderr
+
+
+def test_the_example_is_what_the_sample_script_writes(tmp_path):
+    """datasets/interleaved is scripts/make_sample_datasets.py's output, byte for byte."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_sample_datasets.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True, cwd=REPO)
+    written = sorted(p.relative_to(tmp_path / "interleaved") for p in (tmp_path / "interleaved").rglob("*") if p.is_file())
+    shipped = sorted(p.relative_to(EXAMPLE.parent) for p in EXAMPLE.parent.rglob("*") if p.is_file())
+    assert written == shipped
+    for relative in written:
+        assert (tmp_path / "interleaved" / relative).read_bytes() == (EXAMPLE.parent / relative).read_bytes(), relative
