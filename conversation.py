@@ -4,9 +4,9 @@ Each turn is text plus images. The prompt is written in the release's format:
 
     {system}###Human: {text} <Img><ImageHere></Img> ###Assistant: {text} <Img><ImageHere></Img> ... ###Assistant:
 
-so the model's own earlier pictures are fed back to it as input images; an answer with several
+so the model's own earlier pictures are fed back to it as input images (for another LLM family the
+same turns are rendered in that family's prompt style, `LLMFamily.render`); an answer with several
 pictures keeps each where it stands among its text (`Turn.segments`), in the prompt and in the page.
-For another LLM family the same turns are written in that family's prompt style (`LLMFamily.render`).
 `to_html` writes the whole conversation as one self-contained HTML file (images inlined) that opens in
 any browser.
 """
@@ -66,6 +66,14 @@ class Turn:
             return list(self.segments)
         return ([self.text] if self.text else []) + list(self.images)
 
+    def message(self) -> Message:
+        """The turn as a `samples.Message` (Human: the user), its pictures in place, named by their
+        number in the turn (what an LLM family's prompt style renders as image slots)."""
+        pictures = iter(range(len(self.images)))
+        return Message("user" if self.role == "Human" else "assistant",
+                       tuple(Segment(text=piece) if isinstance(piece, str) else Segment(image=f"picture {next(pictures)}")
+                             for piece in self.pieces()))
+
 
 @dataclass
 class Conversation:
@@ -91,7 +99,9 @@ class Conversation:
         """The prompt for the next Assistant turn and its input images, in order: in the release's format,
         or in the prompt style of `family` (an `llm_families` family; vicuna's is the release's)."""
         if family is not None and family.name != DEFAULT_FAMILY:
-            return self.family_prompt(family)
+            messages = tuple(turn.message() for turn in self.turns) + (Message("assistant", ()),)
+            images = [piece for turn in self.turns for piece in turn.pieces() if not isinstance(piece, str)]
+            return family.render(Dialogue(self.system or None, messages))[0], images
         parts, images = [], []
         for turn in self.turns:
             if turn.segments is None:
@@ -102,15 +112,6 @@ class Conversation:
             parts.append(" ".join([TAGS[turn.role]] + pieces))
             images.extend(piece for piece in turn.segments if not isinstance(piece, str))
         return self.system + " ".join(parts) + f" {ASSISTANT}", images
-
-    def family_prompt(self, family) -> tuple[str, list[Image.Image]]:
-        """The turns as a `samples.Dialogue` (an empty answer last) rendered by `family`."""
-        messages = tuple(Message("user" if turn.role == "Human" else "assistant",
-                                 tuple(Segment(text=p) if isinstance(p, str) else Segment(image="picture")
-                                       for p in turn.pieces()))
-                         for turn in self.turns)
-        source, _ = family.render(Dialogue(self.system or None, messages + (Message("assistant", ()),)))
-        return source, [p for turn in self.turns for p in turn.pieces() if not isinstance(p, str)]
 
     def respond(self, model, **generate_kwargs):
         """Generate the next Assistant turn with `model.generate`, append it (its clean text and
