@@ -55,7 +55,8 @@ class LLMFamily:
         self.set_up(tokenizer)
         strip = self.strip_around_new_tokens
         added = [AddedToken(t, lstrip=strip, rstrip=strip, special=True, normalized=False) for t in NEW_TOKENS]
-        tokenizer.add_special_tokens({"additional_special_tokens": added})
+        # (The tokenizer's own extra special tokens, e.g. Qwen's <|im_start|>, stay special.)
+        tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
         return tokenizer
 
     def tokenizer_options(self) -> dict:

@@ -57,6 +57,7 @@ class Qwen2(ChatFamily):
             "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|endoftext|>",
             "pad_token": "<|endoftext|>", "unk_token": None, "errors": "replace", "split_special_tokens": False,
             "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+            "additional_special_tokens": SPECIAL_TOKENS[1:14],         # <|im_start|> .. <|video_pad|>, as Qwen2.5
             "model_max_length": arch["max_position_embeddings"], "chat_template": CHAT_TEMPLATE,
         }, corpus)
         Tokenizer.from_file(str(out_dir / "tokenizer.json")).model.save(str(out_dir))   # vocab.json, merges.txt

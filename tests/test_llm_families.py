@@ -113,6 +113,9 @@ def test_tokenizer_round_trip_and_voken_rows(family, family_models):
     first = m.num_old_tokens
     assert ids == list(range(first, first + 9)) and m.voken_ids == ids[:8] and m.image_token_id == ids[8]
     assert len(tok) == first + 9 == m.llama_model.config.vocab_size
+    assert set(VOKENS) <= set(tok.all_special_tokens)
+    if family == "qwen2":                     # the tokenizer's own extra special tokens stay special
+        assert "<|im_start|>" in tok.all_special_tokens
     embed, head = m.llm_parts()[0].embed_tokens, m.llm_parts()[1]
     assert embed.weight.shape[0] == head.weight.shape[0] == first + 9
     text = f"a dog {IMAGE_SLOT} runs {ALL_VOKENS_TEXT}{m.end_sym}"
