@@ -287,13 +287,13 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> ModelConfi
         raise ConfigError(f"{source}: `decoder_family` must be one of {', '.join(FAMILIES)}, "
                           f"got {values['decoder_family']!r}")
     cfg = ModelConfig(**values, source=source)
-    check_llm_family(cfg)
+    check_llm_family_keys(cfg)
     if check_paths:
         cfg.check_paths()
     return cfg
 
 
-def check_llm_family(cfg: ModelConfig) -> None:
+def check_llm_family_keys(cfg: ModelConfig) -> None:
     """`llm_family` names a family of llm_families/; `end_sym` (the vicuna prompt style's end symbol)
     is left at its default by the other families, which end answers at their end of turn."""
     if cfg.llm_family not in FAMILY_NAMES:
