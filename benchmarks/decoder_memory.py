@@ -58,11 +58,11 @@ def decoder_bytes(family: str) -> dict[str, int]:
 
 
 def pairing_weights(family: str, quantization: str | None, offload: bool, llm: str = "Vicuna-7B v0") -> float:
-    """Bytes of weights on the GPU at the peak of a turn: the LLM side of `llm` (an LLM family at full size,
-    gpu_memory.FULL_LLMS; gpu_memory.part_bytes: ViT, Q-Former, LLM in `quantization`) with `family`'s
-    decoder and mapper (its `fc` counted at Vicuna's width); with `offload`, the image encoder, denoiser
-    and VAE take turns (the largest of them counts)."""
-    from gpu_memory import part_bytes
+    """Bytes of weights on the GPU at the peak of a turn: the LLM side of `llm` (memory_arithmetic.part_bytes:
+    ViT, Q-Former, the LLM in `quantization`) with `family`'s decoder and mapper (the mapper as sized
+    for the release's LLM width: `fc`'s input differs by a few MB between LLMs); with `offload`, the
+    image encoder, denoiser and VAE take turns (the largest of them counts)."""
+    from memory_arithmetic import part_bytes
 
     llm_side = part_bytes(quantization, llm)
     dec = decoder_bytes(family)
@@ -78,8 +78,10 @@ def pairing_weights(family: str, quantization: str | None, offload: bool, llm: s
 
 def table(configs: dict | None = None) -> str:
     """The Markdown tables: parts per family, then weights on the GPU per pairing and configuration."""
+    from memory_arithmetic import FULL_LLMS
+
     if configs is None:
-        from gpu_memory import CONFIGS as configs
+        from memory_arithmetic import CONFIGS as configs
     lines = ["Decoder families at full size (meta device; bytes of parameters):", "",
              "| decoder family | pictures | denoiser (bf16) | VAE (bf16) | text encoders (fp32; caption loss, "
              "SD baseline) | mapper (fp32, trained) |", "|---|---|---|---|---|---|"]
@@ -87,10 +89,8 @@ def table(configs: dict | None = None) -> str:
         b = decoder_bytes(family)
         lines.append(f"| `{family}`: {name} | {b['image_size']} px | {b['denoiser'] / GB:.2f} GB | {b['vae'] / GB:.3f} GB "
                      f"| {b['text_encoders'] / GB:.2f} GB | {b['mapper'] / GB:.2f} GB |")
-    from gpu_memory import FULL_LLMS
-
-    lines += ["", "Weights on the GPU at the peak of a turn, each LLM family's side (the LLM, EVA ViT-g, Q-Former) "
-                  "with each decoder (weights only; add activations and the CUDA context):", "",
+    lines += ["", "Weights on the GPU at the peak of a turn, each LLM (with EVA ViT-g and the Q-Former) with each "
+                  "decoder (weights only; add activations and the CUDA context):", "",
               "| LLM | decoder family | " + " | ".join(configs) + " |", "|---|---|" + "---|" * len(configs)]
     for llm in FULL_LLMS:
         for family in FULL_SIZE:
