@@ -1,6 +1,7 @@
 """Meta-device arithmetic of the picture-decoder families at full size (no GPU, no weights): the bytes
-of each family's parts and the GPU memory the weights of each pairing with the release's LLM side need
-in gpu_memory.py's configurations (bf16 / 8-bit / 4-bit LLM, with or without offload).
+of each family's parts and the GPU memory the weights of each pairing (each LLM of
+memory_arithmetic.FULL_LLMS with each decoder family) need in gpu_memory.py's configurations (bf16 /
+8-bit / 4-bit LLM, with or without offload).
 
     python benchmarks/decoder_memory.py          # prints the Markdown tables
 
@@ -57,13 +58,14 @@ def decoder_bytes(family: str) -> dict[str, int]:
     }
 
 
-def pairing_weights(family: str, quantization: str | None, offload: bool) -> float:
-    """Bytes of weights on the GPU at the peak of a turn: the release's LLM side (gpu_memory.part_bytes:
-    ViT, Q-Former, LLM in `quantization`) with `family`'s decoder and mapper; with `offload`, the image
-    encoder, denoiser and VAE take turns (the largest of them counts)."""
-    from gpu_memory import part_bytes
+def pairing_weights(family: str, quantization: str | None, offload: bool, llm: str = "Vicuna-7B v0") -> float:
+    """Bytes of weights on the GPU at the peak of a turn: the LLM side of `llm` (memory_arithmetic.part_bytes:
+    ViT, Q-Former, the LLM in `quantization`) with `family`'s decoder and mapper (the mapper as sized
+    for the release's LLM width: `fc`'s input differs by a few MB between LLMs); with `offload`, the
+    image encoder, denoiser and VAE take turns (the largest of them counts)."""
+    from memory_arithmetic import part_bytes
 
-    llm_side = part_bytes(quantization)
+    llm_side = part_bytes(quantization, llm)
     dec = decoder_bytes(family)
     llm = (llm_side["LLM linear layers"] + llm_side["LLM embedding + norms (fp32 voken rows)"]
            + llm_side["lm_head (fp32 voken rows)"])
@@ -77,8 +79,10 @@ def pairing_weights(family: str, quantization: str | None, offload: bool) -> flo
 
 def table(configs: dict | None = None) -> str:
     """The Markdown tables: parts per family, then weights on the GPU per pairing and configuration."""
+    from memory_arithmetic import FULL_LLMS
+
     if configs is None:
-        from gpu_memory import CONFIGS as configs
+        from memory_arithmetic import CONFIGS as configs
     lines = ["Decoder families at full size (meta device; bytes of parameters):", "",
              "| decoder family | pictures | denoiser (bf16) | VAE (bf16) | text encoders (fp32; caption loss, "
              "SD baseline) | mapper (fp32, trained) |", "|---|---|---|---|---|---|"]
@@ -86,12 +90,13 @@ def table(configs: dict | None = None) -> str:
         b = decoder_bytes(family)
         lines.append(f"| `{family}`: {name} | {b['image_size']} px | {b['denoiser'] / GB:.2f} GB | {b['vae'] / GB:.3f} GB "
                      f"| {b['text_encoders'] / GB:.2f} GB | {b['mapper'] / GB:.2f} GB |")
-    lines += ["", "Weights on the GPU at the peak of a turn, the release's LLM side (Vicuna-7B, EVA ViT-g, "
-                  "Q-Former) with each decoder (weights only; add activations and the CUDA context):", "",
-              "| decoder family | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
-    for family in FULL_SIZE:
-        cells = [f"{pairing_weights(family, q, off) / GB:.1f} GB" for q, off in configs.values()]
-        lines.append(f"| `{family}` | " + " | ".join(cells) + " |")
+    lines += ["", "Weights on the GPU at the peak of a turn, each LLM (with EVA ViT-g and the Q-Former) with each "
+                  "decoder (weights only; add activations and the CUDA context):", "",
+              "| LLM | decoder family | " + " | ".join(configs) + " |", "|---|---|" + "---|" * len(configs)]
+    for llm in FULL_LLMS:
+        for family in FULL_SIZE:
+            cells = [f"{pairing_weights(family, q, off, llm) / GB:.1f} GB" for q, off in configs.values()]
+            lines.append(f"| {llm} | `{family}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
