@@ -306,3 +306,31 @@ def test_the_release_commands_run_with_another_decoder(family, decoder_config, t
     assert len(cc3m) == 2 and all(r[4] is not None for r in cc3m)          # the SD baseline of CC3M
     vist = torch.load(tmp_path / "outputs" / "stage2_vist" / "predictions-0.pt", weights_only=False)
     assert len(vist) == 2
+
+
+def test_sd3_stage1_resumes_exactly_and_metric_reads_its_predictions(decoder_config, tmp_path, monkeypatch):
+    """The flow-matching family through the commands: stage 1 for 2 steps straight equals 1 step then
+    `--resume last` (every draw of the rectified-flow loss, timestep density included, comes from the
+    step's generator), prediction on CC3M with the SD baseline, and metric.py scores the folder."""
+    import metric
+    from test_train_eval import assert_same_state, common, make_tiny_release_data, run_main, state_of
+
+    make_tiny_release_data(tmp_path)
+    weights = tmp_path / "weights"
+    env = {"IS_STAGE2": "False", "DATAFOLDER": tmp_path / "datasets" / "CC3M", "WEIGHTFOLDER": weights,
+           "OUTPUT_FOLDER": tmp_path / "out"}
+    stage1 = ["--is_training", "--train_data_path", "cc3m_val.tsv", *common(decoder_config("sd3").source)]
+    run_main(stage1 + ["--model_save_name", "straight", "--max_steps", "2"], env)
+    run_main(stage1 + ["--model_save_name", "s1", "--max_steps", "1"], env)
+    run_main(stage1 + ["--model_save_name", "s1", "--max_steps", "2", "--resume", "last"], env)
+    straight, resumed = state_of(weights / "straight-last.ckpt"), state_of(weights / "s1-last.ckpt")
+    assert "t2i_pooled_mapping.weight" in straight
+    assert_same_state(resumed, straight, "sd3 stage 1 resumed")
+    run_main(["--test_data_path", "cc3m_val.tsv", "--test_weight", "s1-last.ckpt",
+              *common(decoder_config("sd3").source)], env)
+    records = torch.load(tmp_path / "out" / "s1-last" / "predictions-0.pt", weights_only=False)
+    assert len(records) == 2 and all(r[4] is not None for r in records)
+    monkeypatch.setenv("OUTPUT_FOLDER", str(tmp_path / "out"))
+    monkeypatch.setenv("DATAFOLDER", str(tmp_path / "datasets" / "CC3M"))
+    scores = metric.main(["--test_weight", "s1-last.ckpt", "--tiny_extractors", "--device", "cpu"])
+    assert isinstance(scores, dict) and scores
