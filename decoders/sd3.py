@@ -148,9 +148,18 @@ class SD3Decoder:
                          seeds, guidance_scale, num_inference_steps, sampler)
 
 
+def has_t5(folder) -> bool:
+    """Whether the SD3 folder (a local folder or a hub id in the cache) has its T5 encoder: what its
+    model_index.json says of `text_encoder_3` (null: none, as diffusers allows)."""
+    from diffusers import DiffusionPipeline
+
+    entry = DiffusionPipeline.load_config(folder).get("text_encoder_3")
+    return bool(entry) and entry[0] is not None
+
+
 def text_encoder_folders(folder) -> tuple[str, ...]:
-    """The folder's text encoders: text_encoder, text_encoder_2 and, when present, text_encoder_3 (T5)."""
-    return ("text_encoder", "text_encoder_2") + (("text_encoder_3",) if (Path(folder) / "text_encoder_3").is_dir() else ())
+    """The folder's text encoders: text_encoder, text_encoder_2 and, when it has one, text_encoder_3 (T5)."""
+    return ("text_encoder", "text_encoder_2") + (("text_encoder_3",) if has_t5(folder) else ())
 
 
 def load(cfg, device=None) -> SD3Decoder:
@@ -171,8 +180,7 @@ def load(cfg, device=None) -> SD3Decoder:
     else:
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
         transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
-        t5 = (AutoTokenizer.from_pretrained(folder, subfolder="tokenizer_3")
-              if (Path(folder) / "tokenizer_3").is_dir() else None)
+        t5 = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer_3") if has_t5(folder) else None
         tokenizers = tuple(CLIPTokenizer.from_pretrained(folder, subfolder=s) for s in ("tokenizer", "tokenizer_2")) + (t5,)
     for frozen in (vae, transformer):
         frozen.requires_grad_(False)
