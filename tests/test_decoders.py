@@ -334,3 +334,32 @@ def test_sd3_stage1_resumes_exactly_and_metric_reads_its_predictions(decoder_con
     monkeypatch.setenv("DATAFOLDER", str(tmp_path / "datasets" / "CC3M"))
     scores = metric.main(["--test_weight", "s1-last.ckpt", "--tiny_extractors", "--device", "cpu"])
     assert isinstance(scores, dict) and scores
+
+
+def test_sd3_with_a_t5_encoder_reads_its_states(decoder_config, tmp_path):
+    """An SD3 folder with `text_encoder_3` (a tiny T5 encoder; the tiny LLaMA tokenizer stands in for
+    T5's, as AutoTokenizer reads either): the caption encoding's T5 tokens are the encoder's states
+    (not zeros), and the model trains and draws."""
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    cfg = decoder_config("sd3")
+    folder = tmp_path / "sd3"
+    shutil.copytree(cfg.sd_model, folder)
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=600, d_model=48, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                            feed_forward_proj="gated-gelu")).save_pretrained(folder / "text_encoder_3")
+    t5_tokenizer = AutoTokenizer.from_pretrained(cfg.llama_model)
+    t5_tokenizer.pad_token = t5_tokenizer.unk_token                  # T5's tokenizer pads; this one is told how
+    t5_tokenizer.save_pretrained(folder / "tokenizer_3")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(text_encoder_3=["transformers", "T5EncoderModel"], tokenizer_3=["transformers", "LlamaTokenizerFast"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    model = build(cfg.replace(sd_model=str(folder)), stage=1).train()
+    assert list(model.sd_text_encoder) == ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    target = model.encode_caption(["a red square"])
+    assert target.sequence.shape == (1, 85, 48) and target.sequence[:, 77:].abs().sum() > 0
+    batch = make_batch(model.model.llama_tokenizer, CC3M_LIKE, cfg.image_size, cfg.sd_image_size)
+    assert torch.isfinite(model(batch, generator=torch.Generator().manual_seed(0))["loss"])
+    out = model.eval().generate("a picture ###Assistant:", force_generation=True, seed=2, **FAST)[0]
+    assert out.image.size == (cfg.sd_image_size,) * 2
+    assert model.sd_baseline(["a cat"], seeds=[0], num_inference_steps=1)[0].size == (cfg.sd_image_size,) * 2
