@@ -160,6 +160,14 @@ def test_a_folder_of_another_family_stops_before_any_weights_load(family, decode
         build(cfg)
 
 
+def test_a_config_naming_another_family_than_its_folder_fails_when_read(tiny_config_path, tmp_path):
+    """load_config (which train_eval.py and the demos run first) already names the mismatch."""
+    bad = tmp_path / "sdxl_on_sd.yaml"
+    bad.write_text(tiny_config_path.read_text().replace("decoder_family: sd", "decoder_family: sdxl"))
+    with pytest.raises(ConfigError, match=r"`decoder_family` is 'sdxl' but `sd_model` .* is a 'sd' folder"):
+        load_config(bad)
+
+
 def test_a_folder_without_model_index_is_read_from_its_denoiser(decoder_config, tmp_path):
     for family in FAMILIES:
         folder = tmp_path / family
