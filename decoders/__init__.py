@@ -24,7 +24,7 @@ from configuration import ConfigError
 from decoders.base import Condition, ConditionSpec, as_condition, caption_mse, encode_cached, read_json
 
 # family name -> module: the one place a family is registered.
-FAMILIES = {"sd": "decoders.sd", "sdxl": "decoders.sdxl", "sd3": "decoders.sd3"}
+FAMILIES = {"sd": "decoders.sd", "sdxl": "decoders.sdxl", "sd3": "decoders.sd3", "flux": "decoders.flux"}
 
 __all__ = ["FAMILIES", "Condition", "ConditionSpec", "as_condition", "caption_mse", "check_folder", "encode_cached",
            "folder_family", "get_family", "load_decoder"]

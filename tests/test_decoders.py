@@ -123,6 +123,31 @@ def test_sd3_loss_is_the_rectified_flow_loss(models):
     assert 1 > float(sigma[0]) > float(sigma[1]) > 0          # the schedule runs from noise to data
 
 
+def test_flux_loss_is_the_rectified_flow_loss_on_packed_latents(models):
+    """With pinned noise and timesteps: the noisy latent packed into 2 x 2 patches with their position
+    ids, the transformer at sigma with FLUX.1-dev's embedded guidance, its output unpacked, MSE to
+    noise - latent."""
+    from diffusers import FluxPipeline
+
+    from decoders.flux import EMBEDDED_GUIDANCE
+
+    decoder = models("flux").decoder
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 16, 16, 16, generator=g), torch.randn(2, 16, 16, 16, generator=g)
+    cond = decoders.Condition(torch.randn(2, 16, 48, generator=g), torch.randn(2, 16, generator=g))
+    index = torch.tensor([10, 900])
+    with torch.no_grad():
+        got = decoder.loss(latents, cond, noise, index)
+        sigma = decoder.noise_scheduler.sigmas[index].view(-1, 1, 1, 1)
+        packed = FluxPipeline._pack_latents((1 - sigma) * latents + sigma * noise, 2, 16, 16, 16)
+        pred = decoder.transformer(hidden_states=packed, timestep=decoder.noise_scheduler.timesteps[index] / 1000,
+                                   guidance=torch.full((2,), EMBEDDED_GUIDANCE), pooled_projections=cond.pooled,
+                                   encoder_hidden_states=cond.sequence, txt_ids=torch.zeros(16, 3),
+                                   img_ids=FluxPipeline._prepare_latent_image_ids(2, 8, 8, "cpu", torch.float32)).sample
+        pred = FluxPipeline._unpack_latents(pred, 32, 32, 2)
+    torch.testing.assert_close(got, ((pred - (noise - latents)) ** 2).mean())
+
+
 def test_sdxl_unet_reads_the_pooled_embedding_and_time_ids(models):
     model = models("sdxl")
     ids = model.decoder.time_ids(2, "cpu", torch.float32)
@@ -137,7 +162,7 @@ def test_sdxl_unet_reads_the_pooled_embedding_and_time_ids(models):
     assert a != b
 
 
-WRONG = {"sd": "sdxl", "sdxl": "sd3", "sd3": "sd"}
+WRONG = {"sd": "sdxl", "sdxl": "sd3", "sd3": "flux", "flux": "sd"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -174,12 +199,12 @@ def test_a_folder_without_model_index_is_read_from_its_denoiser(decoder_config, 
         shutil.copytree(decoder_config(family).sd_model, folder)
         (folder / "model_index.json").unlink()
         assert decoders.folder_family(folder)[0] == family
-    (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     with pytest.raises(ConfigError, match="no decoder family folder"):
         decoders.check_folder(decoder_config("sd").replace(sd_model=str(tmp_path / "sd")))
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_offload_takes_turns_over_the_family_parts(family, decoder_config):
     """place(offload=True): the family's denoiser and VAE, then each of its text encoders, sit behind
     the offload hooks; the pictures are those of the plain placement."""
@@ -197,9 +222,9 @@ def test_offload_takes_turns_over_the_family_parts(family, decoder_config):
 
 
 def test_full_size_decoders_on_the_meta_device_have_the_real_sizes():
-    """config/minigpt4_sdxl.yaml and config/minigpt4_sd3.yaml over the architecture folders build on the
+    """config/minigpt4_sdxl.yaml, config/minigpt4_sd3.yaml and config/minigpt4_flux.yaml over the architecture folders build on the
     meta device with the public models' parameter counts (SDXL-base's UNet 2.567 B, SD3-medium's
-    transformer 2.028 B, CLIP-L, OpenCLIP bigG, T5-XXL's encoder), their mapper sized from the decoder's
+    transformer 2.028 B, FLUX.1-dev's 11.9 B, CLIP-L, OpenCLIP bigG, T5-XXL's encoder), their mapper sized from the decoder's
     condition; benchmarks/decoder_memory.py's table names every family."""
     import sys
 
@@ -213,6 +238,8 @@ def test_full_size_decoders_on_the_meta_device_have_the_real_sizes():
         "sd3": ("stable-diffusion-3-medium", {"transformer": 2_028_328_000, "vae": 83_819_683},
                 {"text_encoder": 123_650_304, "text_encoder_2": 694_659_840, "text_encoder_3": 4_762_310_656},
                 (333, 4096, 2048)),
+        "flux": ("flux.1-dev", {"transformer": 11_901_408_320, "vae": 83_819_683},
+                 {"text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656}, (512, 4096, 768)),
     }
     for family, (arch, parts, encoders, spec) in expected.items():
         cfg = load_config(REPO / "config" / f"minigpt4_{family}.yaml", check_paths=False).replace(
@@ -258,7 +285,7 @@ def test_a_checkpoint_of_another_pairing_stops_before_any_weights_load(saved, lo
         MiniGPT5_Model.from_weights(decoder_config(loaded).source, stage1_weight=str(path), device="cpu")
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_a_bfloat16_decoder_trains_and_draws(family, decoder_config):
     """The frozen decoder stored in bfloat16 (`dtypes.sd`, as at full size) while the mapper stays float32:
     the conditions reach the denoiser in its dtype, the loss is float32 and finite, pictures come out."""
