@@ -124,7 +124,7 @@ class ModelConfig:
     sd_image_size: int = 512       # SD 2.1 base's pictures
     num_query_token: int = 32      # Q-Former queries per image
     end_sym: str = "###"           # where an answer ends
-    decoder_family: str = "sd"     # the picture decoder's family (decoders.FAMILIES): sd, sdxl, sd3
+    decoder_family: str = "sd"     # the picture decoder's family (decoders.FAMILIES): sd, sdxl, sd3, flux
     dtypes: DtypeConfig = field(default_factory=DtypeConfig)
     source: str = "<in memory>"
 
