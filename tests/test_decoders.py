@@ -313,7 +313,7 @@ def test_cached_caption_features_of_a_pooled_family_are_the_encoded_ones(decoder
     torch.testing.assert_close(again.pooled, fresh.pooled[[1, 0]])
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_the_release_commands_run_with_another_decoder(family, decoder_config, tmp_path):
     """The release's four train_eval.py command lines (tests/test_train_eval.py) with the family's tiny
     config: stage 1, stage 2 from it, both predictions (CC3M with the SD baseline drawn by the family's
