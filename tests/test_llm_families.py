@@ -278,8 +278,9 @@ def test_prediction_generates_and_metric_reads_it_with_the_familys_rules(family_
     records = torch.load(folder / "predictions-0.pt", weights_only=False)
     fam = get_family(family)
     assert all(isinstance(r[1], str) for r in records)
-    # The prompts are the dataset's text (the release's strings until the readers render per family).
-    assert all(IMAGE_PLACEHOLDER in r[0] or "###Human" in r[0] for r in records)
+    # The prompts are the dataset's text in the family's own prompt style (the readers' dialogues rendered).
+    assert all("###Human" not in r[0] and r[0].rstrip().endswith(fam.header("assistant").rstrip())
+               for r in records)
     assert all(fam.end_of_turn not in fam.clean_text(r[1]) for r in records)
     assert isinstance(logs["metric"], dict) and logs["metric"]
 
