@@ -24,7 +24,7 @@ from torch import nn
 
 import diffusion
 from configuration import to_dtype
-from decoders.base import Condition, as_condition, seeded_generators
+from decoders.base import Condition, check_pictures, as_condition, seeded_generators
 from decoders.sd3 import WEIGHTING, SD3Decoder
 
 NAME = "flux"
@@ -104,9 +104,7 @@ class FluxDecoder(SD3Decoder):
 
     def draw(self, cond, negative, seeds, guidance_scale, num_inference_steps, sampler="pndm", pictures="eager"):
         """N conditions (and their negatives: true classifier-free guidance at `guidance_scale`) -> N images."""
-        if pictures != "eager":
-            raise ValueError(f"pictures={pictures!r} (fast_inference.py) is for the sd decoder family; "
-                             f"the flux family draws eagerly (pictures='eager')")
+        check_pictures(self, pictures)
         cond, dtype = as_condition(cond), self.transformer.dtype
         negative = None if negative is None else as_condition(negative)
         result = self.pipeline(sampler)(

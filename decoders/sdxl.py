@@ -24,7 +24,7 @@ from torch import nn
 
 import diffusion
 from configuration import to_dtype
-from decoders.base import Condition, ConditionSpec, as_condition, seeded_generators
+from decoders.base import Condition, check_pictures, ConditionSpec, as_condition, seeded_generators
 
 NAME = "sdxl"
 PIPELINES = ("StableDiffusionXLPipeline",)
@@ -112,9 +112,7 @@ class SDXLDecoder:
 
     def draw(self, cond, negative, seeds, guidance_scale, num_inference_steps, sampler="pndm", pictures="eager"):
         """N conditions (and their negatives) -> N PIL images, one seed each."""
-        if pictures != "eager":
-            raise ValueError(f"pictures={pictures!r} (fast_inference.py) is for the sd decoder family; "
-                             f"the sdxl family draws eagerly (pictures='eager')")
+        check_pictures(self, pictures)
         cond, dtype = as_condition(cond), self.unet.dtype
         negative = None if negative is None else as_condition(negative)
         result = self.pipeline(sampler)(

@@ -398,3 +398,15 @@ def test_sd3_with_a_t5_encoder_reads_its_states(decoder_config, tmp_path):
     out = model.eval().generate("a picture ###Assistant:", force_generation=True, seed=2, **FAST)[0]
     assert out.image.size == (cfg.sd_image_size,) * 2
     assert model.sd_baseline(["a cat"], seeds=[0], num_inference_steps=1)[0].size == (cfg.sd_image_size,) * 2
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_fast_picture_modes_are_refused_before_any_work_for_other_families(family, models, monkeypatch):
+    """pictures="graph" / "compiled" wrap the sd family's UNet only: another family's generate says so
+    before encoding the prompt (the backbone is never asked)."""
+    import generation
+
+    model = models(family)
+    monkeypatch.setattr(generation, "prompt_embeddings", lambda *a, **k: pytest.fail("work began"))
+    with pytest.raises(ValueError, match=f"pictures='graph'.*the {family} family draws eagerly"):
+        model.generate("a picture ###Assistant:", pictures="graph", **FAST)
