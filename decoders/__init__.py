@@ -11,7 +11,7 @@ A family module declares
 
 and the decoder object offers what the model, `generate`, the SD baseline and offload ask:
     condition (a `ConditionSpec`), parts (frozen modules by name), image_size, noise_scheduler, tokenizer,
-    latents, loss, encode_captions, pipeline, draw, draw_captions, offloaded.
+    latents, loss, encode_captions, pipeline, draw, draw_captions, offloaded, fast_pictures, family.
 docs/architecture.md says how to add a family.
 """
 from __future__ import annotations

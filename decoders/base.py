@@ -91,7 +91,7 @@ def check_pictures(decoder, pictures: str) -> None:
     """`pictures` other than "eager" (fast_inference.py's graph / compiled denoiser) only for a decoder
     that offers them (`decoder.fast_pictures`: the sd family's UNet); a ValueError naming the option
     otherwise, which `generation.generate` raises before any work."""
-    if pictures != "eager" and not getattr(decoder, "fast_pictures", False):
+    if pictures != "eager" and not decoder.fast_pictures:
         raise ValueError(f"pictures={pictures!r} (fast_inference.py) is for the sd decoder family; the "
                          f"{decoder.family} family draws eagerly (pictures='eager')")
 

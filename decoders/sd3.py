@@ -49,6 +49,7 @@ class SD3Decoder:
     """SD3's frozen parts as a decoder (see decoders/__init__.py for what a decoder offers)."""
 
     family = NAME
+    fast_pictures = False           # draws eagerly (fast_inference.py wraps the sd family's UNet only)
 
     def __init__(self, vae, transformer, tokenizers, noise_scheduler, image_size: int, tokens: int):
         self.vae, self.transformer, self.tokenizers = vae, transformer, tokenizers

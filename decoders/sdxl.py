@@ -48,6 +48,7 @@ class SDXLDecoder:
     """SDXL's frozen parts as a decoder (see decoders/__init__.py for what a decoder offers)."""
 
     family = NAME
+    fast_pictures = False           # draws eagerly (fast_inference.py wraps the sd family's UNet only)
 
     def __init__(self, vae, unet, tokenizers, noise_scheduler, image_size: int, tokens: int):
         self.vae, self.unet, self.tokenizers, self.noise_scheduler = vae, unet, tokenizers, noise_scheduler
