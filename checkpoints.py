@@ -34,8 +34,8 @@ def check_pairing(cfg, path: str | os.PathLike, flag: str) -> None:
     """Stop before any model is built when the checkpoint at `path` (given by `flag`) was made for
     another LLM than the config's: another `llm_family` (a checkpoint of any family but vicuna records it
     under the top-level key `llm_family`; a file without it, as the release's, is vicuna's), or another
-    width of the LLM's states than `fc` or the voken rows hold (config key `llama_model`). The file is
-    memory-mapped, not read."""
+    width of the LLM's states than `fc` or the voken rows hold (config key `llama_model`); or for another
+    decoder (`check_decoder_pairing`). The file is memory-mapped, not read."""
     from transformers import AutoConfig
 
     checkpoint = weights.load_untrusted(path, "MiniGPT-5 checkpoint", mmap=True)
@@ -55,6 +55,7 @@ def check_pairing(cfg, path: str | os.PathLike, flag: str) -> None:
             raise CheckpointMismatchError(
                 f"{path} ({flag}): its `{key}` holds {tensor.shape[1]}-wide LLM states, but the LLM of "
                 f"`llama_model` ({cfg.llama_model}, {cfg.source}) is {width} wide; it was trained on another LLM")
+    check_decoder_pairing(cfg, state, f"{path} ({flag})")
 
 
 def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -91,8 +92,6 @@ def from_weights(model_class, model_config: str | os.PathLike | None = None,
         raise CheckpointMismatchError(
             f"test_weight {str(test_weight)!r} is a stage-2 checkpoint: it has no `fc` / `t2i_decoder_prompt`, "
             f"which come from the stage-1 checkpoint; give stage1_weight (--stage1_weight), e.g. stage1_cc3m.ckpt")
-    for path in paths:                    # a checkpoint of another decoder pairing stops before any weights load
-        check_decoder_pairing(cfg, path)
     model = model_class(cfg, stage=stage, device=resolve_device(device), **kwargs)
     load_checkpoint_files(model, paths)
     return model.eval()
@@ -141,25 +140,25 @@ def load_checkpoint_file(model, path: str | os.PathLike, warn_missing: bool = Tr
     return missing
 
 
-def check_decoder_pairing(cfg, path: str | os.PathLike) -> None:
-    """Before any model weights load: a MiniGPT-5 checkpoint's mapper fits `cfg`'s decoder (its
-    `t2i_pooled_mapping` present exactly when `decoder_family` reads a pooled embedding; the mapper's
-    width and length those of `mapper.d_model` / `mapper.num_prompt_tokens`). A checkpoint of another
-    pairing is a `CheckpointMismatchError` naming the file, the checkpoint key and the config key."""
+def check_decoder_pairing(cfg, state: dict, where: str) -> None:
+    """Before any model weights load: a checkpoint's mapper (its `state`, found at `where`) fits `cfg`'s
+    decoder (`t2i_pooled_mapping` present exactly when `decoder_family` reads a pooled embedding, the
+    mapper's width and length those of `mapper.d_model` / `mapper.num_prompt_tokens`). A checkpoint of
+    another pairing is a `CheckpointMismatchError` naming the file, the checkpoint key and the config key."""
     import decoders
 
-    state = weights.read_checkpoint(path)
     family, m = cfg.decoder_family, cfg.mapper
     pooled = "t2i_pooled_mapping.weight" in state
     if pooled != decoders.get_family(family).POOLED:
         has = ("has `t2i_pooled_mapping.weight` (a decoder family with a pooled embedding)" if pooled else
                "has no `t2i_pooled_mapping.weight` (it was trained for a decoder without a pooled embedding)")
-        raise CheckpointMismatchError(f"{path} {has}, but `decoder_family` in {cfg.source} is {family!r}; it was "
+        raise CheckpointMismatchError(f"{where} {has}, but `decoder_family` in {cfg.source} is {family!r}; it was "
                                       f"saved with another decoder family")
     shapes = {"t2i_decoder_prompt": ((1, m.num_prompt_tokens, m.d_model), "`mapper.num_prompt_tokens` x `mapper.d_model`"),
               "llm_to_t2i_mapping.encoder.norm.weight": ((m.d_model,), "`mapper.d_model`")}
     for key, (want, config_key) in shapes.items():
-        if key in state and tuple(state[key].shape) != want:
-            raise CheckpointMismatchError(f"{path}: `{key}` is {tuple(state[key].shape)} but {config_key} in "
+        tensor = state.get(key)
+        if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) != want:
+            raise CheckpointMismatchError(f"{where}: `{key}` is {tuple(tensor.shape)} but {config_key} in "
                                           f"{cfg.source} ({family!r} decoder) makes {want}; it was saved for another "
                                           f"decoder or mapper")

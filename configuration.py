@@ -124,7 +124,7 @@ class ModelConfig:
     sd_image_size: int = 512       # SD 2.1 base's pictures
     num_query_token: int = 32      # Q-Former queries per image
     end_sym: str = "###"           # where an answer ends
-    decoder_family: str = "sd"     # the picture decoder's family (decoders.FAMILIES): sd, sdxl, sd3
+    decoder_family: str = "sd"     # the picture decoder's family (decoders.FAMILIES): sd, sdxl, sd3, flux
     dtypes: DtypeConfig = field(default_factory=DtypeConfig)
     source: str = "<in memory>"
 
@@ -135,7 +135,8 @@ class ModelConfig:
     def check_paths(self) -> None:
         """Raise `ConfigError` for the first weight path that does not exist (hub ids are allowed
         for `llama_model` and `sd_model`), then `weights.CheckpointError` for the first weight file
-        that is not whole (`weights.check_weight_files`: headers and sizes only, nothing loaded)."""
+        that is not whole (`weights.check_weight_files`: headers and sizes only, nothing loaded), then
+        `ConfigError` for an `sd_model` folder of another decoder family (`decoders.check_folder`)."""
         for key in PATH_KEYS:
             value = getattr(self, key)
             if key in HUB_ALLOWED_KEYS and is_hub_id(value):
@@ -146,9 +147,11 @@ class ModelConfig:
                     f"Set `{key}` to the local file/folder (build the tiny ones with "
                     f"`python weights.py tiny OUT_DIR`)."
                 )
+        from decoders import check_folder
         from weights import check_weight_files
 
         check_weight_files(self)
+        check_folder(self)          # `sd_model` is a folder of `decoder_family` (its JSON files only)
 
 
 def to_dtype(name: str):

@@ -37,6 +37,7 @@ import torch
 
 import diffusion
 from constants import IMAGE_PLACEHOLDER, VOKEN_COUNT, VOKENS
+from decoders.base import as_condition, check_pictures
 from decoding import ProcessorChain, VokenStateRecorder, logits_processors
 from image_transforms import IMAGE_ERRORS, image_processor, load_rgb
 
@@ -121,6 +122,7 @@ def generate(backbone: "MiniGPT4", map_vokens: Callable[[torch.Tensor], "Conditi
     import fast_inference
 
     fast_inference.check_modes(decode, pictures)
+    check_pictures(decoder, pictures)                   # the fast picture modes are the sd family's
     seeds = item_seeds(len(prompts), seed, generator)
     embeds, mask = prompt_embeddings(backbone, prompts, images, max_new_tokens, device)
     sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -353,8 +355,6 @@ def images_from_features(map_vokens: Callable[[torch.Tensor], "Condition | torch
     `map_vokens(zeros)`, one `decoder.draw` for all N (classifier-free guidance runs the UNet on both
     halves as one batch); `pictures` chooses how the UNet runs (see `generate`). The same for every
     decoder family: a condition's pooled embedding (SDXL, SD3) follows its rows."""
-    from decoders.base import as_condition
-
     negative = None
     if guidance_scale > 1:                  # one mapper call for both (rows are independent)
         both = as_condition(map_vokens(torch.cat([features, torch.zeros_like(features[:1])])))

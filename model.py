@@ -98,7 +98,7 @@ class MiniGPT5_Model(pl.LightningModule):
         # The decoder first (decoders/; its folder checked before any weights load, SD's float32 files made
         # bfloat16 while little else is in memory); its frozen parts are submodules under the release's names.
         for path in [stage1_weight] if stage1_weight is not None else []:
-            checkpoints.check_decoder_pairing(cfg, path)    # a checkpoint of another pairing: before any load
+            checkpoints.check_pairing(cfg, path, "stage1_weight")   # another pairing's: before any load
         self.decoder = decoders.load_decoder(cfg, device)
         self.model = MiniGPT4.from_config(cfg, device="meta" if meta else target, llm_quantization=llm_quantization)
         for name, part in self.decoder.parts.items():

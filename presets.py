@@ -425,7 +425,7 @@ def build_full(out_dir: str | os.PathLike, preset_path: str | os.PathLike = FULL
 
 PRESETS = ("tiny", "small", "real_width", "tiny_llama3", "tiny_qwen2")
 # Tiny presets of the other decoder families (config/tiny_<family>.yaml + _arch.yaml; decoders/).
-DECODER_PRESETS = ("tiny_sdxl", "tiny_sd3")
+DECODER_PRESETS = ("tiny_sdxl", "tiny_sd3", "tiny_flux")
 
 
 def build_preset(name: str, out_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:

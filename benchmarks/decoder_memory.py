@@ -1,12 +1,13 @@
 """Meta-device arithmetic of the picture-decoder families at full size (no GPU, no weights): the bytes
-of each family's parts and the GPU memory the weights of each pairing with the release's LLM side need
-in gpu_memory.py's configurations (bf16 / 8-bit / 4-bit LLM, with or without offload).
+of each family's parts and the GPU memory the weights of each pairing (each LLM of
+memory_arithmetic.FULL_LLMS with each decoder family) need in gpu_memory.py's configurations (bf16 /
+8-bit / 4-bit LLM, with or without offload).
 
     python benchmarks/decoder_memory.py          # prints the Markdown tables
 
 Sizes come from the architecture folders in config/arch (config.json files of the public releases) and
-the full-size model configs config/minigpt4.yaml (SD 2.1-base), config/minigpt4_sdxl.yaml (SDXL-base)
-and config/minigpt4_sd3.yaml (SD3-medium). `python benchmarks/gpu_memory.py --arithmetic` appends
+the full-size model configs config/minigpt4.yaml (SD 2.1-base), config/minigpt4_sdxl.yaml (SDXL-base),
+config/minigpt4_sd3.yaml (SD3-medium) and config/minigpt4_flux.yaml (FLUX.1-dev). `python benchmarks/gpu_memory.py --arithmetic` appends
 these tables. Weights only: activations (larger at SDXL's and SD3's 1024 px than at SD 2.1's 512 px)
 and the CUDA context are not included. It is arithmetic, not a measurement.
 """
@@ -28,6 +29,7 @@ FULL_SIZE = {
     "sd": ("config/minigpt4.yaml", "config/arch/stable-diffusion-2-1-base", "SD 2.1-base (the release)"),
     "sdxl": ("config/minigpt4_sdxl.yaml", "config/arch/stable-diffusion-xl-base-1.0", "SDXL-base 1.0"),
     "sd3": ("config/minigpt4_sd3.yaml", "config/arch/stable-diffusion-3-medium", "SD3-medium"),
+    "flux": ("config/minigpt4_flux.yaml", "config/arch/flux.1-dev", "FLUX.1-dev"),
 }
 
 

@@ -11,7 +11,7 @@ A family module declares
 
 and the decoder object offers what the model, `generate`, the SD baseline and offload ask:
     condition (a `ConditionSpec`), parts (frozen modules by name), image_size, noise_scheduler, tokenizer,
-    latents, loss, encode_captions, pipeline, draw, draw_captions, offloaded.
+    latents, loss, encode_captions, pipeline, draw, draw_captions, offloaded, fast_pictures, family.
 docs/architecture.md says how to add a family.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from configuration import ConfigError
 from decoders.base import Condition, ConditionSpec, as_condition, caption_mse, encode_cached, read_json
 
 # family name -> module: the one place a family is registered.
-FAMILIES = {"sd": "decoders.sd", "sdxl": "decoders.sdxl", "sd3": "decoders.sd3"}
+FAMILIES = {"sd": "decoders.sd", "sdxl": "decoders.sdxl", "sd3": "decoders.sd3", "flux": "decoders.flux"}
 
 __all__ = ["FAMILIES", "Condition", "ConditionSpec", "as_condition", "caption_mse", "check_folder", "encode_cached",
            "folder_family", "get_family", "load_decoder"]

@@ -87,6 +87,15 @@ def encode_cached(cache, captions: list[str], encode, spec: ConditionSpec) -> "C
     return packed if spec.pooled is None else Condition.unpack(packed, spec)
 
 
+def check_pictures(decoder, pictures: str) -> None:
+    """`pictures` other than "eager" (fast_inference.py's graph / compiled denoiser) only for a decoder
+    that offers them (`decoder.fast_pictures`: the sd family's UNet); a ValueError naming the option
+    otherwise, which `generation.generate` raises before any work."""
+    if pictures != "eager" and not decoder.fast_pictures:
+        raise ValueError(f"pictures={pictures!r} (fast_inference.py) is for the sd decoder family; the "
+                         f"{decoder.family} family draws eagerly (pictures='eager')")
+
+
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     """One CPU generator per picture (the pipelines draw each picture's noise from its own)."""
     return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]

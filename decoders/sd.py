@@ -29,6 +29,7 @@ class SDDecoder(diffusion.StableDiffusion):
     `Condition` (its sequence; the family has no pooled embedding)."""
 
     family = NAME
+    fast_pictures = True            # fast_inference.py's graph / compiled UNet (pictures="graph" / "compiled")
 
     def __init__(self, vae, unet, tokenizer, noise_scheduler, image_size: int, tokens: int):
         super().__init__(vae, unet, tokenizer, noise_scheduler, image_size)

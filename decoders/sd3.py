@@ -28,7 +28,7 @@ from torch import nn
 
 import diffusion
 from configuration import to_dtype
-from decoders.base import Condition, ConditionSpec, as_condition, seeded_generators
+from decoders.base import Condition, check_pictures, ConditionSpec, as_condition, seeded_generators
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class SD3Decoder:
     """SD3's frozen parts as a decoder (see decoders/__init__.py for what a decoder offers)."""
 
     family = NAME
+    fast_pictures = False           # draws eagerly (fast_inference.py wraps the sd family's UNet only)
 
     def __init__(self, vae, transformer, tokenizers, noise_scheduler, image_size: int, tokens: int):
         self.vae, self.transformer, self.tokenizers = vae, transformer, tokenizers
@@ -125,9 +126,7 @@ class SD3Decoder:
 
     def draw(self, cond, negative, seeds, guidance_scale, num_inference_steps, sampler="pndm", pictures="eager"):
         """N conditions (and their negatives) -> N PIL images, one seed each."""
-        if pictures != "eager":
-            raise ValueError(f"pictures={pictures!r} (fast_inference.py) is for the sd decoder family; "
-                             f"the sd3 family draws eagerly (pictures='eager')")
+        check_pictures(self, pictures)
         cond, dtype = as_condition(cond), self.transformer.dtype
         negative = None if negative is None else as_condition(negative)
         result = self.pipeline(sampler)(
@@ -148,9 +147,18 @@ class SD3Decoder:
                          seeds, guidance_scale, num_inference_steps, sampler)
 
 
+def has_t5(folder) -> bool:
+    """Whether the SD3 folder (a local folder or a hub id in the cache) has its T5 encoder: what its
+    model_index.json says of `text_encoder_3` (null: none, as diffusers allows)."""
+    from diffusers import DiffusionPipeline
+
+    entry = DiffusionPipeline.load_config(folder).get("text_encoder_3")
+    return bool(entry) and entry[0] is not None
+
+
 def text_encoder_folders(folder) -> tuple[str, ...]:
-    """The folder's text encoders: text_encoder, text_encoder_2 and, when present, text_encoder_3 (T5)."""
-    return ("text_encoder", "text_encoder_2") + (("text_encoder_3",) if (Path(folder) / "text_encoder_3").is_dir() else ())
+    """The folder's text encoders: text_encoder, text_encoder_2 and, when it has one, text_encoder_3 (T5)."""
+    return ("text_encoder", "text_encoder_2") + (("text_encoder_3",) if has_t5(folder) else ())
 
 
 def load(cfg, device=None) -> SD3Decoder:
@@ -171,8 +179,7 @@ def load(cfg, device=None) -> SD3Decoder:
     else:
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
         transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
-        t5 = (AutoTokenizer.from_pretrained(folder, subfolder="tokenizer_3")
-              if (Path(folder) / "tokenizer_3").is_dir() else None)
+        t5 = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer_3") if has_t5(folder) else None
         tokenizers = tuple(CLIPTokenizer.from_pretrained(folder, subfolder=s) for s in ("tokenizer", "tokenizer_2")) + (t5,)
     for frozen in (vae, transformer):
         frozen.requires_grad_(False)

@@ -24,7 +24,7 @@ from torch import nn
 
 import diffusion
 from configuration import to_dtype
-from decoders.base import Condition, ConditionSpec, as_condition, seeded_generators
+from decoders.base import Condition, check_pictures, ConditionSpec, as_condition, seeded_generators
 
 NAME = "sdxl"
 PIPELINES = ("StableDiffusionXLPipeline",)
@@ -48,6 +48,7 @@ class SDXLDecoder:
     """SDXL's frozen parts as a decoder (see decoders/__init__.py for what a decoder offers)."""
 
     family = NAME
+    fast_pictures = False           # draws eagerly (fast_inference.py wraps the sd family's UNet only)
 
     def __init__(self, vae, unet, tokenizers, noise_scheduler, image_size: int, tokens: int):
         self.vae, self.unet, self.tokenizers, self.noise_scheduler = vae, unet, tokenizers, noise_scheduler
@@ -112,9 +113,7 @@ class SDXLDecoder:
 
     def draw(self, cond, negative, seeds, guidance_scale, num_inference_steps, sampler="pndm", pictures="eager"):
         """N conditions (and their negatives) -> N PIL images, one seed each."""
-        if pictures != "eager":
-            raise ValueError(f"pictures={pictures!r} (fast_inference.py) is for the sd decoder family; "
-                             f"the sdxl family draws eagerly (pictures='eager')")
+        check_pictures(self, pictures)
         cond, dtype = as_condition(cond), self.unet.dtype
         negative = None if negative is None else as_condition(negative)
         result = self.pipeline(sampler)(

@@ -46,3 +46,28 @@ def write_index(out_dir: Path, pipeline: str, components: dict) -> None:
     """A diffusers model_index.json: the pipeline class a folder is read by, and its components."""
     (out_dir / "model_index.json").write_text(json.dumps(
         {"_class_name": pipeline, "_diffusers_version": "0.42.1", **components}, indent=2))
+
+
+def write_t5_tokenizer(tok_dir: Path, vocab_size: int) -> int:
+    """A T5 tokenizer folder (`T5TokenizerFast`'s tokenizer.json) over a small sentencepiece unigram
+    vocabulary in T5's id layout (pad 0, eos 1, unk 2, no BOS), trained offline on a little English;
+    returns its vocabulary size."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5TokenizerFast
+
+    corpus = ["a man is walking his dog in the park on a sunny day", "a red square on a white wall",
+              "a blue circle next to a green triangle", "the family went to the beach together",
+              "a photo of a cat sitting on a wooden table next to a window", "people are standing in a street",
+              "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 .,!?:;'\"()[]{}<>/#-_"]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus * 8), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False,
+        input_sentence_size=0, num_threads=1, minloglevel=2)          # one thread: deterministic
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+    tokenizer.save_pretrained(tok_dir)
+    return len(tokenizer)

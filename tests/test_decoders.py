@@ -123,6 +123,31 @@ def test_sd3_loss_is_the_rectified_flow_loss(models):
     assert 1 > float(sigma[0]) > float(sigma[1]) > 0          # the schedule runs from noise to data
 
 
+def test_flux_loss_is_the_rectified_flow_loss_on_packed_latents(models):
+    """With pinned noise and timesteps: the noisy latent packed into 2 x 2 patches with their position
+    ids, the transformer at sigma with FLUX.1-dev's embedded guidance, its output unpacked, MSE to
+    noise - latent."""
+    from diffusers import FluxPipeline
+
+    from decoders.flux import EMBEDDED_GUIDANCE
+
+    decoder = models("flux").decoder
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 16, 16, 16, generator=g), torch.randn(2, 16, 16, 16, generator=g)
+    cond = decoders.Condition(torch.randn(2, 16, 48, generator=g), torch.randn(2, 16, generator=g))
+    index = torch.tensor([10, 900])
+    with torch.no_grad():
+        got = decoder.loss(latents, cond, noise, index)
+        sigma = decoder.noise_scheduler.sigmas[index].view(-1, 1, 1, 1)
+        packed = FluxPipeline._pack_latents((1 - sigma) * latents + sigma * noise, 2, 16, 16, 16)
+        pred = decoder.transformer(hidden_states=packed, timestep=decoder.noise_scheduler.timesteps[index] / 1000,
+                                   guidance=torch.full((2,), EMBEDDED_GUIDANCE), pooled_projections=cond.pooled,
+                                   encoder_hidden_states=cond.sequence, txt_ids=torch.zeros(16, 3),
+                                   img_ids=FluxPipeline._prepare_latent_image_ids(2, 8, 8, "cpu", torch.float32)).sample
+        pred = FluxPipeline._unpack_latents(pred, 32, 32, 2)
+    torch.testing.assert_close(got, ((pred - (noise - latents)) ** 2).mean())
+
+
 def test_sdxl_unet_reads_the_pooled_embedding_and_time_ids(models):
     model = models("sdxl")
     ids = model.decoder.time_ids(2, "cpu", torch.float32)
@@ -137,7 +162,7 @@ def test_sdxl_unet_reads_the_pooled_embedding_and_time_ids(models):
     assert a != b
 
 
-WRONG = {"sd": "sdxl", "sdxl": "sd3", "sd3": "sd"}
+WRONG = {"sd": "sdxl", "sdxl": "sd3", "sd3": "flux", "flux": "sd"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -160,18 +185,26 @@ def test_a_folder_of_another_family_stops_before_any_weights_load(family, decode
         build(cfg)
 
 
+def test_a_config_naming_another_family_than_its_folder_fails_when_read(tiny_config_path, tmp_path):
+    """load_config (which train_eval.py and the demos run first) already names the mismatch."""
+    bad = tmp_path / "sdxl_on_sd.yaml"
+    bad.write_text(tiny_config_path.read_text().replace("decoder_family: sd", "decoder_family: sdxl"))
+    with pytest.raises(ConfigError, match=r"`decoder_family` is 'sdxl' but `sd_model` .* is a 'sd' folder"):
+        load_config(bad)
+
+
 def test_a_folder_without_model_index_is_read_from_its_denoiser(decoder_config, tmp_path):
     for family in FAMILIES:
         folder = tmp_path / family
         shutil.copytree(decoder_config(family).sd_model, folder)
         (folder / "model_index.json").unlink()
         assert decoders.folder_family(folder)[0] == family
-    (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     with pytest.raises(ConfigError, match="no decoder family folder"):
         decoders.check_folder(decoder_config("sd").replace(sd_model=str(tmp_path / "sd")))
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_offload_takes_turns_over_the_family_parts(family, decoder_config):
     """place(offload=True): the family's denoiser and VAE, then each of its text encoders, sit behind
     the offload hooks; the pictures are those of the plain placement."""
@@ -189,9 +222,9 @@ def test_offload_takes_turns_over_the_family_parts(family, decoder_config):
 
 
 def test_full_size_decoders_on_the_meta_device_have_the_real_sizes():
-    """config/minigpt4_sdxl.yaml and config/minigpt4_sd3.yaml over the architecture folders build on the
+    """config/minigpt4_sdxl.yaml, config/minigpt4_sd3.yaml and config/minigpt4_flux.yaml over the architecture folders build on the
     meta device with the public models' parameter counts (SDXL-base's UNet 2.567 B, SD3-medium's
-    transformer 2.028 B, CLIP-L, OpenCLIP bigG, T5-XXL's encoder), their mapper sized from the decoder's
+    transformer 2.028 B, FLUX.1-dev's 11.9 B, CLIP-L, OpenCLIP bigG, T5-XXL's encoder), their mapper sized from the decoder's
     condition; benchmarks/decoder_memory.py's table names every family."""
     import sys
 
@@ -205,6 +238,8 @@ def test_full_size_decoders_on_the_meta_device_have_the_real_sizes():
         "sd3": ("stable-diffusion-3-medium", {"transformer": 2_028_328_000, "vae": 83_819_683},
                 {"text_encoder": 123_650_304, "text_encoder_2": 694_659_840, "text_encoder_3": 4_762_310_656},
                 (333, 4096, 2048)),
+        "flux": ("flux.1-dev", {"transformer": 11_901_408_320, "vae": 83_819_683},
+                 {"text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656}, (512, 4096, 768)),
     }
     for family, (arch, parts, encoders, spec) in expected.items():
         cfg = load_config(REPO / "config" / f"minigpt4_{family}.yaml", check_paths=False).replace(
@@ -250,7 +285,7 @@ def test_a_checkpoint_of_another_pairing_stops_before_any_weights_load(saved, lo
         MiniGPT5_Model.from_weights(decoder_config(loaded).source, stage1_weight=str(path), device="cpu")
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_a_bfloat16_decoder_trains_and_draws(family, decoder_config):
     """The frozen decoder stored in bfloat16 (`dtypes.sd`, as at full size) while the mapper stays float32:
     the conditions reach the denoiser in its dtype, the loss is float32 and finite, pictures come out."""
@@ -278,7 +313,7 @@ def test_cached_caption_features_of_a_pooled_family_are_the_encoded_ones(decoder
     torch.testing.assert_close(again.pooled, fresh.pooled[[1, 0]])
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_the_release_commands_run_with_another_decoder(family, decoder_config, tmp_path):
     """The release's four train_eval.py command lines (tests/test_train_eval.py) with the family's tiny
     config: stage 1, stage 2 from it, both predictions (CC3M with the SD baseline drawn by the family's
@@ -306,3 +341,72 @@ def test_the_release_commands_run_with_another_decoder(family, decoder_config, t
     assert len(cc3m) == 2 and all(r[4] is not None for r in cc3m)          # the SD baseline of CC3M
     vist = torch.load(tmp_path / "outputs" / "stage2_vist" / "predictions-0.pt", weights_only=False)
     assert len(vist) == 2
+
+
+def test_sd3_stage1_resumes_exactly_and_metric_reads_its_predictions(decoder_config, tmp_path, monkeypatch):
+    """The flow-matching family through the commands: stage 1 for 2 steps straight equals 1 step then
+    `--resume last` (every draw of the rectified-flow loss, timestep density included, comes from the
+    step's generator), prediction on CC3M with the SD baseline, and metric.py scores the folder."""
+    import metric
+    from test_train_eval import assert_same_state, common, make_tiny_release_data, run_main, state_of
+
+    make_tiny_release_data(tmp_path)
+    weights = tmp_path / "weights"
+    env = {"IS_STAGE2": "False", "DATAFOLDER": tmp_path / "datasets" / "CC3M", "WEIGHTFOLDER": weights,
+           "OUTPUT_FOLDER": tmp_path / "out"}
+    stage1 = ["--is_training", "--train_data_path", "cc3m_val.tsv", *common(decoder_config("sd3").source)]
+    run_main(stage1 + ["--model_save_name", "straight", "--max_steps", "2"], env)
+    run_main(stage1 + ["--model_save_name", "s1", "--max_steps", "1"], env)
+    run_main(stage1 + ["--model_save_name", "s1", "--max_steps", "2", "--resume", "last"], env)
+    straight, resumed = state_of(weights / "straight-last.ckpt"), state_of(weights / "s1-last.ckpt")
+    assert "t2i_pooled_mapping.weight" in straight
+    assert_same_state(resumed, straight, "sd3 stage 1 resumed")
+    run_main(["--test_data_path", "cc3m_val.tsv", "--test_weight", "s1-last.ckpt",
+              *common(decoder_config("sd3").source)], env)
+    records = torch.load(tmp_path / "out" / "s1-last" / "predictions-0.pt", weights_only=False)
+    assert len(records) == 2 and all(r[4] is not None for r in records)
+    monkeypatch.setenv("OUTPUT_FOLDER", str(tmp_path / "out"))
+    monkeypatch.setenv("DATAFOLDER", str(tmp_path / "datasets" / "CC3M"))
+    scores = metric.main(["--test_weight", "s1-last.ckpt", "--tiny_extractors", "--device", "cpu"])
+    assert isinstance(scores, dict) and scores
+
+
+def test_sd3_with_a_t5_encoder_reads_its_states(decoder_config, tmp_path):
+    """An SD3 folder with `text_encoder_3` (a tiny T5 encoder; the tiny LLaMA tokenizer stands in for
+    T5's, as AutoTokenizer reads either): the caption encoding's T5 tokens are the encoder's states
+    (not zeros), and the model trains and draws."""
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    cfg = decoder_config("sd3")
+    folder = tmp_path / "sd3"
+    shutil.copytree(cfg.sd_model, folder)
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=600, d_model=48, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                            feed_forward_proj="gated-gelu")).save_pretrained(folder / "text_encoder_3")
+    t5_tokenizer = AutoTokenizer.from_pretrained(cfg.llama_model)
+    t5_tokenizer.pad_token = t5_tokenizer.unk_token                  # T5's tokenizer pads; this one is told how
+    t5_tokenizer.save_pretrained(folder / "tokenizer_3")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(text_encoder_3=["transformers", "T5EncoderModel"], tokenizer_3=["transformers", "LlamaTokenizerFast"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    model = build(cfg.replace(sd_model=str(folder)), stage=1).train()
+    assert list(model.sd_text_encoder) == ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    target = model.encode_caption(["a red square"])
+    assert target.sequence.shape == (1, 85, 48) and target.sequence[:, 77:].abs().sum() > 0
+    batch = make_batch(model.model.llama_tokenizer, CC3M_LIKE, cfg.image_size, cfg.sd_image_size)
+    assert torch.isfinite(model(batch, generator=torch.Generator().manual_seed(0))["loss"])
+    out = model.eval().generate("a picture ###Assistant:", force_generation=True, seed=2, **FAST)[0]
+    assert out.image.size == (cfg.sd_image_size,) * 2
+    assert model.sd_baseline(["a cat"], seeds=[0], num_inference_steps=1)[0].size == (cfg.sd_image_size,) * 2
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_fast_picture_modes_are_refused_before_any_work_for_other_families(family, models, monkeypatch):
+    """pictures="graph" / "compiled" wrap the sd family's UNet only: another family's generate says so
+    before encoding the prompt (the backbone is never asked)."""
+    import generation
+
+    model = models(family)
+    monkeypatch.setattr(generation, "prompt_embeddings", lambda *a, **k: pytest.fail("work began"))
+    with pytest.raises(ValueError, match=f"pictures='graph'.*the {family} family draws eagerly"):
+        model.generate("a picture ###Assistant:", pictures="graph", **FAST)

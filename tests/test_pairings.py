@@ -1,7 +1,7 @@
 """Every LLM family with every decoder family (config keys `llm_family` x `decoder_family`), on tiny
 presets: one stage-1 training step (finite losses, the mapper moves) and one generation (a picture of
-the configured size). The LLM families are those `llm_families` registers (the release's vicuna alone
-until that package exists); the decoder families are `decoders.FAMILIES`."""
+the configured size). The LLM families are `llm_families.FAMILY_NAMES`, the decoder families
+`decoders.FAMILIES`: a family added to either registry joins the grid."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,16 +10,13 @@ import pytest
 import torch
 
 import decoders
+import llm_families
 from configuration import load_config
 from conftest import CC3M_LIKE, REPO, build, make_batch
 
 pytestmark = pytest.mark.usefixtures("no_data_env")
 
-try:
-    import llm_families
-    LLM_FAMILIES = list(llm_families.FAMILY_NAMES)
-except ImportError:                  # before the LLM families' package is on this branch: the release's LLM only
-    LLM_FAMILIES = ["vicuna"]
+LLM_FAMILIES = list(llm_families.FAMILY_NAMES)
 DECODER_FAMILIES = list(decoders.FAMILIES)
 
 
