@@ -506,6 +506,11 @@ def test_a_short_build_learns(tmp_path):
     assert sum(scores[name] for name in CHANCE) > sum(untrained["accuracy"][name] for name in CHANCE)
     report = (tmp_path / "build" / "TOY_RESULTS.md").read_text()
     assert "MiniGPT-5 stage 1" in report and "| chance |" in report
+    # The two-picture task's code path (one optimiser step of stage 2: no accuracy asked): every
+    # test answer predicted and each of its two places judged.
+    two = results["predict_two_pictures"]["summary"]["scores"]
+    assert two["n"] == settings["world"]["two_pictures"]["test"] and set(two) >= {"picture_1", "picture_2", "both"}
+    assert "## Two pictures in one answer" in report and "| both pictures entirely right |" in report
     assert "minutes of wall clock" in report                     # every step was timed from its start
 
 
@@ -542,3 +547,45 @@ def test_a_shipped_builds_demo_story_is_of_the_kind_stage_2_learnt():
     from toyworld.build import DEFAULT_CONFIG
 
     assert ship.story_mode(DEFAULT_CONFIG) == "pictures"
+
+
+def test_the_two_picture_task_is_written_held_out_and_leak_checked(tmp_path):
+    """Each answer holds two pictures (the second after one stated change); training shows seen
+    combinations only, every test answer starts from a held-out one in the test wording, and a test
+    request put into training stops the build."""
+    from toyworld import two_pictures
+
+    folder = tmp_path / "interleaved"
+    two_pictures.write(folder, {"train": 40, "val": 2, "test": 8}, 32, seed=0)
+    two_pictures.check(folder)
+    for split in ("train", "test"):
+        truth = json.loads((folder / f"scenes_{split}.json").read_text())
+        lines = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+        assert len(lines) == len(truth) == {"train": 40, "test": 8}[split]
+        for line in lines:
+            images = [seg["image"] for seg in line["turns"][1]["segments"] if "image" in seg]
+            assert len(images) == 2 and all((folder / path).is_file() for path in images)
+            first, second = truth[two_pictures.task_name(line["id"])]
+            assert sum(first[a] != second[a] for a in first) == 1           # one stated change
+            assert world.is_held_out(world.Scene(**first)) == (split == "test")
+    judged = [judge(Image.open(folder / "pictures" / "test" / f"000000_{k}.jpg")) for k in (0, 1)]
+    assert judged == truth[two_pictures.task_name("pair00000")]           # the judge reads both places
+    test_line = (folder / "test.jsonl").read_text().splitlines()[0]
+    with open(folder / "train.jsonl", "a") as f:
+        f.write(test_line.replace("pictures/test/", "pictures/train/") + "\n")
+    with pytest.raises(SystemExit, match="test request"):
+        two_pictures.check(folder)
+
+
+def test_two_picture_answers_are_scored_per_place_and_both():
+    from toyworld import two_pictures
+
+    a = {"setting": "beach", "time": "noon", "colour": "red", "place": "near"}
+    b = {**a, "time": "night"}
+    judged = {"tasks": ["p0", "p1", "p2"], "truth": [[a, b]] * 3, "drawn": [2, 2, 1],
+              "judged": [[a, b], [a, a], [a, None]]}
+    scores = two_pictures.scores(judged)
+    assert scores["picture_1"]["all"] == 1.0 and abs(scores["picture_2"]["all"] - 1 / 3) < 1e-9
+    assert abs(scores["both"] - 1 / 3) < 1e-9 and abs(scores["two_drawn"] - 2 / 3) < 1e-9
+    lines = two_pictures.report_lines(scores)
+    assert "| both pictures entirely right | 3 | 33.3% | >= 70% |" in lines

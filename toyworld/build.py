@@ -50,6 +50,8 @@ class Step:
     # to run beside it: a float sum split over other threads rounds differently, and a build must give
     # the same bytes every time.
     threads: str = "share"
+    # Whether the settings ask for this step (an optional task or pairing, e.g. `pairings:`).
+    enabled: Callable[["Build"], bool] = lambda build: True
 
 
 @dataclass
@@ -130,6 +132,7 @@ def steps(build: Build | None = None) -> list[Step]:
         return plan
     if build.settings.get("frozen_parts"):
         plan = [s for s in plan if s.name not in stages.PRETRAINING]
+    plan = [s for s in plan if s.enabled(build)]
     names = {s.name for s in stages.STEPS}
     unknown = sorted(set(build.settings.get("minigpt5") or {}) - {"common", "stage1", "stage2"} - names)
     if unknown:

@@ -50,6 +50,13 @@ def make_datasets(build: Build) -> dict:
     shutil.rmtree(build.data, ignore_errors=True)
     files = world.write_datasets(build.data, _sizes(build))
     leakage.check(build.data)                      # no test item occurs in training, or no build
+    if build.settings["world"].get("two_pictures"):  # the two-picture task (toyworld/two_pictures.py)
+        from toyworld import two_pictures
+
+        folder = build.data / two_pictures.FOLDER
+        files[two_pictures.FOLDER] = two_pictures.write(folder, build.settings["world"]["two_pictures"],
+                                                        build.settings["world"]["image_size"], build.settings["seed"])
+        two_pictures.check(folder)
     return {"files": {kind: {split: str(path.relative_to(build.out)) for split, path in splits.items()}
                       for kind, splits in files.items()}}
 
@@ -264,7 +271,8 @@ def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight
     """`train_eval.py --is_training True` on the toy dataset, as the release's README runs it;
     the best checkpoint by val_loss becomes `checkpoints/<name>.ckpt`."""
     files = {"CC3M": ("cc3m_train.tsv", "cc3m_val.tsv"), "VIST": ("train_cleaned.json", "val_cleaned.json"),
-             "MMDialog": ("train/train_conversations.txt", "val/val_conversations.txt")}[dataset]
+             "MMDialog": ("train/train_conversations.txt", "val/val_conversations.txt"),
+             "interleaved": ("train.jsonl", "val.jsonl")}[dataset]
     flags = build.settings["minigpt5"]
     run_dir = build.out / "runs" / name          # this run's checkpoints and logs (runs may go side by side)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -330,6 +338,25 @@ def _predict(run: evaluate.Run) -> Step:
                 lambda b: [b.settings["evaluate"], run], f"predict {run.dataset} with {' + '.join(weights)}, judge it")
 
 
+def two_pictures_steps() -> list[Step]:
+    """The two-picture task (toyworld/two_pictures.py), when `world.two_pictures` gives its sizes:
+    stage 2 on it from stage 1 (`--dataset interleaved`), and its prediction, each picture judged."""
+    from toyworld import two_pictures
+
+    train = _stage("stage2_two_pictures", "interleaved", 2, "stage1_cc3m.ckpt", ("--dataset", "interleaved"),
+                   depends=("datasets", "stage1_cc3m"), about="MiniGPT-5 stage 2 on the toy two-picture answers")
+    train.enabled = two_pictures.enabled
+    predict = Step("predict_two_pictures", two_pictures.predict_step, ("datasets", "stage1_cc3m", "stage2_two_pictures"),
+                   lambda b: [b.settings["evaluate"], two_pictures.RUN],
+                   "predict the two-picture answers, judge each picture at its place", enabled=two_pictures.enabled)
+    return [train, predict]
+
+
+def pairing_steps() -> list[Step]:
+    return []
+
+
+PAIRING_PREDICTIONS: tuple[str, ...] = ()
 PRETRAINING = ("clip", "vae", "unet", "llm", "image_side")
 STEPS = [
     Step("datasets", make_datasets, (), lambda b: [b.settings["world"], b.settings["seed"]],
@@ -367,6 +394,9 @@ STEPS = [
          "train metric.py's toy CLIP and toy scene classifier (in Inception's place)"),
     # Each prediction run is a step of its own, so that it starts as soon as its checkpoints exist.
     *(_predict(run) for run in evaluate.RUNS),
-    Step("report", evaluate.write_report, tuple(f"predict_{run.name}" for run in evaluate.RUNS),
+    *two_pictures_steps(),
+    *pairing_steps(),
+    Step("report", evaluate.write_report, tuple(f"predict_{run.name}" for run in evaluate.RUNS)
+         + ("predict_two_pictures",) + PAIRING_PREDICTIONS,
          lambda b: b.settings.get("report"), "the judge's scores, metric.py's figures and the times -> TOY_RESULTS.md"),
 ]
