@@ -493,6 +493,9 @@ def test_a_short_build_learns(tmp_path):
     settings = yaml.safe_load(quick.read_text())
     for key in ("model_config", "arch", "frozen_parts"):
         settings[key] = str((quick.parent / settings[key]).resolve())
+    for recipe in settings["pairing_recipes"].values():
+        for key in ("model_config", "arch"):
+            recipe[key] = str((quick.parent / recipe[key]).resolve())
     config = tmp_path / "quick.yaml"
     config.write_text(yaml.safe_dump(settings))
     build = Build(config, tmp_path / "build")
@@ -511,6 +514,15 @@ def test_a_short_build_learns(tmp_path):
     two = results["predict_two_pictures"]["summary"]["scores"]
     assert two["n"] == settings["world"]["two_pictures"]["test"] and set(two) >= {"picture_1", "picture_2", "both"}
     assert "## Two pictures in one answer" in report and "| both pictures entirely right |" in report
+    # The second pairing's code path (a few steps of each pretraining and of stage 1): its stage-1
+    # checkpoint records its LLM family, and its held-out pictures are judged in the report.
+    pairing = results["qwen2_sd3_predict_cc3m_stage1"]["summary"]
+    assert pairing["n"] == settings["world"]["cc3m"]["test"]
+    from weights import load_untrusted
+
+    ckpt = load_untrusted(tmp_path / "build" / "pairings" / "qwen2_sd3" / "checkpoints" / "stage1_cc3m.ckpt", "test")
+    assert ckpt["llm_family"] == "qwen2"
+    assert "## A second pairing" in report and "| qwen2_sd3: stage 1" in report
     assert "minutes of wall clock" in report                     # every step was timed from its start
 
 
@@ -589,3 +601,31 @@ def test_two_picture_answers_are_scored_per_place_and_both():
     assert abs(scores["both"] - 1 / 3) < 1e-9 and abs(scores["two_drawn"] - 2 / 3) < 1e-9
     lines = two_pictures.report_lines(scores)
     assert "| both pictures entirely right | 3 | 33.3% | >= 70% |" in lines
+
+
+def test_optional_tasks_and_pairings_follow_the_settings(tmp_path):
+    """The default build has the two-picture task but builds no second pairing unless `pairings`
+    names it; a named pairing without its recipe stops the build with the key to add."""
+    import yaml
+
+    from toyworld.build import DEFAULT_CONFIG, Build, steps
+    from toyworld.pairing import PairingView
+
+    names = [s.name for s in steps(Build(DEFAULT_CONFIG, tmp_path / "default"))]
+    assert "predict_two_pictures" in names and not any(n.startswith("qwen2_sd3") for n in names)
+    settings = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    settings["pairings"] = ["qwen2_sd3"]
+    config = tmp_path / "with_pairing.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    build = Build(config, tmp_path / "pairing")
+    names = [s.name for s in steps(build)]
+    assert names.index("qwen2_sd3_transformer") < names.index("qwen2_sd3_stage1_cc3m") < names.index("report")
+    view = PairingView(build, "qwen2_sd3")
+    assert view.data == build.data and view.model_config == build.out / "pairings" / "qwen2_sd3" / "toy.yaml"
+    config.write_text(yaml.safe_dump({**settings, "pairings": ["qwen3_flux"]}))
+    with pytest.raises(SystemExit, match=r"unknown pairing\(s\) \['qwen3_flux'\]"):
+        steps(Build(config, tmp_path / "pairing"))
+    del settings["pairing_recipes"]
+    config.write_text(yaml.safe_dump(settings))
+    with pytest.raises(SystemExit, match="pairing_recipes"):
+        PairingView(Build(config, tmp_path / "pairing"), "qwen2_sd3")

@@ -132,6 +132,12 @@ def steps(build: Build | None = None) -> list[Step]:
         return plan
     if build.settings.get("frozen_parts"):
         plan = [s for s in plan if s.name not in stages.PRETRAINING]
+    from toyworld.pairing import PAIRINGS
+
+    unknown = sorted(set(build.settings.get("pairings") or []) - set(PAIRINGS))
+    if unknown:
+        raise SystemExit(f"error: {build.config_path}: `pairings` names unknown pairing(s) {unknown}; known: "
+                         f"{list(PAIRINGS)}")
     plan = [s for s in plan if s.enabled(build)]
     names = {s.name for s in stages.STEPS}
     unknown = sorted(set(build.settings.get("minigpt5") or {}) - {"common", "stage1", "stage2"} - names)

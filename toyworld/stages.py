@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from toyworld import world
-from toyworld import evaluate
+from toyworld import evaluate, pairing
 from toyworld.build import Build, Step
 
 
@@ -179,6 +179,7 @@ def pretrain_unet(build: Build) -> dict:
 def pretrain_llm(build: Build) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from configuration import load_config
     from minigpt4 import load_tokenizer
     from toyworld import pretrain
 
@@ -186,7 +187,7 @@ def pretrain_llm(build: Build) -> dict:
     torch.manual_seed(_seed(build, "llm"))
     folder = build.out / "llama"
     llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
-    tokenizer = load_tokenizer(str(folder))
+    tokenizer = load_tokenizer(str(folder), load_config(build.model_config, check_paths=False).llm_family)
     documents = pretrain.llm_corpus(section["documents"], build.settings["seed"], _story_mode(build))
     losses = pretrain.train_llm(llm, tokenizer, documents, _recipe(section), _seed(build, "llm-train"))
     _save(llm, folder)
@@ -292,10 +293,12 @@ def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight
     # The best by val_loss, where the next steps read it: its weights only (the run's folder keeps
     # Lightning's checkpoints for resuming; their paths and times would make two builds' bytes differ).
     from run_files import save_atomic
-    from weights import read_checkpoint
+    from weights import load_untrusted, read_checkpoint
 
     build.checkpoints.mkdir(parents=True, exist_ok=True)
-    save_atomic({"state_dict": read_checkpoint(best)}, build.checkpoints / best.name)
+    # A pairing's LLM family, when the checkpoint records one (checkpoints.check_pairing reads it).
+    family = {k: v for k, v in load_untrusted(best, "MiniGPT-5 checkpoint", mmap=True).items() if k == "llm_family"}
+    save_atomic({"state_dict": read_checkpoint(best), **family}, build.checkpoints / best.name)
     best.unlink()
     return {"checkpoint": best.name, **_run_metrics(run_dir, name)}
 
@@ -353,10 +356,14 @@ def two_pictures_steps() -> list[Step]:
 
 
 def pairing_steps() -> list[Step]:
-    return []
+    """A second pairing's pretraining, stage 1 and prediction (toyworld/pairing.py), each step
+    enabled when the settings' `pairings` list names its pairing."""
+    from toyworld import pairing
+
+    return pairing.steps(Step)
 
 
-PAIRING_PREDICTIONS: tuple[str, ...] = ()
+PAIRING_PREDICTIONS = pairing.PREDICTIONS
 PRETRAINING = ("clip", "vae", "unet", "llm", "image_side")
 STEPS = [
     Step("datasets", make_datasets, (), lambda b: [b.settings["world"], b.settings["seed"]],
