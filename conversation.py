@@ -4,7 +4,8 @@ Each turn is text plus images. The prompt is written in the release's format:
 
     {system}###Human: {text} <Img><ImageHere></Img> ###Assistant: {text} <Img><ImageHere></Img> ... ###Assistant:
 
-so the model's own earlier pictures are fed back to it as input images; an answer with several
+so the model's own earlier pictures are fed back to it as input images (for another LLM family the
+same turns are rendered in that family's prompt style, `LLMFamily.render`); an answer with several
 pictures keeps each where it stands among its text (`Turn.segments`), in the prompt and in the page.
 `to_html` writes the whole conversation as one self-contained HTML file (images inlined) that opens in
 any browser.
@@ -21,7 +22,9 @@ from PIL import Image
 
 from constants import IMAGE_SLOT, RESERVED_TOKENS
 from image_transforms import load_rgb
+from llm_families import DEFAULT_FAMILY
 from prompts import ASSISTANT, END_SYM, HUMAN, MMDIALOG_SYSTEM
+from samples import Dialogue, Message, Segment
 
 ROLES = ("Human", "Assistant")
 TAGS = {"Human": HUMAN, "Assistant": ASSISTANT}      # the prompt style's speaker tags (prompts.py)
@@ -63,6 +66,14 @@ class Turn:
             return list(self.segments)
         return ([self.text] if self.text else []) + list(self.images)
 
+    def message(self) -> Message:
+        """The turn as a `samples.Message` (Human: the user), its pictures in place, named by their
+        number in the turn (what an LLM family's prompt style renders as image slots)."""
+        pictures = iter(range(len(self.images)))
+        return Message("user" if self.role == "Human" else "assistant",
+                       tuple(Segment(text=piece) if isinstance(piece, str) else Segment(image=f"picture {next(pictures)}")
+                             for piece in self.pieces()))
+
 
 @dataclass
 class Conversation:
@@ -84,8 +95,13 @@ class Conversation:
         self.turns.append(Turn(role, text, loaded))
         return self
 
-    def prompt(self) -> tuple[str, list[Image.Image]]:
-        """The prompt for the next Assistant turn and its input images, in order."""
+    def prompt(self, family=None) -> tuple[str, list[Image.Image]]:
+        """The prompt for the next Assistant turn and its input images, in order: in the release's format,
+        or in the prompt style of `family` (an `llm_families` family; vicuna's is the release's)."""
+        if family is not None and family.name != DEFAULT_FAMILY:
+            messages = tuple(turn.message() for turn in self.turns) + (Message("assistant", ()),)
+            images = [piece for turn in self.turns for piece in turn.pieces() if not isinstance(piece, str)]
+            return family.render(Dialogue(self.system or None, messages))[0], images
         parts, images = [], []
         for turn in self.turns:
             if turn.segments is None:
@@ -134,7 +150,8 @@ body {{ font-family: sans-serif; max-width: 760px; margin: 2em auto; }}
 
 def respond_all(model, conversations: list[Conversation], **generate_kwargs) -> list:
     """Generate the next Assistant turn of several conversations as one batch."""
-    prompts, images = zip(*(c.prompt() for c in conversations))
+    family = getattr(getattr(model, "model", None), "family", None)     # the backbone's LLM family, if any
+    prompts, images = zip(*(c.prompt(family) for c in conversations))
     outputs = model.generate(list(prompts), [list(i) for i in images], **generate_kwargs)
     # The model's end symbol (its config's); a stand-in model without a config ends as the default does.
     end_sym = getattr(getattr(model, "cfg", None), "end_sym", END_SYM)

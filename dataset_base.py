@@ -344,10 +344,11 @@ class MiniGPT5Dataset(torch.utils.data.Dataset):
 
 def text_style(cfg: Any) -> Callable[[Dialogue], tuple[str, str]] | None:
     """The `render` of the datasets for a model config: None for the release's LLM family (vicuna: the
-    readers' strings, the release's), else the family's prompt style (`llm_families`)."""
-    name = getattr(cfg, "llm_family", "vicuna") if cfg is not None else "vicuna"
-    if name == "vicuna":
+    readers' strings, the release's), else the family's prompt style (`llm_families`, its `render`)."""
+    from llm_families import DEFAULT_FAMILY, get_family
+
+    name = getattr(cfg, "llm_family", DEFAULT_FAMILY) if cfg is not None else DEFAULT_FAMILY
+    if name == DEFAULT_FAMILY:
         return None
-    from llm_families import get_family
 
     return get_family(name).render

@@ -496,11 +496,12 @@ def score_mmdialog(samples: Sequence[Sample], models: Models, args: argparse.Nam
     return results, counts
 
 
-def answer_text(text: str) -> str:
+def answer_text(text: str, llm_family: str = DEFAULT_FAMILY) -> str:
     """An interleaved answer's text as compared: the text before, between and after its voken groups,
-    each piece cleaned by `clean_text` (no end symbol, `<s>`, `</s>`; "" if only punctuation)."""
+    each piece cleaned by `clean_text` (the family's rule: no end of answer, BOS / EOS; "" if only
+    punctuation)."""
     pieces = (re.sub(r"\[IMG[1-7]\]", " ", piece) for piece in text.split("[IMG0]"))
-    return " ".join(" ".join(clean_text(piece) for piece in pieces).split())
+    return " ".join(" ".join(clean_text(piece, llm_family) for piece in pieces).split())
 
 
 def score_interleaved(samples: Sequence[Sample], models: Models, args: argparse.Namespace) -> tuple[dict, dict]:
@@ -511,7 +512,8 @@ def score_interleaved(samples: Sequence[Sample], models: Models, args: argparse.
     picture against every expected one."""
     bs, device = args.batch_size, args.device
     text_scores = [(*bleu_1_2(gt, pred, args.bleu_unit), rouge_l(gt, pred, args.rouge))
-                   for gt, pred in ((answer_text(s.gt_text), answer_text(s.pred_text)) for s in samples) if gt]
+                   for gt, pred in ((answer_text(s.gt_text, s.llm_family), answer_text(s.pred_text, s.llm_family))
+                                    for s in samples) if gt]
     pairs = [(i, j) for i, s in enumerate(samples) for j in range(min(len(s.pred_images), len(s.gt_images)))]
     clip_i = rowwise_cosine(clip_image_features([samples[i].pred_images[j] for i, j in pairs], models, bs, device),
                             clip_image_features([samples[i].gt_images[j] for i, j in pairs], models, bs, device))

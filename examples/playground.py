@@ -115,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--force_generation", action=argparse.BooleanOptionalAction, default=None,
                         help="make [IMG0] win until it appears (default: on for the tiny preset, whose random "
                              "weights rarely emit vokens by themselves; off otherwise)")
+    parser.add_argument("--pictures", type=int, default=None,
+                        help="answer with this many pictures: the model is made to emit this many voken groups "
+                             "(each drawn in its place; a model trained on answers of several pictures, "
+                             "docs/own_data.md, does so by itself)")
     parser.add_argument("--judge", action=argparse.BooleanOptionalAction, default=None,
                         help="read each generated picture with the toy world's judge (default: with the toy preset)")
     from placement import add_placement_arguments
@@ -148,6 +152,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                  f"{len(images)} image(s) were given with --images")
     if args.num_samples < 1:
         sys.exit("error: --num_samples must be at least 1")
+    if args.pictures is not None and args.pictures < 1:
+        sys.exit(f"error: --pictures must be at least 1, got {args.pictures}")
     if args.top_k < 0:
         sys.exit(f"error: --top_k must be 0 (off) or positive, got {args.top_k}")
     from generation import check_generation_arguments
@@ -182,7 +188,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     outputs = model.generate([prompt] * n, [inputs] * n, seed=[args.seed + i for i in range(n)],
                              max_new_tokens=args.max_new_tokens, top_k=args.top_k, guidance_scale=args.guidance_scale,
                              num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
-                             force_generation=args.force_generation if args.force_generation is not None
+                             force_generation=args.pictures if args.pictures is not None
+                             else args.force_generation if args.force_generation is not None
                              else args.model_config is None)
     judge = None
     if args.judge if args.judge is not None else toy:
@@ -209,8 +216,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
             turn.segments.insert(0, f"[sample {i}, seed {args.seed + i}]")
         page.turns.append(turn)
         seen = ""
-        if judge is not None and out.image is not None:
-            seen = " | the judge sees: " + ", ".join(f"{k} {v}" for k, v in judge(out.image).items())
+        if judge is not None and out.images:            # each picture judged, in order
+            seen = " | the judge sees: " + "; ".join(
+                (f"picture {j + 1}: " if len(out.images) > 1 else "") + ", ".join(f"{k} {v}" for k, v in judge(p).items())
+                for j, p in enumerate(out.images))
         print(f"sample {i}: {answer or '(no text)'}{seen}")
     if args.html:
         html_path = out_dir / args.html

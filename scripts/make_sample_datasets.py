@@ -3,6 +3,7 @@
     datasets/CC3M/      cc3m_train.tsv, cc3m_val.tsv (caption<TAB>image_path), {train,val}/NNN.jpg + NNN.txt
     datasets/VIST/      {train,val}_cleaned.json + {train,val}_image_mapping.json, {train,val}_images/NNN.jpg
     datasets/MMDialog/  {train,test}/{train,test}_conversations.txt (JSON lines) + <media_id>.jpg
+    datasets/interleaved/  train.jsonl, test.jsonl (the generic interleaved format, docs/own_data.md) + pictures/
 
 The layout is the release's (its datasets/ folder): CC3M's pictures of a split in a folder of that
 name, each with its caption beside it in a .txt (as img2dataset writes them), so that
@@ -228,13 +229,120 @@ def write_mmdialog(root: Path) -> None:
         (folder / f"{split}_conversations.txt").write_text("\n".join(lines) + "\n")
 
 
+def scene(shape: str, noon: bool, colour: tuple[int, int, int]) -> Image.Image:
+    """A 64 x 64 picture of the interleaved example: a shape on grass, under a day or a night sky."""
+    image = Image.new("RGB", (64, 64), (135, 200, 250) if noon else (15, 20, 60))
+    pen = ImageDraw.Draw(image)
+    pen.rectangle([0, 44, 63, 63], fill=(60, 160, 60) if noon else (20, 60, 25))
+    if shape == "ball":
+        pen.ellipse([22, 26, 42, 46], fill=colour)
+    elif shape == "box":
+        pen.rectangle([20, 24, 44, 46], fill=colour)
+    elif shape == "tree":
+        pen.rectangle([29, 30, 35, 46], fill=(110, 70, 30))
+        pen.ellipse([18, 8, 46, 36], fill=colour)
+    elif shape == "house":
+        pen.rectangle([18, 26, 46, 46], fill=colour)
+        pen.polygon([(14, 26), (32, 10), (50, 26)], fill=(150, 40, 40))
+    elif shape == "sun":
+        pen.ellipse([40, 4, 58, 22], fill=colour)
+    return image
+
+
+INTERLEAVED_PICTURES = {
+    "ball_noon": ("ball", True, (220, 30, 30)), "ball_night": ("ball", False, (120, 20, 20)),
+    "box_noon": ("box", True, (40, 60, 220)), "box_night": ("box", False, (20, 30, 100)),
+    "tree": ("tree", True, (30, 130, 40)), "house": ("house", True, (230, 220, 180)),
+    "house_night": ("house", False, (90, 85, 60)), "sun": ("sun", True, (250, 220, 40)),
+}
+CAPTIONS = {"ball_noon": "a red ball on grass at noon", "ball_night": "a red ball on grass at night",
+            "box_noon": "a blue box on grass at noon", "box_night": "a blue box on grass at night",
+            "tree": "a green tree on grass", "house": "a house on grass by day",
+            "house_night": "a house on grass at night", "sun": "the sun over grass"}
+
+
+def write_interleaved(root: Path) -> None:
+    """The generic interleaved format's example (docs/own_data.md): train.jsonl (20 lines:
+    conversations, documents without roles, answers of one and of two pictures, questions about
+    pictures) and test.jsonl (4 lines), the pictures in pictures/."""
+    (root / "pictures").mkdir()
+    for name, (shape, noon, colour) in INTERLEAVED_PICTURES.items():
+        scene(shape, noon, colour).save(root / "pictures" / f"{name}.jpg", quality=90)
+
+    def img(name: str, caption: bool = False) -> dict:
+        return {"image": f"pictures/{name}.jpg", **({"caption": CAPTIONS[name]} if caption else {})}
+
+    def text(value: str) -> dict:
+        return {"text": value}
+
+    def user(*segments) -> dict:
+        return {"role": "user", "segments": list(segments)}
+
+    def assistant(*segments) -> dict:
+        return {"role": "assistant", "segments": list(segments)}
+
+    def ask(id_: str, request: str, *answer) -> dict:
+        return {"id": id_, "turns": [user(text(request)), assistant(*answer)]}
+
+    def story(id_: str, *turns) -> dict:
+        return {"id": id_, "turns": [list(turn) for turn in turns]}
+
+    train = [
+        ask("ball_day_night", "Show me the ball at noon and then at night.", text("At noon:"), img("ball_noon", True),
+            text("and at night:"), img("ball_night", True)),
+        ask("box_day_night", "Show me the box at noon and then at night.", text("At noon:"), img("box_noon", True),
+            text("and at night:"), img("box_night", True)),
+        ask("house_day_night", "Draw the house by day, then by night.", img("house", True), img("house_night", True)),
+        ask("ball_noon", "Draw a red ball on the grass at noon.", img("ball_noon", True)),
+        ask("ball_night", "Draw a red ball on the grass at night.", img("ball_night", True)),
+        ask("box_noon", "Draw a blue box on the grass at noon.", img("box_noon", True)),
+        ask("tree", "Can you paint a tree?", text("Here is a tree:"), img("tree", True)),
+        ask("sun", "A sunny day, please.", text("The sun is out:"), img("sun", True)),
+        {"id": "what_is_it", "turns": [user(img("tree"), text("What is in this picture?")),
+                                       assistant(text("A green tree standing on the grass."))]},
+        {"id": "night_or_day", "turns": [user(img("ball_night"), text("Is it day or night here?")),
+                                         assistant(text("It is night: the sky is dark."))]},
+        {"id": "ball_chat", "system": "You draw simple scenes and talk about them.",
+         "turns": [user(text("Draw a ball.")), assistant(text("Here it is:"), img("ball_noon")),
+                   user(text("Now the same ball at night.")), assistant(text("At night:"), img("ball_night"))]},
+        {"id": "box_chat", "turns": [user(text("Draw a box at noon.")), assistant(img("box_noon")),
+                                     user(text("What colour is it?")), assistant(text("It is blue."))]},
+        story("house_story", [text("A small house stands on the grass."), img("house")],
+              [text("Night falls and the house grows dark."), img("house_night")]),
+        story("ball_story", [text("In the morning a red ball lies on the grass."), img("ball_noon")],
+              [text("Then evening comes."), img("ball_night")], [text("The ball waits for the next day.")]),
+        story("garden_story", [text("The garden has a tree."), img("tree")], [text("Next to it the sun shines."),
+              img("sun")], [text("And a house stands close by."), img("house")]),
+        story("box_story", [text("A blue box sits in the sun."), img("box_noon")],
+              [text("At night it is hard to see."), img("box_night")]),
+        ask("tree_and_house", "Show me a tree and then a house.", text("A tree:"), img("tree", True),
+            text("and a house:"), img("house", True)),
+        ask("sun_and_ball", "First the sun, then the ball.", img("sun", True), img("ball_noon", True)),
+        {"id": "describe_two", "turns": [user(img("box_noon"), img("box_night"),
+                                              text("What changed between these two pictures?")),
+                                         assistant(text("Night fell: the sky and the box turned dark."))]},
+        ask("house_night", "Draw the house at night.", img("house_night", True)),
+    ]
+    test = [
+        ask("box_then_house", "Show me the box at noon and then the house at night.", text("The box:"),
+            img("box_noon", True), text("and the house:"), img("house_night", True)),
+        ask("tree_then_sun", "A tree, then the sun.", img("tree", True), img("sun", True)),
+        ask("box_night", "Draw a blue box on the grass at night.", img("box_night", True)),
+        {"id": "what_house", "turns": [user(img("house"), text("What is in this picture?")),
+                                       assistant(text("A house standing on the grass."))]},
+    ]
+    for name, lines in (("train.jsonl", train), ("test.jsonl", test)):
+        (root / name).write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
 def main() -> None:
-    """Write (replacing) datasets/CC3M, datasets/VIST and datasets/MMDialog under --out."""
+    """Write (replacing) datasets/CC3M, datasets/VIST, datasets/MMDialog and datasets/interleaved under --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "datasets"), help="output folder (default: datasets/)")
     args = parser.parse_args()
     out = Path(args.out)
-    for name, write in (("CC3M", write_cc3m), ("VIST", write_vist), ("MMDialog", write_mmdialog)):
+    for name, write in (("CC3M", write_cc3m), ("VIST", write_vist), ("MMDialog", write_mmdialog),
+                        ("interleaved", write_interleaved)):
         shutil.rmtree(out / name, ignore_errors=True)
         (out / name).mkdir(parents=True)
         write(out / name)

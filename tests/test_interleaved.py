@@ -447,3 +447,73 @@ def test_a_damaged_parquet_file_or_one_without_the_columns_is_an_error(folder):
     pq.write_table(pa.table({"text": ["a"]}), folder / "other.parquet")
     with pytest.raises(Exception, match="other.parquet: no column images, texts"):
         _reader(folder / "other.parquet")
+
+
+@pytest.mark.parametrize("family_name", ["llama3", "qwen2"])
+def test_another_llm_family_reads_the_conversation_with_its_pictures_in_place(family_name):
+    from conversation import Conversation
+    from llm_families import get_family
+
+    family = get_family(family_name)
+    chat = Conversation(system="")
+    chat.add("Human", "the ball at noon and at night")
+    out = chat.respond(_TwoPictureModel())
+    chat.add("Human", "again")
+    prompt, images = chat.prompt(family)
+    assert images == out.images and prompt.count("<Img><ImageHere></Img>") == 2
+    noon, night = prompt.index("At noon:"), prompt.index("and at night:")
+    slots = [m.start() for m in re.finditer(re.escape("<Img><ImageHere></Img>"), prompt)]
+    assert noon < slots[0] < night < slots[1] < prompt.index("again")
+    assert "###" not in prompt                     # the family's own turns, not the release's tags
+
+
+def test_another_llm_family_trains_on_answers_of_two_pictures(tmp_path_factory):
+    """With a chat-template family (qwen2's tiny preset), the example's dialogues are read in that
+    family's prompt style and each picture still gets its own voken group and loss terms."""
+    from configuration import load_config
+    from llm_families import get_family
+    from presets import build_preset
+
+    cfg = load_config(build_preset("tiny_qwen2", tmp_path_factory.mktemp("qwen2") / "weights", seed=0))
+    model = build(cfg, stage=2, seed=0).eval()
+    batch = _batch(model, TWO)
+    family = get_family("qwen2")
+    assert all(source.endswith(family.header("assistant")) and "###" not in source for source in batch["sources"])
+    assert batch["targets"][0].count(VOKENS) == 2 and batch["targets"][0].endswith(family.end_of_turn)
+    assert batch["output_image_counts"].tolist() == [2, 0, 1, 2]
+    with torch.no_grad():
+        losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values()) and set(losses) >= {"image_loss", "caption_loss"}
+
+
+def test_the_playground_answers_with_the_pictures_asked_for(tmp_path):
+    """`--pictures 2`: each answer holds two pictures, marked and judged in place, both in the figure and
+    the HTML page."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "playground.py"), "--pictures", "2",
+                             "--num_samples", "1", "--num_inference_steps", "2", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = next(line for line in result.stdout.splitlines() if line.startswith("sample 0:"))
+    assert answer.index("[picture 0.1]") < answer.index("[picture 0.2]")
+    assert "picture 1: " in answer and "picture 2: " in answer              # the judge reads each
+    assert (tmp_path / "playground.html").read_text().count("<img ") == 2 + 2   # two inputs, two answers
+    bad = subprocess.run([sys.executable, str(REPO / "examples" / "playground.py"), "--pictures", "0"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert bad.returncode != 0 and "--pictures must be at least 1, got 0" in bad.stderr
+
+
+def test_the_example_is_what_the_sample_script_writes(tmp_path):
+    """datasets/interleaved is scripts/make_sample_datasets.py's output, byte for byte."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_sample_datasets.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True, cwd=REPO)
+    written = sorted(p.relative_to(tmp_path / "interleaved") for p in (tmp_path / "interleaved").rglob("*") if p.is_file())
+    shipped = sorted(p.relative_to(EXAMPLE.parent) for p in EXAMPLE.parent.rglob("*") if p.is_file())
+    assert written == shipped
+    for relative in written:
+        assert (tmp_path / "interleaved" / relative).read_bytes() == (EXAMPLE.parent / relative).read_bytes(), relative
