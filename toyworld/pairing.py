@@ -206,7 +206,10 @@ def steps(Step) -> list:
             made.append(Step(f"{n}_{step}", lambda b, run=run, n=n: run(b, n), depends,
                              lambda b, settings=settings: [settings(b), b.settings["seed"]], about, enabled=on))
 
-        add("preset", make_preset, ("preset", "clip"), f"{name}: the pairing's files (BPE tokenizer on the world's text)")
+        # After the release pairing's image side, which writes the ViT file last (the copy must not race it).
+        add("preset", make_preset, ("preset", "clip", "image_side"),
+            f"{name}: the pairing's files (BPE tokenizer on the world's text)",
+            settings=lambda b, n=name, r=recipe: [r(b), b.settings["seed"], *_config_texts(b, n)])
         add("vae", pretrain_vae, (f"{name}_preset",), f"{name}: train the decoder's VAE")
         add("llm", pretrain_llm, (f"{name}_preset",), f"{name}: train the LLM on the world's text")
         add("transformer", pretrain_transformer, (f"{name}_vae",), f"{name}: train the SD3 transformer (rectified flow)")
@@ -218,6 +221,12 @@ def steps(Step) -> list:
             f"{name}: predict the toy CC3M test with stage 1, judge it",
             settings=lambda b: [b.settings["evaluate"]])
     return made
+
+
+def _config_texts(build, name: str) -> list[str]:
+    """The pairing's model config and arch files as they are (a changed size redoes the pairing)."""
+    recipe = (build.settings.get("pairing_recipes") or {}).get(name) or {}
+    return [(build.config_path.parent / recipe[key]).read_text() for key in ("model_config", "arch") if key in recipe]
 
 
 PREDICTIONS = tuple(f"{name}_{PREDICTION}" for name in PAIRINGS)
