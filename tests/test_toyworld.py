@@ -629,3 +629,27 @@ def test_optional_tasks_and_pairings_follow_the_settings(tmp_path):
     config.write_text(yaml.safe_dump(settings))
     with pytest.raises(SystemExit, match="pairing_recipes"):
         PairingView(Build(config, tmp_path / "pairing"), "qwen2_sd3")
+
+
+def test_each_drawn_picture_is_judged_at_its_place(tmp_path, monkeypatch):
+    """judge_folder reads a prediction's pictures in order against the scenes expected there: the
+    second picture against the second scene; a missing second picture is None (wrong), and a
+    prediction of another task is not counted."""
+    import metric
+    from toyworld import two_pictures
+
+    data = tmp_path / "data"
+    two_pictures.write(data / two_pictures.FOLDER, {"test": 2}, 32, seed=0)
+    truth = json.loads((data / two_pictures.FOLDER / "scenes_test.json").read_text())
+    tasks = list(truth)
+    draw = lambda attributes: world.render(world.Scene(**attributes), 32, random.Random(0))
+    samples = [metric.Sample("", "", "", draw(truth[tasks[0]][0]), None, None, tasks[0],
+                             more_pred_images=[draw(truth[tasks[0]][1])]),
+               metric.Sample("", "", "", draw(truth[tasks[1]][1]), None, None, tasks[1]),
+               metric.Sample("", "", "", None, None, None, "elsewhere_1-answer")]
+    monkeypatch.setattr(metric, "load_predictions", lambda folder: samples)
+    judged = two_pictures.judge_folder(data, tmp_path)
+    assert judged["tasks"] == tasks and judged["drawn"] == [2, 1]
+    assert judged["judged"][0] == truth[tasks[0]] and judged["judged"][1][1] is None
+    scores = two_pictures.scores(judged)
+    assert scores["both"] == 0.5 and scores["picture_1"]["all"] == 0.5 and scores["picture_2"]["all"] == 0.5
