@@ -390,6 +390,7 @@ STEPS = [
            about="MiniGPT-5 stage 2 on the toy VIST"),
     _stage("stage2_mmdialog", "MMDialog", 2, "stage1_cc3m.ckpt", depends=("datasets", "stage1_cc3m"),
            about="MiniGPT-5 stage 2 on the toy MMDialog"),
+    *two_pictures_steps(),          # a long training step, ready with stage 1 (its prediction waits for it)
     # Side by side, ready steps start in this order: the long ones first (the stage-2 ablation is
     # ready with stage 0), so that the short ones fill the end and no core idles there.
     _stage("stage2_vist_no_stage1", "VIST", 2, evaluate.UNTRAINED,
@@ -401,7 +402,6 @@ STEPS = [
          "train metric.py's toy CLIP and toy scene classifier (in Inception's place)"),
     # Each prediction run is a step of its own, so that it starts as soon as its checkpoints exist.
     *(_predict(run) for run in evaluate.RUNS),
-    *two_pictures_steps(),
     *pairing_steps(),
     Step("report", evaluate.write_report, tuple(f"predict_{run.name}" for run in evaluate.RUNS)
          + ("predict_two_pictures",) + PAIRING_PREDICTIONS,
