@@ -512,7 +512,7 @@ def test_a_short_build_learns(tmp_path):
     # The two-picture task's code path (one optimiser step of stage 2: no accuracy asked): every
     # test answer predicted and each of its two places judged.
     two = results["predict_two_pictures"]["summary"]["scores"]
-    assert two["n"] == settings["world"]["two_pictures"]["test"] and set(two) >= {"picture_1", "picture_2", "both"}
+    assert two["n"] == settings["two_pictures"]["test"] and set(two) >= {"picture_1", "picture_2", "both"}
     assert "## Two pictures in one answer" in report and "| both pictures entirely right |" in report
     # The second pairing's code path (a few steps of each pretraining and of stage 1): its stage-1
     # checkpoint records its LLM family, and its held-out pictures are judged in the report.
@@ -612,6 +612,7 @@ def test_optional_tasks_and_pairings_follow_the_settings(tmp_path):
     from toyworld.pairing import PairingView
 
     names = [s.name for s in steps(Build(DEFAULT_CONFIG, tmp_path / "default"))]
+    assert names.index("datasets") < names.index("two_pictures_data") < names.index("stage2_two_pictures")
     assert "predict_two_pictures" in names and not any(n.startswith("qwen2_sd3") for n in names)
     settings = yaml.safe_load(DEFAULT_CONFIG.read_text())
     settings["pairings"] = ["qwen2_sd3"]

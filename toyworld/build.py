@@ -8,8 +8,8 @@
     stage0         MiniGPT-5's trainable parts as built, untrained (the "no training" reference)
     stage1 ...     MiniGPT-5 trained by the unchanged train_eval.py: stage 1 on the toy CC3M, stage 2
                    on the toy VIST and MMDialog from it, and the ablations (checkpoints/)
-    stage2_two_pictures, predict_two_pictures
-                   the two-picture task (toyworld/two_pictures.py), when `world.two_pictures` sizes it
+    two_pictures_data, stage2_two_pictures, predict_two_pictures
+                   the two-picture task (toyworld/two_pictures.py), when the settings' `two_pictures` sizes it
     <pairing>_*    a second pairing's pretraining, stage 1 and prediction (toyworld/pairing.py), for
                    each pairing the settings' `pairings` list names
     extractors     metric.py's toy CLIP and toy scene classifier (in Inception's place)

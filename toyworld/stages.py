@@ -50,13 +50,6 @@ def make_datasets(build: Build) -> dict:
     shutil.rmtree(build.data, ignore_errors=True)
     files = world.write_datasets(build.data, _sizes(build))
     leakage.check(build.data)                      # no test item occurs in training, or no build
-    if build.settings["world"].get("two_pictures"):  # the two-picture task (toyworld/two_pictures.py)
-        from toyworld import two_pictures
-
-        folder = build.data / two_pictures.FOLDER
-        files[two_pictures.FOLDER] = two_pictures.write(folder, build.settings["world"]["two_pictures"],
-                                                        build.settings["world"]["image_size"], build.settings["seed"])
-        two_pictures.check(folder)
     return {"files": {kind: {split: str(path.relative_to(build.out)) for split, path in splits.items()}
                       for kind, splits in files.items()}}
 
@@ -342,17 +335,24 @@ def _predict(run: evaluate.Run) -> Step:
 
 
 def two_pictures_steps() -> list[Step]:
-    """The two-picture task (toyworld/two_pictures.py), when `world.two_pictures` gives its sizes:
-    stage 2 on it from stage 1 (`--dataset interleaved`), and its prediction, each picture judged."""
+    """The two-picture task (toyworld/two_pictures.py), when the settings' `two_pictures` gives its
+    sizes: its data, stage 2 on it from stage 1 (`--dataset interleaved`), and its prediction, each
+    picture judged."""
     from toyworld import two_pictures
 
+    # Its data is a step of its own after `datasets` (which clears data/): a build made before the
+    # task keeps its datasets and everything trained on them.
+    data = Step("two_pictures_data", two_pictures.data_step, ("datasets",),
+                lambda b: [b.settings.get("two_pictures"), b.settings["world"]["image_size"], b.settings["seed"]],
+                "write the toy two-picture answers (interleaved format), leak-checked", enabled=two_pictures.enabled)
     train = _stage("stage2_two_pictures", "interleaved", 2, "stage1_cc3m.ckpt", ("--dataset", "interleaved"),
-                   depends=("datasets", "stage1_cc3m"), about="MiniGPT-5 stage 2 on the toy two-picture answers")
+                   depends=("two_pictures_data", "stage1_cc3m"), about="MiniGPT-5 stage 2 on the toy two-picture answers")
     train.enabled = two_pictures.enabled
-    predict = Step("predict_two_pictures", two_pictures.predict_step, ("datasets", "stage1_cc3m", "stage2_two_pictures"),
+    predict = Step("predict_two_pictures", two_pictures.predict_step,
+                   ("two_pictures_data", "stage1_cc3m", "stage2_two_pictures"),
                    lambda b: [b.settings["evaluate"], two_pictures.RUN],
                    "predict the two-picture answers, judge each picture at its place", enabled=two_pictures.enabled)
-    return [train, predict]
+    return [data, train, predict]
 
 
 def pairing_steps() -> list[Step]:

@@ -195,8 +195,19 @@ def report_lines(result: dict) -> list[str]:
 # ---- the build's steps (toyworld/stages.py lists them) -------------------------------------------
 
 def enabled(build) -> bool:
-    """The task is built when the settings give its sizes (`world.two_pictures`)."""
-    return bool(build.settings["world"].get("two_pictures"))
+    """The task is built when the settings give its sizes (`two_pictures`)."""
+    return bool(build.settings.get("two_pictures"))
+
+
+def data_step(build) -> dict:
+    """The data step: `write` under the build's data/interleaved/, then `check` (or no build)."""
+    import shutil
+
+    folder = build.data / FOLDER
+    shutil.rmtree(folder, ignore_errors=True)
+    files = write(folder, build.settings["two_pictures"], build.settings["world"]["image_size"], build.settings["seed"])
+    check(folder)
+    return {"files": {split: str(path.relative_to(build.out)) for split, path in files.items()}}
 
 
 def _run():
