@@ -493,6 +493,9 @@ def test_a_short_build_learns(tmp_path):
     settings = yaml.safe_load(quick.read_text())
     for key in ("model_config", "arch", "frozen_parts"):
         settings[key] = str((quick.parent / settings[key]).resolve())
+    for recipe in settings["pairing_recipes"].values():
+        for key in ("model_config", "arch"):
+            recipe[key] = str((quick.parent / recipe[key]).resolve())
     config = tmp_path / "quick.yaml"
     config.write_text(yaml.safe_dump(settings))
     build = Build(config, tmp_path / "build")
@@ -506,6 +509,20 @@ def test_a_short_build_learns(tmp_path):
     assert sum(scores[name] for name in CHANCE) > sum(untrained["accuracy"][name] for name in CHANCE)
     report = (tmp_path / "build" / "TOY_RESULTS.md").read_text()
     assert "MiniGPT-5 stage 1" in report and "| chance |" in report
+    # The two-picture task's code path (one optimiser step of stage 2: no accuracy asked): every
+    # test answer predicted and each of its two places judged.
+    two = results["predict_two_pictures"]["summary"]["scores"]
+    assert two["n"] == settings["two_pictures"]["test"] and set(two) >= {"picture_1", "picture_2", "both"}
+    assert "## Two pictures in one answer" in report and "| both pictures entirely right |" in report
+    # The second pairing's code path (a few steps of each pretraining and of stage 1): its stage-1
+    # checkpoint records its LLM family, and its held-out pictures are judged in the report.
+    pairing = results["qwen2_sd3_predict_cc3m_stage1"]["summary"]
+    assert pairing["n"] == settings["world"]["cc3m"]["test"]
+    from weights import load_untrusted
+
+    ckpt = load_untrusted(tmp_path / "build" / "pairings" / "qwen2_sd3" / "checkpoints" / "stage1_cc3m.ckpt", "test")
+    assert ckpt["llm_family"] == "qwen2"
+    assert "## A second pairing" in report and "| qwen2_sd3: stage 1" in report
     assert "minutes of wall clock" in report                     # every step was timed from its start
 
 
@@ -542,3 +559,98 @@ def test_a_shipped_builds_demo_story_is_of_the_kind_stage_2_learnt():
     from toyworld.build import DEFAULT_CONFIG
 
     assert ship.story_mode(DEFAULT_CONFIG) == "pictures"
+
+
+def test_the_two_picture_task_is_written_held_out_and_leak_checked(tmp_path):
+    """Each answer holds two pictures (the second after one stated change); training shows seen
+    combinations only, every test answer starts from a held-out one in the test wording, and a test
+    request put into training stops the build."""
+    from toyworld import two_pictures
+
+    folder = tmp_path / "interleaved"
+    two_pictures.write(folder, {"train": 40, "val": 2, "test": 8}, 32, seed=0)
+    two_pictures.check(folder)
+    for split in ("train", "test"):
+        truth = json.loads((folder / f"scenes_{split}.json").read_text())
+        lines = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+        assert len(lines) == len(truth) == {"train": 40, "test": 8}[split]
+        for line in lines:
+            images = [seg["image"] for seg in line["turns"][1]["segments"] if "image" in seg]
+            assert len(images) == 2 and all((folder / path).is_file() for path in images)
+            first, second = truth[two_pictures.task_name(line["id"])]
+            assert sum(first[a] != second[a] for a in first) == 1           # one stated change
+            assert world.is_held_out(world.Scene(**first)) == (split == "test")
+    judged = [judge(Image.open(folder / "pictures" / "test" / f"000000_{k}.jpg")) for k in (0, 1)]
+    assert judged == truth[two_pictures.task_name("pair00000")]           # the judge reads both places
+    test_line = (folder / "test.jsonl").read_text().splitlines()[0]
+    with open(folder / "train.jsonl", "a") as f:
+        f.write(test_line.replace("pictures/test/", "pictures/train/") + "\n")
+    with pytest.raises(SystemExit, match="test request"):
+        two_pictures.check(folder)
+
+
+def test_two_picture_answers_are_scored_per_place_and_both():
+    from toyworld import two_pictures
+
+    a = {"setting": "beach", "time": "noon", "colour": "red", "place": "near"}
+    b = {**a, "time": "night"}
+    judged = {"tasks": ["p0", "p1", "p2"], "truth": [[a, b]] * 3, "drawn": [2, 2, 1],
+              "judged": [[a, b], [a, a], [a, None]]}
+    scores = two_pictures.scores(judged)
+    assert scores["picture_1"]["all"] == 1.0 and abs(scores["picture_2"]["all"] - 1 / 3) < 1e-9
+    assert abs(scores["both"] - 1 / 3) < 1e-9 and abs(scores["two_drawn"] - 2 / 3) < 1e-9
+    lines = two_pictures.report_lines(scores)
+    assert "| both pictures entirely right | 3 | 33.3% | >= 70% |" in lines
+
+
+def test_optional_tasks_and_pairings_follow_the_settings(tmp_path):
+    """The default build has the two-picture task but builds no second pairing unless `pairings`
+    names it; a named pairing without its recipe stops the build with the key to add."""
+    import yaml
+
+    from toyworld.build import DEFAULT_CONFIG, Build, steps
+    from toyworld.pairing import PairingView
+
+    names = [s.name for s in steps(Build(DEFAULT_CONFIG, tmp_path / "default"))]
+    assert names.index("datasets") < names.index("two_pictures_data") < names.index("stage2_two_pictures")
+    assert "predict_two_pictures" in names and not any(n.startswith("qwen2_sd3") for n in names)
+    settings = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    settings["pairings"] = ["qwen2_sd3"]
+    config = tmp_path / "with_pairing.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    build = Build(config, tmp_path / "pairing")
+    names = [s.name for s in steps(build)]
+    assert names.index("qwen2_sd3_transformer") < names.index("qwen2_sd3_stage1_cc3m") < names.index("report")
+    view = PairingView(build, "qwen2_sd3")
+    assert view.data == build.data and view.model_config == build.out / "pairings" / "qwen2_sd3" / "toy.yaml"
+    config.write_text(yaml.safe_dump({**settings, "pairings": ["qwen3_flux"]}))
+    with pytest.raises(SystemExit, match=r"unknown pairing\(s\) \['qwen3_flux'\]"):
+        steps(Build(config, tmp_path / "pairing"))
+    del settings["pairing_recipes"]
+    config.write_text(yaml.safe_dump(settings))
+    with pytest.raises(SystemExit, match="pairing_recipes"):
+        PairingView(Build(config, tmp_path / "pairing"), "qwen2_sd3")
+
+
+def test_each_drawn_picture_is_judged_at_its_place(tmp_path, monkeypatch):
+    """judge_folder reads a prediction's pictures in order against the scenes expected there: the
+    second picture against the second scene; a missing second picture is None (wrong), and a
+    prediction of another task is not counted."""
+    import metric
+    from toyworld import two_pictures
+
+    data = tmp_path / "data"
+    two_pictures.write(data / two_pictures.FOLDER, {"test": 2}, 32, seed=0)
+    truth = json.loads((data / two_pictures.FOLDER / "scenes_test.json").read_text())
+    tasks = list(truth)
+    draw = lambda attributes: world.render(world.Scene(**attributes), 32, random.Random(0))
+    samples = [metric.Sample("", "", "", draw(truth[tasks[0]][0]), None, None, tasks[0],
+                             more_pred_images=[draw(truth[tasks[0]][1])]),
+               metric.Sample("", "", "", draw(truth[tasks[1]][1]), None, None, tasks[1]),
+               metric.Sample("", "", "", None, None, None, "elsewhere_1-answer")]
+    monkeypatch.setattr(metric, "load_predictions", lambda folder: samples)
+    judged = two_pictures.judge_folder(data, tmp_path)
+    assert judged["tasks"] == tasks and judged["drawn"] == [2, 1]
+    assert judged["judged"][0] == truth[tasks[0]] and judged["judged"][1][1] is None
+    scores = two_pictures.scores(judged)
+    assert scores["both"] == 0.5 and scores["picture_1"]["all"] == 0.5 and scores["picture_2"]["all"] == 0.5

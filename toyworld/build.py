@@ -8,6 +8,10 @@
     stage0         MiniGPT-5's trainable parts as built, untrained (the "no training" reference)
     stage1 ...     MiniGPT-5 trained by the unchanged train_eval.py: stage 1 on the toy CC3M, stage 2
                    on the toy VIST and MMDialog from it, and the ablations (checkpoints/)
+    two_pictures_data, stage2_two_pictures, predict_two_pictures
+                   the two-picture task (toyworld/two_pictures.py), when the settings' `two_pictures` sizes it
+    <pairing>_*    a second pairing's pretraining, stage 1 and prediction (toyworld/pairing.py), for
+                   each pairing the settings' `pairings` list names
     extractors     metric.py's toy CLIP and toy scene classifier (in Inception's place)
     predict_*      predictions of each test set by a model or an ablation, judged (and metric.py)
     report         the judge's scores, metric.py's figures, the times -> TOY_RESULTS.md
@@ -50,6 +54,8 @@ class Step:
     # to run beside it: a float sum split over other threads rounds differently, and a build must give
     # the same bytes every time.
     threads: str = "share"
+    # Whether the settings ask for this step (an optional task or pairing, e.g. `pairings:`).
+    enabled: Callable[["Build"], bool] = lambda build: True
 
 
 @dataclass
@@ -130,6 +136,13 @@ def steps(build: Build | None = None) -> list[Step]:
         return plan
     if build.settings.get("frozen_parts"):
         plan = [s for s in plan if s.name not in stages.PRETRAINING]
+    from toyworld.pairing import PAIRINGS
+
+    unknown = sorted(set(build.settings.get("pairings") or []) - set(PAIRINGS))
+    if unknown:
+        raise SystemExit(f"error: {build.config_path}: `pairings` names unknown pairing(s) {unknown}; known: "
+                         f"{list(PAIRINGS)}")
+    plan = [s for s in plan if s.enabled(build)]
     names = {s.name for s in stages.STEPS}
     unknown = sorted(set(build.settings.get("minigpt5") or {}) - {"common", "stage1", "stage2"} - names)
     if unknown:

@@ -435,6 +435,7 @@ def write_report(build: Build) -> dict:
     wall = _wall_clock(build, plan)
     baselines = story_baselines(build.data) if "vist_stage2" in scored else None
     text = report(build, scored, metrics, seconds, wall, baselines, "tiny" if "tiny" in extractors else "toy")
+    text += _extra_sections(build, plan)
     (build.out / "TOY_RESULTS.md").write_text(text)
     target = build.settings.get("report")
     if target:
@@ -443,6 +444,19 @@ def write_report(build: Build) -> dict:
     summary = {name: {"accuracy": accuracy(*_select(s, _known)), "emitted": sum(s.emitted) / max(1, len(s.emitted))}
                for name, s in scored.items()}
     return {"report": str(build.out / "TOY_RESULTS.md"), "runs": summary}
+
+
+def _extra_sections(build: Build, plan) -> str:
+    """The sections of the optional tasks and pairings whose prediction steps ran (their modules
+    write them): the two-picture task, a second pairing's stage 1."""
+    from toyworld import pairing, two_pictures
+
+    lines = []
+    record = build.record("predict_two_pictures")
+    if record is not None and any(step.name == "predict_two_pictures" for step in plan):
+        lines += two_pictures.report_lines(record["summary"]["scores"])
+    lines += pairing.report_lines(build, plan)
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def _wall_clock(build: Build, plan) -> float | None:

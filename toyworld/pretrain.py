@@ -303,7 +303,8 @@ def train_llm(llm, tokenizer, documents: list[str], recipe: Recipe, seed: int) -
     encoded = [tokenizer(d, add_special_tokens=False).input_ids for d in documents]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     limit = llm.config.max_position_embeddings
-    sequences = [([bos] + ids + [eos])[:limit] for ids in encoded]
+    start = [] if bos is None else [bos]         # a family without BOS (Qwen2) starts with the text
+    sequences = [(start + ids + [eos])[:limit] for ids in encoded]
     llm.train().requires_grad_(True)
 
     def step(_: int) -> torch.Tensor:

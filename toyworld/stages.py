@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from toyworld import world
-from toyworld import evaluate
+from toyworld import evaluate, pairing
 from toyworld.build import Build, Step
 
 
@@ -172,6 +172,7 @@ def pretrain_unet(build: Build) -> dict:
 def pretrain_llm(build: Build) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from configuration import load_config
     from minigpt4 import load_tokenizer
     from toyworld import pretrain
 
@@ -179,7 +180,7 @@ def pretrain_llm(build: Build) -> dict:
     torch.manual_seed(_seed(build, "llm"))
     folder = build.out / "llama"
     llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
-    tokenizer = load_tokenizer(str(folder))
+    tokenizer = load_tokenizer(str(folder), load_config(build.model_config, check_paths=False).llm_family)
     documents = pretrain.llm_corpus(section["documents"], build.settings["seed"], _story_mode(build))
     losses = pretrain.train_llm(llm, tokenizer, documents, _recipe(section), _seed(build, "llm-train"))
     _save(llm, folder)
@@ -264,7 +265,8 @@ def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight
     """`train_eval.py --is_training True` on the toy dataset, as the release's README runs it;
     the best checkpoint by val_loss becomes `checkpoints/<name>.ckpt`."""
     files = {"CC3M": ("cc3m_train.tsv", "cc3m_val.tsv"), "VIST": ("train_cleaned.json", "val_cleaned.json"),
-             "MMDialog": ("train/train_conversations.txt", "val/val_conversations.txt")}[dataset]
+             "MMDialog": ("train/train_conversations.txt", "val/val_conversations.txt"),
+             "interleaved": ("train.jsonl", "val.jsonl")}[dataset]
     flags = build.settings["minigpt5"]
     run_dir = build.out / "runs" / name          # this run's checkpoints and logs (runs may go side by side)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -284,10 +286,12 @@ def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight
     # The best by val_loss, where the next steps read it: its weights only (the run's folder keeps
     # Lightning's checkpoints for resuming; their paths and times would make two builds' bytes differ).
     from run_files import save_atomic
-    from weights import read_checkpoint
+    from weights import load_untrusted, read_checkpoint
 
     build.checkpoints.mkdir(parents=True, exist_ok=True)
-    save_atomic({"state_dict": read_checkpoint(best)}, build.checkpoints / best.name)
+    # A pairing's LLM family, when the checkpoint records one (checkpoints.check_pairing reads it).
+    family = {k: v for k, v in load_untrusted(best, "MiniGPT-5 checkpoint", mmap=True).items() if k == "llm_family"}
+    save_atomic({"state_dict": read_checkpoint(best), **family}, build.checkpoints / best.name)
     best.unlink()
     return {"checkpoint": best.name, **_run_metrics(run_dir, name)}
 
@@ -330,6 +334,36 @@ def _predict(run: evaluate.Run) -> Step:
                 lambda b: [b.settings["evaluate"], run], f"predict {run.dataset} with {' + '.join(weights)}, judge it")
 
 
+def two_pictures_steps() -> list[Step]:
+    """The two-picture task (toyworld/two_pictures.py), when the settings' `two_pictures` gives its
+    sizes: its data, stage 2 on it from stage 1 (`--dataset interleaved`), and its prediction, each
+    picture judged."""
+    from toyworld import two_pictures
+
+    # Its data is a step of its own after `datasets` (which clears data/): a build made before the
+    # task keeps its datasets and everything trained on them.
+    data = Step("two_pictures_data", two_pictures.data_step, ("datasets",),
+                lambda b: [b.settings.get("two_pictures"), b.settings["world"]["image_size"], b.settings["seed"]],
+                "write the toy two-picture answers (interleaved format), leak-checked", enabled=two_pictures.enabled)
+    train = _stage("stage2_two_pictures", "interleaved", 2, "stage1_cc3m.ckpt", ("--dataset", "interleaved"),
+                   depends=("two_pictures_data", "stage1_cc3m"), about="MiniGPT-5 stage 2 on the toy two-picture answers")
+    train.enabled = two_pictures.enabled
+    predict = Step("predict_two_pictures", two_pictures.predict_step,
+                   ("two_pictures_data", "stage1_cc3m", "stage2_two_pictures"),
+                   lambda b: [b.settings["evaluate"], two_pictures.RUN],
+                   "predict the two-picture answers, judge each picture at its place", enabled=two_pictures.enabled)
+    return [data, train, predict]
+
+
+def pairing_steps() -> list[Step]:
+    """A second pairing's pretraining, stage 1 and prediction (toyworld/pairing.py), each step
+    enabled when the settings' `pairings` list names its pairing."""
+    from toyworld import pairing
+
+    return pairing.steps(Step)
+
+
+PAIRING_PREDICTIONS = pairing.PREDICTIONS
 PRETRAINING = ("clip", "vae", "unet", "llm", "image_side")
 STEPS = [
     Step("datasets", make_datasets, (), lambda b: [b.settings["world"], b.settings["seed"]],
@@ -356,6 +390,7 @@ STEPS = [
            about="MiniGPT-5 stage 2 on the toy VIST"),
     _stage("stage2_mmdialog", "MMDialog", 2, "stage1_cc3m.ckpt", depends=("datasets", "stage1_cc3m"),
            about="MiniGPT-5 stage 2 on the toy MMDialog"),
+    *two_pictures_steps(),          # a long training step, ready with stage 1 (its prediction waits for it)
     # Side by side, ready steps start in this order: the long ones first (the stage-2 ablation is
     # ready with stage 0), so that the short ones fill the end and no core idles there.
     _stage("stage2_vist_no_stage1", "VIST", 2, evaluate.UNTRAINED,
@@ -367,6 +402,8 @@ STEPS = [
          "train metric.py's toy CLIP and toy scene classifier (in Inception's place)"),
     # Each prediction run is a step of its own, so that it starts as soon as its checkpoints exist.
     *(_predict(run) for run in evaluate.RUNS),
-    Step("report", evaluate.write_report, tuple(f"predict_{run.name}" for run in evaluate.RUNS),
+    *pairing_steps(),
+    Step("report", evaluate.write_report, tuple(f"predict_{run.name}" for run in evaluate.RUNS)
+         + ("predict_two_pictures",) + PAIRING_PREDICTIONS,
          lambda b: b.settings.get("report"), "the judge's scores, metric.py's figures and the times -> TOY_RESULTS.md"),
 ]
