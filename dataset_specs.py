@@ -13,8 +13,8 @@ dataset the flags accept.
 The dataset of a run is chosen by `resolve_dataset_type`: an explicit type (`--dataset`,
 `--dataset_type`), else the release's rule on `DATAFOLDER` (its path contains "CC3M" -> CC3M,
 "MMDialog" -> MMDialog, else VIST), else the same rule on the data file's path. The log says which
-rule chose it. The rule's fallback is checked: a data file that is not a VIST annotation file is an
-error listing the known datasets, never read as VIST.
+rule chose it. The rule's fallback is checked: a path that does not name VIST and holds or is no VIST annotation
+file (a folder that does not exist included) is an error listing the known datasets, never read as VIST.
 
 Task names are `{group}_{step}{suffix}`: the story, conversation or "cc3m", the step in it (for
 CC3M the TSV row), and a suffix per kind of sample. metric.py groups stories and conversations by
@@ -79,22 +79,29 @@ def choose_dataset_type(data_file: str | os.PathLike | None = None,
         source = "the default DATAFOLDER"
     rule = "the release's rule: CC3M / MMDialog in the path, else VIST; --dataset_type / --dataset to choose"
     if name == FALLBACK:
-        folder = os.environ.get("DATAFOLDER") if data_file is None else None
-        check_fallback(data_file, folder, f"from {source}: {why}; {rule}")
+        check_fallback(data_file, os.environ.get("DATAFOLDER"), f"from {source}: {why}; {rule}")
     return name, f"from {source}: {why} ({rule})"
 
 
 def check_fallback(data_file: str | os.PathLike | None, folder: str | os.PathLike | None, why: str) -> None:
-    """The release's rule falls back to VIST for any folder: a data file that exists and cannot be a
-    VIST annotation file (its spec's `file_name`), or, without a data file (metric.py), a DATAFOLDER
-    that exists and holds none, is an error naming the known datasets, never read as VIST."""
+    """The release's rule falls back to VIST for any path. Here the fallback needs a sign of VIST: the
+    path names VIST, or the data file is a VIST annotation file (its spec's `file_name`), or, without a
+    data file (metric.py), DATAFOLDER holds one. Anything else (a file of another kind, a folder that
+    holds no annotation file or does not exist) is an error naming the known datasets, never read as VIST."""
     pattern = SPECS[FALLBACK].file_name
     if pattern is None:
         return
-    if data_file is not None and Path(data_file).is_file() and not re.fullmatch(pattern, Path(data_file).name):
+    if any(FALLBACK in str(path) for path in (data_file, folder) if path):
+        return
+    if data_file is not None:
+        if re.fullmatch(pattern, Path(data_file).name):
+            return
         what = f"{str(data_file)!r}: {why}, but it is not a VIST annotation file (X_cleaned.json)"
-    elif data_file is None and folder and Path(folder).is_dir() \
-            and not any(re.fullmatch(pattern, f.name) for f in Path(folder).iterdir()):
+    elif not folder:
+        return                                  # the default DATAFOLDER (datasets/CC3M) is not VIST's
+    elif not Path(folder).is_dir():
+        what = f"DATAFOLDER={str(folder)!r}: {why}, but there is no such folder"
+    elif not any(re.fullmatch(pattern, f.name) for f in Path(folder).iterdir()):
         what = f"DATAFOLDER={str(folder)!r}: {why}, but it holds no VIST annotation file (X_cleaned.json)"
     else:
         return

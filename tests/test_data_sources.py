@@ -111,7 +111,7 @@ def test_an_unknown_dataset_is_an_error_naming_the_known_ones(tmp_path, monkeypa
 
 def test_a_datafolder_without_vist_files_is_not_read_as_vist(tmp_path, monkeypatch):
     """metric.py has no data file: the release's rule on DATAFOLDER falls back to VIST only for a folder
-    that holds a VIST annotation file (or one that is not there to look at, as the release)."""
+    that names VIST or holds a VIST annotation file; a folder that is not there is an error too."""
     import dataset_specs
 
     (tmp_path / "mine").mkdir()
@@ -119,6 +119,15 @@ def test_a_datafolder_without_vist_files_is_not_read_as_vist(tmp_path, monkeypat
     monkeypatch.setenv("DATAFOLDER", str(tmp_path / "mine"))
     with pytest.raises(ValueError, match="DATAFOLDER=.*mine.*holds no VIST annotation file.*interleaved"):
         dataset_specs.resolve_dataset_type()
+    monkeypatch.setenv("DATAFOLDER", str(tmp_path / "no_such_folder"))
+    with pytest.raises(ValueError, match="DATAFOLDER=.*no_such_folder.*there is no such folder.*interleaved"):
+        dataset_specs.resolve_dataset_type()
+    (tmp_path / "stories").mkdir()
+    (tmp_path / "stories" / "test_cleaned.json").write_text("{}")
+    monkeypatch.setenv("DATAFOLDER", str(tmp_path / "stories"))
+    assert dataset_specs.resolve_dataset_type() == "VIST"            # holds an annotation file
+    monkeypatch.setenv("DATAFOLDER", str(tmp_path / "VIST_2024"))
+    assert dataset_specs.resolve_dataset_type() == "VIST"            # names VIST (not yet there)
     monkeypatch.setenv("DATAFOLDER", str(DATASETS / "VIST"))
     assert dataset_specs.resolve_dataset_type() == "VIST"
     assert dataset_specs.resolve_dataset_type(dataset_type="interleaved") == "interleaved"

@@ -63,10 +63,15 @@ def test_resolver_rules_and_their_log(monkeypatch, caplog):
         S.resolve_dataset_type("x/CC3M/y.tsv", "COCO")
     assert S.resolve_dataset_type("data/MMDialog/test.txt") == "MMDialog"       # the data file's path
     assert "from the data file's path (DATAFOLDER is not set)" in caplog.text
-    monkeypatch.setenv("DATAFOLDER", "/data/my_stories")
+    monkeypatch.setenv("DATAFOLDER", "/data/VIST_stories")
     caplog.clear()
     assert S.resolve_dataset_type("/data/CC3M/y.tsv") == "VIST"                # DATAFOLDER wins, as the release
-    assert "from DATAFOLDER: '/data/my_stories' contains neither 'CC3M' nor 'MMDialog'" in caplog.text
+    assert "from DATAFOLDER: '/data/VIST_stories' contains neither 'CC3M' nor 'MMDialog'" in caplog.text
+    monkeypatch.setenv("DATAFOLDER", "/data/my_stories")        # the release read it as VIST; no sign of VIST here
+    with pytest.raises(ValueError, match="cannot tell the dataset of '/data/CC3M/y.tsv'.*one of CC3M, VIST"):
+        S.resolve_dataset_type("/data/CC3M/y.tsv")
+    with pytest.raises(ValueError, match="DATAFOLDER='/data/my_stories'.*there is no such folder"):
+        S.resolve_dataset_type()
     monkeypatch.setenv("DATAFOLDER", "/data/CC3M_MMDialog")
     assert S.resolve_dataset_type() == "CC3M"                                   # the release's order
     monkeypatch.delenv("DATAFOLDER")
