@@ -623,6 +623,11 @@ def test_optional_tasks_and_pairings_follow_the_settings(tmp_path):
     assert names.index("qwen2_sd3_transformer") < names.index("qwen2_sd3_stage1_cc3m") < names.index("report")
     view = PairingView(build, "qwen2_sd3")
     assert view.data == build.data and view.model_config == build.out / "pairings" / "qwen2_sd3" / "toy.yaml"
+    settings["pairing_recipes"]["qwen2_sd3"]["evaluate"] = ["--num_inference_steps", "2"]   # after the build's
+    config.write_text(yaml.safe_dump(settings))
+    view = PairingView(Build(config, tmp_path / "pairing"), "qwen2_sd3")
+    assert view.settings["evaluate"]["flags"] == settings["evaluate"]["flags"] + ["--num_inference_steps", "2"]
+    assert build.settings["evaluate"]["flags"] == settings["evaluate"]["flags"]          # the build's unchanged
     config.write_text(yaml.safe_dump({**settings, "pairings": ["qwen3_flux"]}))
     with pytest.raises(SystemExit, match=r"unknown pairing\(s\) \['qwen3_flux'\]"):
         steps(Build(config, tmp_path / "pairing"))

@@ -38,7 +38,8 @@ TARGET_ALL = ">= 85%"                   # the release pairing's stage-1 target (
 class PairingView:
     """The build as a pairing's steps see it: its own folder (`pairings/<name>/`: toy.yaml, the
     frozen parts, checkpoints, runs, predictions), its model config, arch and pretraining recipes;
-    the build's datasets, seed, MiniGPT-5 and evaluation flags (the pairing's `stage1` flags added)."""
+    the build's datasets, seed, MiniGPT-5 and evaluation flags (the pairing's `stage1` and `evaluate`
+    flags added after them)."""
 
     def __init__(self, build, name: str):
         recipes = build.settings.get("pairing_recipes") or {}
@@ -50,8 +51,11 @@ class PairingView:
         minigpt5["stage1_cc3m"] = list(minigpt5.get("stage1_cc3m") or []) + list(recipe.get("stage1") or [])
         self.base, self.name, self.python = build, name, build.python
         self.config_path = build.config_path
+        evaluate = dict(build.settings["evaluate"])
+        evaluate["flags"] = list(evaluate.get("flags") or []) + list(recipe.get("evaluate") or [])
         self.settings = {**build.settings, "model_config": recipe["model_config"], "arch": recipe["arch"],
-                         "pretrain": recipe["pretrain"], "frozen_parts": None, "minigpt5": minigpt5}
+                         "pretrain": recipe["pretrain"], "frozen_parts": None, "minigpt5": minigpt5,
+                         "evaluate": evaluate}
         self.out = build.out / "pairings" / name
 
     data = property(lambda self: self.base.data)
@@ -219,7 +223,8 @@ def steps(Step) -> list:
             settings=lambda b, n=name: [(b.settings.get("pairing_recipes") or {}).get(n), b.settings["minigpt5"]])
         add(PREDICTION, predict_stage1, ("datasets", f"{name}_stage1_cc3m"),
             f"{name}: predict the toy CC3M test with stage 1, judge it",
-            settings=lambda b: [b.settings["evaluate"]])
+            settings=lambda b, n=name: [b.settings["evaluate"], ((b.settings.get("pairing_recipes") or {}).get(n) or {})
+                                         .get("evaluate")])
     return made
 
 
