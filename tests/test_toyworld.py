@@ -287,6 +287,10 @@ def test_the_leakage_check_fails_a_leaking_split(tmp_path):
     assert leakage.problems(None, pictures=[(seen, world.caption(seen)), (held, world.caption(held, 0, world.TEST))]) == [
         f"pretraining pictures showing a held-out combination: 1 (e.g. {held})",
         f"test wording in the pretraining pictures' captions: 1 (e.g. {world.caption(held, 0, world.TEST)!r})"]
+    # test texts with a word the LLM's corpus never holds: the test would ask for a word never taught
+    assert leakage.unknown_words(["a zebra at noon", "a ball"], ["a ball at noon"]) == ["zebra"]
+    assert any(p.startswith("words of the test texts that no LLM pretraining document holds")
+               for p in leakage.problems(data, ["hello there"]))
     # the LLM's corpus naming a held-out combination (in training's own word order)
     assert leakage.problems(None, [f"a story. {world.caption(held)}. the end"]) == [
         f"LLM pretraining documents naming a held-out combination: 1 (e.g. {world.caption(held)!r})"]
@@ -562,8 +566,8 @@ def test_a_shipped_builds_demo_story_is_of_the_kind_stage_2_learnt():
 
 
 def test_the_two_picture_task_is_written_held_out_and_leak_checked(tmp_path):
-    """Each answer holds two pictures (the second after one stated change); training shows seen
-    combinations only, every test answer starts from a held-out one in the test wording, and a test
+    """Each answer holds two pictures (the second after one stated change), training pictures with
+    their captions; training shows seen combinations only, every test answer starts from a held-out one in the test wording, and a test
     request put into training stops the build."""
     from toyworld import two_pictures
 
@@ -575,17 +579,33 @@ def test_the_two_picture_task_is_written_held_out_and_leak_checked(tmp_path):
         lines = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
         assert len(lines) == len(truth) == {"train": 40, "test": 8}[split]
         for line in lines:
-            images = [seg["image"] for seg in line["turns"][1]["segments"] if "image" in seg]
+            pictures = [seg for seg in line["turns"][1]["segments"] if "image" in seg]
+            images = [seg["image"] for seg in pictures]
             assert len(images) == 2 and all((folder / path).is_file() for path in images)
             first, second = truth[two_pictures.task_name(line["id"])]
             assert sum(first[a] != second[a] for a in first) == 1           # one stated change
+            # Training pictures carry their own caption (the caption loss's target); test ones none.
+            captions = [seg.get("caption") for seg in pictures]
+            if split == "test":
+                assert captions == [None, None]
+            else:
+                words = world.wording("train")
+                for caption, scene in zip(captions, (first, second)):
+                    assert caption in {world.caption(world.Scene(**scene), k, words) for k in range(len(words.captions))}
             assert world.is_held_out(world.Scene(**first)) == (split == "test")
     judged = [judge(Image.open(folder / "pictures" / "test" / f"000000_{k}.jpg")) for k in (0, 1)]
     assert judged == truth[two_pictures.task_name("pair00000")]           # the judge reads both places
     test_line = (folder / "test.jsonl").read_text().splitlines()[0]
+    train_lines = (folder / "train.jsonl").read_text()
     with open(folder / "train.jsonl", "a") as f:
         f.write(test_line.replace("pictures/test/", "pictures/train/") + "\n")
     with pytest.raises(SystemExit, match="test request"):
+        two_pictures.check(folder)
+    # a test request with a word no training request holds
+    (folder / "train.jsonl").write_text(train_lines)
+    with open(folder / "test.jsonl", "a") as f:
+        f.write(test_line.replace("draw", "paint").replace("i would like", "i would love") + "\n")
+    with pytest.raises(SystemExit, match="use words no training request holds"):
         two_pictures.check(folder)
 
 

@@ -12,6 +12,8 @@ SD and the image side are pretrained on):
     scene sequence        a test story's frames up to a predicted one are a training story's beginning
     caption history       a test story's captions up to a predicted one are a training story's beginning
     CC3M test split       holds a combination that is not held out
+    unknown words         a word of a test text occurs in no LLM pretraining document (the test
+                          wording is new sentences of the words the LLM learnt, not new words)
 
     problems(data, corpus)   -> one line per kind of leak found (empty: none)
     check(data, corpus, pictures)  -> SystemExit naming them (the build's `datasets` and `preset`
@@ -146,7 +148,22 @@ def problems(data: Path | None, corpus: list[str] | None = None,
         worded = _occurring(sorted(set(test_phrases()) | set(test.texts)), documents)
         if worded:
             found.append(_line("test wording in the LLM pretraining documents", [repr(w) for w in worded]))
+        unknown = unknown_words(test.texts, corpus)
+        if unknown:
+            found.append(_line("words of the test texts that no LLM pretraining document holds (a test would "
+                               "ask for words the model was never taught)", unknown))
     return found
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def unknown_words(texts: list[str], corpus: list[str]) -> list[str]:
+    """The words of `texts` that occur in no document of `corpus`: new wording must be new sentences
+    of words the LLM learnt, or the test measures guessing, not generalisation."""
+    known = {w for document in corpus for w in words(document)}
+    return sorted({w for text in texts for w in words(text)} - known)
 
 
 def check(data: Path | None, corpus: list[str] | None = None,
@@ -154,5 +171,6 @@ def check(data: Path | None, corpus: list[str] | None = None,
     """Stop the build (SystemExit naming every kind of leak) when a test item occurs in training."""
     leaks = problems(data, corpus, pictures)
     if leaks:
-        raise SystemExit("error: the toy world's test items occur in training (toyworld/leakage.py):\n- "
+        raise SystemExit("error: the toy world's test items occur in training, or use words no training "
+                         "text teaches (toyworld/leakage.py):\n- "
                          + "\n- ".join(leaks))

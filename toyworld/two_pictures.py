@@ -6,14 +6,16 @@ of the object); the assistant answers with both pictures, in order. Written in t
 interleaved format (docs/own_data.md), so stage 2 trains on it with the unchanged
 `train_eval.py --dataset interleaved`, and every picture of a predicted answer is judged at its place.
 
-    data/interleaved/{train,val,test}.jsonl     one conversation per line (user request, answer)
+    data/interleaved/{train,val,test}.jsonl     one conversation per line (user request, answer); each
+                                                training and validation picture with its caption
     data/interleaved/pictures/{split}/...jpg    the two expected pictures of each answer
     data/interleaved/scenes_{split}.json        answer id -> the two scenes, for the judge
 
 The splits as the other toy datasets have them: training and validation pictures show seen
 combinations only; every test answer's first picture is a held-out combination (`world.is_held_out`),
 and test requests are worded as no training request is (the captions' test word orders and the
-phrasings of `WORDING["test"]` below). `check` stops the build when that does not hold.
+phrasings of `WORDING["test"]` below), in words the training requests hold. `check` stops the build
+when that does not hold.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from toyworld import world
+from toyworld import leakage, world
 
 FOLDER = "interleaved"          # under the build's data/ (the dataset is the generic interleaved format)
 TURN = 1                        # the answer is the conversation's second turn: tasks are `{id}_1-answer`
@@ -43,10 +45,10 @@ WORDING = {
         same_at=("the same {time}", "that place again {time}"),
         recolour=("the same with a {colour} one instead", "the same but {colour}"),
         answer=("and then",)),
-    "test": Phrases(
-        request=("first {first}; next {second}, please", "can i see {first} followed by {second}"),
-        same_at=("that very view {time}",),
-        recolour=("this scene once more where it is {colour}",),
+    "test": Phrases(       # new sentences of the training requests' words (`check`)
+        request=("i would like to see {first}, then {second}", "draw {first}, and after that {second}"),
+        same_at=("the same place again {time}",),
+        recolour=("that place again but with a {colour} one",),
         answer=("and then",)),
 }
 
@@ -85,16 +87,20 @@ def write(folder: Path, sizes: dict, image_size: int, seed: int) -> dict[str, Pa
             first, second, _, change = _pair(split, rng)
             request = rng.choice(phrases.request).format(
                 first=world.caption(first, rng.randrange(len(captions.captions)), captions), second=change)
-            paths = []
+            pictures = []
             for k, scene in enumerate((first, second)):
                 relative = f"pictures/{split}/{i:06d}_{k}.jpg"
                 world.save_image(world.render(scene, image_size, rng), folder / relative)
-                paths.append(relative)
+                # Training pictures carry their caption (the format's optional `caption`): the target
+                # of the caption loss, as stage 1's captions are. Test answers carry none.
+                pictures.append({"image": relative} if split == "test" else
+                                {"image": relative, "caption": world.caption(
+                                    scene, rng.randrange(len(captions.captions)), captions)})
             name = f"pair{i:05d}"
             lines.append(json.dumps({"id": name, "turns": [
                 {"role": "user", "segments": [{"text": request}]},
-                {"role": "assistant", "segments": [{"text": "here it is"}, {"image": paths[0]},
-                                                   {"text": rng.choice(phrases.answer)}, {"image": paths[1]}]}]}))
+                {"role": "assistant", "segments": [{"text": "here it is"}, pictures[0],
+                                                   {"text": rng.choice(phrases.answer)}, pictures[1]]}]}))
             truth[task_name(name)] = [first.attributes(), second.attributes()]
         files[split] = folder / f"{split}.jsonl"
         files[split].write_text("\n".join(lines) + "\n")
@@ -131,6 +137,9 @@ def check(folder: Path) -> None:
     if shared:
         raise SystemExit(f"error: leakage: {len(shared)} test request(s) of {folder} occur in training, "
                          f"e.g. {shared[0]!r}")
+    unknown = leakage.unknown_words(_requests(folder, "test"), sorted(seen))
+    if unknown:
+        raise SystemExit(f"error: the test requests of {folder} use words no training request holds: {unknown}")
 
 
 # ---- judging the predictions ---------------------------------------------------------------------
