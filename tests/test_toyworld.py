@@ -411,6 +411,18 @@ def test_steps_run_side_by_side_as_they_do_one_after_another(tmp_path, capsys):
         run(Build(config, tmp_path / "two"), jobs=0)
 
 
+def test_a_steps_openmp_threads_sleep_while_they_wait(monkeypatch):
+    """Spinning OpenMP threads crawl when another process holds a core (the UNet step ran 100x
+    slower beside one training run): a step's process gets OMP_WAIT_POLICY=PASSIVE unless set."""
+    from toyworld.build import step_environment
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    env = step_environment(2)
+    assert (env["OMP_WAIT_POLICY"], env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) == ("PASSIVE", "2", "2")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert step_environment(1)["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_a_steps_threads_depend_on_the_step_and_jobs_only():
     """Reproducible builds: a step's CPU threads never depend on what happens to run beside it (a
     float sum split over other threads rounds differently)."""

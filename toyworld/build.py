@@ -271,7 +271,7 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
                 pending.discard(step.name)
                 continue
             build.record_path(step.name).unlink(missing_ok=True)
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            env = step_environment(threads)
             log = open(build.out / "logs" / f"step_{step.name}.log", "w")
             command = [build.python, "-m", "toyworld", "build", "--config", str(build.config_path),
                        "--out", str(build.out), "--only", step.name]
@@ -300,6 +300,17 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
             pending.discard(name)
             progress.done(i, name, record)
     return results
+
+
+def step_environment(threads: int) -> dict[str, str]:
+    """The environment of a step's process: its threads, and OpenMP threads that sleep while they
+    wait (unless OMP_WAIT_POLICY is set). OpenMP's threads spin by default; when any other process
+    holds a core, a step's threads spin on a barrier while the thread they wait for is not running.
+    Measured on 2 cores beside two busy processes: a small conv net's training steps on 2 threads ran
+    3.7x faster with PASSIVE (43.8 against 11.8 steps/s), and the UNet step crawled at 0.1 steps/s
+    beside one other training process instead of 10."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 def step_threads(step: Step, jobs: int) -> int:
