@@ -228,7 +228,7 @@ def test_preset_cli(tmp_path):
     import sys
 
     out = subprocess.run([sys.executable, "weights.py", "preset", "tiny", str(tmp_path / "t")], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "t" / "tiny.yaml").is_file()
     assert load_config(tmp_path / "t" / "tiny.yaml").llama_model == str(tmp_path / "t" / "llama")

@@ -224,5 +224,5 @@ def test_full_preset_writes_exactly_the_real_parameter_counts():
 
 def test_preset_full_cli_names_the_preset(tmp_path):
     out = subprocess.run([sys.executable, "weights.py", "preset", "--help"], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=1800)
     assert out.returncode == 0 and "full" in out.stdout

@@ -40,7 +40,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
                  "--disable-component-update", "--disable-sync"]
 ARTIFACT = REPO / "outputs" / "test-artifacts" / "web_demo.png"
 FAST = {"num_inference_steps": 3, "max_new_tokens": 16, "seed": 7}
-TIMEOUT_MS = 60_000
+TIMEOUT_MS = 600_000   # a hang guard only: far above a loaded machine's worst (a chat turn took 4.5 s there)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def test_the_api_refuses_server_paths_without_copying_them(server, tmp_path):
         request = urllib.request.Request(url + "gradio_api/run/accept", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError):
-            urllib.request.urlopen(request, timeout=60)
+            urllib.request.urlopen(request, timeout=600)
     assert set(Path(get_upload_folder()).rglob("secret*")) == before and len(spy.calls) == calls
 
 
@@ -405,7 +405,7 @@ def test_server_files_are_removed_when_the_server_stops(monkeypatch, model, pict
 def test_server_serves_on_loopback(server):
     url, spy = server
     assert url.startswith("http://127.0.0.1:")
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=600) as response:
         assert response.status == 200 and b"gradio" in response.read().lower()
 
 
