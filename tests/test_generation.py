@@ -52,6 +52,23 @@ def test_voken_forcing_processor_completes_the_group():
     assert not torch.isinf(scores[3]).any()                 # [IMG0] already seen: free
 
 
+def test_repetition_penalty_spares_the_vokens():
+    """An answer with two pictures repeats [IMG0]: the release's penalty (2.0) halved its logit after
+    the first picture, and trained toy models ended most answers there instead of drawing the second."""
+    from decoding import logits_processors
+
+    vokens = list(range(100, 108))
+    chain = logits_processors(vokens, None, do_sample=False, temperature=1.0, top_k=None, top_p=1.0,
+                              repetition_penalty=2.0, force_generation=False)
+    ids = torch.tensor([[5, 6, *vokens, 7]])                # text, a whole voken group, text
+    scores = torch.full((1, 120), 3.0)
+    out = chain(ids, scores.clone())
+    assert out[0, 100] == 3.0 and out[0, 100].item() == out.max().item()    # [IMG0] not penalised
+    assert out[0, 5] == out[0, 6] == out[0, 7] == 1.5                       # repeated text is
+    assert out[0, 8] == 3.0                                                 # unseen text is not
+    assert scores[0, 5] == 3.0                                              # the input is left alone
+
+
 def test_after_img0_come_img1_to_img7(model):
     out = model.generate("###Human: draw something ###Assistant:", force_generation=True, seed=1, **FAST)[0]
     vokens = model.model.voken_ids
