@@ -539,6 +539,8 @@ def test_a_short_build_learns(tmp_path):
     ckpt = load_untrusted(tmp_path / "build" / "pairings" / "qwen2_sd3" / "checkpoints" / "stage1_cc3m.ckpt", "test")
     assert ckpt["llm_family"] == "qwen2"
     assert "## A second pairing" in report and "| qwen2_sd3: stage 1" in report
+    assert "| qwen2_sd3: its decoder from the caption alone" in report      # the decoder beside stage 1
+    assert set(pairing["baseline_accuracy"]) == set(pairing["accuracy"])
     assert "minutes of wall clock" in report                     # every step was timed from its start
 
 

@@ -185,7 +185,10 @@ def predict_stage1(build, name: str) -> dict:
     scored = evaluate.score(view, run, folder)
     (folder / evaluate.JUDGED).write_text(json.dumps({"tasks": scored.tasks, "truth": scored.truth,
                                                       "judged": scored.judged, "emitted": scored.emitted}))
+    # The run's SD-baseline pictures: the pairing's decoder from the caption alone, so that a stage 1
+    # that misses its target says whether the decoder or the voken path into it is at fault.
     return {"folder": str(folder.relative_to(build.out)), "accuracy": accuracy(*evaluate._select(scored, evaluate._known)),
+            "baseline_accuracy": accuracy(*evaluate._select(scored, evaluate._known, scored.baseline)),
             "n": len(scored.tasks), "emitted": sum(scored.emitted) / max(1, len(scored.emitted))}
 
 
@@ -256,6 +259,9 @@ def report_lines(build, plan) -> list[str]:
                      "| pairing | pictures | setting | time | colour | place | all | target |",
                      "|---|---|---|---|---|---|---|---|"]
         summary = record["summary"]
+        if summary.get("baseline_accuracy"):
+            lines.append(_row(f"{name}: its decoder from the caption alone (the SD baseline), same prompts",
+                              summary["baseline_accuracy"], summary["n"], ""))
         lines.append(_row(f"{name}: stage 1, caption -> vokens -> picture", summary["accuracy"], summary["n"],
                           TARGET_ALL))
     return lines
