@@ -637,6 +637,39 @@ def test_two_picture_answers_are_scored_per_place_and_both():
     assert "| both pictures entirely right | 3 | 33.3% | >= 70% |" in lines
 
 
+def test_locked_image_tuning_trains_the_text_side_only():
+    """pretrain.train_clip(train_vision=False), the second pairing's text encoders: the ViT keeps every
+    weight, the text encoder learns (its own projection too: SD3 reads it as the pooled embedding),
+    and the contrastive loss goes down."""
+    from pathlib import Path
+
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    import lavis
+    from configuration import load_config
+    from toyworld import pretrain
+
+    shipped = Path(__file__).resolve().parents[1] / "toyworld" / "pretrained"
+    cfg = load_config(shipped / "toy.yaml")
+    vision = lavis.build_vision_model(cfg.vision, cfg.image_size)
+    lavis.load_eva_vit(vision, cfg.vit_model, cfg.q_former_model)
+    before = {k: v.clone() for k, v in vision.state_dict().items()}
+    tokenizer = CLIPTokenizer.from_pretrained(shipped / "sd", subfolder="tokenizer")
+    torch.manual_seed(0)
+    text = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, projection_dim=32, max_position_embeddings=tokenizer.model_max_length))
+    projection = text.text_projection.weight.clone()
+    pictures = pretrain.picture_set(64, cfg.image_size, seed=0)
+    recipe = pretrain.Recipe(steps=30, batch_size=16, lr=3e-3, warmup=2)
+    losses = pretrain.train_clip(text, tokenizer, vision, pictures, recipe, seed=0, train_vision=False)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    assert all(torch.equal(before[k], v) for k, v in vision.state_dict().items())
+    assert not torch.equal(projection, text.text_projection.weight)
+    assert not vision.training and not any(p.requires_grad for p in text.parameters())
+
+
 def test_optional_tasks_and_pairings_follow_the_settings(tmp_path):
     """The default build has the two-picture task but builds no second pairing unless `pairings`
     names it; a named pairing without its recipe stops the build with the key to add."""
@@ -654,6 +687,7 @@ def test_optional_tasks_and_pairings_follow_the_settings(tmp_path):
     config.write_text(yaml.safe_dump(settings))
     build = Build(config, tmp_path / "pairing")
     names = [s.name for s in steps(build)]
+    assert names.index("qwen2_sd3_text_encoders") < names.index("qwen2_sd3_transformer")
     assert names.index("qwen2_sd3_transformer") < names.index("qwen2_sd3_stage1_cc3m") < names.index("report")
     view = PairingView(build, "qwen2_sd3")
     assert view.data == build.data and view.model_config == build.out / "pairings" / "qwen2_sd3" / "toy.yaml"

@@ -8,6 +8,8 @@ held-out toy CC3M test as the release pairing, at the same target.
                             EVA ViT copied in (the image encoder is shared; the LLM and decoder are not)
     <pairing>_vae           SD3's 16-channel VAE: the autoencoder recipe (pretrain.train_vae), then
                             SD3's shift and scale set to the latents' mean and 1 / std
+    <pairing>_text_encoders SD3's two CLIP text encoders, trained against the build's CLIP-trained ViT
+                            with the ViT locked (LiT: pretrain.train_clip(train_vision=False))
     <pairing>_transformer   the SD3 transformer: rectified flow, the sd3 family's own loss
                             (`SD3Decoder.loss`: logit-normal timesteps, SD3's weighting), captions
                             dropped for classifier-free guidance, EMA weights
@@ -19,9 +21,10 @@ held-out toy CC3M test as the release pairing, at the same target.
 Every step is the release pairing's step (toyworld/stages.py) run on a view of the build whose
 folder, model config and recipes are the pairing's (`PairingView`); only the transformer's recipe is
 new. Optional: the settings' `pairings` list names the pairings to build, `pairing_recipes` their
-configs and recipes (config/toyworld.yaml). What the toy leaves out here: SD3's two CLIP text encoders
-stay as built (random, frozen: a fixed function of the caption's tokens that the transformer learns
-to read), not CLIP-trained; there is no T5 encoder (its states are zeros, as diffusers allows).
+configs and recipes (config/toyworld.yaml). What the toy leaves out here: there is no T5 encoder (its
+states are zeros, as diffusers allows). Its two CLIP encoders are CLIP-trained, as SD3's are (left
+random, their states varied little from caption to caption, and the transformer drew fewer test
+captions entirely right from them: 82.3% in build 14, 88.5% LiT-trained).
 """
 from __future__ import annotations
 
@@ -103,6 +106,35 @@ def pretrain_vae(build, name: str) -> dict:
     vae.register_to_config(shift_factor=round(shift, 5), scaling_factor=round(1.0 / float((sample - shift).std()), 5))
     stages._save(vae, view.out / "sd" / "vae")
     return {**summary, "scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor}
+
+
+def pretrain_text_encoders(build, name: str) -> dict:
+    """SD3's two CLIP text encoders (CLIP ViT-L's and OpenCLIP bigG's places), each newly initialised
+    and trained by locked-image tuning (`pretrain.train_clip(train_vision=False)`) against the build's
+    CLIP-trained ViT, which stays as it is: SD3's encoders come CLIP-trained, and the transformer draws
+    more test captions right from trained ones (82.3% -> 88.5% entirely right, n = 96)."""
+    import lavis
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from configuration import load_config
+    from toyworld import pretrain, stages
+
+    view = _view(build, name)
+    release = load_config(build.model_config)          # the release pairing's ViT and its ln_vision
+    vision = lavis.build_vision_model(release.vision, release.image_size)
+    lavis.load_eva_vit(vision, release.vit_model, release.q_former_model)
+    pictures = stages._pictures(view)
+    sd = view.out / "sd"
+    summary = {}
+    for sub, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        torch.manual_seed(stages._seed(view, sub))
+        encoder = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(sd, subfolder=sub))
+        losses = pretrain.train_clip(encoder, CLIPTokenizer.from_pretrained(sd, subfolder=tokenizer), vision, pictures,
+                                     stages._recipe(view.settings["pretrain"]["clip"]),
+                                     stages._seed(view, f"{sub}-train"), train_vision=False)
+        stages._save(encoder, sd / sub)
+        summary.update({f"{sub}_{key}": value for key, value in stages._losses(losses).items()})
+    return summary
 
 
 def pretrain_transformer(build, name: str) -> dict:
@@ -219,7 +251,10 @@ def steps(Step) -> list:
             settings=lambda b, n=name, r=recipe: [r(b), b.settings["seed"], *_config_texts(b, n)])
         add("vae", pretrain_vae, (f"{name}_preset",), f"{name}: train the decoder's VAE")
         add("llm", pretrain_llm, (f"{name}_preset",), f"{name}: train the LLM on the world's text")
-        add("transformer", pretrain_transformer, (f"{name}_vae",), f"{name}: train the SD3 transformer (rectified flow)")
+        add("text_encoders", pretrain_text_encoders, (f"{name}_preset",),
+            f"{name}: train the decoder's two CLIP text encoders against the ViT (locked-image tuning)")
+        add("transformer", pretrain_transformer, (f"{name}_vae", f"{name}_text_encoders"),
+            f"{name}: train the SD3 transformer (rectified flow)")
         add("image_side", pretrain_image_side, (f"{name}_llm",), f"{name}: train Q-Former + llama_proj through the LLM")
         add("stage1_cc3m", train_stage1, ("datasets", f"{name}_image_side", f"{name}_transformer"),
             f"{name}: MiniGPT-5 stage 1 on the toy CC3M",

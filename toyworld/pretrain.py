@@ -151,15 +151,22 @@ def clip_pixels(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1) / 2 - mean) / std
 
 
-def train_clip(text_encoder, tokenizer, vision_model, pictures: PictureSet, recipe: Recipe, seed: int) -> list[float]:
+def train_clip(text_encoder, tokenizer, vision_model, pictures: PictureSet, recipe: Recipe, seed: int,
+               train_vision: bool = True) -> list[float]:
     """CLIP's recipe for both frozen encoders at once: symmetric InfoNCE with a learned temperature
     between SD's text encoder (pooled output, projected) and the EVA ViT (`Blip2VisionModel`:
     class token after `post_layernorm`, projected), as EVA-CLIP and OpenCLIP were trained. The
     projections are thrown away: SD reads the text encoder's token states, the Q-Former the ViT's
-    patch states. Batches hold distinct scenes (two pictures of one scene would be false negatives)."""
+    patch states. Batches hold distinct scenes (two pictures of one scene would be false negatives).
+
+    With `train_vision=False` the ViT stays as it is and only the text side learns (LiT, "locked-image
+    tuning"): a second text encoder aligned to an image encoder trained before. A text encoder with
+    its own projection (`CLIPTextModelWithProjection`, SD3's) is read at that projection
+    (`text_embeds`, the pooled embedding SD3 reads), which then learns too."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    width = text_encoder.config.hidden_size
+    projected = hasattr(text_encoder, "text_projection")
+    width = text_encoder.config.projection_dim if projected else text_encoder.config.hidden_size
     text_proj = nn.Linear(width, width, bias=False)
     image_proj = nn.Linear(vision_model.config.hidden_size, width, bias=False)
     log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -170,22 +177,31 @@ def train_clip(text_encoder, tokenizer, vision_model, pictures: PictureSet, reci
     tokens = tokenizer(pictures.captions, padding="max_length", max_length=tokenizer.model_max_length,
                        truncation=True, return_tensors="pt").input_ids
     pixels = clip_pixels(pictures.images)
-    for model in (text_encoder, vision_model):
+    trained = (text_encoder, vision_model) if train_vision else (text_encoder,)
+    for model in trained:
         model.train().requires_grad_(True)
-    hooks = _keep_key_bias_zero(vision_model)
+    if not train_vision:
+        vision_model.eval().requires_grad_(False)
+    hooks = _keep_key_bias_zero(vision_model) if train_vision else []
+
+    def text_features(index: list[int]) -> torch.Tensor:
+        out = text_encoder(tokens[index])
+        return out.text_embeds if projected else out.pooler_output
 
     def step(_: int) -> torch.Tensor:
         chosen = torch.randperm(len(scenes), generator=g)[: recipe.batch_size].tolist()
         index = [by_scene[scenes[c]][int(torch.randint(len(by_scene[scenes[c]]), (1,), generator=g))] for c in chosen]
-        text = F.normalize(text_proj(text_encoder(tokens[index]).pooler_output), dim=-1)
-        image = F.normalize(image_proj(vision_model(pixels[index]).pooler_output), dim=-1)
+        text = F.normalize(text_proj(text_features(index)), dim=-1)
+        with torch.set_grad_enabled(train_vision):
+            pooled = vision_model(pixels[index]).pooler_output
+        image = F.normalize(image_proj(pooled), dim=-1)
         logits = log_scale.clamp(max=math.log(100)).exp() * text @ image.T
         labels = torch.arange(len(index))
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
-    params = [*text_encoder.parameters(), *vision_model.parameters(), *text_proj.parameters(),
-              *image_proj.parameters(), log_scale]
-    losses = _fit(params, recipe, step, "clip: text encoder + vit")
+    params = [p for model in trained for p in model.parameters()]
+    params += [*text_proj.parameters(), *image_proj.parameters(), log_scale]
+    losses = _fit(params, recipe, step, "clip: text encoder + vit" if train_vision else "clip: text encoder (vit locked)")
     for hook in hooks:
         hook.remove()
     for model in (text_encoder, vision_model):
