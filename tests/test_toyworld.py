@@ -99,6 +99,15 @@ def test_the_report_sets_stage_2_beside_both_story_baselines():
     assert "| 2 | 100.0% | 50.0% | 100.0% | 100.0% | 50.0% |" in row("| MiniGPT-5 stage 2: next story frame")
     assert "| 2 | 100.0% | 0.0% | 100.0% | 100.0% | 0.0% |" in row("| baseline: the last context picture")
     assert "| 2 | 100.0% | 50.0% | 100.0% | 100.0% | 50.0% |" in row("| baseline: the best rule reading the text")
+    assert "by what its caption changes" not in text                  # no changes given: no such table
+
+    changes = {"s1_1-gen": evaluate.CHANGES[0], "s2_1-gen": evaluate.CHANGES[2]}
+    text = evaluate.report(SimpleNamespace(config_path=evaluate.REPO / "config" / "toyworld.yaml"),
+                           {"vist_stage2": scored}, {}, {}, baselines=baselines, changes=changes)
+    row = lambda start: next(line for line in text.splitlines() if line.startswith(start))
+    assert "| 1 | 100.0% | 100.0% | 100.0% | 100.0% | 100.0% |" in row(f"| {evaluate.CHANGES[0]} |")
+    assert "| 1 | 100.0% | 0.0% | 100.0% | 100.0% | 0.0% |" in row(f"| {evaluate.CHANGES[2]} |")
+    assert not any(line.startswith(f"| {evaluate.CHANGES[1]} |") for line in text.splitlines())   # no such frame
 
 
 def test_metric_py_figures_read_as_the_papers_tables_with_the_judge_beside_them():
@@ -321,6 +330,12 @@ def test_picture_stories_beat_both_baselines_only_with_the_pictures(tmp_path):
         baselines = {name: accuracy(*pair) for name, pair in evaluate.story_baselines(data).items()}
         assert len(evaluate.story_baselines(data)["copy_last"][1]) == 30 * 2
         assert baselines["copy_last"]["all"] == 0.0                      # something always changes
+        changes = evaluate.story_changes(data)
+        assert len(changes) == 30 * 2 and set(changes.values()) <= set(evaluate.CHANGES)
+        if mode == "day":
+            assert set(changes.values()) == {evaluate.CHANGES[0]}
+        else:
+            assert set(changes.values()) == set(evaluate.CHANGES), set(changes.values())
         if mode == "day":
             assert baselines["text_only"]["all"] == 1.0
         else:

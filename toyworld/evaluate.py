@@ -203,6 +203,28 @@ def story_baselines(data: Path) -> dict[str, tuple[list, list]]:
     return {"copy_last": (copy, expected), "text_only": (text, expected)}
 
 
+# What a later frame's caption changes (`world._changes`), in the order the report lists them.
+CHANGES = ("the time moves on (a little / much later)", "night falls", "the object's colour", "the object's place")
+
+
+def _change(told: dict) -> str:
+    if "time_steps" in told:
+        return CHANGES[0]
+    if "time" in told:
+        return CHANGES[1]
+    return CHANGES[2] if "colour" in told else CHANGES[3]
+
+
+def story_changes(data: Path) -> dict[str, str]:
+    """Task name of every frame after the first of the toy VIST test split -> what its caption says
+    changes (`CHANGES`; in day stories always the time, one step on)."""
+    folder = data / "VIST"
+    stories = json.loads((folder / TEST_FILES["VIST"]).read_text())
+    told = json.loads((folder / "told_test.json").read_text())
+    return {f"{story}_{step['sequence_index']}-gen": _change(told[step["image_id"]])
+            for story, steps in stories.items() for k, step in enumerate(steps) if k}
+
+
 # ---- the report ----------------------------------------------------------------------------------
 
 def _pct(value: float) -> str:
@@ -216,10 +238,11 @@ def _row(label: str, acc: dict, n: int, target: str) -> str:
 
 def report(build: Build, scored: dict[str, Scored], metrics: dict[str, dict], seconds: dict[str, float],
            wall: float | None = None, baselines: dict[str, tuple[list, list]] | None = None,
-           extractors: str = "toy") -> str:
+           extractors: str = "toy", changes: dict[str, str] | None = None) -> str:
     """TOY_RESULTS.md: the judge's accuracy per model and attribute, voken emission, the story
-    baselines (`story_baselines`), metric.py's figures and the time of every step. Rows whose runs
-    were not made (a shorter build) are left out."""
+    baselines (`story_baselines`), the next story frame by what its caption changes (`story_changes`),
+    metric.py's figures and the time of every step. Rows whose runs were not made (a shorter build)
+    are left out."""
     chance = " | ".join(_pct(CHANCE[a]) for a in ATTRIBUTES)
     lines = [
         "# MiniGPT-5 in the toy world",
@@ -270,6 +293,18 @@ def report(build: Build, scored: dict[str, Scored], metrics: dict[str, dict], se
         else:
             judged, truth = _select(s, _known)
         lines.append(_row(label, accuracy(judged, truth), len(truth), target))
+    if changes and "vist_stage2" in scored:
+        lines += ["", "### The next story frame, by what its caption changes", "",
+                  "MiniGPT-5 stage 2 on the same frames, grouped by what the frame's caption says changes; "
+                  "everything else must be read from the context pictures (where the time does not change, "
+                  "its column is the time read from the last picture).", "",
+                  "| the caption changes | frames | " + " | ".join(ATTRIBUTES) + " | all | |",
+                  "|---|---|" + "---|" * (len(ATTRIBUTES) + 2)]
+        for change in CHANGES:
+            judged, truth = _select(scored["vist_stage2"], lambda task, t: _later_frame(task, t)
+                                    and changes.get(task) == change)
+            if truth:
+                lines.append(_row(change, accuracy(judged, truth), len(truth), ""))
     lines += ["", "## Voken emission (no forced generation)", "", "| prompts | n | emitted [IMG0] | target |",
               "|---|---|---|---|"]
     emission = []
@@ -434,7 +469,9 @@ def write_report(build: Build) -> dict:
                 extractors.add(record["summary"].get("extractors") or "tiny")
     wall = _wall_clock(build, plan)
     baselines = story_baselines(build.data) if "vist_stage2" in scored else None
-    text = report(build, scored, metrics, seconds, wall, baselines, "tiny" if "tiny" in extractors else "toy")
+    changes = story_changes(build.data) if "vist_stage2" in scored else None
+    text = report(build, scored, metrics, seconds, wall, baselines, "tiny" if "tiny" in extractors else "toy",
+                  changes)
     text += _extra_sections(build, plan)
     (build.out / "TOY_RESULTS.md").write_text(text)
     target = build.settings.get("report")
