@@ -100,7 +100,12 @@ def test_the_sd_baseline_draws_from_the_family_text_encoders(family, models):
     pictures = model.sd_baseline(["a red square", "a blue circle"], seeds=[0, 1], num_inference_steps=2)
     assert [p.size for p in pictures] == [(model.cfg.sd_image_size,) * 2] * 2
     again = model.sd_baseline(["a red square"], seeds=[0], num_inference_steps=2)
-    assert np.array_equal(np.asarray(again[0]), np.asarray(pictures[0]))
+    # A seed draws its picture whatever else is in the batch, up to float rounding: a batch of two and a
+    # batch of one may take other matrix kernels (on one CPU one pixel of the SD3 picture moved by one level).
+    moved = np.abs(np.asarray(again[0], dtype=int) - np.asarray(pictures[0], dtype=int))
+    assert moved.max() <= 1 and (moved > 0).mean() < 0.01, (moved.max(), (moved > 0).sum())
+    redrawn = model.sd_baseline(["a red square"], seeds=[0], num_inference_steps=2)
+    assert np.array_equal(np.asarray(redrawn[0]), np.asarray(again[0]))      # the same batch: the same bytes
 
 
 def test_sd3_loss_is_the_rectified_flow_loss(models):

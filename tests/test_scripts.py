@@ -78,7 +78,10 @@ def test_gpu_bench_script_dry_run(tmp_path):
     results = (tmp_path / "RESULTS_gpu_full.md").read_text()
     for mode in ("release", "graph", "compiled", "compiled, dpm++ 2 steps"):
         assert f"| bf16 | {mode} |" in results, mode
-    assert "| graph |" in results and "| yes | 0 |" in results          # float32 CPU: the release's tokens
+    # float32 CPU: the release's tokens, and its picture up to one level of float rounding (a kernel may
+    # block a batch differently: one CI run saw a non-zero difference here)
+    graph = next(line for line in results.splitlines() if line.startswith("| bf16 | graph |")).split("|")
+    assert graph[10].strip() == "yes" and int(graph[11]) <= 1, graph
     assert "Plain libraries on the same weights" in results and "UNet compiled" in results
     assert "| 1 | release |" in results and "| 2 | release |" in results
     assert "| dry run |" in results and "| met |" not in results and "MISSED" not in results
