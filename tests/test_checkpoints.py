@@ -20,8 +20,8 @@ from pytorch_lightning.utilities.parsing import AttributeDict
 
 import weights
 
-from conftest import (CC3M_LIKE, STORY_LIKE, PlantsAMarker, batch_for, build, release_stage1_checkpoint_keys,
-                      release_stage2_checkpoint_keys)
+from conftest import (CC3M_LIKE, HANG_GUARD_S, STORY_LIKE, PlantsAMarker, batch_for, build,
+                      release_stage1_checkpoint_keys, release_stage2_checkpoint_keys)
 
 
 def _save_like_lightning(model, path) -> dict:
@@ -248,7 +248,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tiny_confi
     result = subprocess.run([sys.executable, "examples/playground.py", "--model_config", str(tiny_config_path),
                              "--test_weight", str(path), "--out", str(tmp_path / "out")],
                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1800)
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=HANG_GUARD_S)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: refused to load {path}")
     assert not marker.exists()

@@ -12,6 +12,7 @@ import yaml
 
 from configuration import ConfigError, load_config
 from presets import build_tiny
+from conftest import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,7 +229,7 @@ def test_preset_cli(tmp_path):
     import sys
 
     out = subprocess.run([sys.executable, "weights.py", "preset", "tiny", str(tmp_path / "t")], cwd=REPO,
-                         capture_output=True, text=True, timeout=1800)
+                         capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "t" / "tiny.yaml").is_file()
     assert load_config(tmp_path / "t" / "tiny.yaml").llama_model == str(tmp_path / "t" / "llama")

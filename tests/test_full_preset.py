@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = REPO / "config" / "arch"
@@ -224,5 +225,5 @@ def test_full_preset_writes_exactly_the_real_parameter_counts():
 
 def test_preset_full_cli_names_the_preset(tmp_path):
     out = subprocess.run([sys.executable, "weights.py", "preset", "--help"], cwd=REPO, capture_output=True, text=True,
-                         timeout=1800)
+                         timeout=HANG_GUARD_S)
     assert out.returncode == 0 and "full" in out.stdout

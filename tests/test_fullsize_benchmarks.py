@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +18,7 @@ def test_full_size_cpu_script_dry_run(tiny_config_path, tmp_path):
     out = tmp_path / "full_cpu.md"
     run = subprocess.run([sys.executable, "benchmarks/full_size_cpu.py", "--model_config", str(tiny_config_path),
                           "--new_tokens", "10", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                         timeout=1800)
+                         timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["new_tokens"] == 10 and result["image_size"] == [32, 32] and not result["text_encoder_loaded"]
@@ -47,7 +48,7 @@ def test_gpu_memory_script_dry_run_on_the_cpu(tiny_config_path, tmp_path):
     run = subprocess.run([sys.executable, "benchmarks/gpu_memory.py", "--device", "cpu", "--model_config",
                           str(tiny_config_path), "--configs", ",".join(configs), "--modes", "release,graph",
                           "--new_tokens", "12", "--steps", "2", "--dpm_steps", "0", "--no_baselines", "--out", str(out)],
-                         cwd=REPO, capture_output=True, text=True, timeout=1800)
+                         cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert [(r["config"], r["mode"]) for r in results] == [(c, m) for c in configs for m in ("release", "graph")]

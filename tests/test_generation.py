@@ -17,6 +17,7 @@ import generation
 from conversation import Conversation
 from decoding import VokenForcing
 from model import MiniGPT5_Model
+from conftest import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"num_inference_steps": 3, "max_new_tokens": 24}
@@ -276,7 +277,7 @@ def test_playground_runs_with_no_arguments(tmp_path):
     """Run from another folder (as the release's `cd examples && python playground.py`), it writes to
     the repository's git-ignored outputs/playground, and prints answers without the raw vokens."""
     result = subprocess.run([sys.executable, str(REPO / "examples" / "playground.py")], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=1800)
+                            capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
     out = REPO / "outputs" / "playground"
     assert f"wrote 5 figures to {out}/sample_*.png and {out / 'playground.html'}" in result.stdout

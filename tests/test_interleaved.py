@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, build, fixed_draws
+from conftest import HANG_GUARD_S, REPO, build, fixed_draws
 
 pytestmark = pytest.mark.usefixtures("no_data_env")
 
@@ -494,14 +494,14 @@ def test_the_playground_answers_with_the_pictures_asked_for(tmp_path):
 
     result = subprocess.run([sys.executable, str(REPO / "examples" / "playground.py"), "--pictures", "2",
                              "--num_samples", "1", "--num_inference_steps", "2", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=1800, cwd=REPO)
+                            capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     answer = next(line for line in result.stdout.splitlines() if line.startswith("sample 0:"))
     assert answer.index("[picture 0.1]") < answer.index("[picture 0.2]")
     assert "picture 1: " in answer and "picture 2: " in answer              # the judge reads each
     assert (tmp_path / "playground.html").read_text().count("<img ") == 2 + 2   # two inputs, two answers
     bad = subprocess.run([sys.executable, str(REPO / "examples" / "playground.py"), "--pictures", "0"],
-                         capture_output=True, text=True, timeout=1800, cwd=REPO)
+                         capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=REPO)
     assert bad.returncode != 0 and "--pictures must be at least 1, got 0" in bad.stderr
 
 

@@ -8,6 +8,7 @@ import torch
 from constants import ALL_VOKENS_TEXT, IMAGE_PLACEHOLDER, IMAGE_SLOT, VOKENS
 from llm_families import FAMILY_NAMES, UnknownFamilyError, get_family
 from samples import Dialogue, Message, Segment
+from conftest import HANG_GUARD_S
 
 FAMILY_PRESETS = {"llama3": "tiny_llama3", "qwen2": "tiny_qwen2"}
 
@@ -423,7 +424,7 @@ def test_the_playground_runs_on_a_family_preset(family_config_paths, tmp_path):
                              str(family_config_paths["llama3"]), "--num_samples", "1", "--num_inference_steps", "2",
                              "--max_new_tokens", "10", "--force_generation", "--out", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            timeout=1800)
+                            timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[picture 0]" in result.stdout and (tmp_path / "sample_0.png").is_file()
     page = (tmp_path / "playground.html").read_text()
