@@ -1,5 +1,5 @@
 """The toy preset the repository ships (`toyworld/pretrained/`), so that the quick start and the web
-demo show a trained MiniGPT-5 on a fresh clone without the half-hour build.
+demo show a trained MiniGPT-5 on a fresh clone without the hour-long build.
 
 `python -m toyworld ship` copies a finished build: the frozen parts in float16 (as the real SD and
 EVA files are stored; they load into the toy's float32 modules), the three MiniGPT-5 checkpoints
