@@ -101,13 +101,13 @@ def test_the_report_sets_stage_2_beside_both_story_baselines():
     assert "| 2 | 100.0% | 50.0% | 100.0% | 100.0% | 50.0% |" in row("| baseline: the best rule reading the text")
     assert "by what its caption changes" not in text                  # no changes given: no such table
 
-    changes = {"s1_1-gen": evaluate.CHANGES[0], "s2_1-gen": evaluate.CHANGES[2]}
+    changes = {"s1_1-gen": evaluate.CHANGES[0], "s2_1-gen": evaluate.CHANGES[3]}
     text = evaluate.report(SimpleNamespace(config_path=evaluate.REPO / "config" / "toyworld.yaml"),
                            {"vist_stage2": scored}, {}, {}, baselines=baselines, changes=changes)
     row = lambda start: next(line for line in text.splitlines() if line.startswith(start))
     assert "| 1 | 100.0% | 100.0% | 100.0% | 100.0% | 100.0% |" in row(f"| {evaluate.CHANGES[0]} |")
-    assert "| 1 | 100.0% | 0.0% | 100.0% | 100.0% | 0.0% |" in row(f"| {evaluate.CHANGES[2]} |")
-    assert not any(line.startswith(f"| {evaluate.CHANGES[1]} |") for line in text.splitlines())   # no such frame
+    assert "| 1 | 100.0% | 0.0% | 100.0% | 100.0% | 0.0% |" in row(f"| {evaluate.CHANGES[3]} |")
+    assert not any(line.startswith(f"| {evaluate.CHANGES[2]} |") for line in text.splitlines())   # no such frame
 
 
 def test_metric_py_figures_read_as_the_papers_tables_with_the_judge_beside_them():

@@ -204,15 +204,17 @@ def story_baselines(data: Path) -> dict[str, tuple[list, list]]:
 
 
 # What a later frame's caption changes (`world._changes`), in the order the report lists them.
-CHANGES = ("the time moves on (a little / much later)", "night falls", "the object's colour", "the object's place")
+# The time's two steps apart: "much later" asks the text for the step's size as well as its direction.
+CHANGES = ("the time moves on a step (a little later)", "the time moves on two steps (much later)", "night falls",
+           "the object's colour", "the object's place")
 
 
 def _change(told: dict) -> str:
     if "time_steps" in told:
-        return CHANGES[0]
+        return CHANGES[0] if told["time_steps"] == 1 else CHANGES[1]
     if "time" in told:
-        return CHANGES[1]
-    return CHANGES[2] if "colour" in told else CHANGES[3]
+        return CHANGES[2]
+    return CHANGES[3] if "colour" in told else CHANGES[4]
 
 
 def story_changes(data: Path) -> dict[str, str]:
