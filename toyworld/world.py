@@ -102,11 +102,9 @@ WORDING = {
                   "{setting} {time} with a {colour} {noun} {place}"),
         day_later=("time passes", "a little later", "some time goes by", "the day goes on", "and then"),
         story_open=("this is where we were", "look at this place", "our day began here"),
-        # The same verbs on both sides ("later", "passes", "goes by"): how much time passes is in
-        # the words of quantity ("a little", "some", "short" against "much", "many", "a lot", "long").
-        later=("a little later", "some time passes", "a short time goes by", "soon after"),
-        much_later=("much later", "many hours later", "a lot of time passes", "a long time goes by"),
-        dark=("and then it got dark", "then night came"),
+        later=("a little later", "some time passes"),
+        much_later=("much later", "many hours later"),
+        dark=("and then it got dark",),
         recolour=("then a {colour} one came instead", "now it was {colour}"),
         move={"sky": ("then it flew up into the sky",), "far": ("then it rolled far away",),
               "near": ("then it came close",)},
