@@ -742,3 +742,93 @@ def test_each_drawn_picture_is_judged_at_its_place(tmp_path, monkeypatch):
     assert judged["judged"][0] == truth[tasks[0]] and judged["judged"][1][1] is None
     scores = two_pictures.scores(judged)
     assert scores["both"] == 0.5 and scores["picture_1"]["all"] == 0.5 and scores["picture_2"]["all"] == 0.5
+
+
+def _frames(n_stories: int, carries, seed: int):
+    """Synthetic probe inputs: two frames per story, every fourth a time step of 1 or 2, the rest a
+    colour change; the features are one-hot codes of what `carries(frame, last, told)` returns."""
+    from toyworld import probe
+    from toyworld.evaluate import CHANGES
+
+    rng = random.Random(seed)
+    features, answers, stories, changes = [], {q: [] for q, _ in probe.QUESTIONS}, [], []
+    for s in range(n_stories):
+        for _ in range(2):
+            last = world.Scene(rng.choice(world.SETTINGS), rng.choice(world.TIMES), rng.choice(world.COLOURS),
+                               rng.choice(world.PLACES))
+            if rng.random() < 0.5:
+                told = {"time_steps": rng.choice([1, 2])}
+                frame, change = last.later(told["time_steps"]), CHANGES[told["time_steps"] - 1]
+            else:
+                frame = world.Scene(last.setting, last.time, rng.choice([c for c in world.COLOURS if c != last.colour]),
+                                    last.place)
+                told, change = {"colour": frame.colour}, CHANGES[3]
+            frame, last = frame.attributes(), last.attributes()
+            code = [1.0 if value == option else 0.0 for value, options in carries(frame, last, told)
+                    for option in options]
+            features.append(np.array(code) + np.random.default_rng(len(features)).normal(0, 0.05, len(code)))
+            for question, answer in probe.QUESTIONS:
+                answers[question].append(answer(frame, last, told))
+            stories.append(str(s))
+            changes.append(change)
+    X = np.stack(features)
+    return probe.Frames({kind: X for kind in probe.READ_FROM}, {q: np.array(a, dtype=object) for q, a in answers.items()},
+                        np.array(stories), np.array(changes))
+
+
+def test_a_probe_reads_what_the_vokens_carry_and_not_a_sum_they_do_not_compute():
+    """Features that hold the last picture's time and the told step, one-hot, but not their sum: the
+    probe reads both parts right and the moved-on time wrong often (a linear read cannot add them
+    round the clock), while features holding the frame's own time read it right."""
+    from toyworld import probe
+    from toyworld.evaluate import CHANGES
+
+    parts = lambda frame, last, told: [(last["time"], world.TIMES), (told.get("time_steps", 0), (0, 1, 2)),
+                                       (frame["setting"], world.SETTINGS), (frame["colour"], world.COLOURS),
+                                       (frame["place"], world.PLACES)]
+    results = probe.probe(_frames(200, parts, 0), _frames(40, parts, 1))
+    kind = probe.READ_FROM[0]
+    for question in ("the last context picture's time", "the step its caption tells", "its setting", "its colour"):
+        assert results[f"{kind}: {question}"]["train_cv"]["accuracy"] > 0.95, question
+        assert results[f"{kind}: {question}"]["test"]["accuracy"] > 0.95, question
+    time = results[f"{kind}: its time"]
+    stepped = [time["train_cv"]["by_change"][c] for c in CHANGES[:2]]
+    assert sum(a * n for a, n in stepped) / sum(n for _, n in stepped) < 0.85, stepped
+    assert results[f"{kind}: the step its caption tells"]["train_cv"]["n"] == sum(n for _, n in stepped)
+
+    whole = lambda frame, last, told: [(frame["time"], world.TIMES), *parts(frame, last, told)[2:]]
+    results = probe.probe(_frames(200, whole, 0), _frames(40, whole, 1))
+    assert results[f"{kind}: its time"]["test"]["accuracy"] > 0.95
+    assert "| voken features: its time |" in probe.report(results, "x.ckpt")
+
+
+def test_the_probe_command_reads_a_builds_stage_2_on_its_stories(tmp_path, capsys):
+    """`python -m toyworld probe` on a build folder (the shipped preset's parts and checkpoints, a small
+    world's stories): one row per feature kind and question, every frame after the first read, and
+    what it says written beside the build; a build without its checkpoint stops with the path."""
+    from toyworld import probe
+    from toyworld.__main__ import main
+    from toyworld.ship import SHIPPED
+
+    out = tmp_path / "build"
+    out.mkdir()
+    for part in ("llama", "sd", "eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth", "prerained_minigpt4_7b.pth", "toy.yaml"):
+        (out / part).symlink_to(SHIPPED / part)
+    world.write_vist(out / "data" / "VIST", world.WorldSizes(image_size=32, cc3m={}, vist={"train": 30, "test": 10},
+                                                             mmdialog={}, story_length=3))
+    with pytest.raises(SystemExit, match="stage1_cc3m.ckpt does not exist"):
+        main(["probe", "--out", str(out)])
+    (out / "checkpoints").mkdir()
+    for name in ("stage1_cc3m.ckpt", "stage2_vist.ckpt"):
+        (out / "checkpoints" / name).symlink_to(SHIPPED / name)
+    main(["probe", "--out", str(out)])
+    assert "written to" in capsys.readouterr().out
+    results = json.loads((out / "probe_stage2_vist.json").read_text())
+    assert set(results) == {f"{kind}: {q}" for kind in probe.READ_FROM for q, _ in probe.QUESTIONS}
+    told = json.loads((out / "data" / "VIST" / "told_test.json").read_text())
+    stories = json.loads((out / "data" / "VIST" / "test_cleaned.json").read_text())
+    steps = sum("time_steps" in told[step["image_id"]] for s in stories.values() for step in s[1:])
+    assert results["voken features: its setting"]["train_cv"]["n"] == 30 * 2
+    assert results["voken features: its setting"]["test"]["n"] == 10 * 2
+    assert results["SD condition: the step its caption tells"]["test"]["n"] == steps
+    assert "| SD condition: its time |" in (out / "probe_stage2_vist.md").read_text()

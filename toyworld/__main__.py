@@ -3,6 +3,7 @@ repository's shipped toy preset.
 
     python -m toyworld build [--config config/toyworld.yaml] [--out weights/toy] [--force STEP] [--jobs 2]
     python -m toyworld ship [--out weights/toy] [--to toyworld/pretrained] [--config config/toyworld.yaml]
+    python -m toyworld probe [--out weights/toy] [--checkpoint stage2_vist.ckpt]
     python -m toyworld steps
 """
 from __future__ import annotations
@@ -36,6 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--to", default=str(ship.SHIPPED), help="where the shipped preset goes")
     s.add_argument("--config", default=str(build_module.DEFAULT_CONFIG),
                    help="the build's settings (the demos take its evaluation guidance scale)")
+    p = sub.add_parser("probe", help="linear probes: what a build's stage-2 vokens carry of the picture to draw")
+    p.add_argument("--out", default=str(build_module.DEFAULT_OUT), help="the finished build folder")
+    p.add_argument("--config", default=str(build_module.DEFAULT_CONFIG), help="the build's settings")
+    p.add_argument("--checkpoint", default="stage2_vist.ckpt", help="the stage-2 checkpoint on the stories, "
+                   "in the build's checkpoints folder (default stage2_vist.ckpt)")
     sub.add_parser("steps", help="list the build's steps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -51,6 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     config = Path(args.config)
     if not config.is_file():
         raise SystemExit(f"error: --config {args.config!r} does not exist")
+    if args.command == "probe":
+        from toyworld import probe
+
+        written = probe.run(build_module.Build(config, Path(args.out)), args.checkpoint)
+        print(written.read_text() + f"\nwritten to {written} (and {written.with_suffix('.json').name})")
+        return
     jobs = 1 if args.only else args.jobs
     build_module.run(build_module.Build(config, Path(args.out)), only=args.only, force=args.force, jobs=jobs)
 

@@ -217,12 +217,12 @@ def _change(told: dict) -> str:
     return CHANGES[3] if "colour" in told else CHANGES[4]
 
 
-def story_changes(data: Path) -> dict[str, str]:
-    """Task name of every frame after the first of the toy VIST test split -> what its caption says
-    changes (`CHANGES`; in day stories always the time, one step on)."""
+def story_changes(data: Path, split: str = "test") -> dict[str, str]:
+    """Task name of every frame after the first of a toy VIST split -> what its caption says changes
+    (`CHANGES`; in day stories always the time, one step on)."""
     folder = data / "VIST"
-    stories = json.loads((folder / TEST_FILES["VIST"]).read_text())
-    told = json.loads((folder / "told_test.json").read_text())
+    stories = json.loads((folder / f"{split}_cleaned.json").read_text())
+    told = json.loads((folder / f"told_{split}.json").read_text())
     return {f"{story}_{step['sequence_index']}-gen": _change(told[step["image_id"]])
             for story, steps in stories.items() for k, step in enumerate(steps) if k}
 
