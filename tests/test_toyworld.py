@@ -101,13 +101,13 @@ def test_the_report_sets_stage_2_beside_both_story_baselines():
     assert "| 2 | 100.0% | 50.0% | 100.0% | 100.0% | 50.0% |" in row("| baseline: the best rule reading the text")
     assert "by what its caption changes" not in text                  # no changes given: no such table
 
-    changes = {"s1_1-gen": evaluate.CHANGES[0], "s2_1-gen": evaluate.CHANGES[3]}
+    changes = {"s1_1-gen": evaluate.ONE_STEP, "s2_1-gen": evaluate.NEW_COLOUR}
     text = evaluate.report(SimpleNamespace(config_path=evaluate.REPO / "config" / "toyworld.yaml"),
                            {"vist_stage2": scored}, {}, {}, baselines=baselines, changes=changes)
     row = lambda start: next(line for line in text.splitlines() if line.startswith(start))
-    assert "| 1 | 100.0% | 100.0% | 100.0% | 100.0% | 100.0% |" in row(f"| {evaluate.CHANGES[0]} |")
-    assert "| 1 | 100.0% | 0.0% | 100.0% | 100.0% | 0.0% |" in row(f"| {evaluate.CHANGES[3]} |")
-    assert not any(line.startswith(f"| {evaluate.CHANGES[2]} |") for line in text.splitlines())   # no such frame
+    assert "| 1 | 100.0% | 100.0% | 100.0% | 100.0% | 100.0% |" in row(f"| {evaluate.ONE_STEP} |")
+    assert "| 1 | 100.0% | 0.0% | 100.0% | 100.0% | 0.0% |" in row(f"| {evaluate.NEW_COLOUR} |")
+    assert not any(line.startswith(f"| {evaluate.NIGHT_FALLS} |") for line in text.splitlines())   # no such frame
 
 
 def test_metric_py_figures_read_as_the_papers_tables_with_the_judge_beside_them():
@@ -333,7 +333,7 @@ def test_picture_stories_beat_both_baselines_only_with_the_pictures(tmp_path):
         changes = evaluate.story_changes(data)
         assert len(changes) == 30 * 2 and set(changes.values()) <= set(evaluate.CHANGES)
         if mode == "day":
-            assert set(changes.values()) == {evaluate.CHANGES[0]}
+            assert set(changes.values()) == {evaluate.ONE_STEP}
         else:
             assert set(changes.values()) == set(evaluate.CHANGES), set(changes.values())
         if mode == "day":
@@ -748,7 +748,7 @@ def _frames(n_stories: int, carries, seed: int):
     """Synthetic probe inputs: two frames per story, every fourth a time step of 1 or 2, the rest a
     colour change; the features are one-hot codes of what `carries(frame, last, told)` returns."""
     from toyworld import probe
-    from toyworld.evaluate import CHANGES
+    from toyworld.evaluate import NEW_COLOUR, ONE_STEP, TWO_STEPS
 
     rng = random.Random(seed)
     features, answers, stories, changes = [], {q: [] for q, _ in probe.QUESTIONS}, [], []
@@ -758,11 +758,11 @@ def _frames(n_stories: int, carries, seed: int):
                                rng.choice(world.PLACES))
             if rng.random() < 0.5:
                 told = {"time_steps": rng.choice([1, 2])}
-                frame, change = last.later(told["time_steps"]), CHANGES[told["time_steps"] - 1]
+                frame, change = last.later(told["time_steps"]), (ONE_STEP, TWO_STEPS)[told["time_steps"] - 1]
             else:
                 frame = world.Scene(last.setting, last.time, rng.choice([c for c in world.COLOURS if c != last.colour]),
                                     last.place)
-                told, change = {"colour": frame.colour}, CHANGES[3]
+                told, change = {"colour": frame.colour}, NEW_COLOUR
             frame, last = frame.attributes(), last.attributes()
             code = [1.0 if value == option else 0.0 for value, options in carries(frame, last, told)
                     for option in options]
@@ -781,7 +781,7 @@ def test_a_probe_reads_what_the_vokens_carry_and_not_a_sum_they_do_not_compute()
     probe reads both parts right and the moved-on time wrong often (a linear read cannot add them
     round the clock), while features holding the frame's own time read it right."""
     from toyworld import probe
-    from toyworld.evaluate import CHANGES
+    from toyworld.evaluate import ONE_STEP, TWO_STEPS
 
     parts = lambda frame, last, told: [(last["time"], world.TIMES), (told.get("time_steps", 0), (0, 1, 2)),
                                        (frame["setting"], world.SETTINGS), (frame["colour"], world.COLOURS),
@@ -792,7 +792,7 @@ def test_a_probe_reads_what_the_vokens_carry_and_not_a_sum_they_do_not_compute()
         assert results[f"{kind}: {question}"]["train_cv"]["accuracy"] > 0.95, question
         assert results[f"{kind}: {question}"]["test"]["accuracy"] > 0.95, question
     time = results[f"{kind}: its time"]
-    stepped = [time["train_cv"]["by_change"][c] for c in CHANGES[:2]]
+    stepped = [time["train_cv"]["by_change"][c] for c in (ONE_STEP, TWO_STEPS)]
     assert sum(a * n for a, n in stepped) / sum(n for _, n in stepped) < 0.85, stepped
     assert results[f"{kind}: the step its caption tells"]["train_cv"]["n"] == sum(n for _, n in stepped)
 

@@ -205,16 +205,17 @@ def story_baselines(data: Path) -> dict[str, tuple[list, list]]:
 
 # What a later frame's caption changes (`world._changes`), in the order the report lists them.
 # The time's two steps apart: "much later" asks the text for the step's size as well as its direction.
-CHANGES = ("the time moves on a step (a little later)", "the time moves on two steps (much later)", "night falls",
-           "the object's colour", "the object's place")
+ONE_STEP, TWO_STEPS = "the time moves on a step (a little later)", "the time moves on two steps (much later)"
+NIGHT_FALLS, NEW_COLOUR, NEW_PLACE = "night falls", "the object's colour", "the object's place"
+CHANGES = (ONE_STEP, TWO_STEPS, NIGHT_FALLS, NEW_COLOUR, NEW_PLACE)
 
 
 def _change(told: dict) -> str:
     if "time_steps" in told:
-        return CHANGES[0] if told["time_steps"] == 1 else CHANGES[1]
+        return ONE_STEP if told["time_steps"] == 1 else TWO_STEPS
     if "time" in told:
-        return CHANGES[2]
-    return CHANGES[3] if "colour" in told else CHANGES[4]
+        return NIGHT_FALLS
+    return NEW_COLOUR if "colour" in told else NEW_PLACE
 
 
 def story_changes(data: Path, split: str = "test") -> dict[str, str]:
