@@ -8,7 +8,8 @@
 
 `--device` defaults to the GPU when one is present.
 
-Feeds two story frames with the VIST system prompt and their captions, draws `--num_samples`
+Feeds two story frames with the VIST system prompt and their captions (`--captions`), asks for the
+next frame (the one `--caption` describes, or, without it, whatever the model tells next), draws `--num_samples`
 answers (one batch, one seed per sample), saves each as a figure titled with the generated text,
 and writes an HTML page with all of them, into `outputs/playground/` of this repository wherever it
 is run from (`--out` to change it). Prints each answer with `[picture n]` where the model drew
@@ -38,18 +39,20 @@ DEFAULT_CAPTIONS = ["We went to the beach on a sunny day and set up a red umbrel
                     "In the evening the sky turned orange and we built a sandcastle."]
 
 
-def story_prompt(captions: list[str], llm_family: str = "vicuna") -> str:
+def story_prompt(captions: list[str], llm_family: str = "vicuna", next_caption: str | None = None) -> str:
     """The VIST-format prompt: system prompt, the story so far (each caption followed by its
-    image), then the request for the next scene (the training data's first "multimodal" template);
-    for another LLM family, the same story and request in that family's prompt style."""
-    from prompts import ASSISTANT, HUMAN, VIST_MULTIMODAL, VIST_SYSTEM, vist_context
+    image), then the request for the next scene: told by `next_caption` (the training data's first
+    "generation" template), else left to the model (the first "multimodal" template); for another
+    LLM family, the same story and request in that family's prompt style."""
+    from prompts import ASSISTANT, HUMAN, VIST_GENERATION, VIST_MULTIMODAL, VIST_SYSTEM, vist_context
 
+    template = VIST_MULTIMODAL[0] if next_caption is None else VIST_GENERATION[0]
     if llm_family == "vicuna":
-        return VIST_SYSTEM + VIST_MULTIMODAL[0].format(context=vist_context(captions))
+        return VIST_SYSTEM + template.format(context=vist_context(captions), caption=next_caption)
     from llm_families import get_family
     from samples import Dialogue, Message, Segment
 
-    request = VIST_MULTIMODAL[0].format(context="").removeprefix(HUMAN).removesuffix(ASSISTANT).strip()
+    request = template.format(context="", caption=next_caption).removeprefix(HUMAN).removesuffix(ASSISTANT).strip()
     story = [s for i, c in enumerate(captions) for s in (Segment(text=c), Segment(image=f"frame {i}"))]
     user = Message("user", tuple(story) + (Segment(text=request),))
     return get_family(llm_family).render(Dialogue(VIST_SYSTEM, (user, Message("assistant", ()))))[0]
@@ -108,6 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test_weight", default=None, help="checkpoint loaded on top (e.g. stage2_vist.ckpt)")
     parser.add_argument("--prompt", default=None, help=f"full prompt; one {IMAGE_SLOT} per --images entry")
     parser.add_argument("--images", nargs="*", default=None, help="input images (default: the two story images)")
+    parser.add_argument("--captions", nargs="*", default=None,
+                        help="the story's captions, one per --images entry (default: the two story captions)")
+    parser.add_argument("--caption", default=None,
+                        help="the next frame's caption: ask for the frame it describes (default: the toy "
+                             "preset's next caption where it ships one; else the model tells the next scene)")
     parser.add_argument("--out", default=str(DEFAULT_OUT),
                         help="folder for the figures and the HTML page (default: outputs/playground in this repository)")
     parser.add_argument("--num_samples", type=int, default=5)
@@ -139,14 +147,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[Path]:
     """Run the demo; returns the paths written."""
     args = parse_args(argv)
-    default_images, captions, expected = DEFAULT_IMAGES, DEFAULT_CAPTIONS, None
+    default_images, captions, expected, next_caption = DEFAULT_IMAGES, DEFAULT_CAPTIONS, None, None
     toy = args.model_config is None and args.preset == "toy"
     if toy:
         from toyworld.ship import use_shipped
 
         preset = use_shipped(args, "stage2_vist")
         default_images, captions = preset.story_images, preset.story_captions
-        expected = preset.next_scene if args.images is None and args.prompt is None else None
+        own_story = args.images is not None or args.captions is not None or args.caption is not None
+        expected = preset.next_scene if not own_story and args.prompt is None else None
+        next_caption = None if own_story else preset.next_caption
+    captions = args.captions if args.captions is not None else captions
+    next_caption = args.caption if args.caption is not None else next_caption
     if args.guidance_scale is None:
         from settings import PredictSettings
 
@@ -163,7 +175,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
             family = load_config(args.model_config, check_paths=False).llm_family
         except ConfigError as e:
             sys.exit(f"error: {e}")
-    prompt = args.prompt if args.prompt is not None else story_prompt(captions[: len(images)], family)
+    if args.prompt is None and len(captions) < len(images):
+        sys.exit(f"error: --captions: {len(captions)} caption(s) for {len(images)} image(s) (one each)")
+    prompt = args.prompt if args.prompt is not None else story_prompt(captions[: len(images)], family, next_caption)
     if prompt.count("<ImageHere>") != len(images):
         sys.exit(f"error: --prompt has {prompt.count('<ImageHere>')} <ImageHere> placeholder(s) but "
                  f"{len(images)} image(s) were given with --images")

@@ -328,6 +328,44 @@ def test_playground_checks_flags_and_pictures_before_loading_the_model(flags, ex
     assert str(error.value.code).startswith(expected.replace("BOMB", str(bomb))) and loaded == []
 
 
+def test_playground_asks_for_the_frame_the_next_caption_tells(monkeypatch, tmp_path):
+    """With the next frame's caption (`--caption`, or the toy preset's shipped one) the request is the
+    training data's generation template with that caption; without it, the model tells the next scene
+    (the multimodal template). `--captions` names the story's captions, one per picture."""
+    sys.path.insert(0, str(REPO / "examples"))
+    import playground
+
+    from prompts import VIST_GENERATION, VIST_MULTIMODAL, VIST_SYSTEM, vist_context
+
+    told = playground.story_prompt(["we were here", "now it was red"], next_caption="some time later")
+    assert told == VIST_SYSTEM + VIST_GENERATION[0].format(context=vist_context(["we were here", "now it was red"]),
+                                                           caption="some time later")
+    free = playground.story_prompt(["we were here", "now it was red"])
+    assert free == VIST_SYSTEM + VIST_MULTIMODAL[0].format(context=vist_context(["we were here", "now it was red"]))
+    assert "some time later" in playground.story_prompt(["a", "b"], "llama3", "some time later")
+
+    prompts = []
+
+    def fake_generate(self, prompt_list, images, **kwargs):
+        prompts.append(prompt_list[0])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(MiniGPT5_Model, "from_weights", classmethod(lambda cls, *a, **k: cls.__new__(cls)))
+    monkeypatch.setattr(MiniGPT5_Model, "generate", fake_generate)
+    story = [str(REPO / "examples" / "story_1.jpg"), str(REPO / "examples" / "story_2.jpg")]
+    with pytest.raises(SystemExit):
+        playground.main(["--images", *story, "--captions", "one", "two", "--caption", "much later", "--out", str(tmp_path)])
+    assert prompts[-1] == playground.story_prompt(["one", "two"], next_caption="much later")
+    with pytest.raises(SystemExit, match="--captions: 1 caption.s. for 2 image"):
+        playground.main(["--images", *story, "--captions", "one"])
+    from toyworld.ship import shipped
+
+    with pytest.raises(SystemExit):
+        playground.main(["--out", str(tmp_path)])       # the toy preset's own story and, if shipped, next caption
+    preset = shipped()
+    assert prompts[-1] == playground.story_prompt(preset.story_captions, next_caption=preset.next_caption)
+
+
 def test_playground_rejects_bad_images(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "examples" / "playground.py"), "--images",
                              str(tmp_path / "missing.jpg")], cwd=tmp_path, capture_output=True, text=True)

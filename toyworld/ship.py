@@ -101,7 +101,8 @@ def ship(build_dir: Path, to: Path = SHIPPED, guidance_scale: float | None = Non
         world.save_image(world.render(scene, cfg.sd_image_size, random.Random(name)), tmp / name)
     (tmp / "story.json").write_text(json.dumps({
         "captions": list(story.captions[:len(STORY_IMAGES)]), "images": list(STORY_IMAGES),
-        "next_scene": story.scenes[len(STORY_IMAGES)].attributes(), "guidance_scale": guidance_scale}, indent=1))
+        "next_caption": story.captions[len(STORY_IMAGES)], "next_scene": story.scenes[len(STORY_IMAGES)].attributes(),
+        "guidance_scale": guidance_scale}, indent=1))
 
     relative = cfg.replace(llama_model="llama", sd_model="sd", vit_model=Path(cfg.vit_model).name,
                            q_former_model=Path(cfg.q_former_model).name, ckpt=Path(cfg.ckpt).name)
@@ -124,6 +125,9 @@ class Shipped:
     story_captions: list[str]
     next_scene: dict
     guidance_scale: float | None = None     # what the build evaluated with (None: the usual default)
+    # The next frame's caption: a picture story's says what changes, and the demo asks for the frame
+    # with it (None, as in presets shipped before it was kept: the demo asks for the next scene freely).
+    next_caption: str | None = None
 
 
 def shipped(folder: Path = SHIPPED) -> Shipped:
@@ -135,7 +139,7 @@ def shipped(folder: Path = SHIPPED) -> Shipped:
     data = json.loads(story.read_text())
     return Shipped(folder / "toy.yaml", folder / CHECKPOINTS[0], folder / CHECKPOINTS[1], folder / CHECKPOINTS[2],
                    [folder / name for name in data["images"]], data["captions"], data["next_scene"],
-                   data.get("guidance_scale"))
+                   data.get("guidance_scale"), data.get("next_caption"))
 
 
 def use_shipped(args, stage2: str) -> Shipped:
