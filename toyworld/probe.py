@@ -59,8 +59,9 @@ def read_frames(model, data: Path, split: str, batch_size: int = 32) -> Frames:
     folder = data / "VIST"
     dataset = make_dataset(folder / f"{split}_cleaned.json", model.model.llama_tokenizer, model.cfg,
                            is_training=True, dataset_type="VIST")
-    generation = dataset.KINDS.index("generation")
-    chosen = [i for i in range(len(dataset)) if dataset._index[2, i] == generation and dataset._index[1, i] > 0]
+    later = {f"{story}_{step['sequence_index']}-gen" for story, steps in
+             json.loads((folder / f"{split}_cleaned.json").read_text()).items() for step in steps[1:]}
+    chosen = [i for i in range(len(dataset)) if dataset.sample(i).task_name in later]
     collate, states, conditions, names = Collator(model.model.llama_tokenizer), [], [], []
     m = model.model
     with torch.no_grad():
