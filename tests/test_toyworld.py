@@ -578,6 +578,35 @@ def test_demos_take_the_shipped_presets_guidance_unless_told():
     assert told.guidance_scale == 7.5
 
 
+def test_ship_copies_a_build_small_and_loadable(tmp_path):
+    """`python -m toyworld ship` on a build folder (here one made of the shipped preset's own parts):
+    every file under 2 MB, the checkpoints' weights float16, paths relative to the copy, the demos'
+    story in the build's story mode with the next frame's caption, and the copy loads as a model."""
+    import torch
+
+    from model import MiniGPT5_Model
+    from toyworld import ship
+
+    build = tmp_path / "build"
+    build.mkdir()
+    for part in ("llama", "sd", "eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth", "prerained_minigpt4_7b.pth", "toy.yaml"):
+        (build / part).symlink_to(ship.SHIPPED / part)
+    (build / "checkpoints").mkdir()
+    for name in ship.CHECKPOINTS:
+        (build / "checkpoints" / name).symlink_to(ship.SHIPPED / name)
+    copy = ship.ship(build, tmp_path / "shipped", guidance_scale=3.0, mode="pictures")
+    assert all(f.stat().st_size < 2 * 2**20 for f in copy.rglob("*") if f.is_file())
+    state = torch.load(copy / "stage2_vist.ckpt", weights_only=True)["state_dict"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+    assert "llama_model: llama" in (copy / "toy.yaml").read_text()
+    preset = ship.shipped(copy)
+    story = ship.demo_story("pictures")
+    assert preset.story_captions == list(story.captions[:2]) and preset.next_caption == story.captions[2]
+    assert preset.next_scene == story.scenes[2].attributes() and preset.guidance_scale == 3.0
+    model = MiniGPT5_Model.from_weights(preset.config, preset.stage1, preset.stage2_vist, device="cpu")
+    assert model.model.llama_model.dtype == torch.float32        # float16 files load into the toy's float32
+
+
 def test_a_shipped_builds_demo_story_is_of_the_kind_stage_2_learnt():
     """`ship` writes the demos' story in the build's story mode: the day story of the shipped preset
     (unchanged), or a picture story of the test side."""
