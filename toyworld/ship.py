@@ -45,7 +45,7 @@ def story_mode(config: Path) -> str:
 
 
 def demo_story(mode: str) -> world.Story:
-    """The demos' story, of the kind stage 2 was trained on: a day story (the shipped preset's), or
+    """The demos' story, of the kind stage 2 was trained on: a day story (the preset shipped before build 19), or
     a test-side picture story (one no training story begins like)."""
     rng = random.Random("shipped-story")
     first = world.Scene("beach", "morning", "red", "near")
@@ -56,7 +56,7 @@ def demo_story(mode: str) -> world.Story:
                                     allowed=lambda scene: not world.is_held_out(scene))
 
 
-def ship(build_dir: Path, to: Path = SHIPPED, guidance_scale: float | None = None, mode: str = "day") -> Path:
+def ship(build_dir: Path, to: Path = SHIPPED, guidance_scale: float | None = None, mode: str = "pictures") -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoModelForCausalLM, CLIPTextModel
 
