@@ -59,8 +59,8 @@ def read_frames(model, data: Path, split: str, batch_size: int = 32) -> Frames:
     folder = data / "VIST"
     dataset = make_dataset(folder / f"{split}_cleaned.json", model.model.llama_tokenizer, model.cfg,
                            is_training=True, dataset_type="VIST")
-    later = {f"{story}_{step['sequence_index']}-gen" for story, steps in
-             json.loads((folder / f"{split}_cleaned.json").read_text()).items() for step in steps[1:]}
+    stories = json.loads((folder / f"{split}_cleaned.json").read_text())
+    later = {f"{story}_{step['sequence_index']}-gen" for story, steps in stories.items() for step in steps[1:]}
     chosen = [i for i in range(len(dataset)) if dataset.sample(i).task_name in later]
     collate, states, conditions, names = Collator(model.model.llama_tokenizer), [], [], []
     m = model.model
@@ -76,7 +76,6 @@ def read_frames(model, data: Path, split: str, batch_size: int = 32) -> Frames:
             names += [batch["task_names"][int(r)] for r in rows]
     scenes = json.loads((folder / f"scenes_{split}.json").read_text())
     told = json.loads((folder / f"told_{split}.json").read_text())
-    stories = json.loads((folder / f"{split}_cleaned.json").read_text())
     changes = story_changes(data, split)
     answers = {q: [] for q, _ in QUESTIONS}
     story_of = []
