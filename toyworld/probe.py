@@ -54,13 +54,16 @@ def read_frames(model, data: Path, split: str, batch_size: int = 32) -> Frames:
     import torch
 
     from collator import Collator
+    from data_sources.vist import SPEC
     from dataloader import make_dataset
 
     folder = data / "VIST"
     dataset = make_dataset(folder / f"{split}_cleaned.json", model.model.llama_tokenizer, model.cfg,
                            is_training=True, dataset_type="VIST")
     stories = json.loads((folder / f"{split}_cleaned.json").read_text())
-    later = {f"{story}_{step['sequence_index']}-gen" for story, steps in stories.items() for step in steps[1:]}
+    # Task name (the reader's own rule) of each frame after the first -> (story, its step, the one before).
+    later = {SPEC.task_name(story, step["sequence_index"], "generation"): (story, step, steps[k - 1])
+             for story, steps in stories.items() for k, step in enumerate(steps) if k}
     chosen = [i for i in range(len(dataset)) if dataset.sample(i).task_name in later]
     collate, states, conditions, names = Collator(model.model.llama_tokenizer), [], [], []
     m = model.model
@@ -80,9 +83,8 @@ def read_frames(model, data: Path, split: str, batch_size: int = 32) -> Frames:
     answers = {q: [] for q, _ in QUESTIONS}
     story_of = []
     for name in names:
-        story, step = name.removesuffix("-gen").rsplit("_", 1)
-        k = [s["sequence_index"] for s in stories[story]].index(int(step))
-        image, last = stories[story][k]["image_id"], stories[story][k - 1]["image_id"]
+        story, step, before = later[name]
+        image, last = step["image_id"], before["image_id"]
         for question, answer in QUESTIONS:
             answers[question].append(answer(scenes[image], scenes[last], told[image]))
         story_of.append(story)
