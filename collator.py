@@ -124,13 +124,16 @@ def _collate_features(items: list[dict[str, Any]]) -> dict[str, torch.Tensor | N
 
 def row_captions(batch: dict[str, Any], rows: torch.Tensor) -> list[str] | None:
     """The captions of the target rows `rows` (`target_rows`), or None when the caption loss has no
-    target: the release's rule, some item of the batch without a caption; with several pictures per
-    item (`output_image_counts`), some chosen picture without one."""
+    target: some picture drawn in this batch has no caption. The release's rule ("every sample of the
+    batch has a caption", so CC3M only) over the pictures drawn, not the samples: samples that draw
+    nothing (VIST's understanding samples) need no caption. On the release's files the two agree
+    (every CC3M sample draws a captioned picture; VIST and MMDialog have no captions)."""
     captions = batch.get("captions")
     if captions is None:
         return None
     if batch.get("output_image_counts") is None:
-        return [captions[i] for i in rows.tolist()] if all(c is not None for c in captions) else None
+        chosen = [captions[i] for i in rows.tolist()]
+        return chosen if all(c is not None for c in chosen) else None
     flat: list[str | None] = []
     for caption, more in zip(captions, batch["more_captions"]):
         flat += [caption, *more]

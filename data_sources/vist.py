@@ -2,6 +2,12 @@
 on, a multimodal and an understanding sample, as the release. The image mapping file is the
 annotation file's name with `cleaned` replaced by `image_mapping`. The prompts are the release's, in
 prompts.py; the scorer is `metric.score_vist` (the generation samples only).
+
+A step may also carry `description`: its picture described on its own, as VIST's
+descriptions-in-isolation annotations describe each picture apart from the story. It is never shown
+to the model; it becomes the caption loss's target for the samples that draw that picture, so
+stage 2 keeps the condition in the words SD was trained on. The release's files have none, and the
+caption loss stays off for VIST, as in the release.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ class _Story:
     captions: tuple[str, ...]
     images: tuple[str, ...]
     steps: tuple[str, ...]  # the steps' `sequence_index`
+    descriptions: tuple[str | None, ...]  # each picture's `description`, None where the step has none
 
 
 class VISTDataset(MiniGPT5Dataset):
@@ -59,7 +66,7 @@ class VISTDataset(MiniGPT5Dataset):
         self.stories: list[_Story] = []
         story_idx, step_idx, kind_idx = [], [], []
         for story_id, steps in stories.items():
-            captions, images, steps_done = [], [], []
+            captions, images, steps_done, descriptions = [], [], [], []
             if not isinstance(steps, list):
                 self.problems.add(f"{path} (story {story_id})", "malformed story", "expected a list of steps",
                                   skipped="story skipped")
@@ -76,12 +83,14 @@ class VISTDataset(MiniGPT5Dataset):
                 captions.append(step["caption"])
                 images.append(self.image_path(mapping[str(step["image_id"])]))
                 steps_done.append(str(step["sequence_index"]))
+                descriptions.append(step.get("description"))
             for k in range(len(captions)):
                 kinds = (0, 1, 2) if k > 0 and self.is_training else (0,)
                 story_idx += [len(self.stories)] * len(kinds)
                 step_idx += [k] * len(kinds)
                 kind_idx += list(kinds)
-            self.stories.append(_Story(str(story_id), tuple(captions), tuple(images), tuple(steps_done)))
+            self.stories.append(_Story(str(story_id), tuple(captions), tuple(images), tuple(steps_done),
+                                       tuple(descriptions)))
         self._index = np.array([story_idx, step_idx, kind_idx], dtype=np.int64).reshape(3, -1)
 
     def __len__(self) -> int:
@@ -102,11 +111,11 @@ class VISTDataset(MiniGPT5Dataset):
         if kind_name == "generation":
             dialogue = _dialogue(template, story, k, (Segment(image=story.images[k]),), caption=caption)
             return Sample(name, system + template.format(context=context, caption=caption), prompts.VOKEN_TARGET,
-                          None, history, story.images[k], location, dialogue=dialogue)
+                          story.descriptions[k], history, story.images[k], location, dialogue=dialogue)
         if kind_name == "multimodal":
             dialogue = _dialogue(template, story, k, (Segment(text=caption), Segment(image=story.images[k])))
             return Sample(name, system + template.format(context=context), f"{caption} {prompts.VOKEN_TARGET}",
-                          None, history, story.images[k], location, dialogue=dialogue)
+                          story.descriptions[k], history, story.images[k], location, dialogue=dialogue)
         dialogue = _dialogue(template, story, k, (Segment(text=caption),), shown=story.images[k])
         return Sample(name, system + template.format(context=context), prompts.text_target(caption), None,
                       history + (story.images[k],), None, location, dialogue=dialogue)
@@ -133,6 +142,14 @@ def _vist_step_problem(step: Any, mapping: dict, caps) -> tuple[str, str] | None
         return too_long_text(caps), f"{len(step['caption']):,} characters"
     if any(token in step["caption"] for token in RESERVED_TOKENS):
         return "reserved token in text", repr(step["caption"][:200])
+    if "description" in step:
+        description = step["description"]
+        if not isinstance(description, str) or not description.strip():
+            return "empty description", f"'description' must be a non-empty string, got {description!r}"[:200]
+        if len(description) > caps.max_text_chars:
+            return too_long_text(caps), f"description: {len(description):,} characters"
+        if any(token in description for token in RESERVED_TOKENS):
+            return "reserved token in text", f"description: {description[:200]!r}"
     if str(step["image_id"]) not in mapping:
         return "image id not in the mapping file", repr(step["image_id"])[:200]
     if not isinstance(mapping[str(step["image_id"])], str) or not mapping[str(step["image_id"])]:

@@ -284,6 +284,25 @@ def test_vist_bad_step_cuts_the_story(tmp_path, caplog, bad_step, reason):
         D.VISTDataset(path, strict=True)
 
 
+def test_vist_descriptions_are_the_drawn_pictures_captions(tmp_path, caplog):
+    """A step's `description` (its picture described on its own) is the caption of the samples that
+    draw that picture, and never part of a prompt; steps without one (the release's files) have none."""
+    steps = [{"caption": "one .", "image_id": "1", "sequence_index": 0, "description": "a red door"},
+             {"caption": "two .", "image_id": "2", "sequence_index": 1, "description": "a blue door"},
+             {"caption": "three .", "image_id": "3", "sequence_index": 2}]
+    path = write_vist(tmp_path, steps, {"1": "a.jpg", "2": "b.jpg", "3": "c.jpg"})
+    captions = {s.task_name: s.caption for s in D.VISTDataset(path, is_training=True).samples()}
+    assert captions == {"7_0-gen": "a red door", "7_1-gen": "a blue door", "7_1-multimodal": "a blue door",
+                        "7_1-understanding": None, "7_2-gen": None, "7_2-multimodal": None,
+                        "7_2-understanding": None}
+    assert not any("door" in s.source or "door" in s.target for s in D.VISTDataset(path, is_training=True).samples())
+    for bad, reason in [(" ", "empty description"), (3, "empty description"),
+                        ("a [IMG0] door", "reserved token in text")]:
+        path = write_vist(tmp_path, [dict(steps[0], description=bad)], {"1": "a.jpg"})
+        with caplog.at_level(logging.WARNING, logger="dataloader"):
+            assert D.VISTDataset(path, is_training=False).problems.counts == {reason: 1}
+
+
 def test_vist_malformed_json_names_the_line(tmp_path):
     path = tmp_path / "val_cleaned.json"
     path.write_text('{"7": [\n  {"caption": "x", }\n]}')

@@ -27,6 +27,31 @@ def test_stage2_step_without_captions(tiny_config):
     torch.testing.assert_close(losses["loss"], 0.01 * losses["text_loss"] + losses["image_loss"])
 
 
+def test_described_story_pictures_get_the_caption_loss(tiny_config):
+    """VIST steps with a `description`: the pictures drawn carry it, the text-only sample none; the
+    caption loss is computed over the pictures drawn (the release's rule counts samples, which would
+    turn it off for every story batch with an understanding sample in it)."""
+    model = build(tiny_config, stage=2).eval()      # no dropout: the forward pass is recomputed below
+    described = [dict(STORY_LIKE[0], caption="a dog on the grass"), dict(STORY_LIKE[1], caption="a cat asleep"),
+                 STORY_LIKE[2]]
+    batch = batch_for(model, described)
+    # The loss's target is each drawn picture's own description, in order.
+    import decoders
+    m = model.model
+    embeds, mask, labels = m.wrap_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                         model.image_embeddings(batch))
+    condition = model.map_condition(m.voken_features(m.forward_llm(embeds, mask, labels)[0], labels)[0])
+    expected_caption_loss = decoders.caption_mse(condition, model.encode_caption(["a dog on the grass", "a cat asleep"]))
+    losses = model(batch)
+    assert set(losses) == {"text_loss", "image_loss", "caption_loss", "loss"}
+    expected = 0.01 * losses["text_loss"] + losses["image_loss"] + 0.1 * losses["caption_loss"]
+    torch.testing.assert_close(losses["loss"], expected)
+    torch.testing.assert_close(losses["caption_loss"], expected_caption_loss)
+    # One drawn picture without a description: no caption loss, as in the release.
+    half = batch_for(model, [described[0], STORY_LIKE[1], STORY_LIKE[2]])
+    assert "caption_loss" not in model(half)
+
+
 def test_batch_without_vokens_is_text_only(tiny_config):
     model = build(tiny_config, stage=2).train()
     losses = model(batch_for(model, STORY_LIKE[2:]))

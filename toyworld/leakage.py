@@ -61,7 +61,7 @@ def read_split(data: Path, split: str) -> SplitText:
         for steps in stories.values():
             captions = tuple(step["caption"] for step in steps)
             scenes = tuple(world.Scene(**truth[step["image_id"]]) for step in steps)
-            found.texts += captions
+            found.texts += captions + tuple(step["description"] for step in steps if "description" in step)
             found.scenes += [(str(data / "VIST" / f"{split}_cleaned.json"), s) for s in scenes]
             found.sequences.update(scenes[:k + 1] for k in range(1, len(scenes)))
             found.histories.update(captions[:k + 1] for k in range(1, len(captions)))

@@ -22,7 +22,7 @@ def _sizes(build: Build) -> world.WorldSizes:
     w = build.settings["world"]
     return world.WorldSizes(image_size=w["image_size"], cc3m=w["cc3m"], vist=w["vist"], mmdialog=w["mmdialog"],
                             story_length=w["story_length"], seed=build.settings["seed"],
-                            story_mode=_story_mode(build))
+                            story_mode=_story_mode(build), vist_descriptions=bool(w.get("vist_descriptions", False)))
 
 
 def _story_mode(build: Build) -> str:

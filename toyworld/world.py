@@ -360,6 +360,9 @@ class WorldSizes:
     story_length: int
     seed: int = 0
     story_mode: str = "pictures"    # STORY_MODES
+    # The training stories' pictures also described on their own (each step's `description`, the
+    # caption loss's target in stage 2; never shown to the model). Test stories have none.
+    vist_descriptions: bool = False
 
 
 def _scenes_for(split: str, n: int, rng: random.Random) -> list[Scene]:
@@ -393,7 +396,8 @@ NO_CONTEXT = "test_no_context"        # the VIST test frames after the first, ea
 
 
 def write_vist(folder: Path, sizes: WorldSizes) -> dict[str, Path]:
-    """`{split}_cleaned.json` (story id -> steps of caption, image_id, sequence_index),
+    """`{split}_cleaned.json` (story id -> steps of caption, image_id, sequence_index, and with
+    `sizes.vist_descriptions` in the training splits description),
     `{split}_image_mapping.json` (image id -> path) and `images/{split}/*.jpg`,
     `scenes_{split}.json` (image id -> attributes) and `told_{split}.json` (image id -> what its
     caption tells of its scene, for the text-only baseline)."""
@@ -410,6 +414,9 @@ def write_vist(folder: Path, sizes: WorldSizes) -> dict[str, Path]:
                 relative = f"images/{split}/{image_id}.jpg"
                 save_image(render(scene, sizes.image_size), folder / relative)
                 steps.append({"caption": text, "image_id": image_id, "sequence_index": j})
+                if sizes.vist_descriptions and split != "test":
+                    # In the training word orders, taken in turn (no draw: the stories stay as they are).
+                    steps[-1]["description"] = caption(scene, k + j, TRAIN)
                 mapping[image_id] = relative
                 truth[image_id] = scene.attributes()
                 told[image_id] = said
