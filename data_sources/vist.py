@@ -136,23 +136,24 @@ def _dialogue(template: str, story: _Story, k: int, answer: tuple[Segment, ...],
 def _vist_step_problem(step: Any, mapping: dict, caps) -> tuple[str, str] | None:
     if not isinstance(step, dict) or not {"caption", "image_id", "sequence_index"} <= set(step):
         return "malformed step", f"expected caption, image_id and sequence_index, got {str(step)[:200]}"
-    if not isinstance(step["caption"], str) or not step["caption"].strip():
-        return "empty caption", repr(step["caption"])[:200]
-    if len(step["caption"]) > caps.max_text_chars:
-        return too_long_text(caps), f"{len(step['caption']):,} characters"
-    if any(token in step["caption"] for token in RESERVED_TOKENS):
-        return "reserved token in text", repr(step["caption"][:200])
-    if "description" in step:
-        description = step["description"]
-        if not isinstance(description, str) or not description.strip():
-            return "empty description", f"'description' must be a non-empty string, got {description!r}"[:200]
-        if len(description) > caps.max_text_chars:
-            return too_long_text(caps), f"description: {len(description):,} characters"
-        if any(token in description for token in RESERVED_TOKENS):
-            return "reserved token in text", f"description: {description[:200]!r}"
+    for field in ("caption", "description"):
+        if field in step and (problem := _text_problem(step[field], field, caps)):
+            return problem
     if str(step["image_id"]) not in mapping:
         return "image id not in the mapping file", repr(step["image_id"])[:200]
     if not isinstance(mapping[str(step["image_id"])], str) or not mapping[str(step["image_id"])]:
         return "image path in the mapping file is not a string", \
             f"{step['image_id']!r}: {mapping[str(step['image_id'])]!r}"[:200]
+    return None
+
+
+def _text_problem(text: Any, field: str, caps) -> tuple[str, str] | None:
+    """What is wrong with a step's text `field` (its caption, or its optional description), if anything."""
+    where = "" if field == "caption" else f"{field}: "
+    if not isinstance(text, str) or not text.strip():
+        return f"empty {field}", f"{where}{text!r}"[:200]
+    if len(text) > caps.max_text_chars:
+        return too_long_text(caps), f"{where}{len(text):,} characters"
+    if any(token in text for token in RESERVED_TOKENS):
+        return "reserved token in text", f"{where}{text[:200]!r}"
     return None
