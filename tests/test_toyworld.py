@@ -451,6 +451,61 @@ def test_steps_run_side_by_side_as_they_do_one_after_another(tmp_path, capsys):
         run(Build(config, tmp_path / "two"), jobs=0)
 
 
+def test_the_longest_chain_gets_the_first_cores(tmp_path):
+    """Side by side, ready steps start in the plan's order, and the extractors (which read nothing)
+    wait for the preset: the first two cores after it go to CLIP and the VAE, which the UNet waits
+    for. The wait is not an input: the extractors' key does not change with the preset's."""
+    from toyworld import build as build_module
+
+    plan = build_module.steps()
+    pending = {s.name for s in plan} - {"datasets", "two_pictures_data"}
+    by_name = {s.name: s for s in plan}
+    assert not build_module.ready(by_name["extractors"], pending)           # the preset still runs
+    pending -= {"preset"}
+    first = [s.name for s in plan if s.name in pending and build_module.ready(s, pending)][:2]
+    assert first == ["clip", "vae"], first
+    assert build_module.ready(by_name["extractors"], pending)
+    build = build_module.Build(_settings(tmp_path), tmp_path / "out")
+    keys = {name: build.key(by_name[name]) for name in ("extractors", "clip")}
+    build.record_path("preset").write_text(json.dumps({"key": "another preset"}))
+    assert build.key(by_name["extractors"]) == keys["extractors"]
+    assert build.key(by_name["clip"]) != keys["clip"]                       # CLIP reads the preset
+
+
+def test_the_ablations_are_steps_the_settings_choose(tmp_path):
+    """`ablations` names the ablations trained (default: all): each leaves out its training step and
+    its prediction, nothing else; a report made by two runs (the ablations added later) says which
+    run made what. The one the shipped settings keep trains beside stage 1."""
+    from toyworld import evaluate
+    from toyworld.build import DEFAULT_CONFIG, Build, steps
+
+    def plan(**changes):
+        return [s.name for s in steps(Build(_settings(tmp_path, **changes), tmp_path / "out"))]
+
+    everything = plan(ablations=["no_caption_loss", "no_stage1"])
+    import yaml
+
+    unsaid = yaml.safe_load(_settings(tmp_path).read_text())
+    del unsaid["ablations"]
+    (tmp_path / "unsaid.yaml").write_text(yaml.safe_dump(unsaid))
+    assert [s.name for s in steps(Build(tmp_path / "unsaid.yaml", tmp_path / "out"))] == everything   # all
+    assert set(everything) - set(plan(ablations=["no_caption_loss"])) == {"stage2_vist_no_stage1",
+                                                                        "predict_vist_no_stage1"}
+    assert set(everything) - set(plan(ablations=[])) == {"stage2_vist_no_stage1", "predict_vist_no_stage1",
+                                                       "stage1_cc3m_no_caption_loss", "predict_cc3m_no_caption_loss"}
+    for wrong in ("no_stage1", ["no_stage_1"]):
+        with pytest.raises(SystemExit, match="`ablations` must be a list of"):
+            plan(ablations=wrong)
+    # Ready with stage 0, beside stage 1: the ablation as long as stage 1 starts first.
+    assert everything.index("stage1_cc3m") < everything.index("stage1_cc3m_no_caption_loss") \
+        < everything.index("stage2_vist_no_stage1")
+    assert yaml.safe_load(DEFAULT_CONFIG.read_text())["ablations"] == ["no_caption_loss"]
+    assert evaluate._wall_text([(2640.0, 24)]) == ", 44.0 minutes of wall clock (steps run side by side)."
+    assert evaluate._wall_text([(2640.0, 24), (900.0, 4)]) == (
+        "; made by 2 runs of the build, in the order they ran: 44.0 minutes for 24 steps; 15.0 minutes for 4 steps"
+        " (wall clock, steps run side by side).")
+
+
 def test_a_steps_openmp_threads_sleep_while_they_wait(monkeypatch):
     """Spinning OpenMP threads crawl when another process holds a core (the UNet step ran 100x
     slower beside one training run): a step's process gets OMP_WAIT_POLICY=PASSIVE unless set."""

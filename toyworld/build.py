@@ -56,6 +56,10 @@ class Step:
     threads: str = "share"
     # Whether the settings ask for this step (an optional task or pairing, e.g. `pairings:`).
     enabled: Callable[["Build"], bool] = lambda build: True
+    # Steps this one waits for when steps run side by side, though it reads nothing of theirs: for
+    # the order only, so not part of its key (a step with no inputs would otherwise take a core
+    # before the build's longest chain can start).
+    starts_after: tuple[str, ...] = ()
 
 
 @dataclass
@@ -253,14 +257,11 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
     pending = {step.name for _, step in todo}
     (build.out / "logs").mkdir(parents=True, exist_ok=True)
 
-    def ready(step: Step) -> bool:
-        return not any(d in pending for d in step.depends)
-
     while waiting or running:
         for i, step in list(waiting):
             if len(running) >= jobs:
                 break
-            if not ready(step):
+            if not ready(step, pending):
                 continue
             threads = step_threads(step, jobs)
             waiting.remove((i, step))
@@ -300,6 +301,12 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
             pending.discard(name)
             progress.done(i, name, record)
     return results
+
+
+def ready(step: Step, pending: set[str]) -> bool:
+    """Whether `step` may start side by side: none of the steps it reads from, or starts after, is
+    still to run (`pending`)."""
+    return not any(d in pending for d in step.depends + step.starts_after)
 
 
 def step_environment(threads: int) -> dict[str, str]:

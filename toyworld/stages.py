@@ -329,9 +329,35 @@ def _checkpoint_step(checkpoint: str) -> str:
 def _predict(run: evaluate.Run) -> Step:
     weights = [w for w in (run.test_weight, run.stage1_weight) if w]
     scorer = ("extractors",) if run.name in evaluate.METRIC_RUNS else ()     # metric.py's toy extractors
-    return Step(f"predict_{run.name}", lambda b: evaluate.predict_step(b, run),
-                ("datasets", *dict.fromkeys(_checkpoint_step(w) for w in weights), *scorer),
+    trained_by = tuple(dict.fromkeys(_checkpoint_step(w) for w in weights))
+    step = Step(f"predict_{run.name}", lambda b: evaluate.predict_step(b, run), ("datasets", *trained_by, *scorer),
                 lambda b: [b.settings["evaluate"], run], f"predict {run.dataset} with {' + '.join(weights)}, judge it")
+    ablation = [name for name in trained_by if name in ABLATIONS.values()]
+    return _ablation(step, ablation[0]) if ablation else step
+
+
+# The paper's ablations that need a training run of their own, by the name the settings' `ablations`
+# list gives them: the step that trains each (its prediction step follows it in or out). Without the
+# key, all of them; config/toyworld.yaml names the one that costs the build's wall clock nothing (it
+# trains beside stage 1, on a core that would wait); add `no_stage1` and build again to add it to a
+# finished build (only it, its prediction and the report run).
+ABLATIONS = {"no_caption_loss": "stage1_cc3m_no_caption_loss", "no_stage1": "stage2_vist_no_stage1"}
+
+
+def wanted_ablations(build) -> set[str]:
+    """The training steps of the ablations the settings ask for (`ablations`, default: all)."""
+    names = build.settings.get("ablations", list(ABLATIONS))
+    if not isinstance(names, list) or set(names) - set(ABLATIONS):
+        raise SystemExit(f"error: {build.config_path}: `ablations` must be a list of {list(ABLATIONS)}, got {names!r}")
+    return {ABLATIONS[name] for name in names}
+
+
+def _ablation(step: Step, trains: str | None = None) -> Step:
+    """`step`, in the build when the settings ask for the ablation whose training step is `trains`
+    (the step itself, when it is that training step)."""
+    trains = trains or step.name
+    step.enabled = lambda build: trains in wanted_ablations(build)
+    return step
 
 
 def two_pictures_steps() -> list[Step]:
@@ -391,15 +417,19 @@ STEPS = [
     _stage("stage2_mmdialog", "MMDialog", 2, "stage1_cc3m.ckpt", depends=("datasets", "stage1_cc3m"),
            about="MiniGPT-5 stage 2 on the toy MMDialog"),
     *two_pictures_steps(),          # a long training step, ready with stage 1 (its prediction waits for it)
-    # Side by side, ready steps start in this order: the long ones first (the stage-2 ablation is
-    # ready with stage 0), so that the short ones fill the end and no core idles there.
-    _stage("stage2_vist_no_stage1", "VIST", 2, evaluate.UNTRAINED,
-           about="ablation: stage 2 from the untrained mapper"),
-    _stage("stage1_cc3m_no_caption_loss", "CC3M", 1, None, ("--caption_loss_weight", "0"),
-           about="ablation: stage 1 without the caption loss"),
+    # Side by side, ready steps start in this order. The ablations are ready with stage 0, beside
+    # stage 1, which everything else waits for: stage 1 without the caption loss (as long as stage 1)
+    # first, on the core that would otherwise wait; the long runs before the short predictions, so
+    # that these fill the end and no core idles there.
+    _ablation(_stage("stage1_cc3m_no_caption_loss", "CC3M", 1, None, ("--caption_loss_weight", "0"),
+                     about="ablation: stage 1 without the caption loss")),
+    _ablation(_stage("stage2_vist_no_stage1", "VIST", 2, evaluate.UNTRAINED,
+                     about="ablation: stage 2 from the untrained mapper")),
+    # It needs nothing, but starts after the preset: the two cores go first to CLIP and the VAE, which
+    # the UNet waits for (the build's longest chain; started at once, it held the VAE back 43 s).
     Step("extractors", train_extractors, (),
          lambda b: [b.settings.get("extractors"), b.settings["world"]["image_size"], b.settings["seed"]],
-         "train metric.py's toy CLIP and toy scene classifier (in Inception's place)"),
+         "train metric.py's toy CLIP and toy scene classifier (in Inception's place)", starts_after=("preset",)),
     # Each prediction run is a step of its own, so that it starts as soon as its checkpoints exist.
     *(_predict(run) for run in evaluate.RUNS),
     *pairing_steps(),
