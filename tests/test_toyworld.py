@@ -453,29 +453,40 @@ def test_steps_run_side_by_side_as_they_do_one_after_another(tmp_path, capsys):
 
 def test_the_longest_chain_gets_the_first_cores(tmp_path):
     """Side by side, ready steps start in the plan's order, and the extractors (which read nothing)
-    wait for the preset: the first two cores after it go to CLIP and the VAE, which the UNet waits
-    for. The wait is not an input: the extractors' key does not change with the preset's."""
+    wait for the UNet: the first two cores after the preset go to CLIP and the VAE, then both to the
+    UNet's two processes, which no later ready step takes while it waits for them. The wait is not
+    an input: the extractors' key does not change with the UNet's."""
     from toyworld import build as build_module
 
-    plan = build_module.steps()
-    pending = {s.name for s in plan} - {"datasets", "two_pictures_data"}
-    by_name = {s.name: s for s in plan}
-    assert not build_module.ready(by_name["extractors"], pending)           # the preset still runs
-    pending -= {"preset"}
-    first = [s.name for s in plan if s.name in pending and build_module.ready(s, pending)][:2]
-    assert first == ["clip", "vae"], first
-    assert build_module.ready(by_name["extractors"], pending)
     build = build_module.Build(_settings(tmp_path), tmp_path / "out")
-    keys = {name: build.key(by_name[name]) for name in ("extractors", "clip")}
-    build.record_path("preset").write_text(json.dumps({"key": "another preset"}))
+    plan = build_module.steps(build)
+    pending = {s.name for s in plan} - {"datasets", "two_pictures_data", "preset"}
+    by_name = {s.name: s for s in plan}
+
+    def start(free, jobs=2, running=()):          # the steps to start with `free` of `jobs` cores free
+        waiting = [(i, s) for i, s in enumerate(plan, start=1) if s.name in pending - set(running)]
+        return [(s.name, cores) for _, s, cores in build_module.startable(build, waiting, pending, free, jobs)]
+
+    assert start(2) == [("clip", 1), ("vae", 1)]
+    assert not build_module.ready(by_name["extractors"], pending)
+    pending -= {"clip"}                           # the VAE still runs: one core is free
+    assert start(1, running=["vae"]) == [("llm", 1)]
+    pending -= {"vae"}                            # the UNet and the LLM are ready, one core is free:
+    assert start(1) == []                         # the UNet waits for both, the LLM does not take one
+    assert start(2) == [("unet", 2)]
+    assert start(1, jobs=1) == [("unet", 1)]      # --jobs 1: one at a time, the UNet's processes alike
+    pending -= {"unet"}
+    assert build_module.ready(by_name["extractors"], pending)
+    keys = {name: build.key(by_name[name]) for name in ("extractors", "stage0")}
+    build.record_path("unet").write_text(json.dumps({"key": "another unet"}))
     assert build.key(by_name["extractors"]) == keys["extractors"]
-    assert build.key(by_name["clip"]) != keys["clip"]                       # CLIP reads the preset
+    assert build.key(by_name["stage0"]) != keys["stage0"]                   # stage 0 reads the UNet
 
 
 def test_the_ablations_are_steps_the_settings_choose(tmp_path):
     """`ablations` names the ablations trained (default: all): each leaves out its training step and
     its prediction, nothing else; a report made by two runs (the ablations added later) says which
-    run made what. The one the shipped settings keep trains beside stage 1."""
+    run made what. Stage 1 without the caption loss (as long as stage 1) starts first of them."""
     from toyworld import evaluate
     from toyworld.build import DEFAULT_CONFIG, Build, steps
 
@@ -499,7 +510,7 @@ def test_the_ablations_are_steps_the_settings_choose(tmp_path):
     # Ready with stage 0, beside stage 1: the ablation as long as stage 1 starts first.
     assert everything.index("stage1_cc3m") < everything.index("stage1_cc3m_no_caption_loss") \
         < everything.index("stage2_vist_no_stage1")
-    assert yaml.safe_load(DEFAULT_CONFIG.read_text())["ablations"] == ["no_caption_loss"]
+    assert yaml.safe_load(DEFAULT_CONFIG.read_text())["ablations"] == []     # added to a build afterwards
     assert evaluate._wall_text([(2640.0, 24)]) == ", 44.0 minutes of wall clock (steps run side by side)."
     assert evaluate._wall_text([(2640.0, 24), (900.0, 4)]) == (
         "; made by 2 runs of the build, in the order they ran: 44.0 minutes for 24 steps; 15.0 minutes for 4 steps"
@@ -586,6 +597,54 @@ def test_pretraining_steps_write_parts_that_the_loaders_read(tmp_path):
     assert len(files) > 20
     for name in files:
         assert (tmp_path / "build" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
+
+
+def test_the_unet_trained_by_two_processes_is_the_one_process_unet(tmp_path):
+    """`pretrain.unet.processes: 2`: each process trains on its half of every batch (the whole batch's
+    noise drawn alike by both) and the gradients are averaged before the update, so the UNet is the
+    one a single process trains, up to float rounding: the recipe does not change. The batch must
+    split evenly, which the build checks before any step runs."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from toyworld.build import Build, run
+
+    step = {"steps": 6, "batch_size": 8, "lr": 3e-3, "warmup": 2}
+    unet = {**step, "caption_dropout": 0.25, "snr_gamma": 5.0, "ema_decay": 0.9}
+
+    def settings(name, **unet_changes):
+        (tmp_path / f"{name}_settings").mkdir()
+        return _settings(tmp_path / f"{name}_settings", steps=["datasets", "preset", "clip", "vae", "unet"],
+                         world={"image_size": 32, "story_length": 2, "cc3m": {"train": 4}, "vist": {"train": 1},
+                                "mmdialog": {"train": 1}},
+                         pretrain={"pictures": 24, "clip": {**step, "steps": 2}, "vae": {**step, "kl_weight": 1e-6},
+                                   "unet": {**unet, **unet_changes}, "llm": {"documents": 8}})
+
+    one = run(Build(settings("one"), tmp_path / "one"))
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    two = run(Build(settings("two", processes=2), tmp_path / "two"))     # only the UNet is redone
+    assert two["vae"]["seconds"] == one["vae"]["seconds"] and two["unet"]["seconds"] != one["unet"]["seconds"]
+    weights = [load_file(tmp_path / name / "sd" / "unet" / "diffusion_pytorch_model.safetensors")
+               for name in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    gap = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0])
+    assert gap < 1e-4, gap                        # another batch per step moves weights by ~lr (3e-3) a step
+    assert two["unet"]["summary"]["loss"] == pytest.approx(one["unet"]["summary"]["loss"], abs=1e-4)
+    for wrong in (3, 0, "2"):
+        with pytest.raises(SystemExit, match=r"pretrain.unet.processes is .*divides pretrain.unet.batch_size \(8\)"):
+            run(Build(settings(f"wrong{wrong}", processes=wrong), tmp_path / f"never{wrong}"))
+        assert not (tmp_path / f"never{wrong}" / "data").exists()
+
+
+def test_each_data_parallel_process_takes_its_own_share_of_the_batch(monkeypatch):
+    from toyworld import pretrain
+
+    assert pretrain.data_parallel_rank() == (0, 1) and pretrain.batch_share(32) == slice(0, 32)
+    monkeypatch.setattr(pretrain, "data_parallel_rank", lambda: (1, 2))
+    assert pretrain.batch_share(32) == slice(16, 32)
+    with pytest.raises(ValueError, match="a batch of 7 does not split evenly over 2 processes"):
+        pretrain.batch_share(7)
 
 
 def test_a_short_build_learns(tmp_path):

@@ -54,6 +54,9 @@ class Step:
     # to run beside it: a float sum split over other threads rounds differently, and a build must give
     # the same bytes every time.
     threads: str = "share"
+    # The cores the step takes when steps run side by side (a data-parallel step's processes, each
+    # with one thread); it starts when that many are free, and no later step takes one meanwhile.
+    cores: Callable[["Build"], int] = lambda build: 1
     # Whether the settings ask for this step (an optional task or pairing, e.g. `pairings:`).
     enabled: Callable[["Build"], bool] = lambda build: True
     # Steps this one waits for when steps run side by side, though it reads nothing of theirs: for
@@ -158,6 +161,8 @@ def steps(build: Build | None = None) -> list[Step]:
         if unknown:
             raise SystemExit(f"error: {build.config_path}: `steps` names unknown step(s) {unknown}")
         plan = [s for s in plan if s.name in wanted]
+    for step in plan:                             # a bad `processes` setting stops the build before it starts
+        step.cores(build)
     return plan
 
 
@@ -258,12 +263,9 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
     (build.out / "logs").mkdir(parents=True, exist_ok=True)
 
     while waiting or running:
-        for i, step in list(waiting):
-            if len(running) >= jobs:
-                break
-            if not ready(step, pending):
-                continue
-            threads = step_threads(step, jobs)
+        free = jobs - sum(cores for *_, cores in running.values())
+        chosen = startable(build, waiting, pending, free, jobs)
+        for i, step, cores in chosen:
             waiting.remove((i, step))
             record = _up_to_date(build, step, i - 1 >= forced_from)
             if record is not None:
@@ -272,20 +274,23 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
                 pending.discard(step.name)
                 continue
             build.record_path(step.name).unlink(missing_ok=True)
+            threads = step_threads(step, jobs)
             env = step_environment(threads)
             log = open(build.out / "logs" / f"step_{step.name}.log", "w")
             command = [build.python, "-m", "toyworld", "build", "--config", str(build.config_path),
                        "--out", str(build.out), "--only", step.name]
             running[step.name] = (i, step, subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
-                                                            stderr=subprocess.STDOUT), log)
-            progress.say(i, step.name, f"{step.about} (started, {threads} thread{'s' * (threads > 1)}; "
-                                       f"log logs/step_{step.name}.log)")
+                                                            stderr=subprocess.STDOUT), log, cores)
+            how = f"{cores} processes" if cores > 1 else f"{threads} thread{'s' * (threads > 1)}"
+            progress.say(i, step.name, f"{step.about} (started, {how}; log logs/step_{step.name}.log)")
         if not running:
-            if waiting:
+            if not waiting:
+                break
+            if not chosen:
                 raise SystemExit(f"error: steps {[s.name for _, s in waiting]} wait on steps that did not run")
-            break
+            continue                              # only steps done before: look again at once
         time.sleep(1)
-        for name, (i, step, process, log) in list(running.items()):
+        for name, (i, step, process, log, _) in list(running.items()):
             if process.poll() is None:
                 continue
             log.close()
@@ -301,6 +306,25 @@ def _run_side_by_side(build: Build, todo: list[tuple[int, Step]], forced_from: i
             pending.discard(name)
             progress.done(i, name, record)
     return results
+
+
+def startable(build: Build, waiting: list[tuple[int, Step]], pending: set[str], free: int,
+              jobs: int) -> list[tuple[int, Step, int]]:
+    """The waiting steps to start now, with the cores each takes: ready ones in the plan's order
+    while cores are free. A ready step that needs more cores than are free waits for them, and no
+    later step takes one meanwhile (else the build's longest step could wait behind shorter ones)."""
+    chosen = []
+    for i, step in waiting:
+        if free <= 0:
+            break
+        if not ready(step, pending):
+            continue
+        cores = min(step.cores(build), jobs)
+        if cores > free:
+            break
+        chosen.append((i, step, cores))
+        free -= cores
+    return chosen
 
 
 def ready(step: Step, pending: set[str]) -> bool:

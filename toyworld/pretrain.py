@@ -22,6 +22,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,15 +58,19 @@ def _schedule(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.l
 def _fit(params: Sequence[nn.Parameter], recipe: Recipe, loss_of_step: Callable[[int], torch.Tensor],
          desc: str, after_step: Callable[[], None] | None = None) -> list[float]:
     """AdamW over `params` for `recipe.steps` steps (then `after_step()`); returns the loss of
-    every step."""
+    every step. Run by data-parallel processes (`in_processes`), each one's `loss_of_step` is its
+    share of the batch, and the gradients and the loss are averaged over them before the update."""
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler = _schedule(optimizer, recipe)
     losses = []
-    bar = tqdm(range(recipe.steps), desc=desc, unit="step", leave=False)
+    rank, processes = data_parallel_rank()
+    bar = tqdm(range(recipe.steps), desc=desc, unit="step", leave=False, disable=rank > 0)
     for step in bar:
         loss = loss_of_step(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if processes > 1:
+            loss = _average_over_processes(params, loss)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
@@ -75,6 +80,76 @@ def _fit(params: Sequence[nn.Parameter], recipe: Recipe, loss_of_step: Callable[
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     return losses
+
+
+# ---- data parallelism: one batch split over single-threaded processes -----------------------------
+# The small models here gain nothing from a second thread in one process (a toy UNet step of batch 32:
+# 263 ms on one thread, 267 ms on two), but two processes of half the batch each, averaging their
+# gradients, run a step nearly twice as fast. The recipe does not change: every process draws the
+# whole batch's randomness from the same generator and keeps its rows, so the averaged gradient is
+# the one of the whole batch, up to float rounding.
+
+def data_parallel_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) outside `in_processes`."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def batch_share(batch_size: int) -> slice:
+    """The rows of a batch this process trains on: an equal share each."""
+    rank, processes = data_parallel_rank()
+    if batch_size % processes:
+        raise ValueError(f"a batch of {batch_size} does not split evenly over {processes} processes")
+    share = batch_size // processes
+    return slice(rank * share, (rank + 1) * share)
+
+
+def _average_over_processes(params: Sequence[nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
+    """Average the gradients (and the loss, for the log) over the processes: one all-reduce of one
+    flat tensor, which costs less than one per parameter on a CPU. Returns the averaged loss."""
+    import torch.distributed as dist
+
+    trained = [p for p in params if p.grad is not None]      # the same parameters in every process
+    flat = torch.cat([p.grad.reshape(-1) for p in trained] + [loss.detach().reshape(1)])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in trained:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    return flat[-1]
+
+
+def in_processes(processes: int, fn: Callable, *args):
+    """`fn(*args)` in `processes` single-threaded processes joined in one gloo group; returns what
+    process 0 returned (JSON-like). A process that fails stops the others and raises here."""
+    import json
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="toyworld-dp-") as folder:
+        mp.spawn(_process_main, args=(processes, folder, fn, args), nprocs=processes, join=True)
+        return json.loads((Path(folder) / "result.json").read_text())
+
+
+def _process_main(rank: int, processes: int, folder: str, fn: Callable, args: tuple) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)       # as the build's steps run (build.py)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=processes)
+    try:
+        result = fn(*args)
+        if rank == 0:
+            (Path(folder) / "result.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
 
 
 # ---- the pictures and captions pretraining sees --------------------------------------------------
@@ -226,7 +301,8 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, pictures: PictureS
     sampled from cached moments x scaling factor, noise at a uniform timestep, the denoising MSE
     under the scheduler's prediction type (epsilon for SD 2.1-base), min-SNR weighted; the caption
     replaced by "" with probability `caption_dropout` so that classifier-free guidance works; with
-    `ema_decay`, the weights kept are an exponential moving average of the trained ones."""
+    `ema_decay`, the weights kept are an exponential moving average of the trained ones. Run by
+    data-parallel processes (`in_processes`), each takes its share of every batch."""
     import diffusion
 
     g = torch.Generator().manual_seed(seed)
@@ -237,16 +313,19 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, pictures: PictureS
     caption_index = torch.tensor([texts.index(c) for c in pictures.captions])
     empty = len(texts) - 1
     unet.train().requires_grad_(True)
+    share = batch_share(recipe.batch_size)
 
     def step(_: int) -> torch.Tensor:
-        # Drawn from `g` in this order: samples, latent noise, diffusion noise, timesteps, dropout.
+        # Drawn from `g` in this order: samples, latent noise, diffusion noise, timesteps, dropout
+        # (the whole batch's, by every process alike; each trains on its share).
         index = torch.randint(len(moments), (recipe.batch_size,), generator=g)
         latents = diffusion.latents_from_moments(vae, moments[index], generator=g)
         noise = diffusion.randn(latents, g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (recipe.batch_size,), generator=g)
         drop = torch.rand(recipe.batch_size, generator=g) < caption_dropout
         condition = encoded[torch.where(drop, empty, caption_index[index])]
-        return diffusion.denoising_loss(unet, scheduler, latents, condition, noise, t, snr_gamma=snr_gamma or None)
+        return diffusion.denoising_loss(unet, scheduler, latents[share], condition[share], noise[share], t[share],
+                                        snr_gamma=snr_gamma or None)
 
     average = torch.optim.swa_utils.AveragedModel(
         unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay)) if ema_decay else None

@@ -155,17 +155,39 @@ def pretrain_vae(build: Build) -> dict:
     return {**_losses(losses), "scaling_factor": vae.config.scaling_factor}
 
 
+def unet_processes(build: Build) -> int:
+    """The UNet's data-parallel processes (`pretrain.unet.processes`, default 1): each trains on an
+    equal share of every batch with one thread (toyworld/pretrain.py: `in_processes`)."""
+    section = build.settings["pretrain"]["unet"]
+    processes = section.get("processes", 1)
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1 \
+            or section["batch_size"] % processes:
+        raise SystemExit(f"error: {build.config_path}: pretrain.unet.processes is {processes!r}; expected a "
+                         f"positive whole number that divides pretrain.unet.batch_size ({section['batch_size']})")
+    return processes
+
+
 def pretrain_unet(build: Build) -> dict:
+    processes = unet_processes(build)
+    if processes == 1:
+        return _train_unet(build)
+    from toyworld import pretrain
+
+    return pretrain.in_processes(processes, _train_unet, build)
+
+
+def _train_unet(build: Build) -> dict:
     from toyworld import pretrain
 
     section = build.settings["pretrain"]["unet"]
-    torch.manual_seed(_seed(build, "unet"))
+    torch.manual_seed(_seed(build, "unet"))       # the same initial weights in every process
     unet = _sd_part(build, "unet", fresh=True)
     losses = pretrain.train_unet(unet, _sd_part(build, "vae"), _sd_part(build, "text_encoder"),
                                  _sd_part(build, "tokenizer"), _sd_part(build, "scheduler"), _pictures(build),
                                  _recipe(section), section["caption_dropout"], section["snr_gamma"],
                                  _seed(build, "unet-train"), ema_decay=section.get("ema_decay", 0.0))
-    _save(unet, build.out / "sd" / "unet")
+    if pretrain.data_parallel_rank()[0] == 0:     # every process holds the same weights
+        _save(unet, build.out / "sd" / "unet")
     return _losses(losses, 100)
 
 
@@ -403,8 +425,9 @@ STEPS = [
          "train SD's text encoder and the EVA ViT together (CLIP)"),
     Step("vae", pretrain_vae, ("preset",), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "vae")],
          "train SD's VAE (autoencoder)"),
+    # The build's longest step: with `processes`, it takes that many cores (one thread each).
     Step("unet", pretrain_unet, ("clip", "vae"), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "unet")],
-         "train SD's UNet (latent diffusion, text-conditioned)", threads="all"),
+         "train SD's UNet (latent diffusion, text-conditioned)", threads="all", cores=unet_processes),
     Step("llm", pretrain_llm, ("preset",), lambda b: [b.settings["pretrain"]["llm"], b.settings["world"].get("story_mode")],
          "train the LLM on the world's text"),
     Step("image_side", pretrain_image_side, ("clip", "llm"),
@@ -425,11 +448,12 @@ STEPS = [
                      about="ablation: stage 1 without the caption loss")),
     _ablation(_stage("stage2_vist_no_stage1", "VIST", 2, evaluate.UNTRAINED,
                      about="ablation: stage 2 from the untrained mapper")),
-    # It needs nothing, but starts after the preset: the two cores go first to CLIP and the VAE, which
-    # the UNet waits for (the build's longest chain; started at once, it held the VAE back 43 s).
+    # It needs nothing, but starts after the UNet: the first cores go to CLIP and the VAE, then both to
+    # the UNet (the build's longest chain; started at once, the extractors held the VAE back 43 s, and
+    # beside the LLM and the image side, the UNet 27 s); it runs beside stage 1 instead.
     Step("extractors", train_extractors, (),
          lambda b: [b.settings.get("extractors"), b.settings["world"]["image_size"], b.settings["seed"]],
-         "train metric.py's toy CLIP and toy scene classifier (in Inception's place)", starts_after=("preset",)),
+         "train metric.py's toy CLIP and toy scene classifier (in Inception's place)", starts_after=("unet",)),
     # Each prediction run is a step of its own, so that it starts as soon as its checkpoints exist.
     *(_predict(run) for run in evaluate.RUNS),
     *pairing_steps(),
