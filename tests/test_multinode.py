@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,12 +54,45 @@ def train_args(config: Path, data: str, *more: str) -> list[str]:
 
 
 def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    # A session of its own: stopping it stops the processes a launcher started too.
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a run and every process it started (torchrun's workers)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def finish(procs: list[tuple[subprocess.Popen, Path]]) -> None:
-    for proc, log in procs:
-        assert proc.wait(timeout=HANG_GUARD_S) == 0, log.read_text()[-4000:]
+    """Wait for every run; the first that fails stops the others and fails the test with its log.
+    (Waiting on them in turn, a node whose peer had died waited for it until the hang guard.)"""
+    waiting, deadline = list(procs), time.monotonic() + HANG_GUARD_S
+    while waiting:
+        for proc, log in list(waiting):
+            code = proc.poll()
+            if code is None:
+                continue
+            waiting.remove((proc, log))
+            if code != 0:
+                for other, _ in waiting:
+                    stop(other)
+                pytest.fail(f"{log.name}: exit {code}; the other runs were stopped. Its log's end:\n"
+                            + log.read_text()[-4000:])
+        if waiting and time.monotonic() > deadline:
+            for proc, _ in waiting:
+                stop(proc)
+            pytest.fail(f"still running after {HANG_GUARD_S} s (hang guard): {[log.name for _, log in waiting]}")
+        time.sleep(0.5)
 
 
 def state_of(path: Path) -> dict[str, torch.Tensor]:
@@ -147,6 +182,19 @@ def test_fsdp_saves_the_release_layout_and_resumes(runs, tiny_config):
     stage2 = state_of(runs / "stage2" / "s2.ckpt")
     assert sorted(stage2) == sorted(release_stage2_checkpoint_keys(tiny_config, n_layers))
     assert {value.dtype for value in stage2.values()} == {torch.float32}
+
+
+def test_a_failed_run_stops_the_others_at_once(tmp_path):
+    """The runs above start side by side: when one fails, its peers (a node waiting for the dead
+    one, say) are stopped (with what they started: each run is a process group), and the test
+    fails with the failed run's log, instead of waiting for them until the hang guard."""
+    waiter = [sys.executable, "-c", "import time; time.sleep(120)"]
+    failer = [sys.executable, "-c", "import sys; print('no rendezvous'); sys.exit(3)"]
+    runs = [(start(waiter, os.environ.copy(), tmp_path / "waiter.log"), tmp_path / "waiter.log"),
+            (start(failer, os.environ.copy(), tmp_path / "failer.log"), tmp_path / "failer.log")]
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)failer.log: exit 3; the other runs were stopped.*no rendezvous"):
+        finish(runs)
+    assert runs[0][0].returncode == -signal.SIGTERM              # stopped, not waited for
 
 
 def test_slurm_variables_set_ranks_for_our_flags(monkeypatch):

@@ -510,7 +510,7 @@ def test_the_ablations_are_steps_the_settings_choose(tmp_path):
     # Ready with stage 0, beside stage 1: the ablation as long as stage 1 starts first.
     assert everything.index("stage1_cc3m") < everything.index("stage1_cc3m_no_caption_loss") \
         < everything.index("stage2_vist_no_stage1")
-    assert yaml.safe_load(DEFAULT_CONFIG.read_text())["ablations"] == []     # added to a build afterwards
+    assert yaml.safe_load(DEFAULT_CONFIG.read_text())["ablations"] == ["no_caption_loss"]
     assert evaluate._wall_text([(2640.0, 24)]) == ", 44.0 minutes of wall clock (steps run side by side)."
     assert evaluate._wall_text([(2640.0, 24), (900.0, 4)]) == (
         "; made by 2 runs of the build, in the order they ran: 44.0 minutes for 24 steps; 15.0 minutes for 4 steps"
@@ -635,6 +635,22 @@ def test_the_unet_trained_by_two_processes_is_the_one_process_unet(tmp_path):
         with pytest.raises(SystemExit, match=r"pretrain.unet.processes is .*divides pretrain.unet.batch_size \(8\)"):
             run(Build(settings(f"wrong{wrong}", processes=wrong), tmp_path / f"never{wrong}"))
         assert not (tmp_path / f"never{wrong}" / "data").exists()
+
+
+def test_a_training_step_takes_a_core_per_process_its_flags_start(tmp_path):
+    """A MiniGPT-5 training step whose flags give `--gpus 0,1` runs as two CPU processes
+    (train_eval.py's DDP over gloo), so the build gives it two cores; its stage's other steps and
+    the prediction steps keep one. The step's own flags come last and win."""
+    from toyworld import stages
+    from toyworld.build import Build, steps
+
+    minigpt5 = {"common": ["--gpus", "0"], "stage1": ["--num_train_epochs", "1", "--gpus", "0,1"],
+                "stage2": ["--num_train_epochs", "1"], "stage2_mmdialog": ["--gpus", "0,1,2"]}
+    build = Build(_settings(tmp_path, minigpt5=minigpt5, ablations=["no_caption_loss"]), tmp_path / "out")
+    cores = {s.name: s.cores(build) for s in steps(build)}
+    assert (cores["stage1_cc3m"], cores["stage1_cc3m_no_caption_loss"], cores["stage2_vist"],
+            cores["stage2_mmdialog"], cores["predict_cc3m_stage1"]) == (2, 2, 1, 3, 1)
+    assert stages.training_flags(build, "stage2_mmdialog", 2)[-2:] == ["--gpus", "0,1,2"]
 
 
 def test_each_data_parallel_process_takes_its_own_share_of_the_batch(monkeypatch):

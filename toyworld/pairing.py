@@ -241,9 +241,10 @@ def steps(Step) -> list:
         on = (lambda n: lambda b: n in (b.settings.get("pairings") or []))(name)
         recipe = (lambda n: lambda b: (b.settings.get("pairing_recipes") or {}).get(n))(name)
 
-        def add(step: str, run, depends, about, settings=recipe, n=name):
+        def add(step: str, run, depends, about, settings=recipe, n=name, cores=lambda b: 1):
             made.append(Step(f"{n}_{step}", lambda b, run=run, n=n: run(b, n), depends,
-                             lambda b, settings=settings: [settings(b), b.settings["seed"]], about, enabled=on))
+                             lambda b, settings=settings: [settings(b), b.settings["seed"]], about, enabled=on,
+                             cores=cores))
 
         # After the release pairing's image side, which writes the ViT file last (the copy must not race it).
         add("preset", make_preset, ("preset", "clip", "image_side"),
@@ -258,12 +259,22 @@ def steps(Step) -> list:
         add("image_side", pretrain_image_side, (f"{name}_llm",), f"{name}: train Q-Former + llama_proj through the LLM")
         add("stage1_cc3m", train_stage1, ("datasets", f"{name}_image_side", f"{name}_transformer"),
             f"{name}: MiniGPT-5 stage 1 on the toy CC3M",
-            settings=lambda b, n=name: [(b.settings.get("pairing_recipes") or {}).get(n), b.settings["minigpt5"]])
+            settings=lambda b, n=name: [(b.settings.get("pairing_recipes") or {}).get(n), b.settings["minigpt5"]],
+            cores=lambda b, n=name: _training_processes(b, n))
         add(PREDICTION, predict_stage1, ("datasets", f"{name}_stage1_cc3m"),
             f"{name}: predict the toy CC3M test with stage 1, judge it",
             settings=lambda b, n=name: [b.settings["evaluate"], ((b.settings.get("pairing_recipes") or {}).get(n) or {})
                                          .get("evaluate")])
     return made
+
+
+def _training_processes(build, name: str) -> int:
+    """The processes the pairing's stage 1 trains on (its flags' `--gpus`, as the release pairing's)."""
+    from toyworld import stages
+
+    if name not in (build.settings.get("pairing_recipes") or {}):
+        return 1                                  # the pairing is not set up: its step says so when it runs
+    return stages.training_processes(_view(build, name), "stage1_cc3m", 1)
 
 
 def _config_texts(build, name: str) -> list[str]:

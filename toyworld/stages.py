@@ -289,14 +289,13 @@ def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight
     files = {"CC3M": ("cc3m_train.tsv", "cc3m_val.tsv"), "VIST": ("train_cleaned.json", "val_cleaned.json"),
              "MMDialog": ("train/train_conversations.txt", "val/val_conversations.txt"),
              "interleaved": ("train.jsonl", "val.jsonl")}[dataset]
-    flags = build.settings["minigpt5"]
     run_dir = build.out / "runs" / name          # this run's checkpoints and logs (runs may go side by side)
     shutil.rmtree(run_dir, ignore_errors=True)
     args = ["train_eval.py", "--is_training", "True", "--model_config", str(build.model_config),
             "--train_data_path", files[0], "--val_data_path", files[1], "--model_save_name", name,
             "--output_dir", str(run_dir),
             "--accelerator", "cpu", "--gpus", "0", "--seed", str(build.settings["seed"]), "--deterministic",
-            *flags["common"], *flags[f"stage{stage}"], *flags.get(name, ()), *extra]
+            *training_flags(build, name, stage, extra)]
     if stage1_weight:
         args += ["--stage1_weight", stage1_weight]
     env = {"IS_STAGE2": str(stage == 2), "WEIGHTFOLDER": str(build.checkpoints),
@@ -316,6 +315,24 @@ def train_stage(build: Build, name: str, dataset: str, stage: int, stage1_weight
     save_atomic({"state_dict": read_checkpoint(best), **family}, build.checkpoints / best.name)
     best.unlink()
     return {"checkpoint": best.name, **_run_metrics(run_dir, name)}
+
+
+def training_flags(build: Build, name: str, stage: int, extra=()) -> list[str]:
+    """A training step's train_eval.py flags from the settings: `minigpt5`'s common ones, its stage's,
+    its own (if the recipe names the step), then the step's fixed ones (an ablation's)."""
+    flags = build.settings["minigpt5"]
+    return [*flags["common"], *flags[f"stage{stage}"], *flags.get(name, ()), *extra]
+
+
+def training_processes(build: Build, name: str, stage: int, extra=()) -> int:
+    """The processes a training step runs on: one per id its flags give `--gpus` (train_eval.py
+    starts one CPU process per id; DDP over gloo), one without."""
+    flags = training_flags(build, name, stage, extra)
+    given = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == "--gpus"]
+    if not given:
+        return 1
+    ids = [x for x in str(given[-1]).split(",") if x.strip()]
+    return max(1, len(ids))
 
 
 def _run_metrics(run_dir: Path, name: str) -> dict:
@@ -340,7 +357,7 @@ def _stage(name: str, dataset: str, stage: int, stage1: str | None, extra: tuple
     return Step(name, lambda b: train_stage(b, name, dataset, stage, stage1, list(extra)), depends,
                 lambda b: [b.settings["minigpt5"]["common"], b.settings["minigpt5"][f"stage{stage}"],
                            b.settings["minigpt5"].get(name), extra, stage1],
-                about)
+                about, cores=lambda b: training_processes(b, name, stage, extra))
 
 
 def _checkpoint_step(checkpoint: str) -> str:
