@@ -45,6 +45,12 @@ def accelerator(name: str = "auto") -> str:
     return name
 
 
+def gpu_ids(gpus: str | None) -> list[int]:
+    """The device ids a `--gpus` value lists ("0,1" -> [0, 1]; not given -> []). On a CPU each id is
+    one training process (train_eval.py: `devices_of`)."""
+    return [int(x) for x in str(gpus).split(",") if x.strip() != ""] if gpus is not None else []
+
+
 def default_precision(accelerator_name: str) -> str:
     """Lightning's precision when `--precision` is not given: bf16-mixed on a GPU (the release's
     choice), full float32 on a CPU."""

@@ -405,7 +405,7 @@ def devices_of(args: argparse.Namespace) -> tuple[str, list[int] | int]:
     """(accelerator, devices): `--gpus` ids on a GPU (default: every visible GPU, as the release's
     0,1,2,3 meant on its 4-GPU machines); on a CPU, one process per listed id (default one)."""
     accelerator = placement.accelerator(args.accelerator)
-    ids = [int(x) for x in str(args.gpus).split(",") if x.strip() != ""] if args.gpus is not None else []
+    ids = placement.gpu_ids(args.gpus)
     if accelerator == "gpu":
         return accelerator, ids or list(range(max(1, torch.cuda.device_count())))
     return accelerator, max(1, len(ids))

@@ -651,6 +651,9 @@ def test_a_training_step_takes_a_core_per_process_its_flags_start(tmp_path):
     assert (cores["stage1_cc3m"], cores["stage1_cc3m_no_caption_loss"], cores["stage2_vist"],
             cores["stage2_mmdialog"], cores["predict_cc3m_stage1"]) == (2, 2, 1, 3, 1)
     assert stages.training_flags(build, "stage2_mmdialog", 2)[-2:] == ["--gpus", "0,1,2"]
+    wrong = Build(_settings(tmp_path, minigpt5={**minigpt5, "stage1": ["--gpus", "0,x"]}), tmp_path / "out")
+    with pytest.raises(SystemExit, match=r"`minigpt5` gives stage1_cc3m `--gpus 0,x`; expected device ids"):
+        steps(wrong)
 
 
 def test_each_data_parallel_process_takes_its_own_share_of_the_batch(monkeypatch):

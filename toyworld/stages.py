@@ -327,12 +327,15 @@ def training_flags(build: Build, name: str, stage: int, extra=()) -> list[str]:
 def training_processes(build: Build, name: str, stage: int, extra=()) -> int:
     """The processes a training step runs on: one per id its flags give `--gpus` (train_eval.py
     starts one CPU process per id; DDP over gloo), one without."""
+    import placement
+
     flags = training_flags(build, name, stage, extra)
     given = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == "--gpus"]
-    if not given:
-        return 1
-    ids = [x for x in str(given[-1]).split(",") if x.strip()]
-    return max(1, len(ids))
+    try:
+        return max(1, len(placement.gpu_ids(given[-1] if given else None)))
+    except ValueError:
+        raise SystemExit(f"error: {build.config_path}: `minigpt5` gives {name} `--gpus {given[-1]}`; expected "
+                         "device ids such as 0 or 0,1") from None
 
 
 def _run_metrics(run_dir: Path, name: str) -> dict:
