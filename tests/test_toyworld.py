@@ -156,6 +156,34 @@ def test_held_out_combinations_leave_every_pair_seen():
         assert len(pairs) == len(world.ATTRIBUTES[a]) * len(world.ATTRIBUTES[b]), (a, b)
 
 
+
+def test_sd_pretrained_in_every_word_order_but_the_tests():
+    """`pretrain.sd_caption_orders: all_but_test` captions SD's pretraining pictures in every order
+    of the four phrases the test wording does not use, passes the leakage check, and leaves the
+    pictures (and the default's captions) as they were."""
+    import itertools
+
+    import torch
+
+    from toyworld import leakage, pretrain
+
+    templates = world.sd_caption_templates("all_but_test")
+    orders = {world._phrase_order(t) for t in templates}
+    test_orders = {world._phrase_order(t) for t in world.TEST.captions}
+    assert len(test_orders) == 3 and not orders & test_orders
+    assert orders | test_orders == set(itertools.permutations(world.PHRASES))
+    assert world.sd_caption_templates("train") == world.TRAIN.captions
+    with pytest.raises(ValueError, match="sd_caption_orders"):
+        world.sd_caption_templates("every")
+    plain, every = pretrain.picture_set(300, 32, seed=1), pretrain.picture_set(300, 32, seed=1, caption_orders="all_but_test")
+    assert torch.equal(plain.images, every.images) and plain.scenes == every.scenes
+    assert plain.captions == pretrain.picture_set(300, 32, seed=1).captions
+    assert len(set(every.captions) - set(plain.captions)) > 100
+    for scene, text in zip(every.scenes, every.captions):      # each caption still names its scene
+        assert all(word in text for word in (scene.colour, world.SETTING_WORDS[scene.setting],
+                                             world.TIME_WORDS[scene.time], world.PLACE_WORDS[scene.place]))
+    assert leakage.problems(None, pictures=list(zip(every.scenes, every.captions))) == []
+
 def test_day_stories_move_time_on_and_keep_the_rest():
     rng = random.Random(2)
     story = world.make_story(world.Scene("city", "noon", "blue", "sky"), 3, rng)

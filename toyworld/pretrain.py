@@ -163,9 +163,11 @@ class PictureSet:
     captions: list[str]
 
 
-def picture_set(n: int, size: int, seed: int) -> PictureSet:
+def picture_set(n: int, size: int, seed: int, caption_orders: str = "train") -> PictureSet:
     """`n` renders of seen combinations (random variations, half of them mirrored as MiniGPT-5's
-    training does), with a caption each."""
+    training does), with a caption each: in the training wording, or with `caption_orders`
+    "all_but_test" in one of `world.sd_caption_templates`' (drawn apart, so that the pictures are
+    the same either way)."""
     rng = random.Random(f"{seed}-pretrain-pictures")
     pool = [s for s in world.all_scenes() if not world.is_held_out(s)]
     scenes, captions, images = [], [], []
@@ -177,6 +179,10 @@ def picture_set(n: int, size: int, seed: int) -> PictureSet:
         scenes.append(scene)
         captions.append(world.caption(scene, rng.randrange(len(world.TRAIN.captions))))
         images.append(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
+    if caption_orders != "train":
+        templates, words = world.sd_caption_templates(caption_orders), random.Random(f"{seed}-pretrain-captions")
+        captions = [world.caption(s, words.randrange(len(templates)), world.replace(world.TRAIN, captions=templates))
+                    for s in scenes]
     return PictureSet(torch.stack(images), scenes, captions)
 
 

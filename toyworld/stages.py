@@ -86,14 +86,24 @@ def make_preset(build: Build) -> dict:
 
 # ---- pretraining the frozen parts ----------------------------------------------------------------
 
-def _pictures(build: Build):
+def _pictures(build: Build, for_sd: bool = False):
+    """The captioned pictures of the pretraining steps; `for_sd` (SD's text encoder and UNet): with
+    their captions in `pretrain.sd_caption_orders`' word orders."""
     from toyworld import leakage
     from toyworld.pretrain import picture_set
 
+    orders = build.settings["pretrain"].get("sd_caption_orders", "train") if for_sd else "train"
     pictures = picture_set(build.settings["pretrain"]["pictures"], build.settings["world"]["image_size"],
-                           build.settings["seed"])
+                           build.settings["seed"], orders)
     leakage.check(None, pictures=list(zip(pictures.scenes, pictures.captions)))
     return pictures
+
+
+def _sd_orders(build: Build) -> list:
+    """`pretrain.sd_caption_orders` in the keys of the steps it changes, where the settings give it
+    (so that the keys of builds without it stay what they were)."""
+    section = build.settings["pretrain"]
+    return [section["sd_caption_orders"]] if "sd_caption_orders" in section else []
 
 
 def _sd_part(build: Build, name: str, fresh: bool = False):
@@ -137,7 +147,7 @@ def pretrain_clip(build: Build) -> dict:
     torch.manual_seed(_seed(build, "clip"))
     text_encoder, tokenizer = _sd_part(build, "text_encoder", fresh=True), _sd_part(build, "tokenizer")
     cfg, vision, qformer, query_tokens = _image_encoder(build)
-    losses = pretrain.train_clip(text_encoder, tokenizer, vision, _pictures(build),
+    losses = pretrain.train_clip(text_encoder, tokenizer, vision, _pictures(build, for_sd=True),
                                  _recipe(build.settings["pretrain"]["clip"]), _seed(build, "clip-train"))
     _save(text_encoder, build.out / "sd" / "text_encoder")
     lavis.save_lavis(vision, qformer, query_tokens, cfg.vit_model, cfg.q_former_model)
@@ -183,7 +193,7 @@ def _train_unet(build: Build) -> dict:
     torch.manual_seed(_seed(build, "unet"))       # the same initial weights in every process
     unet = _sd_part(build, "unet", fresh=True)
     losses = pretrain.train_unet(unet, _sd_part(build, "vae"), _sd_part(build, "text_encoder"),
-                                 _sd_part(build, "tokenizer"), _sd_part(build, "scheduler"), _pictures(build),
+                                 _sd_part(build, "tokenizer"), _sd_part(build, "scheduler"), _pictures(build, for_sd=True),
                                  _recipe(section), section["caption_dropout"], section["snr_gamma"],
                                  _seed(build, "unet-train"), ema_decay=section.get("ema_decay", 0.0))
     if pretrain.data_parallel_rank()[0] == 0:     # every process holds the same weights
@@ -441,12 +451,12 @@ STEPS = [
                     Path(b.config_file("arch")).read_text(), b.settings.get("frozen_parts"),
                     b.settings["world"].get("story_mode")],
          "the toy preset's files in the real formats"),
-    Step("clip", pretrain_clip, ("preset",), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "clip")],
+    Step("clip", pretrain_clip, ("preset",), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "clip")] + _sd_orders(b),
          "train SD's text encoder and the EVA ViT together (CLIP)"),
     Step("vae", pretrain_vae, ("preset",), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "vae")],
          "train SD's VAE (autoencoder)"),
     # The build's longest step: with `processes`, it takes that many cores (one thread each).
-    Step("unet", pretrain_unet, ("clip", "vae"), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "unet")],
+    Step("unet", pretrain_unet, ("clip", "vae"), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "unet")] + _sd_orders(b),
          "train SD's UNet (latent diffusion, text-conditioned)", threads="all", cores=unet_processes),
     Step("llm", pretrain_llm, ("preset",), lambda b: [b.settings["pretrain"]["llm"], b.settings["world"].get("story_mode")],
          "train the LLM on the world's text"),

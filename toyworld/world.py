@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -188,6 +189,31 @@ def caption(scene: Scene, template: int = 0, words: Wording = TRAIN) -> str:
     return words.captions[template % len(words.captions)].format(
         colour=scene.colour, noun=NOUN[scene.place], place=PLACE_WORDS[scene.place],
         setting=SETTING_WORDS[scene.setting], time=TIME_WORDS[scene.time])
+
+
+PHRASES = ("object", "place", "setting", "time")      # a caption's four phrases
+
+
+def _phrase_order(template: str) -> tuple[str, ...]:
+    """The order of the four phrases in a caption template ("{colour} {noun}" is the object)."""
+    names = [n for n in re.findall(r"\{(\w+)\}", template) if n != "noun"]
+    return tuple("object" if n == "colour" else n for n in names)
+
+
+def sd_caption_templates(orders: str) -> tuple[str, ...]:
+    """The caption templates SD's text encoder and UNet are pretrained on (`pretrain.sd_caption_orders`):
+    "train", the training wording's; "all_but_test", those and the four phrases plainly in every
+    other order the test wording does not use (21 of the 24), as a text encoder pretrained on the
+    web has read every word order. The test wording's orders stay out of every training source."""
+    if orders == "train":
+        return TRAIN.captions
+    if orders != "all_but_test":
+        raise ValueError(f"pretrain.sd_caption_orders must be 'train' or 'all_but_test', got {orders!r}")
+    phrase = {"object": "a {colour} {noun}", "place": "{place}", "setting": "{setting}", "time": "{time}"}
+    test_orders = {_phrase_order(t) for t in TEST.captions}
+    plain = [" ".join(phrase[p] for p in order) for order in itertools.permutations(PHRASES)
+             if order not in test_orders]
+    return TRAIN.captions + tuple(t for t in plain if t not in TRAIN.captions)
 
 
 # ---- drawing -------------------------------------------------------------------------------------
