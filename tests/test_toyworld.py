@@ -183,6 +183,16 @@ def test_sd_pretrained_in_every_word_order_but_the_tests():
         assert all(word in text for word in (scene.colour, world.SETTING_WORDS[scene.setting],
                                              world.TIME_WORDS[scene.time], world.PLACE_WORDS[scene.place]))
     assert leakage.problems(None, pictures=list(zip(every.scenes, every.captions))) == []
+    # the option keys the SD steps it changes; the training wording keeps older builds' keys
+    from types import SimpleNamespace
+
+    from toyworld import stages
+
+    def orders_key(section):
+        return stages._sd_orders(SimpleNamespace(settings={"pretrain": section}))
+
+    assert orders_key({}) == orders_key({"sd_caption_orders": "train"}) == []
+    assert orders_key({"sd_caption_orders": "all_but_test"}) == ["all_but_test"]
 
 def test_day_stories_move_time_on_and_keep_the_rest():
     rng = random.Random(2)

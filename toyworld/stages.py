@@ -100,10 +100,10 @@ def _pictures(build: Build, for_sd: bool = False):
 
 
 def _sd_orders(build: Build) -> list:
-    """`pretrain.sd_caption_orders` in the keys of the steps it changes, where the settings give it
-    (so that the keys of builds without it stay what they were)."""
-    section = build.settings["pretrain"]
-    return [section["sd_caption_orders"]] if "sd_caption_orders" in section else []
+    """`pretrain.sd_caption_orders` in the keys of the steps it changes, unless it is the training
+    wording's (so that the keys of builds made before it existed stay what they were)."""
+    orders = build.settings["pretrain"].get("sd_caption_orders", "train")
+    return [] if orders == "train" else [orders]
 
 
 def _sd_part(build: Build, name: str, fresh: bool = False):
