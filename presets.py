@@ -206,10 +206,14 @@ def write_preset_files(out_dir: Path, cfg, arch: dict, seed: int, llm_corpus: li
     decoders.get_family(cfg.decoder_family).write_tiny(out_dir / "sd", arch, cfg, seed, words=sd_words)
 
 
-def preset_config(cfg, out_dir: Path):
-    """`cfg` with its weight paths pointing at the files `write_preset_files` wrote to `out_dir`."""
+def preset_config(cfg, out_dir: Path, relative: bool = False):
+    """`cfg` with its weight paths pointing at the files `write_preset_files` wrote to `out_dir`; with
+    `relative`, as names inside it (for a config written into `out_dir` itself: the folder can then
+    be copied or moved and its config still reads its own files, never the folder it came from)."""
     from lavis import BLIP2_FILE_NAME, VIT_FILE_NAME
 
+    if relative:
+        out_dir = Path()
     return cfg.replace(llama_model=str(out_dir / "llama"), vit_model=str(out_dir / VIT_FILE_NAME),
                        q_former_model=str(out_dir / BLIP2_FILE_NAME),
                        ckpt=str(out_dir / "prerained_minigpt4_7b.pth"), sd_model=str(out_dir / "sd"))

@@ -635,6 +635,16 @@ def test_pretraining_steps_write_parts_that_the_loaders_read(tmp_path):
     assert len(files) > 20
     for name in files:
         assert (tmp_path / "build" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
+    # A copied build folder reads its own parts, not those of the folder it was copied from.
+    import shutil
+    from pathlib import Path
+
+    from configuration import load_config
+
+    shutil.copytree(tmp_path / "build", tmp_path / "copy")
+    cfg = load_config(tmp_path / "copy" / "toy.yaml")
+    for key in ("llama_model", "sd_model", "vit_model", "q_former_model", "ckpt"):
+        assert Path(getattr(cfg, key)).parent == (tmp_path / "copy").resolve(), key
 
 
 def test_the_unet_trained_by_two_processes_is_the_one_process_unet(tmp_path):

@@ -73,14 +73,14 @@ def make_preset(build: Build) -> dict:
             source = Path(getattr(shipped, key))
             copy = shutil.copytree if source.is_dir() else shutil.copy
             copy(source, build.out / source.name)
-        dump_config(preset_config(shipped, build.out), build.model_config)
+        dump_config(preset_config(shipped, build.out, relative=True), build.model_config)
         return {"config": str(build.model_config), "frozen_parts": str(build.config_file("frozen_parts"))}
     from toyworld import leakage
 
     corpus = llm_corpus(build.settings["pretrain"]["llm"]["documents"], build.settings["seed"], _story_mode(build))
     leakage.check(None, corpus)                    # the corpus is a training source like the datasets
     write_preset_files(build.out, cfg, arch, build.settings["seed"], llm_corpus=corpus, sd_words=world_words())
-    dump_config(preset_config(cfg, build.out), build.model_config)
+    dump_config(preset_config(cfg, build.out, relative=True), build.model_config)
     return {"config": str(build.model_config)}
 
 
