@@ -1078,3 +1078,21 @@ def test_the_probe_command_reads_a_builds_stage_2_on_its_stories(tmp_path, capsy
     assert results["voken features: its setting"]["test"]["n"] == 10 * 2
     assert results["SD condition: the step its caption tells"]["test"]["n"] == steps
     assert "| SD condition: its time |" in (out / "probe_stage2_vist.md").read_text()
+
+
+def test_sd_probe_separates_held_out_combinations_from_new_word_orders(tmp_path):
+    """`python -m toyworld sd-probe`: the shipped toy SD draws seen combinations from training-worded
+    captions almost always right, and held-out combinations in the test wording less often (the
+    figure stage 1 is bounded by); a folder without an SD is an error that names it."""
+    from toyworld import sd_probe, ship
+
+    cells = (sd_probe.CELLS[0], sd_probe.CELLS[3])          # held-out / test wording, seen / training
+    results = sd_probe.draw_cells(ship.SHIPPED / "sd", repeats=1, cells=cells)
+    held, seen = results["held-out, test wording"], results["seen, training wording"]
+    assert held["n"] == seen["n"] == 35
+    assert seen["all"] >= 90 and held["all"] < seen["all"]
+    assert "| held-out, test wording |" in sd_probe.report(results, ship.SHIPPED / "sd")
+    with pytest.raises(SystemExit, match="not a diffusers SD folder"):
+        sd_probe.run(tmp_path, 1)
+    with pytest.raises(SystemExit, match="--repeats"):
+        sd_probe.run(ship.SHIPPED, 0)

@@ -4,6 +4,7 @@ repository's shipped toy preset.
     python -m toyworld build [--config config/toyworld.yaml] [--out weights/toy] [--force STEP] [--jobs 2]
     python -m toyworld ship [--out weights/toy] [--to toyworld/pretrained] [--config config/toyworld.yaml]
     python -m toyworld probe [--out weights/toy] [--checkpoint stage2_vist.ckpt]
+    python -m toyworld sd-probe [--out weights/toy] [--repeats 4]
     python -m toyworld steps
 """
 from __future__ import annotations
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default=str(build_module.DEFAULT_CONFIG), help="the build's settings")
     p.add_argument("--checkpoint", default="stage2_vist.ckpt", help="the stage-2 checkpoint on the stories, "
                    "in the build's checkpoints folder (default stage2_vist.ckpt)")
+    d = sub.add_parser("sd-probe", help="what a build's toy SD draws from the caption alone: held-out against seen "
+                       "combinations, the test wording against the training wording")
+    d.add_argument("--out", default=str(build_module.DEFAULT_OUT), help="the build folder (its sd/)")
+    d.add_argument("--repeats", type=int, default=4, help="captions per combination (default 4)")
     sub.add_parser("steps", help="list the build's steps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -53,6 +58,12 @@ def main(argv: list[str] | None = None) -> None:
         written = ship.ship(Path(args.out), Path(args.to), ship.evaluation_guidance(Path(args.config)),
                             ship.story_mode(Path(args.config)))
         print(f"shipped toy preset written to {written}")
+        return
+    if args.command == "sd-probe":
+        from toyworld import sd_probe
+
+        written = sd_probe.run(Path(args.out), args.repeats)
+        print(written.read_text() + f"\nwritten to {written} (and {written.with_suffix('.json').name})")
         return
     config = Path(args.config)
     if not config.is_file():
