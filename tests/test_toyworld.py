@@ -156,7 +156,6 @@ def test_held_out_combinations_leave_every_pair_seen():
         assert len(pairs) == len(world.ATTRIBUTES[a]) * len(world.ATTRIBUTES[b]), (a, b)
 
 
-
 def test_sd_pretrained_in_every_word_order_but_the_tests():
     """`pretrain.sd_caption_orders: all_but_test` captions SD's pretraining pictures in every order
     of the four phrases the test wording does not use, passes the leakage check, and leaves the
@@ -193,6 +192,7 @@ def test_sd_pretrained_in_every_word_order_but_the_tests():
 
     assert orders_key({}) == orders_key({"sd_caption_orders": "train"}) == []
     assert orders_key({"sd_caption_orders": "all_but_test"}) == ["all_but_test"]
+
 
 def test_day_stories_move_time_on_and_keep_the_rest():
     rng = random.Random(2)

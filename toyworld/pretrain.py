@@ -18,6 +18,7 @@ real layouts), trains, and writes the trained weights back into that folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -180,9 +181,9 @@ def picture_set(n: int, size: int, seed: int, caption_orders: str = "train") -> 
         captions.append(world.caption(scene, rng.randrange(len(world.TRAIN.captions))))
         images.append(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
     if caption_orders != "train":
-        templates, words = world.sd_caption_templates(caption_orders), random.Random(f"{seed}-pretrain-captions")
-        captions = [world.caption(s, words.randrange(len(templates)), world.replace(world.TRAIN, captions=templates))
-                    for s in scenes]
+        words = dataclasses.replace(world.TRAIN, captions=world.sd_caption_templates(caption_orders))
+        draw = random.Random(f"{seed}-pretrain-captions")
+        captions = [world.caption(s, draw.randrange(len(words.captions)), words) for s in scenes]
     return PictureSet(torch.stack(images), scenes, captions)
 
 
