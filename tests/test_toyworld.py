@@ -192,6 +192,22 @@ def test_sd_pretrained_in_every_word_order_but_the_tests():
 
     assert orders_key({}) == orders_key({"sd_caption_orders": "train"}) == []
     assert orders_key({"sd_caption_orders": "all_but_test"}) == ["all_but_test"]
+    assert orders_key({"sd_caption_orders": "all_but_test", "sd_train_wording_share": 0.5}) == \
+        ["all_but_test", {"train_share": 0.5}]
+    # a share of the captions kept in the training wording, the pictures the same
+    half = pretrain.picture_set(300, 32, seed=1, caption_orders="all_but_test", train_share=0.5)
+    assert torch.equal(plain.images, half.images)
+    def in_training_wording(pictures):
+        ours = range(len(world.TRAIN.captions))
+        return sum(text in {world.caption(s, t) for t in ours} for s, text in zip(pictures.scenes, pictures.captions))
+
+    assert 120 <= in_training_wording(half) <= 180                # about half of 300
+    assert in_training_wording(every) < 90                         # 4 of 24 templates: about 50
+    assert leakage.problems(None, pictures=list(zip(half.scenes, half.captions))) == []
+    with pytest.raises(ValueError, match="sd_train_wording_share"):
+        pretrain.picture_set(10, 32, seed=1, train_share=0.5)
+    with pytest.raises(ValueError, match="sd_train_wording_share"):
+        pretrain.picture_set(10, 32, seed=1, caption_orders="all_but_test", train_share=1.5)
 
 
 def test_day_stories_move_time_on_and_keep_the_rest():

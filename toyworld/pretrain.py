@@ -164,11 +164,13 @@ class PictureSet:
     captions: list[str]
 
 
-def picture_set(n: int, size: int, seed: int, caption_orders: str = "train") -> PictureSet:
+def picture_set(n: int, size: int, seed: int, caption_orders: str = "train",
+                train_share: float | None = None) -> PictureSet:
     """`n` renders of seen combinations (random variations, half of them mirrored as MiniGPT-5's
     training does), with a caption each: in the training wording, or with `caption_orders`
     "all_but_test" in one of `world.sd_caption_templates`' (drawn apart, so that the pictures are
-    the same either way)."""
+    the same either way): all of them alike, or with `train_share` that share of the captions in
+    the training wording's templates and the rest in the other orders."""
     rng = random.Random(f"{seed}-pretrain-pictures")
     pool = [s for s in world.all_scenes() if not world.is_held_out(s)]
     scenes, captions, images = [], [], []
@@ -183,7 +185,18 @@ def picture_set(n: int, size: int, seed: int, caption_orders: str = "train") -> 
     if caption_orders != "train":
         words = dataclasses.replace(world.TRAIN, captions=world.sd_caption_templates(caption_orders))
         draw = random.Random(f"{seed}-pretrain-captions")
-        captions = [world.caption(s, draw.randrange(len(words.captions)), words) for s in scenes]
+        if train_share is None:
+            captions = [world.caption(s, draw.randrange(len(words.captions)), words) for s in scenes]
+        else:
+            if not 0.0 <= train_share <= 1.0:
+                raise ValueError(f"pretrain.sd_train_wording_share must be in [0, 1], got {train_share!r}")
+            ours, others = len(world.TRAIN.captions), len(words.captions) - len(world.TRAIN.captions)
+            templates = [draw.randrange(ours) if draw.random() < train_share else ours + draw.randrange(others)
+                         for _ in scenes]
+            captions = [world.caption(s, t, words) for s, t in zip(scenes, templates)]
+    elif train_share is not None:
+        raise ValueError("pretrain.sd_train_wording_share needs pretrain.sd_caption_orders: all_but_test "
+                         "(with the training wording's orders alone every caption is in them)")
     return PictureSet(torch.stack(images), scenes, captions)
 
 

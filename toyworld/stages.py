@@ -92,18 +92,23 @@ def _pictures(build: Build, for_sd: bool = False):
     from toyworld import leakage
     from toyworld.pretrain import picture_set
 
-    orders = build.settings["pretrain"].get("sd_caption_orders", "train") if for_sd else "train"
-    pictures = picture_set(build.settings["pretrain"]["pictures"], build.settings["world"]["image_size"],
-                           build.settings["seed"], orders)
+    settings = build.settings["pretrain"]
+    orders = settings.get("sd_caption_orders", "train") if for_sd else "train"
+    share = settings.get("sd_train_wording_share") if for_sd else None
+    pictures = picture_set(settings["pictures"], build.settings["world"]["image_size"],
+                           build.settings["seed"], orders, share)
     leakage.check(None, pictures=list(zip(pictures.scenes, pictures.captions)))
     return pictures
 
 
 def _sd_orders(build: Build) -> list:
-    """`pretrain.sd_caption_orders` in the keys of the steps it changes, unless it is the training
-    wording's (so that the keys of builds made before it existed stay what they were)."""
-    orders = build.settings["pretrain"].get("sd_caption_orders", "train")
-    return [] if orders == "train" else [orders]
+    """`pretrain.sd_caption_orders` (and `sd_train_wording_share`, where set) in the keys of the steps
+    they change, unless the orders are the training wording's (so that the keys of builds made before
+    either existed stay what they were)."""
+    settings = build.settings["pretrain"]
+    orders = settings.get("sd_caption_orders", "train")
+    share = settings.get("sd_train_wording_share")
+    return [] if orders == "train" else [orders] + ([] if share is None else [{"train_share": share}])
 
 
 def _sd_part(build: Build, name: str, fresh: bool = False):
