@@ -166,14 +166,14 @@ def test_sd_pretrained_in_every_word_order_but_the_tests():
 
     from toyworld import leakage, pretrain
 
-    templates = world.sd_caption_templates("all_but_test")
+    templates = world.caption_templates("all_but_test")
     orders = {world._phrase_order(t) for t in templates}
     test_orders = {world._phrase_order(t) for t in world.TEST.captions}
     assert len(test_orders) == 3 and not orders & test_orders
     assert orders | test_orders == set(itertools.permutations(world.PHRASES))
-    assert world.sd_caption_templates("train") == world.TRAIN.captions
+    assert world.caption_templates("train") == world.TRAIN.captions
     with pytest.raises(ValueError, match="sd_caption_orders"):
-        world.sd_caption_templates("every")
+        world.caption_templates("every")
     plain, every = pretrain.picture_set(300, 32, seed=1), pretrain.picture_set(300, 32, seed=1, caption_orders="all_but_test")
     assert torch.equal(plain.images, every.images) and plain.scenes == every.scenes
     assert plain.captions == pretrain.picture_set(300, 32, seed=1).captions
@@ -188,7 +188,7 @@ def test_sd_pretrained_in_every_word_order_but_the_tests():
     from toyworld import stages
 
     def orders_key(section):
-        return stages._sd_orders(SimpleNamespace(settings={"pretrain": section}))
+        return stages._caption_orders(SimpleNamespace(settings={"pretrain": section}), "sd")
 
     assert orders_key({}) == orders_key({"sd_caption_orders": "train"}) == []
     assert orders_key({"sd_caption_orders": "all_but_test"}) == ["all_but_test"]
@@ -209,6 +209,43 @@ def test_sd_pretrained_in_every_word_order_but_the_tests():
     with pytest.raises(ValueError, match="sd_train_wording_share"):
         pretrain.picture_set(10, 32, seed=1, caption_orders="all_but_test", train_share=1.5)
 
+
+
+def test_llm_corpus_in_every_word_order_but_the_tests():
+    """`pretrain.llm_caption_orders: all_but_test` rewords the LLM corpus's captions into every order
+    but the test's: the same documents otherwise, the leakage check passes, and the llm step's key
+    changes only where it is set."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from toyworld import leakage, stages
+    from toyworld.pretrain import llm_corpus
+
+    plain, every = llm_corpus(400, 1), llm_corpus(400, 1, caption_orders="all_but_test")
+    half = llm_corpus(400, 1, caption_orders="all_but_test", train_share=0.5)
+    assert plain == llm_corpus(400, 1, caption_orders="train")
+    assert len(every) == len(plain) and every != plain
+    assert [d.count("<Img>") for d in every] == [d.count("<Img>") for d in plain]   # the same documents
+    assert [d.endswith("###") for d in every] == [d.endswith("###") for d in plain]
+    training = set(world.TRAIN.captions)
+    new_orders = [t for t in world.caption_templates("all_but_test") if t not in training]
+    scenes = world.all_scenes()
+    reworded = {world.caption(s, i, dataclasses.replace(world.TRAIN, captions=tuple(new_orders)))
+                for s in scenes for i in range(len(new_orders))}
+    used = lambda corpus: sum(any(c in d for c in reworded) for d in corpus)       # noqa: E731
+    assert used(plain) == 0 and used(every) > used(half) > 50
+    for corpus in (every, half):
+        assert leakage.problems(None, corpus) == []
+
+    def key(section):
+        return stages._caption_orders(SimpleNamespace(settings={"pretrain": section}), "llm")
+
+    assert key({}) == key({"sd_caption_orders": "all_but_test"}) == []
+    assert key({"llm_caption_orders": "all_but_test", "llm_train_wording_share": 0.5}) == ["all_but_test", {"train_share": 0.5}]
+    with pytest.raises(ValueError, match="llm_train_wording_share"):
+        llm_corpus(10, 1, train_share=0.5)
+    with pytest.raises(ValueError, match="llm_caption_orders"):
+        llm_corpus(10, 1, caption_orders="every")
 
 def test_day_stories_move_time_on_and_keep_the_rest():
     rng = random.Random(2)

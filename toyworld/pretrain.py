@@ -168,7 +168,7 @@ def picture_set(n: int, size: int, seed: int, caption_orders: str = "train",
                 train_share: float | None = None) -> PictureSet:
     """`n` renders of seen combinations (random variations, half of them mirrored as MiniGPT-5's
     training does), with a caption each: in the training wording, or with `caption_orders`
-    "all_but_test" in one of `world.sd_caption_templates`' (drawn apart, so that the pictures are
+    "all_but_test" in one of `world.caption_templates`' (drawn apart, so that the pictures are
     the same either way): all of them alike, or with `train_share` that share of the captions in
     the training wording's templates and the rest in the other orders."""
     rng = random.Random(f"{seed}-pretrain-pictures")
@@ -182,22 +182,26 @@ def picture_set(n: int, size: int, seed: int, caption_orders: str = "train",
         scenes.append(scene)
         captions.append(world.caption(scene, rng.randrange(len(world.TRAIN.captions))))
         images.append(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
-    if caption_orders != "train":
-        words = dataclasses.replace(world.TRAIN, captions=world.sd_caption_templates(caption_orders))
-        draw = random.Random(f"{seed}-pretrain-captions")
-        if train_share is None:
-            captions = [world.caption(s, draw.randrange(len(words.captions)), words) for s in scenes]
-        else:
-            if not 0.0 <= train_share <= 1.0:
-                raise ValueError(f"pretrain.sd_train_wording_share must be in [0, 1], got {train_share!r}")
-            ours, others = len(world.TRAIN.captions), len(words.captions) - len(world.TRAIN.captions)
-            templates = [draw.randrange(ours) if draw.random() < train_share else ours + draw.randrange(others)
-                         for _ in scenes]
-            captions = [world.caption(s, t, words) for s, t in zip(scenes, templates)]
-    elif train_share is not None:
-        raise ValueError("pretrain.sd_train_wording_share needs pretrain.sd_caption_orders: all_but_test "
-                         "(with the training wording's orders alone every caption is in them)")
+    if caption_orders != "train" or train_share is not None:
+        words, template = caption_draw(caption_orders, train_share, random.Random(f"{seed}-pretrain-captions"), "sd")
+        captions = [world.caption(s, template(), words) for s in scenes]
     return PictureSet(torch.stack(images), scenes, captions)
+
+
+def caption_draw(orders: str, train_share: float | None, draw: random.Random, part: str):
+    """The wording of a part's pretraining captions (`pretrain.{part}_caption_orders`, with
+    `pretrain.{part}_train_wording_share`) and a function that draws a template of it from `draw`:
+    every template alike, or the training wording's with probability `train_share`."""
+    words = dataclasses.replace(world.TRAIN, captions=world.caption_templates(orders, f"pretrain.{part}_caption_orders"))
+    if train_share is None:
+        return words, lambda: draw.randrange(len(words.captions))
+    if orders == "train":
+        raise ValueError(f"pretrain.{part}_train_wording_share needs pretrain.{part}_caption_orders: all_but_test "
+                         "(with the training wording's orders alone every caption is in them)")
+    if not 0.0 <= train_share <= 1.0:
+        raise ValueError(f"pretrain.{part}_train_wording_share must be in [0, 1], got {train_share!r}")
+    ours, others = len(world.TRAIN.captions), len(words.captions) - len(world.TRAIN.captions)
+    return words, lambda: draw.randrange(ours) if draw.random() < train_share else ours + draw.randrange(others)
 
 
 def world_words() -> list[str]:
@@ -359,12 +363,15 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, pictures: PictureS
 
 # ---- the language model --------------------------------------------------------------------------
 
-def llm_corpus(n: int, seed: int, story_mode: str = "pictures") -> list[str]:
+def llm_corpus(n: int, seed: int, story_mode: str = "pictures", caption_orders: str = "train",
+               train_share: float | None = None) -> list[str]:
     """`n` documents of the world's text, in the release's prompt formats: captions, CC3M
     instructions, stories told frame by frame, VIST prompts answered with the scene they ask for,
     and dialogues. The LLM never sees pixels: where MiniGPT-5 will put a picture's embeddings
     (`<Img>...</Img>`), the picture is described in words, or left empty. A training source like
-    any other: seen combinations, training stories and the training wording only (leakage.py checks)."""
+    any other: seen combinations, training stories and the training wording only (leakage.py checks).
+    With `caption_orders` "all_but_test" (and `train_share`, as `picture_set`) its captions are in
+    every word order but the test's, drawn apart: the same documents, only the captions reworded."""
     from dataloader import CC3M_PROMPTS, CC3M_SYSTEM, MMDIALOG_SYSTEM, VIST_GENERATION, VIST_MULTIMODAL, VIST_SYSTEM
 
     rng = random.Random(f"{seed}-llm-corpus")
@@ -372,8 +379,13 @@ def llm_corpus(n: int, seed: int, story_mode: str = "pictures") -> list[str]:
     templates = len(world.TRAIN.captions)
     slot = "<Img></Img>"
 
+    words, template = world.TRAIN, None
+    if caption_orders != "train" or train_share is not None:
+        words, template = caption_draw(caption_orders, train_share, random.Random(f"{seed}-llm-corpus-captions"), "llm")
+
     def describe(scene: world.Scene) -> str:
-        return world.caption(scene, rng.randrange(templates))
+        drawn = rng.randrange(templates)             # drawn either way: the documents stay the same
+        return world.caption(scene, drawn if template is None else template(), words)
 
     def document(kind: int) -> str:
         scene = rng.choice(pool)

@@ -101,14 +101,15 @@ def _pictures(build: Build, for_sd: bool = False):
     return pictures
 
 
-def _sd_orders(build: Build) -> list:
-    """`pretrain.sd_caption_orders` (and `sd_train_wording_share`, where set) in the keys of the steps
-    they change, unless the orders are the training wording's (so that the keys of builds made before
-    either existed stay what they were)."""
+def _caption_orders(build: Build, part: str) -> list:
+    """`pretrain.{part}_caption_orders` (and `{part}_train_wording_share`, where set; part "sd" or
+    "llm") in the keys of the steps they change, unless the orders are the training wording's (so that
+    the keys of builds made before either existed stay what they were)."""
     settings = build.settings["pretrain"]
-    orders = settings.get("sd_caption_orders", "train")
-    share = settings.get("sd_train_wording_share")
-    return [] if orders == "train" else [orders] + ([] if share is None else [{"train_share": share}])
+    orders = settings.get(f"{part}_caption_orders", "train")
+    share = settings.get(f"{part}_train_wording_share")
+    return [] if orders == "train" and share is None else [orders] + ([] if share is None else [{"train_share": share}])
+
 
 
 def _sd_part(build: Build, name: str, fresh: bool = False):
@@ -211,14 +212,17 @@ def pretrain_llm(build: Build) -> dict:
 
     from configuration import load_config
     from minigpt4 import load_tokenizer
-    from toyworld import pretrain
+    from toyworld import leakage, pretrain
 
     section = build.settings["pretrain"]["llm"]
     torch.manual_seed(_seed(build, "llm"))
     folder = build.out / "llama"
     llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
     tokenizer = load_tokenizer(str(folder), load_config(build.model_config, check_paths=False).llm_family)
-    documents = pretrain.llm_corpus(section["documents"], build.settings["seed"], _story_mode(build))
+    settings = build.settings["pretrain"]
+    documents = pretrain.llm_corpus(section["documents"], build.settings["seed"], _story_mode(build),
+                                    settings.get("llm_caption_orders", "train"), settings.get("llm_train_wording_share"))
+    leakage.check(None, documents)               # reworded captions are a training source too
     losses = pretrain.train_llm(llm, tokenizer, documents, _recipe(section), _seed(build, "llm-train"))
     _save(llm, folder)
     return _losses(losses)
@@ -456,14 +460,15 @@ STEPS = [
                     Path(b.config_file("arch")).read_text(), b.settings.get("frozen_parts"),
                     b.settings["world"].get("story_mode")],
          "the toy preset's files in the real formats"),
-    Step("clip", pretrain_clip, ("preset",), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "clip")] + _sd_orders(b),
+    Step("clip", pretrain_clip, ("preset",), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "clip")] + _caption_orders(b, "sd"),
          "train SD's text encoder and the EVA ViT together (CLIP)"),
     Step("vae", pretrain_vae, ("preset",), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "vae")],
          "train SD's VAE (autoencoder)"),
     # The build's longest step: with `processes`, it takes that many cores (one thread each).
-    Step("unet", pretrain_unet, ("clip", "vae"), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "unet")] + _sd_orders(b),
+    Step("unet", pretrain_unet, ("clip", "vae"), lambda b: [b.settings["pretrain"][k] for k in ("pictures", "unet")] + _caption_orders(b, "sd"),
          "train SD's UNet (latent diffusion, text-conditioned)", threads="all", cores=unet_processes),
-    Step("llm", pretrain_llm, ("preset",), lambda b: [b.settings["pretrain"]["llm"], b.settings["world"].get("story_mode")],
+    Step("llm", pretrain_llm, ("preset",), lambda b: [b.settings["pretrain"]["llm"], b.settings["world"].get("story_mode")]
+         + _caption_orders(b, "llm"),
          "train the LLM on the world's text"),
     Step("image_side", pretrain_image_side, ("clip", "llm"),
          lambda b: [b.settings["pretrain"]["pictures"], b.settings["pretrain"]["image_side"]],

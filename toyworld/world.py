@@ -200,15 +200,16 @@ def _phrase_order(template: str) -> tuple[str, ...]:
     return tuple("object" if n == "colour" else n for n in names)
 
 
-def sd_caption_templates(orders: str) -> tuple[str, ...]:
-    """The caption templates SD's text encoder and UNet are pretrained on (`pretrain.sd_caption_orders`):
-    "train", the training wording's; "all_but_test", those and the four phrases plainly in every
-    other order the test wording does not use (21 of the 24), as a text encoder pretrained on the
-    web has read every word order. The test wording's orders stay out of every training source."""
+def caption_templates(orders: str, setting: str = "pretrain.sd_caption_orders") -> tuple[str, ...]:
+    """The caption templates a frozen part is pretrained on (`pretrain.sd_caption_orders` for SD's
+    text encoder and UNet, `pretrain.llm_caption_orders` for the LLM's corpus): "train", the training
+    wording's; "all_but_test", those and the four phrases plainly in every other order the test
+    wording does not use (21 of the 24), as a text encoder or an LLM pretrained on the web has read
+    every word order. The test wording's orders stay out of every training source."""
     if orders == "train":
         return TRAIN.captions
     if orders != "all_but_test":
-        raise ValueError(f"pretrain.sd_caption_orders must be 'train' or 'all_but_test', got {orders!r}")
+        raise ValueError(f"{setting} must be 'train' or 'all_but_test', got {orders!r}")
     phrase = {"object": "a {colour} {noun}", "place": "{place}", "setting": "{setting}", "time": "{time}"}
     test_orders = {_phrase_order(t) for t in TEST.captions}
     plain = [" ".join(phrase[p] for p in order) for order in itertools.permutations(PHRASES)
