@@ -111,7 +111,6 @@ def _caption_orders(build: Build, part: str) -> list:
     return [] if orders == "train" and share is None else [orders] + ([] if share is None else [{"train_share": share}])
 
 
-
 def _sd_part(build: Build, name: str, fresh: bool = False):
     """One part of the toy SD folder in float32: as saved, or (`fresh`) newly initialised from its
     config with torch's current seed -- a pretraining step starts from there, never from the
